@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""Golden fixture for the CPU reference (and later the GPU kernels), in the spirit of llm.c's test_gpt2.
+
+Builds the spec's network "Net3" (../shared/spec/recipe.md) in PyTorch with seeded default weights, takes
+the first 16 real MNIST training images (normalized only, no augmentation), and records:
+
+  weights.<name>        the initial state_dict (conv weights, bn weight/bias/running stats)
+  input, labels         the batch, NCHW float32, and int64 labels
+  step0.logits          training-mode logits of the first forward pass
+  step0.loss            the mean cross-entropy loss of that pass
+  step0.grad.<name>     every trainable parameter's gradient from that pass
+  step0.running.<name>  batchnorm running_mean / running_var after that forward pass
+  train.losses          the loss before each of 10 SGD steps on the same batch
+  train.lr, train.momentum   the lr and momentum each of those steps used
+  final.<name>          the state_dict after the 10 steps (weights and running statistics)
+  final.eval_logits     evaluation-mode logits (running statistics) after the 10 steps
+  schedule.steps, schedule.lr, schedule.momentum
+                        OneCycleLR's values at selected steps of the full 12,000-step schedule
+
+Dropout is off for the fixture (p = 0), so the fixture needs no mask.
+SGD: lr/momentum from torch.optim.lr_scheduler.OneCycleLR (max_lr 0.1, 12,000 total steps, div_factor 10,
+final_div_factor 100 as the spec says, otherwise defaults),
+weight_decay 1e-5.
+
+Run once, by a developer with `pip install torch safetensors numpy`, from the repository root:
+
+    python3 scripts/torch_reference.py
+
+It writes tests/fixtures/torch_reference.safetensors, which is committed: the tests never need Python.
+"""
+import gzip
+import os
+import struct
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BATCH = 16
+STEPS = 10
+TOTAL_STEPS = 12000
+
+
+class Net3(nn.Module):
+    def __init__(self, dropout=0.05):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.drop = nn.Dropout(dropout)
+        self.conv3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.conv4 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.bn4 = nn.BatchNorm2d(32)
+        self.conv5 = nn.Conv2d(32, 32, 3, padding=0, bias=False)
+        self.bn5 = nn.BatchNorm2d(32)
+        self.conv6 = nn.Conv2d(32, 10, 1, bias=False)
+        self.bn6 = nn.BatchNorm2d(10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = F.max_pool2d(self.drop(x), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.relu(self.bn4(self.conv4(x)))
+        x = F.max_pool2d(x, 2)
+        x = F.relu(self.bn5(self.conv5(x)))
+        x = F.relu(self.bn6(self.conv6(x)))
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def state(model, prefix):
+    # num_batches_tracked is an integer counter, not part of the float state the tests compare.
+    return {
+        prefix + k: v.detach().clone().float().contiguous()
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+
+
+def main():
+    torch.manual_seed(1234)
+    torch.use_deterministic_algorithms(True)
+    images = read_idx(os.path.join(ROOT, "data/mnist/train-images-idx3-ubyte.gz"))[:BATCH]
+    labels = read_idx(os.path.join(ROOT, "data/mnist/train-labels-idx1-ubyte.gz"))[:BATCH]
+    x = ((torch.from_numpy(images.astype(np.float32)) / 255.0 - 0.1307) / 0.3081).unsqueeze(1).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+
+    model = Net3(dropout=0.0)
+    model.train()
+    out = state(model, "weights.")
+    out["input"] = x
+    out["labels"] = y
+
+    # One forward/backward pass: logits, loss, gradients, running statistics.
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    out["step0.logits"] = logits.detach().clone()
+    out["step0.loss"] = loss.detach().reshape(1).clone()
+    for name, p in model.named_parameters():
+        out["step0.grad." + name] = p.grad.detach().clone()
+    for name, b in model.named_buffers():
+        if not name.endswith("num_batches_tracked"):
+            out["step0.running." + name] = b.detach().clone()
+
+    # Ten SGD steps on the same batch, from the initial weights, with the spec's one-cycle schedule.
+    model = Net3(dropout=0.0)
+    model.load_state_dict({k[len("weights."):]: v for k, v in out.items() if k.startswith("weights.")}, strict=False)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=TOTAL_STEPS, div_factor=10, final_div_factor=100)
+    losses, lrs, moms = [], [], []
+    for _ in range(STEPS):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        sched.step()
+    out["train.losses"] = torch.tensor(losses, dtype=torch.float32)
+    out["train.lr"] = torch.tensor(lrs, dtype=torch.float64)
+    out["train.momentum"] = torch.tensor(moms, dtype=torch.float64)
+    out.update(state(model, "final."))
+    model.eval()
+    with torch.no_grad():
+        out["final.eval_logits"] = model(x).clone()
+
+    # The full schedule at selected steps, straight from OneCycleLR.
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.OneCycleLR(probe, max_lr=0.1, total_steps=TOTAL_STEPS, div_factor=10, final_div_factor=100)
+    wanted = {0, 1, 2, 100, 599, 600, 1800, 3000, 3598, 3599, 3600, 4000, 6000, 8000, 10000, 11000, 11998, 11999}
+    steps, lr, mom = [], [], []
+    for k in range(TOTAL_STEPS):
+        if k in wanted:
+            steps.append(k)
+            lr.append(probe.param_groups[0]["lr"])
+            mom.append(probe.param_groups[0]["momentum"])
+        probe.step()
+        if k < TOTAL_STEPS - 1:
+            sched.step()
+    out["schedule.steps"] = torch.tensor(steps, dtype=torch.int64)
+    out["schedule.lr"] = torch.tensor(lr, dtype=torch.float64)
+    out["schedule.momentum"] = torch.tensor(mom, dtype=torch.float64)
+
+    path = os.path.join(ROOT, "tests/fixtures/torch_reference.safetensors")
+    save_file({k: v.contiguous() for k, v in out.items()}, path, metadata={"torch": torch.__version__})
+    print(f"wrote {path} ({len(out)} tensors), torch {torch.__version__}, step-0 loss {out['step0.loss'].item():.6f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+//! Batch normalization over (N, H, W) per channel, PyTorch semantics; NCHW.
+//!
+//! Channel sums are accumulated in f64 in a fixed order (image by image), so the statistics are as
+//! exact as f32 storage allows and identical on every run.
+
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BnDims {
+    pub n: usize,
+    pub c: usize,
+    /// Pixels per channel per image (H * W).
+    pub hw: usize,
+}
+
+impl BnDims {
+    fn count(&self) -> usize {
+        self.n * self.hw
+    }
+}
+
+/// What the backward pass needs from a training-mode forward pass.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BnSaved {
+    pub mean: Vec<f32>,
+    /// 1 / sqrt(biased variance + eps).
+    pub invstd: Vec<f32>,
+    /// Biased batch variance, for the running-statistics update.
+    pub var: Vec<f32>,
+}
+
+/// Per channel, the f64 sums of f(x) over (N, H, W), channels in parallel.
+fn channel_sums(d: &BnDims, x: &[f32], f: impl Fn(usize, f32) -> f64 + Sync) -> Vec<f64> {
+    (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let mut sum = 0.0f64;
+            for img in 0..d.n {
+                for &v in &x[(img * d.c + c) * d.hw..][..d.hw] {
+                    sum += f(c, v);
+                }
+            }
+            sum
+        })
+        .collect()
+}
+
+/// Applies y = x * scale[c] + shift[c], images in parallel.
+fn affine(d: &BnDims, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
+    y.par_chunks_mut(d.c * d.hw)
+        .zip(x.par_chunks(d.c * d.hw))
+        .for_each(|(yi, xi)| {
+            for c in 0..d.c {
+                let (s, t) = (scale[c], shift[c]);
+                for (o, &v) in yi[c * d.hw..][..d.hw]
+                    .iter_mut()
+                    .zip(&xi[c * d.hw..][..d.hw])
+                {
+                    *o = v * s + t;
+                }
+            }
+        });
+}
+
+/// Training mode: normalize with the batch mean and biased batch variance.
+pub fn batchnorm_forward_train(
+    d: &BnDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) -> BnSaved {
+    assert_eq!(x.len(), d.n * d.c * d.hw);
+    let m = d.count() as f64;
+    let mean: Vec<f64> = channel_sums(d, x, |_, v| v as f64)
+        .into_iter()
+        .map(|s| s / m)
+        .collect();
+    let var: Vec<f64> = channel_sums(d, x, |c, v| (v as f64 - mean[c]).powi(2))
+        .into_iter()
+        .map(|s| s / m)
+        .collect();
+    let invstd: Vec<f32> = var
+        .iter()
+        .map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32)
+        .collect();
+    let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
+    let shift: Vec<f32> = (0..d.c)
+        .map(|c| beta[c] - mean[c] as f32 * scale[c])
+        .collect();
+    affine(d, x, &scale, &shift, y);
+    BnSaved {
+        mean: mean.iter().map(|&v| v as f32).collect(),
+        invstd,
+        var: var.iter().map(|&v| v as f32).collect(),
+    }
+}
+
+/// running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch does.
+pub fn batchnorm_update_running(
+    d: &BnDims,
+    saved: &BnSaved,
+    momentum: f32,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+) {
+    let m = d.count() as f32;
+    let unbias = m / (m - 1.0).max(1.0);
+    for c in 0..d.c {
+        running_mean[c] = (1.0 - momentum) * running_mean[c] + momentum * saved.mean[c];
+        running_var[c] = (1.0 - momentum) * running_var[c] + momentum * saved.var[c] * unbias;
+    }
+}
+
+/// Evaluation mode: normalize with the running statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_forward_eval(
+    d: &BnDims,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    running_mean: &[f32],
+    running_var: &[f32],
+    eps: f32,
+    y: &mut [f32],
+) {
+    let scale: Vec<f32> = (0..d.c)
+        .map(|c| gamma[c] / (running_var[c] + eps).sqrt())
+        .collect();
+    let shift: Vec<f32> = (0..d.c)
+        .map(|c| beta[c] - running_mean[c] * scale[c])
+        .collect();
+    affine(d, x, &scale, &shift, y);
+}
+
+/// Training-mode gradients: dx (overwritten), dgamma and dbeta (overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn batchnorm_backward(
+    d: &BnDims,
+    x: &[f32],
+    dy: &[f32],
+    gamma: &[f32],
+    saved: &BnSaved,
+    dx: &mut [f32],
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let m = d.count() as f64;
+    // Sum over (N, H, W) of dy and of dy * xhat, channel by channel.
+    let sums: Vec<(f64, f64)> = (0..d.c)
+        .into_par_iter()
+        .map(|c| {
+            let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
+            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
+            for img in 0..d.n {
+                let base = (img * d.c + c) * d.hw;
+                for (&g, &v) in dy[base..base + d.hw].iter().zip(&x[base..base + d.hw]) {
+                    sdy += g as f64;
+                    sdyx += g as f64 * ((v - mean) * invstd) as f64;
+                }
+            }
+            (sdy, sdyx)
+        })
+        .collect();
+    for c in 0..d.c {
+        dbeta[c] = sums[c].0 as f32;
+        dgamma[c] = sums[c].1 as f32;
+    }
+    // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    dx.par_chunks_mut(d.c * d.hw)
+        .zip(dy.par_chunks(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)))
+        .for_each(|(dxi, (dyi, xi))| {
+            for c in 0..d.c {
+                let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
+                let k = gamma[c] * invstd;
+                let mean_dy = (sums[c].0 / m) as f32;
+                let mean_dyx = (sums[c].1 / m) as f32;
+                let range = c * d.hw..(c + 1) * d.hw;
+                for ((o, &g), &v) in dxi[range.clone()]
+                    .iter_mut()
+                    .zip(&dyi[range.clone()])
+                    .zip(&xi[range])
+                {
+                    *o = k * (g - mean_dy - (v - mean) * invstd * mean_dyx);
+                }
+            }
+        });
+}

@@ -1,0 +1,46 @@
+//! Dropout with an explicit mask, and the counter-based hash that draws masks identically on every
+//! backend: element i of step `step` under `seed` is kept when hash(seed, step, i) >= p * 2^24.
+//! The same function is written in `shaders/dropout.wgsl` with the same u32 arithmetic.
+
+use rayon::prelude::*;
+
+/// A 32-bit integer mixer (Chris Wellons' "lowbias32"), good avalanche with only u32 ops.
+pub fn lowbias32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+/// A uniform 24-bit draw in 0..2^24 for element `index` of step `step`.
+pub fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
+    lowbias32(index.wrapping_add(lowbias32(step.wrapping_add(lowbias32(seed))))) >> 8
+}
+
+/// The scale each element is multiplied by: 0 when dropped, 1 / (1 - p) when kept.
+pub fn dropout_mask(seed: u32, step: u32, p: f32, len: usize) -> Vec<f32> {
+    let threshold = (p as f64 * (1u32 << 24) as f64) as u32;
+    let keep = 1.0 / (1.0 - p);
+    (0..len as u32)
+        .into_par_iter()
+        .map(|i| {
+            if dropout_hash(seed, step, i) >= threshold {
+                keep
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
+/// In place: x *= mask. The backward pass is the same product applied to the gradient.
+pub fn dropout_apply(mask: &[f32], x: &mut [f32]) {
+    assert_eq!(mask.len(), x.len());
+    x.par_chunks_mut(1 << 14)
+        .zip(mask.par_chunks(1 << 14))
+        .for_each(|(x, m)| {
+            x.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+        });
+}

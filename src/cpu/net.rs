@@ -1,0 +1,311 @@
+//! The CPU executor of the model description: forward, backward and the training step, built from the
+//! reference ops. Buffers are kept between calls, so a training loop allocates only on its first step.
+
+use super::batchnorm::*;
+use super::conv::*;
+use super::dropout::{dropout_apply, dropout_mask};
+use super::loss::{softmax_cross_entropy, LossOut};
+use super::pool::*;
+use super::relu::*;
+use super::sgd::{sgd_update, SgdStep};
+use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
+
+/// How dropout layers behave in a training-mode pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropoutMode {
+    /// Identity (as for the PyTorch golden fixture).
+    Off,
+    /// Masks from the counter-based hash of (seed, step, element index), as the GPU draws them.
+    Hash { seed: u32, step: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics (running statistics updated), dropout as given.
+    Train(DropoutMode),
+    /// Running statistics, no dropout.
+    Eval,
+}
+
+/// What a layer's backward pass needs from its forward pass, beyond its input and output.
+#[derive(Debug, Clone)]
+enum Saved {
+    None,
+    BatchNorm(BnSaved),
+    MaxPool(Vec<u8>),
+    /// Dropout scale per element; `None` when dropout was the identity.
+    Dropout(Option<Vec<f32>>),
+}
+
+pub struct CpuNet {
+    pub model: Model,
+    n: usize,
+    input: Vec<f32>,
+    /// outputs[i]: the output of layer i for the last forward pass.
+    outputs: Vec<Vec<f32>>,
+    saved: Vec<Saved>,
+    /// Gradients of the trainable prefix of the state buffer, from the last backward pass.
+    pub grads: Vec<f32>,
+    grad_out: Vec<f32>,
+    grad_in: Vec<f32>,
+    dlogits: Vec<f32>,
+}
+
+/// Split a state buffer into one parameter tensor, by table index.
+fn tensor<'a>(model: &Model, state: &'a [f32], index: usize) -> &'a [f32] {
+    let p = &model.params[index];
+    &state[p.offset..p.offset + p.len]
+}
+
+impl CpuNet {
+    pub fn new(model: &Model) -> CpuNet {
+        CpuNet {
+            model: model.clone(),
+            n: 0,
+            input: Vec::new(),
+            outputs: vec![Vec::new(); model.layers.len()],
+            saved: vec![Saved::None; model.layers.len()],
+            grads: vec![0.0; model.num_trainable],
+            grad_out: Vec::new(),
+            grad_in: Vec::new(),
+            dlogits: Vec::new(),
+        }
+    }
+
+    /// The logits (n x classes) of the last forward pass.
+    pub fn logits(&self) -> &[f32] {
+        self.outputs.last().map_or(&[], |v| v.as_slice())
+    }
+
+    /// The output of layer `i` of the last forward pass (n images).
+    pub fn output(&self, i: usize) -> &[f32] {
+        &self.outputs[i]
+    }
+
+    /// Runs the network on `n` images (NCHW, normalized). In training mode the batchnorm running
+    /// statistics in `state` are updated, as PyTorch's forward pass does.
+    pub fn forward(&mut self, state: &mut [f32], input: &[f32], n: usize, mode: Mode) -> &[f32] {
+        let model = &self.model;
+        assert_eq!(state.len(), model.num_state, "state buffer length");
+        assert_eq!(input.len(), n * model.input.len(), "input length");
+        self.n = n;
+        self.input.clear();
+        self.input.extend_from_slice(input);
+        for i in 0..model.layers.len() {
+            let (before, rest) = self.outputs.split_at_mut(i);
+            let x: &[f32] = if i == 0 { &self.input } else { &before[i - 1] };
+            let y = &mut rest[0];
+            let (sin, sout) = (model.input_of(i), model.shapes[i]);
+            y.resize(n * sout.len(), 0.0);
+            self.saved[i] = match (&model.layers[i], model.layer_params[i]) {
+                (
+                    &Layer::Conv {
+                        cin, cout, k, pad, ..
+                    },
+                    LayerParams::Conv { weight },
+                ) => {
+                    let d = ConvDims {
+                        n,
+                        cin,
+                        h: sin.h,
+                        w: sin.w,
+                        cout,
+                        k,
+                        pad,
+                    };
+                    conv_forward(&d, x, tensor(model, state, weight), y);
+                    Saved::None
+                }
+                (
+                    &Layer::BatchNorm { c, .. },
+                    LayerParams::BatchNorm {
+                        weight,
+                        bias,
+                        running_mean,
+                        running_var,
+                    },
+                ) => {
+                    let d = BnDims {
+                        n,
+                        c,
+                        hw: sin.h * sin.w,
+                    };
+                    let (gamma, beta) = (tensor(model, state, weight), tensor(model, state, bias));
+                    match mode {
+                        Mode::Train(_) => {
+                            let saved = batchnorm_forward_train(&d, x, gamma, beta, BN_EPS, y);
+                            let (rm, rv) =
+                                (&model.params[running_mean], &model.params[running_var]);
+                            // The running mean and variance are adjacent in the table.
+                            debug_assert_eq!(rm.offset + rm.len, rv.offset);
+                            let (mean, var) =
+                                state[rm.offset..rv.offset + rv.len].split_at_mut(rm.len);
+                            batchnorm_update_running(&d, &saved, BN_MOMENTUM, mean, var);
+                            Saved::BatchNorm(saved)
+                        }
+                        Mode::Eval => {
+                            let (rm, rv) = (
+                                tensor(model, state, running_mean),
+                                tensor(model, state, running_var),
+                            );
+                            batchnorm_forward_eval(&d, x, gamma, beta, rm, rv, BN_EPS, y);
+                            Saved::None
+                        }
+                    }
+                }
+                (Layer::Relu, _) => {
+                    y.copy_from_slice(x);
+                    relu_forward(y);
+                    Saved::None
+                }
+                (&Layer::Dropout { p }, _) => {
+                    y.copy_from_slice(x);
+                    match mode {
+                        Mode::Train(DropoutMode::Hash { seed, step }) if p > 0.0 => {
+                            let mask = dropout_mask(seed, step, p, y.len());
+                            dropout_apply(&mask, y);
+                            Saved::Dropout(Some(mask))
+                        }
+                        _ => Saved::Dropout(None),
+                    }
+                }
+                (Layer::MaxPool2, _) => {
+                    Saved::MaxPool(maxpool2_forward(n * sin.c, sin.h, sin.w, x, y))
+                }
+                (Layer::GlobalAvgPool, _) => {
+                    global_avg_pool_forward(sin.h * sin.w, x, y);
+                    Saved::None
+                }
+                (layer, params) => unreachable!("layer {layer:?} with parameters {params:?}"),
+            };
+        }
+        self.logits()
+    }
+
+    /// Backpropagates `dlogits` through the last training-mode forward pass; returns the gradients of
+    /// the trainable prefix of the state buffer.
+    pub fn backward(&mut self, state: &[f32], dlogits: &[f32]) -> &[f32] {
+        let model = &self.model;
+        let n = self.n;
+        assert_eq!(dlogits.len(), self.logits().len(), "dlogits length");
+        self.grad_out.clear();
+        self.grad_out.extend_from_slice(dlogits);
+        for i in (0..model.layers.len()).rev() {
+            let x: &[f32] = if i == 0 {
+                &self.input
+            } else {
+                &self.outputs[i - 1]
+            };
+            let sin = model.input_of(i);
+            self.grad_in.resize(n * sin.len(), 0.0);
+            let (dy, dx) = (&mut self.grad_out, &mut self.grad_in);
+            // Layers that transform the gradient in place leave it in `dy`; the others write `dx`.
+            let mut in_place = false;
+            match (&model.layers[i], model.layer_params[i], &self.saved[i]) {
+                (
+                    &Layer::Conv {
+                        cin, cout, k, pad, ..
+                    },
+                    LayerParams::Conv { weight },
+                    _,
+                ) => {
+                    let d = ConvDims {
+                        n,
+                        cin,
+                        h: sin.h,
+                        w: sin.w,
+                        cout,
+                        k,
+                        pad,
+                    };
+                    let p = &model.params[weight];
+                    let dx = if i == 0 { None } else { Some(&mut dx[..]) };
+                    conv_backward(
+                        &d,
+                        x,
+                        tensor(model, state, weight),
+                        dy,
+                        dx,
+                        &mut self.grads[p.offset..p.offset + p.len],
+                    );
+                }
+                (
+                    &Layer::BatchNorm { c, .. },
+                    LayerParams::BatchNorm { weight, bias, .. },
+                    Saved::BatchNorm(saved),
+                ) => {
+                    let d = BnDims {
+                        n,
+                        c,
+                        hw: sin.h * sin.w,
+                    };
+                    let (pw, pb) = (&model.params[weight], &model.params[bias]);
+                    // bias follows weight in the table.
+                    let (dgamma, dbeta) =
+                        self.grads[pw.offset..pb.offset + pb.len].split_at_mut(pw.len);
+                    batchnorm_backward(
+                        &d,
+                        x,
+                        dy,
+                        tensor(model, state, weight),
+                        saved,
+                        dx,
+                        dgamma,
+                        dbeta,
+                    );
+                }
+                (Layer::Relu, _, _) => {
+                    relu_backward(&self.outputs[i], dy);
+                    in_place = true;
+                }
+                (Layer::Dropout { .. }, _, Saved::Dropout(mask)) => {
+                    if let Some(mask) = mask {
+                        dropout_apply(mask, dy);
+                    }
+                    in_place = true;
+                }
+                (Layer::MaxPool2, _, Saved::MaxPool(argmax)) => {
+                    maxpool2_backward(n * sin.c, sin.h, sin.w, argmax, dy, dx)
+                }
+                (Layer::GlobalAvgPool, _, _) => global_avg_pool_backward(sin.h * sin.w, dy, dx),
+                (layer, _, _) => {
+                    panic!("backward of {layer:?} needs a training-mode forward pass first")
+                }
+            }
+            if !in_place {
+                std::mem::swap(&mut self.grad_out, &mut self.grad_in);
+            }
+        }
+        &self.grads
+    }
+
+    /// One SGD training step on a batch: forward (training mode), loss, backward, update.
+    /// `state` holds the parameters and running statistics; `momenta` the trainable prefix's buffers.
+    pub fn train_step(
+        &mut self,
+        state: &mut [f32],
+        momenta: &mut [f32],
+        input: &[f32],
+        labels: &[u8],
+        sgd: SgdStep,
+        dropout: DropoutMode,
+    ) -> LossOut {
+        let classes = self.model.output_classes();
+        self.forward(state, input, labels.len(), Mode::Train(dropout));
+        let mut dlogits = std::mem::take(&mut self.dlogits);
+        dlogits.resize(labels.len() * classes, 0.0);
+        let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
+        self.backward(state, &dlogits);
+        self.dlogits = dlogits;
+        let trainable = self.model.num_trainable;
+        sgd_update(sgd, &mut state[..trainable], &self.grads, momenta);
+        out
+    }
+
+    /// Evaluation-mode loss and correct count of a batch (running statistics, no dropout).
+    pub fn evaluate(&mut self, state: &mut [f32], input: &[f32], labels: &[u8]) -> LossOut {
+        let classes = self.model.output_classes();
+        self.forward(state, input, labels.len(), Mode::Eval);
+        softmax_cross_entropy(self.logits(), labels, classes, None)
+    }
+}

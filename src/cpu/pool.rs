@@ -1,0 +1,73 @@
+//! Max pooling 2x2 with stride 2, and global average pooling; NCHW.
+
+use rayon::prelude::*;
+
+/// 2x2 max pooling of `planes` planes of h x w (h, w even). Returns, per output, the index within its
+/// window (0..4, row-major) of the maximum; on ties the first, as PyTorch does.
+pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) -> Vec<u8> {
+    let (ho, wo) = (h / 2, w / 2);
+    assert_eq!(x.len(), planes * h * w);
+    assert_eq!(y.len(), planes * ho * wo);
+    let mut argmax = vec![0u8; y.len()];
+    y.par_chunks_mut(ho * wo)
+        .zip(argmax.par_chunks_mut(ho * wo))
+        .zip(x.par_chunks(h * w))
+        .for_each(|((yp, ap), xp)| {
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let mut best = f32::NEG_INFINITY;
+                    let mut at = 0u8;
+                    for (i, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
+                        let v = xp[(2 * oy + dy) * w + 2 * ox + dx];
+                        if v > best || v.is_nan() {
+                            best = v;
+                            at = i as u8;
+                        }
+                    }
+                    yp[oy * wo + ox] = best;
+                    ap[oy * wo + ox] = at;
+                }
+            }
+        });
+    argmax
+}
+
+/// Routes each output gradient to the input that won its window; dx is overwritten.
+pub fn maxpool2_backward(
+    planes: usize,
+    h: usize,
+    w: usize,
+    argmax: &[u8],
+    dy: &[f32],
+    dx: &mut [f32],
+) {
+    let (ho, wo) = (h / 2, w / 2);
+    assert_eq!(dx.len(), planes * h * w);
+    dx.par_chunks_mut(h * w)
+        .zip(dy.par_chunks(ho * wo).zip(argmax.par_chunks(ho * wo)))
+        .for_each(|(dxp, (dyp, ap))| {
+            dxp.fill(0.0);
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let a = ap[oy * wo + ox] as usize;
+                    dxp[(2 * oy + a / 2) * w + 2 * ox + a % 2] = dyp[oy * wo + ox];
+                }
+            }
+        });
+}
+
+/// Mean of each plane of `hw` values.
+pub fn global_avg_pool_forward(hw: usize, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len() * hw);
+    for (o, plane) in y.iter_mut().zip(x.chunks_exact(hw)) {
+        *o = plane.iter().sum::<f32>() / hw as f32;
+    }
+}
+
+/// Spreads each plane's gradient evenly over its `hw` inputs.
+pub fn global_avg_pool_backward(hw: usize, dy: &[f32], dx: &mut [f32]) {
+    assert_eq!(dx.len(), dy.len() * hw);
+    for (&g, plane) in dy.iter().zip(dx.chunks_exact_mut(hw)) {
+        plane.fill(g / hw as f32);
+    }
+}

@@ -1,0 +1,19 @@
+//! The recipe's SGD update over the flat parameter buffer, PyTorch semantics:
+//! g += weight_decay * p; buf = momentum * buf + g; p -= lr * buf.
+//! With buf starting at zero, the first step gives buf = g exactly, as PyTorch's first step does.
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdStep {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+
+pub fn sgd_update(step: SgdStep, params: &mut [f32], grads: &[f32], momenta: &mut [f32]) {
+    assert!(params.len() == grads.len() && grads.len() == momenta.len());
+    for ((p, &g), buf) in params.iter_mut().zip(grads).zip(momenta.iter_mut()) {
+        let g = g + step.weight_decay * *p;
+        *buf = step.momentum * *buf + g;
+        *p -= step.lr * *buf;
+    }
+}

@@ -1,0 +1,449 @@
+//! Net3, described once as data: the layer list, every activation's shape, and the parameter table
+//! that carves one flat f32 buffer. Every backend executes this description. Knows nothing of wgpu.
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+/// The shape of one image's activation, channels x height x width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Shape {
+    pub fn len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One layer of the network. Parameterised layers name their PyTorch module.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Layer {
+    /// k x k convolution, stride 1, no bias.
+    Conv {
+        name: &'static str,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        pad: usize,
+    },
+    BatchNorm {
+        name: &'static str,
+        c: usize,
+    },
+    Relu,
+    Dropout {
+        p: f32,
+    },
+    /// 2x2 max pooling with stride 2.
+    MaxPool2,
+    GlobalAvgPool,
+}
+
+pub const BN_EPS: f32 = 1e-5;
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// Where a parameter tensor lives in the flat state buffer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamEntry {
+    /// PyTorch state_dict name, e.g. `conv1.weight`, `bn1.running_var`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub len: usize,
+    /// Trained by SGD (weights, batchnorm affine) rather than a running statistic.
+    pub trainable: bool,
+}
+
+/// Indices into the parameter table of one layer's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerParams {
+    None,
+    Conv {
+        weight: usize,
+    },
+    BatchNorm {
+        weight: usize,
+        bias: usize,
+        running_mean: usize,
+        running_var: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub input: Shape,
+    pub layers: Vec<Layer>,
+    /// Output shape of each layer.
+    pub shapes: Vec<Shape>,
+    pub layer_params: Vec<LayerParams>,
+    /// The flat state buffer's table: trainable tensors first (in state_dict order), then running statistics.
+    pub params: Vec<ParamEntry>,
+    /// Length of the trainable prefix of the state buffer (what SGD updates and gradients cover).
+    pub num_trainable: usize,
+    /// Length of the whole state buffer (trainable prefix + running statistics).
+    pub num_state: usize,
+}
+
+impl Model {
+    /// The recipe's network: 17,900 trainable parameters.
+    pub fn net3() -> Model {
+        use Layer::*;
+        let layers = vec![
+            Conv {
+                name: "conv1",
+                cin: 1,
+                cout: 8,
+                k: 3,
+                pad: 1,
+            },
+            BatchNorm { name: "bn1", c: 8 },
+            Relu,
+            Conv {
+                name: "conv2",
+                cin: 8,
+                cout: 16,
+                k: 3,
+                pad: 1,
+            },
+            BatchNorm { name: "bn2", c: 16 },
+            Relu,
+            Dropout { p: 0.05 },
+            MaxPool2,
+            Conv {
+                name: "conv3",
+                cin: 16,
+                cout: 16,
+                k: 3,
+                pad: 1,
+            },
+            BatchNorm { name: "bn3", c: 16 },
+            Relu,
+            Conv {
+                name: "conv4",
+                cin: 16,
+                cout: 32,
+                k: 3,
+                pad: 1,
+            },
+            BatchNorm { name: "bn4", c: 32 },
+            Relu,
+            MaxPool2,
+            Conv {
+                name: "conv5",
+                cin: 32,
+                cout: 32,
+                k: 3,
+                pad: 0,
+            },
+            BatchNorm { name: "bn5", c: 32 },
+            Relu,
+            Conv {
+                name: "conv6",
+                cin: 32,
+                cout: 10,
+                k: 1,
+                pad: 0,
+            },
+            BatchNorm { name: "bn6", c: 10 },
+            Relu,
+            GlobalAvgPool,
+        ];
+        Model::new(Shape { c: 1, h: 28, w: 28 }, layers)
+    }
+
+    /// Builds the shapes and the parameter table of a layer list; panics on a list that does not fit
+    /// together, which is a programming error in the description, not a user error.
+    pub fn new(input: Shape, layers: Vec<Layer>) -> Model {
+        let mut shapes = Vec::with_capacity(layers.len());
+        let mut shape = input;
+        let mut trainable: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut running: Vec<(String, Vec<usize>)> = Vec::new();
+        // Per layer: the indices of its tensors within `trainable` / `running`, fixed up below.
+        let mut slots: Vec<LayerParams> = Vec::with_capacity(layers.len());
+        for layer in &layers {
+            let slot = match *layer {
+                Layer::Conv {
+                    name,
+                    cin,
+                    cout,
+                    k,
+                    pad,
+                } => {
+                    assert_eq!(shape.c, cin, "{name}: input has {} channels", shape.c);
+                    shape = Shape {
+                        c: cout,
+                        h: shape.h + 2 * pad + 1 - k,
+                        w: shape.w + 2 * pad + 1 - k,
+                    };
+                    trainable.push((format!("{name}.weight"), vec![cout, cin, k, k]));
+                    LayerParams::Conv {
+                        weight: trainable.len() - 1,
+                    }
+                }
+                Layer::BatchNorm { name, c } => {
+                    assert_eq!(shape.c, c, "{name}: input has {} channels", shape.c);
+                    trainable.push((format!("{name}.weight"), vec![c]));
+                    trainable.push((format!("{name}.bias"), vec![c]));
+                    running.push((format!("{name}.running_mean"), vec![c]));
+                    running.push((format!("{name}.running_var"), vec![c]));
+                    LayerParams::BatchNorm {
+                        weight: trainable.len() - 2,
+                        bias: trainable.len() - 1,
+                        running_mean: running.len() - 2,
+                        running_var: running.len() - 1,
+                    }
+                }
+                Layer::MaxPool2 => {
+                    assert!(
+                        shape.h % 2 == 0 && shape.w % 2 == 0,
+                        "maxpool of odd size {shape:?}"
+                    );
+                    shape = Shape {
+                        c: shape.c,
+                        h: shape.h / 2,
+                        w: shape.w / 2,
+                    };
+                    LayerParams::None
+                }
+                Layer::GlobalAvgPool => {
+                    shape = Shape {
+                        c: shape.c,
+                        h: 1,
+                        w: 1,
+                    };
+                    LayerParams::None
+                }
+                Layer::Relu | Layer::Dropout { .. } => LayerParams::None,
+            };
+            shapes.push(shape);
+            slots.push(slot);
+        }
+        let num_trainable_tensors = trainable.len();
+        let mut params = Vec::new();
+        let mut offset = 0;
+        for ((name, shape), is_trainable) in trainable
+            .into_iter()
+            .map(|t| (t, true))
+            .chain(running.into_iter().map(|t| (t, false)))
+        {
+            let len = shape.iter().product();
+            params.push(ParamEntry {
+                name,
+                shape,
+                offset,
+                len,
+                trainable: is_trainable,
+            });
+            offset += len;
+        }
+        let num_trainable = params.iter().filter(|p| p.trainable).map(|p| p.len).sum();
+        let layer_params = slots
+            .into_iter()
+            .map(|s| match s {
+                LayerParams::BatchNorm {
+                    weight,
+                    bias,
+                    running_mean,
+                    running_var,
+                } => LayerParams::BatchNorm {
+                    weight,
+                    bias,
+                    running_mean: running_mean + num_trainable_tensors,
+                    running_var: running_var + num_trainable_tensors,
+                },
+                other => other,
+            })
+            .collect();
+        Model {
+            input,
+            layers,
+            shapes,
+            layer_params,
+            params,
+            num_trainable,
+            num_state: offset,
+        }
+    }
+
+    pub fn output_classes(&self) -> usize {
+        self.shapes.last().map_or(0, |s| s.len())
+    }
+
+    /// The table entry of a state_dict name.
+    pub fn param(&self, name: &str) -> Option<&ParamEntry> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// The input shape of layer `i`.
+    pub fn input_of(&self, i: usize) -> Shape {
+        if i == 0 {
+            self.input
+        } else {
+            self.shapes[i - 1]
+        }
+    }
+
+    /// PyTorch's default initialization, drawn from `seed`: conv weights uniform in
+    /// [-1/sqrt(fan_in), 1/sqrt(fan_in)], batchnorm weight 1, bias 0, running mean 0, running var 1.
+    pub fn init_state(&self, seed: u64) -> Vec<f32> {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let mut state = vec![0.0f32; self.num_state];
+        for p in &self.params {
+            let slice = &mut state[p.offset..p.offset + p.len];
+            if p.name.ends_with("running_var")
+                || (p.name.starts_with("bn") && p.name.ends_with(".weight"))
+            {
+                slice.fill(1.0);
+            } else if p.shape.len() == 4 {
+                let fan_in = (p.shape[1] * p.shape[2] * p.shape[3]) as f32;
+                let bound = 1.0 / fan_in.sqrt();
+                slice
+                    .iter_mut()
+                    .for_each(|v| *v = rng.random_range(-bound..bound));
+            }
+        }
+        state
+    }
+
+    /// A per-layer table in the style of torchsummary, ending in the parameter totals.
+    pub fn summary(&self) -> String {
+        let mut rows = vec![(
+            "Layer (type)".to_string(),
+            "Output Shape".to_string(),
+            "Param #".to_string(),
+        )];
+        let input = self.input;
+        rows.push((
+            "input".into(),
+            format!("[-1, {}, {}, {}]", input.c, input.h, input.w),
+            "0".into(),
+        ));
+        for (i, layer) in self.layers.iter().enumerate() {
+            let s = self.shapes[i];
+            let label = match layer {
+                Layer::Conv { name, k, pad, .. } => format!("{name} (Conv2d {k}x{k}, pad {pad})"),
+                Layer::BatchNorm { name, .. } => format!("{name} (BatchNorm2d)"),
+                Layer::Relu => "ReLU".into(),
+                Layer::Dropout { p } => format!("Dropout (p={p})"),
+                Layer::MaxPool2 => "MaxPool2d (2x2)".into(),
+                Layer::GlobalAvgPool => "AdaptiveAvgPool2d (1)".into(),
+            };
+            let count: usize = match self.layer_params[i] {
+                LayerParams::None => 0,
+                LayerParams::Conv { weight } => self.params[weight].len,
+                LayerParams::BatchNorm { weight, bias, .. } => {
+                    self.params[weight].len + self.params[bias].len
+                }
+            };
+            let shape = if matches!(layer, Layer::GlobalAvgPool) {
+                format!("[-1, {}]", s.c)
+            } else {
+                format!("[-1, {}, {}, {}]", s.c, s.h, s.w)
+            };
+            rows.push((label, shape, group_thousands(count)));
+        }
+        let w0 = rows.iter().map(|r| r.0.len()).max().unwrap_or(0) + 2;
+        let w1 = rows.iter().map(|r| r.1.len()).max().unwrap_or(0) + 2;
+        let w2 = rows.iter().map(|r| r.2.len()).max().unwrap_or(0);
+        let rule = "-".repeat(w0 + w1 + w2);
+        let mut out = String::new();
+        for (i, (a, b, c)) in rows.iter().enumerate() {
+            out += &format!("{a:<w0$}{b:<w1$}{c:>w2$}\n");
+            if i == 0 {
+                out += &format!("{}\n", "=".repeat(w0 + w1 + w2));
+            }
+        }
+        out += &format!("{rule}\n");
+        out += &format!("Total params: {}\n", group_thousands(self.num_trainable));
+        out += &format!(
+            "Trainable params: {}\n",
+            group_thousands(self.num_trainable)
+        );
+        out += &format!(
+            "Non-trainable buffers: {} (batchnorm running mean and variance)\n",
+            group_thousands(self.num_state - self.num_trainable)
+        );
+        out
+    }
+}
+
+/// 17900 -> "17,900".
+pub fn group_thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net3_matches_the_spec_table() {
+        let m = Model::net3();
+        assert_eq!(m.num_trainable, 17_900);
+        let per_layer: Vec<(&str, usize)> =
+            m.params.iter().map(|p| (p.name.as_str(), p.len)).collect();
+        assert_eq!(
+            &per_layer[..3],
+            &[("conv1.weight", 72), ("bn1.weight", 8), ("bn1.bias", 8)]
+        );
+        assert_eq!(m.param("conv5.weight").unwrap().len, 9_216);
+        assert_eq!(m.param("conv6.weight").unwrap().shape, vec![10, 32, 1, 1]);
+        assert_eq!(m.param("bn6.running_var").unwrap().len, 10);
+        assert_eq!(m.shapes.last(), Some(&Shape { c: 10, h: 1, w: 1 }));
+        assert_eq!(m.shapes[14], Shape { c: 32, h: 7, w: 7 });
+        assert_eq!(m.shapes[15], Shape { c: 32, h: 5, w: 5 });
+        // Offsets tile the buffer with no gap or overlap.
+        let mut end = 0;
+        for p in &m.params {
+            assert_eq!(p.offset, end, "{}", p.name);
+            end += p.len;
+        }
+        assert_eq!(end, m.num_state);
+        assert!(m.summary().contains("Total params: 17,900"));
+    }
+
+    #[test]
+    fn init_follows_pytorch_defaults() {
+        let m = Model::net3();
+        let s = m.init_state(7);
+        for p in &m.params {
+            let v = &s[p.offset..p.offset + p.len];
+            if p.shape.len() == 4 {
+                let bound = 1.0 / ((p.shape[1] * p.shape[2] * p.shape[3]) as f32).sqrt();
+                assert!(v.iter().all(|x| x.abs() <= bound), "{}", p.name);
+                // Spread over the interval, not a constant.
+                let max = v.iter().cloned().fold(f32::MIN, f32::max);
+                assert!(max > 0.5 * bound, "{}", p.name);
+            } else if p.name.ends_with("running_var") || p.name.ends_with(".weight") {
+                assert!(v.iter().all(|&x| x == 1.0), "{}", p.name);
+            } else {
+                assert!(v.iter().all(|&x| x == 0.0), "{}", p.name);
+            }
+        }
+        assert_eq!(s, m.init_state(7));
+        assert_ne!(s, m.init_state(8));
+    }
+
+    #[test]
+    fn thousands() {
+        assert_eq!(group_thousands(0), "0");
+        assert_eq!(group_thousands(999), "999");
+        assert_eq!(group_thousands(17900), "17,900");
+        assert_eq!(group_thousands(1234567), "1,234,567");
+    }
+}

@@ -1,0 +1,3 @@
+//! Training: the one-cycle schedule.
+
+pub mod schedule;
