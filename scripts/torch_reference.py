@@ -17,6 +17,10 @@ the first 16 real MNIST training images (normalized only, no augmentation), and 
   schedule.steps, schedule.lr, schedule.momentum
                         OneCycleLR's values at selected steps of the full 12,000-step schedule
 
+Everything from `step0.` on is computed twice: in float32 (PyTorch's own run, as the names above) and in
+float64 (the same names behind `f64.`), from the same float32 initial weights and inputs. The float64
+run is the ground truth; the float32 run shows how far PyTorch's own rounding goes.
+
 Dropout is off for the fixture (p = 0), so the fixture needs no mask.
 SGD: lr/momentum from torch.optim.lr_scheduler.OneCycleLR (max_lr 0.1, 12,000 total steps, div_factor 10,
 final_div_factor 100 as the spec says, otherwise defaults),
@@ -84,27 +88,19 @@ def read_idx(path):
 def state(model, prefix):
     # num_batches_tracked is an integer counter, not part of the float state the tests compare.
     return {
-        prefix + k: v.detach().clone().float().contiguous()
+        prefix + k: v.detach().clone().contiguous()
         for k, v in model.state_dict().items()
         if not k.endswith("num_batches_tracked")
     }
 
 
-def main():
-    torch.manual_seed(1234)
-    torch.use_deterministic_algorithms(True)
-    images = read_idx(os.path.join(ROOT, "data/mnist/train-images-idx3-ubyte.gz"))[:BATCH]
-    labels = read_idx(os.path.join(ROOT, "data/mnist/train-labels-idx1-ubyte.gz"))[:BATCH]
-    x = ((torch.from_numpy(images.astype(np.float32)) / 255.0 - 0.1307) / 0.3081).unsqueeze(1).contiguous()
-    y = torch.from_numpy(labels.astype(np.int64))
-
-    model = Net3(dropout=0.0)
+def run(initial, x, y, dtype):
+    """One forward/backward pass, then ten SGD steps, from `initial` weights, computed in `dtype`."""
+    out = {}
+    x = x.to(dtype)
+    model = Net3(dropout=0.0).to(dtype)
+    model.load_state_dict(initial, strict=False)
     model.train()
-    out = state(model, "weights.")
-    out["input"] = x
-    out["labels"] = y
-
-    # One forward/backward pass: logits, loss, gradients, running statistics.
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     loss.backward()
@@ -117,11 +113,13 @@ def main():
             out["step0.running." + name] = b.detach().clone()
 
     # Ten SGD steps on the same batch, from the initial weights, with the spec's one-cycle schedule.
-    model = Net3(dropout=0.0)
-    model.load_state_dict({k[len("weights."):]: v for k, v in out.items() if k.startswith("weights.")}, strict=False)
+    model = Net3(dropout=0.0).to(dtype)
+    model.load_state_dict(initial, strict=False)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=TOTAL_STEPS, div_factor=10, final_div_factor=100)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.1, total_steps=TOTAL_STEPS, div_factor=10, final_div_factor=100
+    )
     losses, lrs, moms = [], [], []
     for _ in range(STEPS):
         lrs.append(opt.param_groups[0]["lr"])
@@ -132,13 +130,34 @@ def main():
         loss.backward()
         opt.step()
         sched.step()
-    out["train.losses"] = torch.tensor(losses, dtype=torch.float32)
+    out["train.losses"] = torch.tensor(losses, dtype=torch.float64)
     out["train.lr"] = torch.tensor(lrs, dtype=torch.float64)
     out["train.momentum"] = torch.tensor(moms, dtype=torch.float64)
     out.update(state(model, "final."))
     model.eval()
     with torch.no_grad():
         out["final.eval_logits"] = model(x).clone()
+    return out
+
+
+def main():
+    torch.manual_seed(1234)
+    torch.use_deterministic_algorithms(True)
+    images = read_idx(os.path.join(ROOT, "data/mnist/train-images-idx3-ubyte.gz"))[:BATCH]
+    labels = read_idx(os.path.join(ROOT, "data/mnist/train-labels-idx1-ubyte.gz"))[:BATCH]
+    x = ((torch.from_numpy(images.astype(np.float32)) / 255.0 - 0.1307) / 0.3081).unsqueeze(1).contiguous()
+    y = torch.from_numpy(labels.astype(np.int64))
+
+    model = Net3(dropout=0.0)
+    out = state(model, "weights.")
+    out["input"] = x
+    out["labels"] = y
+    initial = {k[len("weights."):]: v for k, v in out.items() if k.startswith("weights.")}
+    # PyTorch's own float32 run, and the same computation in float64: the ground truth that tells
+    # which part of a float32 difference is whose rounding.
+    for dtype, prefix in [(torch.float32, ""), (torch.float64, "f64.")]:
+        for k, v in run(initial, x, y, dtype).items():
+            out[prefix + k] = v
 
     # The full schedule at selected steps, straight from OneCycleLR.
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
