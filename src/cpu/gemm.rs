@@ -9,7 +9,8 @@ pub enum Layout {
     Transposed,
 }
 
-/// c (m x n, row-major) = a (m x k) * b (k x n) + beta * c.
+/// c (m x n, row-major) = a (m x k) * b (k x n) + beta * c. BLAS-shaped, hence the argument count.
+#[allow(clippy::too_many_arguments)]
 pub fn gemm(
     m: usize,
     k: usize,

@@ -202,7 +202,7 @@ impl Model {
                 }
                 Layer::MaxPool2 => {
                     assert!(
-                        shape.h % 2 == 0 && shape.w % 2 == 0,
+                        shape.h.is_multiple_of(2) && shape.w.is_multiple_of(2),
                         "maxpool of odd size {shape:?}"
                     );
                     shape = Shape {
@@ -379,7 +379,7 @@ pub fn group_thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

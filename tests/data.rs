@@ -1,0 +1,215 @@
+//! The IDX reader and the data folder: the bundled MNIST loads, and every malformed input gives an error
+//! that names the file and the problem. The broken files are made here, in a temporary folder.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use mnist_wgpu::data::{
+    self, load_dir, read_idx, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
+};
+
+fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// A fresh folder under the target directory, unique per test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("data-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A small valid data set: `n_train` and `n_test` images of 28 x 28 with labels.
+fn write_set(dir: &Path, n_train: u32, n_test: u32, gz: bool) {
+    let write = |stem: &str, bytes: Vec<u8>| {
+        if gz {
+            std::fs::write(dir.join(format!("{stem}.gz")), gzip(&bytes)).unwrap();
+        } else {
+            std::fs::write(dir.join(stem), bytes).unwrap();
+        }
+    };
+    let images = |n: u32| idx_bytes(&[n, 28, 28], &vec![7u8; n as usize * 784]);
+    let labels = |n: u32| idx_bytes(&[n], &(0..n).map(|i| (i % 10) as u8).collect::<Vec<_>>());
+    write(TRAIN_IMAGES, images(n_train));
+    write(TRAIN_LABELS, labels(n_train));
+    write(TEST_IMAGES, images(n_test));
+    write(TEST_LABELS, labels(n_test));
+}
+
+fn error_of(dir: &Path) -> String {
+    load_dir(dir).expect_err("loading should fail").to_string()
+}
+
+#[test]
+fn bundled_mnist_loads_with_the_published_counts() {
+    let m = load_dir(&data::default_dir()).expect("bundled MNIST loads");
+    assert_eq!((m.train.len(), m.test.len()), (60_000, 10_000));
+    let mut counts = [0usize; 10];
+    m.test.labels.iter().for_each(|&l| counts[l as usize] += 1);
+    // Per-class test counts from the data set's README.
+    assert_eq!(
+        counts,
+        [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    );
+    let mut counts = [0usize; 10];
+    m.train.labels.iter().for_each(|&l| counts[l as usize] += 1);
+    assert_eq!(
+        counts,
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    );
+    // The first training image is a 5, as everybody's first MNIST tutorial shows.
+    assert_eq!(m.train.labels[0], 5);
+}
+
+#[test]
+fn raw_and_gzip_folders_load_alike() {
+    for gz in [false, true] {
+        let dir = scratch(&format!("valid-{gz}"));
+        write_set(&dir, 20, 10, gz);
+        let m = load_dir(&dir).unwrap();
+        assert_eq!((m.train.len(), m.test.len()), (20, 10));
+        assert_eq!(m.train.image(3), &[7u8; 784][..]);
+        assert_eq!(m.test.labels[9], 9);
+    }
+}
+
+#[test]
+fn missing_folder_and_missing_file() {
+    let e = error_of(Path::new("/nonexistent/mnist"));
+    assert!(
+        e.contains("/nonexistent/mnist") && e.contains("not found"),
+        "{e}"
+    );
+    let dir = scratch("missing");
+    write_set(&dir, 20, 10, true);
+    std::fs::remove_file(dir.join(format!("{TEST_LABELS}.gz"))).unwrap();
+    let e = error_of(&dir);
+    assert!(e.contains(TEST_LABELS) && e.contains("not found"), "{e}");
+}
+
+#[test]
+fn wrong_magic() {
+    let dir = scratch("magic");
+    write_set(&dir, 20, 10, false);
+    let mut bytes = std::fs::read(dir.join(TRAIN_IMAGES)).unwrap();
+    bytes[0] = 0x50; // e.g. a PNG or text file under the IDX name
+    std::fs::write(dir.join(TRAIN_IMAGES), bytes).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TRAIN_IMAGES) && e.contains("wrong magic number"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_element_type() {
+    let dir = scratch("dtype");
+    write_set(&dir, 20, 10, false);
+    let mut bytes = std::fs::read(dir.join(TRAIN_LABELS)).unwrap();
+    bytes[2] = 0x0d; // float
+    std::fs::write(dir.join(TRAIN_LABELS), bytes).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TRAIN_LABELS) && e.contains("element type 0x0d"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_data_header_and_gzip() {
+    let dir = scratch("truncated");
+    write_set(&dir, 20, 10, false);
+    let path = dir.join(TEST_IMAGES);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TEST_IMAGES) && e.contains("truncated") && e.contains("7740"),
+        "{e}"
+    );
+    std::fs::write(&path, &bytes[..10]).unwrap();
+    let e = read_idx(&path).unwrap_err().to_string();
+    assert!(e.contains("truncated") && e.contains("header"), "{e}");
+    // A gzip file cut short.
+    let gz = gzip(&bytes);
+    std::fs::remove_file(&path).unwrap();
+    let gz_path = dir.join(format!("{TEST_IMAGES}.gz"));
+    std::fs::write(&gz_path, &gz[..gz.len() / 2]).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(&format!("{TEST_IMAGES}.gz")) && e.contains("truncated or corrupt gzip"),
+        "{e}"
+    );
+}
+
+#[test]
+fn trailing_bytes() {
+    let dir = scratch("trailing");
+    write_set(&dir, 20, 10, false);
+    let path = dir.join(TRAIN_LABELS);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(&[1, 2, 3]);
+    std::fs::write(&path, bytes).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TRAIN_LABELS) && e.contains("3 unexpected trailing bytes"),
+        "{e}"
+    );
+}
+
+#[test]
+fn count_mismatch() {
+    let dir = scratch("count");
+    write_set(&dir, 20, 10, false);
+    std::fs::write(dir.join(TRAIN_LABELS), idx_bytes(&[19], &[1; 19])).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TRAIN_LABELS)
+            && e.contains("count mismatch")
+            && e.contains("19 labels")
+            && e.contains("20 images"),
+        "{e}"
+    );
+}
+
+#[test]
+fn label_out_of_range() {
+    let dir = scratch("label");
+    write_set(&dir, 20, 10, false);
+    let mut labels = vec![1u8; 10];
+    labels[4] = 10;
+    std::fs::write(dir.join(TEST_LABELS), idx_bytes(&[10], &labels)).unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TEST_LABELS) && e.contains("label 10 at index 4"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_image_size() {
+    let dir = scratch("size");
+    write_set(&dir, 20, 10, false);
+    std::fs::write(
+        dir.join(TEST_IMAGES),
+        idx_bytes(&[10, 32, 32], &vec![0; 10 * 32 * 32]),
+    )
+    .unwrap();
+    let e = error_of(&dir);
+    assert!(
+        e.contains(TEST_IMAGES) && e.contains("28 x 28") && e.contains("[10, 32, 32]"),
+        "{e}"
+    );
+}
