@@ -6,5 +6,6 @@
 
 pub mod cpu;
 pub mod data;
+pub mod gpu;
 pub mod model;
 pub mod train;

@@ -8,47 +8,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvDims {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub pad: usize,
-}
-
-impl ConvDims {
-    pub fn ho(&self) -> usize {
-        self.h + 2 * self.pad + 1 - self.k
-    }
-    pub fn wo(&self) -> usize {
-        self.w + 2 * self.pad + 1 - self.k
-    }
-    /// Elements of one input image.
-    pub fn in_image(&self) -> usize {
-        self.cin * self.h * self.w
-    }
-    /// Elements of one output image.
-    pub fn out_image(&self) -> usize {
-        self.cout * self.ho() * self.wo()
-    }
-    pub fn weight_len(&self) -> usize {
-        self.cout * self.cin * self.k * self.k
-    }
-    fn col_rows(&self) -> usize {
-        self.cin * self.k * self.k
-    }
-    fn col_cols(&self) -> usize {
-        self.ho() * self.wo()
-    }
-    /// A 1x1 convolution without padding reads the image itself as its column matrix.
-    fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.pad == 0
-    }
-}
+pub use crate::model::ConvDims;
 
 /// im2col of one image into `col` (col_rows x col_cols); padding reads as 0.
 fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {

@@ -4,6 +4,8 @@
 
 use rayon::prelude::*;
 
+pub use crate::model::dropout_threshold;
+
 /// A 32-bit integer mixer (Chris Wellons' "lowbias32"), good avalanche with only u32 ops.
 pub fn lowbias32(mut x: u32) -> u32 {
     x ^= x >> 16;
@@ -21,7 +23,7 @@ pub fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
 
 /// The scale each element is multiplied by: 0 when dropped, 1 / (1 - p) when kept.
 pub fn dropout_mask(seed: u32, step: u32, p: f32, len: usize) -> Vec<f32> {
-    let threshold = (p as f64 * (1u32 << 24) as f64) as u32;
+    let threshold = dropout_threshold(p);
     let keep = 1.0 / (1.0 - p);
     (0..len as u32)
         .into_par_iter()

@@ -22,6 +22,49 @@ impl Shape {
     }
 }
 
+/// The geometry of one convolution over a batch: n images of cin x h x w, cout filters of k x k,
+/// stride 1, zero padding `pad`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvDims {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl ConvDims {
+    pub fn ho(&self) -> usize {
+        self.h + 2 * self.pad + 1 - self.k
+    }
+    pub fn wo(&self) -> usize {
+        self.w + 2 * self.pad + 1 - self.k
+    }
+    /// Elements of one input image.
+    pub fn in_image(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    /// Elements of one output image.
+    pub fn out_image(&self) -> usize {
+        self.cout * self.ho() * self.wo()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.cin * self.k * self.k
+    }
+    pub fn col_rows(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+    pub fn col_cols(&self) -> usize {
+        self.ho() * self.wo()
+    }
+    /// A 1x1 convolution without padding reads the image itself as its column matrix.
+    pub fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.pad == 0
+    }
+}
+
 /// One layer of the network. Parameterised layers name their PyTorch module.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Layer {
@@ -48,6 +91,12 @@ pub enum Layer {
 
 pub const BN_EPS: f32 = 1e-5;
 pub const BN_MOMENTUM: f32 = 0.1;
+
+/// Dropout keeps an element when its 24-bit hash draw is at least this (p * 2^24); shared by every
+/// backend so that all draw the same masks.
+pub fn dropout_threshold(p: f32) -> u32 {
+    (p as f64 * (1u32 << 24) as f64) as u32
+}
 
 /// Where a parameter tensor lives in the flat state buffer.
 #[derive(Debug, Clone, PartialEq)]

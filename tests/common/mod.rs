@@ -87,3 +87,32 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
     eprintln!("{what:<32} rel err {err:.2e} (tol {tol:.0e})");
     err
 }
+
+use std::sync::OnceLock;
+
+use mnist_wgpu::gpu::{GpuContext, Kernels};
+
+/// The environment variable that skips GPU tests, for machines that cannot have Vulkan; CI never sets it.
+pub const SKIP_GPU: &str = "MNIST_WGPU_SKIP_GPU_TESTS";
+
+/// The device and compiled kernels, shared by the tests of one binary (compiling the shaders costs
+/// seconds on lavapipe). `None` only when GPU tests are explicitly skipped; without an adapter the
+/// test fails with the install hint.
+pub fn gpu() -> Option<&'static (GpuContext, Kernels)> {
+    if std::env::var_os(SKIP_GPU).is_some_and(|v| v == "1") {
+        eprintln!("GPU test skipped: {SKIP_GPU}=1");
+        return None;
+    }
+    static GPU: OnceLock<(GpuContext, Kernels)> = OnceLock::new();
+    Some(GPU.get_or_init(|| {
+        let adapter = std::env::var("MNIST_WGPU_ADAPTER").ok();
+        let ctx = GpuContext::new(adapter.as_deref()).unwrap_or_else(|e| {
+            panic!(
+                "{e:#}\n(to skip GPU tests on a machine that cannot have Vulkan, set {SKIP_GPU}=1)"
+            )
+        });
+        eprintln!("GPU tests on {} ({:?})", ctx.info.name, ctx.info.backend);
+        let kernels = Kernels::new(&ctx).unwrap_or_else(|e| panic!("compiling the shaders: {e:#}"));
+        (ctx, kernels)
+    }))
+}

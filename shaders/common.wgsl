@@ -1,0 +1,37 @@
+// Prepended to every shader of shaders/ by the host (src/gpu/kernel.rs) and by the naga test.
+//
+// Element-wise kernels run WG invocations per workgroup over a grid of (x, y) workgroups, because one
+// dispatch dimension stops at 65,535 workgroups; `flat_index` turns that grid back into one index.
+// Reduction kernels run one workgroup per output value and sum in a fixed tree order, so the same
+// inputs give bitwise-identical results on every run (no float atomics anywhere).
+
+const WG: u32 = 256u;
+
+fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * WG;
+}
+
+fn flat_group(wid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return wid.x + wid.y * nwg.x;
+}
+
+var<workgroup> red_a: array<f32, WG>;
+var<workgroup> red_b: array<f32, WG>;
+
+// Sums (a, b) over the workgroup's invocations in a fixed tree order; every invocation gets the totals.
+// Call from uniform control flow.
+fn workgroup_sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
+    red_a[lid] = a;
+    red_b[lid] = b;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            red_a[lid] += red_a[lid + s];
+            red_b[lid] += red_b[lid + s];
+        }
+        workgroupBarrier();
+    }
+    let total = vec2<f32>(red_a[0], red_b[0]);
+    workgroupBarrier();
+    return total;
+}

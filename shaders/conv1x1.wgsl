@@ -1,0 +1,76 @@
+// Convolution 1x1 (a per-pixel matrix product), no bias; NCHW activations of d.hw pixels per plane,
+// weights at state[d.w_off..] as cout x cin (their gradient at the same offset of grads).
+//
+// Entry points and dispatch shapes:
+//   forward          one invocation per output element (n * cout * hw)
+//   backward_data    one invocation per input element  (n * cin * hw)
+//   backward_weight  one workgroup per weight element  (cout * cin), WG invocations over (n, pixel)
+// Bindings: 0 dims (uniform), 1 x, 2 state, 3 dy, 4 out (y or dx), 5 grads.
+
+struct Dims {
+    n: u32, cin: u32, cout: u32, hw: u32,
+    w_off: u32, _p0: u32, _p1: u32, _p2: u32,
+}
+
+@group(0) @binding(0) var<uniform> d: Dims;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> state: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grads: array<f32>;
+
+@compute @workgroup_size(WG)
+fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= d.n * d.cout * d.hw) {
+        return;
+    }
+    let p = i % d.hw;
+    let co = (i / d.hw) % d.cout;
+    let b = i / (d.hw * d.cout);
+    var acc = 0.0;
+    for (var ci = 0u; ci < d.cin; ci++) {
+        acc += x[(b * d.cin + ci) * d.hw + p] * state[d.w_off + co * d.cin + ci];
+    }
+    out[i] = acc;
+}
+
+@compute @workgroup_size(WG)
+fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= d.n * d.cin * d.hw) {
+        return;
+    }
+    let p = i % d.hw;
+    let ci = (i / d.hw) % d.cin;
+    let b = i / (d.hw * d.cin);
+    var acc = 0.0;
+    for (var co = 0u; co < d.cout; co++) {
+        acc += dy[(b * d.cout + co) * d.hw + p] * state[d.w_off + co * d.cin + ci];
+    }
+    out[i] = acc;
+}
+
+@compute @workgroup_size(WG)
+fn backward_weight(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let k = flat_group(wid, nwg);
+    if (k >= d.cout * d.cin) {
+        return;
+    }
+    let ci = k % d.cin;
+    let co = k / d.cin;
+    var acc = 0.0;
+    for (var j = lid; j < d.n * d.hw; j += WG) {
+        let b = j / d.hw;
+        let p = j % d.hw;
+        acc += dy[(b * d.cout + co) * d.hw + p] * x[(b * d.cin + ci) * d.hw + p];
+    }
+    let total = workgroup_sum2(lid, acc, 0.0);
+    if (lid == 0u) {
+        grads[d.w_off + k] = total.x;
+    }
+}

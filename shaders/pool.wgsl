@@ -1,0 +1,86 @@
+// Max pooling 2x2 with stride 2 (even sizes), and global average pooling; NCHW, d.planes = n * c planes
+// of d.h x d.w inputs.
+//
+// Entry points and dispatch shapes:
+//   maxpool_forward   one invocation per output (planes * h/2 * w/2): the maximum, and in `argmax` its
+//                     place in the window (0..3, row-major; the first on ties, as PyTorch)
+//   maxpool_backward  one invocation per output: writes its whole window of dx (windows do not overlap)
+//   gap_forward       one invocation per plane: the mean of its h * w values, summed in order
+//   gap_backward      one invocation per input element: dx = dy[plane] / (h * w)
+// Bindings: 0 dims (uniform), 1 x (input, or dy for the backward entries), 2 out (y or dx), 3 argmax.
+
+struct Dims {
+    planes: u32, h: u32, w: u32, _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> d: Dims;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
+
+@compute @workgroup_size(WG)
+fn maxpool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    let wo = d.w / 2u;
+    let ho = d.h / 2u;
+    if (i >= d.planes * ho * wo) {
+        return;
+    }
+    let ox = i % wo;
+    let oy = (i / wo) % ho;
+    let p = i / (wo * ho);
+    let base = (p * d.h + 2u * oy) * d.w + 2u * ox;
+    var best = x[base];
+    var at = 0u;
+    for (var k = 1u; k < 4u; k++) {
+        let v = x[base + (k / 2u) * d.w + k % 2u];
+        if (v > best) {
+            best = v;
+            at = k;
+        }
+    }
+    out[i] = best;
+    argmax[i] = at;
+}
+
+@compute @workgroup_size(WG)
+fn maxpool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    let wo = d.w / 2u;
+    let ho = d.h / 2u;
+    if (i >= d.planes * ho * wo) {
+        return;
+    }
+    let ox = i % wo;
+    let oy = (i / wo) % ho;
+    let p = i / (wo * ho);
+    let base = (p * d.h + 2u * oy) * d.w + 2u * ox;
+    let at = argmax[i];
+    for (var k = 0u; k < 4u; k++) {
+        out[base + (k / 2u) * d.w + k % 2u] = select(0.0, x[i], k == at);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn gap_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let p = flat_index(gid, nwg);
+    if (p >= d.planes) {
+        return;
+    }
+    let hw = d.h * d.w;
+    var sum = 0.0;
+    for (var j = 0u; j < hw; j++) {
+        sum += x[p * hw + j];
+    }
+    out[p] = sum / f32(hw);
+}
+
+@compute @workgroup_size(WG)
+fn gap_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    let hw = d.h * d.w;
+    if (i >= d.planes * hw) {
+        return;
+    }
+    out[i] = x[i / hw] / f32(hw);
+}

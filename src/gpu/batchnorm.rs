@@ -1,0 +1,142 @@
+//! Launches shaders/batchnorm.wgsl (batchnorm with the following ReLU optionally fused).
+
+use anyhow::Result;
+use bytemuck::{Pod, Zeroable};
+
+use super::context::GpuContext;
+use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+
+/// Where one batchnorm layer's tensors live in the state (and gradient) buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct BnOffsets {
+    pub gamma: usize,
+    pub beta: usize,
+    pub running_mean: usize,
+    pub running_var: usize,
+}
+
+/// One batchnorm layer over a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct BnLayer {
+    pub n: usize,
+    pub c: usize,
+    pub hw: usize,
+    /// The ReLU that follows is fused in.
+    pub relu: bool,
+    pub offsets: BnOffsets,
+    pub momentum: f32,
+    pub eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Dims {
+    n: u32,
+    c: u32,
+    hw: u32,
+    relu: u32,
+    gamma_off: u32,
+    beta_off: u32,
+    mean_off: u32,
+    var_off: u32,
+    momentum: f32,
+    eps: f32,
+    _pad: [u32; 2],
+}
+
+fn dims(l: &BnLayer) -> Dims {
+    Dims {
+        n: l.n as u32,
+        c: l.c as u32,
+        hw: l.hw as u32,
+        relu: l.relu as u32,
+        gamma_off: l.offsets.gamma as u32,
+        beta_off: l.offsets.beta as u32,
+        mean_off: l.offsets.running_mean as u32,
+        var_off: l.offsets.running_var as u32,
+        momentum: l.momentum,
+        eps: l.eps,
+        _pad: [0; 2],
+    }
+}
+
+pub struct BatchNorm {
+    stats: Kernel,
+    apply_train: Kernel,
+    apply_eval: Kernel,
+    backward_reduce: Kernel,
+    backward_data: Kernel,
+}
+
+/// The buffers one batchnorm layer works on.
+pub struct BnBuffers<'a> {
+    /// The layer's input.
+    pub x: &'a wgpu::Buffer,
+    /// The layer's output (after the fused ReLU).
+    pub y: &'a wgpu::Buffer,
+    pub state: &'a wgpu::Buffer,
+    /// Batch mean then 1 / sqrt(var + eps), 2 * c values.
+    pub saved: &'a wgpu::Buffer,
+}
+
+impl BatchNorm {
+    pub fn new(ctx: &GpuContext) -> Result<BatchNorm> {
+        let mut k = compile(ctx, "batchnorm")?;
+        Ok(BatchNorm {
+            stats: take(&mut k, "stats"),
+            apply_train: take(&mut k, "apply_train"),
+            apply_eval: take(&mut k, "apply_eval"),
+            backward_reduce: take(&mut k, "backward_reduce"),
+            backward_data: take(&mut k, "backward_data"),
+        })
+    }
+
+    /// Training mode: batch statistics (and the running statistics update), then the normalization.
+    pub fn forward_train(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> [Dispatch; 2] {
+        let u = ctx.uniform("batchnorm dims", &dims(l));
+        let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y)];
+        [
+            self.stats.launch(ctx, l.c as u32, &all),
+            self.apply_train
+                .launch(ctx, groups_for(l.n * l.c * l.hw), &all),
+        ]
+    }
+
+    /// Evaluation mode: the running statistics.
+    pub fn forward_eval(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> Dispatch {
+        let u = ctx.uniform("batchnorm dims", &dims(l));
+        self.apply_eval.launch(
+            ctx,
+            groups_for(l.n * l.c * l.hw),
+            &[(0, &u), (1, b.x), (2, b.state), (4, b.y)],
+        )
+    }
+
+    /// dgamma, dbeta into `grads`, then dx, from dy (through the fused ReLU).
+    pub fn backward(
+        &self,
+        ctx: &GpuContext,
+        l: &BnLayer,
+        b: &BnBuffers,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+    ) -> [Dispatch; 2] {
+        let u = ctx.uniform("batchnorm dims", &dims(l));
+        let all = [
+            (0, &u),
+            (1, b.x),
+            (2, b.state),
+            (3, b.saved),
+            (4, dx),
+            (5, dy),
+            (6, grads),
+            (7, b.y),
+        ];
+        [
+            self.backward_reduce.launch(ctx, l.c as u32, &all),
+            self.backward_data
+                .launch(ctx, groups_for(l.n * l.c * l.hw), &all),
+        ]
+    }
+}

@@ -1,0 +1,236 @@
+//! Device setup through raw wgpu: list adapters, pick one, open a device with the adapter's own limits
+//! and the optional features we use, and move f32 data in and out. Nothing here assumes a backend.
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use wgpu::util::DeviceExt;
+
+/// What to install when there is no adapter at all.
+pub const INSTALL_HINT: &str = "no GPU adapter found. wgpu needs a Vulkan, Metal or DX12 driver; \
+on Linux without a GPU install Mesa's software Vulkan driver (lavapipe): \
+`sudo apt-get install -y mesa-vulkan-drivers`, and set XDG_RUNTIME_DIR=/tmp";
+
+/// One adapter as `adapters` lists it.
+#[derive(Debug, Clone)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub name: String,
+    pub backend: String,
+    pub device_type: String,
+    pub driver: String,
+}
+
+fn instance() -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+    desc.backends = wgpu::Backends::all();
+    wgpu::Instance::new(desc)
+}
+
+fn all_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+}
+
+fn summary(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
+    let info = a.get_info();
+    AdapterSummary {
+        index,
+        name: info.name,
+        backend: format!("{:?}", info.backend),
+        device_type: format!("{:?}", info.device_type),
+        driver: format!("{} {}", info.driver, info.driver_info)
+            .trim()
+            .to_string(),
+    }
+}
+
+/// Every adapter wgpu finds, in its order (the order `--adapter N` refers to).
+pub fn list_adapters() -> Vec<AdapterSummary> {
+    all_adapters(&instance())
+        .iter()
+        .enumerate()
+        .map(|(i, a)| summary(i, a))
+        .collect()
+}
+
+/// Prefer real GPUs: discrete, then integrated, then virtual, then software.
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+/// An open device and its queue.
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    /// Whether timestamp queries inside compute passes are available (per-kernel profiling).
+    pub timestamps: bool,
+}
+
+impl GpuContext {
+    /// Opens the adapter `choice` names (an index from `adapters`, or part of a name, case-insensitive),
+    /// or the best hardware adapter when `None`.
+    pub fn new(choice: Option<&str>) -> Result<GpuContext> {
+        let instance = instance();
+        let adapters = all_adapters(&instance);
+        if adapters.is_empty() {
+            bail!(INSTALL_HINT);
+        }
+        let adapter = match choice {
+            None => adapters
+                .iter()
+                .min_by_key(|a| rank(a.get_info().device_type))
+                .unwrap(),
+            Some(c) => {
+                let by_index = c.parse::<usize>().ok().and_then(|i| adapters.get(i));
+                let by_name = || {
+                    adapters
+                        .iter()
+                        .find(|a| a.get_info().name.to_lowercase().contains(&c.to_lowercase()))
+                };
+                by_index.or_else(by_name).ok_or_else(|| {
+                    let names: Vec<String> = adapters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| format!("{i}: {}", a.get_info().name))
+                        .collect();
+                    anyhow!(
+                        "no adapter matches --adapter {c:?}; the adapters are: {}",
+                        names.join(", ")
+                    )
+                })?
+            }
+        };
+        let info = adapter.get_info();
+        let wanted =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let features = adapter.features() & wanted;
+        let desc = wgpu::DeviceDescriptor {
+            label: Some("mnist-wgpu"),
+            required_features: features,
+            // The adapter's own limits: wgpu's defaults allow too few storage buffers per stage.
+            required_limits: adapter.limits(),
+            ..Default::default()
+        };
+        let (device, queue) =
+            pollster::block_on(adapter.request_device(&desc)).with_context(|| {
+                format!(
+                    "opening a device on adapter {} ({:?})",
+                    info.name, info.backend
+                )
+            })?;
+        log::info!(
+            "adapter: {} ({:?}, {:?})",
+            info.name,
+            info.backend,
+            info.device_type
+        );
+        Ok(GpuContext {
+            device,
+            queue,
+            timestamps: features.contains(wanted),
+            info,
+        })
+    }
+
+    /// True for a software adapter (lavapipe, WARP, SwiftShader): correct, but far too slow to train on.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// A storage buffer holding `data`, readable back and writable from the host.
+    pub fn upload<T: bytemuck::Pod>(&self, label: &str, data: &[T]) -> wgpu::Buffer {
+        // wgpu rejects zero-sized bindings; keep at least one element.
+        let bytes = bytemuck::cast_slice(data);
+        let padded;
+        let contents = if bytes.is_empty() {
+            padded = [0u8; 4];
+            &padded[..]
+        } else {
+            bytes
+        };
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    /// A zeroed storage buffer of `len` 4-byte elements.
+    pub fn zeros(&self, label: &str, len: usize) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: (len.max(1) * 4) as u64,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A uniform buffer holding `value`.
+    pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: bytemuck::bytes_of(value),
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            })
+    }
+
+    /// Copies the first `len` 4-byte elements of `buffer` back to the host (waits for the GPU).
+    pub fn read<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>> {
+        let size = (len * 4) as u64;
+        if size == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+        self.queue.submit([encoder.finish()]);
+        let slice = staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .context("waiting for the GPU")?;
+        rx.recv()
+            .context("readback callback dropped")?
+            .context("mapping a readback buffer")?;
+        let view = slice
+            .get_mapped_range()
+            .context("reading a mapped buffer")?;
+        let out = bytemuck::cast_slice(&view).to_vec();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+
+    /// Overwrites the start of `buffer` with `data`.
+    pub fn write<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, data: &[T]) {
+        self.queue
+            .write_buffer(buffer, 0, bytemuck::cast_slice(data));
+    }
+
+    /// Waits until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .context("waiting for the GPU")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+//! Launches shaders/dropout.wgsl.
+
+use anyhow::Result;
+use bytemuck::{Pod, Zeroable};
+
+use super::context::GpuContext;
+use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Dims {
+    len: u32,
+    threshold: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+pub struct Dropout {
+    apply: Kernel,
+}
+
+impl Dropout {
+    pub fn new(ctx: &GpuContext) -> Result<Dropout> {
+        Ok(Dropout {
+            apply: take(&mut compile(ctx, "dropout")?, "apply"),
+        })
+    }
+
+    /// out = x * mask, the mask drawn from the seed and step in the `step` uniform (see sgd::StepUniform).
+    pub fn apply(
+        &self,
+        ctx: &GpuContext,
+        len: usize,
+        p: f32,
+        step: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+    ) -> Dispatch {
+        let dims = Dims {
+            len: len as u32,
+            threshold: crate::model::dropout_threshold(p),
+            scale: 1.0 / (1.0 - p),
+            _pad: 0,
+        };
+        let u = ctx.uniform("dropout dims", &dims);
+        self.apply.launch(
+            ctx,
+            groups_for(len),
+            &[(0, &u), (1, step), (2, x), (3, out)],
+        )
+    }
+}

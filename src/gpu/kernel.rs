@@ -1,0 +1,186 @@
+//! Shader sources, their validation with naga, compute pipelines, and one recorded kernel launch.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Result};
+
+use super::context::GpuContext;
+
+/// Prepended to every shader: the grid index helpers and the fixed-order workgroup reduction.
+pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
+
+/// Every shader file of `shaders/` except the prelude, by name.
+pub const SHADERS: &[(&str, &str)] = &[
+    ("conv3x3", include_str!("../../shaders/conv3x3.wgsl")),
+    ("conv1x1", include_str!("../../shaders/conv1x1.wgsl")),
+    ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
+    ("pool", include_str!("../../shaders/pool.wgsl")),
+    ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("loss", include_str!("../../shaders/loss.wgsl")),
+    ("sgd", include_str!("../../shaders/sgd.wgsl")),
+];
+
+/// Invocations per workgroup of every kernel (WG in common.wgsl).
+pub const WG: u32 = 256;
+/// The most workgroups one dispatch dimension takes.
+const MAX_GROUPS: u32 = 65_535;
+
+/// The full source of a shader: the prelude, then the file.
+pub fn full_source(body: &str) -> String {
+    format!("{COMMON}\n{body}")
+}
+
+/// Parses and validates a shader with naga; the error names the file and the place.
+pub fn validate(name: &str, body: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
+    let source = full_source(body);
+    let path = format!("shaders/{name}.wgsl (after common.wgsl)");
+    let module = naga::front::wgsl::parse_str(&source)
+        .map_err(|e| anyhow!("{}", e.emit_to_string_with_path(&source, &path)))?;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .map_err(|e| anyhow!("{path}: {}", e.emit_to_string(&source)))?;
+    Ok((module, info))
+}
+
+/// A compiled entry point and the bindings it uses (its automatic bind group layout has exactly those).
+#[derive(Clone)]
+pub struct Kernel {
+    pub name: String,
+    pipeline: wgpu::ComputePipeline,
+    bindings: Vec<u32>,
+}
+
+/// All entry points of one shader file, by entry point name.
+pub fn compile(ctx: &GpuContext, name: &str) -> Result<BTreeMap<String, Kernel>> {
+    let body = SHADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .ok_or_else(|| anyhow!("no shader {name}"))?
+        .1;
+    let (module, info) = validate(name, body)?;
+    let shader = ctx
+        .device
+        .create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(name),
+            source: wgpu::ShaderSource::Wgsl(full_source(body).into()),
+        });
+    let mut kernels = BTreeMap::new();
+    for (index, entry) in module.entry_points.iter().enumerate() {
+        let uses = info.get_entry_point(index);
+        let bindings = module
+            .global_variables
+            .iter()
+            .filter(|(handle, _)| !uses[*handle].is_empty())
+            .filter_map(|(_, var)| var.binding.as_ref().map(|b| b.binding))
+            .collect();
+        let pipeline = ctx
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&format!("{name}.{}", entry.name)),
+                layout: None,
+                module: &shader,
+                entry_point: Some(&entry.name),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        let kernel = Kernel {
+            name: format!("{name}.{}", entry.name),
+            pipeline,
+            bindings,
+        };
+        kernels.insert(entry.name.clone(), kernel);
+    }
+    Ok(kernels)
+}
+
+/// Takes one entry point out of a compiled shader file.
+pub fn take(kernels: &mut BTreeMap<String, Kernel>, entry: &str) -> Kernel {
+    kernels
+        .remove(entry)
+        .unwrap_or_else(|| panic!("shader has no entry point {entry}"))
+}
+
+/// One recorded kernel launch: a pipeline, its bind group and the workgroup grid.
+pub struct Dispatch {
+    pub label: String,
+    pipeline: wgpu::ComputePipeline,
+    bind_group: wgpu::BindGroup,
+    groups: (u32, u32),
+}
+
+impl Kernel {
+    /// A launch of this kernel over `groups` workgroups, binding the buffers it uses among `buffers`
+    /// (binding number, buffer); a file's kernels can so all be given the file's whole binding list.
+    pub fn launch(
+        &self,
+        ctx: &GpuContext,
+        groups: u32,
+        buffers: &[(u32, &wgpu::Buffer)],
+    ) -> Dispatch {
+        let entries: Vec<wgpu::BindGroupEntry> = self
+            .bindings
+            .iter()
+            .map(|&b| {
+                let buffer = buffers
+                    .iter()
+                    .find(|(n, _)| *n == b)
+                    .unwrap_or_else(|| panic!("{}: no buffer given for binding {b}", self.name))
+                    .1;
+                wgpu::BindGroupEntry {
+                    binding: b,
+                    resource: buffer.as_entire_binding(),
+                }
+            })
+            .collect();
+        let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.name),
+            layout: &self.pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        Dispatch {
+            label: self.name.clone(),
+            pipeline: self.pipeline.clone(),
+            bind_group,
+            groups: grid(groups),
+        }
+    }
+}
+
+/// Workgroups for one invocation per element of `len` elements.
+pub fn groups_for(len: usize) -> u32 {
+    (len as u32).div_ceil(WG)
+}
+
+/// Spreads `groups` workgroups over (x, y) so that neither exceeds the per-dimension limit; the
+/// shaders' flat_index / flat_group undo it, and skip the few extra groups it may add.
+fn grid(groups: u32) -> (u32, u32) {
+    if groups <= MAX_GROUPS {
+        (groups.max(1), 1)
+    } else {
+        let y = groups.div_ceil(MAX_GROUPS);
+        (groups.div_ceil(y), y)
+    }
+}
+
+impl Dispatch {
+    pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+    }
+}
+
+/// Records `dispatches` in order into one compute pass of one encoder and submits it.
+pub fn run(ctx: &GpuContext, dispatches: &[&Dispatch]) {
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        for d in dispatches {
+            d.record(&mut pass);
+        }
+    }
+    ctx.queue.submit([encoder.finish()]);
+}

@@ -1,0 +1,18 @@
+//! The GPU backend: raw wgpu device setup, one launcher per shader of `shaders/` (named after it),
+//! and the executor of the model description. Depends on `model`; nothing depends on it but the
+//! trainer and the CLI.
+
+pub mod batchnorm;
+pub mod context;
+pub mod conv1x1;
+pub mod conv3x3;
+pub mod dropout;
+pub mod kernel;
+pub mod loss;
+pub mod net;
+pub mod pool;
+pub mod sgd;
+
+pub use context::{list_adapters, GpuContext, INSTALL_HINT};
+pub use net::{GpuNet, Kernels, Metrics};
+pub use sgd::StepUniform;

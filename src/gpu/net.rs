@@ -1,0 +1,516 @@
+//! The GPU executor of the model description. For a batch size it allocates every buffer once
+//! (parameters and running statistics, gradients and momenta each in one buffer; one buffer per
+//! activation) and records the forward, loss, backward and SGD launches once; a training step then
+//! writes the batch and the step's uniform, and submits all of it in one compute pass of one encoder.
+//! Nothing is read back unless asked.
+
+use anyhow::{bail, Result};
+
+use super::batchnorm::{BatchNorm, BnBuffers, BnLayer, BnOffsets};
+use super::context::GpuContext;
+use super::conv1x1::Conv1x1;
+use super::conv3x3::Conv3x3;
+use super::dropout::Dropout;
+use super::kernel::Dispatch;
+use super::loss::Loss;
+use super::pool::Pool;
+use super::sgd::{Sgd, StepUniform};
+use crate::model::{ConvDims, Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
+
+/// Every shader's kernels, compiled once per device.
+pub struct Kernels {
+    pub conv3x3: Conv3x3,
+    pub conv1x1: Conv1x1,
+    pub batchnorm: BatchNorm,
+    pub pool: Pool,
+    pub dropout: Dropout,
+    pub loss: Loss,
+    pub sgd: Sgd,
+}
+
+impl Kernels {
+    pub fn new(ctx: &GpuContext) -> Result<Kernels> {
+        Ok(Kernels {
+            conv3x3: Conv3x3::new(ctx)?,
+            conv1x1: Conv1x1::new(ctx)?,
+            batchnorm: BatchNorm::new(ctx)?,
+            pool: Pool::new(ctx)?,
+            dropout: Dropout::new(ctx)?,
+            loss: Loss::new(ctx)?,
+            sgd: Sgd::new(ctx)?,
+        })
+    }
+}
+
+/// Loss sum and correct count of a batch, as the loss kernel leaves them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Metrics {
+    pub loss_sum: f32,
+    pub correct: u32,
+}
+
+pub struct GpuNet {
+    pub model: Model,
+    pub batch: usize,
+    pub state: wgpu::Buffer,
+    pub grads: wgpu::Buffer,
+    pub momenta: wgpu::Buffer,
+    input: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    metrics: wgpu::Buffer,
+    step: wgpu::Buffer,
+    /// Per layer: index into `activations` of its output (a fused ReLU shares its batchnorm's).
+    output_of: Vec<usize>,
+    activations: Vec<wgpu::Buffer>,
+    forward_train: Vec<Dispatch>,
+    forward_eval: Vec<Dispatch>,
+    loss_train: Dispatch,
+    loss_eval: Dispatch,
+    backward: Vec<Dispatch>,
+    update: Dispatch,
+}
+
+/// Whether layer `i` is a ReLU folded into the batchnorm before it.
+fn fused_relu(model: &Model, i: usize) -> bool {
+    matches!(model.layers[i], Layer::Relu)
+        && i > 0
+        && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
+}
+
+impl GpuNet {
+    /// Buffers and launches for batches of `batch` images, parameters from `state`.
+    pub fn new(
+        ctx: &GpuContext,
+        k: &Kernels,
+        model: &Model,
+        batch: usize,
+        state: &[f32],
+    ) -> Result<GpuNet> {
+        assert_eq!(state.len(), model.num_state, "state buffer length");
+        let n = batch;
+        let classes = model.output_classes();
+        let state_buf = ctx.upload("state", state);
+        let grads = ctx.zeros("grads", model.num_trainable);
+        let momenta = ctx.zeros("momenta", model.num_trainable);
+        let input = ctx.zeros("input", n * model.input.len());
+        let labels = ctx.zeros("labels", n);
+        let metrics = ctx.zeros("metrics", 2);
+        let step = ctx.uniform("step", &StepUniform::default());
+
+        let mut activations = Vec::new();
+        let mut output_of = Vec::new();
+        for (i, shape) in model.shapes.iter().enumerate() {
+            if fused_relu(model, i) {
+                output_of.push(output_of[i - 1]);
+            } else {
+                if matches!(model.layers[i], Layer::Relu) {
+                    bail!("layer {i}: the GPU backend runs a ReLU only fused into the batchnorm before it");
+                }
+                activations.push(ctx.zeros(&format!("layer {i} output"), n * shape.len()));
+                output_of.push(activations.len() - 1);
+            }
+        }
+        let largest = (0..model.layers.len())
+            .map(|i| model.input_of(i).len().max(model.shapes[i].len()))
+            .max()
+            .unwrap_or(0);
+        let grad_a = ctx.zeros("gradient A", n * largest);
+        let grad_b = ctx.zeros("gradient B", n * largest);
+
+        let input_of = |i: usize| {
+            if i == 0 {
+                &input
+            } else {
+                &activations[output_of[i - 1]]
+            }
+        };
+        let bn_layer = |i: usize, c: usize, p: LayerParams| -> BnLayer {
+            let LayerParams::BatchNorm {
+                weight,
+                bias,
+                running_mean,
+                running_var,
+            } = p
+            else {
+                unreachable!("batchnorm without its parameters")
+            };
+            let s = model.input_of(i);
+            BnLayer {
+                n,
+                c,
+                hw: s.h * s.w,
+                relu: i + 1 < model.layers.len() && fused_relu(model, i + 1),
+                offsets: BnOffsets {
+                    gamma: model.params[weight].offset,
+                    beta: model.params[bias].offset,
+                    running_mean: model.params[running_mean].offset,
+                    running_var: model.params[running_var].offset,
+                },
+                momentum: BN_MOMENTUM,
+                eps: BN_EPS,
+            }
+        };
+
+        // Per-layer extra buffers: batchnorm statistics, max-pool winners.
+        let mut saved: Vec<Option<wgpu::Buffer>> = Vec::new();
+        for (i, layer) in model.layers.iter().enumerate() {
+            saved.push(match layer {
+                Layer::BatchNorm { c, .. } => {
+                    Some(ctx.zeros(&format!("layer {i} batch statistics"), 2 * c))
+                }
+                Layer::MaxPool2 => {
+                    Some(ctx.zeros(&format!("layer {i} argmax"), n * model.shapes[i].len()))
+                }
+                _ => None,
+            });
+        }
+
+        let mut forward_train = Vec::new();
+        let mut forward_eval = Vec::new();
+        for (i, layer) in model.layers.iter().enumerate() {
+            let (x, y) = (input_of(i), &activations[output_of[i]]);
+            let sin = model.input_of(i);
+            match (layer, model.layer_params[i]) {
+                (
+                    &Layer::Conv {
+                        cin,
+                        cout,
+                        k: ksize,
+                        pad,
+                        ..
+                    },
+                    LayerParams::Conv { weight },
+                ) => {
+                    let d = ConvDims {
+                        n,
+                        cin,
+                        h: sin.h,
+                        w: sin.w,
+                        cout,
+                        k: ksize,
+                        pad,
+                    };
+                    let w_off = model.params[weight].offset;
+                    for list in [&mut forward_train, &mut forward_eval] {
+                        list.push(match ksize {
+                            3 => k.conv3x3.forward(ctx, &d, w_off, x, &state_buf, y),
+                            1 => k.conv1x1.forward(ctx, &d, w_off, x, &state_buf, y),
+                            _ => bail!("layer {i}: no GPU kernel for {ksize}x{ksize} convolutions"),
+                        });
+                    }
+                }
+                (&Layer::BatchNorm { c, .. }, p) => {
+                    let l = bn_layer(i, c, p);
+                    let b = BnBuffers {
+                        x,
+                        y,
+                        state: &state_buf,
+                        saved: saved[i].as_ref().unwrap(),
+                    };
+                    forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
+                    forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &b));
+                }
+                (Layer::Relu, _) => {} // fused into the batchnorm before it
+                (&Layer::Dropout { p }, _) => {
+                    let len = n * sin.len();
+                    forward_train.push(k.dropout.apply(ctx, len, p, &step, x, y));
+                    forward_eval.push(k.dropout.apply(ctx, len, 0.0, &step, x, y));
+                }
+                (Layer::MaxPool2, _) => {
+                    let argmax = saved[i].as_ref().unwrap();
+                    for list in [&mut forward_train, &mut forward_eval] {
+                        list.push(k.pool.maxpool_forward(
+                            ctx,
+                            n * sin.c,
+                            sin.h,
+                            sin.w,
+                            x,
+                            y,
+                            argmax,
+                        ));
+                    }
+                }
+                (Layer::GlobalAvgPool, _) => {
+                    for list in [&mut forward_train, &mut forward_eval] {
+                        list.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y));
+                    }
+                }
+                (layer, p) => unreachable!("layer {layer:?} with parameters {p:?}"),
+            }
+        }
+
+        let logits = &activations[*output_of.last().unwrap()];
+        let loss_train = k
+            .loss
+            .softmax_cross_entropy(ctx, n, classes, false, logits, &labels, &grad_a, &metrics);
+        // Evaluation adds batch after batch into the metrics; its dlogits go unused.
+        let loss_eval = k
+            .loss
+            .softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, &metrics);
+
+        // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
+        let mut backward = Vec::new();
+        let (mut cur, mut other) = (&grad_a, &grad_b);
+        for i in (0..model.layers.len()).rev() {
+            let (x, y) = (input_of(i), &activations[output_of[i]]);
+            let sin = model.input_of(i);
+            match (&model.layers[i], model.layer_params[i]) {
+                (
+                    &Layer::Conv {
+                        cin,
+                        cout,
+                        k: ksize,
+                        pad,
+                        ..
+                    },
+                    LayerParams::Conv { weight },
+                ) => {
+                    let d = ConvDims {
+                        n,
+                        cin,
+                        h: sin.h,
+                        w: sin.w,
+                        cout,
+                        k: ksize,
+                        pad,
+                    };
+                    let w_off = model.params[weight].offset;
+                    if ksize == 3 {
+                        backward.push(k.conv3x3.backward_weight(ctx, &d, w_off, x, cur, &grads));
+                        if i > 0 {
+                            backward.push(
+                                k.conv3x3
+                                    .backward_data(ctx, &d, w_off, cur, &state_buf, other),
+                            );
+                        }
+                    } else {
+                        backward.push(k.conv1x1.backward_weight(ctx, &d, w_off, x, cur, &grads));
+                        if i > 0 {
+                            backward.push(
+                                k.conv1x1
+                                    .backward_data(ctx, &d, w_off, cur, &state_buf, other),
+                            );
+                        }
+                    }
+                }
+                (&Layer::BatchNorm { c, .. }, p) => {
+                    let l = bn_layer(i, c, p);
+                    let b = BnBuffers {
+                        x,
+                        y,
+                        state: &state_buf,
+                        saved: saved[i].as_ref().unwrap(),
+                    };
+                    backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, &grads));
+                }
+                (Layer::Relu, _) => continue, // inside the batchnorm's backward
+                (&Layer::Dropout { p }, _) => {
+                    backward.push(k.dropout.apply(ctx, n * sin.len(), p, &step, cur, other))
+                }
+                (Layer::MaxPool2, _) => {
+                    let argmax = saved[i].as_ref().unwrap();
+                    backward.push(k.pool.maxpool_backward(
+                        ctx,
+                        n * sin.c,
+                        sin.h,
+                        sin.w,
+                        cur,
+                        argmax,
+                        other,
+                    ));
+                }
+                (Layer::GlobalAvgPool, _) => {
+                    backward.push(
+                        k.pool
+                            .gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other),
+                    )
+                }
+                (layer, p) => unreachable!("layer {layer:?} with parameters {p:?}"),
+            }
+            std::mem::swap(&mut cur, &mut other);
+        }
+        let update = k.sgd.update(
+            ctx,
+            model.num_trainable,
+            &step,
+            &state_buf,
+            &grads,
+            &momenta,
+        );
+
+        Ok(GpuNet {
+            model: model.clone(),
+            batch,
+            state: state_buf,
+            grads,
+            momenta,
+            input,
+            labels,
+            metrics,
+            step,
+            output_of,
+            activations,
+            forward_train,
+            forward_eval,
+            loss_train,
+            loss_eval,
+            backward,
+            update,
+        })
+    }
+
+    fn write_batch(&self, ctx: &GpuContext, input: &[f32], labels: &[u8]) {
+        assert_eq!(
+            labels.len(),
+            self.batch,
+            "this GpuNet runs batches of {}",
+            self.batch
+        );
+        assert_eq!(
+            input.len(),
+            self.batch * self.model.input.len(),
+            "input length"
+        );
+        ctx.write(&self.input, input);
+        let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+        ctx.write(&self.labels, &labels);
+    }
+
+    /// Records and submits `groups` of launches in one compute pass of one encoder.
+    fn submit(&self, ctx: &GpuContext, groups: &[&[Dispatch]]) {
+        let all: Vec<&Dispatch> = groups.iter().flat_map(|g| g.iter()).collect();
+        super::kernel::run(ctx, &all);
+    }
+
+    /// One training step: forward (training mode), loss, backward, SGD update, all on the GPU.
+    /// Reads back the batch's loss and correct count only when `read_metrics`.
+    pub fn train_step(
+        &self,
+        ctx: &GpuContext,
+        input: &[f32],
+        labels: &[u8],
+        step: StepUniform,
+        read_metrics: bool,
+    ) -> Result<Option<Metrics>> {
+        self.write_batch(ctx, input, labels);
+        ctx.write(&self.step, &[step]);
+        self.submit(
+            ctx,
+            &[
+                &self.forward_train,
+                std::slice::from_ref(&self.loss_train),
+                &self.backward,
+                std::slice::from_ref(&self.update),
+            ],
+        );
+        if read_metrics {
+            Ok(Some(self.metrics(ctx)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Forward (training mode) and loss only: gradients and the update are not run. For tests that
+    /// look at one stage at a time.
+    pub fn forward_train_only(
+        &self,
+        ctx: &GpuContext,
+        input: &[f32],
+        labels: &[u8],
+        step: StepUniform,
+    ) {
+        self.write_batch(ctx, input, labels);
+        ctx.write(&self.step, &[step]);
+        self.submit(
+            ctx,
+            &[&self.forward_train, std::slice::from_ref(&self.loss_train)],
+        );
+    }
+
+    /// Forward, loss and backward (training mode), without the update.
+    pub fn gradients_only(
+        &self,
+        ctx: &GpuContext,
+        input: &[f32],
+        labels: &[u8],
+        step: StepUniform,
+    ) {
+        self.write_batch(ctx, input, labels);
+        ctx.write(&self.step, &[step]);
+        self.submit(
+            ctx,
+            &[
+                &self.forward_train,
+                std::slice::from_ref(&self.loss_train),
+                &self.backward,
+            ],
+        );
+    }
+
+    /// Clears the metrics that `evaluate_batch` adds into.
+    pub fn reset_metrics(&self, ctx: &GpuContext) {
+        ctx.write(&self.metrics, &[0.0f32, 0.0]);
+    }
+
+    /// Evaluation-mode forward pass and loss of a batch, added into the metrics (no readback).
+    pub fn evaluate_batch(&self, ctx: &GpuContext, input: &[f32], labels: &[u8]) {
+        self.write_batch(ctx, input, labels);
+        self.submit(
+            ctx,
+            &[&self.forward_eval, std::slice::from_ref(&self.loss_eval)],
+        );
+    }
+
+    pub fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
+        let m: Vec<f32> = ctx.read(&self.metrics, 2)?;
+        Ok(Metrics {
+            loss_sum: m[0],
+            correct: m[1] as u32,
+        })
+    }
+
+    pub fn read_state(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.state, self.model.num_state)
+    }
+
+    pub fn write_state(&self, ctx: &GpuContext, state: &[f32]) {
+        assert_eq!(state.len(), self.model.num_state);
+        ctx.write(&self.state, state);
+    }
+
+    pub fn read_grads(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.grads, self.model.num_trainable)
+    }
+
+    pub fn read_momenta(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.momenta, self.model.num_trainable)
+    }
+
+    pub fn write_momenta(&self, ctx: &GpuContext, momenta: &[f32]) {
+        assert_eq!(momenta.len(), self.model.num_trainable);
+        ctx.write(&self.momenta, momenta);
+    }
+
+    /// The output of layer `i` of the last forward pass (for a fused ReLU, the batchnorm's buffer,
+    /// which holds the ReLU's output).
+    pub fn read_output(&self, ctx: &GpuContext, i: usize) -> Result<Vec<f32>> {
+        ctx.read(
+            &self.activations[self.output_of[i]],
+            self.batch * self.model.shapes[i].len(),
+        )
+    }
+
+    pub fn read_logits(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        self.read_output(ctx, self.model.layers.len() - 1)
+    }
+
+    /// Every launch of a training step, in order, for profiling.
+    pub fn train_dispatches(&self) -> Vec<&Dispatch> {
+        self.forward_train
+            .iter()
+            .chain(std::iter::once(&self.loss_train))
+            .chain(&self.backward)
+            .chain(std::iter::once(&self.update))
+            .collect()
+    }
+}

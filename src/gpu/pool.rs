@@ -1,0 +1,110 @@
+//! Launches shaders/pool.wgsl: max pooling 2x2 and global average pooling.
+
+use anyhow::Result;
+use bytemuck::{Pod, Zeroable};
+
+use super::context::GpuContext;
+use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Dims {
+    planes: u32,
+    h: u32,
+    w: u32,
+    _pad: u32,
+}
+
+pub struct Pool {
+    maxpool_forward: Kernel,
+    maxpool_backward: Kernel,
+    gap_forward: Kernel,
+    gap_backward: Kernel,
+}
+
+impl Pool {
+    pub fn new(ctx: &GpuContext) -> Result<Pool> {
+        let mut k = compile(ctx, "pool")?;
+        Ok(Pool {
+            maxpool_forward: take(&mut k, "maxpool_forward"),
+            maxpool_backward: take(&mut k, "maxpool_backward"),
+            gap_forward: take(&mut k, "gap_forward"),
+            gap_backward: take(&mut k, "gap_backward"),
+        })
+    }
+
+    fn dims(ctx: &GpuContext, planes: usize, h: usize, w: usize) -> wgpu::Buffer {
+        ctx.uniform(
+            "pool dims",
+            &Dims {
+                planes: planes as u32,
+                h: h as u32,
+                w: w as u32,
+                _pad: 0,
+            },
+        )
+    }
+
+    /// `planes` planes of h x w into h/2 x w/2, with the winner of each window in `argmax`.
+    pub fn maxpool_forward(
+        &self,
+        ctx: &GpuContext,
+        planes: usize,
+        h: usize,
+        w: usize,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        argmax: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = Self::dims(ctx, planes, h, w);
+        self.maxpool_forward.launch(
+            ctx,
+            groups_for(planes * h * w / 4),
+            &[(0, &u), (1, x), (2, y), (3, argmax)],
+        )
+    }
+
+    pub fn maxpool_backward(
+        &self,
+        ctx: &GpuContext,
+        planes: usize,
+        h: usize,
+        w: usize,
+        dy: &wgpu::Buffer,
+        argmax: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = Self::dims(ctx, planes, h, w);
+        self.maxpool_backward.launch(
+            ctx,
+            groups_for(planes * h * w / 4),
+            &[(0, &u), (1, dy), (2, dx), (3, argmax)],
+        )
+    }
+
+    pub fn gap_forward(
+        &self,
+        ctx: &GpuContext,
+        planes: usize,
+        hw: usize,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = Self::dims(ctx, planes, hw, 1);
+        self.gap_forward
+            .launch(ctx, groups_for(planes), &[(0, &u), (1, x), (2, y)])
+    }
+
+    pub fn gap_backward(
+        &self,
+        ctx: &GpuContext,
+        planes: usize,
+        hw: usize,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = Self::dims(ctx, planes, hw, 1);
+        self.gap_backward
+            .launch(ctx, groups_for(planes * hw), &[(0, &u), (1, dy), (2, dx)])
+    }
+}

@@ -1,0 +1,62 @@
+//! Launches shaders/sgd.wgsl, and defines the per-step uniform it shares with dropout.wgsl.
+
+use anyhow::Result;
+use bytemuck::{Pod, Zeroable};
+
+use super::context::GpuContext;
+use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+
+/// What changes every step: written with one small queue write before the step is submitted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
+pub struct StepUniform {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub dropout_seed: u32,
+    pub dropout_step: u32,
+    pub _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Dims {
+    len: u32,
+    _pad: [u32; 3],
+}
+
+pub struct Sgd {
+    update: Kernel,
+}
+
+impl Sgd {
+    pub fn new(ctx: &GpuContext) -> Result<Sgd> {
+        Ok(Sgd {
+            update: take(&mut compile(ctx, "sgd")?, "update"),
+        })
+    }
+
+    /// The update of the first `len` values of `state` (the trainable prefix).
+    pub fn update(
+        &self,
+        ctx: &GpuContext,
+        len: usize,
+        step: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+        momenta: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = ctx.uniform(
+            "sgd dims",
+            &Dims {
+                len: len as u32,
+                _pad: [0; 3],
+            },
+        );
+        self.update.launch(
+            ctx,
+            groups_for(len),
+            &[(0, &u), (1, step), (2, state), (3, grads), (4, momenta)],
+        )
+    }
+}
