@@ -4,7 +4,8 @@
 //
 // Entry point and dispatch shape:
 //   apply  one invocation per element (d.len): out = x * mask  (forward: x -> y; backward: dy -> dx)
-// Bindings: 0 dims (uniform), 1 step (uniform: seed and step), 2 x, 3 out.
+// With s.dropout_on == 0 (the PyTorch fixture's steps) it is the identity.
+// Bindings: 0 dims (uniform), 1 step (uniform: seed, step, dropout_on), 2 x, 3 out.
 
 struct Dims {
     len: u32, threshold: u32, scale: f32, _p0: u32,
@@ -12,7 +13,7 @@ struct Dims {
 
 struct Step {
     lr: f32, momentum: f32, weight_decay: f32, seed: u32,
-    step: u32, _p0: u32, _p1: u32, _p2: u32,
+    step: u32, dropout_on: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -38,6 +39,10 @@ fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
 fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
     if (i >= d.len) {
+        return;
+    }
+    if (s.dropout_on == 0u) {
+        out[i] = x[i];
         return;
     }
     let keep = dropout_hash(s.seed, s.step, i) >= d.threshold;

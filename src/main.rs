@@ -17,6 +17,9 @@ struct Cli {
 enum Command {
     /// Print the network: one row per layer with its output shape and parameter count.
     Summary,
+    /// List every GPU adapter wgpu finds (index, name, backend, device type); `--adapter` takes the
+    /// index or part of the name.
+    Adapters,
     /// Load and check a data folder, and print what it holds.
     Data {
         /// A folder with the four standard MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
@@ -36,6 +39,22 @@ fn main() {
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Summary => print!("{}", Model::net3().summary()),
+        Command::Adapters => {
+            let adapters = mnist_wgpu::gpu::list_adapters();
+            if adapters.is_empty() {
+                anyhow::bail!(mnist_wgpu::gpu::INSTALL_HINT);
+            }
+            println!(
+                "{:<6}{:<40}{:<9}{:<15}driver",
+                "index", "name", "backend", "type"
+            );
+            for a in adapters {
+                println!(
+                    "{:<6}{:<40}{:<9}{:<15}{}",
+                    a.index, a.name, a.backend, a.device_type, a.driver
+                );
+            }
+        }
         Command::Data { data } => {
             let dir = data.unwrap_or_else(data::default_dir);
             let set = data::load_dir(&dir)?;

@@ -19,14 +19,15 @@ pub struct AdapterSummary {
     pub driver: String,
 }
 
+/// All backends, unless wgpu's own environment variables (WGPU_BACKEND=vulkan,metal,dx12,gl, ...) narrow them.
 fn instance() -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = wgpu::Backends::all();
-    wgpu::Instance::new(desc)
+    wgpu::Instance::new(desc.with_env())
 }
 
 fn all_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
-    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all().with_env()))
 }
 
 fn summary(index: usize, a: &wgpu::Adapter) -> AdapterSummary {

@@ -221,9 +221,7 @@ impl GpuNet {
                     for list in [&mut forward_train, &mut forward_eval] {
                         list.push(k.pool.maxpool_forward(
                             ctx,
-                            n * sin.c,
-                            sin.h,
-                            sin.w,
+                            (n * sin.c, sin.h, sin.w),
                             x,
                             y,
                             argmax,
@@ -311,9 +309,7 @@ impl GpuNet {
                     let argmax = saved[i].as_ref().unwrap();
                     backward.push(k.pool.maxpool_backward(
                         ctx,
-                        n * sin.c,
-                        sin.h,
-                        sin.w,
+                        (n * sin.c, sin.h, sin.w),
                         cur,
                         argmax,
                         other,

@@ -45,13 +45,11 @@ impl Pool {
         )
     }
 
-    /// `planes` planes of h x w into h/2 x w/2, with the winner of each window in `argmax`.
+    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, with the winner of each window in `argmax`.
     pub fn maxpool_forward(
         &self,
         ctx: &GpuContext,
-        planes: usize,
-        h: usize,
-        w: usize,
+        (planes, h, w): (usize, usize, usize),
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         argmax: &wgpu::Buffer,
@@ -67,9 +65,7 @@ impl Pool {
     pub fn maxpool_backward(
         &self,
         ctx: &GpuContext,
-        planes: usize,
-        h: usize,
-        w: usize,
+        (planes, h, w): (usize, usize, usize),
         dy: &wgpu::Buffer,
         argmax: &wgpu::Buffer,
         dx: &wgpu::Buffer,

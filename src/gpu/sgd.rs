@@ -15,7 +15,9 @@ pub struct StepUniform {
     pub weight_decay: f32,
     pub dropout_seed: u32,
     pub dropout_step: u32,
-    pub _pad: [u32; 3],
+    /// 0: dropout layers are the identity in this step; 1: masks from (dropout_seed, dropout_step).
+    pub dropout_on: u32,
+    pub _pad: [u32; 2],
 }
 
 #[repr(C)]
