@@ -49,16 +49,36 @@ pub struct Metrics {
     pub correct: u32,
 }
 
-pub struct GpuNet {
-    pub model: Model,
-    pub batch: usize,
+/// The buffers every batch size's executor shares: parameters and running statistics, gradients and
+/// momenta (each one buffer), the metrics the loss kernel adds into, and the per-step uniform.
+#[derive(Clone)]
+pub struct SharedBuffers {
     pub state: wgpu::Buffer,
     pub grads: wgpu::Buffer,
     pub momenta: wgpu::Buffer,
+    pub metrics: wgpu::Buffer,
+    pub step: wgpu::Buffer,
+}
+
+impl SharedBuffers {
+    pub fn new(ctx: &GpuContext, model: &Model, state: &[f32]) -> SharedBuffers {
+        assert_eq!(state.len(), model.num_state, "state buffer length");
+        SharedBuffers {
+            state: ctx.upload("state", state),
+            grads: ctx.zeros("grads", model.num_trainable),
+            momenta: ctx.zeros("momenta", model.num_trainable),
+            metrics: ctx.zeros("metrics", 2),
+            step: ctx.uniform("step", &StepUniform::default()),
+        }
+    }
+}
+
+pub struct GpuNet {
+    pub model: Model,
+    pub batch: usize,
+    pub shared: SharedBuffers,
     input: wgpu::Buffer,
     labels: wgpu::Buffer,
-    metrics: wgpu::Buffer,
-    step: wgpu::Buffer,
     /// Per layer: index into `activations` of its output (a fused ReLU shares its batchnorm's).
     output_of: Vec<usize>,
     activations: Vec<wgpu::Buffer>,
@@ -79,23 +99,18 @@ fn fused_relu(model: &Model, i: usize) -> bool {
 
 impl GpuNet {
     /// Buffers and launches for batches of `batch` images, parameters from `state`.
-    pub fn new(
-        ctx: &GpuContext,
-        k: &Kernels,
-        model: &Model,
-        batch: usize,
-        state: &[f32],
-    ) -> Result<GpuNet> {
-        assert_eq!(state.len(), model.num_state, "state buffer length");
+    pub fn new(ctx: &GpuContext, k: &Kernels, model: &Model, batch: usize, state: &[f32]) -> Result<GpuNet> {
+        GpuNet::with_shared(ctx, k, model, batch, SharedBuffers::new(ctx, model, state))
+    }
+
+    /// Buffers and launches for batches of `batch` images over existing parameter buffers (so that
+    /// executors of several batch sizes train and evaluate one model).
+    pub fn with_shared(ctx: &GpuContext, k: &Kernels, model: &Model, batch: usize, shared: SharedBuffers) -> Result<GpuNet> {
         let n = batch;
         let classes = model.output_classes();
-        let state_buf = ctx.upload("state", state);
-        let grads = ctx.zeros("grads", model.num_trainable);
-        let momenta = ctx.zeros("momenta", model.num_trainable);
+        let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
-        let metrics = ctx.zeros("metrics", 2);
-        let step = ctx.uniform("step", &StepUniform::default());
 
         let mut activations = Vec::new();
         let mut output_of = Vec::new();
@@ -193,8 +208,8 @@ impl GpuNet {
                     let w_off = model.params[weight].offset;
                     for list in [&mut forward_train, &mut forward_eval] {
                         list.push(match ksize {
-                            3 => k.conv3x3.forward(ctx, &d, w_off, x, &state_buf, y),
-                            1 => k.conv1x1.forward(ctx, &d, w_off, x, &state_buf, y),
+                            3 => k.conv3x3.forward(ctx, &d, w_off, x, state_buf, y),
+                            1 => k.conv1x1.forward(ctx, &d, w_off, x, state_buf, y),
                             _ => bail!("layer {i}: no GPU kernel for {ksize}x{ksize} convolutions"),
                         });
                     }
@@ -204,7 +219,7 @@ impl GpuNet {
                     let b = BnBuffers {
                         x,
                         y,
-                        state: &state_buf,
+                        state: state_buf,
                         saved: saved[i].as_ref().unwrap(),
                     };
                     forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
@@ -213,8 +228,8 @@ impl GpuNet {
                 (Layer::Relu, _) => {} // fused into the batchnorm before it
                 (&Layer::Dropout { p }, _) => {
                     let len = n * sin.len();
-                    forward_train.push(k.dropout.apply(ctx, len, p, &step, x, y));
-                    forward_eval.push(k.dropout.apply(ctx, len, 0.0, &step, x, y));
+                    forward_train.push(k.dropout.apply(ctx, len, p, step, x, y));
+                    forward_eval.push(k.dropout.apply(ctx, len, 0.0, step, x, y));
                 }
                 (Layer::MaxPool2, _) => {
                     let argmax = saved[i].as_ref().unwrap();
@@ -274,19 +289,19 @@ impl GpuNet {
                     };
                     let w_off = model.params[weight].offset;
                     if ksize == 3 {
-                        backward.push(k.conv3x3.backward_weight(ctx, &d, w_off, x, cur, &grads));
+                        backward.push(k.conv3x3.backward_weight(ctx, &d, w_off, x, cur, grads));
                         if i > 0 {
                             backward.push(
                                 k.conv3x3
-                                    .backward_data(ctx, &d, w_off, cur, &state_buf, other),
+                                    .backward_data(ctx, &d, w_off, cur, state_buf, other),
                             );
                         }
                     } else {
-                        backward.push(k.conv1x1.backward_weight(ctx, &d, w_off, x, cur, &grads));
+                        backward.push(k.conv1x1.backward_weight(ctx, &d, w_off, x, cur, grads));
                         if i > 0 {
                             backward.push(
                                 k.conv1x1
-                                    .backward_data(ctx, &d, w_off, cur, &state_buf, other),
+                                    .backward_data(ctx, &d, w_off, cur, state_buf, other),
                             );
                         }
                     }
@@ -296,14 +311,14 @@ impl GpuNet {
                     let b = BnBuffers {
                         x,
                         y,
-                        state: &state_buf,
+                        state: state_buf,
                         saved: saved[i].as_ref().unwrap(),
                     };
-                    backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, &grads));
+                    backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, grads));
                 }
                 (Layer::Relu, _) => continue, // inside the batchnorm's backward
                 (&Layer::Dropout { p }, _) => {
-                    backward.push(k.dropout.apply(ctx, n * sin.len(), p, &step, cur, other))
+                    backward.push(k.dropout.apply(ctx, n * sin.len(), p, step, cur, other))
                 }
                 (Layer::MaxPool2, _) => {
                     let argmax = saved[i].as_ref().unwrap();
@@ -328,22 +343,18 @@ impl GpuNet {
         let update = k.sgd.update(
             ctx,
             model.num_trainable,
-            &step,
-            &state_buf,
-            &grads,
+            step,
+            state_buf,
+            grads,
             &momenta,
         );
 
         Ok(GpuNet {
             model: model.clone(),
             batch,
-            state: state_buf,
-            grads,
-            momenta,
+            shared: shared.clone(),
             input,
             labels,
-            metrics,
-            step,
             output_of,
             activations,
             forward_train,
@@ -379,7 +390,8 @@ impl GpuNet {
     }
 
     /// One training step: forward (training mode), loss, backward, SGD update, all on the GPU.
-    /// Reads back the batch's loss and correct count only when `read_metrics`.
+    /// The batch's loss and correct count are added into the metrics; they are read back (the sums
+    /// since the last `reset_metrics`) only when `read_metrics`.
     pub fn train_step(
         &self,
         ctx: &GpuContext,
@@ -389,7 +401,7 @@ impl GpuNet {
         read_metrics: bool,
     ) -> Result<Option<Metrics>> {
         self.write_batch(ctx, input, labels);
-        ctx.write(&self.step, &[step]);
+        ctx.write(&self.shared.step, &[step]);
         self.submit(
             ctx,
             &[
@@ -416,7 +428,7 @@ impl GpuNet {
         step: StepUniform,
     ) {
         self.write_batch(ctx, input, labels);
-        ctx.write(&self.step, &[step]);
+        ctx.write(&self.shared.step, &[step]);
         self.submit(
             ctx,
             &[&self.forward_train, std::slice::from_ref(&self.loss_train)],
@@ -432,7 +444,7 @@ impl GpuNet {
         step: StepUniform,
     ) {
         self.write_batch(ctx, input, labels);
-        ctx.write(&self.step, &[step]);
+        ctx.write(&self.shared.step, &[step]);
         self.submit(
             ctx,
             &[
@@ -445,10 +457,11 @@ impl GpuNet {
 
     /// Clears the metrics that `evaluate_batch` adds into.
     pub fn reset_metrics(&self, ctx: &GpuContext) {
-        ctx.write(&self.metrics, &[0.0f32, 0.0]);
+        ctx.write(&self.shared.metrics, &[0.0f32, 0.0]);
     }
 
     /// Evaluation-mode forward pass and loss of a batch, added into the metrics (no readback).
+    /// Batchnorm uses the running statistics and dropout is the identity.
     pub fn evaluate_batch(&self, ctx: &GpuContext, input: &[f32], labels: &[u8]) {
         self.write_batch(ctx, input, labels);
         self.submit(
@@ -458,7 +471,7 @@ impl GpuNet {
     }
 
     pub fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
-        let m: Vec<f32> = ctx.read(&self.metrics, 2)?;
+        let m: Vec<f32> = ctx.read(&self.shared.metrics, 2)?;
         Ok(Metrics {
             loss_sum: m[0],
             correct: m[1] as u32,
@@ -466,25 +479,25 @@ impl GpuNet {
     }
 
     pub fn read_state(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.state, self.model.num_state)
+        ctx.read(&self.shared.state, self.model.num_state)
     }
 
     pub fn write_state(&self, ctx: &GpuContext, state: &[f32]) {
         assert_eq!(state.len(), self.model.num_state);
-        ctx.write(&self.state, state);
+        ctx.write(&self.shared.state, state);
     }
 
     pub fn read_grads(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.grads, self.model.num_trainable)
+        ctx.read(&self.shared.grads, self.model.num_trainable)
     }
 
     pub fn read_momenta(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.momenta, self.model.num_trainable)
+        ctx.read(&self.shared.momenta, self.model.num_trainable)
     }
 
     pub fn write_momenta(&self, ctx: &GpuContext, momenta: &[f32]) {
         assert_eq!(momenta.len(), self.model.num_trainable);
-        ctx.write(&self.momenta, momenta);
+        ctx.write(&self.shared.momenta, momenta);
     }
 
     /// The output of layer `i` of the last forward pass (for a fused ReLU, the batchnorm's buffer,
