@@ -95,6 +95,7 @@ fn gpu_step_matches_pytorch() {
             weight_decay: WEIGHT_DECAY,
             ..Default::default()
         };
+        net.reset_metrics(ctx);
         let m = net
             .train_step(ctx, &input, &labels, u, true)
             .unwrap()
@@ -177,6 +178,7 @@ fn gpu_steps_with_dropout_match_cpu_reference() {
             dropout_on: 1,
             ..Default::default()
         };
+        net.reset_metrics(ctx);
         let got = net
             .train_step(ctx, &input, &labels, u, true)
             .unwrap()
@@ -236,6 +238,7 @@ fn gpu_step_is_deterministic() {
     for _ in 0..2 {
         net.write_state(ctx, &state);
         net.write_momenta(ctx, &vec![0.0; model.num_trainable]);
+        net.reset_metrics(ctx);
         let m = net
             .train_step(ctx, &input, &labels, u, true)
             .unwrap()
