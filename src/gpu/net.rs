@@ -99,16 +99,34 @@ fn fused_relu(model: &Model, i: usize) -> bool {
 
 impl GpuNet {
     /// Buffers and launches for batches of `batch` images, parameters from `state`.
-    pub fn new(ctx: &GpuContext, k: &Kernels, model: &Model, batch: usize, state: &[f32]) -> Result<GpuNet> {
+    pub fn new(
+        ctx: &GpuContext,
+        k: &Kernels,
+        model: &Model,
+        batch: usize,
+        state: &[f32],
+    ) -> Result<GpuNet> {
         GpuNet::with_shared(ctx, k, model, batch, SharedBuffers::new(ctx, model, state))
     }
 
     /// Buffers and launches for batches of `batch` images over existing parameter buffers (so that
     /// executors of several batch sizes train and evaluate one model).
-    pub fn with_shared(ctx: &GpuContext, k: &Kernels, model: &Model, batch: usize, shared: SharedBuffers) -> Result<GpuNet> {
+    pub fn with_shared(
+        ctx: &GpuContext,
+        k: &Kernels,
+        model: &Model,
+        batch: usize,
+        shared: SharedBuffers,
+    ) -> Result<GpuNet> {
         let n = batch;
         let classes = model.output_classes();
-        let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
+        let SharedBuffers {
+            state: state_buf,
+            grads,
+            momenta,
+            metrics,
+            step,
+        } = &shared;
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
 
@@ -253,13 +271,14 @@ impl GpuNet {
         }
 
         let logits = &activations[*output_of.last().unwrap()];
+        // Both add batch after batch into the metrics (cleared by reset_metrics), so a training loop
+        // reads running sums only when it shows them. Evaluation's dlogits go unused.
         let loss_train = k
             .loss
-            .softmax_cross_entropy(ctx, n, classes, false, logits, &labels, &grad_a, &metrics);
-        // Evaluation adds batch after batch into the metrics; its dlogits go unused.
+            .softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
         let loss_eval = k
             .loss
-            .softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, &metrics);
+            .softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
 
         // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
         let mut backward = Vec::new();
@@ -340,14 +359,9 @@ impl GpuNet {
             }
             std::mem::swap(&mut cur, &mut other);
         }
-        let update = k.sgd.update(
-            ctx,
-            model.num_trainable,
-            step,
-            state_buf,
-            grads,
-            &momenta,
-        );
+        let update = k
+            .sgd
+            .update(ctx, model.num_trainable, step, state_buf, grads, &momenta);
 
         Ok(GpuNet {
             model: model.clone(),
