@@ -1,6 +1,8 @@
 //! The data set: IDX files in, checked image and label arrays out. Knows nothing of models or wgpu.
 
+pub mod augment;
 pub mod idx;
+pub mod loader;
 
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,210 @@
+//! Batches for training and evaluation. Training batches are augmented in a worker thread and handed
+//! over through a bounded channel, so the trainer never waits for data while the worker keeps a few
+//! batches ahead. Everything random is drawn from the seed, the epoch and the batch's index, so a run
+//! resumed in the middle of an epoch sees exactly the batches it would have seen.
+
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::augment::{BatchAugment, Draw};
+use super::{normalize_into, Split, IMAGE_PIXELS};
+
+/// One batch: normalized images (n x 1 x 28 x 28) and their labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub epoch: usize,
+    /// Index of the batch within its epoch.
+    pub index: usize,
+    pub input: Vec<f32>,
+    pub labels: Vec<u8>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoaderConfig {
+    pub seed: u64,
+    pub batch_size: usize,
+    /// The recipe's per-image augmentation (off: normalization only).
+    pub augment: bool,
+    pub batch_augment: BatchAugment,
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A generator for one purpose (`what`) of one (seed, epoch, batch).
+fn rng_for(seed: u64, what: u64, epoch: usize, batch: usize) -> Xoshiro256PlusPlus {
+    let key = splitmix64(splitmix64(splitmix64(seed ^ what) ^ epoch as u64) ^ batch as u64);
+    Xoshiro256PlusPlus::seed_from_u64(key)
+}
+
+/// The order of the training set in `epoch`.
+pub fn epoch_order(seed: u64, epoch: usize, len: usize) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..len as u32).collect();
+    order.shuffle(&mut rng_for(seed, 1, epoch, 0));
+    order
+}
+
+/// Number of batches in an epoch (the last one may be smaller, as PyTorch's DataLoader does).
+pub fn batches_per_epoch(len: usize, batch_size: usize) -> usize {
+    len.div_ceil(batch_size)
+}
+
+/// Builds training batch `index` of `epoch`: the images at those places of the epoch's order,
+/// augmented, batch-augmented when asked, normalized.
+pub fn train_batch(
+    split: &Split,
+    order: &[u32],
+    cfg: &LoaderConfig,
+    epoch: usize,
+    index: usize,
+) -> Batch {
+    let start = index * cfg.batch_size;
+    let picks = &order[start..(start + cfg.batch_size).min(order.len())];
+    let mut rng = rng_for(cfg.seed, 2, epoch, index);
+    let mut pixels = vec![0.0f32; picks.len() * IMAGE_PIXELS];
+    let mut scratch = vec![0.0f32; IMAGE_PIXELS];
+    let labels: Vec<u8> = picks.iter().map(|&i| split.labels[i as usize]).collect();
+    for (img, &i) in pixels.chunks_exact_mut(IMAGE_PIXELS).zip(picks) {
+        for (o, &p) in img.iter_mut().zip(split.image(i as usize)) {
+            *o = p as f32 / 255.0;
+        }
+        if cfg.augment {
+            Draw::random(&mut rng).apply(img, &mut scratch);
+        }
+    }
+    if cfg.batch_augment.any() {
+        cfg.batch_augment.apply(&mut pixels, &labels, &mut rng);
+    }
+    for v in pixels.iter_mut() {
+        *v = (*v - super::MEAN) / super::STD;
+    }
+    Batch {
+        epoch,
+        index,
+        input: pixels,
+        labels,
+    }
+}
+
+/// Starts a worker that sends the training batches of `epoch` from batch `first` on, at most
+/// `ahead` batches in advance. The worker stops when the receiver is dropped.
+pub fn spawn_epoch(
+    split: Arc<Split>,
+    cfg: LoaderConfig,
+    epoch: usize,
+    first: usize,
+    ahead: usize,
+) -> Receiver<Batch> {
+    let (tx, rx) = sync_channel(ahead);
+    std::thread::Builder::new()
+        .name(format!("loader epoch {epoch}"))
+        .spawn(move || {
+            let order = epoch_order(cfg.seed, epoch, split.len());
+            for index in first..batches_per_epoch(split.len(), cfg.batch_size) {
+                if tx
+                    .send(train_batch(&split, &order, &cfg, epoch, index))
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+        .expect("spawning the loader thread");
+    rx
+}
+
+/// The evaluation batches of a split, in order: normalization only.
+pub fn eval_batches(split: &Split, batch_size: usize) -> impl Iterator<Item = Batch> + '_ {
+    (0..batches_per_epoch(split.len(), batch_size)).map(move |index| {
+        let range = index * batch_size..((index + 1) * batch_size).min(split.len());
+        let mut input = vec![0.0f32; range.len() * IMAGE_PIXELS];
+        normalize_into(
+            &split.images[range.start * IMAGE_PIXELS..range.end * IMAGE_PIXELS],
+            &mut input,
+        );
+        Batch {
+            epoch: 0,
+            index,
+            input,
+            labels: split.labels[range].to_vec(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(n: usize) -> Split {
+        Split {
+            images: (0..n * IMAGE_PIXELS).map(|i| (i % 251) as u8).collect(),
+            labels: (0..n).map(|i| (i % 10) as u8).collect(),
+        }
+    }
+
+    #[test]
+    fn epochs_shuffle_differently_and_reproducibly() {
+        let a = epoch_order(1, 0, 1000);
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<u32>>(), "a permutation");
+        assert_ne!(a, epoch_order(1, 1, 1000));
+        assert_ne!(a, epoch_order(2, 0, 1000));
+        assert_eq!(a, epoch_order(1, 0, 1000));
+    }
+
+    #[test]
+    fn worker_batches_equal_direct_ones_and_resume_mid_epoch() {
+        let s = Arc::new(split(250));
+        let cfg = LoaderConfig {
+            seed: 3,
+            batch_size: 100,
+            augment: true,
+            batch_augment: BatchAugment::default(),
+        };
+        let all: Vec<Batch> = spawn_epoch(s.clone(), cfg, 2, 0, 2).iter().collect();
+        assert_eq!(
+            all.iter().map(|b| b.len()).collect::<Vec<_>>(),
+            vec![100, 100, 50]
+        );
+        let order = epoch_order(3, 2, 250);
+        assert_eq!(all[1], train_batch(&s, &order, &cfg, 2, 1));
+        let resumed: Vec<Batch> = spawn_epoch(s, cfg, 2, 1, 2).iter().collect();
+        assert_eq!(&resumed[..], &all[1..]);
+    }
+
+    #[test]
+    fn unaugmented_batches_are_normalized_images() {
+        let s = split(20);
+        let cfg = LoaderConfig {
+            seed: 3,
+            batch_size: 20,
+            augment: false,
+            batch_augment: BatchAugment::default(),
+        };
+        let order: Vec<u32> = (0..20).collect();
+        let b = train_batch(&s, &order, &cfg, 0, 0);
+        let e: Vec<Batch> = eval_batches(&s, 8).collect();
+        assert_eq!(e.len(), 3);
+        assert_eq!(b.input[..8 * IMAGE_PIXELS], e[0].input[..]);
+        assert!((b.input[5] - (5.0 / 255.0 - super::super::MEAN) / super::super::STD).abs() < 1e-6);
+    }
+}
