@@ -4,6 +4,8 @@
 //! Layers, each depending only on those listed after it: `cpu` (reference ops and the CPU executor),
 //! `train` (schedule), `model` (the network described once), `data` (IDX files).
 
+pub mod backend;
+pub mod checkpoint;
 pub mod cpu;
 pub mod data;
 pub mod gpu;

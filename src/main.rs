@@ -1,9 +1,19 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use mnist_wgpu::data;
+use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, Sums};
+use mnist_wgpu::data::augment::BatchAugment;
+use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
+use mnist_wgpu::data::{self, IMAGE_PIXELS, IMAGE_SIDE};
+use mnist_wgpu::gpu::{GpuContext, INSTALL_HINT};
 use mnist_wgpu::model::Model;
+use mnist_wgpu::train::{self, Recipe, TrainOptions};
+
+mod bench;
 
 /// Train the recipe's 17,900-parameter CNN on MNIST with WGSL compute shaders.
 #[derive(Parser)]
@@ -13,16 +23,82 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// The GPU on a hardware adapter; the CPU when the only adapter is a software one or there is none.
+    Auto,
+    Gpu,
+    Cpu,
+}
+
+#[derive(Args, Clone)]
+pub struct DeviceArgs {
+    /// Which backend runs the math.
+    #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
+    backend: BackendChoice,
+    /// The GPU adapter: an index from `adapters`, or part of its name (default: the best hardware GPU).
+    #[arg(long)]
+    adapter: Option<String>,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[arg(long, default_value_t = 20)]
+    epochs: usize,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 0.1)]
+    max_lr: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// The run's folder (metrics.jsonl, last.safetensors, best.safetensors); default runs/<UTC time>/,
+    /// or the checkpoint's folder with --resume.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue a run exactly where its checkpoint stopped (same flags as the run).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Write a PNG grid of N augmented training images into the run's folder, and exit.
+    #[arg(long, value_name = "N")]
+    save_augmented: Option<usize>,
+    /// Batch-level augmentation: grey dilation inside a random 7x7 patch (off in the recipe).
+    #[arg(long)]
+    swell: bool,
+    /// Batch-level augmentation: darken 15% of the bright pixels (off in the recipe).
+    #[arg(long)]
+    darken: bool,
+    /// Batch-level augmentation: max-pool a random 6x6 patch along one axis (off in the recipe).
+    #[arg(long)]
+    squeeze: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Train the recipe (../shared/spec/recipe.md) and evaluate after every epoch.
+    Train(TrainArgs),
+    /// Test loss, accuracy and confusion matrix of a checkpoint.
+    Eval {
+        checkpoint: PathBuf,
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[arg(long, default_value_t = 100)]
+        batch_size: usize,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
+    /// Measure training, augmentation and evaluation throughput (images/s, medians).
+    Bench(bench::BenchArgs),
     /// Print the network: one row per layer with its output shape and parameter count.
     Summary,
-    /// List every GPU adapter wgpu finds (index, name, backend, device type); `--adapter` takes the
-    /// index or part of the name.
+    /// List every GPU adapter wgpu finds (index, name, backend, device type).
     Adapters,
     /// Load and check a data folder, and print what it holds.
     Data {
-        /// A folder with the four standard MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
         #[arg(long)]
         data: Option<PathBuf>,
     },
@@ -36,23 +112,46 @@ fn main() {
     }
 }
 
-fn run(command: Command) -> anyhow::Result<()> {
+fn load_data(dir: Option<PathBuf>) -> Result<data::Mnist> {
+    Ok(data::load_dir(&dir.unwrap_or_else(data::default_dir))?)
+}
+
+/// Builds the backend the flags ask for, holding `state`; says in one line why when `auto` falls back
+/// to the CPU.
+pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Result<Box<dyn Backend>> {
+    let gpu = |ctx: GpuContext| -> Result<Box<dyn Backend>> { Ok(Box::new(GpuBackend::new(ctx, model, &state)?)) };
+    match device.backend {
+        BackendChoice::Cpu => Ok(Box::new(CpuBackend::new(model, state.clone()))),
+        BackendChoice::Gpu => gpu(GpuContext::new(device.adapter.as_deref())?),
+        BackendChoice::Auto => match GpuContext::new(device.adapter.as_deref()) {
+            Ok(ctx) if !ctx.is_software() => gpu(ctx),
+            Ok(ctx) => {
+                println!(
+                    "Using the CPU backend: the only GPU adapter, {}, is a software renderer (far slower than \
+                     the CPU backend); pass --backend gpu to use it anyway.",
+                    ctx.info.name
+                );
+                Ok(Box::new(CpuBackend::new(model, state.clone())))
+            }
+            Err(_) => {
+                println!("Using the CPU backend: {INSTALL_HINT}. Pass --backend gpu once an adapter is there.");
+                Ok(Box::new(CpuBackend::new(model, state.clone())))
+            }
+        },
+    }
+}
+
+fn run(command: Command) -> Result<()> {
     match command {
         Command::Summary => print!("{}", Model::net3().summary()),
         Command::Adapters => {
             let adapters = mnist_wgpu::gpu::list_adapters();
             if adapters.is_empty() {
-                anyhow::bail!(mnist_wgpu::gpu::INSTALL_HINT);
+                bail!(INSTALL_HINT);
             }
-            println!(
-                "{:<6}{:<40}{:<9}{:<15}driver",
-                "index", "name", "backend", "type"
-            );
+            println!("{:<6}{:<40}{:<9}{:<15}driver", "index", "name", "backend", "type");
             for a in adapters {
-                println!(
-                    "{:<6}{:<40}{:<9}{:<15}{}",
-                    a.index, a.name, a.backend, a.device_type, a.driver
-                );
+                println!("{:<6}{:<40}{:<9}{:<15}{}", a.index, a.name, a.backend, a.device_type, a.driver);
             }
         }
         Command::Data { data } => {
@@ -62,17 +161,141 @@ fn run(command: Command) -> anyhow::Result<()> {
             for (name, split) in [("train", &set.train), ("test", &set.test)] {
                 let mut counts = [0usize; data::NUM_CLASSES];
                 split.labels.iter().for_each(|&l| counts[l as usize] += 1);
-                let mean = split.images.iter().map(|&p| p as f64).sum::<f64>()
-                    / split.images.len() as f64
-                    / 255.0;
+                let mean = split.images.iter().map(|&p| p as f64).sum::<f64>() / split.images.len() as f64 / 255.0;
                 println!(
-                    "{name:<5} {:>6} images of {}x{}, mean pixel {mean:.4}, per class {counts:?}",
-                    split.len(),
-                    data::IMAGE_SIDE,
-                    data::IMAGE_SIDE
+                    "{name:<5} {:>6} images of {IMAGE_SIDE}x{IMAGE_SIDE}, mean pixel {mean:.4}, per class {counts:?}",
+                    split.len()
                 );
             }
         }
+        Command::Train(args) => train_command(args)?,
+        Command::Eval { checkpoint, data, batch_size, device } => {
+            let model = Model::net3();
+            let ck = mnist_wgpu::checkpoint::load(&checkpoint, &model)?;
+            let set = load_data(data)?;
+            let mut backend = make_backend(&device, &model, ck.state)?;
+            println!("{} on {}", checkpoint.display(), backend.describe());
+            let (counts, sums) = confusion_matrix(backend.as_mut(), &set.test, batch_size)?;
+            println!(
+                "Test set: Average loss: {:.4}, Accuracy: {}/{} ({:.2}%)",
+                sums.loss_sum / set.test.len() as f64,
+                sums.correct,
+                set.test.len(),
+                100.0 * sums.correct as f64 / set.test.len() as f64
+            );
+            print!("{}", format_confusion(&counts));
+        }
+        Command::Bench(args) => bench::run(args)?,
     }
     Ok(())
+}
+
+fn train_command(args: TrainArgs) -> Result<()> {
+    if args.epochs == 0 || args.batch_size == 0 {
+        bail!("--epochs and --batch-size must be at least 1");
+    }
+    let model = Model::net3();
+    let set = load_data(args.data.clone())?;
+    let recipe = Recipe {
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        max_lr: args.max_lr,
+        weight_decay: 1e-5,
+        seed: args.seed,
+        batch_augment: BatchAugment { swell: args.swell, darken: args.darken, squeeze: args.squeeze },
+    };
+    let out_dir = match (&args.out, &args.resume) {
+        (Some(out), _) => out.clone(),
+        (None, Some(resume)) => resume.parent().map(Path::to_path_buf).unwrap_or_default(),
+        (None, None) => train::timestamped_dir(Path::new("runs")),
+    };
+    if let Some(n) = args.save_augmented {
+        let path = out_dir.join("augmented.png");
+        save_augmented(&set.train, &recipe, n, &path)?;
+        println!("Wrote {n} augmented training images to {}", path.display());
+        return Ok(());
+    }
+    let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
+    println!("Training Net3 ({} parameters) on {}, {} training / {} test images", model.num_trainable, backend.describe(), set.train.len(), set.test.len());
+    println!("Run folder: {}", out_dir.display());
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nSecond Ctrl-C: exiting without saving.");
+            std::process::exit(130);
+        }
+        eprintln!("\nCtrl-C: finishing the current step, then saving (Ctrl-C again to quit at once).");
+    })
+    .context("installing the Ctrl-C handler")?;
+    let opts = TrainOptions { recipe, out_dir, resume: args.resume, progress: true, stop, report_every: 20 };
+    train::train(backend.as_mut(), &model, &set, &opts)?;
+    Ok(())
+}
+
+/// A grid of `n` augmented training images (epoch 0's first batches), 2 pixels apart, as PNG.
+fn save_augmented(split: &data::Split, recipe: &Recipe, n: usize, path: &Path) -> Result<()> {
+    let cfg = LoaderConfig { seed: recipe.seed, batch_size: recipe.batch_size, augment: true, batch_augment: recipe.batch_augment };
+    let order = epoch_order(recipe.seed, 0, split.len());
+    let mut images = Vec::new();
+    let mut index = 0;
+    while images.len() < n * IMAGE_PIXELS && index * recipe.batch_size < split.len() {
+        images.extend(train_batch(split, &order, &cfg, 0, index).input);
+        index += 1;
+    }
+    let n = n.min(images.len() / IMAGE_PIXELS);
+    let cols = (n as f64).sqrt().ceil().max(1.0) as usize;
+    let rows = n.div_ceil(cols);
+    let cell = IMAGE_SIDE + 2;
+    let mut grid = image::GrayImage::new((cols * cell) as u32, (rows * cell) as u32);
+    for (k, img) in images.chunks_exact(IMAGE_PIXELS).take(n).enumerate() {
+        let (gx, gy) = ((k % cols) * cell + 1, (k / cols) * cell + 1);
+        for (i, &v) in img.iter().enumerate() {
+            // Undo the normalization for display.
+            let p = ((v * data::STD + data::MEAN) * 255.0).round().clamp(0.0, 255.0) as u8;
+            grid.put_pixel((gx + i % IMAGE_SIDE) as u32, (gy + i / IMAGE_SIDE) as u32, image::Luma([p]));
+        }
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    grid.save(path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Counts of (true digit, predicted digit) over a split, and the backend's loss and correct sums.
+fn confusion_matrix(backend: &mut dyn Backend, split: &data::Split, batch_size: usize) -> Result<([[u32; 10]; 10], Sums)> {
+    let mut counts = [[0u32; 10]; 10];
+    backend.reset_sums()?;
+    for b in data::loader::eval_batches(split, batch_size) {
+        let logits = backend.eval_logits(&b.input, &b.labels)?;
+        for (row, &label) in logits.chunks_exact(10).zip(&b.labels) {
+            // The first maximum on ties, as the loss kernels count correct predictions.
+            let pred = (0..10).fold(0, |a, j| if row[j] > row[a] { j } else { a });
+            counts[label as usize][pred] += 1;
+        }
+    }
+    let sums = backend.eval_sums()?;
+    let diagonal: u64 = (0..10).map(|i| counts[i][i] as u64).sum();
+    if diagonal != sums.correct {
+        bail!("internal error: the confusion matrix counts {diagonal} correct, the backend {}", sums.correct);
+    }
+    Ok((counts, sums))
+}
+
+/// Rows: true digit; columns: predicted.
+fn format_confusion(counts: &[[u32; 10]; 10]) -> String {
+    let mut out = String::from("Confusion matrix (rows: true digit, columns: predicted)\n      ");
+    for j in 0..10 {
+        out += &format!("{j:>6}");
+    }
+    out += "\n";
+    for (i, row) in counts.iter().enumerate() {
+        out += &format!("{i:>6}");
+        for c in row {
+            out += &format!("{c:>6}");
+        }
+        out += "\n";
+    }
+    out
 }

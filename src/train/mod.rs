@@ -1,3 +1,306 @@
-//! Training: the one-cycle schedule.
+//! The training loop, generic over the backend: the recipe's schedule, per-epoch evaluation, metrics,
+//! checkpoints, resuming, Ctrl-C and divergence handling.
 
 pub mod schedule;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::{Backend, StepParams, Sums};
+use crate::checkpoint::{self, Position};
+use crate::data::augment::BatchAugment;
+use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, LoaderConfig};
+use crate::data::{Mnist, Split};
+use crate::model::Model;
+use schedule::OneCycle;
+
+/// The recipe's hyper-parameters; the defaults are the spec's.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Recipe {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub max_lr: f64,
+    pub weight_decay: f32,
+    pub seed: u64,
+    pub batch_augment: BatchAugment,
+}
+
+impl Default for Recipe {
+    fn default() -> Recipe {
+        Recipe { epochs: 20, batch_size: 100, max_lr: 0.1, weight_decay: 1e-5, seed: 1, batch_augment: BatchAugment::default() }
+    }
+}
+
+impl Recipe {
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "max_lr": self.max_lr,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+            "swell": self.batch_augment.swell,
+            "darken": self.batch_augment.darken,
+            "squeeze": self.batch_augment.squeeze,
+        })
+        .to_string()
+    }
+}
+
+/// Metrics of one epoch, as written to `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRecord {
+    pub epoch: usize,
+    pub train_loss: f64,
+    pub train_accuracy: f64,
+    pub test_loss: f64,
+    pub test_correct: u64,
+    pub test_total: usize,
+    pub test_accuracy: f64,
+    pub seconds: f64,
+    pub train_images_per_sec: f64,
+    pub lr: f64,
+}
+
+impl EpochRecord {
+    fn to_json(&self) -> String {
+        serde_json::json!({
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "test_loss": self.test_loss,
+            "test_correct": self.test_correct,
+            "test_total": self.test_total,
+            "test_accuracy": self.test_accuracy,
+            "seconds": self.seconds,
+            "train_images_per_sec": self.train_images_per_sec,
+            "lr": self.lr,
+        })
+        .to_string()
+    }
+}
+
+pub struct TrainOptions {
+    pub recipe: Recipe,
+    pub out_dir: PathBuf,
+    pub resume: Option<PathBuf>,
+    /// Show progress bars (they also hide themselves when stderr is not a terminal).
+    pub progress: bool,
+    /// Set (by Ctrl-C) to stop after the current step, save and return.
+    pub stop: Arc<AtomicBool>,
+    /// How many steps between reads of the running loss (each read waits for the device).
+    pub report_every: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub epochs: Vec<EpochRecord>,
+    /// Stopped by the stop flag before the last epoch's end.
+    pub interrupted: bool,
+    pub best_accuracy: Option<f64>,
+}
+
+/// Loss and accuracy of `backend` over a whole split in evaluation mode.
+pub fn evaluate(backend: &mut dyn Backend, split: &Split, batch_size: usize) -> Result<(f64, u64)> {
+    backend.reset_sums()?;
+    for b in eval_batches(split, batch_size) {
+        backend.eval_batch(&b.input, &b.labels)?;
+    }
+    let s = backend.eval_sums()?;
+    Ok((s.loss_sum / split.len() as f64, s.correct))
+}
+
+fn check_finite(sums: Sums, global_step: usize, last: &Path) -> Result<()> {
+    if !sums.loss_sum.is_finite() {
+        let kept = if last.exists() {
+            format!("the last good checkpoint, {}, is unchanged", last.display())
+        } else {
+            "no checkpoint had been written yet".to_string()
+        };
+        bail!("training diverged: the loss is {} by step {global_step}; {kept}", sums.loss_sum);
+    }
+    Ok(())
+}
+
+fn save(backend: &mut dyn Backend, model: &Model, path: &Path, position: &Position) -> Result<()> {
+    let state = backend.state()?;
+    if let Some(p) = model.params.iter().find(|p| state[p.offset..p.offset + p.len].iter().any(|v| !v.is_finite())) {
+        bail!("{} has non-finite values: not saving over {}", p.name, path.display());
+    }
+    checkpoint::save(path, model, &state, &backend.momenta()?, position)
+}
+
+/// Trains `backend` (holding `model`'s state) on `data` as `opts.recipe` says.
+pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &TrainOptions) -> Result<Outcome> {
+    let r = opts.recipe;
+    let train_split = Arc::new(data.train.clone());
+    let steps_per_epoch = batches_per_epoch(train_split.len(), r.batch_size);
+    let schedule = OneCycle::recipe(r.epochs * steps_per_epoch, r.max_lr);
+    let loader = LoaderConfig { seed: r.seed, batch_size: r.batch_size, augment: true, batch_augment: r.batch_augment };
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let last = opts.out_dir.join("last.safetensors");
+    let best = opts.out_dir.join("best.safetensors");
+
+    let (mut epoch, mut first_batch, mut global) = (0, 0, 0);
+    let mut best_accuracy: Option<f64> = None;
+    if let Some(path) = &opts.resume {
+        let ck = checkpoint::load(path, model)?;
+        let pos = ck.position.with_context(|| format!("{}: no training position in its metadata; cannot resume", path.display()))?;
+        let momenta = ck.momenta.with_context(|| {
+            format!("{} is missing: the momenta are needed to resume exactly", checkpoint::optim_path(path).display())
+        })?;
+        if pos.recipe != r.to_json() {
+            bail!("{} was trained with recipe {}, not {}; resume with the same flags", path.display(), pos.recipe, r.to_json());
+        }
+        backend.load(&ck.state, &momenta)?;
+        (epoch, first_batch, global) = (pos.epoch, pos.batch_in_epoch, pos.global_step);
+        if best.exists() {
+            best_accuracy = checkpoint::load(&best, model)?.position.and_then(|p| p.test_accuracy);
+        }
+        println!("Resuming {} at epoch {}, batch {first_batch} (step {global})", path.display(), epoch + 1);
+    }
+
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(opts.out_dir.join("metrics.jsonl"))
+        .with_context(|| format!("opening {}", opts.out_dir.join("metrics.jsonl").display()))?;
+    let mut records = Vec::new();
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
+
+    while epoch < r.epochs {
+        let started = Instant::now();
+        let bar = if opts.progress { ProgressBar::new(steps_per_epoch as u64) } else { ProgressBar::hidden() };
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("epoch {}/{}", epoch + 1, r.epochs));
+        bar.set_position(first_batch as u64);
+        backend.reset_sums()?;
+        let mut seen = 0usize;
+        for batch in spawn_epoch(train_split.clone(), loader, epoch, first_batch, 4) {
+            let (lr, momentum) = schedule.at(global);
+            let p = StepParams {
+                lr: lr as f32,
+                momentum: momentum as f32,
+                weight_decay: r.weight_decay,
+                dropout_seed: r.seed as u32,
+                step: global as u32,
+            };
+            backend.train_step(&batch.input, &batch.labels, p)?;
+            global += 1;
+            seen += batch.len();
+            let done = batch.index + 1;
+            if done % opts.report_every == 0 || done == steps_per_epoch {
+                let sums = backend.train_sums()?;
+                check_finite(sums, global, &last)?;
+                let rate = seen as f64 / started.elapsed().as_secs_f64();
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.2}% {:.0} img/s",
+                    sums.loss_sum / seen as f64,
+                    100.0 * sums.correct as f64 / seen as f64,
+                    rate
+                ));
+            }
+            bar.set_position(done as u64);
+            if opts.stop.load(Ordering::SeqCst) && done < steps_per_epoch {
+                bar.abandon();
+                check_finite(backend.train_sums()?, global, &last)?;
+                let position = Position {
+                    epoch,
+                    batch_in_epoch: done,
+                    global_step: global,
+                    test_accuracy: records.last().map(|e: &EpochRecord| e.test_accuracy),
+                    seed: r.seed,
+                    recipe: r.to_json(),
+                };
+                save(backend, model, &last, &position)?;
+                println!("Interrupted: saved {} at epoch {}, batch {done}; continue with --resume {}", last.display(), epoch + 1, last.display());
+                return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
+            }
+        }
+        let train_sums = backend.train_sums()?;
+        check_finite(train_sums, global, &last)?;
+        let train_seconds = started.elapsed().as_secs_f64();
+        bar.finish_and_clear();
+
+        let (test_loss, correct) = evaluate(backend, &data.test, r.batch_size)?;
+        let seconds = started.elapsed().as_secs_f64();
+        let accuracy = 100.0 * correct as f64 / data.test.len() as f64;
+        let record = EpochRecord {
+            epoch: epoch + 1,
+            train_loss: train_sums.loss_sum / seen.max(1) as f64,
+            train_accuracy: 100.0 * train_sums.correct as f64 / seen.max(1) as f64,
+            test_loss,
+            test_correct: correct,
+            test_total: data.test.len(),
+            test_accuracy: accuracy,
+            seconds,
+            train_images_per_sec: seen as f64 / train_seconds,
+            lr: schedule.at(global.saturating_sub(1)).0,
+        };
+        println!(
+            "Epoch {}/{}: train loss {:.4}, accuracy {:.2}%, {:.0} images/s",
+            record.epoch, r.epochs, record.train_loss, record.train_accuracy, record.train_images_per_sec
+        );
+        println!(
+            "Test set: Average loss: {:.4}, Accuracy: {}/{} ({:.2}%)  [epoch time {:.1} s]",
+            test_loss,
+            correct,
+            data.test.len(),
+            accuracy,
+            seconds
+        );
+        writeln!(metrics_file, "{}", record.to_json()).context("writing metrics.jsonl")?;
+        let position = Position {
+            epoch: epoch + 1,
+            batch_in_epoch: 0,
+            global_step: global,
+            test_accuracy: Some(accuracy),
+            seed: r.seed,
+            recipe: r.to_json(),
+        };
+        save(backend, model, &last, &position)?;
+        if best_accuracy.is_none_or(|b| accuracy > b) {
+            best_accuracy = Some(accuracy);
+            save(backend, model, &best, &position)?;
+        }
+        records.push(record);
+        epoch += 1;
+        first_batch = 0;
+        if opts.stop.load(Ordering::SeqCst) && epoch < r.epochs {
+            println!("Interrupted: saved {}; continue with --resume {}", last.display(), last.display());
+            return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
+        }
+    }
+    if let (Some(best), Some(last)) = (best_accuracy, records.last()) {
+        println!("Best test accuracy {best:.2}%, final {:.2}% ({})", last.test_accuracy, opts.out_dir.display());
+    }
+    Ok(Outcome { epochs: records, interrupted: false, best_accuracy })
+}
+
+/// `runs/2026-11-26T01-23-45` for now (UTC), so runs sort by time.
+pub fn timestamped_dir(root: &Path) -> PathBuf {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + (month <= 2) as i64;
+    root.join(format!(
+        "{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    ))
+}

@@ -1,0 +1,149 @@
+//! `mnist-wgpu bench`: images/s of the training step on each backend, of augmentation and of evaluation.
+//! Each figure is the median over repeats after warm-up; a backend's step is first checked against the
+//! CPU reference on one batch, so a fast but wrong kernel cannot post a number.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Args;
+
+use mnist_wgpu::backend::{Backend, CpuBackend, StepParams};
+use mnist_wgpu::data::loader::{epoch_order, eval_batches, train_batch, Batch, LoaderConfig};
+use mnist_wgpu::data::{self, augment::BatchAugment};
+use mnist_wgpu::gpu::GpuContext;
+use mnist_wgpu::model::Model;
+
+use crate::{make_backend, BackendChoice, DeviceArgs};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Training steps (or evaluation batches) per timed repeat.
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Timed repeats; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Backends to measure (default: the CPU, and the GPU when a hardware adapter is there).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    backends: Vec<BackendChoice>,
+    /// The GPU adapter: an index from `adapters`, or part of its name.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+struct Row {
+    what: String,
+    device: String,
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+/// Runs `work` (which handles `images` images) `repeats` times after one warm-up; images/s per run.
+fn time(repeats: usize, images: usize, mut work: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+    work()?;
+    let mut rates = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        work()?;
+        rates.push(images as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok(median(rates))
+}
+
+/// One step from the same state and batch on `backend` and on the CPU reference: the losses must agree.
+fn validate(backend: &mut dyn Backend, model: &Model, batch: &Batch, p: StepParams) -> Result<()> {
+    let state = model.init_state(1);
+    let zeros = vec![0.0; model.num_trainable];
+    let mut reference = CpuBackend::new(model, state.clone());
+    backend.load(&state, &zeros)?;
+    for b in [&mut *backend, &mut reference as &mut dyn Backend] {
+        b.reset_sums()?;
+        b.train_step(&batch.input, &batch.labels, p)?;
+    }
+    let (got, want) = (backend.train_sums()?.loss_sum, reference.train_sums()?.loss_sum);
+    if (got - want).abs() > 1e-4 * want.abs().max(1.0) {
+        bail!("{}: a training step gives loss sum {got}, the CPU reference {want}: not timing it", backend.describe());
+    }
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let model = Model::net3();
+    let set = data::load_dir(&data::default_dir())?;
+    let cfg = LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
+    let order = epoch_order(1, 0, set.train.len());
+    let batches: Vec<Batch> = (0..args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
+    let mut rows = Vec::new();
+
+    let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
+        for i in 0..args.steps {
+            std::hint::black_box(train_batch(&set.train, &order, &cfg, 0, i));
+        }
+        Ok(())
+    })?;
+    rows.push(Row { what: "augmentation (1 thread)".into(), device: "cpu".into(), median: m, min: lo, max: hi });
+
+    let mut backends = args.backends.clone();
+    if backends.is_empty() {
+        backends.push(BackendChoice::Cpu);
+        match GpuContext::new(args.adapter.as_deref()) {
+            Ok(ctx) if !ctx.is_software() => backends.push(BackendChoice::Gpu),
+            Ok(ctx) => eprintln!("note: not timing the GPU backend on {}, a software adapter; ask with --backends gpu", ctx.info.name),
+            Err(_) => eprintln!("note: no GPU adapter; timing the CPU backend only"),
+        }
+    }
+    let eval: Vec<Batch> = eval_batches(&set.test, args.batch_size).take(args.steps).collect();
+    let eval_images: usize = eval.iter().map(|b| b.len()).sum();
+    for choice in backends {
+        let device = DeviceArgs { backend: choice, adapter: args.adapter.clone() };
+        let mut backend = make_backend(&device, &model, model.init_state(1))?;
+        let name = backend.describe();
+        let p = |step: usize| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32 };
+        validate(backend.as_mut(), &model, &batches[0], p(0))?;
+        let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
+            for (i, b) in batches.iter().enumerate() {
+                backend.train_step(&b.input, &b.labels, p(i))?;
+            }
+            // Waits for the device: the time covers the work, not just its submission.
+            backend.train_sums()?;
+            Ok(())
+        })?;
+        rows.push(Row { what: format!("training step, batch {}", args.batch_size), device: name.clone(), median: m, min: lo, max: hi });
+        let (m, lo, hi) = time(args.repeats, eval_images, || {
+            backend.reset_sums()?;
+            for b in &eval {
+                backend.eval_batch(&b.input, &b.labels)?;
+            }
+            backend.eval_sums()?;
+            Ok(())
+        })?;
+        rows.push(Row { what: format!("evaluation, batch {}", args.batch_size), device: name, median: m, min: lo, max: hi });
+    }
+
+    if args.json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| serde_json::json!({"what": r.what, "device": r.device, "images_per_sec_median": r.median, "min": r.min, "max": r.max}))
+            .collect();
+        let out = serde_json::json!({"repeats": args.repeats, "steps": args.steps, "results": list});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!("{:<28}{:<52}{:>14}{:>22}", "what", "device", "images/s", "(min .. max)");
+        for r in rows {
+            println!("{:<28}{:<52}{:>14.0}{:>22}", r.what, r.device, r.median, format!("({:.0} .. {:.0})", r.min, r.max));
+        }
+        println!("medians of {} repeats of {} batches, after one warm-up repeat", args.repeats, args.steps);
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Checkpoints in safetensors with PyTorch's state_dict names, so the spec's PyTorch network loads them
+//! unchanged (`model.load_state_dict(safetensors.torch.load_file(path))`). What resuming needs beyond
+//! the state_dict (SGD momenta) goes in a companion file, `NAME.optim.safetensors`, and the run's
+//! position (epoch, step, accuracy, seed, recipe) in the metadata of both.
+//! Files are written atomically: to a temporary name in the same folder, then renamed.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::model::Model;
+
+/// The format of this file's metadata, checked on load.
+const FORMAT: &str = "mnist-wgpu/1";
+
+/// Where a run stands, stored in the checkpoint's metadata (all as strings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    /// Completed epochs, plus the batches done of the current one.
+    pub epoch: usize,
+    pub batch_in_epoch: usize,
+    /// Training steps done in all (the schedule's position).
+    pub global_step: usize,
+    /// Test accuracy (percent) of the last completed epoch, if any.
+    pub test_accuracy: Option<f64>,
+    pub seed: u64,
+    /// The recipe the run follows, as JSON (epochs, batch size, max lr, ...).
+    pub recipe: String,
+}
+
+impl Position {
+    fn to_map(&self) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert("format".into(), FORMAT.into());
+        m.insert("epoch".into(), self.epoch.to_string());
+        m.insert("batch_in_epoch".into(), self.batch_in_epoch.to_string());
+        m.insert("global_step".into(), self.global_step.to_string());
+        if let Some(a) = self.test_accuracy {
+            m.insert("test_accuracy".into(), format!("{a:.2}"));
+        }
+        m.insert("seed".into(), self.seed.to_string());
+        m.insert("recipe".into(), self.recipe.clone());
+        m
+    }
+
+    fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Position> {
+        let get = |k: &str| m.get(k).ok_or_else(|| anyhow!("{}: metadata has no {k:?}", path.display()));
+        let num = |k: &str| -> Result<u64> {
+            get(k)?.parse().map_err(|e| anyhow!("{}: metadata {k:?} is not a number ({e})", path.display()))
+        };
+        if get("format")? != FORMAT {
+            bail!("{}: format {:?}, expected {FORMAT:?}", path.display(), get("format")?);
+        }
+        Ok(Position {
+            epoch: num("epoch")? as usize,
+            batch_in_epoch: num("batch_in_epoch")? as usize,
+            global_step: num("global_step")? as usize,
+            test_accuracy: m.get("test_accuracy").and_then(|v| v.parse().ok()),
+            seed: num("seed")?,
+            recipe: get("recipe")?.clone(),
+        })
+    }
+}
+
+/// `runs/x/last.safetensors` -> `runs/x/last.optim.safetensors`.
+pub fn optim_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    path.with_file_name(format!("{stem}.optim.safetensors"))
+}
+
+fn f32_bytes(v: &[f32]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+
+/// Serializes named f32 tensors (and extra i64 scalars) with metadata, and writes them atomically.
+fn write_atomic(path: &Path, tensors: Vec<(String, Vec<usize>, &[u8], Dtype)>, meta: HashMap<String, String>) -> Result<()> {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, bytes, dtype)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()
+        .with_context(|| format!("{}: building tensors", path.display()))?;
+    let bytes = safetensors::tensor::serialize(views, Some(meta)).with_context(|| format!("{}: serializing", path.display()))?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}
+
+/// Writes `path` (the state_dict) and its companion with the momenta.
+pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
+    assert_eq!(state.len(), model.num_state);
+    assert_eq!(momenta.len(), model.num_trainable);
+    let meta = position.to_map();
+    // PyTorch's BatchNorm2d also keeps the number of batches it has seen, an int64 scalar.
+    let batches = (position.global_step as i64).to_le_bytes();
+    let mut tensors: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.shape.clone(), f32_bytes(&state[p.offset..p.offset + p.len]), Dtype::F32))
+        .collect();
+    for p in model.params.iter().filter(|p| p.name.ends_with(".running_mean")) {
+        let module = p.name.trim_end_matches(".running_mean");
+        tensors.push((format!("{module}.num_batches_tracked"), vec![], &batches[..], Dtype::I64));
+    }
+    let optim: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
+        .params
+        .iter()
+        .filter(|p| p.trainable)
+        .map(|p| (format!("momentum.{}", p.name), p.shape.clone(), f32_bytes(&momenta[p.offset..p.offset + p.len]), Dtype::F32))
+        .collect();
+    // The momenta first: a checkpoint whose state_dict is new always has its matching momenta.
+    write_atomic(&optim_path(path), optim, meta.clone())?;
+    write_atomic(path, tensors, meta)
+}
+
+/// A loaded checkpoint.
+pub struct Checkpoint {
+    pub state: Vec<f32>,
+    /// None when the companion file is absent (a checkpoint from elsewhere): evaluation works,
+    /// resuming does not.
+    pub momenta: Option<Vec<f32>>,
+    /// None for a plain state_dict without our metadata (e.g. one saved by PyTorch).
+    pub position: Option<Position>,
+}
+
+fn read_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    let t = st.tensor(name).map_err(|_| anyhow!("{}: no tensor {name:?}", path.display()))?;
+    if t.dtype() != Dtype::F32 {
+        bail!("{}: tensor {name:?} is {:?}, expected F32", path.display(), t.dtype());
+    }
+    if t.shape() != shape {
+        bail!("{}: tensor {name:?} has shape {:?}, expected {shape:?}", path.display(), t.shape());
+    }
+    Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+fn open(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+}
+
+/// Loads `path` and, when present, its momenta companion, checking every name, shape and type.
+pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
+    let bytes = open(path)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut state = vec![0.0f32; model.num_state];
+    for p in &model.params {
+        state[p.offset..p.offset + p.len].copy_from_slice(&read_f32(path, &st, &p.name, &p.shape)?);
+    }
+    let position = match meta.metadata() {
+        Some(m) if m.contains_key("format") => Some(Position::from_map(path, m)?),
+        _ => None,
+    };
+    let optim = optim_path(path);
+    let momenta = if optim.exists() {
+        let bytes = open(&optim)?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", optim.display()))?;
+        let mut m = vec![0.0f32; model.num_trainable];
+        for p in model.params.iter().filter(|p| p.trainable) {
+            m[p.offset..p.offset + p.len].copy_from_slice(&read_f32(&optim, &st, &format!("momentum.{}", p.name), &p.shape)?);
+        }
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
+        let pos = meta.metadata().as_ref().map(|m| Position::from_map(&optim, m)).transpose()?;
+        if pos != position {
+            bail!("{} belongs to another checkpoint than {} (their positions differ)", optim.display(), path.display());
+        }
+        Some(m)
+    } else {
+        None
+    };
+    Ok(Checkpoint { state, momenta, position })
+}
