@@ -131,6 +131,9 @@ pub struct BatchAugment {
     pub squeeze: bool,
 }
 
+/// A batch-level transform of one image, given a way to draw integers in 0..n.
+type Transform = fn(&mut [f32], &mut dyn FnMut(usize) -> usize);
+
 /// How many images of each class in a batch a batch-level augmentation touches.
 pub const PER_CLASS: usize = 10;
 
@@ -142,7 +145,7 @@ impl BatchAugment {
     /// Applies each enabled augmentation to up to 10 random images of each class of the batch
     /// (`images`: [0, 1] values, 28 x 28 each).
     pub fn apply(&self, images: &mut [f32], labels: &[u8], rng: &mut impl RngExt) {
-        let passes: [(bool, fn(&mut [f32], &mut dyn FnMut(usize) -> usize)); 3] = [
+        let passes: [(bool, Transform); 3] = [
             (self.swell, swell),
             (self.darken, darken),
             (self.squeeze, squeeze),

@@ -361,7 +361,7 @@ impl GpuNet {
         }
         let update = k
             .sgd
-            .update(ctx, model.num_trainable, step, state_buf, grads, &momenta);
+            .update(ctx, model.num_trainable, step, state_buf, grads, momenta);
 
         Ok(GpuNet {
             model: model.clone(),
