@@ -1,14 +1,16 @@
-// Convolution 1x1 (a per-pixel matrix product), no bias; NCHW activations of d.hw pixels per plane,
-// weights at state[d.w_off..] as cout x cin (their gradient at the same offset of grads).
+// Convolution 1x1 (a per-pixel matrix product), no bias, no padding; NCHW activations of d.h x d.w
+// pixels per plane, weights at state[d.w_off..] as cout x cin (their gradient at the same offset of
+// grads). The uniform is conv3x3.wgsl's (ho = h, wo = w, pad = 0 here), so one host launcher serves both.
 //
 // Entry points and dispatch shapes:
-//   forward          one invocation per output element (n * cout * hw)
-//   backward_data    one invocation per input element  (n * cin * hw)
+//   forward          one invocation per output element (n * cout * h * w)
+//   backward_data    one invocation per input element  (n * cin * h * w)
 //   backward_weight  one workgroup per weight element  (cout * cin), WG invocations over (n, pixel)
 // Bindings: 0 dims (uniform), 1 x, 2 state, 3 dy, 4 out (y or dx), 5 grads.
 
 struct Dims {
-    n: u32, cin: u32, cout: u32, hw: u32,
+    n: u32, cin: u32, h: u32, w: u32,
+    cout: u32, ho: u32, wo: u32, pad: u32,
     w_off: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
@@ -22,15 +24,15 @@ struct Dims {
 @compute @workgroup_size(WG)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
-    if (i >= d.n * d.cout * d.hw) {
+    if (i >= d.n * d.cout * (d.h * d.w)) {
         return;
     }
-    let p = i % d.hw;
-    let co = (i / d.hw) % d.cout;
-    let b = i / (d.hw * d.cout);
+    let p = i % (d.h * d.w);
+    let co = (i / (d.h * d.w)) % d.cout;
+    let b = i / ((d.h * d.w) * d.cout);
     var acc = 0.0;
     for (var ci = 0u; ci < d.cin; ci++) {
-        acc += x[(b * d.cin + ci) * d.hw + p] * state[d.w_off + co * d.cin + ci];
+        acc += x[(b * d.cin + ci) * (d.h * d.w) + p] * state[d.w_off + co * d.cin + ci];
     }
     out[i] = acc;
 }
@@ -38,15 +40,15 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(WG)
 fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
-    if (i >= d.n * d.cin * d.hw) {
+    if (i >= d.n * d.cin * (d.h * d.w)) {
         return;
     }
-    let p = i % d.hw;
-    let ci = (i / d.hw) % d.cin;
-    let b = i / (d.hw * d.cin);
+    let p = i % (d.h * d.w);
+    let ci = (i / (d.h * d.w)) % d.cin;
+    let b = i / ((d.h * d.w) * d.cin);
     var acc = 0.0;
     for (var co = 0u; co < d.cout; co++) {
-        acc += dy[(b * d.cout + co) * d.hw + p] * state[d.w_off + co * d.cin + ci];
+        acc += dy[(b * d.cout + co) * (d.h * d.w) + p] * state[d.w_off + co * d.cin + ci];
     }
     out[i] = acc;
 }
@@ -64,10 +66,10 @@ fn backward_weight(
     let ci = k % d.cin;
     let co = k / d.cin;
     var acc = 0.0;
-    for (var j = lid; j < d.n * d.hw; j += WG) {
-        let b = j / d.hw;
-        let p = j % d.hw;
-        acc += dy[(b * d.cout + co) * d.hw + p] * x[(b * d.cin + ci) * d.hw + p];
+    for (var j = lid; j < d.n * (d.h * d.w); j += WG) {
+        let b = j / (d.h * d.w);
+        let p = j % (d.h * d.w);
+        acc += dy[(b * d.cout + co) * (d.h * d.w) + p] * x[(b * d.cin + ci) * (d.h * d.w) + p];
     }
     let total = workgroup_sum2(lid, acc, 0.0);
     if (lid == 0u) {

@@ -18,18 +18,29 @@ struct Dims {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
 
-@compute @workgroup_size(WG)
-fn maxpool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_index(gid, nwg);
+// Number of max-pool outputs.
+fn pooled() -> u32 {
+    return d.planes * (d.h / 2u) * (d.w / 2u);
+}
+
+// The index of the top-left input of output i's 2x2 window; window place k (0..3, row-major) is at
+// base + (k / 2) * d.w + k % 2.
+fn window_base(i: u32) -> u32 {
     let wo = d.w / 2u;
     let ho = d.h / 2u;
-    if (i >= d.planes * ho * wo) {
-        return;
-    }
     let ox = i % wo;
     let oy = (i / wo) % ho;
     let p = i / (wo * ho);
-    let base = (p * d.h + 2u * oy) * d.w + 2u * ox;
+    return (p * d.h + 2u * oy) * d.w + 2u * ox;
+}
+
+@compute @workgroup_size(WG)
+fn maxpool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let base = window_base(i);
     var best = x[base];
     var at = 0u;
     for (var k = 1u; k < 4u; k++) {
@@ -46,15 +57,10 @@ fn maxpool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 @compute @workgroup_size(WG)
 fn maxpool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
-    let wo = d.w / 2u;
-    let ho = d.h / 2u;
-    if (i >= d.planes * ho * wo) {
+    if (i >= pooled()) {
         return;
     }
-    let ox = i % wo;
-    let oy = (i / wo) % ho;
-    let p = i / (wo * ho);
-    let base = (p * d.h + 2u * oy) * d.w + 2u * ox;
+    let base = window_base(i);
     let at = argmax[i];
     for (var k = 0u; k < 4u; k++) {
         out[base + (k / 2u) * d.w + k % 2u] = select(0.0, x[i], k == at);

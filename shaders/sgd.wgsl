@@ -9,11 +9,6 @@ struct Dims {
     len: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
-struct Step {
-    lr: f32, momentum: f32, weight_decay: f32, seed: u32,
-    step: u32, dropout_on: u32, _p1: u32, _p2: u32,
-}
-
 @group(0) @binding(0) var<uniform> d: Dims;
 @group(0) @binding(1) var<uniform> s: Step;
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;

@@ -60,12 +60,7 @@ pub struct CpuBackend {
 impl CpuBackend {
     pub fn new(model: &Model, state: Vec<f32>) -> CpuBackend {
         assert_eq!(state.len(), model.num_state);
-        CpuBackend {
-            net: CpuNet::new(model),
-            state,
-            momenta: vec![0.0; model.num_trainable],
-            sums: Sums::default(),
-        }
+        CpuBackend { net: CpuNet::new(model), state, momenta: vec![0.0; model.num_trainable], sums: Sums::default() }
     }
 }
 
@@ -75,23 +70,9 @@ impl Backend for CpuBackend {
     }
 
     fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
-        let sgd = SgdStep {
-            lr: p.lr,
-            momentum: p.momentum,
-            weight_decay: p.weight_decay,
-        };
-        let dropout = DropoutMode::Hash {
-            seed: p.dropout_seed,
-            step: p.step,
-        };
-        let out = self.net.train_step(
-            &mut self.state,
-            &mut self.momenta,
-            input,
-            labels,
-            sgd,
-            dropout,
-        );
+        let sgd = SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay };
+        let dropout = DropoutMode::Hash { seed: p.dropout_seed, step: p.step };
+        let out = self.net.train_step(&mut self.state, &mut self.momenta, input, labels, sgd, dropout);
         self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
         self.sums.correct += out.correct as u64;
         Ok(())
@@ -151,13 +132,7 @@ impl GpuBackend {
     pub fn new(ctx: GpuContext, model: &Model, state: &[f32]) -> Result<GpuBackend> {
         let kernels = Kernels::new(&ctx)?;
         let shared = SharedBuffers::new(&ctx, model, state);
-        Ok(GpuBackend {
-            ctx,
-            kernels,
-            model: model.clone(),
-            shared,
-            nets: HashMap::new(),
-        })
+        Ok(GpuBackend { ctx, kernels, model: model.clone(), shared, nets: HashMap::new() })
     }
 
     pub fn context(&self) -> &GpuContext {
@@ -167,13 +142,7 @@ impl GpuBackend {
     /// The executor for `batch` images (built on first use) and the context to run it with.
     fn net(&mut self, batch: usize) -> Result<(&GpuNet, &GpuContext)> {
         if !self.nets.contains_key(&batch) {
-            let net = GpuNet::with_shared(
-                &self.ctx,
-                &self.kernels,
-                &self.model,
-                batch,
-                self.shared.clone(),
-            )?;
+            let net = GpuNet::with_shared(&self.ctx, &self.kernels, &self.model, batch, self.shared.clone())?;
             self.nets.insert(batch, net);
         }
         Ok((&self.nets[&batch], &self.ctx))
@@ -181,19 +150,13 @@ impl GpuBackend {
 
     fn sums(&mut self) -> Result<Sums> {
         let m: Vec<f32> = self.ctx.read(&self.shared.metrics, 2)?;
-        Ok(Sums {
-            loss_sum: m[0] as f64,
-            correct: m[1] as u64,
-        })
+        Ok(Sums { loss_sum: m[0] as f64, correct: m[1] as u64 })
     }
 }
 
 impl Backend for GpuBackend {
     fn describe(&self) -> String {
-        format!(
-            "gpu: {} ({:?}, {:?})",
-            self.ctx.info.name, self.ctx.info.backend, self.ctx.info.device_type
-        )
+        format!("gpu: {} ({:?}, {:?})", self.ctx.info.name, self.ctx.info.backend, self.ctx.info.device_type)
     }
 
     fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
@@ -241,8 +204,7 @@ impl Backend for GpuBackend {
     }
 
     fn momenta(&mut self) -> Result<Vec<f32>> {
-        self.ctx
-            .read(&self.shared.momenta, self.model.num_trainable)
+        self.ctx.read(&self.shared.momenta, self.model.num_trainable)
     }
 
     fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {

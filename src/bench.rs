@@ -50,11 +50,7 @@ fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
 }
 
 /// Runs `work` (which handles `images` images) `repeats` times after one warm-up; images/s per run.
-fn time(
-    repeats: usize,
-    images: usize,
-    mut work: impl FnMut() -> Result<()>,
-) -> Result<(f64, f64, f64)> {
+fn time(repeats: usize, images: usize, mut work: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
     work()?;
     let mut rates = Vec::new();
     for _ in 0..repeats.max(1) {
@@ -75,15 +71,9 @@ fn validate(backend: &mut dyn Backend, model: &Model, batch: &Batch, p: StepPara
         b.reset_sums()?;
         b.train_step(&batch.input, &batch.labels, p)?;
     }
-    let (got, want) = (
-        backend.train_sums()?.loss_sum,
-        reference.train_sums()?.loss_sum,
-    );
+    let (got, want) = (backend.train_sums()?.loss_sum, reference.train_sums()?.loss_sum);
     if (got - want).abs() > 1e-4 * want.abs().max(1.0) {
-        bail!(
-            "{}: a training step gives loss sum {got}, the CPU reference {want}: not timing it",
-            backend.describe()
-        );
+        bail!("{}: a training step gives loss sum {got}, the CPU reference {want}: not timing it", backend.describe());
     }
     Ok(())
 }
@@ -91,16 +81,10 @@ fn validate(backend: &mut dyn Backend, model: &Model, batch: &Batch, p: StepPara
 pub fn run(args: BenchArgs) -> Result<()> {
     let model = Model::net3();
     let set = data::load_dir(&data::default_dir())?;
-    let cfg = LoaderConfig {
-        seed: 1,
-        batch_size: args.batch_size,
-        augment: true,
-        batch_augment: BatchAugment::default(),
-    };
+    let cfg =
+        LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
     let order = epoch_order(1, 0, set.train.len());
-    let batches: Vec<Batch> = (0..args.steps)
-        .map(|i| train_batch(&set.train, &order, &cfg, 0, i))
-        .collect();
+    let batches: Vec<Batch> = (0..args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
     let mut rows = Vec::new();
 
     let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
@@ -109,32 +93,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
         Ok(())
     })?;
-    rows.push(Row {
-        what: "augmentation (1 thread)".into(),
-        device: "cpu".into(),
-        median: m,
-        min: lo,
-        max: hi,
-    });
+    rows.push(Row { what: "augmentation (1 thread)".into(), device: "cpu".into(), median: m, min: lo, max: hi });
 
     let mut backends = args.backends.clone();
     if backends.is_empty() {
         backends.push(BackendChoice::Cpu);
         match GpuContext::new(args.adapter.as_deref()) {
             Ok(ctx) if !ctx.is_software() => backends.push(BackendChoice::Gpu),
-            Ok(ctx) => eprintln!("note: not timing the GPU backend on {}, a software adapter; ask with --backends gpu", ctx.info.name),
+            Ok(ctx) => eprintln!(
+                "note: not timing the GPU backend on {}, a software adapter; ask with --backends gpu",
+                ctx.info.name
+            ),
             Err(_) => eprintln!("note: no GPU adapter; timing the CPU backend only"),
         }
     }
-    let eval: Vec<Batch> = eval_batches(&set.test, args.batch_size)
-        .take(args.steps)
-        .collect();
+    let eval: Vec<Batch> = eval_batches(&set.test, args.batch_size).take(args.steps).collect();
     let eval_images: usize = eval.iter().map(|b| b.len()).sum();
     for choice in backends {
-        let device = DeviceArgs {
-            backend: choice,
-            adapter: args.adapter.clone(),
-        };
+        let device = DeviceArgs { backend: choice, adapter: args.adapter.clone() };
         let mut backend = make_backend(&device, &model, model.init_state(1))?;
         let name = backend.describe();
         let p = |step: usize| StepParams {
@@ -182,14 +158,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
             .iter()
             .map(|r| serde_json::json!({"what": r.what, "device": r.device, "images_per_sec_median": r.median, "min": r.min, "max": r.max}))
             .collect();
-        let out =
-            serde_json::json!({"repeats": args.repeats, "steps": args.steps, "results": list});
+        let out = serde_json::json!({"repeats": args.repeats, "steps": args.steps, "results": list});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!(
-            "{:<28}{:<52}{:>14}{:>22}",
-            "what", "device", "images/s", "(min .. max)"
-        );
+        println!("{:<28}{:<52}{:>14}{:>22}", "what", "device", "images/s", "(min .. max)");
         for r in rows {
             println!(
                 "{:<28}{:<52}{:>14.0}{:>22}",
@@ -199,10 +171,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 format!("({:.0} .. {:.0})", r.min, r.max)
             );
         }
-        println!(
-            "medians of {} repeats of {} batches, after one warm-up repeat",
-            args.repeats, args.steps
-        );
+        println!("medians of {} repeats of {} batches, after one warm-up repeat", args.repeats, args.steps);
     }
     Ok(())
 }

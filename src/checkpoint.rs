@@ -46,21 +46,12 @@ impl Position {
     }
 
     fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Position> {
-        let get = |k: &str| {
-            m.get(k)
-                .ok_or_else(|| anyhow!("{}: metadata has no {k:?}", path.display()))
-        };
+        let get = |k: &str| m.get(k).ok_or_else(|| anyhow!("{}: metadata has no {k:?}", path.display()));
         let num = |k: &str| -> Result<u64> {
-            get(k)?
-                .parse()
-                .map_err(|e| anyhow!("{}: metadata {k:?} is not a number ({e})", path.display()))
+            get(k)?.parse().map_err(|e| anyhow!("{}: metadata {k:?} is not a number ({e})", path.display()))
         };
         if get("format")? != FORMAT {
-            bail!(
-                "{}: format {:?}, expected {FORMAT:?}",
-                path.display(),
-                get("format")?
-            );
+            bail!("{}: format {:?}, expected {FORMAT:?}", path.display(), get("format")?);
         }
         Ok(Position {
             epoch: num("epoch")? as usize,
@@ -75,10 +66,7 @@ impl Position {
 
 /// `runs/x/last.safetensors` -> `runs/x/last.optim.safetensors`.
 pub fn optim_path(path: &Path) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default();
+    let stem = path.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
     path.with_file_name(format!("{stem}.optim.safetensors"))
 }
 
@@ -94,28 +82,19 @@ fn write_atomic(
 ) -> Result<()> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
-        .map(|(name, shape, bytes, dtype)| {
-            Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
-        })
+        .map(|(name, shape, bytes, dtype)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .with_context(|| format!("{}: building tensors", path.display()))?;
     let bytes = safetensors::tensor::serialize(views, Some(meta))
         .with_context(|| format!("{}: serializing", path.display()))?;
     let tmp = path.with_extension("safetensors.tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
 /// Writes `path` (the state_dict) and its companion with the momenta.
-pub fn save(
-    path: &Path,
-    model: &Model,
-    state: &[f32],
-    momenta: &[f32],
-    position: &Position,
-) -> Result<()> {
+pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
     assert_eq!(state.len(), model.num_state);
     assert_eq!(momenta.len(), model.num_trainable);
     let meta = position.to_map();
@@ -124,27 +103,11 @@ pub fn save(
     let mut tensors: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
         .params
         .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                p.shape.clone(),
-                f32_bytes(&state[p.offset..p.offset + p.len]),
-                Dtype::F32,
-            )
-        })
+        .map(|p| (p.name.clone(), p.shape.clone(), f32_bytes(&state[p.offset..p.offset + p.len]), Dtype::F32))
         .collect();
-    for p in model
-        .params
-        .iter()
-        .filter(|p| p.name.ends_with(".running_mean"))
-    {
+    for p in model.params.iter().filter(|p| p.name.ends_with(".running_mean")) {
         let module = p.name.trim_end_matches(".running_mean");
-        tensors.push((
-            format!("{module}.num_batches_tracked"),
-            vec![],
-            &batches[..],
-            Dtype::I64,
-        ));
+        tensors.push((format!("{module}.num_batches_tracked"), vec![], &batches[..], Dtype::I64));
     }
     let optim: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
         .params
@@ -175,27 +138,14 @@ pub struct Checkpoint {
 }
 
 fn read_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
-    let t = st
-        .tensor(name)
-        .map_err(|_| anyhow!("{}: no tensor {name:?}", path.display()))?;
+    let t = st.tensor(name).map_err(|_| anyhow!("{}: no tensor {name:?}", path.display()))?;
     if t.dtype() != Dtype::F32 {
-        bail!(
-            "{}: tensor {name:?} is {:?}, expected F32",
-            path.display(),
-            t.dtype()
-        );
+        bail!("{}: tensor {name:?} is {:?}, expected F32", path.display(), t.dtype());
     }
     if t.shape() != shape {
-        bail!(
-            "{}: tensor {name:?} has shape {:?}, expected {shape:?}",
-            path.display(),
-            t.shape()
-        );
+        bail!("{}: tensor {name:?} has shape {:?}, expected {shape:?}", path.display(), t.shape());
     }
-    Ok(t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect())
+    Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 fn open(path: &Path) -> Result<Vec<u8>> {
@@ -205,10 +155,9 @@ fn open(path: &Path) -> Result<Vec<u8>> {
 /// Loads `path` and, when present, its momenta companion, checking every name, shape and type.
 pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
     let bytes = open(path)?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
-    let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut state = vec![0.0f32; model.num_state];
     for p in &model.params {
         state[p.offset..p.offset + p.len].copy_from_slice(&read_f32(path, &st, &p.name, &p.shape)?);
@@ -231,27 +180,14 @@ pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
                 &p.shape,
             )?);
         }
-        let (_, meta) =
-            SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
-        let pos = meta
-            .metadata()
-            .as_ref()
-            .map(|m| Position::from_map(&optim, m))
-            .transpose()?;
+        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
+        let pos = meta.metadata().as_ref().map(|m| Position::from_map(&optim, m)).transpose()?;
         if pos != position {
-            bail!(
-                "{} belongs to another checkpoint than {} (their positions differ)",
-                optim.display(),
-                path.display()
-            );
+            bail!("{} belongs to another checkpoint than {} (their positions differ)", optim.display(), path.display());
         }
         Some(m)
     } else {
         None
     };
-    Ok(Checkpoint {
-        state,
-        momenta,
-        position,
-    })
+    Ok(Checkpoint { state, momenta, position })
 }

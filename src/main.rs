@@ -118,14 +118,8 @@ fn load_data(dir: Option<PathBuf>) -> Result<data::Mnist> {
 
 /// Builds the backend the flags ask for, holding `state`; says in one line why when `auto` falls back
 /// to the CPU.
-pub fn make_backend(
-    device: &DeviceArgs,
-    model: &Model,
-    state: Vec<f32>,
-) -> Result<Box<dyn Backend>> {
-    let gpu = |ctx: GpuContext| -> Result<Box<dyn Backend>> {
-        Ok(Box::new(GpuBackend::new(ctx, model, &state)?))
-    };
+pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Result<Box<dyn Backend>> {
+    let gpu = |ctx: GpuContext| -> Result<Box<dyn Backend>> { Ok(Box::new(GpuBackend::new(ctx, model, &state)?)) };
     match device.backend {
         BackendChoice::Cpu => Ok(Box::new(CpuBackend::new(model, state.clone()))),
         BackendChoice::Gpu => gpu(GpuContext::new(device.adapter.as_deref())?),
@@ -155,15 +149,9 @@ fn run(command: Command) -> Result<()> {
             if adapters.is_empty() {
                 bail!(INSTALL_HINT);
             }
-            println!(
-                "{:<6}{:<40}{:<9}{:<15}driver",
-                "index", "name", "backend", "type"
-            );
+            println!("{:<6}{:<40}{:<9}{:<15}driver", "index", "name", "backend", "type");
             for a in adapters {
-                println!(
-                    "{:<6}{:<40}{:<9}{:<15}{}",
-                    a.index, a.name, a.backend, a.device_type, a.driver
-                );
+                println!("{:<6}{:<40}{:<9}{:<15}{}", a.index, a.name, a.backend, a.device_type, a.driver);
             }
         }
         Command::Data { data } => {
@@ -173,9 +161,7 @@ fn run(command: Command) -> Result<()> {
             for (name, split) in [("train", &set.train), ("test", &set.test)] {
                 let mut counts = [0usize; data::NUM_CLASSES];
                 split.labels.iter().for_each(|&l| counts[l as usize] += 1);
-                let mean = split.images.iter().map(|&p| p as f64).sum::<f64>()
-                    / split.images.len() as f64
-                    / 255.0;
+                let mean = split.images.iter().map(|&p| p as f64).sum::<f64>() / split.images.len() as f64 / 255.0;
                 println!(
                     "{name:<5} {:>6} images of {IMAGE_SIDE}x{IMAGE_SIDE}, mean pixel {mean:.4}, per class {counts:?}",
                     split.len()
@@ -183,12 +169,7 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Train(args) => train_command(args)?,
-        Command::Eval {
-            checkpoint,
-            data,
-            batch_size,
-            device,
-        } => {
+        Command::Eval { checkpoint, data, batch_size, device } => {
             let model = Model::net3();
             let ck = mnist_wgpu::checkpoint::load(&checkpoint, &model)?;
             let set = load_data(data)?;
@@ -221,11 +202,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         max_lr: args.max_lr,
         weight_decay: 1e-5,
         seed: args.seed,
-        batch_augment: BatchAugment {
-            swell: args.swell,
-            darken: args.darken,
-            squeeze: args.squeeze,
-        },
+        batch_augment: BatchAugment { swell: args.swell, darken: args.darken, squeeze: args.squeeze },
     };
     let out_dir = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
@@ -254,19 +231,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
             eprintln!("\nSecond Ctrl-C: exiting without saving.");
             std::process::exit(130);
         }
-        eprintln!(
-            "\nCtrl-C: finishing the current step, then saving (Ctrl-C again to quit at once)."
-        );
+        eprintln!("\nCtrl-C: finishing the current step, then saving (Ctrl-C again to quit at once).");
     })
     .context("installing the Ctrl-C handler")?;
-    let opts = TrainOptions {
-        recipe,
-        out_dir,
-        resume: args.resume,
-        progress: true,
-        stop,
-        report_every: 20,
-    };
+    let opts = TrainOptions { recipe, out_dir, resume: args.resume, progress: true, stop, report_every: 20 };
     train::train(backend.as_mut(), &model, &set, &opts)?;
     Ok(())
 }
@@ -295,21 +263,14 @@ fn save_augmented(split: &data::Split, recipe: &Recipe, n: usize, path: &Path) -
         let (gx, gy) = ((k % cols) * cell + 1, (k / cols) * cell + 1);
         for (i, &v) in img.iter().enumerate() {
             // Undo the normalization for display.
-            let p = ((v * data::STD + data::MEAN) * 255.0)
-                .round()
-                .clamp(0.0, 255.0) as u8;
-            grid.put_pixel(
-                (gx + i % IMAGE_SIDE) as u32,
-                (gy + i / IMAGE_SIDE) as u32,
-                image::Luma([p]),
-            );
+            let p = ((v * data::STD + data::MEAN) * 255.0).round().clamp(0.0, 255.0) as u8;
+            grid.put_pixel((gx + i % IMAGE_SIDE) as u32, (gy + i / IMAGE_SIDE) as u32, image::Luma([p]));
         }
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    grid.save(path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    grid.save(path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -332,10 +293,7 @@ fn confusion_matrix(
     let sums = backend.eval_sums()?;
     let diagonal: u64 = (0..10).map(|i| counts[i][i] as u64).sum();
     if diagonal != sums.correct {
-        bail!(
-            "internal error: the confusion matrix counts {diagonal} correct, the backend {}",
-            sums.correct
-        );
+        bail!("internal error: the confusion matrix counts {diagonal} correct, the backend {}", sums.correct);
     }
     Ok((counts, sums))
 }

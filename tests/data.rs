@@ -4,9 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use mnist_wgpu::data::{
-    self, load_dir, read_idx, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS,
-};
+use mnist_wgpu::data::{self, load_dir, read_idx, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS};
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
     let mut b = vec![0, 0, 8, dims.len() as u8];
@@ -59,16 +57,10 @@ fn bundled_mnist_loads_with_the_published_counts() {
     let mut counts = [0usize; 10];
     m.test.labels.iter().for_each(|&l| counts[l as usize] += 1);
     // Per-class test counts from the data set's README.
-    assert_eq!(
-        counts,
-        [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
-    );
+    assert_eq!(counts, [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]);
     let mut counts = [0usize; 10];
     m.train.labels.iter().for_each(|&l| counts[l as usize] += 1);
-    assert_eq!(
-        counts,
-        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    );
+    assert_eq!(counts, [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]);
     // The first training image is a 5, as everybody's first MNIST tutorial shows.
     assert_eq!(m.train.labels[0], 5);
 }
@@ -88,10 +80,7 @@ fn raw_and_gzip_folders_load_alike() {
 #[test]
 fn missing_folder_and_missing_file() {
     let e = error_of(Path::new("/nonexistent/mnist"));
-    assert!(
-        e.contains("/nonexistent/mnist") && e.contains("not found"),
-        "{e}"
-    );
+    assert!(e.contains("/nonexistent/mnist") && e.contains("not found"), "{e}");
     let dir = scratch("missing");
     write_set(&dir, 20, 10, true);
     std::fs::remove_file(dir.join(format!("{TEST_LABELS}.gz"))).unwrap();
@@ -107,10 +96,7 @@ fn wrong_magic() {
     bytes[0] = 0x50; // e.g. a PNG or text file under the IDX name
     std::fs::write(dir.join(TRAIN_IMAGES), bytes).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(TRAIN_IMAGES) && e.contains("wrong magic number"),
-        "{e}"
-    );
+    assert!(e.contains(TRAIN_IMAGES) && e.contains("wrong magic number"), "{e}");
 }
 
 #[test]
@@ -121,10 +107,7 @@ fn unsupported_element_type() {
     bytes[2] = 0x0d; // float
     std::fs::write(dir.join(TRAIN_LABELS), bytes).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(TRAIN_LABELS) && e.contains("element type 0x0d"),
-        "{e}"
-    );
+    assert!(e.contains(TRAIN_LABELS) && e.contains("element type 0x0d"), "{e}");
 }
 
 #[test]
@@ -135,10 +118,7 @@ fn truncated_data_header_and_gzip() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(TEST_IMAGES) && e.contains("truncated") && e.contains("7740"),
-        "{e}"
-    );
+    assert!(e.contains(TEST_IMAGES) && e.contains("truncated") && e.contains("7740"), "{e}");
     std::fs::write(&path, &bytes[..10]).unwrap();
     let e = read_idx(&path).unwrap_err().to_string();
     assert!(e.contains("truncated") && e.contains("header"), "{e}");
@@ -148,10 +128,7 @@ fn truncated_data_header_and_gzip() {
     let gz_path = dir.join(format!("{TEST_IMAGES}.gz"));
     std::fs::write(&gz_path, &gz[..gz.len() / 2]).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(&format!("{TEST_IMAGES}.gz")) && e.contains("truncated or corrupt gzip"),
-        "{e}"
-    );
+    assert!(e.contains(&format!("{TEST_IMAGES}.gz")) && e.contains("truncated or corrupt gzip"), "{e}");
 }
 
 #[test]
@@ -163,10 +140,7 @@ fn trailing_bytes() {
     bytes.extend_from_slice(&[1, 2, 3]);
     std::fs::write(&path, bytes).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(TRAIN_LABELS) && e.contains("3 unexpected trailing bytes"),
-        "{e}"
-    );
+    assert!(e.contains(TRAIN_LABELS) && e.contains("3 unexpected trailing bytes"), "{e}");
 }
 
 #[test]
@@ -176,10 +150,7 @@ fn count_mismatch() {
     std::fs::write(dir.join(TRAIN_LABELS), idx_bytes(&[19], &[1; 19])).unwrap();
     let e = error_of(&dir);
     assert!(
-        e.contains(TRAIN_LABELS)
-            && e.contains("count mismatch")
-            && e.contains("19 labels")
-            && e.contains("20 images"),
+        e.contains(TRAIN_LABELS) && e.contains("count mismatch") && e.contains("19 labels") && e.contains("20 images"),
         "{e}"
     );
 }
@@ -192,24 +163,14 @@ fn label_out_of_range() {
     labels[4] = 10;
     std::fs::write(dir.join(TEST_LABELS), idx_bytes(&[10], &labels)).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(TEST_LABELS) && e.contains("label 10 at index 4"),
-        "{e}"
-    );
+    assert!(e.contains(TEST_LABELS) && e.contains("label 10 at index 4"), "{e}");
 }
 
 #[test]
 fn wrong_image_size() {
     let dir = scratch("size");
     write_set(&dir, 20, 10, false);
-    std::fs::write(
-        dir.join(TEST_IMAGES),
-        idx_bytes(&[10, 32, 32], &vec![0; 10 * 32 * 32]),
-    )
-    .unwrap();
+    std::fs::write(dir.join(TEST_IMAGES), idx_bytes(&[10, 32, 32], &vec![0; 10 * 32 * 32])).unwrap();
     let e = error_of(&dir);
-    assert!(
-        e.contains(TEST_IMAGES) && e.contains("28 x 28") && e.contains("[10, 32, 32]"),
-        "{e}"
-    );
+    assert!(e.contains(TEST_IMAGES) && e.contains("28 x 28") && e.contains("[10, 32, 32]"), "{e}");
 }

@@ -39,20 +39,14 @@ fn setup(fx: &Fixture) -> (Model, Vec<f32>, Vec<f32>, Vec<u8>) {
 /// Checks `got` against the float64 truth at `tol`, and against PyTorch's float32 run at `tol` plus
 /// PyTorch's own error. Returns the error against PyTorch's float32 run.
 fn check(fx: &Fixture, name: &str, got: &[f32], tol: f32) -> f32 {
-    assert!(
-        got.iter().all(|v| v.is_finite()),
-        "{name}: non-finite value"
-    );
+    assert!(got.iter().all(|v| v.is_finite()), "{name}: non-finite value");
     let truth = fx.get(&format!("f64.{name}")).f32s();
     let torch = fx.get(name).f32s();
     let ours = rel_err(got, &truth, 1e-6);
     let theirs = rel_err(&torch, &truth, 1e-6);
     let versus = rel_err(got, &torch, 1e-6);
     eprintln!("{name:<34} vs f64 {ours:.2e} (tol {tol:.0e})  torch f32 vs f64 {theirs:.2e}  vs torch f32 {versus:.2e}");
-    assert!(
-        ours <= tol,
-        "{name}: error {ours:e} against the float64 truth exceeds {tol:e}"
-    );
+    assert!(ours <= tol, "{name}: error {ours:e} against the float64 truth exceeds {tol:e}");
     assert!(
         versus <= 1.01 * (tol + theirs),
         "{name}: error {versus:e} against PyTorch float32 exceeds {tol:e} + {theirs:e}"
@@ -70,22 +64,12 @@ fn one_pass_matches_pytorch() {
     let fx = Fixture::load();
     let (model, mut state, input, labels) = setup(&fx);
     let mut net = CpuNet::new(&model);
-    net.forward(
-        &mut state,
-        &input,
-        labels.len(),
-        Mode::Train(DropoutMode::Off),
-    );
+    net.forward(&mut state, &input, labels.len(), Mode::Train(DropoutMode::Off));
     check(&fx, "step0.logits", net.logits(), 1e-5);
 
     let classes = model.output_classes();
     let mut dlogits = vec![0.0; net.logits().len()];
-    let out = mnist_wgpu::cpu::loss::softmax_cross_entropy(
-        net.logits(),
-        &labels,
-        classes,
-        Some(&mut dlogits),
-    );
+    let out = mnist_wgpu::cpu::loss::softmax_cross_entropy(net.logits(), &labels, classes, Some(&mut dlogits));
     check(&fx, "step0.loss", &[out.loss], 1e-5);
 
     let grads = net.backward(&state, &dlogits).to_vec();
@@ -96,12 +80,7 @@ fn one_pass_matches_pytorch() {
     }
     eprintln!("largest gradient error against PyTorch float32: {worst:.2e}");
     for p in model.params.iter().filter(|p| !p.trainable) {
-        check(
-            &fx,
-            &format!("step0.running.{}", p.name),
-            slice(&model, &state, &p.name),
-            1e-5,
-        );
+        check(&fx, &format!("step0.running.{}", p.name), slice(&model, &state, &p.name), 1e-5);
     }
 }
 
@@ -118,33 +97,14 @@ fn ten_sgd_steps_match_pytorch() {
     for step in 0..want_losses.len() {
         let (lr, momentum) = schedule.at(step);
         assert!((lr - want_lr[step]).abs() <= 1e-12 && (momentum - want_mom[step]).abs() <= 1e-12);
-        let sgd = SgdStep {
-            lr: lr as f32,
-            momentum: momentum as f32,
-            weight_decay: WEIGHT_DECAY,
-        };
-        losses.push(
-            net.train_step(
-                &mut state,
-                &mut momenta,
-                &input,
-                &labels,
-                sgd,
-                DropoutMode::Off,
-            )
-            .loss,
-        );
+        let sgd = SgdStep { lr: lr as f32, momentum: momentum as f32, weight_decay: WEIGHT_DECAY };
+        losses.push(net.train_step(&mut state, &mut momenta, &input, &labels, sgd, DropoutMode::Off).loss);
     }
     check(&fx, "train.losses", &losses, 1e-5);
     // The loss must actually have moved: ten steps on one batch lower it clearly.
     assert!(losses[9] < losses[0] - 0.3, "losses {losses:?}");
     for p in &model.params {
-        check(
-            &fx,
-            &format!("final.{}", p.name),
-            slice(&model, &state, &p.name),
-            1e-5,
-        );
+        check(&fx, &format!("final.{}", p.name), slice(&model, &state, &p.name), 1e-5);
     }
     net.forward(&mut state, &input, labels.len(), Mode::Eval);
     check(&fx, "final.eval_logits", net.logits(), 1e-5);
@@ -155,22 +115,11 @@ fn one_cycle_schedule_matches_pytorch() {
     let fx = Fixture::load();
     let schedule = OneCycle::recipe(12_000, 0.1);
     let steps = &fx.get("schedule.steps").data;
-    let (lr, mom) = (
-        &fx.get("schedule.lr").data,
-        &fx.get("schedule.momentum").data,
-    );
+    let (lr, mom) = (&fx.get("schedule.lr").data, &fx.get("schedule.momentum").data);
     for (i, &k) in steps.iter().enumerate() {
         let (got_lr, got_mom) = schedule.at(k as usize);
-        assert!(
-            (got_lr - lr[i]).abs() <= 1e-12,
-            "step {k}: lr {got_lr} vs PyTorch {}",
-            lr[i]
-        );
-        assert!(
-            (got_mom - mom[i]).abs() <= 1e-12,
-            "step {k}: momentum {got_mom} vs PyTorch {}",
-            mom[i]
-        );
+        assert!((got_lr - lr[i]).abs() <= 1e-12, "step {k}: lr {got_lr} vs PyTorch {}", lr[i]);
+        assert!((got_mom - mom[i]).abs() <= 1e-12, "step {k}: momentum {got_mom} vs PyTorch {}", mom[i]);
     }
     // The spec's anchor points.
     let close = |a: f64, b: f64| (a - b).abs() < 1e-12;

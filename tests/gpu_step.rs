@@ -19,10 +19,7 @@ use rand::{RngExt, SeedableRng};
 const WEIGHT_DECAY: f32 = 1e-5;
 
 fn check(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
-    assert!(
-        got.iter().all(|v| v.is_finite()),
-        "{what}: non-finite GPU value"
-    );
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite GPU value");
     let err = rel_err(got, want, 1e-6);
     eprintln!("{what:<36} rel err {err:.2e} (tol {tol:.0e})");
     assert!(err <= tol, "{what}: error {err:e} exceeds {tol:e}");
@@ -32,8 +29,7 @@ fn check(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
 fn fixture_state(fx: &Fixture, model: &Model, prefix: &str) -> Vec<f32> {
     let mut state = vec![f32::NAN; model.num_state];
     for p in &model.params {
-        state[p.offset..p.offset + p.len]
-            .copy_from_slice(&fx.get(&format!("{prefix}{}", p.name)).f32s());
+        state[p.offset..p.offset + p.len].copy_from_slice(&fx.get(&format!("{prefix}{}", p.name)).f32s());
     }
     state
 }
@@ -51,29 +47,14 @@ fn gpu_step_matches_pytorch() {
 
     // One forward and backward pass.
     net.gradients_only(ctx, &input, &labels, StepUniform::default());
-    check(
-        "logits",
-        &net.read_logits(ctx).unwrap(),
-        &fx.get("f64.step0.logits").f32s(),
-        1e-5,
-    );
+    check("logits", &net.read_logits(ctx).unwrap(), &fx.get("f64.step0.logits").f32s(), 1e-5);
     let m = net.metrics(ctx).unwrap();
-    check(
-        "loss",
-        &[m.loss_sum / n as f32],
-        &fx.get("f64.step0.loss").f32s(),
-        1e-5,
-    );
+    check("loss", &[m.loss_sum / n as f32], &fx.get("f64.step0.loss").f32s(), 1e-5);
     let grads = net.read_grads(ctx).unwrap();
     let mut worst = 0.0f32;
     for p in model.params.iter().filter(|p| p.trainable) {
         let want = fx.get(&format!("f64.step0.grad.{}", p.name)).f32s();
-        worst = worst.max(check(
-            &format!("grad {}", p.name),
-            &grads[p.offset..p.offset + p.len],
-            &want,
-            2e-5,
-        ));
+        worst = worst.max(check(&format!("grad {}", p.name), &grads[p.offset..p.offset + p.len], &want, 2e-5));
     }
     eprintln!("largest GPU gradient error against PyTorch float64: {worst:.2e}");
     let after = net.read_state(ctx).unwrap();
@@ -89,56 +70,27 @@ fn gpu_step_matches_pytorch() {
     let mut losses = Vec::new();
     for step in 0..10 {
         let (lr, momentum) = schedule.at(step);
-        let u = StepUniform {
-            lr: lr as f32,
-            momentum: momentum as f32,
-            weight_decay: WEIGHT_DECAY,
-            ..Default::default()
-        };
+        let u =
+            StepUniform { lr: lr as f32, momentum: momentum as f32, weight_decay: WEIGHT_DECAY, ..Default::default() };
         net.reset_metrics(ctx);
-        let m = net
-            .train_step(ctx, &input, &labels, u, true)
-            .unwrap()
-            .unwrap();
+        let m = net.train_step(ctx, &input, &labels, u, true).unwrap().unwrap();
         losses.push(m.loss_sum / n as f32);
     }
-    check(
-        "ten-step losses",
-        &losses,
-        &fx.get("f64.train.losses").f32s(),
-        1e-5,
-    );
+    check("ten-step losses", &losses, &fx.get("f64.train.losses").f32s(), 1e-5);
     let final_state = net.read_state(ctx).unwrap();
-    check(
-        "ten-step state",
-        &final_state,
-        &fixture_state(&fx, &model, "f64.final."),
-        1e-5,
-    );
+    check("ten-step state", &final_state, &fixture_state(&fx, &model, "f64.final."), 1e-5);
     for p in &model.params {
         let want = fx.get(&format!("f64.final.{}", p.name)).f32s();
-        check(
-            &format!("final {}", p.name),
-            &final_state[p.offset..p.offset + p.len],
-            &want,
-            1e-5,
-        );
+        check(&format!("final {}", p.name), &final_state[p.offset..p.offset + p.len], &want, 1e-5);
     }
     net.reset_metrics(ctx);
     net.evaluate_batch(ctx, &input, &labels);
-    check(
-        "eval logits",
-        &net.read_logits(ctx).unwrap(),
-        &fx.get("f64.final.eval_logits").f32s(),
-        1e-5,
-    );
+    check("eval logits", &net.read_logits(ctx).unwrap(), &fx.get("f64.final.eval_logits").f32s(), 1e-5);
 }
 
 fn random_batch(seed: u64, n: usize, model: &Model) -> (Vec<f32>, Vec<u8>) {
     let mut g = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let input = (0..n * model.input.len())
-        .map(|_| g.random_range(-0.5f32..2.5))
-        .collect();
+    let input = (0..n * model.input.len()).map(|_| g.random_range(-0.5f32..2.5)).collect();
     let labels = (0..n).map(|_| g.random_range(0..10u8)).collect();
     (input, labels)
 }
@@ -155,20 +107,9 @@ fn gpu_steps_with_dropout_match_cpu_reference() {
     let mut cpu = CpuNet::new(&model);
     for step in 0..3u32 {
         let (input, labels) = random_batch(step as u64, n, &model);
-        let sgd = SgdStep {
-            lr: 0.05,
-            momentum: 0.9,
-            weight_decay: WEIGHT_DECAY,
-        };
+        let sgd = SgdStep { lr: 0.05, momentum: 0.9, weight_decay: WEIGHT_DECAY };
         let dropout = DropoutMode::Hash { seed: 99, step };
-        let want = cpu.train_step(
-            &mut cpu_state,
-            &mut cpu_momenta,
-            &input,
-            &labels,
-            sgd,
-            dropout,
-        );
+        let want = cpu.train_step(&mut cpu_state, &mut cpu_momenta, &input, &labels, sgd, dropout);
         let u = StepUniform {
             lr: 0.05,
             momentum: 0.9,
@@ -179,41 +120,18 @@ fn gpu_steps_with_dropout_match_cpu_reference() {
             ..Default::default()
         };
         net.reset_metrics(ctx);
-        let got = net
-            .train_step(ctx, &input, &labels, u, true)
-            .unwrap()
-            .unwrap();
-        check(
-            &format!("step {step} loss"),
-            &[got.loss_sum / n as f32],
-            &[want.loss],
-            1e-5,
-        );
+        let got = net.train_step(ctx, &input, &labels, u, true).unwrap().unwrap();
+        check(&format!("step {step} loss"), &[got.loss_sum / n as f32], &[want.loss], 1e-5);
         assert_eq!(got.correct, want.correct, "step {step} correct count");
-        check(
-            &format!("step {step} gradients"),
-            &net.read_grads(ctx).unwrap(),
-            &cpu.grads,
-            2e-5,
-        );
-        check(
-            &format!("step {step} state"),
-            &net.read_state(ctx).unwrap(),
-            &cpu_state,
-            1e-5,
-        );
+        check(&format!("step {step} gradients"), &net.read_grads(ctx).unwrap(), &cpu.grads, 2e-5);
+        check(&format!("step {step} state"), &net.read_state(ctx).unwrap(), &cpu_state, 1e-5);
     }
     // Evaluation mode over the same net: running statistics, no dropout.
     let (input, labels) = random_batch(50, n, &model);
     net.reset_metrics(ctx);
     net.evaluate_batch(ctx, &input, &labels);
     cpu.forward(&mut cpu_state, &input, n, Mode::Eval);
-    check(
-        "eval logits",
-        &net.read_logits(ctx).unwrap(),
-        cpu.logits(),
-        1e-5,
-    );
+    check("eval logits", &net.read_logits(ctx).unwrap(), cpu.logits(), 1e-5);
 }
 
 /// The same step from the same state twice gives bitwise-identical parameters, momenta and metrics.
@@ -239,10 +157,7 @@ fn gpu_step_is_deterministic() {
         net.write_state(ctx, &state);
         net.write_momenta(ctx, &vec![0.0; model.num_trainable]);
         net.reset_metrics(ctx);
-        let m = net
-            .train_step(ctx, &input, &labels, u, true)
-            .unwrap()
-            .unwrap();
+        let m = net.train_step(ctx, &input, &labels, u, true).unwrap().unwrap();
         let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         runs.push((
             bits(net.read_state(ctx).unwrap()),
@@ -251,10 +166,6 @@ fn gpu_step_is_deterministic() {
             m.correct,
         ));
     }
-    assert_ne!(
-        runs[0].0,
-        state.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-        "the step changed nothing"
-    );
+    assert_ne!(runs[0].0, state.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "the step changed nothing");
     assert!(runs[0] == runs[1], "two runs of the same step differ");
 }

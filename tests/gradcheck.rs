@@ -54,9 +54,7 @@ fn check(what: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64) 
     let coords: Vec<usize> = if x.len() <= SAMPLES {
         (0..x.len()).collect()
     } else {
-        (0..SAMPLES)
-            .map(|_| pick.random_range(0..x.len()))
-            .collect()
+        (0..SAMPLES).map(|_| pick.random_range(0..x.len())).collect()
     };
     let mut worst = 0.0f64;
     let mut probe = x.to_vec();
@@ -68,22 +66,18 @@ fn check(what: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f64) 
         probe[i] = x[i];
         let numeric = (up - down) / (2.0 * (H as f64));
         let err = (numeric - analytic[i] as f64).abs() / scale;
-        assert!(err <= TOL, "{what}[{i}]: analytic {} numeric {numeric} (error {err:e} of the largest gradient {scale})", analytic[i]);
+        assert!(
+            err <= TOL,
+            "{what}[{i}]: analytic {} numeric {numeric} (error {err:e} of the largest gradient {scale})",
+            analytic[i]
+        );
         worst = worst.max(err);
     }
     eprintln!("{what:<28} worst error {worst:.1e} of the largest gradient (tol {TOL:.0e})");
 }
 
 fn conv_case(k: usize, pad: usize, seed: u64) {
-    let d = ConvDims {
-        n: 2,
-        cin: 3,
-        h: 6,
-        w: 5,
-        cout: 4,
-        k,
-        pad,
-    };
+    let d = ConvDims { n: 2, cin: 3, h: 6, w: 5, cout: 4, k, pad };
     let mut g = rng(seed);
     let x = random(&mut g, d.n * d.in_image(), 1.0);
     let w = random(&mut g, d.weight_len(), 0.5);
@@ -96,12 +90,8 @@ fn conv_case(k: usize, pad: usize, seed: u64) {
     let mut dx = vec![0.0; x.len()];
     let mut dw = vec![0.0; w.len()];
     conv_backward(&d, &x, &w, &r, Some(&mut dx), &mut dw);
-    check(&format!("conv{k}x{k} pad {pad} dx"), &x, &dx, |x| {
-        forward(x, &w)
-    });
-    check(&format!("conv{k}x{k} pad {pad} dweight"), &w, &dw, |w| {
-        forward(&x, w)
-    });
+    check(&format!("conv{k}x{k} pad {pad} dx"), &x, &dx, |x| forward(x, &w));
+    check(&format!("conv{k}x{k} pad {pad} dweight"), &w, &dw, |w| forward(&x, w));
     // The weight gradient without dx is the same computation.
     let mut dw2 = vec![0.0; w.len()];
     conv_backward(&d, &x, &w, &r, None, &mut dw2);
@@ -127,15 +117,7 @@ fn conv1x1() {
 #[test]
 fn conv_forward_is_the_direct_sum() {
     for (k, pad) in [(3, 1), (3, 0), (1, 0)] {
-        let d = ConvDims {
-            n: 2,
-            cin: 3,
-            h: 7,
-            w: 6,
-            cout: 5,
-            k,
-            pad,
-        };
+        let d = ConvDims { n: 2, cin: 3, h: 7, w: 6, cout: 5, k, pad };
         let mut g = rng(10 + k as u64 + pad as u64);
         let x = random(&mut g, d.n * d.in_image(), 1.0);
         let w = random(&mut g, d.weight_len(), 1.0);
@@ -150,19 +132,11 @@ fn conv_forward_is_the_direct_sum() {
                         for ci in 0..d.cin {
                             for ky in 0..k {
                                 for kx in 0..k {
-                                    let (iy, ix) = (
-                                        (oy + ky) as isize - pad as isize,
-                                        (ox + kx) as isize - pad as isize,
-                                    );
-                                    if iy >= 0
-                                        && ix >= 0
-                                        && (iy as usize) < d.h
-                                        && (ix as usize) < d.w
-                                    {
-                                        let xv = x[((n * d.cin + ci) * d.h + iy as usize) * d.w
-                                            + ix as usize];
-                                        sum += xv as f64
-                                            * w[((co * d.cin + ci) * k + ky) * k + kx] as f64;
+                                    let (iy, ix) =
+                                        ((oy + ky) as isize - pad as isize, (ox + kx) as isize - pad as isize);
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < d.h && (ix as usize) < d.w {
+                                        let xv = x[((n * d.cin + ci) * d.h + iy as usize) * d.w + ix as usize];
+                                        sum += xv as f64 * w[((co * d.cin + ci) * k + ky) * k + kx] as f64;
                                     }
                                 }
                             }
@@ -180,10 +154,7 @@ fn conv_forward_is_the_direct_sum() {
 fn batchnorm_training() {
     let d = BnDims { n: 3, c: 4, hw: 5 };
     let mut g = rng(4);
-    let x: Vec<f32> = random(&mut g, d.n * d.c * d.hw, 2.0)
-        .iter()
-        .map(|v| v + 0.5)
-        .collect();
+    let x: Vec<f32> = random(&mut g, d.n * d.c * d.hw, 2.0).iter().map(|v| v + 0.5).collect();
     let gamma: Vec<f32> = random(&mut g, d.c, 0.5).iter().map(|v| v + 1.0).collect();
     let beta = random(&mut g, d.c, 0.5);
     let r = random(&mut g, x.len(), 1.0);
@@ -197,9 +168,7 @@ fn batchnorm_training() {
     let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; x.len()], vec![0.0; d.c], vec![0.0; d.c]);
     batchnorm_backward(&d, &x, &r, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
     check("batchnorm dx", &x, &dx, |x| forward(x, &gamma, &beta));
-    check("batchnorm dgamma", &gamma, &dgamma, |gm| {
-        forward(&x, gm, &beta)
-    });
+    check("batchnorm dgamma", &gamma, &dgamma, |gm| forward(&x, gm, &beta));
     check("batchnorm dbeta", &beta, &dbeta, |b| forward(&x, &gamma, b));
     // Normalized output: zero mean and unit (biased) variance per channel before the affine part.
     for c in 0..d.c {
@@ -209,10 +178,7 @@ fn batchnorm_training() {
             .collect();
         let mean = vals.iter().sum::<f64>() / vals.len() as f64;
         let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / vals.len() as f64;
-        assert!(
-            mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3,
-            "channel {c}: mean {mean} var {var}"
-        );
+        assert!(mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-3, "channel {c}: mean {mean} var {var}");
     }
 }
 
@@ -235,9 +201,7 @@ fn batchnorm_running_statistics_and_eval() {
 
 /// Values at least `gap` apart from each other and from zero, in random order.
 fn separated(g: &mut Xoshiro256PlusPlus, len: usize, gap: f32) -> Vec<f32> {
-    let mut v: Vec<f32> = (0..len)
-        .map(|i| (i as f32 - len as f32 / 2.0 + 0.5) * gap)
-        .collect();
+    let mut v: Vec<f32> = (0..len).map(|i| (i as f32 - len as f32 / 2.0 + 0.5) * gap).collect();
     for i in (1..len).rev() {
         v.swap(i, g.random_range(0..=i));
     }
@@ -277,10 +241,7 @@ fn maxpool2() {
     });
     // Ties go to the first element of the window, as in PyTorch.
     let mut y1 = [0.0];
-    assert_eq!(
-        maxpool2_forward(1, 2, 2, &[1.0, 2.0, 2.0, 0.0], &mut y1),
-        vec![1]
-    );
+    assert_eq!(maxpool2_forward(1, 2, 2, &[1.0, 2.0, 2.0, 0.0], &mut y1), vec![1]);
 }
 
 #[test]
@@ -318,10 +279,7 @@ fn dropout_mask_statistics() {
     let mask = dropout_mask(42, 7, p, 200_000);
     let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
     // Binomial standard deviation sqrt(p(1-p)/n) ~ 4.9e-4; allow 5 of them.
-    assert!(
-        (dropped - p as f64).abs() < 2.5e-3,
-        "dropped fraction {dropped}"
-    );
+    assert!((dropped - p as f64).abs() < 2.5e-3, "dropped fraction {dropped}");
     assert!(mask.iter().all(|&m| m == 0.0 || m == 1.0 / (1.0 - p)));
     // Another step or seed draws another mask; the same draws the same.
     assert_ne!(mask, dropout_mask(42, 8, p, 200_000));
@@ -336,9 +294,7 @@ fn softmax_cross_entropy_gradient() {
     let logits = random(&mut g, 40, 3.0);
     let mut dlogits = vec![0.0; 40];
     let out = softmax_cross_entropy(&logits, &labels, 10, Some(&mut dlogits));
-    check("softmax cross-entropy", &logits, &dlogits, |l| {
-        softmax_cross_entropy(l, &labels, 10, None).loss as f64
-    });
+    check("softmax cross-entropy", &logits, &dlogits, |l| softmax_cross_entropy(l, &labels, 10, None).loss as f64);
     // The loss by its definition, and the argmax count.
     let mut want = 0.0f64;
     let mut correct = 0;
@@ -365,22 +321,12 @@ fn whole_network_parameter_gradients() {
     let loss = |state: &[f32]| {
         let mut s = state.to_vec();
         let mut net = CpuNet::new(&model);
-        net.forward(
-            &mut s,
-            &input,
-            n,
-            Mode::Train(DropoutMode::Hash { seed: 5, step: 0 }),
-        );
+        net.forward(&mut s, &input, n, Mode::Train(DropoutMode::Hash { seed: 5, step: 0 }));
         softmax_cross_entropy(net.logits(), &labels, classes, None).loss as f64
     };
     let mut net = CpuNet::new(&model);
     let mut s = state.clone();
-    net.forward(
-        &mut s,
-        &input,
-        n,
-        Mode::Train(DropoutMode::Hash { seed: 5, step: 0 }),
-    );
+    net.forward(&mut s, &input, n, Mode::Train(DropoutMode::Hash { seed: 5, step: 0 }));
     let mut dlogits = vec![0.0; n * classes];
     softmax_cross_entropy(net.logits(), &labels, classes, Some(&mut dlogits));
     let grads = net.backward(&s, &dlogits).to_vec();
@@ -407,9 +353,6 @@ fn whole_network_parameter_gradients() {
         }
         let err = (diff / norm.max(1e-12)).sqrt();
         eprintln!("{name:<28} relative 2-norm error {err:.1e} (tol {NET_TOL:.0e})");
-        assert!(
-            err <= NET_TOL,
-            "{name}: relative 2-norm error {err:e} exceeds {NET_TOL:e}"
-        );
+        assert!(err <= NET_TOL, "{name}: relative 2-norm error {err:e} exceeds {NET_TOL:e}");
     }
 }

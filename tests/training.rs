@@ -19,18 +19,12 @@ use mnist_wgpu::model::Model;
 use mnist_wgpu::train::{self, Recipe, TrainOptions};
 
 fn subset(split: &Split, n: usize) -> Split {
-    Split {
-        images: split.images[..n * IMAGE_PIXELS].to_vec(),
-        labels: split.labels[..n].to_vec(),
-    }
+    Split { images: split.images[..n * IMAGE_PIXELS].to_vec(), labels: split.labels[..n].to_vec() }
 }
 
 fn small_mnist(train: usize, test: usize) -> Mnist {
     let full = data::load_dir(&data::default_dir()).unwrap();
-    Mnist {
-        train: subset(&full.train, train),
-        test: subset(&full.test, test),
-    }
+    Mnist { train: subset(&full.train, train), test: subset(&full.test, test) }
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -56,11 +50,7 @@ fn options(recipe: Recipe, out: PathBuf) -> TrainOptions {
 fn cpu_training_learns() {
     let model = Model::net3();
     let set = small_mnist(10_240, 2_000);
-    let recipe = Recipe {
-        epochs: 1,
-        batch_size: 32,
-        ..Recipe::default()
-    };
+    let recipe = Recipe { epochs: 1, batch_size: 32, ..Recipe::default() };
     let mut backend = CpuBackend::new(&model, model.init_state(recipe.seed));
     let out = scratch("learns");
     let outcome = train::train(&mut backend, &model, &set, &options(recipe, out.clone())).unwrap();
@@ -82,20 +72,10 @@ fn cpu_training_learns() {
 fn interrupted_run_resumes_exactly() {
     let model = Model::net3();
     let set = small_mnist(1_600, 500);
-    let recipe = Recipe {
-        epochs: 2,
-        batch_size: 50,
-        ..Recipe::default()
-    };
+    let recipe = Recipe { epochs: 2, batch_size: 50, ..Recipe::default() };
 
     let mut straight = CpuBackend::new(&model, model.init_state(recipe.seed));
-    train::train(
-        &mut straight,
-        &model,
-        &set,
-        &options(recipe, scratch("straight")),
-    )
-    .unwrap();
+    train::train(&mut straight, &model, &set, &options(recipe, scratch("straight"))).unwrap();
 
     let out = scratch("interrupted");
     let mut first = CpuBackend::new(&model, model.init_state(recipe.seed));
@@ -104,10 +84,7 @@ fn interrupted_run_resumes_exactly() {
     opts.stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let outcome = train::train(&mut first, &model, &set, &opts).unwrap();
     assert!(outcome.interrupted && outcome.epochs.is_empty());
-    let pos = checkpoint::load(&out.join("last.safetensors"), &model)
-        .unwrap()
-        .position
-        .unwrap();
+    let pos = checkpoint::load(&out.join("last.safetensors"), &model).unwrap().position.unwrap();
     assert_eq!((pos.epoch, pos.batch_in_epoch, pos.global_step), (0, 1, 1));
 
     let mut resumed = CpuBackend::new(&model, model.init_state(999));
@@ -116,25 +93,13 @@ fn interrupted_run_resumes_exactly() {
     let outcome = train::train(&mut resumed, &model, &set, &opts).unwrap();
     assert!(!outcome.interrupted);
     assert_eq!(outcome.epochs.len(), 2);
-    assert_eq!(
-        resumed.state().unwrap(),
-        straight.state().unwrap(),
-        "resumed run ends elsewhere"
-    );
+    assert_eq!(resumed.state().unwrap(), straight.state().unwrap(), "resumed run ends elsewhere");
     assert_eq!(resumed.momenta().unwrap(), straight.momenta().unwrap());
 
     // Resuming with other flags than the run's is refused, naming the recipe.
-    let mut other = options(
-        Recipe {
-            max_lr: 0.2,
-            ..recipe
-        },
-        out.clone(),
-    );
+    let mut other = options(Recipe { max_lr: 0.2, ..recipe }, out.clone());
     other.resume = Some(out.join("last.safetensors"));
-    let err = train::train(&mut resumed, &model, &set, &other)
-        .unwrap_err()
-        .to_string();
+    let err = train::train(&mut resumed, &model, &set, &other).unwrap_err().to_string();
     assert!(err.contains("recipe"), "{err}");
 }
 
@@ -144,35 +109,17 @@ fn divergence_stops_and_keeps_the_last_checkpoint() {
     let model = Model::net3();
     let set = small_mnist(1_000, 200);
     let out = scratch("diverge");
-    let sane = Recipe {
-        epochs: 1,
-        batch_size: 50,
-        ..Recipe::default()
-    };
+    let sane = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
     let mut backend = CpuBackend::new(&model, model.init_state(1));
     train::train(&mut backend, &model, &set, &options(sane, out.clone())).unwrap();
     let last = out.join("last.safetensors");
     let before = std::fs::read(&last).unwrap();
 
     // Continue from it with an absurd learning rate, as a fresh run into the same folder.
-    let wild = Recipe {
-        epochs: 1,
-        batch_size: 50,
-        max_lr: 1e9,
-        ..Recipe::default()
-    };
-    let err = train::train(&mut backend, &model, &set, &options(wild, out.clone()))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("diverged") && err.contains("unchanged"),
-        "{err}"
-    );
-    assert_eq!(
-        std::fs::read(&last).unwrap(),
-        before,
-        "the last good checkpoint was overwritten"
-    );
+    let wild = Recipe { epochs: 1, batch_size: 50, max_lr: 1e9, ..Recipe::default() };
+    let err = train::train(&mut backend, &model, &set, &options(wild, out.clone())).unwrap_err().to_string();
+    assert!(err.contains("diverged") && err.contains("unchanged"), "{err}");
+    assert_eq!(std::fs::read(&last).unwrap(), before, "the last good checkpoint was overwritten");
 }
 
 /// 20 steps of the same augmented batches (batch 16) through the GPU executor and the CPU backend,
@@ -183,12 +130,7 @@ fn gpu_and_cpu_backends_train_alike() {
     let Some((ctx, k)) = gpu() else { return };
     let model = Model::net3();
     let full = data::load_dir(&data::default_dir()).unwrap();
-    let cfg = LoaderConfig {
-        seed: 4,
-        batch_size: 16,
-        augment: true,
-        batch_augment: BatchAugment::default(),
-    };
+    let cfg = LoaderConfig { seed: 4, batch_size: 16, augment: true, batch_augment: BatchAugment::default() };
     let order = epoch_order(4, 0, full.train.len());
     let state = model.init_state(4);
     let net = GpuNet::new(ctx, k, &model, 16, &state).unwrap();
@@ -218,11 +160,7 @@ fn gpu_and_cpu_backends_train_alike() {
             _pad: [0; 2],
         };
         net.reset_metrics(ctx);
-        let got = net
-            .train_step(ctx, &b.input, &b.labels, u, true)
-            .unwrap()
-            .unwrap()
-            .loss_sum as f64;
+        let got = net.train_step(ctx, &b.input, &b.labels, u, true).unwrap().unwrap().loss_sum as f64;
         let err = (got - want).abs() / want.abs();
         worst = worst.max(err);
         assert!(err <= 1e-4, "step {step}: GPU loss sum {got}, CPU {want}");

@@ -47,54 +47,27 @@ fn channel_sums(d: &BnDims, x: &[f32], f: impl Fn(usize, f32) -> f64 + Sync) -> 
 
 /// Applies y = x * scale[c] + shift[c], images in parallel.
 fn affine(d: &BnDims, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(d.c * d.hw)
-        .zip(x.par_chunks(d.c * d.hw))
-        .for_each(|(yi, xi)| {
-            for c in 0..d.c {
-                let (s, t) = (scale[c], shift[c]);
-                for (o, &v) in yi[c * d.hw..][..d.hw]
-                    .iter_mut()
-                    .zip(&xi[c * d.hw..][..d.hw])
-                {
-                    *o = v * s + t;
-                }
+    y.par_chunks_mut(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)).for_each(|(yi, xi)| {
+        for c in 0..d.c {
+            let (s, t) = (scale[c], shift[c]);
+            for (o, &v) in yi[c * d.hw..][..d.hw].iter_mut().zip(&xi[c * d.hw..][..d.hw]) {
+                *o = v * s + t;
             }
-        });
+        }
+    });
 }
 
 /// Training mode: normalize with the batch mean and biased batch variance.
-pub fn batchnorm_forward_train(
-    d: &BnDims,
-    x: &[f32],
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    y: &mut [f32],
-) -> BnSaved {
+pub fn batchnorm_forward_train(d: &BnDims, x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) -> BnSaved {
     assert_eq!(x.len(), d.n * d.c * d.hw);
     let m = d.count() as f64;
-    let mean: Vec<f64> = channel_sums(d, x, |_, v| v as f64)
-        .into_iter()
-        .map(|s| s / m)
-        .collect();
-    let var: Vec<f64> = channel_sums(d, x, |c, v| (v as f64 - mean[c]).powi(2))
-        .into_iter()
-        .map(|s| s / m)
-        .collect();
-    let invstd: Vec<f32> = var
-        .iter()
-        .map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32)
-        .collect();
+    let mean: Vec<f64> = channel_sums(d, x, |_, v| v as f64).into_iter().map(|s| s / m).collect();
+    let var: Vec<f64> = channel_sums(d, x, |c, v| (v as f64 - mean[c]).powi(2)).into_iter().map(|s| s / m).collect();
+    let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32).collect();
     let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
-    let shift: Vec<f32> = (0..d.c)
-        .map(|c| beta[c] - mean[c] as f32 * scale[c])
-        .collect();
+    let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] as f32 * scale[c]).collect();
     affine(d, x, &scale, &shift, y);
-    BnSaved {
-        mean: mean.iter().map(|&v| v as f32).collect(),
-        invstd,
-        var: var.iter().map(|&v| v as f32).collect(),
-    }
+    BnSaved { mean: mean.iter().map(|&v| v as f32).collect(), invstd, var: var.iter().map(|&v| v as f32).collect() }
 }
 
 /// running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch does.
@@ -125,12 +98,8 @@ pub fn batchnorm_forward_eval(
     eps: f32,
     y: &mut [f32],
 ) {
-    let scale: Vec<f32> = (0..d.c)
-        .map(|c| gamma[c] / (running_var[c] + eps).sqrt())
-        .collect();
-    let shift: Vec<f32> = (0..d.c)
-        .map(|c| beta[c] - running_mean[c] * scale[c])
-        .collect();
+    let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] / (running_var[c] + eps).sqrt()).collect();
+    let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - running_mean[c] * scale[c]).collect();
     affine(d, x, &scale, &shift, y);
 }
 
@@ -168,22 +137,18 @@ pub fn batchnorm_backward(
         dgamma[c] = sums[c].1 as f32;
     }
     // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
-    dx.par_chunks_mut(d.c * d.hw)
-        .zip(dy.par_chunks(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)))
-        .for_each(|(dxi, (dyi, xi))| {
+    dx.par_chunks_mut(d.c * d.hw).zip(dy.par_chunks(d.c * d.hw).zip(x.par_chunks(d.c * d.hw))).for_each(
+        |(dxi, (dyi, xi))| {
             for c in 0..d.c {
                 let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
                 let k = gamma[c] * invstd;
                 let mean_dy = (sums[c].0 / m) as f32;
                 let mean_dyx = (sums[c].1 / m) as f32;
                 let range = c * d.hw..(c + 1) * d.hw;
-                for ((o, &g), &v) in dxi[range.clone()]
-                    .iter_mut()
-                    .zip(&dyi[range.clone()])
-                    .zip(&xi[range])
-                {
+                for ((o, &g), &v) in dxi[range.clone()].iter_mut().zip(&dyi[range.clone()]).zip(&xi[range]) {
                     *o = k * (g - mean_dy - (v - mean) * invstd * mean_dyx);
                 }
             }
-        });
+        },
+    );
 }

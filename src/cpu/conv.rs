@@ -53,9 +53,7 @@ fn col2im(d: &ConvDims, col: &[f32], dx: &mut [f32]) {
                     let dst = &mut dx[(ci * d.h + iy as usize) * d.w..][..d.w];
                     let lo = d.pad.saturating_sub(kx);
                     let hi = (d.w + d.pad - kx).min(wo);
-                    for (t, s) in dst[lo + kx - d.pad..hi + kx - d.pad]
-                        .iter_mut()
-                        .zip(&row[oy * wo + lo..oy * wo + hi])
+                    for (t, s) in dst[lo + kx - d.pad..hi + kx - d.pad].iter_mut().zip(&row[oy * wo + lo..oy * wo + hi])
                     {
                         *t += s;
                     }
@@ -70,136 +68,60 @@ pub fn conv_forward(d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), d.n * d.in_image());
     assert_eq!(weight.len(), d.weight_len());
     assert_eq!(y.len(), d.n * d.out_image());
-    y.par_chunks_mut(d.out_image())
-        .zip(x.par_chunks(d.in_image()))
-        .for_each_init(
-            || {
-                vec![
-                    0.0f32;
-                    if d.is_pointwise() {
-                        0
-                    } else {
-                        d.col_rows() * d.col_cols()
-                    }
-                ]
-            },
-            |col, (y_img, x_img)| {
-                let col: &[f32] = if d.is_pointwise() {
-                    x_img
-                } else {
-                    im2col(d, x_img, col);
-                    col
-                };
-                gemm(
-                    d.cout,
-                    d.col_rows(),
-                    d.col_cols(),
-                    weight,
-                    Layout::Normal,
-                    col,
-                    Layout::Normal,
-                    0.0,
-                    y_img,
-                );
-            },
-        );
+    y.par_chunks_mut(d.out_image()).zip(x.par_chunks(d.in_image())).for_each_init(
+        || vec![0.0f32; if d.is_pointwise() { 0 } else { d.col_rows() * d.col_cols() }],
+        |col, (y_img, x_img)| {
+            let col: &[f32] = if d.is_pointwise() {
+                x_img
+            } else {
+                im2col(d, x_img, col);
+                col
+            };
+            gemm(d.cout, d.col_rows(), d.col_cols(), weight, Layout::Normal, col, Layout::Normal, 0.0, y_img);
+        },
+    );
 }
 
 /// Gradients of the convolution: `dweight` (overwritten) and, when asked, `dx` (overwritten).
-pub fn conv_backward(
-    d: &ConvDims,
-    x: &[f32],
-    weight: &[f32],
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-    dweight: &mut [f32],
-) {
+pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Option<&mut [f32]>, dweight: &mut [f32]) {
     assert_eq!(x.len(), d.n * d.in_image());
     assert_eq!(dy.len(), d.n * d.out_image());
     assert_eq!(dweight.len(), d.weight_len());
     let (rows, cols) = (d.col_rows(), d.col_cols());
     // Per image: its weight gradient, and its input gradient when asked.
-    let per_image = |x_img: &[f32],
-                     dy_img: &[f32],
-                     dx_img: Option<&mut [f32]>,
-                     col: &mut Vec<f32>,
-                     dw_img: &mut [f32]| {
-        if d.is_pointwise() {
-            gemm(
-                d.cout,
-                cols,
-                rows,
-                dy_img,
-                Layout::Normal,
-                x_img,
-                Layout::Transposed,
-                0.0,
-                dw_img,
-            );
-            if let Some(dx_img) = dx_img {
-                gemm(
-                    rows,
-                    d.cout,
-                    cols,
-                    weight,
-                    Layout::Transposed,
-                    dy_img,
-                    Layout::Normal,
-                    0.0,
-                    dx_img,
-                );
+    let per_image =
+        |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut Vec<f32>, dw_img: &mut [f32]| {
+            if d.is_pointwise() {
+                gemm(d.cout, cols, rows, dy_img, Layout::Normal, x_img, Layout::Transposed, 0.0, dw_img);
+                if let Some(dx_img) = dx_img {
+                    gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, dx_img);
+                }
+                return;
             }
-            return;
-        }
-        im2col(d, x_img, col);
-        gemm(
-            d.cout,
-            cols,
-            rows,
-            dy_img,
-            Layout::Normal,
-            col,
-            Layout::Transposed,
-            0.0,
-            dw_img,
-        );
-        if let Some(dx_img) = dx_img {
-            gemm(
-                rows,
-                d.cout,
-                cols,
-                weight,
-                Layout::Transposed,
-                dy_img,
-                Layout::Normal,
-                0.0,
-                col,
-            );
-            col2im(d, col, dx_img);
-        }
-    };
+            im2col(d, x_img, col);
+            gemm(d.cout, cols, rows, dy_img, Layout::Normal, col, Layout::Transposed, 0.0, dw_img);
+            if let Some(dx_img) = dx_img {
+                gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, col);
+                col2im(d, col, dx_img);
+            }
+        };
     let mut partial = vec![0.0f32; d.n * d.weight_len()];
     let scratch = || vec![0.0f32; if d.is_pointwise() { 0 } else { rows * cols }];
-    match dx {
+    // Per image: where its input gradient goes, if anywhere.
+    let dx_images: Vec<Option<&mut [f32]>> = match dx {
         Some(dx) => {
             assert_eq!(dx.len(), d.n * d.in_image());
-            partial
-                .par_chunks_mut(d.weight_len())
-                .zip(dx.par_chunks_mut(d.in_image()))
-                .zip(x.par_chunks(d.in_image()).zip(dy.par_chunks(d.out_image())))
-                .for_each_init(scratch, |col, ((dw_img, dx_img), (x_img, dy_img))| {
-                    per_image(x_img, dy_img, Some(dx_img), col, dw_img)
-                });
+            dx.chunks_mut(d.in_image()).map(Some).collect()
         }
-        None => {
-            partial
-                .par_chunks_mut(d.weight_len())
-                .zip(x.par_chunks(d.in_image()).zip(dy.par_chunks(d.out_image())))
-                .for_each_init(scratch, |col, (dw_img, (x_img, dy_img))| {
-                    per_image(x_img, dy_img, None, col, dw_img)
-                });
-        }
-    }
+        None => (0..d.n).map(|_| None).collect(),
+    };
+    partial
+        .par_chunks_mut(d.weight_len())
+        .zip(dx_images)
+        .zip(x.par_chunks(d.in_image()).zip(dy.par_chunks(d.out_image())))
+        .for_each_init(scratch, |col, ((dw_img, dx_img), (x_img, dy_img))| {
+            per_image(x_img, dy_img, dx_img, col, dw_img)
+        });
     sum_rows(&partial, dweight);
 }
 

@@ -25,24 +25,13 @@ pub fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
 pub fn dropout_mask(seed: u32, step: u32, p: f32, len: usize) -> Vec<f32> {
     let threshold = dropout_threshold(p);
     let keep = 1.0 / (1.0 - p);
-    (0..len as u32)
-        .into_par_iter()
-        .map(|i| {
-            if dropout_hash(seed, step, i) >= threshold {
-                keep
-            } else {
-                0.0
-            }
-        })
-        .collect()
+    (0..len as u32).into_par_iter().map(|i| if dropout_hash(seed, step, i) >= threshold { keep } else { 0.0 }).collect()
 }
 
 /// In place: x *= mask. The backward pass is the same product applied to the gradient.
 pub fn dropout_apply(mask: &[f32], x: &mut [f32]) {
     assert_eq!(mask.len(), x.len());
-    x.par_chunks_mut(1 << 14)
-        .zip(mask.par_chunks(1 << 14))
-        .for_each(|(x, m)| {
-            x.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
-        });
+    x.par_chunks_mut(1 << 14).zip(mask.par_chunks(1 << 14)).for_each(|(x, m)| {
+        x.iter_mut().zip(m).for_each(|(v, m)| *v *= m);
+    });
 }

@@ -22,10 +22,7 @@ pub fn gemm(
     beta: f32,
     c: &mut [f32],
 ) {
-    assert!(
-        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
-        "gemm operand too short"
-    );
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "gemm operand too short");
     let (rsa, csa) = match a_layout {
         Layout::Normal => (k as isize, 1),
         Layout::Transposed => (1, m as isize),

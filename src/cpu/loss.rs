@@ -9,12 +9,7 @@ pub struct LossOut {
 }
 
 /// logits: n x classes. Writes d(mean loss)/d(logits) into `dlogits` when given.
-pub fn softmax_cross_entropy(
-    logits: &[f32],
-    labels: &[u8],
-    classes: usize,
-    dlogits: Option<&mut [f32]>,
-) -> LossOut {
+pub fn softmax_cross_entropy(logits: &[f32], labels: &[u8], classes: usize, dlogits: Option<&mut [f32]>) -> LossOut {
     let n = labels.len();
     assert_eq!(logits.len(), n * classes);
     let mut total = 0.0f64;
@@ -33,18 +28,11 @@ pub fn softmax_cross_entropy(
         let log_sum = sum.ln() + max;
         total += (log_sum - row[label as usize]) as f64;
         if let Some(g) = grad.as_deref_mut() {
-            for (j, (o, &v)) in g[i * classes..(i + 1) * classes]
-                .iter_mut()
-                .zip(row)
-                .enumerate()
-            {
+            for (j, (o, &v)) in g[i * classes..(i + 1) * classes].iter_mut().zip(row).enumerate() {
                 let p = (v - log_sum).exp();
                 *o = (p - if j == label as usize { 1.0 } else { 0.0 }) / n as f32;
             }
         }
     }
-    LossOut {
-        loss: (total / n as f64) as f32,
-        correct,
-    }
+    LossOut { loss: (total / n as f64) as f32, correct }
 }

@@ -98,56 +98,26 @@ impl CpuNet {
             let (sin, sout) = (model.input_of(i), model.shapes[i]);
             y.resize(n * sout.len(), 0.0);
             self.saved[i] = match (&model.layers[i], model.layer_params[i]) {
-                (
-                    &Layer::Conv {
-                        cin, cout, k, pad, ..
-                    },
-                    LayerParams::Conv { weight },
-                ) => {
-                    let d = ConvDims {
-                        n,
-                        cin,
-                        h: sin.h,
-                        w: sin.w,
-                        cout,
-                        k,
-                        pad,
-                    };
-                    conv_forward(&d, x, tensor(model, state, weight), y);
+                (Layer::Conv { .. }, _) => {
+                    let (d, w_off) = model.conv(i, n).expect("a convolution layer");
+                    conv_forward(&d, x, &state[w_off..w_off + d.weight_len()], y);
                     Saved::None
                 }
-                (
-                    &Layer::BatchNorm { c, .. },
-                    LayerParams::BatchNorm {
-                        weight,
-                        bias,
-                        running_mean,
-                        running_var,
-                    },
-                ) => {
-                    let d = BnDims {
-                        n,
-                        c,
-                        hw: sin.h * sin.w,
-                    };
+                (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, running_mean, running_var }) => {
+                    let d = BnDims { n, c, hw: sin.h * sin.w };
                     let (gamma, beta) = (tensor(model, state, weight), tensor(model, state, bias));
                     match mode {
                         Mode::Train(_) => {
                             let saved = batchnorm_forward_train(&d, x, gamma, beta, BN_EPS, y);
-                            let (rm, rv) =
-                                (&model.params[running_mean], &model.params[running_var]);
+                            let (rm, rv) = (&model.params[running_mean], &model.params[running_var]);
                             // The running mean and variance are adjacent in the table.
                             debug_assert_eq!(rm.offset + rm.len, rv.offset);
-                            let (mean, var) =
-                                state[rm.offset..rv.offset + rv.len].split_at_mut(rm.len);
+                            let (mean, var) = state[rm.offset..rv.offset + rv.len].split_at_mut(rm.len);
                             batchnorm_update_running(&d, &saved, BN_MOMENTUM, mean, var);
                             Saved::BatchNorm(saved)
                         }
                         Mode::Eval => {
-                            let (rm, rv) = (
-                                tensor(model, state, running_mean),
-                                tensor(model, state, running_var),
-                            );
+                            let (rm, rv) = (tensor(model, state, running_mean), tensor(model, state, running_var));
                             batchnorm_forward_eval(&d, x, gamma, beta, rm, rv, BN_EPS, y);
                             Saved::None
                         }
@@ -169,9 +139,7 @@ impl CpuNet {
                         _ => Saved::Dropout(None),
                     }
                 }
-                (Layer::MaxPool2, _) => {
-                    Saved::MaxPool(maxpool2_forward(n * sin.c, sin.h, sin.w, x, y))
-                }
+                (Layer::MaxPool2, _) => Saved::MaxPool(maxpool2_forward(n * sin.c, sin.h, sin.w, x, y)),
                 (Layer::GlobalAvgPool, _) => {
                     global_avg_pool_forward(sin.h * sin.w, x, y);
                     Saved::None
@@ -191,68 +159,26 @@ impl CpuNet {
         self.grad_out.clear();
         self.grad_out.extend_from_slice(dlogits);
         for i in (0..model.layers.len()).rev() {
-            let x: &[f32] = if i == 0 {
-                &self.input
-            } else {
-                &self.outputs[i - 1]
-            };
+            let x: &[f32] = if i == 0 { &self.input } else { &self.outputs[i - 1] };
             let sin = model.input_of(i);
             self.grad_in.resize(n * sin.len(), 0.0);
             let (dy, dx) = (&mut self.grad_out, &mut self.grad_in);
             // Layers that transform the gradient in place leave it in `dy`; the others write `dx`.
             let mut in_place = false;
             match (&model.layers[i], model.layer_params[i], &self.saved[i]) {
-                (
-                    &Layer::Conv {
-                        cin, cout, k, pad, ..
-                    },
-                    LayerParams::Conv { weight },
-                    _,
-                ) => {
-                    let d = ConvDims {
-                        n,
-                        cin,
-                        h: sin.h,
-                        w: sin.w,
-                        cout,
-                        k,
-                        pad,
-                    };
-                    let p = &model.params[weight];
+                (Layer::Conv { .. }, _, _) => {
+                    let (d, w_off) = model.conv(i, n).expect("a convolution layer");
+                    let weights = w_off..w_off + d.weight_len();
+                    // The input image needs no gradient.
                     let dx = if i == 0 { None } else { Some(&mut dx[..]) };
-                    conv_backward(
-                        &d,
-                        x,
-                        tensor(model, state, weight),
-                        dy,
-                        dx,
-                        &mut self.grads[p.offset..p.offset + p.len],
-                    );
+                    conv_backward(&d, x, &state[weights.clone()], dy, dx, &mut self.grads[weights]);
                 }
-                (
-                    &Layer::BatchNorm { c, .. },
-                    LayerParams::BatchNorm { weight, bias, .. },
-                    Saved::BatchNorm(saved),
-                ) => {
-                    let d = BnDims {
-                        n,
-                        c,
-                        hw: sin.h * sin.w,
-                    };
+                (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, .. }, Saved::BatchNorm(saved)) => {
+                    let d = BnDims { n, c, hw: sin.h * sin.w };
                     let (pw, pb) = (&model.params[weight], &model.params[bias]);
                     // bias follows weight in the table.
-                    let (dgamma, dbeta) =
-                        self.grads[pw.offset..pb.offset + pb.len].split_at_mut(pw.len);
-                    batchnorm_backward(
-                        &d,
-                        x,
-                        dy,
-                        tensor(model, state, weight),
-                        saved,
-                        dx,
-                        dgamma,
-                        dbeta,
-                    );
+                    let (dgamma, dbeta) = self.grads[pw.offset..pb.offset + pb.len].split_at_mut(pw.len);
+                    batchnorm_backward(&d, x, dy, tensor(model, state, weight), saved, dx, dgamma, dbeta);
                 }
                 (Layer::Relu, _, _) => {
                     relu_backward(&self.outputs[i], dy);

@@ -9,10 +9,8 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
     assert_eq!(x.len(), planes * h * w);
     assert_eq!(y.len(), planes * ho * wo);
     let mut argmax = vec![0u8; y.len()];
-    y.par_chunks_mut(ho * wo)
-        .zip(argmax.par_chunks_mut(ho * wo))
-        .zip(x.par_chunks(h * w))
-        .for_each(|((yp, ap), xp)| {
+    y.par_chunks_mut(ho * wo).zip(argmax.par_chunks_mut(ho * wo)).zip(x.par_chunks(h * w)).for_each(
+        |((yp, ap), xp)| {
             for oy in 0..ho {
                 for ox in 0..wo {
                     let mut best = f32::NEG_INFINITY;
@@ -28,24 +26,17 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
                     ap[oy * wo + ox] = at;
                 }
             }
-        });
+        },
+    );
     argmax
 }
 
 /// Routes each output gradient to the input that won its window; dx is overwritten.
-pub fn maxpool2_backward(
-    planes: usize,
-    h: usize,
-    w: usize,
-    argmax: &[u8],
-    dy: &[f32],
-    dx: &mut [f32],
-) {
+pub fn maxpool2_backward(planes: usize, h: usize, w: usize, argmax: &[u8], dy: &[f32], dx: &mut [f32]) {
     let (ho, wo) = (h / 2, w / 2);
     assert_eq!(dx.len(), planes * h * w);
-    dx.par_chunks_mut(h * w)
-        .zip(dy.par_chunks(ho * wo).zip(argmax.par_chunks(ho * wo)))
-        .for_each(|(dxp, (dyp, ap))| {
+    dx.par_chunks_mut(h * w).zip(dy.par_chunks(ho * wo).zip(argmax.par_chunks(ho * wo))).for_each(
+        |(dxp, (dyp, ap))| {
             dxp.fill(0.0);
             for oy in 0..ho {
                 for ox in 0..wo {
@@ -53,7 +44,8 @@ pub fn maxpool2_backward(
                     dxp[(2 * oy + a / 2) * w + 2 * ox + a % 2] = dyp[oy * wo + ox];
                 }
             }
-        });
+        },
+    );
 }
 
 /// Mean of each plane of `hw` values.

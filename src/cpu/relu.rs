@@ -6,19 +6,16 @@ const CHUNK: usize = 1 << 14;
 
 /// In place: x = max(x, 0).
 pub fn relu_forward(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK)
-        .for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
 }
 
 /// In place: dy = dy where y > 0, else 0.
 pub fn relu_backward(y: &[f32], dy: &mut [f32]) {
-    dy.par_chunks_mut(CHUNK)
-        .zip(y.par_chunks(CHUNK))
-        .for_each(|(g, y)| {
-            for (g, &y) in g.iter_mut().zip(y) {
-                if y <= 0.0 {
-                    *g = 0.0;
-                }
+    dy.par_chunks_mut(CHUNK).zip(y.par_chunks(CHUNK)).for_each(|(g, y)| {
+        for (g, &y) in g.iter_mut().zip(y) {
+            if y <= 0.0 {
+                *g = 0.0;
             }
-        });
+        }
+    });
 }

@@ -37,9 +37,7 @@ impl Draw {
             contrast: rng.random_range(1.0 - JITTER..=1.0 + JITTER),
             brightness_first: rng.random_bool(0.5),
             angle: rng.random_range(-MAX_ANGLE..=MAX_ANGLE),
-            cutout: rng
-                .random_bool(CUTOUT_P)
-                .then(|| (rng.random_range(4..=24), rng.random_range(4..=24))),
+            cutout: rng.random_bool(CUTOUT_P).then(|| (rng.random_range(4..=24), rng.random_range(4..=24))),
         }
     }
 
@@ -71,26 +69,20 @@ pub fn crop(src: &[f32], (ox, oy): (usize, usize), dst: &mut [f32]) {
         }
         for (x, out) in row.iter_mut().enumerate() {
             let sx = x as isize + ox as isize - PAD as isize;
-            *out = if (0..S as isize).contains(&sx) {
-                src[sy as usize * S + sx as usize]
-            } else {
-                0.0
-            };
+            *out = if (0..S as isize).contains(&sx) { src[sy as usize * S + sx as usize] } else { 0.0 };
         }
     }
 }
 
 /// Multiplies by `factor`, clamped to [0, 1] (torchvision's adjust_brightness).
 pub fn brightness(img: &mut [f32], factor: f32) {
-    img.iter_mut()
-        .for_each(|v| *v = (*v * factor).clamp(0.0, 1.0));
+    img.iter_mut().for_each(|v| *v = (*v * factor).clamp(0.0, 1.0));
 }
 
 /// Blends with the image's mean grey level, clamped to [0, 1] (torchvision's adjust_contrast).
 pub fn contrast(img: &mut [f32], factor: f32) {
     let mean = img.iter().sum::<f32>() / img.len() as f32;
-    img.iter_mut()
-        .for_each(|v| *v = (factor * *v + (1.0 - factor) * mean).clamp(0.0, 1.0));
+    img.iter_mut().for_each(|v| *v = (factor * *v + (1.0 - factor) * mean).clamp(0.0, 1.0));
 }
 
 /// Rotates by `degrees` counter-clockwise about the image centre, nearest neighbour, fill 0.
@@ -145,18 +137,13 @@ impl BatchAugment {
     /// Applies each enabled augmentation to up to 10 random images of each class of the batch
     /// (`images`: [0, 1] values, 28 x 28 each).
     pub fn apply(&self, images: &mut [f32], labels: &[u8], rng: &mut impl RngExt) {
-        let passes: [(bool, Transform); 3] = [
-            (self.swell, swell),
-            (self.darken, darken),
-            (self.squeeze, squeeze),
-        ];
+        let passes: [(bool, Transform); 3] = [(self.swell, swell), (self.darken, darken), (self.squeeze, squeeze)];
         for (on, transform) in passes {
             if !on {
                 continue;
             }
             for class in 0..10u8 {
-                let mut members: Vec<usize> =
-                    (0..labels.len()).filter(|&i| labels[i] == class).collect();
+                let mut members: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
                 // A partial Fisher-Yates shuffle picks the images.
                 let take = members.len().min(PER_CLASS);
                 for i in 0..take {
@@ -164,10 +151,7 @@ impl BatchAugment {
                     members.swap(i, j);
                 }
                 for &i in &members[..take] {
-                    transform(
-                        &mut images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS],
-                        &mut |n| rng.random_range(0..n),
-                    );
+                    transform(&mut images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS], &mut |n| rng.random_range(0..n));
                 }
             }
         }
@@ -208,11 +192,7 @@ pub fn squeeze(img: &mut [f32], pick: &mut dyn FnMut(usize) -> usize) {
     let src = img.to_vec();
     for y in py..py + 6 {
         for x in px..px + 6 {
-            let (nx, ny) = if horizontal {
-                ((x + 1).min(S - 1), y)
-            } else {
-                (x, (y + 1).min(S - 1))
-            };
+            let (nx, ny) = if horizontal { ((x + 1).min(S - 1), y) } else { (x, (y + 1).min(S - 1)) };
             img[y * S + x] = src[y * S + x].max(src[ny * S + nx]);
         }
     }
@@ -225,9 +205,7 @@ mod tests {
     use rand::SeedableRng;
 
     fn test_image() -> Vec<f32> {
-        (0..IMAGE_PIXELS)
-            .map(|i| ((i * 37) % 101) as f32 / 100.0)
-            .collect()
+        (0..IMAGE_PIXELS).map(|i| ((i * 37) % 101) as f32 / 100.0).collect()
     }
 
     #[test]
@@ -241,11 +219,7 @@ mod tests {
         for y in 0..S {
             for x in 0..S {
                 let (sx, sy) = (x as isize + 2, y as isize - 3);
-                let want = if sx < S as isize && sy >= 0 {
-                    src[sy as usize * S + sx as usize]
-                } else {
-                    0.0
-                };
+                let want = if sx < S as isize && sy >= 0 { src[sy as usize * S + sx as usize] } else { 0.0 };
                 assert_eq!(dst[y * S + x], want, "({x}, {y})");
             }
         }
@@ -290,8 +264,7 @@ mod tests {
             assert_eq!(zeros, 64, "{centre:?}");
             for y in 0..S {
                 for x in 0..S {
-                    let inside = (centre.0 - 4..centre.0 + 4).contains(&x)
-                        && (centre.1 - 4..centre.1 + 4).contains(&y);
+                    let inside = (centre.0 - 4..centre.0 + 4).contains(&x) && (centre.1 - 4..centre.1 + 4).contains(&y);
                     assert_eq!(img[y * S + x] == 0.0, inside, "({x}, {y}) for {centre:?}");
                 }
             }
@@ -303,21 +276,14 @@ mod tests {
         let mut img = test_image();
         brightness(&mut img, 1.4);
         assert!(img.iter().all(|&v| (0.0..=1.0).contains(&v)));
-        assert_eq!(
-            img.iter().cloned().fold(0.0, f32::max),
-            1.0,
-            "bright pixels clamp at 1"
-        );
+        assert_eq!(img.iter().cloned().fold(0.0, f32::max), 1.0, "bright pixels clamp at 1");
         let mut img = test_image();
         brightness(&mut img, 0.5);
         assert_eq!(img[1], test_image()[1] * 0.5);
         let mut img = test_image();
         let mean = img.iter().sum::<f32>() / img.len() as f32;
         contrast(&mut img, 0.0);
-        assert!(
-            img.iter().all(|&v| (v - mean).abs() < 1e-6),
-            "contrast 0 gives the mean grey"
-        );
+        assert!(img.iter().all(|&v| (v - mean).abs() < 1e-6), "contrast 0 gives the mean grey");
         let mut img = test_image();
         contrast(&mut img, 1.4);
         assert!(img.iter().all(|&v| (0.0..=1.0).contains(&v)));
@@ -347,34 +313,15 @@ mod tests {
         let labels: Vec<u8> = (0..100).map(|i| (i % 5) as u8).collect(); // 20 images of classes 0..4
         let mut images: Vec<f32> = (0..100).flat_map(|_| test_image()).collect();
         let before = images.clone();
-        BatchAugment {
-            swell: false,
-            darken: true,
-            squeeze: false,
-        }
-        .apply(&mut images, &labels, &mut rng);
+        BatchAugment { swell: false, darken: true, squeeze: false }.apply(&mut images, &labels, &mut rng);
         let changed: Vec<usize> = (0..100)
-            .filter(|&i| {
-                images[i * IMAGE_PIXELS..][..IMAGE_PIXELS]
-                    != before[i * IMAGE_PIXELS..][..IMAGE_PIXELS]
-            })
+            .filter(|&i| images[i * IMAGE_PIXELS..][..IMAGE_PIXELS] != before[i * IMAGE_PIXELS..][..IMAGE_PIXELS])
             .collect();
-        assert!(
-            changed.len() <= 50 && changed.len() >= 40,
-            "{} images changed",
-            changed.len()
-        );
-        assert!(images
-            .iter()
-            .zip(&before)
-            .all(|(a, b)| a == b || (*b > 0.5 && (a - b * 0.2).abs() < 1e-6)));
+        assert!(changed.len() <= 50 && changed.len() >= 40, "{} images changed", changed.len());
+        assert!(images.iter().zip(&before).all(|(a, b)| a == b || (*b > 0.5 && (a - b * 0.2).abs() < 1e-6)));
         let mut img = vec![0.0; IMAGE_PIXELS];
         img[14 * S + 14] = 1.0;
         swell(&mut img, &mut |_| 10);
-        assert_eq!(
-            img.iter().filter(|&&v| v == 1.0).count(),
-            9,
-            "a dot swells into a 3 x 3 square"
-        );
+        assert_eq!(img.iter().filter(|&&v| v == 1.0).count(), 9, "a dot swells into a 3 x 3 square");
     }
 }

@@ -24,10 +24,7 @@ impl std::error::Error for DataError {}
 
 impl DataError {
     pub fn new(path: &Path, problem: impl Into<String>) -> Self {
-        DataError {
-            path: path.to_path_buf(),
-            problem: problem.into(),
-        }
+        DataError { path: path.to_path_buf(), problem: problem.into() }
     }
 }
 
@@ -66,10 +63,7 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray, DataError> {
     if bytes.len() < 4 {
         return Err(DataError::new(
             path,
-            format!(
-                "truncated: {} bytes, shorter than the 4-byte IDX header",
-                bytes.len()
-            ),
+            format!("truncated: {} bytes, shorter than the 4-byte IDX header", bytes.len()),
         ));
     }
     if bytes[0] != 0 || bytes[1] != 0 {
@@ -84,10 +78,7 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray, DataError> {
     if bytes[2] != TYPE_U8 {
         return Err(DataError::new(
             path,
-            format!(
-                "element type 0x{:02x} is not supported (expected 0x08, unsigned byte)",
-                bytes[2]
-            ),
+            format!("element type 0x{:02x} is not supported (expected 0x08, unsigned byte)", bytes[2]),
         ));
     }
     let ndim = bytes[3] as usize;
@@ -98,16 +89,11 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray, DataError> {
     if bytes.len() < header_len {
         return Err(DataError::new(
             path,
-            format!(
-                "truncated: header declares {ndim} dimensions but the file has {} bytes",
-                bytes.len()
-            ),
+            format!("truncated: header declares {ndim} dimensions but the file has {} bytes", bytes.len()),
         ));
     }
-    let dims: Vec<usize> = bytes[4..header_len]
-        .chunks_exact(4)
-        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize)
-        .collect();
+    let dims: Vec<usize> =
+        bytes[4..header_len].chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as usize).collect();
     let expected = dims
         .iter()
         .try_fold(1usize, |acc, &d| acc.checked_mul(d))
@@ -122,13 +108,13 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray, DataError> {
     if actual > expected {
         return Err(DataError::new(
             path,
-            format!("{} unexpected trailing bytes after the {expected} data bytes of dimensions {dims:?}", actual - expected),
+            format!(
+                "{} unexpected trailing bytes after the {expected} data bytes of dimensions {dims:?}",
+                actual - expected
+            ),
         ));
     }
-    Ok(IdxArray {
-        dims,
-        data: bytes[header_len..].to_vec(),
-    })
+    Ok(IdxArray { dims, data: bytes[header_len..].to_vec() })
 }
 
 /// Reads and checks one IDX file.

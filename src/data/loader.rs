@@ -69,13 +69,7 @@ pub fn batches_per_epoch(len: usize, batch_size: usize) -> usize {
 
 /// Builds training batch `index` of `epoch`: the images at those places of the epoch's order,
 /// augmented, batch-augmented when asked, normalized.
-pub fn train_batch(
-    split: &Split,
-    order: &[u32],
-    cfg: &LoaderConfig,
-    epoch: usize,
-    index: usize,
-) -> Batch {
+pub fn train_batch(split: &Split, order: &[u32], cfg: &LoaderConfig, epoch: usize, index: usize) -> Batch {
     let start = index * cfg.batch_size;
     let picks = &order[start..(start + cfg.batch_size).min(order.len())];
     let mut rng = rng_for(cfg.seed, 2, epoch, index);
@@ -96,33 +90,19 @@ pub fn train_batch(
     for v in pixels.iter_mut() {
         *v = (*v - super::MEAN) / super::STD;
     }
-    Batch {
-        epoch,
-        index,
-        input: pixels,
-        labels,
-    }
+    Batch { epoch, index, input: pixels, labels }
 }
 
 /// Starts a worker that sends the training batches of `epoch` from batch `first` on, at most
 /// `ahead` batches in advance. The worker stops when the receiver is dropped.
-pub fn spawn_epoch(
-    split: Arc<Split>,
-    cfg: LoaderConfig,
-    epoch: usize,
-    first: usize,
-    ahead: usize,
-) -> Receiver<Batch> {
+pub fn spawn_epoch(split: Arc<Split>, cfg: LoaderConfig, epoch: usize, first: usize, ahead: usize) -> Receiver<Batch> {
     let (tx, rx) = sync_channel(ahead);
     std::thread::Builder::new()
         .name(format!("loader epoch {epoch}"))
         .spawn(move || {
             let order = epoch_order(cfg.seed, epoch, split.len());
             for index in first..batches_per_epoch(split.len(), cfg.batch_size) {
-                if tx
-                    .send(train_batch(&split, &order, &cfg, epoch, index))
-                    .is_err()
-                {
+                if tx.send(train_batch(&split, &order, &cfg, epoch, index)).is_err() {
                     return;
                 }
             }
@@ -136,16 +116,8 @@ pub fn eval_batches(split: &Split, batch_size: usize) -> impl Iterator<Item = Ba
     (0..batches_per_epoch(split.len(), batch_size)).map(move |index| {
         let range = index * batch_size..((index + 1) * batch_size).min(split.len());
         let mut input = vec![0.0f32; range.len() * IMAGE_PIXELS];
-        normalize_into(
-            &split.images[range.start * IMAGE_PIXELS..range.end * IMAGE_PIXELS],
-            &mut input,
-        );
-        Batch {
-            epoch: 0,
-            index,
-            input,
-            labels: split.labels[range].to_vec(),
-        }
+        normalize_into(&split.images[range.start * IMAGE_PIXELS..range.end * IMAGE_PIXELS], &mut input);
+        Batch { epoch: 0, index, input, labels: split.labels[range].to_vec() }
     })
 }
 
@@ -174,17 +146,9 @@ mod tests {
     #[test]
     fn worker_batches_equal_direct_ones_and_resume_mid_epoch() {
         let s = Arc::new(split(250));
-        let cfg = LoaderConfig {
-            seed: 3,
-            batch_size: 100,
-            augment: true,
-            batch_augment: BatchAugment::default(),
-        };
+        let cfg = LoaderConfig { seed: 3, batch_size: 100, augment: true, batch_augment: BatchAugment::default() };
         let all: Vec<Batch> = spawn_epoch(s.clone(), cfg, 2, 0, 2).iter().collect();
-        assert_eq!(
-            all.iter().map(|b| b.len()).collect::<Vec<_>>(),
-            vec![100, 100, 50]
-        );
+        assert_eq!(all.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![100, 100, 50]);
         let order = epoch_order(3, 2, 250);
         assert_eq!(all[1], train_batch(&s, &order, &cfg, 2, 1));
         let resumed: Vec<Batch> = spawn_epoch(s, cfg, 2, 1, 2).iter().collect();
@@ -194,12 +158,7 @@ mod tests {
     #[test]
     fn unaugmented_batches_are_normalized_images() {
         let s = split(20);
-        let cfg = LoaderConfig {
-            seed: 3,
-            batch_size: 20,
-            augment: false,
-            batch_augment: BatchAugment::default(),
-        };
+        let cfg = LoaderConfig { seed: 3, batch_size: 20, augment: false, batch_augment: BatchAugment::default() };
         let order: Vec<u32> = (0..20).collect();
         let b = train_batch(&s, &order, &cfg, 0, 0);
         let e: Vec<Batch> = eval_batches(&s, 8).collect();

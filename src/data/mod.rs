@@ -17,9 +17,7 @@ pub const STD: f32 = 0.3081;
 
 /// The folder of MNIST that ships with the project.
 pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("data")
-        .join("mnist")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("mnist")
 }
 
 /// Images (u8, row-major, `IMAGE_PIXELS` each) with their labels.
@@ -59,10 +57,7 @@ pub const TEST_LABELS: &str = "t10k-labels-idx1-ubyte";
 /// Works for any MNIST-format set: Fashion-MNIST, KMNIST, ...
 pub fn load_dir(dir: &Path) -> Result<Mnist, DataError> {
     if !dir.is_dir() {
-        return Err(DataError::new(
-            dir,
-            "data folder not found (it should hold the four MNIST IDX files)",
-        ));
+        return Err(DataError::new(dir, "data folder not found (it should hold the four MNIST IDX files)"));
     }
     Ok(Mnist {
         train: load_split(&find(dir, TRAIN_IMAGES)?, &find(dir, TRAIN_LABELS)?)?,
@@ -78,10 +73,7 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
     } else if raw.is_file() {
         Ok(raw)
     } else {
-        Err(DataError::new(
-            &gz,
-            format!("file not found (nor {})", raw.display()),
-        ))
+        Err(DataError::new(&gz, format!("file not found (nor {})", raw.display())))
     }
 }
 
@@ -92,19 +84,13 @@ pub fn load_split(images_path: &Path, labels_path: &Path) -> Result<Split, DataE
     if images.dims.len() != 3 || images.dims[1] != IMAGE_SIDE || images.dims[2] != IMAGE_SIDE {
         return Err(DataError::new(
             images_path,
-            format!(
-                "expected images of shape N x {IMAGE_SIDE} x {IMAGE_SIDE}, found dimensions {:?}",
-                images.dims
-            ),
+            format!("expected images of shape N x {IMAGE_SIDE} x {IMAGE_SIDE}, found dimensions {:?}", images.dims),
         ));
     }
     if labels.dims.len() != 1 {
         return Err(DataError::new(
             labels_path,
-            format!(
-                "expected a 1-dimensional labels file, found dimensions {:?}",
-                labels.dims
-            ),
+            format!("expected a 1-dimensional labels file, found dimensions {:?}", labels.dims),
         ));
     }
     if images.dims[0] != labels.dims[0] {
@@ -118,21 +104,10 @@ pub fn load_split(images_path: &Path, labels_path: &Path) -> Result<Split, DataE
             ),
         ));
     }
-    if let Some((i, &l)) = labels
-        .data
-        .iter()
-        .enumerate()
-        .find(|(_, &l)| l as usize >= NUM_CLASSES)
-    {
-        return Err(DataError::new(
-            labels_path,
-            format!("label {l} at index {i} is not a digit 0..=9"),
-        ));
+    if let Some((i, &l)) = labels.data.iter().enumerate().find(|(_, &l)| l as usize >= NUM_CLASSES) {
+        return Err(DataError::new(labels_path, format!("label {l} at index {i} is not a digit 0..=9")));
     }
-    Ok(Split {
-        images: images.data,
-        labels: labels.data,
-    })
+    Ok(Split { images: images.data, labels: labels.data })
 }
 
 /// Recipe step 5 for one image: bytes to [0, 1], then (x - MEAN) / STD.

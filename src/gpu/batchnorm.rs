@@ -95,21 +95,13 @@ impl BatchNorm {
     pub fn forward_train(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> [Dispatch; 2] {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y)];
-        [
-            self.stats.launch(ctx, l.c as u32, &all),
-            self.apply_train
-                .launch(ctx, groups_for(l.n * l.c * l.hw), &all),
-        ]
+        [self.stats.launch(ctx, l.c as u32, &all), self.apply_train.launch(ctx, groups_for(l.n * l.c * l.hw), &all)]
     }
 
     /// Evaluation mode: the running statistics.
     pub fn forward_eval(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> Dispatch {
         let u = ctx.uniform("batchnorm dims", &dims(l));
-        self.apply_eval.launch(
-            ctx,
-            groups_for(l.n * l.c * l.hw),
-            &[(0, &u), (1, b.x), (2, b.state), (4, b.y)],
-        )
+        self.apply_eval.launch(ctx, groups_for(l.n * l.c * l.hw), &[(0, &u), (1, b.x), (2, b.state), (4, b.y)])
     }
 
     /// dgamma, dbeta into `grads`, then dx, from dy (through the fused ReLU).
@@ -123,20 +115,10 @@ impl BatchNorm {
         grads: &wgpu::Buffer,
     ) -> [Dispatch; 2] {
         let u = ctx.uniform("batchnorm dims", &dims(l));
-        let all = [
-            (0, &u),
-            (1, b.x),
-            (2, b.state),
-            (3, b.saved),
-            (4, dx),
-            (5, dy),
-            (6, grads),
-            (7, b.y),
-        ];
+        let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, dx), (5, dy), (6, grads), (7, b.y)];
         [
             self.backward_reduce.launch(ctx, l.c as u32, &all),
-            self.backward_data
-                .launch(ctx, groups_for(l.n * l.c * l.hw), &all),
+            self.backward_data.launch(ctx, groups_for(l.n * l.c * l.hw), &all),
         ]
     }
 }

@@ -37,19 +37,13 @@ fn summary(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
         name: info.name,
         backend: format!("{:?}", info.backend),
         device_type: format!("{:?}", info.device_type),
-        driver: format!("{} {}", info.driver, info.driver_info)
-            .trim()
-            .to_string(),
+        driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
     }
 }
 
 /// Every adapter wgpu finds, in its order (the order `--adapter N` refers to).
 pub fn list_adapters() -> Vec<AdapterSummary> {
-    all_adapters(&instance())
-        .iter()
-        .enumerate()
-        .map(|(i, a)| summary(i, a))
-        .collect()
+    all_adapters(&instance()).iter().enumerate().map(|(i, a)| summary(i, a)).collect()
 }
 
 /// Prefer real GPUs: discrete, then integrated, then virtual, then software.
@@ -82,33 +76,19 @@ impl GpuContext {
             bail!(INSTALL_HINT);
         }
         let adapter = match choice {
-            None => adapters
-                .iter()
-                .min_by_key(|a| rank(a.get_info().device_type))
-                .unwrap(),
+            None => adapters.iter().min_by_key(|a| rank(a.get_info().device_type)).unwrap(),
             Some(c) => {
                 let by_index = c.parse::<usize>().ok().and_then(|i| adapters.get(i));
-                let by_name = || {
-                    adapters
-                        .iter()
-                        .find(|a| a.get_info().name.to_lowercase().contains(&c.to_lowercase()))
-                };
+                let by_name = || adapters.iter().find(|a| a.get_info().name.to_lowercase().contains(&c.to_lowercase()));
                 by_index.or_else(by_name).ok_or_else(|| {
-                    let names: Vec<String> = adapters
-                        .iter()
-                        .enumerate()
-                        .map(|(i, a)| format!("{i}: {}", a.get_info().name))
-                        .collect();
-                    anyhow!(
-                        "no adapter matches --adapter {c:?}; the adapters are: {}",
-                        names.join(", ")
-                    )
+                    let names: Vec<String> =
+                        adapters.iter().enumerate().map(|(i, a)| format!("{i}: {}", a.get_info().name)).collect();
+                    anyhow!("no adapter matches --adapter {c:?}; the adapters are: {}", names.join(", "))
                 })?
             }
         };
         let info = adapter.get_info();
-        let wanted =
-            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
+        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
         let features = adapter.features() & wanted;
         let desc = wgpu::DeviceDescriptor {
             label: Some("mnist-wgpu"),
@@ -117,25 +97,10 @@ impl GpuContext {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) =
-            pollster::block_on(adapter.request_device(&desc)).with_context(|| {
-                format!(
-                    "opening a device on adapter {} ({:?})",
-                    info.name, info.backend
-                )
-            })?;
-        log::info!(
-            "adapter: {} ({:?}, {:?})",
-            info.name,
-            info.backend,
-            info.device_type
-        );
-        Ok(GpuContext {
-            device,
-            queue,
-            timestamps: features.contains(wanted),
-            info,
-        })
+        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+            .with_context(|| format!("opening a device on adapter {} ({:?})", info.name, info.backend))?;
+        log::info!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
+        Ok(GpuContext { device, queue, timestamps: features.contains(wanted), info })
     }
 
     /// True for a software adapter (lavapipe, WARP, SwiftShader): correct, but far too slow to train on.
@@ -154,14 +119,11 @@ impl GpuContext {
         } else {
             bytes
         };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            })
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
     }
 
     /// A zeroed storage buffer of `len` 4-byte elements.
@@ -169,21 +131,18 @@ impl GpuContext {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: (len.max(1) * 4) as u64,
-            usage: wgpu::BufferUsages::STORAGE
-                | wgpu::BufferUsages::COPY_SRC
-                | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     }
 
     /// A uniform buffer holding `value`.
     pub fn uniform<T: bytemuck::Pod>(&self, label: &str, value: &T) -> wgpu::Buffer {
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: bytemuck::bytes_of(value),
-                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            })
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytemuck::bytes_of(value),
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
     }
 
     /// Copies the first `len` 4-byte elements of `buffer` back to the host (waits for the GPU).
@@ -206,15 +165,9 @@ impl GpuContext {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .context("waiting for the GPU")?;
-        rx.recv()
-            .context("readback callback dropped")?
-            .context("mapping a readback buffer")?;
-        let view = slice
-            .get_mapped_range()
-            .context("reading a mapped buffer")?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).context("waiting for the GPU")?;
+        rx.recv().context("readback callback dropped")?.context("mapping a readback buffer")?;
+        let view = slice.get_mapped_range().context("reading a mapped buffer")?;
         let out = bytemuck::cast_slice(&view).to_vec();
         drop(view);
         staging.unmap();
@@ -223,15 +176,12 @@ impl GpuContext {
 
     /// Overwrites the start of `buffer` with `data`.
     pub fn write<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, data: &[T]) {
-        self.queue
-            .write_buffer(buffer, 0, bytemuck::cast_slice(data));
+        self.queue.write_buffer(buffer, 0, bytemuck::cast_slice(data));
     }
 
     /// Waits until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .context("waiting for the GPU")?;
+        self.device.poll(wgpu::PollType::wait_indefinitely()).context("waiting for the GPU")?;
         Ok(())
     }
 }

@@ -21,9 +21,7 @@ pub struct Dropout {
 
 impl Dropout {
     pub fn new(ctx: &GpuContext) -> Result<Dropout> {
-        Ok(Dropout {
-            apply: take(&mut compile(ctx, "dropout")?, "apply"),
-        })
+        Ok(Dropout { apply: take(&mut compile(ctx, "dropout")?, "apply") })
     }
 
     /// out = x * mask, the mask drawn from the seed and step in the `step` uniform (see sgd::StepUniform).
@@ -36,17 +34,9 @@ impl Dropout {
         x: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) -> Dispatch {
-        let dims = Dims {
-            len: len as u32,
-            threshold: crate::model::dropout_threshold(p),
-            scale: 1.0 / (1.0 - p),
-            _pad: 0,
-        };
+        let dims =
+            Dims { len: len as u32, threshold: crate::model::dropout_threshold(p), scale: 1.0 / (1.0 - p), _pad: 0 };
         let u = ctx.uniform("dropout dims", &dims);
-        self.apply.launch(
-            ctx,
-            groups_for(len),
-            &[(0, &u), (1, step), (2, x), (3, out)],
-        )
+        self.apply.launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, x), (3, out)])
     }
 }

@@ -34,14 +34,11 @@ pub fn full_source(body: &str) -> String {
 pub fn validate(name: &str, body: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
     let source = full_source(body);
     let path = format!("shaders/{name}.wgsl (after common.wgsl)");
-    let module = naga::front::wgsl::parse_str(&source)
-        .map_err(|e| anyhow!("{}", e.emit_to_string_with_path(&source, &path)))?;
-    let info = naga::valid::Validator::new(
-        naga::valid::ValidationFlags::all(),
-        naga::valid::Capabilities::all(),
-    )
-    .validate(&module)
-    .map_err(|e| anyhow!("{path}: {}", e.emit_to_string(&source)))?;
+    let module =
+        naga::front::wgsl::parse_str(&source).map_err(|e| anyhow!("{}", e.emit_to_string_with_path(&source, &path)))?;
+    let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
+        .validate(&module)
+        .map_err(|e| anyhow!("{path}: {}", e.emit_to_string(&source)))?;
     Ok((module, info))
 }
 
@@ -55,18 +52,12 @@ pub struct Kernel {
 
 /// All entry points of one shader file, by entry point name.
 pub fn compile(ctx: &GpuContext, name: &str) -> Result<BTreeMap<String, Kernel>> {
-    let body = SHADERS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .ok_or_else(|| anyhow!("no shader {name}"))?
-        .1;
+    let body = SHADERS.iter().find(|(n, _)| *n == name).ok_or_else(|| anyhow!("no shader {name}"))?.1;
     let (module, info) = validate(name, body)?;
-    let shader = ctx
-        .device
-        .create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(name),
-            source: wgpu::ShaderSource::Wgsl(full_source(body).into()),
-        });
+    let shader = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(full_source(body).into()),
+    });
     let mut kernels = BTreeMap::new();
     for (index, entry) in module.entry_points.iter().enumerate() {
         let uses = info.get_entry_point(index);
@@ -76,21 +67,15 @@ pub fn compile(ctx: &GpuContext, name: &str) -> Result<BTreeMap<String, Kernel>>
             .filter(|(handle, _)| !uses[*handle].is_empty())
             .filter_map(|(_, var)| var.binding.as_ref().map(|b| b.binding))
             .collect();
-        let pipeline = ctx
-            .device
-            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                label: Some(&format!("{name}.{}", entry.name)),
-                layout: None,
-                module: &shader,
-                entry_point: Some(&entry.name),
-                compilation_options: Default::default(),
-                cache: None,
-            });
-        let kernel = Kernel {
-            name: format!("{name}.{}", entry.name),
-            pipeline,
-            bindings,
-        };
+        let pipeline = ctx.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&format!("{name}.{}", entry.name)),
+            layout: None,
+            module: &shader,
+            entry_point: Some(&entry.name),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        let kernel = Kernel { name: format!("{name}.{}", entry.name), pipeline, bindings };
         kernels.insert(entry.name.clone(), kernel);
     }
     Ok(kernels)
@@ -98,9 +83,7 @@ pub fn compile(ctx: &GpuContext, name: &str) -> Result<BTreeMap<String, Kernel>>
 
 /// Takes one entry point out of a compiled shader file.
 pub fn take(kernels: &mut BTreeMap<String, Kernel>, entry: &str) -> Kernel {
-    kernels
-        .remove(entry)
-        .unwrap_or_else(|| panic!("shader has no entry point {entry}"))
+    kernels.remove(entry).unwrap_or_else(|| panic!("shader has no entry point {entry}"))
 }
 
 /// One recorded kernel launch: a pipeline, its bind group and the workgroup grid.
@@ -114,12 +97,7 @@ pub struct Dispatch {
 impl Kernel {
     /// A launch of this kernel over `groups` workgroups, binding the buffers it uses among `buffers`
     /// (binding number, buffer); a file's kernels can so all be given the file's whole binding list.
-    pub fn launch(
-        &self,
-        ctx: &GpuContext,
-        groups: u32,
-        buffers: &[(u32, &wgpu::Buffer)],
-    ) -> Dispatch {
+    pub fn launch(&self, ctx: &GpuContext, groups: u32, buffers: &[(u32, &wgpu::Buffer)]) -> Dispatch {
         let entries: Vec<wgpu::BindGroupEntry> = self
             .bindings
             .iter()
@@ -129,10 +107,7 @@ impl Kernel {
                     .find(|(n, _)| *n == b)
                     .unwrap_or_else(|| panic!("{}: no buffer given for binding {b}", self.name))
                     .1;
-                wgpu::BindGroupEntry {
-                    binding: b,
-                    resource: buffer.as_entire_binding(),
-                }
+                wgpu::BindGroupEntry { binding: b, resource: buffer.as_entire_binding() }
             })
             .collect();
         let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -140,12 +115,7 @@ impl Kernel {
             layout: &self.pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        Dispatch {
-            label: self.name.clone(),
-            pipeline: self.pipeline.clone(),
-            bind_group,
-            groups: grid(groups),
-        }
+        Dispatch { label: self.name.clone(), pipeline: self.pipeline.clone(), bind_group, groups: grid(groups) }
     }
 }
 

@@ -21,9 +21,7 @@ pub struct Loss {
 
 impl Loss {
     pub fn new(ctx: &GpuContext) -> Result<Loss> {
-        Ok(Loss {
-            softmax_cross_entropy: take(&mut compile(ctx, "loss")?, "softmax_cross_entropy"),
-        })
+        Ok(Loss { softmax_cross_entropy: take(&mut compile(ctx, "loss")?, "softmax_cross_entropy") })
     }
 
     /// dlogits of the mean loss; metrics[0], metrics[1] = the loss sum and correct count of the batch
@@ -40,23 +38,8 @@ impl Loss {
         dlogits: &wgpu::Buffer,
         metrics: &wgpu::Buffer,
     ) -> Dispatch {
-        let dims = Dims {
-            n: n as u32,
-            classes: classes as u32,
-            accumulate: accumulate as u32,
-            _pad: 0,
-        };
+        let dims = Dims { n: n as u32, classes: classes as u32, accumulate: accumulate as u32, _pad: 0 };
         let u = ctx.uniform("loss dims", &dims);
-        self.softmax_cross_entropy.launch(
-            ctx,
-            1,
-            &[
-                (0, &u),
-                (1, logits),
-                (2, labels),
-                (3, dlogits),
-                (4, metrics),
-            ],
-        )
+        self.softmax_cross_entropy.launch(ctx, 1, &[(0, &u), (1, logits), (2, labels), (3, dlogits), (4, metrics)])
     }
 }

@@ -4,8 +4,7 @@
 
 pub mod batchnorm;
 pub mod context;
-pub mod conv1x1;
-pub mod conv3x3;
+pub mod conv;
 pub mod dropout;
 pub mod kernel;
 pub mod loss;

@@ -8,8 +8,7 @@ use anyhow::{bail, Result};
 
 use super::batchnorm::{BatchNorm, BnBuffers, BnLayer, BnOffsets};
 use super::context::GpuContext;
-use super::conv1x1::Conv1x1;
-use super::conv3x3::Conv3x3;
+use super::conv::Conv;
 use super::dropout::Dropout;
 use super::kernel::Dispatch;
 use super::loss::Loss;
@@ -19,8 +18,8 @@ use crate::model::{ConvDims, Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 
 /// Every shader's kernels, compiled once per device.
 pub struct Kernels {
-    pub conv3x3: Conv3x3,
-    pub conv1x1: Conv1x1,
+    pub conv3x3: Conv,
+    pub conv1x1: Conv,
     pub batchnorm: BatchNorm,
     pub pool: Pool,
     pub dropout: Dropout,
@@ -29,10 +28,19 @@ pub struct Kernels {
 }
 
 impl Kernels {
+    /// The convolution kernels for `d`'s kernel size.
+    pub fn conv_for(&self, d: &ConvDims) -> Result<&Conv> {
+        match d.k {
+            3 => Ok(&self.conv3x3),
+            1 => Ok(&self.conv1x1),
+            k => bail!("no GPU kernels for {k}x{k} convolutions"),
+        }
+    }
+
     pub fn new(ctx: &GpuContext) -> Result<Kernels> {
         Ok(Kernels {
-            conv3x3: Conv3x3::new(ctx)?,
-            conv1x1: Conv1x1::new(ctx)?,
+            conv3x3: Conv::conv3x3(ctx)?,
+            conv1x1: Conv::conv1x1(ctx)?,
             batchnorm: BatchNorm::new(ctx)?,
             pool: Pool::new(ctx)?,
             dropout: Dropout::new(ctx)?,
@@ -92,20 +100,12 @@ pub struct GpuNet {
 
 /// Whether layer `i` is a ReLU folded into the batchnorm before it.
 fn fused_relu(model: &Model, i: usize) -> bool {
-    matches!(model.layers[i], Layer::Relu)
-        && i > 0
-        && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
+    matches!(model.layers[i], Layer::Relu) && i > 0 && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
 }
 
 impl GpuNet {
     /// Buffers and launches for batches of `batch` images, parameters from `state`.
-    pub fn new(
-        ctx: &GpuContext,
-        k: &Kernels,
-        model: &Model,
-        batch: usize,
-        state: &[f32],
-    ) -> Result<GpuNet> {
+    pub fn new(ctx: &GpuContext, k: &Kernels, model: &Model, batch: usize, state: &[f32]) -> Result<GpuNet> {
         GpuNet::with_shared(ctx, k, model, batch, SharedBuffers::new(ctx, model, state))
     }
 
@@ -120,13 +120,7 @@ impl GpuNet {
     ) -> Result<GpuNet> {
         let n = batch;
         let classes = model.output_classes();
-        let SharedBuffers {
-            state: state_buf,
-            grads,
-            momenta,
-            metrics,
-            step,
-        } = &shared;
+        let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
 
@@ -143,10 +137,8 @@ impl GpuNet {
                 output_of.push(activations.len() - 1);
             }
         }
-        let largest = (0..model.layers.len())
-            .map(|i| model.input_of(i).len().max(model.shapes[i].len()))
-            .max()
-            .unwrap_or(0);
+        let largest =
+            (0..model.layers.len()).map(|i| model.input_of(i).len().max(model.shapes[i].len())).max().unwrap_or(0);
         let grad_a = ctx.zeros("gradient A", n * largest);
         let grad_b = ctx.zeros("gradient B", n * largest);
 
@@ -158,13 +150,7 @@ impl GpuNet {
             }
         };
         let bn_layer = |i: usize, c: usize, p: LayerParams| -> BnLayer {
-            let LayerParams::BatchNorm {
-                weight,
-                bias,
-                running_mean,
-                running_var,
-            } = p
-            else {
+            let LayerParams::BatchNorm { weight, bias, running_mean, running_var } = p else {
                 unreachable!("batchnorm without its parameters")
             };
             let s = model.input_of(i);
@@ -188,12 +174,8 @@ impl GpuNet {
         let mut saved: Vec<Option<wgpu::Buffer>> = Vec::new();
         for (i, layer) in model.layers.iter().enumerate() {
             saved.push(match layer {
-                Layer::BatchNorm { c, .. } => {
-                    Some(ctx.zeros(&format!("layer {i} batch statistics"), 2 * c))
-                }
-                Layer::MaxPool2 => {
-                    Some(ctx.zeros(&format!("layer {i} argmax"), n * model.shapes[i].len()))
-                }
+                Layer::BatchNorm { c, .. } => Some(ctx.zeros(&format!("layer {i} batch statistics"), 2 * c)),
+                Layer::MaxPool2 => Some(ctx.zeros(&format!("layer {i} argmax"), n * model.shapes[i].len())),
                 _ => None,
             });
         }
@@ -204,42 +186,16 @@ impl GpuNet {
             let (x, y) = (input_of(i), &activations[output_of[i]]);
             let sin = model.input_of(i);
             match (layer, model.layer_params[i]) {
-                (
-                    &Layer::Conv {
-                        cin,
-                        cout,
-                        k: ksize,
-                        pad,
-                        ..
-                    },
-                    LayerParams::Conv { weight },
-                ) => {
-                    let d = ConvDims {
-                        n,
-                        cin,
-                        h: sin.h,
-                        w: sin.w,
-                        cout,
-                        k: ksize,
-                        pad,
-                    };
-                    let w_off = model.params[weight].offset;
+                (Layer::Conv { .. }, _) => {
+                    let (d, w_off) = model.conv(i, n).expect("a convolution layer");
+                    let conv = k.conv_for(&d)?;
                     for list in [&mut forward_train, &mut forward_eval] {
-                        list.push(match ksize {
-                            3 => k.conv3x3.forward(ctx, &d, w_off, x, state_buf, y),
-                            1 => k.conv1x1.forward(ctx, &d, w_off, x, state_buf, y),
-                            _ => bail!("layer {i}: no GPU kernel for {ksize}x{ksize} convolutions"),
-                        });
+                        list.push(conv.forward(ctx, &d, w_off, x, state_buf, y)?);
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
-                    let b = BnBuffers {
-                        x,
-                        y,
-                        state: state_buf,
-                        saved: saved[i].as_ref().unwrap(),
-                    };
+                    let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
                     forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
                     forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &b));
                 }
@@ -252,13 +208,7 @@ impl GpuNet {
                 (Layer::MaxPool2, _) => {
                     let argmax = saved[i].as_ref().unwrap();
                     for list in [&mut forward_train, &mut forward_eval] {
-                        list.push(k.pool.maxpool_forward(
-                            ctx,
-                            (n * sin.c, sin.h, sin.w),
-                            x,
-                            y,
-                            argmax,
-                        ));
+                        list.push(k.pool.maxpool_forward(ctx, (n * sin.c, sin.h, sin.w), x, y, argmax));
                     }
                 }
                 (Layer::GlobalAvgPool, _) => {
@@ -266,19 +216,14 @@ impl GpuNet {
                         list.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y));
                     }
                 }
-                (layer, p) => unreachable!("layer {layer:?} with parameters {p:?}"),
             }
         }
 
         let logits = &activations[*output_of.last().unwrap()];
         // Both add batch after batch into the metrics (cleared by reset_metrics), so a training loop
         // reads running sums only when it shows them. Evaluation's dlogits go unused.
-        let loss_train = k
-            .loss
-            .softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
-        let loss_eval = k
-            .loss
-            .softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
+        let loss_train = k.loss.softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
+        let loss_eval = k.loss.softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
 
         // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
         let mut backward = Vec::new();
@@ -287,81 +232,33 @@ impl GpuNet {
             let (x, y) = (input_of(i), &activations[output_of[i]]);
             let sin = model.input_of(i);
             match (&model.layers[i], model.layer_params[i]) {
-                (
-                    &Layer::Conv {
-                        cin,
-                        cout,
-                        k: ksize,
-                        pad,
-                        ..
-                    },
-                    LayerParams::Conv { weight },
-                ) => {
-                    let d = ConvDims {
-                        n,
-                        cin,
-                        h: sin.h,
-                        w: sin.w,
-                        cout,
-                        k: ksize,
-                        pad,
-                    };
-                    let w_off = model.params[weight].offset;
-                    if ksize == 3 {
-                        backward.push(k.conv3x3.backward_weight(ctx, &d, w_off, x, cur, grads));
-                        if i > 0 {
-                            backward.push(
-                                k.conv3x3
-                                    .backward_data(ctx, &d, w_off, cur, state_buf, other),
-                            );
-                        }
-                    } else {
-                        backward.push(k.conv1x1.backward_weight(ctx, &d, w_off, x, cur, grads));
-                        if i > 0 {
-                            backward.push(
-                                k.conv1x1
-                                    .backward_data(ctx, &d, w_off, cur, state_buf, other),
-                            );
-                        }
+                (Layer::Conv { .. }, _) => {
+                    let (d, w_off) = model.conv(i, n).expect("a convolution layer");
+                    let conv = k.conv_for(&d)?;
+                    backward.push(conv.backward_weight(ctx, &d, w_off, x, cur, grads)?);
+                    // The input image needs no gradient.
+                    if i > 0 {
+                        backward.push(conv.backward_data(ctx, &d, w_off, cur, state_buf, other)?);
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
-                    let b = BnBuffers {
-                        x,
-                        y,
-                        state: state_buf,
-                        saved: saved[i].as_ref().unwrap(),
-                    };
+                    let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
                     backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, grads));
                 }
                 (Layer::Relu, _) => continue, // inside the batchnorm's backward
-                (&Layer::Dropout { p }, _) => {
-                    backward.push(k.dropout.apply(ctx, n * sin.len(), p, step, cur, other))
-                }
+                (&Layer::Dropout { p }, _) => backward.push(k.dropout.apply(ctx, n * sin.len(), p, step, cur, other)),
                 (Layer::MaxPool2, _) => {
                     let argmax = saved[i].as_ref().unwrap();
-                    backward.push(k.pool.maxpool_backward(
-                        ctx,
-                        (n * sin.c, sin.h, sin.w),
-                        cur,
-                        argmax,
-                        other,
-                    ));
+                    backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), cur, argmax, other));
                 }
                 (Layer::GlobalAvgPool, _) => {
-                    backward.push(
-                        k.pool
-                            .gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other),
-                    )
+                    backward.push(k.pool.gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other))
                 }
-                (layer, p) => unreachable!("layer {layer:?} with parameters {p:?}"),
             }
             std::mem::swap(&mut cur, &mut other);
         }
-        let update = k
-            .sgd
-            .update(ctx, model.num_trainable, step, state_buf, grads, momenta);
+        let update = k.sgd.update(ctx, model.num_trainable, step, state_buf, grads, momenta);
 
         Ok(GpuNet {
             model: model.clone(),
@@ -381,17 +278,8 @@ impl GpuNet {
     }
 
     fn write_batch(&self, ctx: &GpuContext, input: &[f32], labels: &[u8]) {
-        assert_eq!(
-            labels.len(),
-            self.batch,
-            "this GpuNet runs batches of {}",
-            self.batch
-        );
-        assert_eq!(
-            input.len(),
-            self.batch * self.model.input.len(),
-            "input length"
-        );
+        assert_eq!(labels.len(), self.batch, "this GpuNet runs batches of {}", self.batch);
+        assert_eq!(input.len(), self.batch * self.model.input.len(), "input length");
         ctx.write(&self.input, input);
         let labels: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
         ctx.write(&self.labels, &labels);
@@ -434,39 +322,17 @@ impl GpuNet {
 
     /// Forward (training mode) and loss only: gradients and the update are not run. For tests that
     /// look at one stage at a time.
-    pub fn forward_train_only(
-        &self,
-        ctx: &GpuContext,
-        input: &[f32],
-        labels: &[u8],
-        step: StepUniform,
-    ) {
+    pub fn forward_train_only(&self, ctx: &GpuContext, input: &[f32], labels: &[u8], step: StepUniform) {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
-        self.submit(
-            ctx,
-            &[&self.forward_train, std::slice::from_ref(&self.loss_train)],
-        );
+        self.submit(ctx, &[&self.forward_train, std::slice::from_ref(&self.loss_train)]);
     }
 
     /// Forward, loss and backward (training mode), without the update.
-    pub fn gradients_only(
-        &self,
-        ctx: &GpuContext,
-        input: &[f32],
-        labels: &[u8],
-        step: StepUniform,
-    ) {
+    pub fn gradients_only(&self, ctx: &GpuContext, input: &[f32], labels: &[u8], step: StepUniform) {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
-        self.submit(
-            ctx,
-            &[
-                &self.forward_train,
-                std::slice::from_ref(&self.loss_train),
-                &self.backward,
-            ],
-        );
+        self.submit(ctx, &[&self.forward_train, std::slice::from_ref(&self.loss_train), &self.backward]);
     }
 
     /// Clears the metrics that `evaluate_batch` adds into.
@@ -478,18 +344,12 @@ impl GpuNet {
     /// Batchnorm uses the running statistics and dropout is the identity.
     pub fn evaluate_batch(&self, ctx: &GpuContext, input: &[f32], labels: &[u8]) {
         self.write_batch(ctx, input, labels);
-        self.submit(
-            ctx,
-            &[&self.forward_eval, std::slice::from_ref(&self.loss_eval)],
-        );
+        self.submit(ctx, &[&self.forward_eval, std::slice::from_ref(&self.loss_eval)]);
     }
 
     pub fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
         let m: Vec<f32> = ctx.read(&self.shared.metrics, 2)?;
-        Ok(Metrics {
-            loss_sum: m[0],
-            correct: m[1] as u32,
-        })
+        Ok(Metrics { loss_sum: m[0], correct: m[1] as u32 })
     }
 
     pub fn read_state(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
@@ -517,10 +377,7 @@ impl GpuNet {
     /// The output of layer `i` of the last forward pass (for a fused ReLU, the batchnorm's buffer,
     /// which holds the ReLU's output).
     pub fn read_output(&self, ctx: &GpuContext, i: usize) -> Result<Vec<f32>> {
-        ctx.read(
-            &self.activations[self.output_of[i]],
-            self.batch * self.model.shapes[i].len(),
-        )
+        ctx.read(&self.activations[self.output_of[i]], self.batch * self.model.shapes[i].len())
     }
 
     pub fn read_logits(&self, ctx: &GpuContext) -> Result<Vec<f32>> {

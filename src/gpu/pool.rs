@@ -34,15 +34,7 @@ impl Pool {
     }
 
     fn dims(ctx: &GpuContext, planes: usize, h: usize, w: usize) -> wgpu::Buffer {
-        ctx.uniform(
-            "pool dims",
-            &Dims {
-                planes: planes as u32,
-                h: h as u32,
-                w: w as u32,
-                _pad: 0,
-            },
-        )
+        ctx.uniform("pool dims", &Dims { planes: planes as u32, h: h as u32, w: w as u32, _pad: 0 })
     }
 
     /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, with the winner of each window in `argmax`.
@@ -55,11 +47,7 @@ impl Pool {
         argmax: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
-        self.maxpool_forward.launch(
-            ctx,
-            groups_for(planes * h * w / 4),
-            &[(0, &u), (1, x), (2, y), (3, argmax)],
-        )
+        self.maxpool_forward.launch(ctx, groups_for(planes * h * w / 4), &[(0, &u), (1, x), (2, y), (3, argmax)])
     }
 
     pub fn maxpool_backward(
@@ -71,11 +59,7 @@ impl Pool {
         dx: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
-        self.maxpool_backward.launch(
-            ctx,
-            groups_for(planes * h * w / 4),
-            &[(0, &u), (1, dy), (2, dx), (3, argmax)],
-        )
+        self.maxpool_backward.launch(ctx, groups_for(planes * h * w / 4), &[(0, &u), (1, dy), (2, dx), (3, argmax)])
     }
 
     pub fn gap_forward(
@@ -87,8 +71,7 @@ impl Pool {
         y: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, hw, 1);
-        self.gap_forward
-            .launch(ctx, groups_for(planes), &[(0, &u), (1, x), (2, y)])
+        self.gap_forward.launch(ctx, groups_for(planes), &[(0, &u), (1, x), (2, y)])
     }
 
     pub fn gap_backward(
@@ -100,7 +83,6 @@ impl Pool {
         dx: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, hw, 1);
-        self.gap_backward
-            .launch(ctx, groups_for(planes * hw), &[(0, &u), (1, dy), (2, dx)])
+        self.gap_backward.launch(ctx, groups_for(planes * hw), &[(0, &u), (1, dy), (2, dx)])
     }
 }

@@ -33,9 +33,7 @@ pub struct Sgd {
 
 impl Sgd {
     pub fn new(ctx: &GpuContext) -> Result<Sgd> {
-        Ok(Sgd {
-            update: take(&mut compile(ctx, "sgd")?, "update"),
-        })
+        Ok(Sgd { update: take(&mut compile(ctx, "sgd")?, "update") })
     }
 
     /// The update of the first `len` values of `state` (the trainable prefix).
@@ -48,17 +46,7 @@ impl Sgd {
         grads: &wgpu::Buffer,
         momenta: &wgpu::Buffer,
     ) -> Dispatch {
-        let u = ctx.uniform(
-            "sgd dims",
-            &Dims {
-                len: len as u32,
-                _pad: [0; 3],
-            },
-        );
-        self.update.launch(
-            ctx,
-            groups_for(len),
-            &[(0, &u), (1, step), (2, state), (3, grads), (4, momenta)],
-        )
+        let u = ctx.uniform("sgd dims", &Dims { len: len as u32, _pad: [0; 3] });
+        self.update.launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, state), (3, grads), (4, momenta)])
     }
 }

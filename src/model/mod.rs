@@ -114,15 +114,8 @@ pub struct ParamEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerParams {
     None,
-    Conv {
-        weight: usize,
-    },
-    BatchNorm {
-        weight: usize,
-        bias: usize,
-        running_mean: usize,
-        running_var: usize,
-    },
+    Conv { weight: usize },
+    BatchNorm { weight: usize, bias: usize, running_mean: usize, running_var: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -145,61 +138,25 @@ impl Model {
     pub fn net3() -> Model {
         use Layer::*;
         let layers = vec![
-            Conv {
-                name: "conv1",
-                cin: 1,
-                cout: 8,
-                k: 3,
-                pad: 1,
-            },
+            Conv { name: "conv1", cin: 1, cout: 8, k: 3, pad: 1 },
             BatchNorm { name: "bn1", c: 8 },
             Relu,
-            Conv {
-                name: "conv2",
-                cin: 8,
-                cout: 16,
-                k: 3,
-                pad: 1,
-            },
+            Conv { name: "conv2", cin: 8, cout: 16, k: 3, pad: 1 },
             BatchNorm { name: "bn2", c: 16 },
             Relu,
             Dropout { p: 0.05 },
             MaxPool2,
-            Conv {
-                name: "conv3",
-                cin: 16,
-                cout: 16,
-                k: 3,
-                pad: 1,
-            },
+            Conv { name: "conv3", cin: 16, cout: 16, k: 3, pad: 1 },
             BatchNorm { name: "bn3", c: 16 },
             Relu,
-            Conv {
-                name: "conv4",
-                cin: 16,
-                cout: 32,
-                k: 3,
-                pad: 1,
-            },
+            Conv { name: "conv4", cin: 16, cout: 32, k: 3, pad: 1 },
             BatchNorm { name: "bn4", c: 32 },
             Relu,
             MaxPool2,
-            Conv {
-                name: "conv5",
-                cin: 32,
-                cout: 32,
-                k: 3,
-                pad: 0,
-            },
+            Conv { name: "conv5", cin: 32, cout: 32, k: 3, pad: 0 },
             BatchNorm { name: "bn5", c: 32 },
             Relu,
-            Conv {
-                name: "conv6",
-                cin: 32,
-                cout: 10,
-                k: 1,
-                pad: 0,
-            },
+            Conv { name: "conv6", cin: 32, cout: 10, k: 1, pad: 0 },
             BatchNorm { name: "bn6", c: 10 },
             Relu,
             GlobalAvgPool,
@@ -218,23 +175,11 @@ impl Model {
         let mut slots: Vec<LayerParams> = Vec::with_capacity(layers.len());
         for layer in &layers {
             let slot = match *layer {
-                Layer::Conv {
-                    name,
-                    cin,
-                    cout,
-                    k,
-                    pad,
-                } => {
+                Layer::Conv { name, cin, cout, k, pad } => {
                     assert_eq!(shape.c, cin, "{name}: input has {} channels", shape.c);
-                    shape = Shape {
-                        c: cout,
-                        h: shape.h + 2 * pad + 1 - k,
-                        w: shape.w + 2 * pad + 1 - k,
-                    };
+                    shape = Shape { c: cout, h: shape.h + 2 * pad + 1 - k, w: shape.w + 2 * pad + 1 - k };
                     trainable.push((format!("{name}.weight"), vec![cout, cin, k, k]));
-                    LayerParams::Conv {
-                        weight: trainable.len() - 1,
-                    }
+                    LayerParams::Conv { weight: trainable.len() - 1 }
                 }
                 Layer::BatchNorm { name, c } => {
                     assert_eq!(shape.c, c, "{name}: input has {} channels", shape.c);
@@ -250,23 +195,12 @@ impl Model {
                     }
                 }
                 Layer::MaxPool2 => {
-                    assert!(
-                        shape.h.is_multiple_of(2) && shape.w.is_multiple_of(2),
-                        "maxpool of odd size {shape:?}"
-                    );
-                    shape = Shape {
-                        c: shape.c,
-                        h: shape.h / 2,
-                        w: shape.w / 2,
-                    };
+                    assert!(shape.h.is_multiple_of(2) && shape.w.is_multiple_of(2), "maxpool of odd size {shape:?}");
+                    shape = Shape { c: shape.c, h: shape.h / 2, w: shape.w / 2 };
                     LayerParams::None
                 }
                 Layer::GlobalAvgPool => {
-                    shape = Shape {
-                        c: shape.c,
-                        h: 1,
-                        w: 1,
-                    };
+                    shape = Shape { c: shape.c, h: 1, w: 1 };
                     LayerParams::None
                 }
                 Layer::Relu | Layer::Dropout { .. } => LayerParams::None,
@@ -277,31 +211,18 @@ impl Model {
         let num_trainable_tensors = trainable.len();
         let mut params = Vec::new();
         let mut offset = 0;
-        for ((name, shape), is_trainable) in trainable
-            .into_iter()
-            .map(|t| (t, true))
-            .chain(running.into_iter().map(|t| (t, false)))
+        for ((name, shape), is_trainable) in
+            trainable.into_iter().map(|t| (t, true)).chain(running.into_iter().map(|t| (t, false)))
         {
             let len = shape.iter().product();
-            params.push(ParamEntry {
-                name,
-                shape,
-                offset,
-                len,
-                trainable: is_trainable,
-            });
+            params.push(ParamEntry { name, shape, offset, len, trainable: is_trainable });
             offset += len;
         }
         let num_trainable = params.iter().filter(|p| p.trainable).map(|p| p.len).sum();
         let layer_params = slots
             .into_iter()
             .map(|s| match s {
-                LayerParams::BatchNorm {
-                    weight,
-                    bias,
-                    running_mean,
-                    running_var,
-                } => LayerParams::BatchNorm {
+                LayerParams::BatchNorm { weight, bias, running_mean, running_var } => LayerParams::BatchNorm {
                     weight,
                     bias,
                     running_mean: running_mean + num_trainable_tensors,
@@ -310,15 +231,7 @@ impl Model {
                 other => other,
             })
             .collect();
-        Model {
-            input,
-            layers,
-            shapes,
-            layer_params,
-            params,
-            num_trainable,
-            num_state: offset,
-        }
+        Model { input, layers, shapes, layer_params, params, num_trainable, num_state: offset }
     }
 
     pub fn output_classes(&self) -> usize {
@@ -328,6 +241,17 @@ impl Model {
     /// The table entry of a state_dict name.
     pub fn param(&self, name: &str) -> Option<&ParamEntry> {
         self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Layer `i`'s convolution over a batch of `n`, with its weights' offset, if it is one.
+    pub fn conv(&self, i: usize, n: usize) -> Option<(ConvDims, usize)> {
+        match (&self.layers[i], self.layer_params[i]) {
+            (&Layer::Conv { cin, cout, k, pad, .. }, LayerParams::Conv { weight }) => {
+                let s = self.input_of(i);
+                Some((ConvDims { n, cin, h: s.h, w: s.w, cout, k, pad }, self.params[weight].offset))
+            }
+            _ => None,
+        }
     }
 
     /// The input shape of layer `i`.
@@ -346,16 +270,12 @@ impl Model {
         let mut state = vec![0.0f32; self.num_state];
         for p in &self.params {
             let slice = &mut state[p.offset..p.offset + p.len];
-            if p.name.ends_with("running_var")
-                || (p.name.starts_with("bn") && p.name.ends_with(".weight"))
-            {
+            if p.name.ends_with("running_var") || (p.name.starts_with("bn") && p.name.ends_with(".weight")) {
                 slice.fill(1.0);
             } else if p.shape.len() == 4 {
                 let fan_in = (p.shape[1] * p.shape[2] * p.shape[3]) as f32;
                 let bound = 1.0 / fan_in.sqrt();
-                slice
-                    .iter_mut()
-                    .for_each(|v| *v = rng.random_range(-bound..bound));
+                slice.iter_mut().for_each(|v| *v = rng.random_range(-bound..bound));
             }
         }
         state
@@ -363,17 +283,9 @@ impl Model {
 
     /// A per-layer table in the style of torchsummary, ending in the parameter totals.
     pub fn summary(&self) -> String {
-        let mut rows = vec![(
-            "Layer (type)".to_string(),
-            "Output Shape".to_string(),
-            "Param #".to_string(),
-        )];
+        let mut rows = vec![("Layer (type)".to_string(), "Output Shape".to_string(), "Param #".to_string())];
         let input = self.input;
-        rows.push((
-            "input".into(),
-            format!("[-1, {}, {}, {}]", input.c, input.h, input.w),
-            "0".into(),
-        ));
+        rows.push(("input".into(), format!("[-1, {}, {}, {}]", input.c, input.h, input.w), "0".into()));
         for (i, layer) in self.layers.iter().enumerate() {
             let s = self.shapes[i];
             let label = match layer {
@@ -387,9 +299,7 @@ impl Model {
             let count: usize = match self.layer_params[i] {
                 LayerParams::None => 0,
                 LayerParams::Conv { weight } => self.params[weight].len,
-                LayerParams::BatchNorm { weight, bias, .. } => {
-                    self.params[weight].len + self.params[bias].len
-                }
+                LayerParams::BatchNorm { weight, bias, .. } => self.params[weight].len + self.params[bias].len,
             };
             let shape = if matches!(layer, Layer::GlobalAvgPool) {
                 format!("[-1, {}]", s.c)
@@ -411,10 +321,7 @@ impl Model {
         }
         out += &format!("{rule}\n");
         out += &format!("Total params: {}\n", group_thousands(self.num_trainable));
-        out += &format!(
-            "Trainable params: {}\n",
-            group_thousands(self.num_trainable)
-        );
+        out += &format!("Trainable params: {}\n", group_thousands(self.num_trainable));
         out += &format!(
             "Non-trainable buffers: {} (batchnorm running mean and variance)\n",
             group_thousands(self.num_state - self.num_trainable)
@@ -444,12 +351,8 @@ mod tests {
     fn net3_matches_the_spec_table() {
         let m = Model::net3();
         assert_eq!(m.num_trainable, 17_900);
-        let per_layer: Vec<(&str, usize)> =
-            m.params.iter().map(|p| (p.name.as_str(), p.len)).collect();
-        assert_eq!(
-            &per_layer[..3],
-            &[("conv1.weight", 72), ("bn1.weight", 8), ("bn1.bias", 8)]
-        );
+        let per_layer: Vec<(&str, usize)> = m.params.iter().map(|p| (p.name.as_str(), p.len)).collect();
+        assert_eq!(&per_layer[..3], &[("conv1.weight", 72), ("bn1.weight", 8), ("bn1.bias", 8)]);
         assert_eq!(m.param("conv5.weight").unwrap().len, 9_216);
         assert_eq!(m.param("conv6.weight").unwrap().shape, vec![10, 32, 1, 1]);
         assert_eq!(m.param("bn6.running_var").unwrap().len, 10);

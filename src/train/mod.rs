@@ -135,57 +135,28 @@ fn diverged(what: String, global_step: usize, last: &Path) -> anyhow::Error {
 
 fn check_finite(sums: Sums, global_step: usize, last: &Path) -> Result<()> {
     if !sums.loss_sum.is_finite() {
-        return Err(diverged(
-            format!("the loss is {}", sums.loss_sum),
-            global_step,
-            last,
-        ));
+        return Err(diverged(format!("the loss is {}", sums.loss_sum), global_step, last));
     }
     Ok(())
 }
 
 /// Saves a checkpoint, unless the parameters have gone non-finite (then the run has diverged).
-fn save(
-    backend: &mut dyn Backend,
-    model: &Model,
-    path: &Path,
-    position: &Position,
-    last: &Path,
-) -> Result<()> {
+fn save(backend: &mut dyn Backend, model: &Model, path: &Path, position: &Position, last: &Path) -> Result<()> {
     let state = backend.state()?;
-    if let Some(p) = model.params.iter().find(|p| {
-        state[p.offset..p.offset + p.len]
-            .iter()
-            .any(|v| !v.is_finite())
-    }) {
-        return Err(diverged(
-            format!("{} has non-finite values", p.name),
-            position.global_step,
-            last,
-        ));
+    if let Some(p) = model.params.iter().find(|p| state[p.offset..p.offset + p.len].iter().any(|v| !v.is_finite())) {
+        return Err(diverged(format!("{} has non-finite values", p.name), position.global_step, last));
     }
     checkpoint::save(path, model, &state, &backend.momenta()?, position)
 }
 
 /// Trains `backend` (holding `model`'s state) on `data` as `opts.recipe` says.
-pub fn train(
-    backend: &mut dyn Backend,
-    model: &Model,
-    data: &Mnist,
-    opts: &TrainOptions,
-) -> Result<Outcome> {
+pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &TrainOptions) -> Result<Outcome> {
     let r = opts.recipe;
     let train_split = Arc::new(data.train.clone());
     let steps_per_epoch = batches_per_epoch(train_split.len(), r.batch_size);
     let schedule = OneCycle::recipe(r.epochs * steps_per_epoch, r.max_lr);
-    let loader = LoaderConfig {
-        seed: r.seed,
-        batch_size: r.batch_size,
-        augment: true,
-        batch_augment: r.batch_augment,
-    };
-    std::fs::create_dir_all(&opts.out_dir)
-        .with_context(|| format!("creating {}", opts.out_dir.display()))?;
+    let loader = LoaderConfig { seed: r.seed, batch_size: r.batch_size, augment: true, batch_augment: r.batch_augment };
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let last = opts.out_dir.join("last.safetensors");
     let best = opts.out_dir.join("best.safetensors");
 
@@ -193,17 +164,11 @@ pub fn train(
     let mut best_accuracy: Option<f64> = None;
     if let Some(path) = &opts.resume {
         let ck = checkpoint::load(path, model)?;
-        let pos = ck.position.with_context(|| {
-            format!(
-                "{}: no training position in its metadata; cannot resume",
-                path.display()
-            )
-        })?;
+        let pos = ck
+            .position
+            .with_context(|| format!("{}: no training position in its metadata; cannot resume", path.display()))?;
         let momenta = ck.momenta.with_context(|| {
-            format!(
-                "{} is missing: the momenta are needed to resume exactly",
-                checkpoint::optim_path(path).display()
-            )
+            format!("{} is missing: the momenta are needed to resume exactly", checkpoint::optim_path(path).display())
         })?;
         if pos.recipe != r.to_json() {
             bail!(
@@ -216,15 +181,9 @@ pub fn train(
         backend.load(&ck.state, &momenta)?;
         (epoch, first_batch, global) = (pos.epoch, pos.batch_in_epoch, pos.global_step);
         if best.exists() {
-            best_accuracy = checkpoint::load(&best, model)?
-                .position
-                .and_then(|p| p.test_accuracy);
+            best_accuracy = checkpoint::load(&best, model)?.position.and_then(|p| p.test_accuracy);
         }
-        println!(
-            "Resuming {} at epoch {}, batch {first_batch} (step {global})",
-            path.display(),
-            epoch + 1
-        );
+        println!("Resuming {} at epoch {}, batch {first_batch} (step {global})", path.display(), epoch + 1);
     }
 
     let mut metrics_file = std::fs::OpenOptions::new()
@@ -233,17 +192,11 @@ pub fn train(
         .open(opts.out_dir.join("metrics.jsonl"))
         .with_context(|| format!("opening {}", opts.out_dir.join("metrics.jsonl").display()))?;
     let mut records = Vec::new();
-    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
-        .unwrap()
-        .progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
 
     while epoch < r.epochs {
         let started = Instant::now();
-        let bar = if opts.progress {
-            ProgressBar::new(steps_per_epoch as u64)
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = if opts.progress { ProgressBar::new(steps_per_epoch as u64) } else { ProgressBar::hidden() };
         bar.set_style(style.clone());
         bar.set_prefix(format!("epoch {}/{}", epoch + 1, r.epochs));
         bar.set_position(first_batch as u64);
@@ -292,11 +245,7 @@ pub fn train(
                     epoch + 1,
                     last.display()
                 );
-                return Ok(Outcome {
-                    epochs: records,
-                    interrupted: true,
-                    best_accuracy,
-                });
+                return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
             }
         }
         let train_sums = backend.train_sums()?;
@@ -321,11 +270,7 @@ pub fn train(
         };
         println!(
             "Epoch {}/{}: train loss {:.4}, accuracy {:.2}%, {:.0} images/s",
-            record.epoch,
-            r.epochs,
-            record.train_loss,
-            record.train_accuracy,
-            record.train_images_per_sec
+            record.epoch, r.epochs, record.train_loss, record.train_accuracy, record.train_images_per_sec
         );
         println!(
             "Test set: Average loss: {:.4}, Accuracy: {}/{} ({:.2}%)  [epoch time {:.1} s]",
@@ -353,38 +298,19 @@ pub fn train(
         epoch += 1;
         first_batch = 0;
         if opts.stop.load(Ordering::SeqCst) && epoch < r.epochs {
-            println!(
-                "Interrupted: saved {}; continue with --resume {}",
-                last.display(),
-                last.display()
-            );
-            return Ok(Outcome {
-                epochs: records,
-                interrupted: true,
-                best_accuracy,
-            });
+            println!("Interrupted: saved {}; continue with --resume {}", last.display(), last.display());
+            return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
         }
     }
     if let (Some(best), Some(last)) = (best_accuracy, records.last()) {
-        println!(
-            "Best test accuracy {best:.2}%, final {:.2}% ({})",
-            last.test_accuracy,
-            opts.out_dir.display()
-        );
+        println!("Best test accuracy {best:.2}%, final {:.2}% ({})", last.test_accuracy, opts.out_dir.display());
     }
-    Ok(Outcome {
-        epochs: records,
-        interrupted: false,
-        best_accuracy,
-    })
+    Ok(Outcome { epochs: records, interrupted: false, best_accuracy })
 }
 
 /// `runs/2026-11-26T01-23-45` for now (UTC), so runs sort by time.
 pub fn timestamped_dir(root: &Path) -> PathBuf {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -396,10 +322,5 @@ pub fn timestamped_dir(root: &Path) -> PathBuf {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + (month <= 2) as i64;
-    root.join(format!(
-        "{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    ))
+    root.join(format!("{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
 }

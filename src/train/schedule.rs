@@ -34,20 +34,13 @@ impl OneCycle {
         let phase1_end = self.pct_start * self.total_steps as f64 - 1.0;
         let last = self.total_steps as f64 - 1.0;
         let k = k as f64;
-        let cos =
-            |a: f64, b: f64, t: f64| b + (a - b) / 2.0 * (1.0 + (std::f64::consts::PI * t).cos());
+        let cos = |a: f64, b: f64, t: f64| b + (a - b) / 2.0 * (1.0 + (std::f64::consts::PI * t).cos());
         if k <= phase1_end {
             let t = k / phase1_end;
-            (
-                cos(initial_lr, self.max_lr, t),
-                cos(self.max_momentum, self.base_momentum, t),
-            )
+            (cos(initial_lr, self.max_lr, t), cos(self.max_momentum, self.base_momentum, t))
         } else {
             let t = (k - phase1_end) / (last - phase1_end);
-            (
-                cos(self.max_lr, min_lr, t),
-                cos(self.base_momentum, self.max_momentum, t),
-            )
+            (cos(self.max_lr, min_lr, t), cos(self.base_momentum, self.max_momentum, t))
         }
     }
 }

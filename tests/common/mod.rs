@@ -22,43 +22,25 @@ pub struct Fixture(pub HashMap<String, Tensor>);
 
 impl Fixture {
     pub fn load() -> Fixture {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/torch_reference.safetensors");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_reference.safetensors");
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let st = SafeTensors::deserialize(&bytes).expect("fixture is valid safetensors");
         let mut map = HashMap::new();
         for (name, view) in st.tensors() {
             let raw = view.data();
             let data: Vec<f64> = match view.dtype() {
-                Dtype::F32 => raw
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
-                Dtype::F64 => raw
-                    .chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-                    .collect(),
-                Dtype::I64 => raw
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64)
-                    .collect(),
+                Dtype::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+                Dtype::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+                Dtype::I64 => raw.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
                 other => panic!("fixture tensor {name} has unexpected dtype {other:?}"),
             };
-            map.insert(
-                name.to_string(),
-                Tensor {
-                    shape: view.shape().to_vec(),
-                    data,
-                },
-            );
+            map.insert(name.to_string(), Tensor { shape: view.shape().to_vec(), data });
         }
         Fixture(map)
     }
 
     pub fn get(&self, name: &str) -> &Tensor {
-        self.0
-            .get(name)
-            .unwrap_or_else(|| panic!("fixture has no tensor {name}"))
+        self.0.get(name).unwrap_or_else(|| panic!("fixture has no tensor {name}"))
     }
 }
 
@@ -66,24 +48,14 @@ impl Fixture {
 pub fn rel_err(got: &[f32], want: &[f32], floor: f32) -> f32 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    got.iter()
-        .zip(want)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0.0, f32::max)
-        / scale
+    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max) / scale
 }
 
 /// Asserts `rel_err <= tol`, naming the tensor; returns the error for reporting.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
-    assert!(
-        got.iter().all(|v| v.is_finite()),
-        "{what}: non-finite value"
-    );
+    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite value");
     let err = rel_err(got, want, 1e-6);
-    assert!(
-        err <= tol,
-        "{what}: error {err:e} relative to its largest value exceeds {tol:e}"
-    );
+    assert!(err <= tol, "{what}: error {err:e} relative to its largest value exceeds {tol:e}");
     eprintln!("{what:<32} rel err {err:.2e} (tol {tol:.0e})");
     err
 }
@@ -107,9 +79,7 @@ pub fn gpu() -> Option<&'static (GpuContext, Kernels)> {
     Some(GPU.get_or_init(|| {
         let adapter = std::env::var("MNIST_WGPU_ADAPTER").ok();
         let ctx = GpuContext::new(adapter.as_deref()).unwrap_or_else(|e| {
-            panic!(
-                "{e:#}\n(to skip GPU tests on a machine that cannot have Vulkan, set {SKIP_GPU}=1)"
-            )
+            panic!("{e:#}\n(to skip GPU tests on a machine that cannot have Vulkan, set {SKIP_GPU}=1)")
         });
         eprintln!("GPU tests on {} ({:?})", ctx.info.name, ctx.info.backend);
         let kernels = Kernels::new(&ctx).unwrap_or_else(|e| panic!("compiling the shaders: {e:#}"));

@@ -1,0 +1,116 @@
+//! Launches shaders/conv3x3.wgsl and shaders/conv1x1.wgsl: both take the same uniform and have the
+//! same three entry points (forward, backward_data, backward_weight), so one launcher serves both.
+
+use anyhow::{bail, Result};
+use bytemuck::{Pod, Zeroable};
+
+use super::context::GpuContext;
+use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+use crate::model::ConvDims;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Dims {
+    n: u32,
+    cin: u32,
+    h: u32,
+    w: u32,
+    cout: u32,
+    ho: u32,
+    wo: u32,
+    pad: u32,
+    w_off: u32,
+    _pad: [u32; 3],
+}
+
+/// The kernels of one convolution shader.
+pub struct Conv {
+    /// The kernel size the shader is written for.
+    k: usize,
+    forward: Kernel,
+    backward_data: Kernel,
+    backward_weight: Kernel,
+}
+
+impl Conv {
+    /// shaders/conv3x3.wgsl (padding 0 or 1).
+    pub fn conv3x3(ctx: &GpuContext) -> Result<Conv> {
+        Conv::new(ctx, "conv3x3", 3)
+    }
+
+    /// shaders/conv1x1.wgsl (no padding).
+    pub fn conv1x1(ctx: &GpuContext) -> Result<Conv> {
+        Conv::new(ctx, "conv1x1", 1)
+    }
+
+    fn new(ctx: &GpuContext, shader: &str, k: usize) -> Result<Conv> {
+        let mut kernels = compile(ctx, shader)?;
+        Ok(Conv {
+            k,
+            forward: take(&mut kernels, "forward"),
+            backward_data: take(&mut kernels, "backward_data"),
+            backward_weight: take(&mut kernels, "backward_weight"),
+        })
+    }
+
+    fn dims(&self, ctx: &GpuContext, d: &ConvDims, w_off: usize) -> Result<wgpu::Buffer> {
+        if d.k != self.k || (self.k == 1 && d.pad != 0) {
+            bail!("a {0}x{0} convolution with padding {1} given to the {2}x{2} kernels", d.k, d.pad, self.k);
+        }
+        let dims = Dims {
+            n: d.n as u32,
+            cin: d.cin as u32,
+            h: d.h as u32,
+            w: d.w as u32,
+            cout: d.cout as u32,
+            ho: d.ho() as u32,
+            wo: d.wo() as u32,
+            pad: d.pad as u32,
+            w_off: w_off as u32,
+            _pad: [0; 3],
+        };
+        Ok(ctx.uniform("conv dims", &dims))
+    }
+
+    /// y = conv(x, weights at state[w_off..]).
+    pub fn forward(
+        &self,
+        ctx: &GpuContext,
+        d: &ConvDims,
+        w_off: usize,
+        x: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Result<Dispatch> {
+        let u = self.dims(ctx, d, w_off)?;
+        Ok(self.forward.launch(ctx, groups_for(d.n * d.out_image()), &[(0, &u), (1, x), (2, state), (4, y)]))
+    }
+
+    /// dx from dy.
+    pub fn backward_data(
+        &self,
+        ctx: &GpuContext,
+        d: &ConvDims,
+        w_off: usize,
+        dy: &wgpu::Buffer,
+        state: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+    ) -> Result<Dispatch> {
+        let u = self.dims(ctx, d, w_off)?;
+        Ok(self.backward_data.launch(ctx, groups_for(d.n * d.in_image()), &[(0, &u), (2, state), (3, dy), (4, dx)]))
+    }
+
+    /// grads[w_off..] = dL/dweights from x and dy (one workgroup per weight).
+    pub fn backward_weight(
+        &self,
+        ctx: &GpuContext,
+        d: &ConvDims,
+        w_off: usize,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        grads: &wgpu::Buffer,
+    ) -> Result<Dispatch> {
+        let u = self.dims(ctx, d, w_off)?;
+        Ok(self.backward_weight.launch(ctx, d.weight_len() as u32, &[(0, &u), (1, x), (3, dy), (5, grads)]))
+    }
+}
