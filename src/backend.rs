@@ -118,6 +118,19 @@ impl Backend for CpuBackend {
     }
 }
 
+/// A step's parameters as the shaders' per-step uniform (dropout on, as in training).
+fn step_uniform(p: StepParams) -> StepUniform {
+    StepUniform {
+        lr: p.lr,
+        momentum: p.momentum,
+        weight_decay: p.weight_decay,
+        dropout_seed: p.dropout_seed,
+        dropout_step: p.step,
+        dropout_on: 1,
+        _pad: [0; 2],
+    }
+}
+
 /// The GPU backend: one executor per batch size seen (the last batch of an epoch may be smaller), all
 /// over the same parameter buffers.
 pub struct GpuBackend {
@@ -148,6 +161,12 @@ impl GpuBackend {
         Ok((&self.nets[&batch], &self.ctx))
     }
 
+    /// One training step with every kernel timed: (launch, nanoseconds) in order.
+    pub fn profile_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<Vec<(String, f64)>> {
+        let (net, ctx) = self.net(labels.len())?;
+        net.profile_step(ctx, input, labels, step_uniform(p))
+    }
+
     fn sums(&mut self) -> Result<Sums> {
         let m: Vec<f32> = self.ctx.read(&self.shared.metrics, 2)?;
         Ok(Sums { loss_sum: m[0] as f64, correct: m[1] as u64 })
@@ -160,17 +179,8 @@ impl Backend for GpuBackend {
     }
 
     fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
-        let u = StepUniform {
-            lr: p.lr,
-            momentum: p.momentum,
-            weight_decay: p.weight_decay,
-            dropout_seed: p.dropout_seed,
-            dropout_step: p.step,
-            dropout_on: 1,
-            _pad: [0; 2],
-        };
         let (net, ctx) = self.net(labels.len())?;
-        net.train_step(ctx, input, labels, u, false)?;
+        net.train_step(ctx, input, labels, step_uniform(p), false)?;
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use mnist_wgpu::backend::{Backend, CpuBackend, StepParams};
+use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, StepParams};
 use mnist_wgpu::data::loader::{epoch_order, eval_batches, train_batch, Batch, LoaderConfig};
 use mnist_wgpu::data::{self, augment::BatchAugment};
 use mnist_wgpu::gpu::GpuContext;
@@ -172,6 +172,83 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         println!("medians of {} repeats of {} batches, after one warm-up repeat", args.repeats, args.steps);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// Timed training steps; each kernel's median over them is reported.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// The GPU adapter: an index from `adapters`, or part of its name (software adapters allowed).
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `mnist-wgpu profile`: every kernel of a GPU training step timed with GPU timestamps.
+pub fn profile(args: ProfileArgs) -> Result<()> {
+    let model = Model::net3();
+    let set = data::load_dir(&data::default_dir())?;
+    let cfg =
+        LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
+    let order = epoch_order(1, 0, set.train.len());
+    let mut backend = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
+    let p =
+        |step: usize| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32 };
+    let first = train_batch(&set.train, &order, &cfg, 0, 0);
+    validate(&mut backend, &model, &first, p(0))?;
+    // Warm-up (pipeline compilation, first-use costs), then the timed steps.
+    backend.profile_step(&first.input, &first.labels, p(0))?;
+    let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
+    for i in 0..args.steps.max(1) {
+        let b = train_batch(&set.train, &order, &cfg, 0, i + 1);
+        runs.push(backend.profile_step(&b.input, &b.labels, p(i + 1))?);
+    }
+    let rows: Vec<(String, f64)> =
+        (0..runs[0].len()).map(|k| (runs[0][k].0.clone(), median(runs.iter().map(|r| r[k].1).collect()).0)).collect();
+    let total: f64 = rows.iter().map(|r| r.1).sum();
+    // Per kernel (shader entry point), summed over the layers it runs for.
+    let mut per_kernel: Vec<(String, f64)> = Vec::new();
+    for (label, ns) in &rows {
+        let kernel = label.split(' ').next().unwrap_or(label).to_string();
+        match per_kernel.iter_mut().find(|(k, _)| *k == kernel) {
+            Some(entry) => entry.1 += ns,
+            None => per_kernel.push((kernel, *ns)),
+        }
+    }
+    per_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if args.json {
+        let launches: Vec<serde_json::Value> =
+            rows.iter().map(|(l, ns)| serde_json::json!({"launch": l, "median_us": ns / 1e3})).collect();
+        let kernels: Vec<serde_json::Value> =
+            per_kernel.iter().map(|(k, ns)| serde_json::json!({"kernel": k, "median_us": ns / 1e3})).collect();
+        let out = serde_json::json!({
+            "device": backend.describe(), "batch_size": args.batch_size, "steps": args.steps,
+            "step_us": total / 1e3, "launches": launches, "kernels": kernels,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{} - training step at batch {}, medians of {} steps", backend.describe(), args.batch_size, args.steps);
+    println!("{:<44}{:>12}{:>8}", "launch", "us", "%");
+    for (label, ns) in &rows {
+        println!("{label:<44}{:>12.1}{:>7.1}%", ns / 1e3, 100.0 * ns / total);
+    }
+    println!(
+        "{:<44}{:>12.1}  ({:.0} images/s if launches ran back to back)",
+        "total",
+        total / 1e3,
+        args.batch_size as f64 / (total / 1e9)
+    );
+    println!("\nper kernel, all layers:");
+    for (k, ns) in &per_kernel {
+        println!("{k:<44}{:>12.1}{:>7.1}%", ns / 1e3, 100.0 * ns / total);
     }
     Ok(())
 }

@@ -93,6 +93,8 @@ enum Command {
     },
     /// Measure training, augmentation and evaluation throughput (images/s, medians).
     Bench(bench::BenchArgs),
+    /// Time every kernel of a GPU training step (GPU timestamp queries).
+    Profile(bench::ProfileArgs),
     /// Print the network: one row per layer with its output shape and parameter count.
     Summary,
     /// List every GPU adapter wgpu finds (index, name, backend, device type).
@@ -186,6 +188,7 @@ fn run(command: Command) -> Result<()> {
             print!("{}", format_confusion(&counts));
         }
         Command::Bench(args) => bench::run(args)?,
+        Command::Profile(args) => bench::profile(args)?,
     }
     Ok(())
 }

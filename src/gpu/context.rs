@@ -62,7 +62,7 @@ pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
-    /// Whether timestamp queries inside compute passes are available (per-kernel profiling).
+    /// Whether timestamp queries are available (per-kernel profiling).
     pub timestamps: bool,
 }
 
@@ -88,8 +88,8 @@ impl GpuContext {
             }
         };
         let info = adapter.get_info();
-        let wanted = wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_PASSES;
-        let features = adapter.features() & wanted;
+        // Timestamp queries time each kernel (`profile`); they are optional.
+        let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let desc = wgpu::DeviceDescriptor {
             label: Some("mnist-wgpu"),
             required_features: features,
@@ -100,7 +100,7 @@ impl GpuContext {
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .with_context(|| format!("opening a device on adapter {} ({:?})", info.name, info.backend))?;
         log::info!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
-        Ok(GpuContext { device, queue, timestamps: features.contains(wanted), info })
+        Ok(GpuContext { device, queue, timestamps: !features.is_empty(), info })
     }
 
     /// True for a software adapter (lavapipe, WARP, SwiftShader): correct, but far too slow to train on.
@@ -145,9 +145,9 @@ impl GpuContext {
         })
     }
 
-    /// Copies the first `len` 4-byte elements of `buffer` back to the host (waits for the GPU).
+    /// Copies the first `len` elements of type T of `buffer` back to the host (waits for the GPU).
     pub fn read<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>> {
-        let size = (len * 4) as u64;
+        let size = (len * std::mem::size_of::<T>()) as u64;
         if size == 0 {
             return Ok(Vec::new());
         }

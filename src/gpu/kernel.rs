@@ -154,3 +154,40 @@ pub fn run(ctx: &GpuContext, dispatches: &[&Dispatch]) {
     }
     ctx.queue.submit([encoder.finish()]);
 }
+
+/// Runs `dispatches` in order, each in its own compute pass with timestamps at its start and end, and
+/// returns each one's GPU time in nanoseconds. Needs the TIMESTAMP_QUERY feature.
+pub fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch]) -> Result<Vec<f64>> {
+    if !ctx.timestamps {
+        anyhow::bail!("adapter {} has no timestamp queries: per-kernel times are not available", ctx.info.name);
+    }
+    let count = 2 * dispatches.len() as u32;
+    let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
+        label: Some("kernel timestamps"),
+        ty: wgpu::QueryType::Timestamp,
+        count,
+    });
+    let resolved = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("resolved timestamps"),
+        size: count as u64 * 8,
+        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        mapped_at_creation: false,
+    });
+    let mut encoder = ctx.device.create_command_encoder(&Default::default());
+    for (i, d) in dispatches.iter().enumerate() {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(&d.label),
+            timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
+                query_set: &queries,
+                beginning_of_pass_write_index: Some(2 * i as u32),
+                end_of_pass_write_index: Some(2 * i as u32 + 1),
+            }),
+        });
+        d.record(&mut pass);
+    }
+    encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
+    ctx.queue.submit([encoder.finish()]);
+    let ticks: Vec<u64> = ctx.read(&resolved, count as usize)?;
+    let period = ctx.queue.get_timestamp_period() as f64;
+    Ok(ticks.chunks_exact(2).map(|t| t[1].saturating_sub(t[0]) as f64 * period).collect())
+}

@@ -98,6 +98,13 @@ pub struct GpuNet {
     update: Dispatch,
 }
 
+/// Names launches after the layer they belong to, e.g. `conv3x3.forward conv2`.
+fn tag(launches: &mut [Dispatch], layer: &str) {
+    for d in launches {
+        d.label = format!("{} {layer}", d.label);
+    }
+}
+
 /// Whether layer `i` is a ReLU folded into the batchnorm before it.
 fn fused_relu(model: &Model, i: usize) -> bool {
     matches!(model.layers[i], Layer::Relu) && i > 0 && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
@@ -185,6 +192,7 @@ impl GpuNet {
         for (i, layer) in model.layers.iter().enumerate() {
             let (x, y) = (input_of(i), &activations[output_of[i]]);
             let sin = model.input_of(i);
+            let marks = (forward_train.len(), forward_eval.len());
             match (layer, model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
@@ -217,6 +225,8 @@ impl GpuNet {
                     }
                 }
             }
+            tag(&mut forward_train[marks.0..], &model.layer_name(i));
+            tag(&mut forward_eval[marks.1..], &model.layer_name(i));
         }
 
         let logits = &activations[*output_of.last().unwrap()];
@@ -231,6 +241,7 @@ impl GpuNet {
         for i in (0..model.layers.len()).rev() {
             let (x, y) = (input_of(i), &activations[output_of[i]]);
             let sin = model.input_of(i);
+            let mark = backward.len();
             match (&model.layers[i], model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
@@ -256,6 +267,7 @@ impl GpuNet {
                     backward.push(k.pool.gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other))
                 }
             }
+            tag(&mut backward[mark..], &model.layer_name(i));
             std::mem::swap(&mut cur, &mut other);
         }
         let update = k.sgd.update(ctx, model.num_trainable, step, state_buf, grads, momenta);
@@ -382,6 +394,22 @@ impl GpuNet {
 
     pub fn read_logits(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         self.read_output(ctx, self.model.layers.len() - 1)
+    }
+
+    /// One training step with a GPU timestamp around every launch: (launch, nanoseconds) in order.
+    /// Each launch runs in its own compute pass, so the step itself is a little slower than usual.
+    pub fn profile_step(
+        &self,
+        ctx: &GpuContext,
+        input: &[f32],
+        labels: &[u8],
+        step: StepUniform,
+    ) -> Result<Vec<(String, f64)>> {
+        self.write_batch(ctx, input, labels);
+        ctx.write(&self.shared.step, &[step]);
+        let launches = self.train_dispatches();
+        let times = super::kernel::run_timed(ctx, &launches)?;
+        Ok(launches.iter().map(|d| d.label.clone()).zip(times).collect())
     }
 
     /// Every launch of a training step, in order, for profiling.

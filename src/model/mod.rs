@@ -254,6 +254,17 @@ impl Model {
         }
     }
 
+    /// A short name for layer `i`: its module name (`conv2`, `bn2`), else its kind and index.
+    pub fn layer_name(&self, i: usize) -> String {
+        match &self.layers[i] {
+            Layer::Conv { name, .. } | Layer::BatchNorm { name, .. } => name.to_string(),
+            Layer::Relu => format!("relu#{i}"),
+            Layer::Dropout { .. } => format!("dropout#{i}"),
+            Layer::MaxPool2 => format!("maxpool#{i}"),
+            Layer::GlobalAvgPool => format!("avgpool#{i}"),
+        }
+    }
+
     /// The input shape of layer `i`.
     pub fn input_of(&self, i: usize) -> Shape {
         if i == 0 {
