@@ -212,6 +212,13 @@ fn train_command(args: TrainArgs) -> Result<()> {
         (None, Some(resume)) => resume.parent().map(Path::to_path_buf).unwrap_or_default(),
         (None, None) => train::timestamped_dir(Path::new("runs")),
     };
+    if args.resume.is_none() && out_dir.join("last.safetensors").exists() {
+        bail!(
+            "{} already holds a training run; continue it with --resume {}, or choose another --out",
+            out_dir.display(),
+            out_dir.join("last.safetensors").display()
+        );
+    }
     if let Some(n) = args.save_augmented {
         let path = out_dir.join("augmented.png");
         save_augmented(&set.train, &recipe, n, &path)?;

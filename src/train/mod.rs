@@ -183,7 +183,11 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         if best.exists() {
             best_accuracy = checkpoint::load(&best, model)?.position.and_then(|p| p.test_accuracy);
         }
-        println!("Resuming {} at epoch {}, batch {first_batch} (step {global})", path.display(), epoch + 1);
+        if epoch >= r.epochs {
+            println!("{} finished all {} epochs already; nothing to do", path.display(), r.epochs);
+        } else {
+            println!("Resuming {} at epoch {}, batch {first_batch} (step {global})", path.display(), epoch + 1);
+        }
     }
 
     let mut metrics_file = std::fs::OpenOptions::new()
