@@ -1,8 +1,13 @@
 //! mnist-wgpu: the recipe's small CNN trained on MNIST, in WGSL compute shaders through raw wgpu,
 //! checked against a plain-Rust CPU reference.
 //!
-//! Layers, each depending only on those listed after it: `cpu` (reference ops and the CPU executor),
-//! `train` (schedule), `model` (the network described once), `data` (IDX files).
+//! Dependencies point one way, down this list:
+//! - `train`: the epoch loop over a `Backend`, the one-cycle schedule, metrics, checkpoints;
+//! - `backend`: the Backend trait and its CPU and GPU implementations;
+//! - `gpu` (wgpu, the shaders of `shaders/`) and `cpu` (the reference ops), side by side: neither
+//!   imports the other (the GPU tests use the CPU reference as their oracle);
+//! - `checkpoint`: safetensors with PyTorch's state_dict names;
+//! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread.
 
 pub mod backend;
 pub mod checkpoint;
