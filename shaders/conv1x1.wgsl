@@ -5,7 +5,8 @@
 // Entry points and dispatch shapes:
 //   forward          one invocation per output element (n * cout * h * w)
 //   backward_data    one invocation per input element  (n * cin * h * w)
-//   backward_weight  one workgroup per weight element  (cout * cin), WG invocations over (n, pixel)
+//   backward_weight  one workgroup per weight element  (cout * cin, as many as (co, ci) pairs), WG
+//                    invocations over (n, pixel)
 // Bindings: 0 dims (uniform), 1 x, 2 state, 3 dy, 4 out (y or dx), 5 grads.
 
 struct Dims {

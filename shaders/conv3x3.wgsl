@@ -2,10 +2,11 @@
 // state[d.w_off..] as cout x cin x 3 x 3 (their gradient at the same offset of grads).
 //
 // Entry points and dispatch shapes:
-//   forward          one invocation per output element  (n * cout * ho * wo), grid of WG-wide groups
-//   backward_data    one invocation per input element   (n * cin * h * w)
-//   backward_weight  one workgroup per weight element   (cout * cin * 9), WG invocations summing over
-//                    (n, oy, ox) in a fixed order
+//   forward          one invocation per output pixel and block of CB output channels
+//                    (n * ceil(cout / CB) * ho * wo), grid of WG-wide groups
+//   backward_data    one invocation per input pixel and block of CB input channels (n * ceil(cin / CB) * h * w)
+//   backward_weight  one workgroup per (co, ci) pair     (cout * cin), WG invocations summing the 9
+//                    taps over (n, oy, ox) in a fixed order
 // Bindings: 0 dims (uniform), 1 x (input activation), 2 state (weights), 3 dy (output gradient),
 //           4 out (forward: y; backward_data: dx), 5 grads.
 
@@ -22,20 +23,30 @@ struct Dims {
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grads: array<f32>;
 
+// Channels per invocation in forward (output channels) and backward_data (input channels): each
+// activation value loaded feeds CB multiply-adds.
+const CB: u32 = 4u;
+
+// The weight of tap `tap` (0..8) for channels (co, ci), clamped into the tensor for the channels past
+// the end of a partial block (their results are not written).
+fn weight(co: u32, ci: u32, tap: u32) -> f32 {
+    return state[d.w_off + (min(co, d.cout - 1u) * d.cin + min(ci, d.cin - 1u)) * 9u + tap];
+}
+
 @compute @workgroup_size(WG)
 fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
-    if (i >= d.n * d.cout * d.ho * d.wo) {
+    let blocks = (d.cout + CB - 1u) / CB;
+    if (i >= d.n * blocks * d.ho * d.wo) {
         return;
     }
     let ox = i % d.wo;
     let oy = (i / d.wo) % d.ho;
-    let co = (i / (d.wo * d.ho)) % d.cout;
-    let b = i / (d.wo * d.ho * d.cout);
-    var acc = 0.0;
+    let co = ((i / (d.wo * d.ho)) % blocks) * CB;
+    let b = i / (d.wo * d.ho * blocks);
+    var acc = vec4<f32>(0.0);
     for (var ci = 0u; ci < d.cin; ci++) {
         let plane = (b * d.cin + ci) * d.h;
-        let wbase = d.w_off + (co * d.cin + ci) * 9u;
         for (var ky = 0u; ky < 3u; ky++) {
             let iy = i32(oy + ky) - i32(d.pad);
             if (iy < 0 || iy >= i32(d.h)) {
@@ -46,27 +57,33 @@ fn forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
                 if (ix < 0 || ix >= i32(d.w)) {
                     continue;
                 }
-                acc += x[(plane + u32(iy)) * d.w + u32(ix)] * state[wbase + ky * 3u + kx];
+                let v = x[(plane + u32(iy)) * d.w + u32(ix)];
+                let tap = ky * 3u + kx;
+                acc += v * vec4<f32>(weight(co, ci, tap), weight(co + 1u, ci, tap), weight(co + 2u, ci, tap), weight(co + 3u, ci, tap));
             }
         }
     }
-    out[i] = acc;
+    for (var t = 0u; t < CB; t++) {
+        if (co + t < d.cout) {
+            out[((b * d.cout + co + t) * d.ho + oy) * d.wo + ox] = acc[t];
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
 fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
-    if (i >= d.n * d.cin * d.h * d.w) {
+    let blocks = (d.cin + CB - 1u) / CB;
+    if (i >= d.n * blocks * d.h * d.w) {
         return;
     }
     let ix = i % d.w;
     let iy = (i / d.w) % d.h;
-    let ci = (i / (d.w * d.h)) % d.cin;
-    let b = i / (d.w * d.h * d.cin);
-    var acc = 0.0;
+    let ci = ((i / (d.w * d.h)) % blocks) * CB;
+    let b = i / (d.w * d.h * blocks);
+    var acc = vec4<f32>(0.0);
     for (var co = 0u; co < d.cout; co++) {
         let plane = (b * d.cout + co) * d.ho;
-        let wbase = d.w_off + (co * d.cin + ci) * 9u;
         for (var ky = 0u; ky < 3u; ky++) {
             let oy = i32(iy + d.pad) - i32(ky);
             if (oy < 0 || oy >= i32(d.ho)) {
@@ -77,11 +94,17 @@ fn backward_data(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_wor
                 if (ox < 0 || ox >= i32(d.wo)) {
                     continue;
                 }
-                acc += dy[(plane + u32(oy)) * d.wo + u32(ox)] * state[wbase + ky * 3u + kx];
+                let g = dy[(plane + u32(oy)) * d.wo + u32(ox)];
+                let tap = ky * 3u + kx;
+                acc += g * vec4<f32>(weight(co, ci, tap), weight(co, ci + 1u, tap), weight(co, ci + 2u, tap), weight(co, ci + 3u, tap));
             }
         }
     }
-    out[i] = acc;
+    for (var t = 0u; t < CB; t++) {
+        if (ci + t < d.cin) {
+            out[((b * d.cin + ci + t) * d.h + iy) * d.w + ix] = acc[t];
+        }
+    }
 }
 
 @compute @workgroup_size(WG)
@@ -90,31 +113,44 @@ fn backward_weight(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let k = flat_group(wid, nwg);
-    let count = d.cout * d.cin * 9u;
-    // k is uniform across the workgroup, so this early exit keeps the barriers below uniform.
-    if (k >= count) {
+    // One workgroup per (co, ci) computes all 9 taps: each dy value is loaded once for 9 products.
+    let pair = flat_group(wid, nwg);
+    // pair is uniform across the workgroup, so this early exit keeps the barriers below uniform.
+    if (pair >= d.cout * d.cin) {
         return;
     }
-    let kx = k % 3u;
-    let ky = (k / 3u) % 3u;
-    let ci = (k / 9u) % d.cin;
-    let co = k / (9u * d.cin);
+    let ci = pair % d.cin;
+    let co = pair / d.cin;
     let per_image = d.ho * d.wo;
-    var acc = 0.0;
+    var acc: array<f32, 9>;
     for (var j = lid; j < d.n * per_image; j += WG) {
         let b = j / per_image;
         let oy = (j % per_image) / d.wo;
         let ox = j % d.wo;
-        let iy = i32(oy + ky) - i32(d.pad);
-        let ix = i32(ox + kx) - i32(d.pad);
-        if (iy >= 0 && iy < i32(d.h) && ix >= 0 && ix < i32(d.w)) {
-            acc += dy[(b * d.cout + co) * per_image + oy * d.wo + ox]
-                * x[((b * d.cin + ci) * d.h + u32(iy)) * d.w + u32(ix)];
+        let g = dy[(b * d.cout + co) * per_image + j % per_image];
+        let plane = (b * d.cin + ci) * d.h;
+        for (var ky = 0u; ky < 3u; ky++) {
+            let iy = i32(oy + ky) - i32(d.pad);
+            if (iy < 0 || iy >= i32(d.h)) {
+                continue;
+            }
+            for (var kx = 0u; kx < 3u; kx++) {
+                let ix = i32(ox + kx) - i32(d.pad);
+                if (ix >= 0 && ix < i32(d.w)) {
+                    acc[ky * 3u + kx] += g * x[(plane + u32(iy)) * d.w + u32(ix)];
+                }
+            }
         }
     }
-    let total = workgroup_sum2(lid, acc, 0.0);
-    if (lid == 0u) {
-        grads[d.w_off + k] = total.x;
+    let base = d.w_off + pair * 9u;
+    for (var t = 0u; t < 9u; t += 2u) {
+        let second = select(0.0, acc[min(t + 1u, 8u)], t + 1u < 9u);
+        let total = workgroup_sum2(lid, acc[t], second);
+        if (lid == 0u) {
+            grads[base + t] = total.x;
+            if (t + 1u < 9u) {
+                grads[base + t + 1u] = total.y;
+            }
+        }
     }
 }

@@ -45,27 +45,29 @@ fn read(ctx: &GpuContext, b: &wgpu::Buffer, len: usize) -> Vec<f32> {
     ctx.read(b, len).unwrap()
 }
 
-/// Every convolution of Net3, forward, dx and dweight.
+/// Every convolution of Net3, forward, dx and dweight; and two odd shapes whose channel counts are
+/// not multiples of the kernels' channel blocks.
 #[test]
 fn conv_kernels_match_reference() {
     let Some((ctx, k)) = gpu() else { return };
     let model = Model::net3();
-    for (i, layer) in model.layers.iter().enumerate() {
-        let &Layer::Conv { name, cin, cout, k: ksize, pad } = layer else {
-            continue;
-        };
-        let s = model.input_of(i);
-        let d = ConvDims { n: N, cin, h: s.h, w: s.w, cout, k: ksize, pad };
+    let mut cases: Vec<(String, ConvDims)> =
+        (0..model.layers.len()).filter_map(|i| model.conv(i, N).map(|(d, _)| (model.layer_name(i), d))).collect();
+    cases.push(("odd 3x3".into(), ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 }));
+    cases.push(("odd 1x1".into(), ConvDims { n: 3, cin: 3, h: 4, w: 5, cout: 7, k: 1, pad: 0 }));
+    for (i, (name, d)) in cases.into_iter().enumerate() {
+        let (n, cin, cout, ksize, pad) = (d.n, d.cin, d.cout, d.k, d.pad);
+        let s = (d.h, d.w);
         // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
         let w_off = 7;
-        let x = random(i as u64, N * d.in_image(), 1.0);
+        let x = random(i as u64, n * d.in_image(), 1.0);
         let w = random(100 + i as u64, d.weight_len(), 0.3);
-        let dy = random(200 + i as u64, N * d.out_image(), 1.0);
+        let dy = random(200 + i as u64, n * d.out_image(), 1.0);
         let mut state = vec![0.0; w_off];
         state.extend_from_slice(&w);
         let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
         let (yb, dxb, gb) =
-            (ctx.zeros("y", N * d.out_image()), ctx.zeros("dx", N * d.in_image()), ctx.zeros("grads", state.len()));
+            (ctx.zeros("y", n * d.out_image()), ctx.zeros("dx", n * d.in_image()), ctx.zeros("grads", state.len()));
         let conv = k.conv_for(&d).unwrap();
         let launches = [
             conv.forward(ctx, &d, w_off, &xb, &sb, &yb).unwrap(),
@@ -73,11 +75,11 @@ fn conv_kernels_match_reference() {
             conv.backward_weight(ctx, &d, w_off, &xb, &dyb, &gb).unwrap(),
         ];
         run(ctx, &launches.iter().collect::<Vec<_>>());
-        let mut y = vec![0.0; N * d.out_image()];
+        let mut y = vec![0.0; n * d.out_image()];
         conv_forward(&d, &x, &w, &mut y);
-        let (mut dx, mut dw) = (vec![0.0; N * d.in_image()], vec![0.0; d.weight_len()]);
+        let (mut dx, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
         conv_backward(&d, &x, &w, &dy, Some(&mut dx), &mut dw);
-        let tag = format!("{name} ({ksize}x{ksize} pad {pad}, {cin}->{cout} @{}x{})", s.h, s.w);
+        let tag = format!("{name} ({ksize}x{ksize} pad {pad}, {cin}->{cout} @{}x{})", s.0, s.1);
         check(&format!("{tag} forward"), &read(ctx, &yb, y.len()), &y, 1e-5);
         check(&format!("{tag} dx"), &read(ctx, &dxb, dx.len()), &dx, 1e-5);
         let g = read(ctx, &gb, state.len());

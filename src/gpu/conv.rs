@@ -27,6 +27,9 @@ struct Dims {
 pub struct Conv {
     /// The kernel size the shader is written for.
     k: usize,
+    /// Channels one invocation of forward (output channels) and backward_data (input channels)
+    /// computes: CB in the shader.
+    channel_block: usize,
     forward: Kernel,
     backward_data: Kernel,
     backward_weight: Kernel,
@@ -35,18 +38,19 @@ pub struct Conv {
 impl Conv {
     /// shaders/conv3x3.wgsl (padding 0 or 1).
     pub fn conv3x3(ctx: &GpuContext) -> Result<Conv> {
-        Conv::new(ctx, "conv3x3", 3)
+        Conv::new(ctx, "conv3x3", 3, 4)
     }
 
     /// shaders/conv1x1.wgsl (no padding).
     pub fn conv1x1(ctx: &GpuContext) -> Result<Conv> {
-        Conv::new(ctx, "conv1x1", 1)
+        Conv::new(ctx, "conv1x1", 1, 1)
     }
 
-    fn new(ctx: &GpuContext, shader: &str, k: usize) -> Result<Conv> {
+    fn new(ctx: &GpuContext, shader: &str, k: usize, channel_block: usize) -> Result<Conv> {
         let mut kernels = compile(ctx, shader)?;
         Ok(Conv {
             k,
+            channel_block,
             forward: take(&mut kernels, "forward"),
             backward_data: take(&mut kernels, "backward_data"),
             backward_weight: take(&mut kernels, "backward_weight"),
@@ -83,7 +87,11 @@ impl Conv {
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let u = self.dims(ctx, d, w_off)?;
-        Ok(self.forward.launch(ctx, groups_for(d.n * d.out_image()), &[(0, &u), (1, x), (2, state), (4, y)]))
+        Ok(self.forward.launch(
+            ctx,
+            groups_for(d.n * d.cout.div_ceil(self.channel_block) * d.ho() * d.wo()),
+            &[(0, &u), (1, x), (2, state), (4, y)],
+        ))
     }
 
     /// dx from dy.
@@ -97,10 +105,15 @@ impl Conv {
         dx: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let u = self.dims(ctx, d, w_off)?;
-        Ok(self.backward_data.launch(ctx, groups_for(d.n * d.in_image()), &[(0, &u), (2, state), (3, dy), (4, dx)]))
+        Ok(self.backward_data.launch(
+            ctx,
+            groups_for(d.n * d.cin.div_ceil(self.channel_block) * d.h * d.w),
+            &[(0, &u), (2, state), (3, dy), (4, dx)],
+        ))
     }
 
-    /// grads[w_off..] = dL/dweights from x and dy (one workgroup per weight).
+    /// grads[w_off..] = dL/dweights from x and dy: one workgroup per (output, input) channel pair,
+    /// which computes all k x k taps.
     pub fn backward_weight(
         &self,
         ctx: &GpuContext,
@@ -111,6 +124,6 @@ impl Conv {
         grads: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let u = self.dims(ctx, d, w_off)?;
-        Ok(self.backward_weight.launch(ctx, d.weight_len() as u32, &[(0, &u), (1, x), (3, dy), (5, grads)]))
+        Ok(self.backward_weight.launch(ctx, (d.cout * d.cin) as u32, &[(0, &u), (1, x), (3, dy), (5, grads)]))
     }
 }
