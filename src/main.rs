@@ -107,6 +107,13 @@ enum Command {
 }
 
 fn main() {
+    // Die quietly on a closed pipe (`mnist-wgpu eval ... | head`), as command-line tools do, instead of
+    // panicking in println!.
+    #[cfg(unix)]
+    // SAFETY: restoring the default action of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     if let Err(e) = run(Cli::parse().command) {
         eprintln!("error: {e:#}");
@@ -129,14 +136,19 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
             Ok(ctx) if !ctx.is_software() => gpu(ctx),
             Ok(ctx) => {
                 println!(
-                    "Using the CPU backend: the only GPU adapter, {}, is a software renderer (far slower than \
-                     the CPU backend); pass --backend gpu to use it anyway.",
+                    "Using the CPU backend: the only GPU adapter, {}, is a software renderer, slower than the \
+                     CPU backend. Training on a GPU needs its Vulkan, Metal or DX12 driver installed; \
+                     --backend gpu uses the software adapter anyway.",
                     ctx.info.name
                 );
                 Ok(Box::new(CpuBackend::new(model, state.clone())))
             }
             Err(_) => {
-                println!("Using the CPU backend: {INSTALL_HINT}. Pass --backend gpu once an adapter is there.");
+                println!(
+                    "Using the CPU backend: no GPU adapter found. Training on a GPU needs its Vulkan, Metal or \
+                     DX12 driver installed (on Linux without a GPU, mesa-vulkan-drivers gives a software one, \
+                     for tests); then pass --backend gpu."
+                );
                 Ok(Box::new(CpuBackend::new(model, state.clone())))
             }
         },
