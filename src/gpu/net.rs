@@ -128,6 +128,20 @@ impl GpuNet {
         let n = batch;
         let classes = model.output_classes();
         let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
+        // The largest activation decides whether this batch size fits the adapter's buffers.
+        let largest =
+            (0..model.layers.len()).map(|i| model.input_of(i).len().max(model.shapes[i].len())).max().unwrap_or(0);
+        let bytes = (n * largest * 4) as u64;
+        let limits = ctx.device.limits();
+        let allowed = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        if bytes > allowed {
+            bail!(
+                "batch size {n} needs GPU buffers of {} MiB, but {} allows {} MiB per buffer; use a smaller --batch-size",
+                bytes >> 20,
+                ctx.info.name,
+                allowed >> 20
+            );
+        }
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
 
@@ -144,8 +158,6 @@ impl GpuNet {
                 output_of.push(activations.len() - 1);
             }
         }
-        let largest =
-            (0..model.layers.len()).map(|i| model.input_of(i).len().max(model.shapes[i].len())).max().unwrap_or(0);
         let grad_a = ctx.zeros("gradient A", n * largest);
         let grad_b = ctx.zeros("gradient B", n * largest);
 
