@@ -133,7 +133,7 @@ impl GpuNet {
             (0..model.layers.len()).map(|i| model.input_of(i).len().max(model.shapes[i].len())).max().unwrap_or(0);
         let bytes = (n * largest * 4) as u64;
         let limits = ctx.device.limits();
-        let allowed = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let allowed = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
         if bytes > allowed {
             bail!(
                 "batch size {n} needs GPU buffers of {} MiB, but {} allows {} MiB per buffer; use a smaller --batch-size",
