@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use common::gpu;
-use mnist_wgpu::backend::{Backend, CpuBackend, StepParams};
+use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, StepParams};
 use mnist_wgpu::checkpoint;
 use mnist_wgpu::data::augment::BatchAugment;
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
@@ -27,8 +27,9 @@ fn small_mnist(train: usize, test: usize) -> Mnist {
     Mnist { train: subset(&full.train, train), test: subset(&full.test, test) }
 }
 
+/// A fresh (removed) folder for a run.
 fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("training-{name}"));
+    let dir = scratch_path(name);
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
@@ -169,4 +170,39 @@ fn gpu_and_cpu_backends_train_alike() {
     let err = common::rel_err(&g, &c, 1e-6);
     eprintln!("20 steps: worst loss difference {worst:.2e}, state difference {err:.2e}");
     assert!(err <= 1e-4, "state after 20 steps differs by {err:e}");
+}
+
+/// The training loop on the GPU backend, as `train --backend gpu` runs it: three steps per epoch, the
+/// last one a partial batch (its own executor), evaluation on the GPU, checkpoints read back from it.
+/// Against the same run on the CPU backend: the first steps' lr is small, so the two stay within 1e-4.
+#[test]
+fn training_loop_on_gpu_backend_matches_cpu_backend() {
+    let Some(_) = gpu() else { return };
+    let model = Model::net3();
+    let set = small_mnist(130, 60);
+    let recipe = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
+    let adapter = std::env::var("MNIST_WGPU_ADAPTER").ok();
+    let ctx = mnist_wgpu::gpu::GpuContext::new(adapter.as_deref()).unwrap();
+    let mut gpu_backend = GpuBackend::new(ctx, &model, &model.init_state(recipe.seed)).unwrap();
+    let gpu_run = train::train(&mut gpu_backend, &model, &set, &options(recipe, scratch("gpu-loop"))).unwrap();
+    let mut cpu_backend = CpuBackend::new(&model, model.init_state(recipe.seed));
+    let cpu_run = train::train(&mut cpu_backend, &model, &set, &options(recipe, scratch("cpu-loop"))).unwrap();
+    let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
+    eprintln!("gpu: train loss {} test loss {}; cpu: {} {}", g.train_loss, g.test_loss, c.train_loss, c.test_loss);
+    assert!(
+        (g.train_loss - c.train_loss).abs() <= 1e-4 * c.train_loss,
+        "train loss {} vs {}",
+        g.train_loss,
+        c.train_loss
+    );
+    assert!((g.test_loss - c.test_loss).abs() <= 1e-4 * c.test_loss, "test loss {} vs {}", g.test_loss, c.test_loss);
+    assert_eq!(g.test_correct, c.test_correct);
+    let ck = checkpoint::load(&scratch_path("gpu-loop").join("last.safetensors"), &model).unwrap();
+    let err = common::rel_err(&ck.state, &cpu_backend.state().unwrap(), 1e-6);
+    assert!(err <= 1e-4, "GPU run's checkpoint differs from the CPU run's state by {err:e}");
+    assert_eq!(ck.position.unwrap().global_step, 3);
+}
+
+fn scratch_path(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("training-{name}"))
 }
