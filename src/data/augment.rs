@@ -323,5 +323,12 @@ mod tests {
         img[14 * S + 14] = 1.0;
         swell(&mut img, &mut |_| 10);
         assert_eq!(img.iter().filter(|&&v| v == 1.0).count(), 9, "a dot swells into a 3 x 3 square");
+        // Squeeze along x (the pick of 0 chooses the horizontal axis and the patch at (0, 0)): a dot
+        // inside the patch spreads to its left neighbour only.
+        let mut img = vec![0.0; IMAGE_PIXELS];
+        img[2 * S + 3] = 1.0;
+        squeeze(&mut img, &mut |_| 0);
+        let lit: Vec<usize> = (0..IMAGE_PIXELS).filter(|&i| img[i] == 1.0).collect();
+        assert_eq!(lit, vec![2 * S + 2, 2 * S + 3]);
     }
 }
