@@ -231,17 +231,20 @@ fn maxpool2() {
     let x = separated(&mut g, planes * h * w, 0.1);
     let r = random(&mut g, planes * h * w / 4, 1.0);
     let mut y = vec![0.0; r.len()];
-    let argmax = maxpool2_forward(planes, h, w, &x, &mut y);
+    let mut argmax = vec![0; y.len()];
+    maxpool2_forward(planes, h, w, &x, &mut y, &mut argmax);
     let mut dx = vec![0.0; x.len()];
     maxpool2_backward(planes, h, w, &argmax, &r, &mut dx);
     check("maxpool2 dx", &x, &dx, |x| {
         let mut y = vec![0.0; r.len()];
-        maxpool2_forward(planes, h, w, x, &mut y);
+        maxpool2_forward(planes, h, w, x, &mut y, &mut vec![0; r.len()]);
         dot(&r, &y)
     });
     // Ties go to the first element of the window, as in PyTorch.
     let mut y1 = [0.0];
-    assert_eq!(maxpool2_forward(1, 2, 2, &[1.0, 2.0, 2.0, 0.0], &mut y1), vec![1]);
+    let mut winner = [0u8];
+    maxpool2_forward(1, 2, 2, &[1.0, 2.0, 2.0, 0.0], &mut y1, &mut winner);
+    assert_eq!(winner, [1]);
 }
 
 #[test]

@@ -169,7 +169,8 @@ fn pool_kernels_match_reference() {
         let b = k.pool.maxpool_backward(ctx, (planes, h, h), &dyb, &ab, &dxb);
         run(ctx, &[&f, &b]);
         let mut y = vec![0.0; len / 4];
-        let argmax = maxpool2_forward(planes, h, h, &x, &mut y);
+        let mut argmax = vec![0; len / 4];
+        maxpool2_forward(planes, h, h, &x, &mut y, &mut argmax);
         let mut dx = vec![0.0; len];
         maxpool2_backward(planes, h, h, &argmax, &dy, &mut dx);
         let ga: Vec<u32> = ctx.read(&ab, len / 4).unwrap();

@@ -18,14 +18,34 @@ pub fn lowbias32(mut x: u32) -> u32 {
 
 /// A uniform 24-bit draw in 0..2^24 for element `index` of step `step`.
 pub fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
-    lowbias32(index.wrapping_add(lowbias32(step.wrapping_add(lowbias32(seed))))) >> 8
+    dropout_draw(dropout_key(seed, step), index)
+}
+
+/// The part of the hash shared by every element of a step.
+fn dropout_key(seed: u32, step: u32) -> u32 {
+    lowbias32(step.wrapping_add(lowbias32(seed)))
+}
+
+fn dropout_draw(key: u32, index: u32) -> u32 {
+    lowbias32(index.wrapping_add(key)) >> 8
 }
 
 /// The scale each element is multiplied by: 0 when dropped, 1 / (1 - p) when kept.
 pub fn dropout_mask(seed: u32, step: u32, p: f32, len: usize) -> Vec<f32> {
-    let threshold = dropout_threshold(p);
-    let keep = 1.0 / (1.0 - p);
-    (0..len as u32).into_par_iter().map(|i| if dropout_hash(seed, step, i) >= threshold { keep } else { 0.0 }).collect()
+    let mut mask = vec![0.0; len];
+    dropout_mask_into(seed, step, p, &mut mask);
+    mask
+}
+
+/// `dropout_mask` into an existing buffer (its length is the element count).
+pub fn dropout_mask_into(seed: u32, step: u32, p: f32, mask: &mut [f32]) {
+    let (key, threshold, keep) = (dropout_key(seed, step), dropout_threshold(p), 1.0 / (1.0 - p));
+    mask.par_chunks_mut(1 << 14).enumerate().for_each(|(chunk, m)| {
+        let first = (chunk << 14) as u32;
+        for (i, v) in m.iter_mut().enumerate() {
+            *v = if dropout_draw(key, first + i as u32) >= threshold { keep } else { 0.0 };
+        }
+    });
 }
 
 /// In place: x *= mask. The backward pass is the same product applied to the gradient.

@@ -3,7 +3,7 @@
 
 use super::batchnorm::*;
 use super::conv::*;
-use super::dropout::{dropout_apply, dropout_mask};
+use super::dropout::{dropout_apply, dropout_mask_into};
 use super::loss::{softmax_cross_entropy, LossOut};
 use super::pool::*;
 use super::relu::*;
@@ -41,7 +41,8 @@ pub struct CpuNet {
     pub model: Model,
     n: usize,
     input: Vec<f32>,
-    /// outputs[i]: the output of layer i for the last forward pass.
+    /// outputs[i]: the output of layer i for the last forward pass (except a layer followed by a ReLU,
+    /// whose buffer the ReLU takes over).
     outputs: Vec<Vec<f32>>,
     saved: Vec<Saved>,
     /// Gradients of the trainable prefix of the state buffer, from the last backward pass.
@@ -77,7 +78,8 @@ impl CpuNet {
         self.outputs.last().map_or(&[], |v| v.as_slice())
     }
 
-    /// The output of layer `i` of the last forward pass (n images).
+    /// The output of layer `i` of the last forward pass (n images); not kept for a layer that a ReLU
+    /// follows (the ReLU works in its buffer).
     pub fn output(&self, i: usize) -> &[f32] {
         &self.outputs[i]
     }
@@ -97,6 +99,8 @@ impl CpuNet {
             let y = &mut rest[0];
             let (sin, sout) = (model.input_of(i), model.shapes[i]);
             y.resize(n * sout.len(), 0.0);
+            // What the layer saved last time: its buffers are reused.
+            let previous = std::mem::replace(&mut self.saved[i], Saved::None);
             self.saved[i] = match (&model.layers[i], model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
@@ -124,7 +128,13 @@ impl CpuNet {
                     }
                 }
                 (Layer::Relu, _) => {
-                    y.copy_from_slice(x);
+                    if i > 0 && !matches!(model.layers[i - 1], Layer::Relu) {
+                        // Take over the input's buffer instead of copying it: of all layers only a
+                        // ReLU's backward pass reads its own output, so nothing needs that buffer again.
+                        std::mem::swap(&mut before[i - 1], y);
+                    } else {
+                        y.copy_from_slice(x);
+                    }
                     relu_forward(y);
                     Saved::None
                 }
@@ -132,14 +142,27 @@ impl CpuNet {
                     y.copy_from_slice(x);
                     match mode {
                         Mode::Train(DropoutMode::Hash { seed, step }) if p > 0.0 => {
-                            let mask = dropout_mask(seed, step, p, y.len());
+                            let mut mask = match previous {
+                                Saved::Dropout(Some(mask)) => mask,
+                                _ => Vec::new(),
+                            };
+                            mask.resize(y.len(), 0.0);
+                            dropout_mask_into(seed, step, p, &mut mask);
                             dropout_apply(&mask, y);
                             Saved::Dropout(Some(mask))
                         }
                         _ => Saved::Dropout(None),
                     }
                 }
-                (Layer::MaxPool2, _) => Saved::MaxPool(maxpool2_forward(n * sin.c, sin.h, sin.w, x, y)),
+                (Layer::MaxPool2, _) => {
+                    let mut argmax = match previous {
+                        Saved::MaxPool(argmax) => argmax,
+                        _ => Vec::new(),
+                    };
+                    argmax.resize(y.len(), 0);
+                    maxpool2_forward(n * sin.c, sin.h, sin.w, x, y, &mut argmax);
+                    Saved::MaxPool(argmax)
+                }
                 (Layer::GlobalAvgPool, _) => {
                     global_avg_pool_forward(sin.h * sin.w, x, y);
                     Saved::None

@@ -2,13 +2,13 @@
 
 use rayon::prelude::*;
 
-/// 2x2 max pooling of `planes` planes of h x w (h, w even). Returns, per output, the index within its
-/// window (0..4, row-major) of the maximum; on ties the first, as PyTorch does.
-pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) -> Vec<u8> {
+/// 2x2 max pooling of `planes` planes of h x w (h, w even). Writes, per output, the index within its
+/// window (0..4, row-major) of the maximum into `argmax`; on ties the first, as PyTorch does.
+pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32], argmax: &mut [u8]) {
     let (ho, wo) = (h / 2, w / 2);
     assert_eq!(x.len(), planes * h * w);
     assert_eq!(y.len(), planes * ho * wo);
-    let mut argmax = vec![0u8; y.len()];
+    assert_eq!(argmax.len(), y.len());
     y.par_chunks_mut(ho * wo).zip(argmax.par_chunks_mut(ho * wo)).zip(x.par_chunks(h * w)).for_each(
         |((yp, ap), xp)| {
             for oy in 0..ho {
@@ -28,7 +28,6 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
             }
         },
     );
-    argmax
 }
 
 /// Routes each output gradient to the input that won its window; dx is overwritten.
