@@ -2,21 +2,59 @@
 //!
 //! Each image is lowered to a column matrix (im2col: one row per (ci, ky, kx), one column per output
 //! pixel), so forward and both backward products are single matrix products over contiguous memory.
-//! Images are spread across threads; weight gradients are summed per image and then reduced in image
-//! order, so the result does not depend on the number of threads.
+//! Images are spread across threads in groups fixed by the batch size; weight gradients are summed
+//! within each group and then over the groups in order, so the result does not depend on the number
+//! of threads.
 
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
 pub use crate::model::ConvDims;
 
+/// For a "same" convolution (output as large as the input), output pixel j of the plane reads input
+/// pixel j + offset of the plane, offset = (ky - pad) * w + (kx - pad), wherever that lies in the image.
+/// Returns the offset and the range of j whose j + offset lies inside the plane; within that range the
+/// pixels whose column wrapped around a row edge are the ones `wrapped` lists.
+fn same_shift(d: &ConvDims, ky: usize, kx: usize) -> (isize, std::ops::Range<usize>) {
+    let plane = (d.h * d.w) as isize;
+    let offset = (ky as isize - d.pad as isize) * d.w as isize + kx as isize - d.pad as isize;
+    let lo = (-offset).clamp(0, plane) as usize;
+    let hi = (plane - offset).clamp(0, plane) as usize;
+    (offset, lo..hi.max(lo))
+}
+
+/// Zeroes the pixels of a "same" im2col row whose input column fell outside the image: the first
+/// pad - kx columns of every row, or the last kx - pad.
+fn zero_wrapped(d: &ConvDims, kx: usize, row: &mut [f32]) {
+    let shift = kx as isize - d.pad as isize;
+    for line in row.chunks_exact_mut(d.w) {
+        match shift {
+            s if s < 0 => line[..(-s) as usize].fill(0.0),
+            s if s > 0 => line[d.w - s as usize..].fill(0.0),
+            _ => {}
+        }
+    }
+}
+
 /// im2col of one image into `col` (col_rows x col_cols); padding reads as 0.
 fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
     let (ho, wo) = (d.ho(), d.wo());
+    let same = ho == d.h && wo == d.w;
     for ci in 0..d.cin {
+        let plane = &x[ci * d.h * d.w..][..d.h * d.w];
         for ky in 0..d.k {
             for kx in 0..d.k {
                 let row = &mut col[((ci * d.k + ky) * d.k + kx) * ho * wo..][..ho * wo];
+                if same {
+                    // One contiguous copy of the shifted plane, then the wrapped columns zeroed.
+                    let (offset, valid) = same_shift(d, ky, kx);
+                    row[..valid.start].fill(0.0);
+                    row[valid.end..].fill(0.0);
+                    let from = (valid.start as isize + offset) as usize;
+                    row[valid.clone()].copy_from_slice(&plane[from..from + valid.len()]);
+                    zero_wrapped(d, kx, row);
+                    continue;
+                }
                 for oy in 0..ho {
                     let out = &mut row[oy * wo..(oy + 1) * wo];
                     let iy = (oy + ky) as isize - d.pad as isize;
@@ -24,7 +62,7 @@ fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
                         out.fill(0.0);
                         continue;
                     }
-                    let src = &x[(ci * d.h + iy as usize) * d.w..][..d.w];
+                    let src = &plane[iy as usize * d.w..][..d.w];
                     // Output columns ox whose input column ox + kx - pad lies inside the image.
                     let lo = d.pad.saturating_sub(kx);
                     let hi = (d.w + d.pad - kx).min(wo);
@@ -37,20 +75,33 @@ fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// The adjoint of im2col: adds each column entry back onto the input pixel it was read from.
-fn col2im(d: &ConvDims, col: &[f32], dx: &mut [f32]) {
+/// The adjoint of im2col: adds each column entry back onto the input pixel it was read from
+/// (`col` is used as scratch).
+fn col2im(d: &ConvDims, col: &mut [f32], dx: &mut [f32]) {
     let (ho, wo) = (d.ho(), d.wo());
+    let same = ho == d.h && wo == d.w;
     dx.fill(0.0);
     for ci in 0..d.cin {
+        let plane = &mut dx[ci * d.h * d.w..][..d.h * d.w];
         for ky in 0..d.k {
             for kx in 0..d.k {
-                let row = &col[((ci * d.k + ky) * d.k + kx) * ho * wo..][..ho * wo];
+                let row = &mut col[((ci * d.k + ky) * d.k + kx) * ho * wo..][..ho * wo];
+                if same {
+                    // Entries read from the padding go nowhere: zero them, then add the rest at once.
+                    zero_wrapped(d, kx, row);
+                    let (offset, valid) = same_shift(d, ky, kx);
+                    let from = (valid.start as isize + offset) as usize;
+                    for (t, s) in plane[from..from + valid.len()].iter_mut().zip(&row[valid]) {
+                        *t += s;
+                    }
+                    continue;
+                }
                 for oy in 0..ho {
                     let iy = (oy + ky) as isize - d.pad as isize;
                     if iy < 0 || iy >= d.h as isize {
                         continue;
                     }
-                    let dst = &mut dx[(ci * d.h + iy as usize) * d.w..][..d.w];
+                    let dst = &mut plane[iy as usize * d.w..][..d.w];
                     let lo = d.pad.saturating_sub(kx);
                     let hi = (d.w + d.pad - kx).min(wo);
                     for (t, s) in dst[lo + kx - d.pad..hi + kx - d.pad].iter_mut().zip(&row[oy * wo + lo..oy * wo + hi])
@@ -88,39 +139,47 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
     assert_eq!(dy.len(), d.n * d.out_image());
     assert_eq!(dweight.len(), d.weight_len());
     let (rows, cols) = (d.col_rows(), d.col_cols());
-    // Per image: its weight gradient, and its input gradient when asked.
+    // One image: its weight gradient added into `dw` (beta 1) or written (beta 0), its input gradient
+    // into `dx_img` when asked.
     let per_image =
-        |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut Vec<f32>, dw_img: &mut [f32]| {
+        |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut [f32], dw: &mut [f32], beta: f32| {
             if d.is_pointwise() {
-                gemm(d.cout, cols, rows, dy_img, Layout::Normal, x_img, Layout::Transposed, 0.0, dw_img);
+                gemm(d.cout, cols, rows, dy_img, Layout::Normal, x_img, Layout::Transposed, beta, dw);
                 if let Some(dx_img) = dx_img {
                     gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, dx_img);
                 }
                 return;
             }
             im2col(d, x_img, col);
-            gemm(d.cout, cols, rows, dy_img, Layout::Normal, col, Layout::Transposed, 0.0, dw_img);
+            gemm(d.cout, cols, rows, dy_img, Layout::Normal, col, Layout::Transposed, beta, dw);
             if let Some(dx_img) = dx_img {
                 gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, col);
                 col2im(d, col, dx_img);
             }
         };
-    let mut partial = vec![0.0f32; d.n * d.weight_len()];
-    let scratch = || vec![0.0f32; if d.is_pointwise() { 0 } else { rows * cols }];
-    // Per image: where its input gradient goes, if anywhere.
-    let dx_images: Vec<Option<&mut [f32]>> = match dx {
+    // The images go in at most 16 groups of consecutive images, a split that depends on n only: each
+    // group adds up its images' weight gradients in order, then the groups' sums are added in order.
+    let group = d.n.div_ceil(16).max(1);
+    let groups = d.n.div_ceil(group);
+    let mut partial = vec![0.0f32; groups * d.weight_len()];
+    let dx_groups: Vec<Option<&mut [f32]>> = match dx {
         Some(dx) => {
             assert_eq!(dx.len(), d.n * d.in_image());
-            dx.chunks_mut(d.in_image()).map(Some).collect()
+            dx.chunks_mut(group * d.in_image()).map(Some).collect()
         }
-        None => (0..d.n).map(|_| None).collect(),
+        None => (0..groups).map(|_| None).collect(),
     };
     partial
         .par_chunks_mut(d.weight_len())
-        .zip(dx_images)
-        .zip(x.par_chunks(d.in_image()).zip(dy.par_chunks(d.out_image())))
-        .for_each_init(scratch, |col, ((dw_img, dx_img), (x_img, dy_img))| {
-            per_image(x_img, dy_img, dx_img, col, dw_img)
+        .zip(dx_groups)
+        .zip(x.par_chunks(group * d.in_image()).zip(dy.par_chunks(group * d.out_image())))
+        .for_each(|((dw, dx_group), (x_group, dy_group))| {
+            let mut col = vec![0.0f32; if d.is_pointwise() { 0 } else { rows * cols }];
+            let mut dx_images = dx_group.map(|dx| dx.chunks_mut(d.in_image()));
+            for (j, (x_img, dy_img)) in x_group.chunks(d.in_image()).zip(dy_group.chunks(d.out_image())).enumerate() {
+                let dx_img = dx_images.as_mut().and_then(|images| images.next());
+                per_image(x_img, dy_img, dx_img, &mut col, dw, if j == 0 { 0.0 } else { 1.0 });
+            }
         });
     sum_rows(&partial, dweight);
 }
