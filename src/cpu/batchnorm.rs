@@ -1,7 +1,7 @@
 //! Batch normalization over (N, H, W) per channel, PyTorch semantics; NCHW.
 //!
-//! Channel sums are accumulated in f64 in a fixed order (image by image), so the statistics are as
-//! exact as f32 storage allows and identical on every run.
+//! Channel sums are accumulated in f64 in a fixed order (image by image, in 8 interleaved lanes), so
+//! the statistics are as exact as f32 storage allows and identical on every run.
 
 use rayon::prelude::*;
 
@@ -29,18 +29,35 @@ pub struct BnSaved {
     pub var: Vec<f32>,
 }
 
-/// Per channel, the f64 sums of f(x) over (N, H, W), channels in parallel.
-fn channel_sums(d: &BnDims, x: &[f32], f: impl Fn(usize, f32) -> f64 + Sync) -> Vec<f64> {
+/// Independent f64 accumulators per sum, so the summing loops vectorize; added in order at the end.
+const LANES: usize = 8;
+
+/// Adds f(a[i], b[i]) into lane i % LANES of `acc`.
+fn add_lanes(acc: &mut [f64; LANES], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) {
+    let (a_main, a_rest) = a.split_at(a.len() / LANES * LANES);
+    let (b_main, b_rest) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for k in 0..LANES {
+            acc[k] += f(ca[k], cb[k]);
+        }
+    }
+    for (k, (&va, &vb)) in a_rest.iter().zip(b_rest).enumerate() {
+        acc[k] += f(va, vb);
+    }
+}
+
+/// Per channel, the f64 sums of f(channel, x, other) over (N, H, W) of `x` and `other` (tensors of
+/// the same shape), channels in parallel, each summed in a fixed order.
+fn channel_sums(d: &BnDims, x: &[f32], other: &[f32], f: impl Fn(usize, f32, f32) -> f64 + Sync) -> Vec<f64> {
     (0..d.c)
         .into_par_iter()
         .map(|c| {
-            let mut sum = 0.0f64;
+            let mut acc = [0.0f64; LANES];
             for img in 0..d.n {
-                for &v in &x[(img * d.c + c) * d.hw..][..d.hw] {
-                    sum += f(c, v);
-                }
+                let plane = (img * d.c + c) * d.hw..(img * d.c + c + 1) * d.hw;
+                add_lanes(&mut acc, &x[plane.clone()], &other[plane], |v, o| f(c, v, o));
             }
-            sum
+            acc.iter().sum()
         })
         .collect()
 }
@@ -61,8 +78,9 @@ fn affine(d: &BnDims, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
 pub fn batchnorm_forward_train(d: &BnDims, x: &[f32], gamma: &[f32], beta: &[f32], eps: f32, y: &mut [f32]) -> BnSaved {
     assert_eq!(x.len(), d.n * d.c * d.hw);
     let m = d.count() as f64;
-    let mean: Vec<f64> = channel_sums(d, x, |_, v| v as f64).into_iter().map(|s| s / m).collect();
-    let var: Vec<f64> = channel_sums(d, x, |c, v| (v as f64 - mean[c]).powi(2)).into_iter().map(|s| s / m).collect();
+    let mean: Vec<f64> = channel_sums(d, x, x, |_, v, _| v as f64).into_iter().map(|s| s / m).collect();
+    let var: Vec<f64> =
+        channel_sums(d, x, x, |c, v, _| (v as f64 - mean[c]).powi(2)).into_iter().map(|s| s / m).collect();
     let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32).collect();
     let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
     let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] as f32 * scale[c]).collect();
@@ -117,21 +135,9 @@ pub fn batchnorm_backward(
 ) {
     let m = d.count() as f64;
     // Sum over (N, H, W) of dy and of dy * xhat, channel by channel.
-    let sums: Vec<(f64, f64)> = (0..d.c)
-        .into_par_iter()
-        .map(|c| {
-            let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
-            let (mut sdy, mut sdyx) = (0.0f64, 0.0f64);
-            for img in 0..d.n {
-                let base = (img * d.c + c) * d.hw;
-                for (&g, &v) in dy[base..base + d.hw].iter().zip(&x[base..base + d.hw]) {
-                    sdy += g as f64;
-                    sdyx += g as f64 * ((v - mean) * invstd) as f64;
-                }
-            }
-            (sdy, sdyx)
-        })
-        .collect();
+    let sum_dy = channel_sums(d, dy, dy, |_, g, _| g as f64);
+    let sum_dy_xhat = channel_sums(d, dy, x, |c, g, v| g as f64 * ((v - saved.mean[c]) * saved.invstd[c]) as f64);
+    let sums: Vec<(f64, f64)> = sum_dy.into_iter().zip(sum_dy_xhat).collect();
     for c in 0..d.c {
         dbeta[c] = sums[c].0 as f32;
         dgamma[c] = sums[c].1 as f32;
