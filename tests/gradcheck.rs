@@ -5,8 +5,8 @@
 //! sampled coordinates. The ops compute in f32, so the differences carry rounding error of about
 //! eps_f32 * |L| / h; with h = 1e-2 and |L| ~ 10 that is ~1e-4, against gradients of order 0.1 to 1.
 //! Linear ops (convolution, pooling, dropout) have no truncation error; for the smooth ones
-//! (batchnorm, softmax cross-entropy) it is O(h^2) ~ 1e-4. Tolerance: 2e-3 of the largest gradient
-//! magnitude, far below the O(1) error of any missing term or wrong index.
+//! (batchnorm, softmax cross-entropy) it is O(h^2) ~ 1e-4. Tolerance: 5e-4 of the largest gradient
+//! magnitude (the worst seen is 3.8e-5), far below the O(1) error of any missing term or wrong index.
 //! ReLU and max pooling are checked on inputs kept at least 0.05 away from their kinks and ties.
 
 use mnist_wgpu::cpu::batchnorm::*;
@@ -21,7 +21,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 const H: f32 = 1e-2;
-const TOL: f64 = 2e-3;
+const TOL: f64 = 5e-4;
 const SAMPLES: usize = 40;
 // The whole network (with dropout on) is a wiring check: a wrong connection gives O(1) errors, and the
 // per-op checks above and the PyTorch golden test are the precise ones. Its loss is only piecewise
