@@ -148,10 +148,6 @@ impl GpuBackend {
         Ok(GpuBackend { ctx, kernels, model: model.clone(), shared, nets: HashMap::new() })
     }
 
-    pub fn context(&self) -> &GpuContext {
-        &self.ctx
-    }
-
     /// The executor for `batch` images (built on first use) and the context to run it with.
     fn net(&mut self, batch: usize) -> Result<(&GpuNet, &GpuContext)> {
         if !self.nets.contains_key(&batch) {

@@ -1,13 +1,14 @@
 //! Dropout with an explicit mask, and the counter-based hash that draws masks identically on every
-//! backend: element i of step `step` under `seed` is kept when hash(seed, step, i) >= p * 2^24.
-//! The same function is written in `shaders/dropout.wgsl` with the same u32 arithmetic.
+//! backend: element i of step `step` under `seed` is kept when
+//! lowbias32(i + lowbias32(step + lowbias32(seed))) >> 8 >= p * 2^24 (u32 arithmetic, wrapping).
+//! The same function is written in `shaders/dropout.wgsl` (`dropout_hash`).
 
 use rayon::prelude::*;
 
 pub use crate::model::dropout_threshold;
 
 /// A 32-bit integer mixer (Chris Wellons' "lowbias32"), good avalanche with only u32 ops.
-pub fn lowbias32(mut x: u32) -> u32 {
+fn lowbias32(mut x: u32) -> u32 {
     x ^= x >> 16;
     x = x.wrapping_mul(0x7feb_352d);
     x ^= x >> 15;
@@ -16,16 +17,12 @@ pub fn lowbias32(mut x: u32) -> u32 {
     x
 }
 
-/// A uniform 24-bit draw in 0..2^24 for element `index` of step `step`.
-pub fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
-    dropout_draw(dropout_key(seed, step), index)
-}
-
 /// The part of the hash shared by every element of a step.
 fn dropout_key(seed: u32, step: u32) -> u32 {
     lowbias32(step.wrapping_add(lowbias32(seed)))
 }
 
+/// A uniform 24-bit draw in 0..2^24 for element `index` of the step whose key is `key`.
 fn dropout_draw(key: u32, index: u32) -> u32 {
     lowbias32(index.wrapping_add(key)) >> 8
 }

@@ -78,12 +78,6 @@ impl CpuNet {
         self.outputs.last().map_or(&[], |v| v.as_slice())
     }
 
-    /// The output of layer `i` of the last forward pass (n images); not kept for a layer that a ReLU
-    /// follows (the ReLU works in its buffer).
-    pub fn output(&self, i: usize) -> &[f32] {
-        &self.outputs[i]
-    }
-
     /// Runs the network on `n` images (NCHW, normalized). In training mode the batchnorm running
     /// statistics in `state` are updated, as PyTorch's forward pass does.
     pub fn forward(&mut self, state: &mut [f32], input: &[f32], n: usize, mode: Mode) -> &[f32] {

@@ -344,14 +344,6 @@ impl GpuNet {
         }
     }
 
-    /// Forward (training mode) and loss only: gradients and the update are not run. For tests that
-    /// look at one stage at a time.
-    pub fn forward_train_only(&self, ctx: &GpuContext, input: &[f32], labels: &[u8], step: StepUniform) {
-        self.write_batch(ctx, input, labels);
-        ctx.write(&self.shared.step, &[step]);
-        self.submit(ctx, &[&self.forward_train, std::slice::from_ref(&self.loss_train)]);
-    }
-
     /// Forward, loss and backward (training mode), without the update.
     pub fn gradients_only(&self, ctx: &GpuContext, input: &[f32], labels: &[u8], step: StepUniform) {
         self.write_batch(ctx, input, labels);
@@ -400,7 +392,7 @@ impl GpuNet {
 
     /// The output of layer `i` of the last forward pass (for a fused ReLU, the batchnorm's buffer,
     /// which holds the ReLU's output).
-    pub fn read_output(&self, ctx: &GpuContext, i: usize) -> Result<Vec<f32>> {
+    fn read_output(&self, ctx: &GpuContext, i: usize) -> Result<Vec<f32>> {
         ctx.read(&self.activations[self.output_of[i]], self.batch * self.model.shapes[i].len())
     }
 
@@ -425,7 +417,7 @@ impl GpuNet {
     }
 
     /// Every launch of a training step, in order, for profiling.
-    pub fn train_dispatches(&self) -> Vec<&Dispatch> {
+    fn train_dispatches(&self) -> Vec<&Dispatch> {
         self.forward_train
             .iter()
             .chain(std::iter::once(&self.loss_train))
