@@ -133,7 +133,8 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
         BackendChoice::Cpu => Ok(Box::new(CpuBackend::new(model, state.clone()))),
         BackendChoice::Gpu => gpu(GpuContext::new(device.adapter.as_deref())?),
         BackendChoice::Auto => match GpuContext::new(device.adapter.as_deref()) {
-            Ok(ctx) if !ctx.is_software() => gpu(ctx),
+            // An adapter named with --adapter is used whatever it is.
+            Ok(ctx) if !ctx.is_software() || device.adapter.is_some() => gpu(ctx),
             Ok(ctx) => {
                 println!(
                     "Using the CPU backend: the only GPU adapter, {}, is a software renderer, slower than the \
@@ -143,6 +144,7 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
                 );
                 Ok(Box::new(CpuBackend::new(model, state.clone())))
             }
+            Err(e) if device.adapter.is_some() => Err(e),
             Err(_) => {
                 println!(
                     "Using the CPU backend: no GPU adapter found. Training on a GPU needs its Vulkan, Metal or \

@@ -81,8 +81,11 @@ impl GpuContext {
                 let by_index = c.parse::<usize>().ok().and_then(|i| adapters.get(i));
                 let by_name = || adapters.iter().find(|a| a.get_info().name.to_lowercase().contains(&c.to_lowercase()));
                 by_index.or_else(by_name).ok_or_else(|| {
-                    let names: Vec<String> =
-                        adapters.iter().enumerate().map(|(i, a)| format!("{i}: {}", a.get_info().name)).collect();
+                    let names: Vec<String> = adapters
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| format!("{i}: {} ({:?})", a.get_info().name, a.get_info().backend))
+                        .collect();
                     anyhow!("no adapter matches --adapter {c:?}; the adapters are: {}", names.join(", "))
                 })?
             }
