@@ -125,8 +125,8 @@ fn load_data(dir: Option<PathBuf>) -> Result<data::Mnist> {
     Ok(data::load_dir(&dir.unwrap_or_else(data::default_dir))?)
 }
 
-/// Builds the backend the flags ask for, holding `state`; says in one line why when `auto` falls back
-/// to the CPU.
+/// Builds the backend the flags ask for, holding `state`. `auto` takes a hardware GPU, or the adapter
+/// `--adapter` names; otherwise it falls back to the CPU and says why in one line.
 pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Result<Box<dyn Backend>> {
     let gpu = |ctx: GpuContext| -> Result<Box<dyn Backend>> { Ok(Box::new(GpuBackend::new(ctx, model, &state)?)) };
     match device.backend {
