@@ -66,8 +66,7 @@ fn stats(
     }
 }
 
-fn normalize(i: u32, mean: f32, invstd: f32) {
-    let c = (i / d.hw) % d.c;
+fn normalize(i: u32, c: u32, mean: f32, invstd: f32) {
     var v = (x[i] - mean) * invstd * state[d.gamma_off + c] + state[d.beta_off + c];
     if (d.relu == 1u) {
         v = max(v, 0.0);
@@ -82,7 +81,7 @@ fn apply_train(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workg
         return;
     }
     let c = (i / d.hw) % d.c;
-    normalize(i, saved[c], saved[d.c + c]);
+    normalize(i, c, saved[c], saved[d.c + c]);
 }
 
 @compute @workgroup_size(WG)
@@ -92,7 +91,7 @@ fn apply_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         return;
     }
     let c = (i / d.hw) % d.c;
-    normalize(i, state[d.mean_off + c], 1.0 / sqrt(state[d.var_off + c] + d.eps));
+    normalize(i, c, state[d.mean_off + c], 1.0 / sqrt(state[d.var_off + c] + d.eps));
 }
 
 // The gradient reaching the normalization: dy, zeroed where the fused ReLU was off.
