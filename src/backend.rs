@@ -20,6 +20,8 @@ pub struct StepParams {
     pub dropout_seed: u32,
     /// The global step index: it draws the step's dropout masks.
     pub step: u32,
+    /// Dropout layers drop (training); false makes them the identity (as in the PyTorch fixture).
+    pub dropout: bool,
 }
 
 /// Loss and correct-count sums over the batches since the last reset.
@@ -71,7 +73,8 @@ impl Backend for CpuBackend {
 
     fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
         let sgd = SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay };
-        let dropout = DropoutMode::Hash { seed: p.dropout_seed, step: p.step };
+        let dropout =
+            if p.dropout { DropoutMode::Hash { seed: p.dropout_seed, step: p.step } } else { DropoutMode::Off };
         let out = self.net.train_step(&mut self.state, &mut self.momenta, input, labels, sgd, dropout);
         self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
         self.sums.correct += out.correct as u64;
@@ -118,7 +121,7 @@ impl Backend for CpuBackend {
     }
 }
 
-/// A step's parameters as the shaders' per-step uniform (dropout on, as in training).
+/// A step's parameters as the shaders' per-step uniform.
 fn step_uniform(p: StepParams) -> StepUniform {
     StepUniform {
         lr: p.lr,
@@ -126,7 +129,7 @@ fn step_uniform(p: StepParams) -> StepUniform {
         weight_decay: p.weight_decay,
         dropout_seed: p.dropout_seed,
         dropout_step: p.step,
-        dropout_on: 1,
+        dropout_on: p.dropout as u32,
         _pad: [0; 2],
     }
 }
@@ -155,6 +158,11 @@ impl GpuBackend {
             self.nets.insert(batch, net);
         }
         Ok((&self.nets[&batch], &self.ctx))
+    }
+
+    /// The device and the compiled kernels (to run single kernels, as `verify` does).
+    pub fn parts(&self) -> (&GpuContext, &Kernels) {
+        (&self.ctx, &self.kernels)
     }
 
     /// One training step with every kernel timed: (launch, nanoseconds) in order.

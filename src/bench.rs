@@ -7,11 +7,12 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Args;
 
-use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, StepParams};
+use mnist_wgpu::backend::{Backend, GpuBackend, StepParams};
 use mnist_wgpu::data::loader::{epoch_order, eval_batches, train_batch, Batch, LoaderConfig};
 use mnist_wgpu::data::{self, augment::BatchAugment};
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
+use mnist_wgpu::verify;
 
 use crate::{make_backend, BackendChoice, DeviceArgs};
 
@@ -61,21 +62,25 @@ fn time(repeats: usize, images: usize, mut work: impl FnMut() -> Result<()>) -> 
     Ok(median(rates))
 }
 
-/// One step from the same state and batch on `backend` and on the CPU reference: the losses must agree.
-fn validate(backend: &mut dyn Backend, model: &Model, batch: &Batch, p: StepParams) -> Result<()> {
-    let state = model.init_state(1);
-    let zeros = vec![0.0; model.num_trainable];
-    let mut reference = CpuBackend::new(model, state.clone());
-    backend.load(&state, &zeros)?;
-    for b in [&mut *backend, &mut reference as &mut dyn Backend] {
-        b.reset_sums()?;
-        b.train_step(&batch.input, &batch.labels, p)?;
-    }
-    let (got, want) = (backend.train_sums()?.loss_sum, reference.train_sums()?.loss_sum);
-    if (got - want).abs() > 1e-4 * want.abs().max(1.0) {
-        bail!("{}: a training step gives loss sum {got}, the CPU reference {want}: not timing it", backend.describe());
+/// One whole training step from the same state and a random batch on `backend` and on the CPU reference: every
+/// parameter, momentum and running statistic and the loss must agree (`verify`'s step check).
+fn validate(backend: &mut dyn Backend, model: &Model, batch_size: usize) -> Result<()> {
+    let checks = verify::step_checks(model, backend, batch_size, 0)?;
+    let failed = verify::failures(&checks);
+    if !failed.is_empty() {
+        bail!(
+            "{}: a training step differs from the CPU reference; not timing it:\n{}\n{}",
+            backend.describe(),
+            verify::header(),
+            failed.join("\n")
+        );
     }
     Ok(())
+}
+
+/// The parameters of timed step `step` (dropout on, as in training).
+fn step_params(step: usize) -> StepParams {
+    StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32, dropout: true }
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -113,17 +118,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let device = DeviceArgs { backend: choice, adapter: args.adapter.clone() };
         let mut backend = make_backend(&device, &model, model.init_state(1))?;
         let name = backend.describe();
-        let p = |step: usize| StepParams {
-            lr: 0.05,
-            momentum: 0.9,
-            weight_decay: 1e-5,
-            dropout_seed: 1,
-            step: step as u32,
-        };
-        validate(backend.as_mut(), &model, &batches[0], p(0))?;
+        validate(backend.as_mut(), &model, args.batch_size)?;
         let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
             for (i, b) in batches.iter().enumerate() {
-                backend.train_step(&b.input, &b.labels, p(i))?;
+                backend.train_step(&b.input, &b.labels, step_params(i))?;
             }
             // Waits for the device: the time covers the work, not just its submission.
             backend.train_sums()?;
@@ -199,10 +197,9 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
     let order = epoch_order(1, 0, set.train.len());
     let mut backend = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
-    let p =
-        |step: usize| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32 };
+    let p = step_params;
     let first = train_batch(&set.train, &order, &cfg, 0, 0);
-    validate(&mut backend, &model, &first, p(0))?;
+    validate(&mut backend, &model, args.batch_size)?;
     // Warm-up (pipeline compilation, first-use costs), then the timed steps.
     backend.profile_step(&first.input, &first.labels, p(0))?;
     let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
@@ -249,6 +246,70 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     println!("\nper kernel, all layers:");
     for (k, ns) in &per_kernel {
         println!("{k:<44}{:>12.1}{:>7.1}%", ns / 1e3, 100.0 * ns / total);
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// The GPU adapter: an index from `adapters`, part of its name, or NAME:BACKEND (llvmpipe:gl);
+    /// software adapters allowed.
+    #[arg(long)]
+    adapter: Option<String>,
+    /// Images per batch in every check (the training batch by default).
+    #[arg(long, default_value_t = 100)]
+    batch_size: usize,
+    /// Print the checks as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Whole-step checks with dropout on run this many consecutive steps.
+const VERIFY_DROPOUT_STEPS: usize = 10;
+
+/// `mnist-wgpu verify`: every kernel at every layer shape, then whole training steps, against the CPU
+/// reference on one adapter; fails (non-zero exit) on any check out of tolerance or non-finite.
+pub fn verify(args: VerifyArgs) -> Result<()> {
+    let n = args.batch_size;
+    if n == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let model = Model::net3();
+    let ctx = GpuContext::new(args.adapter.as_deref())?;
+    let info = ctx.info.clone();
+    let adapter = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
+    let driver = format!("{} {}", info.driver, info.driver_info).trim().to_string();
+    let mut backend = GpuBackend::new(ctx, &model, &model.init_state(1))?;
+    if !args.json {
+        println!("verify: every kernel of Net3 at batch {n}, then whole training steps, on {adapter}, driver {driver}");
+        println!("{}", verify::header());
+    }
+    let (ctx, kernels) = backend.parts();
+    let mut checks = verify::kernel_checks(ctx, kernels, &model, n)?;
+    if !args.json {
+        checks.iter().for_each(|c| println!("{}", verify::format_row(c)));
+    }
+    let steps = verify::step_checks(&model, &mut backend, n, VERIFY_DROPOUT_STEPS)?;
+    if !args.json {
+        steps.iter().for_each(|c| println!("{}", verify::format_row(c)));
+    }
+    checks.extend(steps);
+    let passed = checks.iter().filter(|c| c.ok()).count();
+    let total = checks.len();
+    if args.json {
+        let out = serde_json::json!({
+            "adapter": adapter, "driver": driver, "batch_size": n, "passed": passed, "total": total,
+            "checks": checks.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    let worst = checks.iter().filter(|c| c.tolerance > 0.0).map(|c| c.error / c.tolerance).fold(0.0, f64::max);
+    let line = format!("{passed}/{total} checks passed on {adapter}, driver {driver}, batch {n}");
+    if passed < total {
+        bail!("verify: {line}; {} FAILED (rows marked FAIL)", total - passed);
+    }
+    if !args.json {
+        println!("verify: {line} (largest error {:.0}% of its tolerance)", 100.0 * worst);
     }
     Ok(())
 }

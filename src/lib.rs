@@ -2,12 +2,14 @@
 //! checked against a plain-Rust CPU reference.
 //!
 //! Dependencies point one way, down this list:
-//! - `train`: the epoch loop over a `Backend`, the one-cycle schedule, metrics, checkpoints;
+//! - `train`: the epoch loop over a `Backend`, the one-cycle schedule, metrics, checkpoints; beside it
+//!   `verify`: the GPU kernels and whole steps of a `Backend` against the CPU reference;
 //! - `backend`: the Backend trait and its CPU and GPU implementations;
 //! - `gpu` (wgpu, the shaders of `shaders/`) and `cpu` (the reference ops), side by side: neither
 //!   imports the other (the GPU tests use the CPU reference as their oracle);
 //! - `checkpoint`: safetensors with PyTorch's state_dict names;
-//! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread.
+//! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread;
+//!   `summary`: the report of a GPU run (`dist/run.sh`) from the files it wrote.
 
 pub mod backend;
 pub mod checkpoint;
@@ -15,4 +17,6 @@ pub mod cpu;
 pub mod data;
 pub mod gpu;
 pub mod model;
+pub mod summary;
 pub mod train;
+pub mod verify;

@@ -95,6 +95,17 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Time every kernel of a GPU training step (GPU timestamp queries).
     Profile(bench::ProfileArgs),
+    /// Check every GPU kernel at every layer shape, and whole training steps, against the CPU reference.
+    Verify(bench::VerifyArgs),
+    /// The summary table of a dist/run.sh output folder (run.sh prints it last).
+    #[command(hide = true)]
+    BundleSummary {
+        /// The folder dist/run.sh wrote into.
+        dir: PathBuf,
+        /// The runner's step log: one line per step, tab-separated: name, exit status, seconds, limit.
+        #[arg(long)]
+        steps: Option<PathBuf>,
+    },
     /// Print the network: one row per layer with its output shape and parameter count.
     Summary,
     /// List every GPU adapter wgpu finds (index, name, backend, device type).
@@ -203,6 +214,8 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args)?,
         Command::Profile(args) => bench::profile(args)?,
+        Command::Verify(args) => bench::verify(args)?,
+        Command::BundleSummary { dir, steps } => print!("{}", mnist_wgpu::summary::render(&dir, steps.as_deref())),
     }
     Ok(())
 }

@@ -147,6 +147,7 @@ fn gpu_and_cpu_backends_train_alike() {
             weight_decay: 1e-5,
             dropout_seed: 4,
             step: step as u32,
+            dropout: true,
         };
         cpu.reset_sums().unwrap();
         cpu.train_step(&b.input, &b.labels, p).unwrap();

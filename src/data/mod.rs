@@ -17,7 +17,12 @@ pub const STD: f32 = 0.3081;
 
 /// The folder of MNIST that ships with the project.
 pub fn default_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("mnist")
+    // A bundle (scripts/gpu-bundle.sh) carries the data beside the executable: dist/data/mnist.
+    let beside_exe = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join("data").join("mnist")));
+    match beside_exe {
+        Some(dir) if dir.is_dir() => dir,
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("data").join("mnist"),
+    }
 }
 
 /// Images (u8, row-major, `IMAGE_PIXELS` each) with their labels.

@@ -57,6 +57,26 @@ fn rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
+/// The backend names `--adapter NAME:BACKEND` takes, as wgpu's `Backend` prints them, lowercased.
+const BACKEND_NAMES: &[&str] = &["vulkan", "gl", "metal", "dx12"];
+
+/// The adapter `choice` names among `adapters`: an index; part of a name (case-insensitive), the first
+/// match; or part of a name, a colon and a backend (`llvmpipe:gl`), which tells apart one device seen
+/// through two backends.
+fn choose(adapters: &[wgpu::AdapterInfo], choice: &str) -> Option<usize> {
+    if let Ok(i) = choice.parse::<usize>() {
+        return (i < adapters.len()).then_some(i);
+    }
+    let (name, backend) = match choice.rsplit_once(':') {
+        Some((name, b)) if BACKEND_NAMES.contains(&b.to_lowercase().as_str()) => (name, Some(b.to_lowercase())),
+        _ => (choice, None),
+    };
+    adapters.iter().position(|a| {
+        a.name.to_lowercase().contains(&name.to_lowercase())
+            && backend.as_ref().is_none_or(|b| format!("{:?}", a.backend).to_lowercase() == *b)
+    })
+}
+
 /// An open device and its queue.
 pub struct GpuContext {
     pub device: wgpu::Device,
@@ -78,15 +98,18 @@ impl GpuContext {
         let adapter = match choice {
             None => adapters.iter().min_by_key(|a| rank(a.get_info().device_type)).unwrap(),
             Some(c) => {
-                let by_index = c.parse::<usize>().ok().and_then(|i| adapters.get(i));
-                let by_name = || adapters.iter().find(|a| a.get_info().name.to_lowercase().contains(&c.to_lowercase()));
-                by_index.or_else(by_name).ok_or_else(|| {
+                let infos: Vec<wgpu::AdapterInfo> = adapters.iter().map(|a| a.get_info()).collect();
+                choose(&infos, c).map(|i| &adapters[i]).ok_or_else(|| {
                     let names: Vec<String> = adapters
                         .iter()
                         .enumerate()
                         .map(|(i, a)| format!("{i}: {} ({:?})", a.get_info().name, a.get_info().backend))
                         .collect();
-                    anyhow!("no adapter matches --adapter {c:?}; the adapters are: {}", names.join(", "))
+                    anyhow!(
+                        "no adapter matches --adapter {c:?} (an index, part of a name, or NAME:BACKEND with BACKEND \
+                         one of vulkan, gl, metal, dx12); the adapters are: {}",
+                        names.join(", ")
+                    )
                 })?
             }
         };
@@ -186,5 +209,33 @@ impl GpuContext {
     pub fn wait(&self) -> Result<()> {
         self.device.poll(wgpu::PollType::wait_indefinitely()).context("waiting for the GPU")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, backend: wgpu::Backend) -> wgpu::AdapterInfo {
+        wgpu::AdapterInfo { name: name.into(), ..wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, backend) }
+    }
+
+    #[test]
+    fn adapters_are_chosen_by_index_name_or_name_and_backend() {
+        let list = [
+            info("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::Backend::Vulkan),
+            info("NVIDIA H100 80GB HBM3", wgpu::Backend::Vulkan),
+            info("llvmpipe (LLVM 15.0.6, 256 bits)", wgpu::Backend::Gl),
+        ];
+        assert_eq!(choose(&list, "1"), Some(1));
+        assert_eq!(choose(&list, "3"), None);
+        assert_eq!(choose(&list, "llvmpipe"), Some(0));
+        assert_eq!(choose(&list, "LLVMpipe:GL"), Some(2));
+        assert_eq!(choose(&list, "llvmpipe:vulkan"), Some(0));
+        assert_eq!(choose(&list, "h100"), Some(1));
+        assert_eq!(choose(&list, "h100:gl"), None);
+        assert_eq!(choose(&list, "llvmpipe:metal"), None);
+        // A suffix that is no backend is part of the name.
+        assert_eq!(choose(&list, "llvmpipe:x"), None);
     }
 }

@@ -214,6 +214,7 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
                 weight_decay: r.weight_decay,
                 dropout_seed: r.seed as u32,
                 step: global as u32,
+                dropout: true,
             };
             backend.train_step(&batch.input, &batch.labels, p)?;
             global += 1;

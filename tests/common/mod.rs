@@ -45,10 +45,9 @@ impl Fixture {
 }
 
 /// max |got - want| / max(max |want|, floor): the error relative to the tensor's largest value.
+/// The same measure `verify` uses (infinite for non-finite values or a length mismatch).
 pub fn rel_err(got: &[f32], want: &[f32], floor: f32) -> f32 {
-    assert_eq!(got.len(), want.len(), "length mismatch");
-    let scale = want.iter().fold(floor, |m, v| m.max(v.abs()));
-    got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max) / scale
+    mnist_wgpu::verify::rel_err(got, want, floor) as f32
 }
 
 /// Asserts `rel_err <= tol`, naming the tensor; returns the error for reporting.
@@ -67,6 +66,11 @@ use mnist_wgpu::gpu::{GpuContext, Kernels};
 /// The environment variable that skips GPU tests, for machines that cannot have Vulkan; CI never sets it.
 pub const SKIP_GPU: &str = "MNIST_WGPU_SKIP_GPU_TESTS";
 
+/// The adapter the GPU tests use: `MNIST_WGPU_ADAPTER` (as `--adapter` takes it), else the best one.
+pub fn adapter_choice() -> Option<String> {
+    std::env::var("MNIST_WGPU_ADAPTER").ok()
+}
+
 /// The device and compiled kernels, shared by the tests of one binary (compiling the shaders costs
 /// seconds on lavapipe). `None` only when GPU tests are explicitly skipped; without an adapter the
 /// test fails with the install hint.
@@ -77,8 +81,7 @@ pub fn gpu() -> Option<&'static (GpuContext, Kernels)> {
     }
     static GPU: OnceLock<(GpuContext, Kernels)> = OnceLock::new();
     Some(GPU.get_or_init(|| {
-        let adapter = std::env::var("MNIST_WGPU_ADAPTER").ok();
-        let ctx = GpuContext::new(adapter.as_deref()).unwrap_or_else(|e| {
+        let ctx = GpuContext::new(adapter_choice().as_deref()).unwrap_or_else(|e| {
             panic!("{e:#}\n(to skip GPU tests on a machine that cannot have Vulkan, set {SKIP_GPU}=1)")
         });
         eprintln!("GPU tests on {} ({:?})", ctx.info.name, ctx.info.backend);

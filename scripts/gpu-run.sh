@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# dist/run.sh OUTDIR [--quick]: the GPU proof kit's runner (scripts/gpu-bundle.sh copies it into dist/).
+#
+# On a machine with a GPU driver (no Rust, no internet needed) it finds the Vulkan driver, then runs, in order:
+#   adapters; verify (every kernel and whole steps against the CPU reference); bench --backends gpu,cpu;
+#   profile --json; train --backend gpu (the recipe, 20 epochs); and, when python3 has PyTorch with CUDA
+#   and torchvision, scripts/torch_recipe.py --device cuda with the same recipe (workers = cores).
+# --quick does 1 epoch of each and shorter benchmarks.
+#
+# OUTDIR receives at most 8 files: run.log (every command and its output), verify.json, bench.json,
+# profile.json, metrics.jsonl (our training run), torch.jsonl (PyTorch's), best.safetensors (our best
+# weights) and summary.txt, the table printed last. A step that fails is reported and the next one runs.
+# In a full run each step has a time limit (Ctrl-C, then a kill) so the whole stays within 9 minutes.
+set -uo pipefail
+
+usage="usage: $0 OUTDIR [--quick]"
+[ $# -ge 1 ] && [ $# -le 2 ] || { echo "$usage" >&2; exit 2; }
+out=$1
+quick=0
+if [ $# -eq 2 ]; then
+  [ "$2" = --quick ] || { echo "$usage" >&2; exit 2; }
+  quick=1
+fi
+here=$(cd "$(dirname "$0")" && pwd)
+bin="$here/mnist-wgpu"
+[ -x "$bin" ] || { echo "error: $bin not found: build the bundle with scripts/gpu-bundle.sh" >&2; exit 2; }
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+log="$out/run.log"
+: >"$log"
+
+# The bundled Vulkan loader, and NVIDIA's libraries where a container mounts them outside the linker's path.
+export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [ -d "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+done
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+# The Vulkan drivers (ICD manifests), unless the caller named them: the standard folders, and a driver
+# installed under /usr/local/nvidia.
+if [ -z "${VK_DRIVER_FILES:-}${VK_ICD_FILENAMES:-}" ]; then
+  icds=$(find /usr/local/nvidia /etc/vulkan/icd.d /usr/share/vulkan/icd.d /usr/local/share/vulkan/icd.d \
+    -name '*.json' -path '*icd.d*' 2>/dev/null | sort -u | paste -sd: -)
+  if [ -n "$icds" ]; then
+    # VK_DRIVER_FILES for current loaders, VK_ICD_FILENAMES for older ones.
+    export VK_DRIVER_FILES="$icds" VK_ICD_FILENAMES="$icds"
+  fi
+fi
+
+if [ $quick = 1 ]; then
+  epochs=1 bench_args=(--steps 5 --repeats 3) profile_steps=3
+else
+  epochs=20 bench_args=() profile_steps=5
+fi
+cores=$(nproc 2>/dev/null || echo 1)
+
+# step NAME LIMIT_S COMMAND...: runs COMMAND with its output into run.log (and the terminal), records its
+# exit status and seconds in $work/steps.tsv. LIMIT_S 0 means no limit (quick runs).
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$log"
+  local start end rc
+  start=$(date +%s.%N)
+  if [ "$limit" -gt 0 ]; then
+    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
+  else
+    "$@" 2>&1 | tee -a "$log"
+  fi
+  rc=${PIPESTATUS[0]}
+  end=$(date +%s.%N)
+  local seconds
+  seconds=$(awk -v a="$start" -v b="$end" 'BEGIN { printf "%.1f", b - a }')
+  [ "$rc" = 124 ] && echo "== $name: stopped at its limit of $limit s" | tee -a "$log"
+  echo "== $name: exit $rc after $seconds s" | tee -a "$log"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$seconds" "$limit" >>"$work/steps.tsv"
+}
+
+# Limits (full runs), which add up to 9 minutes: the 20 epochs get the most.
+lim() { [ $quick = 1 ] && echo 0 || echo "$1"; }
+
+{
+  echo "mnist-wgpu GPU run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -srm), $cores cores, $([ $quick = 1 ] && echo quick || echo full)"
+  echo "VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+} 2>&1 | tee -a "$log"
+
+# into FILE COMMAND...: COMMAND's standard output into FILE (its errors still reach run.log).
+into=(sh -c 'f=$1; shift; exec "$@" >"$f"' sh)
+step adapters "$(lim 20)" "$bin" adapters
+step verify "$(lim 60)" "${into[@]}" "$out/verify.json" "$bin" verify --json
+step bench "$(lim 60)" "${into[@]}" "$out/bench.json" "$bin" bench --backends gpu,cpu --json "${bench_args[@]}"
+step profile "$(lim 40)" "${into[@]}" "$out/profile.json" "$bin" profile --json --steps "$profile_steps"
+step train "$(lim 230)" "$bin" train --backend gpu --epochs "$epochs" --out "$work/run"
+[ -f "$work/run/metrics.jsonl" ] && cp "$work/run/metrics.jsonl" "$out/metrics.jsonl"
+[ -f "$work/run/best.safetensors" ] && cp "$work/run/best.safetensors" "$out/best.safetensors"
+
+if python3 -c 'import sys, torch, torchvision; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
+  step torch "$(lim 130)" env PYTHONUNBUFFERED=1 python3 "$here/torch_recipe.py" --device cuda --epochs "$epochs" \
+    --workers "$cores" --metrics "$out/torch.jsonl"
+else
+  echo "== torch: skipped: python3 has no PyTorch with CUDA and torchvision here" | tee -a "$log"
+fi
+
+"$bin" bundle-summary "$out" --steps "$work/steps.tsv" 2>&1 | tee "$out/summary.txt" | tee -a "$log"

@@ -1,0 +1,274 @@
+//! The table that ends `dist/run.sh` (`mnist-wgpu bundle-summary OUTDIR`), read from the files the run
+//! left in OUTDIR (verify.json, bench.json, profile.json, metrics.jsonl, torch.jsonl) and the runner's
+//! step log. A missing or broken file is reported in its row, never fatal: the summary of a run that
+//! went wrong is the one most worth reading.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde_json::Value;
+
+fn read_json(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{}: not JSON ({e})", path.display()))
+}
+
+fn read_jsonl(path: &Path) -> Result<Vec<Value>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| format!("{}: a line is not JSON ({e})", path.display())))
+        .collect()
+}
+
+/// 12345.6 -> "12,346".
+fn thousands(v: f64) -> String {
+    crate::model::group_thousands(v.round().max(0.0) as usize)
+}
+
+/// What one training run (ours or PyTorch's) achieved, from its per-epoch lines.
+struct RunFigures {
+    epochs: usize,
+    wall_seconds: f64,
+    final_accuracy: f64,
+    best_accuracy: f64,
+    /// (seconds since the start, epoch) when 99.0% and 99.4% were first reached.
+    reached: [Option<(f64, usize)>; 2],
+    median_images_per_sec: f64,
+}
+
+fn run_figures(epochs: &[Value]) -> Option<RunFigures> {
+    let epochs: Vec<&Value> = epochs.iter().filter(|e| e.get("epoch").is_some()).collect();
+    let last = epochs.last()?;
+    let mut elapsed = 0.0;
+    let mut reached = [None, None];
+    let mut best: f64 = 0.0;
+    let mut rates = Vec::new();
+    for e in &epochs {
+        elapsed += e["seconds"].as_f64().unwrap_or(0.0);
+        let acc = e["test_accuracy"].as_f64().unwrap_or(0.0);
+        best = best.max(acc);
+        rates.push(e["train_images_per_sec"].as_f64().unwrap_or(0.0));
+        let epoch = e["epoch"].as_u64().unwrap_or(0) as usize;
+        for (slot, target) in reached.iter_mut().zip([99.0, 99.4]) {
+            if slot.is_none() && acc >= target {
+                *slot = Some((elapsed, epoch));
+            }
+        }
+    }
+    rates.sort_by(|a, b| a.total_cmp(b));
+    Some(RunFigures {
+        epochs: epochs.len(),
+        wall_seconds: elapsed,
+        final_accuracy: last["test_accuracy"].as_f64().unwrap_or(0.0),
+        best_accuracy: best,
+        reached,
+        median_images_per_sec: rates[rates.len() / 2],
+    })
+}
+
+fn reached(r: Option<(f64, usize)>) -> String {
+    r.map_or("not reached".into(), |(s, e)| format!("{s:.1} s (epoch {e})"))
+}
+
+/// The summary table of the run in `dir`; `steps` is the runner's step log (one line per step,
+/// tab-separated: name, exit status, seconds, limit).
+pub fn render(dir: &Path, steps: Option<&Path>) -> String {
+    let mut s = String::new();
+    let row = |s: &mut String, label: &str, text: &str| {
+        let _ = writeln!(s, "{label:<18}{text}");
+    };
+    let _ = writeln!(s, "\n==== mnist-wgpu GPU run: summary ({}) ====", dir.display());
+
+    let step_log: Vec<(String, String, String)> = steps
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            (f.len() >= 3).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+        })
+        .collect();
+    let status = |name: &str| -> String {
+        match step_log.iter().find(|(n, _, _)| n == name) {
+            Some((_, rc, secs)) if rc == "0" => format!("[ok, {secs} s]"),
+            Some((_, rc, secs)) if rc == "124" => format!("[STOPPED at its time limit, {secs} s]"),
+            Some((_, rc, secs)) => format!("[FAILED: exit {rc}, {secs} s]"),
+            None => "[not run]".into(),
+        }
+    };
+
+    match read_json(&dir.join("verify.json")) {
+        Ok(v) => {
+            row(
+                &mut s,
+                "adapter",
+                &format!("{}, driver {}", v["adapter"].as_str().unwrap_or("?"), v["driver"].as_str().unwrap_or("?")),
+            );
+            let checks = v["checks"].as_array().cloned().unwrap_or_default();
+            let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != Value::Bool(true)).collect();
+            let worst = checks
+                .iter()
+                .filter_map(|c| Some(c["error"].as_f64()? / c["tolerance"].as_f64().filter(|t| *t > 0.0)?))
+                .fold(0.0, f64::max);
+            let mut text = format!(
+                "{}/{} checks passed at batch {} (largest error {:.0}% of its tolerance) {}",
+                v["passed"],
+                v["total"],
+                v["batch_size"],
+                100.0 * worst,
+                status("verify")
+            );
+            for c in failed.iter().take(10) {
+                let _ = write!(
+                    text,
+                    "\n{:<18}FAIL {} {} {}: error {} (tolerance {})",
+                    "",
+                    c["kernel"].as_str().unwrap_or("?"),
+                    c["layer"].as_str().unwrap_or("?"),
+                    c["shape"].as_str().unwrap_or("?"),
+                    c["error"],
+                    c["tolerance"]
+                );
+            }
+            row(&mut s, "verify", &text);
+        }
+        Err(e) => row(&mut s, "verify", &format!("no result ({e}) {}", status("verify"))),
+    }
+
+    match read_json(&dir.join("bench.json")) {
+        Ok(v) => {
+            let results = v["results"].as_array().cloned().unwrap_or_default();
+            for (label, prefix) in [("training step", "training step"), ("evaluation", "evaluation")] {
+                let figures: Vec<String> = results
+                    .iter()
+                    .filter(|r| r["what"].as_str().is_some_and(|w| w.starts_with(prefix)))
+                    .map(|r| {
+                        format!(
+                            "{}: {} images/s",
+                            r["device"].as_str().unwrap_or("?"),
+                            thousands(r["images_per_sec_median"].as_f64().unwrap_or(0.0))
+                        )
+                    })
+                    .collect();
+                row(&mut s, label, &format!("{} {}", figures.join("; "), status("bench")));
+            }
+        }
+        Err(e) => row(&mut s, "bench", &format!("no result ({e}) {}", status("bench"))),
+    }
+
+    match read_json(&dir.join("profile.json")) {
+        Ok(v) => {
+            let step_us = v["step_us"].as_f64().unwrap_or(0.0);
+            let top: Vec<String> = v["kernels"]
+                .as_array()
+                .map(|k| {
+                    k.iter()
+                        .take(3)
+                        .map(|k| {
+                            let us = k["median_us"].as_f64().unwrap_or(0.0);
+                            format!("{} {:.0}%", k["kernel"].as_str().unwrap_or("?"), 100.0 * us / step_us.max(1e-9))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            row(
+                &mut s,
+                "profile",
+                &format!("{step_us:.0} us of kernels per step; most: {} {}", top.join(", "), status("profile")),
+            );
+        }
+        Err(e) => row(&mut s, "profile", &format!("no result ({e}) {}", status("profile"))),
+    }
+
+    let ours = read_jsonl(&dir.join("metrics.jsonl"));
+    let torch = read_jsonl(&dir.join("torch.jsonl"));
+    let torch_label = torch
+        .as_ref()
+        .ok()
+        .and_then(|t| t.iter().find(|l| l.get("summary").is_some()))
+        .map(|l| format!("PyTorch {} ({})", l["torch"].as_str().unwrap_or("?"), l["mode"].as_str().unwrap_or("?")))
+        .unwrap_or_else(|| "PyTorch".into());
+    let figures = |r: &Result<Vec<Value>, String>, step: &str| -> Result<RunFigures, String> {
+        match r {
+            Ok(lines) => run_figures(lines).ok_or_else(|| format!("no epoch finished {}", status(step))),
+            Err(e) => Err(format!("{e} {}", status(step))),
+        }
+    };
+    let (a, b) = (figures(&ours, "train"), figures(&torch, "torch"));
+    let _ = writeln!(s, "{:<18}{:<36}{}", "20-epoch recipe", "mnist-wgpu train --backend gpu", torch_label);
+    let cell = |r: &Result<RunFigures, String>, f: &dyn Fn(&RunFigures) -> String| match r {
+        Ok(x) => f(x),
+        Err(_) => "-".into(),
+    };
+    let lines: [(&str, &dyn Fn(&RunFigures) -> String); 7] = [
+        ("epochs", &|x| x.epochs.to_string()),
+        ("wall time", &|x| format!("{:.1} s", x.wall_seconds)),
+        ("final accuracy", &|x| format!("{:.2}%", x.final_accuracy)),
+        ("best accuracy", &|x| format!("{:.2}%", x.best_accuracy)),
+        ("99.0% reached", &|x| reached(x.reached[0])),
+        ("99.4% reached", &|x| reached(x.reached[1])),
+        ("train images/s", &|x| format!("{} (median epoch)", thousands(x.median_images_per_sec))),
+    ];
+    for (label, f) in lines {
+        let _ = writeln!(s, "{label:<18}{:<36}{}", cell(&a, f), cell(&b, f));
+    }
+    for (who, r) in [("ours", &a), ("PyTorch", &b)] {
+        if let Err(e) = r {
+            row(&mut s, "", &format!("{who}: {e}"));
+        }
+    }
+    if let (Ok(x), Ok(y)) = (&a, &b) {
+        row(&mut s, "", &format!("wall time ratio PyTorch / ours: {:.2}", y.wall_seconds / x.wall_seconds.max(1e-9)));
+    }
+    let steps_line: Vec<String> = step_log
+        .iter()
+        .map(|(n, rc, secs)| format!("{n} {} {secs} s", if rc == "0" { "ok" } else { "FAILED" }))
+        .collect();
+    if !steps_line.is_empty() {
+        row(&mut s, "steps", &steps_line.join(", "));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_is_summarized_and_missing_files_are_named() {
+        let dir = std::env::temp_dir().join(format!("mnist-wgpu-summary-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let verify = serde_json::json!({"adapter": "Fake GPU (Vulkan, DiscreteGpu)", "driver": "fake 1.0", "batch_size": 100,
+            "passed": 1, "total": 2, "checks": [
+                {"kernel": "conv3x3.forward", "layer": "conv1", "shape": "s", "error": 5e-6, "tolerance": 1e-5, "ok": true},
+                {"kernel": "pool.gap_forward", "layer": "avgpool#18", "shape": "s", "error": null, "tolerance": 1e-6, "ok": false}]});
+        std::fs::write(dir.join("verify.json"), verify.to_string()).unwrap();
+        let epochs: Vec<String> = [(98.5, 10.0), (99.1, 11.0), (99.45, 9.0)]
+            .iter()
+            .enumerate()
+            .map(|(i, (acc, secs))| {
+                serde_json::json!({"epoch": i + 1, "test_accuracy": acc, "seconds": secs, "train_images_per_sec": 6000.0 + i as f64})
+                    .to_string()
+            })
+            .collect();
+        std::fs::write(dir.join("metrics.jsonl"), epochs.join("\n")).unwrap();
+        let steps = dir.join("steps.tsv");
+        std::fs::write(&steps, "verify\t1\t3.2\t60\ntrain\t0\t31.0\t230\n").unwrap();
+        let text = render(&dir, Some(&steps));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(text.contains("Fake GPU (Vulkan, DiscreteGpu), driver fake 1.0"), "{text}");
+        assert!(
+            text.contains(
+                "1/2 checks passed at batch 100 (largest error 50% of its tolerance) [FAILED: exit 1, 3.2 s]"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("FAIL pool.gap_forward avgpool#18"), "{text}");
+        assert!(text.contains("30.0 s"), "{text}");
+        assert!(text.contains("21.0 s (epoch 2)") && text.contains("30.0 s (epoch 3)"), "{text}");
+        assert!(text.contains("99.45%") && text.contains("6,001 (median epoch)"), "{text}");
+        assert!(text.contains("bench.json"), "a missing file is named: {text}");
+        assert!(text.contains("torch.jsonl"), "{text}");
+    }
+}

@@ -1,0 +1,695 @@
+//! The GPU checked against the CPU reference, the one implementation behind `mnist-wgpu verify`,
+//! `tests/parity.rs` and `bench`'s pre-check:
+//! - [`kernel_checks`]: every kernel at every layer shape of a model (forward and backward), on seeded
+//!   random inputs, plus a few odd shapes that exercise partial blocks;
+//! - [`step_checks`]: whole training steps of a backend against the CPU backend from the same state and
+//!   batches: parameters after SGD, momenta, running statistics and the loss, per tensor.
+//!
+//! Each comparison is one [`Check`]: the largest |got - want| relative to the largest |want| of the
+//! tensor, against a stated tolerance. A non-finite value on either side fails whatever the tolerance.
+//!
+//! Tolerances, relative to the tensor's largest value (f32 on both sides; the difference is summation
+//! order, and on GPUs fused multiply-adds and faster exp/log):
+//! - [`TOL_EXACT`]: results that select or copy (max-pool winners, dropout masks, the correct count);
+//! - [`TOL_ELEMENTWISE`] 1e-6: element-wise arithmetic (pooling, dropout scaling, SGD), a few ulps;
+//! - [`TOL_SUMS`] 1e-5: everything that sums (convolutions, batchnorm statistics and gradients, softmax
+//!   and the loss) and the state after a step. Measured on lavapipe at batch 4: at most 6.6e-7
+//!   (conv4 dx); at batch 100, see the README;
+//! - [`TOL_GRADIENTS`] 2e-5: gradients of a whole step (momenta after the first step are gradients),
+//!   sums of sums through the whole network.
+
+use anyhow::Result;
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use crate::backend::{Backend, CpuBackend, StepParams};
+use crate::cpu::batchnorm::*;
+use crate::cpu::conv::{conv_backward, conv_forward};
+use crate::cpu::dropout::dropout_mask;
+use crate::cpu::loss::softmax_cross_entropy;
+use crate::cpu::pool::*;
+use crate::cpu::relu::{relu_backward, relu_forward};
+use crate::cpu::sgd::{sgd_update, SgdStep};
+use crate::data::loader::Batch;
+use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
+use crate::gpu::kernel::run;
+use crate::gpu::{GpuContext, Kernels, StepUniform};
+use crate::model::{ConvDims, Layer, Model, BN_EPS, BN_MOMENTUM};
+use crate::train::schedule::OneCycle;
+
+pub const TOL_EXACT: f64 = 0.0;
+pub const TOL_ELEMENTWISE: f64 = 1e-6;
+pub const TOL_SUMS: f64 = 1e-5;
+pub const TOL_GRADIENTS: f64 = 2e-5;
+
+/// The smallest scale an error is taken relative to, so an all-zero tensor is compared absolutely.
+const SCALE_FLOOR: f32 = 1e-6;
+
+/// One comparison of a GPU (or other backend's) result with the CPU reference.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Check {
+    /// The kernel (`conv3x3.forward`) or the step (`train step 1`) that produced the result.
+    pub kernel: String,
+    /// The layer or the tensor (`conv2`, `bn3.running_var`).
+    pub layer: String,
+    pub shape: String,
+    /// Largest |got - want| relative to the largest |want|; for exact checks, the fraction that differs.
+    /// Infinite when a value is not finite.
+    pub error: f64,
+    pub tolerance: f64,
+    /// What went wrong beyond the number, or what else a reader should know.
+    pub detail: Option<String>,
+}
+
+impl Check {
+    pub fn ok(&self) -> bool {
+        self.error.is_finite() && self.error <= self.tolerance
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "kernel": self.kernel, "layer": self.layer, "shape": self.shape,
+            // JSON has no infinity: a non-finite error is null, and `ok` says the rest.
+            "error": if self.error.is_finite() { Some(self.error) } else { None },
+            "tolerance": self.tolerance, "ok": self.ok(), "detail": self.detail,
+        })
+    }
+}
+
+/// max |got - want| / max(max |want|, floor): the error relative to the tensor's largest value.
+/// Infinite when either side holds a non-finite value or the lengths differ.
+pub fn rel_err(got: &[f32], want: &[f32], floor: f32) -> f64 {
+    if got.len() != want.len() || got.iter().chain(want).any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(floor, |m, v| m.max(v.abs())) as f64;
+    got.iter().zip(want).map(|(g, w)| (*g as f64 - *w as f64).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Compares `got` with the reference `want`, as one row.
+pub fn compare(kernel: &str, layer: &str, shape: &str, got: &[f32], want: &[f32], tolerance: f64) -> Check {
+    let error = rel_err(got, want, SCALE_FLOOR);
+    let detail = if got.len() != want.len() {
+        Some(format!("{} values, the reference has {}", got.len(), want.len()))
+    } else if let Some(i) = got.iter().position(|v| !v.is_finite()) {
+        Some(format!("non-finite value {} at index {i}", got[i]))
+    } else if let Some(i) = want.iter().position(|v| !v.is_finite()) {
+        Some(format!("the reference is non-finite ({}) at index {i}", want[i]))
+    } else if error > tolerance {
+        let worst = (0..got.len()).max_by(|&a, &b| (got[a] - want[a]).abs().total_cmp(&(got[b] - want[b]).abs()));
+        worst.map(|i| format!("worst at index {i}: {} against {}", got[i], want[i]))
+    } else {
+        None
+    };
+    Check { kernel: kernel.into(), layer: layer.into(), shape: shape.into(), error, tolerance, detail }
+}
+
+/// Compares values that must agree exactly (`what`: "winners", "mask"); the error is the fraction that differs.
+pub fn compare_exact<T: PartialEq + std::fmt::Debug>(
+    kernel: &str,
+    layer: &str,
+    shape: &str,
+    what: &str,
+    got: &[T],
+    want: &[T],
+) -> Check {
+    let (error, detail) = if got.len() != want.len() {
+        (f64::INFINITY, Some(format!("{} {what}, the reference has {}", got.len(), want.len())))
+    } else {
+        let differ: Vec<usize> = (0..got.len()).filter(|&i| got[i] != want[i]).collect();
+        match differ.first() {
+            None => (0.0, None),
+            Some(&i) => (
+                differ.len() as f64 / got.len() as f64,
+                Some(format!(
+                    "{} of {} {what} differ; first at index {i}: {:?} against {:?}",
+                    differ.len(),
+                    got.len(),
+                    got[i],
+                    want[i]
+                )),
+            ),
+        }
+    };
+    Check { kernel: kernel.into(), layer: layer.into(), shape: shape.into(), error, tolerance: TOL_EXACT, detail }
+}
+
+fn random(seed: u64, len: usize, scale: f32) -> Vec<f32> {
+    let mut g = Xoshiro256PlusPlus::seed_from_u64(seed);
+    (0..len).map(|_| g.random_range(-scale..scale)).collect()
+}
+
+fn nchw(n: usize, c: usize, h: usize, w: usize) -> String {
+    format!("{n}x{c}x{h}x{w}")
+}
+
+/// Runs launches and reads one buffer back.
+fn read(ctx: &GpuContext, b: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+    ctx.read(b, len)
+}
+
+/// A convolution's three kernels (backward_data only when `with_dx`) against the reference.
+fn conv_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: &ConvDims,
+    seed: u64,
+    with_dx: bool,
+) -> Result<Vec<Check>> {
+    let n = d.n;
+    // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
+    let w_off = 7;
+    let x = random(seed, n * d.in_image(), 1.0);
+    let w = random(seed + 100, d.weight_len(), 0.3);
+    let dy = random(seed + 200, n * d.out_image(), 1.0);
+    let mut state = vec![0.0; w_off];
+    state.extend_from_slice(&w);
+    let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
+    let (yb, dxb, gb) =
+        (ctx.zeros("y", n * d.out_image()), ctx.zeros("dx", n * d.in_image()), ctx.zeros("grads", state.len()));
+    let conv = k.conv_for(d)?;
+    let mut launches = vec![conv.forward(ctx, d, w_off, &xb, &sb, &yb)?];
+    if with_dx {
+        launches.push(conv.backward_data(ctx, d, w_off, &dyb, &sb, &dxb)?);
+    }
+    launches.push(conv.backward_weight(ctx, d, w_off, &xb, &dyb, &gb)?);
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+
+    let mut y = vec![0.0; n * d.out_image()];
+    conv_forward(d, &x, &w, &mut y);
+    let (mut dx, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
+    conv_backward(d, &x, &w, &dy, Some(&mut dx), &mut dw);
+    let name = if d.k == 3 { "conv3x3" } else { "conv1x1" };
+    let (input, output) = (nchw(n, d.cin, d.h, d.w), nchw(n, d.cout, d.ho(), d.wo()));
+    let mut checks = vec![compare(
+        &format!("{name}.forward"),
+        layer,
+        &format!("{input} -> {output}"),
+        &read(ctx, &yb, y.len())?,
+        &y,
+        TOL_SUMS,
+    )];
+    if with_dx {
+        let got = read(ctx, &dxb, dx.len())?;
+        checks.push(compare(
+            &format!("{name}.backward_data"),
+            layer,
+            &format!("{output} -> {input}"),
+            &got,
+            &dx,
+            TOL_SUMS,
+        ));
+    }
+    let g = read(ctx, &gb, state.len())?;
+    let mut weight_check = compare(
+        &format!("{name}.backward_weight"),
+        layer,
+        &format!("{}x{}x{}x{}", d.cout, d.cin, d.k, d.k),
+        &g[w_off..],
+        &dw,
+        TOL_SUMS,
+    );
+    if g[..w_off].iter().any(|&v| v != 0.0) {
+        weight_check.error = f64::INFINITY;
+        weight_check.detail = Some("wrote outside its weights".into());
+    }
+    checks.push(weight_check);
+    Ok(checks)
+}
+
+/// A batchnorm layer (ReLU fused when `relu`): training forward with running statistics, backward,
+/// and evaluation forward.
+fn batchnorm_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: BnDims,
+    relu: bool,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let (n, c) = (d.n, d.c);
+    let len = n * c * d.hw;
+    let x: Vec<f32> = random(seed, len, 2.0).iter().map(|v| v + 0.3).collect();
+    let gamma: Vec<f32> = random(seed + 10, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let beta = random(seed + 20, c, 0.5);
+    let rm = random(seed + 30, c, 0.5);
+    let rv: Vec<f32> = random(seed + 40, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let dy = random(seed + 50, len, 1.0);
+    // State layout: gamma, beta, running mean, running var.
+    let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
+    let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
+    let l = BnLayer { n, c, hw: d.hw, relu, offsets, momentum: BN_MOMENTUM, eps: BN_EPS };
+    let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
+    let (yb, savedb, dxb, gb) =
+        (ctx.zeros("y", len), ctx.zeros("saved", 2 * c), ctx.zeros("dx", len), ctx.zeros("grads", 2 * c));
+    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb };
+    let fwd = k.batchnorm.forward_train(ctx, &l, &b);
+    let bwd = k.batchnorm.backward(ctx, &l, &b, &dyb, &dxb, &gb);
+    run(ctx, &fwd.iter().chain(&bwd).collect::<Vec<_>>());
+
+    // CPU: batchnorm, ReLU; backward through ReLU then batchnorm. The ReLU's backward takes the GPU's
+    // output: an output within rounding of zero may be zero on one side only, and the backward is
+    // checked for the forward's decisions (the forward is checked on its own).
+    let y_gpu = read(ctx, &yb, len)?;
+    let mut y = vec![0.0; len];
+    let saved = batchnorm_forward_train(&d, &x, &gamma, &beta, BN_EPS, &mut y);
+    let mut g = dy.clone();
+    if relu {
+        relu_forward(&mut y);
+        relu_backward(&y_gpu, &mut g);
+    }
+    let (mut rm2, mut rv2) = (rm.clone(), rv.clone());
+    batchnorm_update_running(&d, &saved, BN_MOMENTUM, &mut rm2, &mut rv2);
+    let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+    batchnorm_backward(&d, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
+
+    let relu_tag = if relu { "+relu" } else { "" };
+    let act = format!("{n}x{c}x{}", d.hw);
+    let sv = read(ctx, &savedb, 2 * c)?;
+    let st = read(ctx, &sb, 4 * c)?;
+    let gr = read(ctx, &gb, 2 * c)?;
+    let dx_gpu = read(ctx, &dxb, len)?;
+    let per_channel = format!("{c}");
+    let mut checks = vec![
+        compare("batchnorm.stats (mean)", layer, &act, &sv[..c], &saved.mean, TOL_SUMS),
+        compare("batchnorm.stats (1/std)", layer, &act, &sv[c..], &saved.invstd, TOL_SUMS),
+        compare("batchnorm.stats (running mean)", layer, &per_channel, &st[2 * c..3 * c], &rm2, TOL_SUMS),
+        compare("batchnorm.stats (running var)", layer, &per_channel, &st[3 * c..], &rv2, TOL_SUMS),
+        compare(&format!("batchnorm.apply_train{relu_tag}"), layer, &act, &y_gpu, &y, TOL_SUMS),
+        compare("batchnorm.backward_reduce (dgamma)", layer, &act, &gr[..c], &dgamma, TOL_SUMS),
+        compare("batchnorm.backward_reduce (dbeta)", layer, &act, &gr[c..], &dbeta, TOL_SUMS),
+        compare(&format!("batchnorm.backward_data{relu_tag}"), layer, &act, &dx_gpu, &dx, TOL_SUMS),
+    ];
+
+    // Evaluation mode, on the original running statistics.
+    let sb = ctx.upload("state", &state);
+    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb };
+    run(ctx, &[&k.batchnorm.forward_eval(ctx, &l, &b)]);
+    let mut ye = vec![0.0; len];
+    batchnorm_forward_eval(&d, &x, &gamma, &beta, &rm, &rv, BN_EPS, &mut ye);
+    if relu {
+        relu_forward(&mut ye);
+    }
+    checks.push(compare(&format!("batchnorm.apply_eval{relu_tag}"), layer, &act, &read(ctx, &yb, len)?, &ye, TOL_SUMS));
+    Ok(checks)
+}
+
+fn maxpool_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let planes = n * c;
+    let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
+    let x = random(seed, len, 1.0);
+    let dy = random(seed + 1, out, 1.0);
+    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
+    let (yb, ab, dxb) = (ctx.zeros("y", out), ctx.zeros("argmax", out), ctx.zeros("dx", len));
+    let f = k.pool.maxpool_forward(ctx, (planes, h, w), &xb, &yb, &ab);
+    let b = k.pool.maxpool_backward(ctx, (planes, h, w), &dyb, &ab, &dxb);
+    run(ctx, &[&f, &b]);
+    let mut y = vec![0.0; out];
+    let mut argmax = vec![0u8; out];
+    maxpool2_forward(planes, h, w, &x, &mut y, &mut argmax);
+    let mut dx = vec![0.0; len];
+    maxpool2_backward(planes, h, w, &argmax, &dy, &mut dx);
+    let winners: Vec<u32> = ctx.read(&ab, out)?;
+    let want_winners: Vec<u32> = argmax.iter().map(|&a| a as u32).collect();
+    let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
+    Ok(vec![
+        compare_exact("pool.maxpool_forward (winners)", layer, &input, "winners", &winners, &want_winners),
+        compare("pool.maxpool_forward", layer, &format!("{input} -> {output}"), &read(ctx, &yb, out)?, &y, TOL_EXACT),
+        compare(
+            "pool.maxpool_backward",
+            layer,
+            &format!("{output} -> {input}"),
+            &read(ctx, &dxb, len)?,
+            &dx,
+            TOL_EXACT,
+        ),
+    ])
+}
+
+fn gap_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    n: usize,
+    c: usize,
+    hw: usize,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let planes = n * c;
+    let x = random(seed, planes * hw, 1.0);
+    let dy = random(seed + 1, planes, 1.0);
+    let (xb, dyb, yb, dxb) =
+        (ctx.upload("x", &x), ctx.upload("dy", &dy), ctx.zeros("y", planes), ctx.zeros("dx", planes * hw));
+    run(ctx, &[&k.pool.gap_forward(ctx, planes, hw, &xb, &yb), &k.pool.gap_backward(ctx, planes, hw, &dyb, &dxb)]);
+    let (mut y, mut dx) = (vec![0.0; planes], vec![0.0; planes * hw]);
+    global_avg_pool_forward(hw, &x, &mut y);
+    global_avg_pool_backward(hw, &dy, &mut dx);
+    let shape = format!("{n}x{c}x{hw} -> {n}x{c}");
+    Ok(vec![
+        compare("pool.gap_forward", layer, &shape, &read(ctx, &yb, planes)?, &y, TOL_ELEMENTWISE),
+        compare("pool.gap_backward", layer, &shape, &read(ctx, &dxb, planes * hw)?, &dx, TOL_ELEMENTWISE),
+    ])
+}
+
+fn dropout_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    len: usize,
+    p: f32,
+    shape: &str,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let x = random(seed, len, 1.0);
+    let step = StepUniform { dropout_seed: 1234, dropout_step: 77, dropout_on: 1, ..Default::default() };
+    let (xb, yb, sb) = (ctx.upload("x", &x), ctx.zeros("y", len), ctx.uniform("step", &step));
+    run(ctx, &[&k.dropout.apply(ctx, len, p, &sb, &xb, &yb)]);
+    let mask = dropout_mask(1234, 77, p, len);
+    let want: Vec<f32> = x.iter().zip(&mask).map(|(a, m)| a * m).collect();
+    let got = read(ctx, &yb, len)?;
+    let kept = |v: &[f32]| v.iter().map(|a| *a != 0.0).collect::<Vec<bool>>();
+    Ok(vec![
+        compare_exact("dropout.apply (mask)", layer, shape, "mask elements", &kept(&got), &kept(&want)),
+        compare("dropout.apply", layer, shape, &got, &want, TOL_ELEMENTWISE),
+    ])
+}
+
+fn loss_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, classes: usize, seed: u64) -> Result<Vec<Check>> {
+    let logits = random(seed, n * classes, 4.0);
+    let labels: Vec<u8> = (0..n).map(|i| (i * 7 % classes) as u8).collect();
+    let l32: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    let (lb, lab, db, mb) = (
+        ctx.upload("logits", &logits),
+        ctx.upload("labels", &l32),
+        ctx.zeros("dlogits", n * classes),
+        ctx.zeros("metrics", 2),
+    );
+    run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, false, &lb, &lab, &db, &mb)]);
+    let mut dlogits = vec![0.0; n * classes];
+    let out = softmax_cross_entropy(&logits, &labels, classes, Some(&mut dlogits));
+    let shape = format!("{n}x{classes}");
+    let m = read(ctx, &mb, 2)?;
+    // Accumulating mode adds a second batch onto the first.
+    run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, true, &lb, &lab, &db, &mb)]);
+    let m2 = read(ctx, &mb, 2)?;
+    Ok(vec![
+        compare(
+            "loss.softmax_cross_entropy (dlogits)",
+            layer,
+            &shape,
+            &read(ctx, &db, n * classes)?,
+            &dlogits,
+            TOL_SUMS,
+        ),
+        compare("loss.softmax_cross_entropy (loss)", layer, &shape, &[m[0] / n as f32], &[out.loss], TOL_SUMS),
+        compare_exact("loss.softmax_cross_entropy (correct)", layer, &shape, "counts", &[m[1] as u32], &[out.correct]),
+        compare_exact("loss.softmax_cross_entropy (accumulate)", layer, &shape, "sums", &m2, &[2.0 * m[0], 2.0 * m[1]]),
+    ])
+}
+
+fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
+    let (p, g, m) = (random(1, len, 0.5), random(2, len, 0.1), random(3, len, 0.1));
+    let step = StepUniform { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, ..Default::default() };
+    let (pb, gb, mb, sb) = (ctx.upload("p", &p), ctx.upload("g", &g), ctx.upload("m", &m), ctx.uniform("step", &step));
+    run(ctx, &[&k.sgd.update(ctx, len, &sb, &pb, &gb, &mb)]);
+    let (mut p2, mut m2) = (p.clone(), m.clone());
+    sgd_update(SgdStep { lr: 0.05, momentum: 0.9, weight_decay: 1e-5 }, &mut p2, &g, &mut m2);
+    let shape = format!("{len}");
+    Ok(vec![
+        compare("sgd.update (parameters)", "all trainable", &shape, &read(ctx, &pb, len)?, &p2, TOL_ELEMENTWISE),
+        compare("sgd.update (momenta)", "all trainable", &shape, &read(ctx, &mb, len)?, &m2, TOL_ELEMENTWISE),
+    ])
+}
+
+/// Every kernel at every layer shape of `model` with a batch of `n`, forward and backward, in layer
+/// order; then the loss and SGD kernels; then odd shapes (channel counts off the kernels' channel
+/// blocks, more images than the loss kernel's invocations).
+pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        let name = model.layer_name(i);
+        let s = model.input_of(i);
+        let seed = 1000 * i as u64;
+        match *layer {
+            Layer::Conv { .. } => {
+                let (d, _) = model.conv(i, n).expect("a convolution layer");
+                // The first layer's input needs no gradient, so training never runs its backward_data.
+                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0)?);
+            }
+            Layer::BatchNorm { c, .. } => {
+                let relu = matches!(model.layers.get(i + 1), Some(Layer::Relu));
+                checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, relu, seed)?);
+            }
+            Layer::Relu => {} // fused into the batchnorm kernels before it
+            Layer::Dropout { p } => {
+                checks.extend(dropout_checks(ctx, k, &name, n * s.len(), p, &nchw(n, s.c, s.h, s.w), seed)?)
+            }
+            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s.c, s.h, s.w, seed)?),
+            Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed)?),
+        }
+    }
+    checks.extend(loss_checks(ctx, k, "loss", n, model.output_classes(), 11)?);
+    checks.extend(sgd_checks(ctx, k, model.num_trainable)?);
+    // Off the model's shapes: partial channel blocks, and more images than the loss kernel's invocations.
+    checks.extend(conv_checks(
+        ctx,
+        k,
+        "odd shape",
+        &ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 },
+        1,
+        true,
+    )?);
+    checks.extend(conv_checks(
+        ctx,
+        k,
+        "odd shape",
+        &ConvDims { n: 3, cin: 3, h: 4, w: 5, cout: 7, k: 1, pad: 0 },
+        2,
+        true,
+    )?);
+    checks.extend(loss_checks(ctx, k, "odd shape", 300, 10, 12)?);
+    Ok(checks)
+}
+
+/// Per tensor of the model, the state and momenta of `backend` against `reference`.
+fn compare_tensors(
+    what: &str,
+    model: &Model,
+    backend: &mut dyn Backend,
+    reference: &mut CpuBackend,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let (state, want_state) = (backend.state()?, reference.state()?);
+    let (momenta, want_momenta) = (backend.momenta()?, reference.momenta()?);
+    for p in &model.params {
+        let range = p.offset..p.offset + p.len;
+        let shape = p.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
+        let kind = if p.trainable { "parameters" } else { "running statistics" };
+        checks.push(compare(
+            &format!("{what} ({kind})"),
+            &p.name,
+            &shape,
+            &state[range.clone()],
+            &want_state[range.clone()],
+            TOL_SUMS,
+        ));
+        if p.trainable {
+            let m = &momenta[range.clone()];
+            checks.push(compare(&format!("{what} (momenta)"), &p.name, &shape, m, &want_momenta[range], TOL_GRADIENTS));
+        }
+    }
+    Ok(checks)
+}
+
+/// A batch of `n` random images and labels. Dense random pixels rather than digits: a digit's constant
+/// background makes equal values in a max-pool window, and which of them counts as the maximum then
+/// depends on the last bit of each backend's arithmetic. Both choices are right, but they send a
+/// gradient to different pixels (up to 1e-3 of conv4's largest weight gradient on real batch-100
+/// data, measured on lavapipe), which would hide the kernels' own errors.
+pub fn random_batch(model: &Model, n: usize, seed: u64) -> Batch {
+    let mut g = Xoshiro256PlusPlus::seed_from_u64(seed);
+    // About the range of normalized MNIST pixels, (0 - 0.1307) / 0.3081 to (1 - 0.1307) / 0.3081.
+    let input = (0..n * model.input.len()).map(|_| g.random_range(-0.5f32..2.8)).collect();
+    let classes = model.output_classes() as u8;
+    let labels = (0..n).map(|_| g.random_range(0..classes)).collect();
+    Batch { epoch: 0, index: seed as usize, input, labels }
+}
+
+/// Batches a whole-step comparison may set aside, one after another, for a decision at a near-tie.
+const NEAR_TIE_RETRIES: usize = 5;
+
+/// Runs `steps` consecutive training steps on random batches of `n` on the CPU reference, from the
+/// model's seed-1 initialization and zero momenta, and each of them on `backend` too, from the state and
+/// momenta the reference had before it. Per step, the loss; per tensor, the worst error over the steps.
+///
+/// Each step starts from the reference's state rather than the backend's own: a rounding difference
+/// grows with every update of an independent run, which would measure the network's sensitivity, not
+/// the kernels. And a step whose comparison fails is tried again on another batch (up to
+/// NEAR_TIE_RETRIES times) before it counts as failed: about one activation in ten million sits within
+/// rounding of a ReLU's zero or of its max-pool neighbour, and when the two backends decide such a tie
+/// differently, a gradient goes to a different pixel (measured on lavapipe at batch 100: 3 of 21
+/// steps, up to 1e-2 of a tensor's largest gradient). A wrong kernel or wiring fails on every batch; the
+/// batches set aside are reported in a row of their own.
+fn run_steps(
+    what: &str,
+    model: &Model,
+    backend: &mut dyn Backend,
+    n: usize,
+    steps: usize,
+    params: impl Fn(usize) -> StepParams,
+) -> Result<Vec<Check>> {
+    let mut reference = CpuBackend::new(model, model.init_state(1));
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let mut worst: Vec<Check> = Vec::new();
+    let mut set_aside = Vec::new();
+    let mut batches = 0;
+    for i in 0..steps {
+        let (state, momenta) = (reference.state()?, reference.momenta()?);
+        for attempt in 0..=NEAR_TIE_RETRIES {
+            let batch = random_batch(model, n, 1000 * i as u64 + attempt as u64);
+            batches += 1;
+            let mut losses = [0.0f32; 2];
+            for (b, loss) in [&mut *backend, &mut reference as &mut dyn Backend].into_iter().zip(&mut losses) {
+                b.load(&state, &momenta)?;
+                b.reset_sums()?;
+                b.train_step(&batch.input, &batch.labels, params(i))?;
+                *loss = (b.train_sums()?.loss_sum / n as f64) as f32;
+            }
+            let mut step = vec![compare(what, "loss", "", &[losses[0]], &[losses[1]], TOL_SUMS)];
+            step.extend(compare_tensors(what, model, backend, &mut reference)?);
+            let failed = step
+                .iter()
+                .filter(|c| !c.ok())
+                .max_by(|a, b| (a.error / a.tolerance).total_cmp(&(b.error / b.tolerance)));
+            if let (Some(f), true) = (failed, attempt < NEAR_TIE_RETRIES) {
+                set_aside.push(format!("step {} batch {attempt}: {} {} {:.1e}", i + 1, f.kernel, f.layer, f.error));
+                continue;
+            }
+            got.push(losses[0]);
+            want.push(losses[1]);
+            // The loss is compared over all steps below; the tensors keep their worst step.
+            let tensors = step.split_off(1);
+            if worst.is_empty() {
+                worst = tensors;
+            } else {
+                for (w, c) in worst.iter_mut().zip(tensors) {
+                    // NaN-safe: a non-finite error is the worst.
+                    if !(c.error <= w.error) {
+                        *w = c;
+                    }
+                }
+            }
+            break;
+        }
+    }
+    let loss_what = if steps == 1 { "loss".to_string() } else { format!("losses of the {steps} steps") };
+    let mut checks = vec![compare(what, "loss", &loss_what, &got, &want, TOL_SUMS)];
+    checks.extend(worst);
+    checks.push(Check {
+        kernel: format!("{what} (near-tie reruns)"),
+        layer: "batches".into(),
+        shape: format!("{} of {batches} set aside", set_aside.len()),
+        // Informational: every step was decided by a batch that agreed, or failed above.
+        error: 0.0,
+        tolerance: TOL_EXACT,
+        detail: (!set_aside.is_empty()).then(|| set_aside.join("; ")),
+    });
+    Ok(checks)
+}
+
+/// Whole training steps of `backend` against the CPU reference, on random batches of `n`: one step
+/// without dropout (every parameter after SGD, the momenta, the running statistics, the loss), then,
+/// when `dropout_steps` > 0, that many consecutive steps with dropout on (both draw the same masks;
+/// momenta carry over, as in training), each tensor's worst step reported. The backend is left holding
+/// the state of the last step.
+pub fn step_checks(model: &Model, backend: &mut dyn Backend, n: usize, dropout_steps: usize) -> Result<Vec<Check>> {
+    let one = |_| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 7, step: 0, dropout: false };
+    let mut checks = run_steps("train step", model, backend, n, 1, one)?;
+    if dropout_steps > 0 {
+        // The recipe's schedule, as training runs it.
+        let schedule = OneCycle::recipe(12_000, 0.1);
+        let recipe = |i: usize| {
+            let (lr, momentum) = schedule.at(i);
+            let (lr, momentum) = (lr as f32, momentum as f32);
+            StepParams { lr, momentum, weight_decay: 1e-5, dropout_seed: 7, step: i as u32, dropout: true }
+        };
+        let what = format!("{dropout_steps} steps, dropout");
+        checks.extend(run_steps(&what, model, backend, n, dropout_steps, recipe)?);
+    }
+    Ok(checks)
+}
+
+/// The failed checks as lines, for an error message.
+pub fn failures(checks: &[Check]) -> Vec<String> {
+    checks.iter().filter(|c| !c.ok()).map(format_row).collect()
+}
+
+/// One row of the table `verify` prints.
+pub fn format_row(c: &Check) -> String {
+    let err = if c.error.is_finite() { format!("{:.2e}", c.error) } else { "non-finite".into() };
+    let mut row = format!(
+        "{:<44} {:<16} {:<30} {:>10} {:>8} {}",
+        c.kernel,
+        c.layer,
+        c.shape,
+        err,
+        format!("{:.0e}", c.tolerance),
+        if c.ok() { "ok" } else { "FAIL" }
+    );
+    if let Some(d) = &c.detail {
+        row += &format!("  ({d})");
+    }
+    row
+}
+
+pub fn header() -> String {
+    format!("{:<44} {:<16} {:<30} {:>10} {:>8} {}", "kernel", "layer", "shape", "max error", "tol", "result")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_passes_within_tolerance_and_fails_beyond_it() {
+        let want = [1.0f32, -2.0, 4.0];
+        assert!(compare("k", "l", "3", &[1.0, -2.0, 4.0], &want, 0.0).ok());
+        // 4e-5 off a largest value of 4: 1e-5 relative.
+        let c = compare("k", "l", "3", &[1.0, -2.0, 4.00004], &want, 1e-5);
+        assert!((c.error - 1e-5).abs() < 1e-7 && c.ok(), "{c:?}");
+        let c = compare("k", "l", "3", &[1.0, -2.1, 4.0], &want, 1e-5);
+        assert!(!c.ok());
+        assert!(c.detail.as_deref().unwrap().contains("index 1"), "{c:?}");
+        assert!(format_row(&c).contains("FAIL"));
+    }
+
+    #[test]
+    fn non_finite_values_and_wrong_lengths_fail_whatever_the_tolerance() {
+        for got in [[f32::NAN, 0.0], [0.0, f32::INFINITY]] {
+            let c = compare("k", "l", "2", &got, &[0.0, 0.0], f64::MAX);
+            assert!(!c.ok() && c.detail.as_deref().unwrap().contains("non-finite"), "{c:?}");
+            assert!(format_row(&c).contains("non-finite"));
+        }
+        assert!(!compare("k", "l", "2", &[0.0, 0.0], &[f32::NAN, 0.0], f64::MAX).ok());
+        assert!(!compare("k", "l", "2", &[0.0], &[0.0, 0.0], f64::MAX).ok());
+        assert_eq!(compare("k", "l", "2", &[f32::NAN], &[0.0], 1.0).to_json()["error"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn exact_checks_count_what_differs() {
+        assert!(compare_exact("k", "l", "4", "winners", &[1u32, 2, 3, 0], &[1, 2, 3, 0]).ok());
+        let c = compare_exact("k", "l", "4", "winners", &[1u32, 2, 3, 0], &[1, 2, 0, 0]);
+        assert!(!c.ok() && c.error == 0.25, "{c:?}");
+        assert!(c.detail.unwrap().starts_with("1 of 4 winners differ; first at index 2"));
+    }
+}
