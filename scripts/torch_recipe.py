@@ -63,7 +63,7 @@ def load(data_dir, key):
             with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
                 data = f.read()
             dims = struct.unpack(">" + "I" * data[3], data[4:4 + 4 * data[3]])
-            return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(dims)
+            return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(dims).copy()
     sys.exit(f"error: {base}(.gz) not found: --data must name a folder with the four MNIST IDX files")
 
 
@@ -215,10 +215,13 @@ def main():
     wall = time.perf_counter() - start
 
     def when(target):
-        return f"{reached[target][0]:.1f} s (epoch {reached[target][1]})" if target in reached else "not reached"
+        if target in reached:
+            return f"first reached at {reached[target][0]:.1f} s (epoch {reached[target][1]})"
+        return "not reached"
 
-    print(f"Total wall time: {wall:.1f} s for {args.epochs} epochs; final test accuracy {final['test_accuracy']:.2f}%")
-    print(f"99.0% first reached at {when(99.0)}; 99.4% first reached at {when(99.4)}")
+    print(f"Total wall time: {wall:.1f} s for {args.epochs} epochs; final test accuracy {final['test_accuracy']:.2f}%, "
+          f"best {best:.2f}%")
+    print(f"99.0%: {when(99.0)}; 99.4%: {when(99.4)}")
     if metrics:
         summary = {"summary": True, "torch": torch.__version__, "mode": args.mode, "device": name,
                    "epochs": args.epochs, "workers": args.workers, "wall_seconds": wall,

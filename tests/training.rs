@@ -182,8 +182,7 @@ fn training_loop_on_gpu_backend_matches_cpu_backend() {
     let model = Model::net3();
     let set = small_mnist(130, 60);
     let recipe = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
-    let adapter = std::env::var("MNIST_WGPU_ADAPTER").ok();
-    let ctx = mnist_wgpu::gpu::GpuContext::new(adapter.as_deref()).unwrap();
+    let ctx = mnist_wgpu::gpu::GpuContext::new(common::adapter_choice().as_deref()).unwrap();
     let mut gpu_backend = GpuBackend::new(ctx, &model, &model.init_state(recipe.seed)).unwrap();
     let gpu_run = train::train(&mut gpu_backend, &model, &set, &options(recipe, scratch("gpu-loop"))).unwrap();
     let mut cpu_backend = CpuBackend::new(&model, model.init_state(recipe.seed));
