@@ -12,9 +12,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --locked
+target_dir=${CARGO_TARGET_DIR:-target}
 rm -rf dist
 mkdir -p dist/lib dist/data
-cp target/release/mnist-wgpu dist/mnist-wgpu
+cp "$target_dir/release/mnist-wgpu" dist/mnist-wgpu
 strip dist/mnist-wgpu
 cp -r data/mnist dist/data/mnist
 cp scripts/torch_recipe.py scripts/torch_reference.py dist/

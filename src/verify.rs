@@ -664,9 +664,10 @@ mod tests {
     fn compare_passes_within_tolerance_and_fails_beyond_it() {
         let want = [1.0f32, -2.0, 4.0];
         assert!(compare("k", "l", "3", &[1.0, -2.0, 4.0], &want, 0.0).ok());
-        // 4e-5 off a largest value of 4: 1e-5 relative.
-        let c = compare("k", "l", "3", &[1.0, -2.0, 4.00004], &want, 1e-5);
-        assert!((c.error - 1e-5).abs() < 1e-7 && c.ok(), "{c:?}");
+        // About 2e-5 off a largest value of 4: 5e-6 relative, within 1e-5 and beyond 4e-6.
+        let c = compare("k", "l", "3", &[1.0, -2.0, 4.00002], &want, 1e-5);
+        assert!((c.error - 5e-6).abs() < 1e-6 && c.ok(), "{c:?}");
+        assert!(!compare("k", "l", "3", &[1.0, -2.0, 4.00002], &want, 4e-6).ok());
         let c = compare("k", "l", "3", &[1.0, -2.1, 4.0], &want, 1e-5);
         assert!(!c.ok());
         assert!(c.detail.as_deref().unwrap().contains("index 1"), "{c:?}");

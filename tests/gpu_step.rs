@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{gpu, rel_err, Fixture};
+use common::{assert_close as check, gpu, Fixture};
 use mnist_wgpu::cpu::sgd::SgdStep;
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Mode};
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
@@ -17,14 +17,6 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 const WEIGHT_DECAY: f32 = 1e-5;
-
-fn check(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
-    assert!(got.iter().all(|v| v.is_finite()), "{what}: non-finite GPU value");
-    let err = rel_err(got, want, 1e-6);
-    eprintln!("{what:<36} rel err {err:.2e} (tol {tol:.0e})");
-    assert!(err <= tol, "{what}: error {err:e} exceeds {tol:e}");
-    err
-}
 
 fn fixture_state(fx: &Fixture, model: &Model, prefix: &str) -> Vec<f32> {
     let mut state = vec![f32::NAN; model.num_state];
