@@ -10,7 +10,8 @@
 # OUTDIR receives at most 8 files: run.log (every command and its output), verify.json, bench.json,
 # profile.json, metrics.jsonl (our training run), torch.jsonl (PyTorch's), best.safetensors (our best
 # weights) and summary.txt, the table printed last. A step that fails is reported and the next one runs.
-# In a full run each step has a time limit (Ctrl-C, then a kill) so the whole stays within 9 minutes.
+# In a full run each step has a time limit (Ctrl-C, then a kill) so the whole stays within 9 minutes. The exit
+# status is 1 when any step failed or stopped at its limit.
 set -uo pipefail
 
 usage="usage: $0 OUTDIR [--quick]"
@@ -55,19 +56,22 @@ else
 fi
 cores=$(nproc 2>/dev/null || echo 1)
 
-# step NAME LIMIT_S COMMAND...: runs COMMAND with its output into run.log (and the terminal), records its
-# exit status and seconds in $work/steps.tsv. LIMIT_S 0 means no limit (quick runs).
+# step NAME LIMIT_S [--into FILE] COMMAND...: runs COMMAND with its output into run.log (and the terminal),
+# or its standard output into FILE (its errors still reach run.log); records its exit status and seconds
+# in $work/steps.tsv. LIMIT_S 0 means no limit (quick runs).
 step() {
-  local name=$1 limit=$2
+  local name=$1 limit=$2 into=
   shift 2
-  echo "== $name: $*" | tee -a "$log"
-  local start end rc
-  start=$(date +%s.%N)
-  if [ "$limit" -gt 0 ]; then
-    timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
-  else
-    "$@" 2>&1 | tee -a "$log"
+  if [ "$1" = --into ]; then
+    into=$2
+    shift 2
   fi
+  echo "== $name: $*${into:+ > $into}" | tee -a "$log"
+  local start end rc cmd=("$@")
+  [ -n "$into" ] && cmd=(sh -c 'f=$1; shift; exec "$@" >"$f"' sh "$into" "$@")
+  [ "$limit" -gt 0 ] && cmd=(timeout -s INT -k 15 "$limit" "${cmd[@]}")
+  start=$(date +%s.%N)
+  "${cmd[@]}" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   end=$(date +%s.%N)
   local seconds
@@ -86,12 +90,10 @@ lim() { [ $quick = 1 ] && echo 0 || echo "$1"; }
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 } 2>&1 | tee -a "$log"
 
-# into FILE COMMAND...: COMMAND's standard output into FILE (its errors still reach run.log).
-into=(sh -c 'f=$1; shift; exec "$@" >"$f"' sh)
 step adapters "$(lim 20)" "$bin" adapters
-step verify "$(lim 60)" "${into[@]}" "$out/verify.json" "$bin" verify --json
-step bench "$(lim 60)" "${into[@]}" "$out/bench.json" "$bin" bench --backends gpu,cpu --json "${bench_args[@]}"
-step profile "$(lim 40)" "${into[@]}" "$out/profile.json" "$bin" profile --json --steps "$profile_steps"
+step verify "$(lim 60)" --into "$out/verify.json" "$bin" verify --json
+step bench "$(lim 60)" --into "$out/bench.json" "$bin" bench --backends gpu,cpu --json "${bench_args[@]}"
+step profile "$(lim 40)" --into "$out/profile.json" "$bin" profile --json --steps "$profile_steps"
 step train "$(lim 230)" "$bin" train --backend gpu --epochs "$epochs" --out "$work/run"
 [ -f "$work/run/metrics.jsonl" ] && cp "$work/run/metrics.jsonl" "$out/metrics.jsonl"
 [ -f "$work/run/best.safetensors" ] && cp "$work/run/best.safetensors" "$out/best.safetensors"
@@ -104,3 +106,7 @@ else
 fi
 
 "$bin" bundle-summary "$out" --steps "$work/steps.tsv" 2>&1 | tee "$out/summary.txt" | tee -a "$log"
+# Non-zero when any step failed or stopped at its limit (the summary above says which).
+if awk -F'\t' '$2 != 0 { bad = 1 } END { exit !bad }' "$work/steps.tsv"; then
+  exit 1
+fi

@@ -26,6 +26,9 @@ fn thousands(v: f64) -> String {
     crate::model::group_thousands(v.round().max(0.0) as usize)
 }
 
+/// A row of the runs' table: its label, and how a run's figures print in it.
+type Row<'a> = (&'a str, &'a dyn Fn(&RunFigures) -> String);
+
 /// What one training run (ours or PyTorch's) achieved, from its per-epoch lines.
 struct RunFigures {
     epochs: usize,
@@ -201,7 +204,7 @@ pub fn render(dir: &Path, steps: Option<&Path>) -> String {
         Ok(x) => f(x),
         Err(_) => "-".into(),
     };
-    let lines: [(&str, &dyn Fn(&RunFigures) -> String); 7] = [
+    let lines: [Row; 7] = [
         ("epochs", &|x| x.epochs.to_string()),
         ("wall time", &|x| format!("{:.1} s", x.wall_seconds)),
         ("final accuracy", &|x| format!("{:.2}%", x.final_accuracy)),

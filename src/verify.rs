@@ -34,7 +34,7 @@ use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
-use crate::model::{ConvDims, Layer, Model, BN_EPS, BN_MOMENTUM};
+use crate::model::{ConvDims, Layer, Model, Shape, BN_EPS, BN_MOMENTUM};
 use crate::train::schedule::OneCycle;
 
 pub const TOL_EXACT: f64 = 0.0;
@@ -295,16 +295,8 @@ fn batchnorm_checks(
     Ok(checks)
 }
 
-fn maxpool_checks(
-    ctx: &GpuContext,
-    k: &Kernels,
-    layer: &str,
-    n: usize,
-    c: usize,
-    h: usize,
-    w: usize,
-    seed: u64,
-) -> Result<Vec<Check>> {
+fn maxpool_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, s: Shape, seed: u64) -> Result<Vec<Check>> {
+    let Shape { c, h, w } = s;
     let planes = n * c;
     let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
     let x = random(seed, len, 1.0);
@@ -454,7 +446,7 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
             Layer::Dropout { p } => {
                 checks.extend(dropout_checks(ctx, k, &name, n * s.len(), p, &nchw(n, s.c, s.h, s.w), seed)?)
             }
-            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s.c, s.h, s.w, seed)?),
+            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s, seed)?),
             Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed)?),
         }
     }
@@ -583,8 +575,8 @@ fn run_steps(
                 worst = tensors;
             } else {
                 for (w, c) in worst.iter_mut().zip(tensors) {
-                    // NaN-safe: a non-finite error is the worst.
-                    if !(c.error <= w.error) {
+                    // A non-finite value's error is infinite, never NaN.
+                    if c.error > w.error {
                         *w = c;
                     }
                 }
