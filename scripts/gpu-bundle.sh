@@ -5,7 +5,8 @@
 #
 #   scripts/gpu-bundle.sh
 #
-# dist/ then holds the stripped release binary, the Vulkan loader library (Debian's libvulkan1, unpacked),
+# dist/ then holds the stripped release binary, the Vulkan loader library (Debian's libvulkan1, unpacked,
+# with glvnd's dispatch libraries),
 # the bundled MNIST, the PyTorch baseline scripts and run.sh. Copy dist/ to the GPU machine and run
 # `dist/run.sh OUTDIR` there (`--quick` for one epoch of each); see run.sh's header and the README.
 set -euo pipefail
@@ -22,17 +23,21 @@ cp scripts/torch_recipe.py scripts/torch_reference.py dist/
 cp scripts/gpu-run.sh dist/run.sh
 chmod +x dist/run.sh dist/mnist-wgpu
 
-# The Vulkan loader (libvulkan.so.1): wgpu opens it at run time, and a GPU machine may have the driver
-# without it.
+# The Vulkan loader (libvulkan.so.1, Debian's libvulkan1): wgpu opens it at run time, and a GPU machine may
+# have the driver without it. With it, glvnd's dispatch libraries (libglvnd0, libglx0, libegl1), which
+# NVIDIA's Vulkan driver library links against; run.sh uses each only where the machine lacks it.
+packages=(libvulkan1 libglvnd0 libglx0 libegl1)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-if ! (cd "$tmp" && apt-get download libvulkan1 >/dev/null 2>&1); then
-  echo "apt-get download libvulkan1 failed; refreshing the package lists (apt-get update)" >&2
-  apt-get update -q >/dev/null || { echo "error: apt-get update failed (run as root, or fetch libvulkan1 by hand)" >&2; exit 1; }
-  (cd "$tmp" && apt-get download libvulkan1 >/dev/null)
+if ! (cd "$tmp" && apt-get download "${packages[@]}" >/dev/null 2>&1); then
+  echo "apt-get download ${packages[*]} failed; refreshing the package lists (apt-get update)" >&2
+  apt-get update -q >/dev/null || { echo "error: apt-get update failed (run as root, or fetch ${packages[*]} by hand)" >&2; exit 1; }
+  (cd "$tmp" && apt-get download "${packages[@]}" >/dev/null)
 fi
-dpkg-deb -x "$tmp"/libvulkan1_*.deb "$tmp/root"
-find "$tmp/root" -name 'libvulkan.so.1*' -exec cp -a {} dist/lib/ \;
+for deb in "$tmp"/*.deb; do
+  dpkg-deb -x "$deb" "$tmp/root"
+done
+find "$tmp/root" -name '*.so.*' \( -type f -o -type l \) -exec cp -a {} dist/lib/ \;
 [ -e dist/lib/libvulkan.so.1 ] || { echo "error: no libvulkan.so.1 in the libvulkan1 package" >&2; exit 1; }
 
 echo "dist/ ($(du -sh dist | cut -f1)): $(ls dist | tr '\n' ' ')"

@@ -32,11 +32,19 @@ trap 'rm -rf "$work"' EXIT
 log="$out/run.log"
 : >"$log"
 
-# The bundled Vulkan loader, and NVIDIA's libraries where a container mounts them outside the linker's path.
-export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
-  [ -d "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+# NVIDIA's libraries where a container mounts them outside the linker's path, then the bundled Vulkan
+# loader and glvnd libraries, each only where the machine has none of its own.
+libs="$work/lib"
+mkdir -p "$libs"
+for f in "$here"/lib/*.so.*; do
+  [ -e "$f" ] || continue
+  name=$(basename "$f")
+  ldconfig -p 2>/dev/null | grep -q "^[[:space:]]*$name " || ln -sf "$f" "$libs/$name"
 done
+for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
+  [ -d "$d" ] && libs="$libs:$d"
+done
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
 # The Vulkan drivers (ICD manifests), unless the caller named them: the standard folders, and a driver
 # installed under /usr/local/nvidia.
@@ -87,6 +95,7 @@ lim() { [ $quick = 1 ] && echo 0 || echo "$1"; }
 {
   echo "mnist-wgpu GPU run: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(uname -srm), $cores cores, $([ $quick = 1 ] && echo quick || echo full)"
   echo "VK_DRIVER_FILES=${VK_DRIVER_FILES:-}"
+  echo "bundled libraries used: $(ls "$work/lib" | tr '\n' ' ')"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 } 2>&1 | tee -a "$log"
 

@@ -8,7 +8,9 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use mnist_wgpu::backend::{Backend, GpuBackend, StepParams};
-use mnist_wgpu::data::loader::{epoch_order, eval_batches, train_batch, Batch, LoaderConfig};
+use mnist_wgpu::data::loader::{
+    batches_per_epoch, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
+};
 use mnist_wgpu::data::{self, augment::BatchAugment};
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
@@ -78,6 +80,9 @@ fn validate(backend: &mut dyn Backend, model: &Model, batch_size: usize) -> Resu
     Ok(())
 }
 
+/// Batches the loader rows time per repeat (at least): long enough for the threads to start and settle.
+const LOADER_BATCHES: usize = 200;
+
 /// The parameters of timed step `step` (dropout on, as in training).
 fn step_params(step: usize) -> StepParams {
     StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32, dropout: true }
@@ -99,6 +104,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Ok(())
     })?;
     rows.push(Row { what: "augmentation (1 thread)".into(), device: "cpu".into(), median: m, min: lo, max: hi });
+
+    // The loader as training runs it (worker threads, in-order hand-over), with one thread and with one
+    // per core, over enough batches to be timed.
+    let split = std::sync::Arc::new(set.train.clone());
+    let loader_batches = args.steps.max(LOADER_BATCHES).min(batches_per_epoch(split.len(), args.batch_size));
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for threads in if cores > 1 { vec![1, cores] } else { vec![1] } {
+        let (m, lo, hi) = time(args.repeats, loader_batches * args.batch_size, || {
+            for b in spawn_epoch(split.clone(), cfg, 0, 0, 4 * threads, threads).take(loader_batches) {
+                std::hint::black_box(b);
+            }
+            Ok(())
+        })?;
+        let what = format!("loader ({threads} thread{})", if threads > 1 { "s" } else { "" });
+        rows.push(Row { what, device: "cpu".into(), median: m, min: lo, max: hi });
+    }
 
     let mut backends = args.backends.clone();
     if backends.is_empty() {

@@ -73,6 +73,10 @@ struct TrainArgs {
     /// Batch-level augmentation: max-pool a random 6x6 patch along one axis (off in the recipe).
     #[arg(long)]
     squeeze: bool,
+    /// Threads that augment training batches (default: every core but one); the batches are the same
+    /// for any count.
+    #[arg(long, value_name = "N")]
+    loader_threads: Option<usize>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -224,6 +228,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if args.epochs == 0 || args.batch_size == 0 {
         bail!("--epochs and --batch-size must be at least 1");
     }
+    if args.loader_threads.is_some_and(|n| n == 0 || n > 1024) {
+        bail!("--loader-threads must be 1 to 1024");
+    }
     let model = Model::net3();
     let set = load_data(args.data.clone())?;
     let recipe = Recipe {
@@ -271,7 +278,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
         eprintln!("\nCtrl-C: finishing the current step, then saving (Ctrl-C again to quit at once).");
     })
     .context("installing the Ctrl-C handler")?;
-    let opts = TrainOptions { recipe, out_dir, resume: args.resume, progress: true, stop, report_every: 20 };
+    let loader_threads = args.loader_threads.unwrap_or_else(data::loader::default_threads);
+    let opts =
+        TrainOptions { recipe, out_dir, resume: args.resume, progress: true, stop, report_every: 20, loader_threads };
     train::train(backend.as_mut(), &model, &set, &opts)?;
     Ok(())
 }

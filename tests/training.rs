@@ -42,6 +42,7 @@ fn options(recipe: Recipe, out: PathBuf) -> TrainOptions {
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
         report_every: 20,
+        loader_threads: 2,
     }
 }
 

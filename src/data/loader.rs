@@ -1,7 +1,8 @@
-//! Batches for training and evaluation. Training batches are augmented in a worker thread and handed
-//! over through a bounded channel, so the trainer never waits for data while the worker keeps a few
-//! batches ahead. Everything random is drawn from the seed, the epoch and the batch's index, so a run
-//! resumed in the middle of an epoch sees exactly the batches it would have seen.
+//! Batches for training and evaluation. Training batches are augmented by worker threads and handed
+//! over in order through bounded channels, so the trainer never waits for data while the workers keep a
+//! few batches ahead. Everything random is drawn from the seed, the epoch and the batch's index, so a
+//! run resumed in the middle of an epoch sees exactly the batches it would have seen, and every thread
+//! count builds the same batches, bit for bit.
 
 use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
@@ -93,22 +94,62 @@ pub fn train_batch(split: &Split, order: &[u32], cfg: &LoaderConfig, epoch: usiz
     Batch { epoch, index, input: pixels, labels }
 }
 
-/// Starts a worker that sends the training batches of `epoch` from batch `first` on, at most
-/// `ahead` batches in advance. The worker stops when the receiver is dropped.
-pub fn spawn_epoch(split: Arc<Split>, cfg: LoaderConfig, epoch: usize, first: usize, ahead: usize) -> Receiver<Batch> {
-    let (tx, rx) = sync_channel(ahead);
-    std::thread::Builder::new()
-        .name(format!("loader epoch {epoch}"))
-        .spawn(move || {
-            let order = epoch_order(cfg.seed, epoch, split.len());
-            for index in first..batches_per_epoch(split.len(), cfg.batch_size) {
-                if tx.send(train_batch(&split, &order, &cfg, epoch, index)).is_err() {
-                    return;
-                }
-            }
+/// The training batches of one epoch, in order, as worker threads build them (see [`spawn_epoch`]).
+pub struct EpochBatches {
+    /// Worker k builds the epoch's batches first + k, first + k + workers, ...
+    workers: Vec<Receiver<Batch>>,
+    next: usize,
+}
+
+impl Iterator for EpochBatches {
+    type Item = Batch;
+
+    /// The next batch in order; None after the last (or when a worker is gone).
+    fn next(&mut self) -> Option<Batch> {
+        let batch = self.workers[self.next % self.workers.len()].recv().ok()?;
+        self.next += 1;
+        Some(batch)
+    }
+}
+
+/// Starts `threads` workers (at least one) that build the training batches of `epoch` from batch
+/// `first` on, taking turns, about `ahead` batches in advance all together. The batches come out in
+/// order and equal [`train_batch`]'s whatever the thread count. The workers stop when the iterator is
+/// dropped.
+pub fn spawn_epoch(
+    split: Arc<Split>,
+    cfg: LoaderConfig,
+    epoch: usize,
+    first: usize,
+    ahead: usize,
+    threads: usize,
+) -> EpochBatches {
+    let threads = threads.max(1);
+    let order = Arc::new(epoch_order(cfg.seed, epoch, split.len()));
+    let total = batches_per_epoch(split.len(), cfg.batch_size);
+    let workers = (0..threads)
+        .map(|k| {
+            let (tx, rx) = sync_channel(ahead.div_ceil(threads).max(1));
+            let (split, order) = (split.clone(), order.clone());
+            std::thread::Builder::new()
+                .name(format!("loader {k} epoch {epoch}"))
+                .spawn(move || {
+                    for index in (first + k..total).step_by(threads) {
+                        if tx.send(train_batch(&split, &order, &cfg, epoch, index)).is_err() {
+                            return;
+                        }
+                    }
+                })
+                .expect("spawning a loader thread");
+            rx
         })
-        .expect("spawning the loader thread");
-    rx
+        .collect();
+    EpochBatches { workers, next: 0 }
+}
+
+/// The loader threads to use by default: every core but one (the training thread's), at least one.
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// The evaluation batches of a split, in order: normalization only.
@@ -147,12 +188,29 @@ mod tests {
     fn worker_batches_equal_direct_ones_and_resume_mid_epoch() {
         let s = Arc::new(split(250));
         let cfg = LoaderConfig { seed: 3, batch_size: 100, augment: true, batch_augment: BatchAugment::default() };
-        let all: Vec<Batch> = spawn_epoch(s.clone(), cfg, 2, 0, 2).iter().collect();
+        let all: Vec<Batch> = spawn_epoch(s.clone(), cfg, 2, 0, 2, 1).collect();
         assert_eq!(all.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![100, 100, 50]);
         let order = epoch_order(3, 2, 250);
         assert_eq!(all[1], train_batch(&s, &order, &cfg, 2, 1));
-        let resumed: Vec<Batch> = spawn_epoch(s, cfg, 2, 1, 2).iter().collect();
+        let resumed: Vec<Batch> = spawn_epoch(s, cfg, 2, 1, 2, 1).collect();
         assert_eq!(&resumed[..], &all[1..]);
+    }
+
+    /// Any number of workers builds the single-threaded path's batches, in order, bit for bit, from
+    /// the start of an epoch and from the middle; more workers than batches too.
+    #[test]
+    fn every_thread_count_builds_the_same_batches() {
+        let s = Arc::new(split(730));
+        let batch_augment = BatchAugment { swell: true, darken: true, squeeze: true };
+        let cfg = LoaderConfig { seed: 5, batch_size: 64, augment: true, batch_augment };
+        let one: Vec<Batch> = spawn_epoch(s.clone(), cfg, 1, 0, 4, 1).collect();
+        assert_eq!(one.len(), 12);
+        for threads in [2, 3, 7, 16] {
+            let many: Vec<Batch> = spawn_epoch(s.clone(), cfg, 1, 0, 4, threads).collect();
+            assert!(many == one, "{threads} threads built other batches");
+            let resumed: Vec<Batch> = spawn_epoch(s.clone(), cfg, 1, 5, 4, threads).collect();
+            assert!(resumed[..] == one[5..], "{threads} threads resumed at batch 5 built other batches");
+        }
     }
 
     #[test]

@@ -103,6 +103,8 @@ pub struct TrainOptions {
     pub stop: Arc<AtomicBool>,
     /// How many steps between reads of the running loss (each read waits for the device).
     pub report_every: usize,
+    /// Threads that augment training batches (the batches are the same for any count).
+    pub loader_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -206,7 +208,9 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         bar.set_position(first_batch as u64);
         backend.reset_sums()?;
         let mut seen = 0usize;
-        for batch in spawn_epoch(train_split.clone(), loader, epoch, first_batch, 4) {
+        let mut last_done = first_batch;
+        let ahead = 4 * opts.loader_threads.max(1);
+        for batch in spawn_epoch(train_split.clone(), loader, epoch, first_batch, ahead, opts.loader_threads) {
             let (lr, momentum) = schedule.at(global);
             let p = StepParams {
                 lr: lr as f32,
@@ -220,6 +224,7 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
             global += 1;
             seen += batch.len();
             let done = batch.index + 1;
+            last_done = done;
             if done % opts.report_every == 0 || done == steps_per_epoch {
                 let sums = backend.train_sums()?;
                 check_finite(sums, global, &last)?;
@@ -252,6 +257,14 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
                 );
                 return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
             }
+        }
+        if last_done < steps_per_epoch {
+            bail!(
+                "the loader stopped after batch {last_done} of {steps_per_epoch} in epoch {} (a loader thread died); \
+                 {} holds the last epoch's end",
+                epoch + 1,
+                last.display()
+            );
         }
         let train_sums = backend.train_sums()?;
         check_finite(train_sums, global, &last)?;
