@@ -36,7 +36,8 @@ log="$out/run.log"
 # loader and glvnd libraries, each only where the machine has none of its own.
 libs="$work/lib"
 mkdir -p "$libs"
-for f in "$here"/lib/*.so.*; do
+# The sonames (libvulkan.so.1, ...); each links to its versioned file beside it.
+for f in "$here"/lib/*.so.[0-9]; do
   [ -e "$f" ] || continue
   name=$(basename "$f")
   ldconfig -p 2>/dev/null | grep -q "^[[:space:]]*$name " || ln -sf "$f" "$libs/$name"
