@@ -9,11 +9,12 @@ use clap::Args;
 
 use mnist_wgpu::backend::{Backend, GpuBackend, StepParams};
 use mnist_wgpu::data::loader::{
-    batches_per_epoch, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
+    batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
 use mnist_wgpu::data::{self, augment::BatchAugment};
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
+use mnist_wgpu::train::REPORT_EVERY;
 use mnist_wgpu::verify;
 
 use crate::{make_backend, BackendChoice, DeviceArgs};
@@ -150,6 +151,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
         })?;
         rows.push(Row {
             what: format!("training step, batch {}", args.batch_size),
+            device: name.clone(),
+            median: m,
+            min: lo,
+            max: hi,
+        });
+        // What `train` does per step, as it does it: batches from the loader threads, the step, and a
+        // read of the running loss every REPORT_EVERY steps for the progress bar.
+        let threads = default_threads();
+        let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
+            backend.reset_sums()?;
+            for (i, b) in spawn_epoch(split.clone(), cfg, 0, 0, 4 * threads, threads).take(args.steps).enumerate() {
+                backend.train_step(&b.input, &b.labels, step_params(i))?;
+                if (i + 1) % REPORT_EVERY == 0 {
+                    backend.train_sums()?;
+                }
+            }
+            backend.train_sums()?;
+            Ok(())
+        })?;
+        rows.push(Row {
+            what: format!("training loop, batch {}", args.batch_size),
             device: name.clone(),
             median: m,
             min: lo,

@@ -279,8 +279,15 @@ fn train_command(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let loader_threads = args.loader_threads.unwrap_or_else(data::loader::default_threads);
-    let opts =
-        TrainOptions { recipe, out_dir, resume: args.resume, progress: true, stop, report_every: 20, loader_threads };
+    let opts = TrainOptions {
+        recipe,
+        out_dir,
+        resume: args.resume,
+        progress: true,
+        stop,
+        report_every: train::REPORT_EVERY,
+        loader_threads,
+    };
     train::train(backend.as_mut(), &model, &set, &opts)?;
     Ok(())
 }

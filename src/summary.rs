@@ -142,7 +142,9 @@ pub fn render(dir: &Path, steps: Option<&Path>) -> String {
     match read_json(&dir.join("bench.json")) {
         Ok(v) => {
             let results = v["results"].as_array().cloned().unwrap_or_default();
-            for (label, prefix) in [("training step", "training step"), ("evaluation", "evaluation")] {
+            for (label, prefix) in
+                [("training step", "training step"), ("training loop", "training loop"), ("evaluation", "evaluation")]
+            {
                 let figures: Vec<String> = results
                     .iter()
                     .filter(|r| r["what"].as_str().is_some_and(|w| w.starts_with(prefix)))

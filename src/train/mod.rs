@@ -60,6 +60,10 @@ impl Recipe {
     }
 }
 
+/// Steps between reads of the running loss for the progress bar (`train`'s default; each read waits for
+/// the device).
+pub const REPORT_EVERY: usize = 20;
+
 /// Metrics of one epoch, as written to `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRecord {
