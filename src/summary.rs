@@ -180,7 +180,12 @@ pub fn render(dir: &Path, steps: Option<&Path>) -> String {
             row(
                 &mut s,
                 "profile",
-                &format!("{step_us:.0} us of kernels per step; most: {} {}", top.join(", "), status("profile")),
+                &format!(
+                    "{} us of kernels per step (each timed alone); most: {} {}",
+                    thousands(step_us),
+                    top.join(", "),
+                    status("profile")
+                ),
             );
         }
         Err(e) => row(&mut s, "profile", &format!("no result ({e}) {}", status("profile"))),
@@ -201,7 +206,7 @@ pub fn render(dir: &Path, steps: Option<&Path>) -> String {
         }
     };
     let (a, b) = (figures(&ours, "train"), figures(&torch, "torch"));
-    let _ = writeln!(s, "{:<18}{:<36}{}", "20-epoch recipe", "mnist-wgpu train --backend gpu", torch_label);
+    let _ = writeln!(s, "{:<18}{:<36}{}", "the recipe", "mnist-wgpu train --backend gpu", torch_label);
     let cell = |r: &Result<RunFigures, String>, f: &dyn Fn(&RunFigures) -> String| match r {
         Ok(x) => f(x),
         Err(_) => "-".into(),
