@@ -68,7 +68,7 @@ fn time(repeats: usize, images: usize, mut work: impl FnMut() -> Result<()>) -> 
 /// One whole training step from the same state and a random batch on `backend` and on the CPU reference: every
 /// parameter, momentum and running statistic and the loss must agree (`verify`'s step check).
 fn validate(backend: &mut dyn Backend, model: &Model, batch_size: usize) -> Result<()> {
-    let checks = verify::step_checks(model, backend, batch_size, 0)?;
+    let checks = verify::step_checks(model, backend, batch_size, 0)?.checks;
     let failed = verify::failures(&checks);
     if !failed.is_empty() {
         bail!(
@@ -319,6 +319,8 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     }
     let model = Model::net3();
     let ctx = GpuContext::new(args.adapter.as_deref())?;
+    // Before any check allocates a buffer of that batch.
+    mnist_wgpu::gpu::net::check_batch_fits(&ctx, &model, n)?;
     let info = ctx.info.clone();
     let adapter = format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type);
     let driver = format!("{} {}", info.driver, info.driver_info).trim().to_string();
@@ -334,15 +336,18 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     }
     let steps = verify::step_checks(&model, &mut backend, n, VERIFY_DROPOUT_STEPS)?;
     if !args.json {
-        steps.iter().for_each(|c| println!("{}", verify::format_row(c)));
+        steps.checks.iter().for_each(|c| println!("{}", verify::format_row(c)));
+        println!("{}", steps.set_aside_line());
     }
-    checks.extend(steps);
+    let verify::StepChecks { checks: step_rows, set_aside, .. } = steps;
+    checks.extend(step_rows);
     let passed = checks.iter().filter(|c| c.ok()).count();
     let total = checks.len();
     if args.json {
         let out = serde_json::json!({
             "adapter": adapter, "driver": driver, "batch_size": n, "passed": passed, "total": total,
             "checks": checks.iter().map(|c| c.to_json()).collect::<Vec<_>>(),
+            "batches_set_aside": set_aside,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }

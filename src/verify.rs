@@ -520,6 +520,27 @@ pub fn random_batch(model: &Model, n: usize, seed: u64) -> Batch {
 /// Batches a whole-step comparison may set aside, one after another, for a decision at a near-tie.
 const NEAR_TIE_RETRIES: usize = 5;
 
+/// The comparisons of whole training steps, and the batches set aside on the way.
+#[derive(Debug, Clone, Default)]
+pub struct StepChecks {
+    pub checks: Vec<Check>,
+    /// One line per batch set aside: the step, the batch and the comparison that failed on it.
+    pub set_aside: Vec<String>,
+    /// Batches run in all.
+    pub batches: usize,
+}
+
+impl StepChecks {
+    /// A line on the batches set aside, for a reader of the checks.
+    pub fn set_aside_line(&self) -> String {
+        let mut line = format!("batches set aside for near-ties: {} of {}", self.set_aside.len(), self.batches);
+        if !self.set_aside.is_empty() {
+            line += &format!(" ({})", self.set_aside.join("; "));
+        }
+        line
+    }
+}
+
 /// Runs `steps` consecutive training steps on random batches of `n` on the CPU reference, from the
 /// model's seed-1 initialization and zero momenta, and each of them on `backend` too, from the state and
 /// momenta the reference had before it. Per step, the loss; per tensor, the worst error over the steps.
@@ -531,7 +552,7 @@ const NEAR_TIE_RETRIES: usize = 5;
 /// rounding of a ReLU's zero or of its max-pool neighbour, and when the two backends decide such a tie
 /// differently, a gradient goes to a different pixel (measured on lavapipe at batch 100: 3 of 21
 /// steps, up to 1e-2 of a tensor's largest gradient). A wrong kernel or wiring fails on every batch; the
-/// batches set aside are reported in a row of their own.
+/// batches set aside are reported beside the checks.
 fn run_steps(
     what: &str,
     model: &Model,
@@ -539,7 +560,7 @@ fn run_steps(
     n: usize,
     steps: usize,
     params: impl Fn(usize) -> StepParams,
-) -> Result<Vec<Check>> {
+) -> Result<StepChecks> {
     let mut reference = CpuBackend::new(model, model.init_state(1));
     let (mut got, mut want) = (Vec::new(), Vec::new());
     let mut worst: Vec<Check> = Vec::new();
@@ -587,16 +608,7 @@ fn run_steps(
     let loss_what = if steps == 1 { "loss".to_string() } else { format!("losses of the {steps} steps") };
     let mut checks = vec![compare(what, "loss", &loss_what, &got, &want, TOL_SUMS)];
     checks.extend(worst);
-    checks.push(Check {
-        kernel: format!("{what} (near-tie reruns)"),
-        layer: "batches".into(),
-        shape: format!("{} of {batches} set aside", set_aside.len()),
-        // Informational: every step was decided by a batch that agreed, or failed above.
-        error: 0.0,
-        tolerance: TOL_EXACT,
-        detail: (!set_aside.is_empty()).then(|| set_aside.join("; ")),
-    });
-    Ok(checks)
+    Ok(StepChecks { checks, set_aside, batches })
 }
 
 /// Whole training steps of `backend` against the CPU reference, on random batches of `n`: one step
@@ -604,9 +616,9 @@ fn run_steps(
 /// when `dropout_steps` > 0, that many consecutive steps with dropout on (both draw the same masks;
 /// momenta carry over, as in training), each tensor's worst step reported. The backend is left holding
 /// the state of the last step.
-pub fn step_checks(model: &Model, backend: &mut dyn Backend, n: usize, dropout_steps: usize) -> Result<Vec<Check>> {
+pub fn step_checks(model: &Model, backend: &mut dyn Backend, n: usize, dropout_steps: usize) -> Result<StepChecks> {
     let one = |_| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 7, step: 0, dropout: false };
-    let mut checks = run_steps("train step", model, backend, n, 1, one)?;
+    let mut all = run_steps("train step", model, backend, n, 1, one)?;
     if dropout_steps > 0 {
         // The recipe's schedule, as training runs it.
         let schedule = OneCycle::recipe(12_000, 0.1);
@@ -616,9 +628,12 @@ pub fn step_checks(model: &Model, backend: &mut dyn Backend, n: usize, dropout_s
             StepParams { lr, momentum, weight_decay: 1e-5, dropout_seed: 7, step: i as u32, dropout: true }
         };
         let what = format!("{dropout_steps} steps, dropout");
-        checks.extend(run_steps(&what, model, backend, n, dropout_steps, recipe)?);
+        let more = run_steps(&what, model, backend, n, dropout_steps, recipe)?;
+        all.checks.extend(more.checks);
+        all.set_aside.extend(more.set_aside);
+        all.batches += more.batches;
     }
-    Ok(checks)
+    Ok(all)
 }
 
 /// The failed checks as lines, for an error message.

@@ -54,7 +54,9 @@ fn whole_steps_match_the_reference() {
     // A backend of its own: it owns its device.
     let ctx = GpuContext::new(common::adapter_choice().as_deref()).unwrap();
     let mut backend = GpuBackend::new(ctx, &model, &model.init_state(1)).unwrap();
-    let checks = step_checks(&model, &mut backend, 8, 3).unwrap();
+    let steps = step_checks(&model, &mut backend, 8, 3).unwrap();
+    eprintln!("{}", steps.set_aside_line());
+    let checks = steps.checks;
     assert_all_pass(&checks);
     // Every tensor of the model is compared after each run of steps.
     assert_eq!(checks.iter().filter(|c| c.layer == "bn6.running_var").count(), 2);

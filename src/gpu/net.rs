@@ -98,6 +98,25 @@ pub struct GpuNet {
     update: Dispatch,
 }
 
+/// Checks that batches of `n` fit the adapter's buffers (the largest activation decides); returns the
+/// largest activation's length per image.
+pub fn check_batch_fits(ctx: &GpuContext, model: &Model, n: usize) -> Result<usize> {
+    let largest =
+        (0..model.layers.len()).map(|i| model.input_of(i).len().max(model.shapes[i].len())).max().unwrap_or(0);
+    let bytes = (n as u64).saturating_mul(largest as u64 * 4);
+    let limits = ctx.device.limits();
+    let allowed = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+    if bytes > allowed {
+        bail!(
+            "batch size {n} needs GPU buffers of {} MiB, but {} allows {} MiB per buffer; use a smaller --batch-size",
+            bytes >> 20,
+            ctx.info.name,
+            allowed >> 20
+        );
+    }
+    Ok(largest)
+}
+
 /// Names launches after the layer they belong to, e.g. `conv3x3.forward conv2`.
 fn tag(launches: &mut [Dispatch], layer: &str) {
     for d in launches {
@@ -128,20 +147,7 @@ impl GpuNet {
         let n = batch;
         let classes = model.output_classes();
         let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
-        // The largest activation decides whether this batch size fits the adapter's buffers.
-        let largest =
-            (0..model.layers.len()).map(|i| model.input_of(i).len().max(model.shapes[i].len())).max().unwrap_or(0);
-        let bytes = (n * largest * 4) as u64;
-        let limits = ctx.device.limits();
-        let allowed = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
-        if bytes > allowed {
-            bail!(
-                "batch size {n} needs GPU buffers of {} MiB, but {} allows {} MiB per buffer; use a smaller --batch-size",
-                bytes >> 20,
-                ctx.info.name,
-                allowed >> 20
-            );
-        }
+        let largest = check_batch_fits(ctx, model, n)?;
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
 
