@@ -36,11 +36,13 @@ log="$out/run.log"
 # loader and glvnd libraries, each only where the machine has none of its own.
 libs="$work/lib"
 mkdir -p "$libs"
-# The sonames (libvulkan.so.1, ...); each links to its versioned file beside it.
+# The sonames (libvulkan.so.1, ...); each links to its versioned file beside it. The linker's cache is
+# read once, whole (grep -q on a pipe could cut it short and fail under pipefail).
+known=$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)
 for f in "$here"/lib/*.so.[0-9]; do
   [ -e "$f" ] || continue
   name=$(basename "$f")
-  ldconfig -p 2>/dev/null | grep -q "^[[:space:]]*$name " || ln -sf "$f" "$libs/$name"
+  grep -q "^[[:space:]]*$name " <<<"$known" || ln -sf "$f" "$libs/$name"
 done
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do
   [ -d "$d" ] && libs="$libs:$d"
