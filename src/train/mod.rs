@@ -264,10 +264,10 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         }
         if last_done < steps_per_epoch {
             bail!(
-                "the loader stopped after batch {last_done} of {steps_per_epoch} in epoch {} (a loader thread died); \
-                 {} holds the last epoch's end",
+                "the loader stopped after batch {last_done} of {steps_per_epoch} in epoch {} (a loader thread \
+                 died); the checkpoints already saved in {} are unchanged",
                 epoch + 1,
-                last.display()
+                opts.out_dir.display()
             );
         }
         let train_sums = backend.train_sums()?;
