@@ -3,12 +3,15 @@
 
 use std::collections::HashMap;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+use wgpu::util::DeviceExt;
 
 use crate::cpu::sgd::SgdStep;
 use crate::cpu::{CpuNet, DropoutMode};
-use crate::gpu::net::SharedBuffers;
-use crate::gpu::{GpuContext, GpuNet, Kernels, StepUniform};
+use crate::data::loader::Batch;
+use crate::gpu::net::{ChunkLayout, SharedBuffers};
+use crate::gpu::stream::{ChunkKind, Stream};
+use crate::gpu::{GpuContext, GpuNet, Kernels, Metrics, StepUniform};
 use crate::model::Model;
 
 /// What one training step needs besides the batch.
@@ -29,6 +32,8 @@ pub struct StepParams {
 pub struct Sums {
     pub loss_sum: f64,
     pub correct: u64,
+    /// A training step left a parameter or momentum non-finite (the run diverged).
+    pub nonfinite: bool,
 }
 
 pub trait Backend {
@@ -36,14 +41,26 @@ pub trait Backend {
     fn describe(&self) -> String;
     /// One training step; its loss and correct count are added into the running sums.
     fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()>;
-    /// The running sums of the training steps since the last `reset_sums` (may wait for the device).
+    /// The parameters of every step of the run, indexed by the global step, for `train_chunk`.
+    fn set_schedule(&mut self, schedule: &[StepParams]) -> Result<()>;
+    /// Training steps `first_step`, `first_step + 1`, ... on `batches` (all of one size), with the
+    /// schedule's parameters; their losses and correct counts go into the running sums. May return
+    /// before the device has run them.
+    fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()>;
+    /// The running sums as of the latest finished training chunk, without waiting: the training
+    /// batches since the last `reset_sums` they cover, and the sums. None before any has finished.
+    fn poll_train_sums(&mut self) -> Result<Option<(usize, Sums)>>;
+    /// The running sums of every training step since the last `reset_sums` (waits for the device).
     fn train_sums(&mut self) -> Result<Sums>;
-    /// Evaluation-mode pass of one batch, added into the running sums.
-    fn eval_batch(&mut self, input: &[f32], labels: &[u8]) -> Result<()>;
-    /// `eval_batch`, and the batch's logits read back (n x classes).
+    /// Evaluation-mode passes of `batches` (all of one size), added into the running sums.
+    fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()>;
+    /// `eval_chunk` of one batch, and its logits read back (n x classes).
     fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>>;
-    /// The running sums of the evaluation batches since the last `reset_sums`.
+    /// The running sums of the evaluation batches since the last `reset_sums` (waits for the device).
     fn eval_sums(&mut self) -> Result<Sums>;
+    /// How many batches of `batch` images to hand over per chunk now (train when `train`, else eval).
+    fn chunk_batches(&self, batch: usize, train: bool) -> usize;
+    /// Waits for all work handed over, then zeroes the running sums.
     fn reset_sums(&mut self) -> Result<()>;
     /// Parameters and running statistics (the model's flat state buffer).
     fn state(&mut self) -> Result<Vec<f32>>;
@@ -52,17 +69,49 @@ pub trait Backend {
     fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()>;
 }
 
+/// The schedule's entries for `first_step..first_step + count`, or an error naming what is missing.
+fn schedule_span(schedule_len: usize, first_step: usize, count: usize) -> Result<std::ops::Range<usize>> {
+    let span = first_step..first_step + count;
+    if span.end > schedule_len {
+        bail!(
+            "training steps {}..{} are past the schedule set for the run ({schedule_len} steps)",
+            span.start,
+            span.end
+        );
+    }
+    Ok(span)
+}
+
+/// Checks that a chunk's batches are all of one size; returns it.
+fn chunk_batch_size(batches: &[Batch]) -> Result<usize> {
+    let n = batches.first().map_or(0, |b| b.len());
+    if n == 0 || batches.iter().any(|b| b.len() != n) {
+        bail!("a chunk needs one or more batches, all of the same (non-zero) size");
+    }
+    Ok(n)
+}
+
 pub struct CpuBackend {
     net: CpuNet,
     state: Vec<f32>,
     momenta: Vec<f32>,
     sums: Sums,
+    schedule: Vec<StepParams>,
+    /// Training batches since the last reset.
+    trained: usize,
 }
 
 impl CpuBackend {
     pub fn new(model: &Model, state: Vec<f32>) -> CpuBackend {
         assert_eq!(state.len(), model.num_state);
-        CpuBackend { net: CpuNet::new(model), state, momenta: vec![0.0; model.num_trainable], sums: Sums::default() }
+        CpuBackend {
+            net: CpuNet::new(model),
+            state,
+            momenta: vec![0.0; model.num_trainable],
+            sums: Sums::default(),
+            schedule: Vec::new(),
+            trained: 0,
+        }
     }
 }
 
@@ -78,22 +127,46 @@ impl Backend for CpuBackend {
         let out = self.net.train_step(&mut self.state, &mut self.momenta, input, labels, sgd, dropout);
         self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
         self.sums.correct += out.correct as u64;
+        self.sums.nonfinite |= out.nonfinite;
         Ok(())
+    }
+
+    fn set_schedule(&mut self, schedule: &[StepParams]) -> Result<()> {
+        self.schedule = schedule.to_vec();
+        Ok(())
+    }
+
+    fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()> {
+        chunk_batch_size(batches)?;
+        let span = schedule_span(self.schedule.len(), first_step, batches.len())?;
+        for (b, step) in batches.iter().zip(span) {
+            self.train_step(&b.input, &b.labels, self.schedule[step])?;
+            self.trained += 1;
+        }
+        Ok(())
+    }
+
+    fn poll_train_sums(&mut self) -> Result<Option<(usize, Sums)>> {
+        Ok(Some((self.trained, self.sums)))
     }
 
     fn train_sums(&mut self) -> Result<Sums> {
         Ok(self.sums)
     }
 
-    fn eval_batch(&mut self, input: &[f32], labels: &[u8]) -> Result<()> {
-        let out = self.net.evaluate(&mut self.state, input, labels);
-        self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
-        self.sums.correct += out.correct as u64;
+    fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
+        for b in batches {
+            let out = self.net.evaluate(&mut self.state, &b.input, &b.labels);
+            self.sums.loss_sum += out.loss as f64 * b.len() as f64;
+            self.sums.correct += out.correct as u64;
+        }
         Ok(())
     }
 
     fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
-        self.eval_batch(input, labels)?;
+        let out = self.net.evaluate(&mut self.state, input, labels);
+        self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
+        self.sums.correct += out.correct as u64;
         Ok(self.net.logits().to_vec())
     }
 
@@ -101,8 +174,14 @@ impl Backend for CpuBackend {
         Ok(self.sums)
     }
 
+    /// The CPU runs each batch as it is handed over: one at a time keeps progress and Ctrl-C prompt.
+    fn chunk_batches(&self, _batch: usize, _train: bool) -> usize {
+        1
+    }
+
     fn reset_sums(&mut self) -> Result<()> {
         self.sums = Sums::default();
+        self.trained = 0;
         Ok(())
     }
 
@@ -134,21 +213,47 @@ fn step_uniform(p: StepParams) -> StepUniform {
     }
 }
 
+/// Batches per chunk at most: a chunk's steps are recorded into one encoder and submitted at once.
+pub const MAX_CHUNK_BATCHES: usize = 50;
+/// About how long a chunk should run: long enough that submits are rare, short enough that the
+/// progress bar moves and Ctrl-C answers promptly on a slow (software) adapter.
+const CHUNK_SECONDS: f64 = 0.25;
+
 /// The GPU backend: one executor per batch size seen (the last batch of an epoch may be smaller), all
-/// over the same parameter buffers.
+/// over the same parameter buffers; chunks of batches are streamed to it (see `gpu::stream`).
 pub struct GpuBackend {
     ctx: GpuContext,
     kernels: Kernels,
     model: Model,
     shared: SharedBuffers,
     nets: HashMap<usize, GpuNet>,
+    /// Every step's uniform for the run (`set_schedule`), copied into the step uniform step by step.
+    schedule: Option<(wgpu::Buffer, usize)>,
+    stream: Stream,
+    /// Launches of zero workgroups: measures the host's side alone (`bench --host-only`).
+    host_only: bool,
 }
 
 impl GpuBackend {
     pub fn new(ctx: GpuContext, model: &Model, state: &[f32]) -> Result<GpuBackend> {
         let kernels = Kernels::new(&ctx)?;
         let shared = SharedBuffers::new(&ctx, model, state);
-        Ok(GpuBackend { ctx, kernels, model: model.clone(), shared, nets: HashMap::new() })
+        Ok(GpuBackend {
+            ctx,
+            kernels,
+            model: model.clone(),
+            shared,
+            nets: HashMap::new(),
+            schedule: None,
+            stream: Stream::default(),
+            host_only: false,
+        })
+    }
+
+    /// With `on`, chunks do everything but the GPU's arithmetic: uploads, copies, recording, submits
+    /// and metric read-backs, with every launch of zero workgroups. The results are then meaningless.
+    pub fn set_host_only(&mut self, on: bool) {
+        self.host_only = on;
     }
 
     /// The executor for `batch` images (built on first use) and the context to run it with.
@@ -172,9 +277,72 @@ impl GpuBackend {
     }
 
     fn sums(&mut self) -> Result<Sums> {
-        let m: Vec<f32> = self.ctx.read(&self.shared.metrics, 2)?;
-        Ok(Sums { loss_sum: m[0] as f64, correct: m[1] as u64 })
+        self.stream.drain(&self.ctx)?;
+        Ok(sums_of(Metrics::read(&self.ctx, &self.shared.metrics)?))
     }
+
+    /// The most batches of `batch` images one upload buffer may hold.
+    fn chunk_limit(&self, batch: usize) -> usize {
+        let layout = ChunkLayout { batches: 1, batch, image_len: self.model.input.len() };
+        let per_batch = layout.total_bytes().max(1);
+        ((self.ctx.device.limits().max_buffer_size / per_batch) as usize).clamp(1, MAX_CHUNK_BATCHES)
+    }
+
+    /// Uploads `batches` as one chunk and records each as a training step (from `first_step` on) or an
+    /// evaluation pass, all in one submission.
+    fn submit_chunk(&mut self, batches: &[Batch], first_step: Option<usize>) -> Result<()> {
+        let n = chunk_batch_size(batches)?;
+        if batches.len() > self.chunk_limit(n) {
+            bail!(
+                "a chunk of {} batches of {n} is more than one upload buffer holds ({})",
+                batches.len(),
+                self.chunk_limit(n)
+            );
+        }
+        self.net(n)?;
+        let layout = ChunkLayout { batches: batches.len(), batch: n, image_len: self.model.input.len() };
+        let (net, empty) = (&self.nets[&n], self.host_only);
+        let (kind, schedule) = match first_step {
+            Some(first) => {
+                let Some((buffer, len)) = &self.schedule else {
+                    bail!("train_chunk before set_schedule: the GPU backend needs the run's schedule first")
+                };
+                schedule_span(*len, first, batches.len())?;
+                (ChunkKind::Train, Some((buffer, first)))
+            }
+            None => (ChunkKind::Eval, None),
+        };
+        self.stream.submit(
+            &self.ctx,
+            kind,
+            batches.len(),
+            layout.total_bytes(),
+            &self.shared.metrics,
+            |bytes| fill_chunk(batches, &layout, bytes),
+            |encoder, upload| {
+                for i in 0..batches.len() {
+                    let step = schedule.map(|(buffer, first)| (buffer, first + i));
+                    net.record_batch(encoder, upload, &layout, i, step, empty);
+                }
+            },
+        )?;
+        self.stream.poll(&self.ctx)
+    }
+}
+
+fn sums_of(m: Metrics) -> Sums {
+    Sums { loss_sum: m.loss_sum as f64, correct: m.correct as u64, nonfinite: m.nonfinite }
+}
+
+/// Writes a chunk's images, then its labels as u32, where `ChunkLayout` places them.
+fn fill_chunk(batches: &[Batch], layout: &ChunkLayout, out: &mut wgpu::BufferViewMut) {
+    for (i, b) in batches.iter().enumerate() {
+        let start = layout.offsets(i).0 as usize;
+        out.slice(start..start + layout.input_bytes() as usize).copy_from_slice(bytemuck::cast_slice(&b.input));
+    }
+    let labels: Vec<u32> = batches.iter().flat_map(|b| b.labels.iter().map(|&l| l as u32)).collect();
+    let start = layout.offsets(0).1 as usize;
+    out.slice(start..start + 4 * labels.len()).copy_from_slice(bytemuck::cast_slice(&labels));
 }
 
 impl Backend for GpuBackend {
@@ -188,14 +356,44 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
+    fn set_schedule(&mut self, schedule: &[StepParams]) -> Result<()> {
+        let uniforms: Vec<StepUniform> = schedule.iter().map(|&p| step_uniform(p)).collect();
+        let bytes = std::mem::size_of_val(uniforms.as_slice()) as u64;
+        let limit = self.ctx.device.limits().max_buffer_size;
+        if bytes > limit {
+            bail!(
+                "the run's schedule of {} steps needs {} MiB on the GPU, more than {} allows in one buffer ({} MiB); \
+                 train fewer epochs or larger batches",
+                schedule.len(),
+                bytes >> 20,
+                self.ctx.info.name,
+                limit >> 20
+            );
+        }
+        let buffer = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("schedule"),
+            contents: if uniforms.is_empty() { &[0; 32] } else { bytemuck::cast_slice(&uniforms) },
+            usage: wgpu::BufferUsages::COPY_SRC,
+        });
+        self.schedule = Some((buffer, schedule.len()));
+        Ok(())
+    }
+
+    fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()> {
+        self.submit_chunk(batches, Some(first_step))
+    }
+
+    fn poll_train_sums(&mut self) -> Result<Option<(usize, Sums)>> {
+        self.stream.poll(&self.ctx)?;
+        Ok(self.stream.latest.filter(|f| f.kind == ChunkKind::Train).map(|f| (f.batches, sums_of(f.metrics))))
+    }
+
     fn train_sums(&mut self) -> Result<Sums> {
         self.sums()
     }
 
-    fn eval_batch(&mut self, input: &[f32], labels: &[u8]) -> Result<()> {
-        let (net, ctx) = self.net(labels.len())?;
-        net.evaluate_batch(ctx, input, labels);
-        Ok(())
+    fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
+        self.submit_chunk(batches, None)
     }
 
     fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
@@ -208,22 +406,31 @@ impl Backend for GpuBackend {
         self.sums()
     }
 
+    fn chunk_batches(&self, batch: usize, train: bool) -> usize {
+        let kind = if train { ChunkKind::Train } else { ChunkKind::Eval };
+        self.stream.batches_per_chunk(kind, CHUNK_SECONDS, self.chunk_limit(batch))
+    }
+
     fn reset_sums(&mut self) -> Result<()> {
-        self.ctx.write(&self.shared.metrics, &[0.0f32, 0.0]);
+        self.stream.reset(&self.ctx)?;
+        Metrics::clear(&self.ctx, &self.shared.metrics);
         Ok(())
     }
 
     fn state(&mut self) -> Result<Vec<f32>> {
+        self.stream.drain(&self.ctx)?;
         self.ctx.read(&self.shared.state, self.model.num_state)
     }
 
     fn momenta(&mut self) -> Result<Vec<f32>> {
+        self.stream.drain(&self.ctx)?;
         self.ctx.read(&self.shared.momenta, self.model.num_trainable)
     }
 
     fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
         assert_eq!(state.len(), self.model.num_state);
         assert_eq!(momenta.len(), self.model.num_trainable);
+        self.stream.drain(&self.ctx)?;
         self.ctx.write(&self.shared.state, state);
         self.ctx.write(&self.shared.momenta, momenta);
         Ok(())

@@ -2,19 +2,21 @@
 //! Each figure is the median over repeats after warm-up; a backend's step is first checked against the
 //! CPU reference on one batch, so a fast but wrong kernel cannot post a number.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Args;
 
-use mnist_wgpu::backend::{Backend, GpuBackend, StepParams};
+use mnist_wgpu::backend::{Backend, GpuBackend, StepParams, MAX_CHUNK_BATCHES};
 use mnist_wgpu::data::loader::{
     batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
 use mnist_wgpu::data::{self, augment::BatchAugment};
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
-use mnist_wgpu::train::REPORT_EVERY;
+use mnist_wgpu::train::run_chunks;
 use mnist_wgpu::verify;
 
 use crate::{make_backend, BackendChoice, DeviceArgs};
@@ -38,6 +40,10 @@ pub struct BenchArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The host's ceiling: the GPU backend's training loop and evaluation with every launch of zero
+    /// workgroups (loader, uploads, recording, submits and read-backs only).
+    #[arg(long)]
+    host_only: bool,
 }
 
 struct Row {
@@ -89,9 +95,55 @@ fn step_params(step: usize) -> StepParams {
     StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32, dropout: true }
 }
 
+/// Training steps the loop rows run per repeat: the asked-for steps, and at least 5 chunks of the size
+/// the backend picks (once warm) so that the overlap of chunks is in the figure.
+fn loop_steps(backend: &dyn Backend, args: &BenchArgs) -> usize {
+    args.steps.max(5 * backend.chunk_batches(args.batch_size, true)).min(MAX_LOOP_STEPS)
+}
+
+/// Longest loop repeat (and the length of the benchmark's schedule).
+const MAX_LOOP_STEPS: usize = 5 * MAX_CHUNK_BATCHES;
+
+/// The training loop as `train` runs it, over `steps` batches: loader threads, chunks handed over
+/// without waiting, running sums picked up as chunks finish; then a wait for the last.
+fn training_loop(
+    backend: &mut dyn Backend,
+    split: &Arc<data::Split>,
+    cfg: LoaderConfig,
+    steps: usize,
+    threads: usize,
+) -> Result<()> {
+    backend.reset_sums()?;
+    let ahead = (2 * MAX_CHUNK_BATCHES).max(4 * threads);
+    let batches = spawn_epoch(split.clone(), cfg, 0, 0, ahead, threads).take(steps);
+    let never = AtomicBool::new(false);
+    run_chunks(backend, batches, 0, None, &never, |_, sums| {
+        std::hint::black_box(sums);
+        Ok(())
+    })?;
+    backend.train_sums()?;
+    Ok(())
+}
+
+/// Evaluation in chunks, as `train` evaluates after an epoch.
+fn evaluation(backend: &mut dyn Backend, eval: &[Batch]) -> Result<()> {
+    backend.reset_sums()?;
+    for chunk in eval.chunks(backend.chunk_batches(eval[0].len(), false)) {
+        backend.eval_chunk(chunk)?;
+    }
+    backend.eval_sums()?;
+    Ok(())
+}
+
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.steps == 0 || args.repeats == 0 || args.batch_size == 0 {
+        bail!("--steps, --repeats and --batch-size must be at least 1");
+    }
     let model = Model::net3();
     let set = data::load_dir(&data::default_dir())?;
+    if args.batch_size > set.train.len() {
+        bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
+    }
     let cfg =
         LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
     let order = epoch_order(1, 0, set.train.len());
@@ -108,7 +160,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // The loader as training runs it (worker threads, in-order hand-over), with one thread and with one
     // per core, over enough batches to be timed.
-    let split = std::sync::Arc::new(set.train.clone());
+    let split = Arc::new(set.train.clone());
     let loader_batches = args.steps.max(LOADER_BATCHES).min(batches_per_epoch(split.len(), args.batch_size));
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for threads in if cores > 1 { vec![1, cores] } else { vec![1] } {
@@ -123,7 +175,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut backends = args.backends.clone();
-    if backends.is_empty() {
+    if args.host_only {
+        backends = vec![BackendChoice::Gpu];
+    } else if backends.is_empty() {
         backends.push(BackendChoice::Cpu);
         match GpuContext::new(args.adapter.as_deref()) {
             Ok(ctx) if !ctx.is_software() => backends.push(BackendChoice::Gpu),
@@ -136,62 +190,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let eval: Vec<Batch> = eval_batches(&set.test, args.batch_size).take(args.steps).collect();
     let eval_images: usize = eval.iter().map(|b| b.len()).sum();
+    let threads = default_threads();
+    let schedule: Vec<StepParams> = (0..MAX_LOOP_STEPS.max(args.steps)).map(step_params).collect();
     for choice in backends {
-        let device = DeviceArgs { backend: choice, adapter: args.adapter.clone() };
-        let mut backend = make_backend(&device, &model, model.init_state(1))?;
-        let name = backend.describe();
-        validate(backend.as_mut(), &model, args.batch_size)?;
-        let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
-            for (i, b) in batches.iter().enumerate() {
-                backend.train_step(&b.input, &b.labels, step_params(i))?;
-            }
-            // Waits for the device: the time covers the work, not just its submission.
-            backend.train_sums()?;
-            Ok(())
+        let mut backend: Box<dyn Backend> = if args.host_only {
+            let mut gpu = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
+            validate(&mut gpu, &model, args.batch_size)?;
+            gpu.set_host_only(true);
+            Box::new(gpu)
+        } else {
+            let device = DeviceArgs { backend: choice, adapter: args.adapter.clone() };
+            let mut backend = make_backend(&device, &model, model.init_state(1))?;
+            validate(backend.as_mut(), &model, args.batch_size)?;
+            backend
+        };
+        let name = if args.host_only { format!("{} (host only)", backend.describe()) } else { backend.describe() };
+        backend.set_schedule(&schedule)?;
+        if !args.host_only {
+            // Prepared batches: the backend's own rate, chunked as training hands them over.
+            let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
+                backend.reset_sums()?;
+                let never = AtomicBool::new(false);
+                run_chunks(backend.as_mut(), batches.iter().cloned(), 0, None, &never, |_, _| Ok(()))?;
+                // Waits for the device: the time covers the work, not just its submission.
+                backend.train_sums()?;
+                Ok(())
+            })?;
+            let what = format!("training steps, batch {}", args.batch_size);
+            rows.push(Row { what, device: name.clone(), median: m, min: lo, max: hi });
+        }
+        // Warm up so that the backend's chunk size has settled, then time the loop over 5 chunks or more.
+        training_loop(backend.as_mut(), &split, cfg, args.steps, threads)?;
+        let steps = loop_steps(backend.as_ref(), &args);
+        let (m, lo, hi) = time(args.repeats, steps * args.batch_size, || {
+            training_loop(backend.as_mut(), &split, cfg, steps, threads)
         })?;
-        rows.push(Row {
-            what: format!("training step, batch {}", args.batch_size),
-            device: name.clone(),
-            median: m,
-            min: lo,
-            max: hi,
-        });
-        // What `train` does per step, as it does it: batches from the loader threads, the step, and a
-        // read of the running loss every REPORT_EVERY steps for the progress bar.
-        let threads = default_threads();
-        let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
-            backend.reset_sums()?;
-            for (i, b) in spawn_epoch(split.clone(), cfg, 0, 0, 4 * threads, threads).take(args.steps).enumerate() {
-                backend.train_step(&b.input, &b.labels, step_params(i))?;
-                if (i + 1) % REPORT_EVERY == 0 {
-                    backend.train_sums()?;
-                }
-            }
-            backend.train_sums()?;
-            Ok(())
-        })?;
-        rows.push(Row {
-            what: format!("training loop, batch {}", args.batch_size),
-            device: name.clone(),
-            median: m,
-            min: lo,
-            max: hi,
-        });
-        let (m, lo, hi) = time(args.repeats, eval_images, || {
-            backend.reset_sums()?;
-            for b in &eval {
-                backend.eval_batch(&b.input, &b.labels)?;
-            }
-            backend.eval_sums()?;
-            Ok(())
-        })?;
-        rows.push(Row {
-            what: format!("evaluation, batch {}", args.batch_size),
-            device: name,
-            median: m,
-            min: lo,
-            max: hi,
-        });
+        let what = format!("training loop, batch {}", args.batch_size);
+        rows.push(Row { what, device: name.clone(), median: m, min: lo, max: hi });
+        let (m, lo, hi) = time(args.repeats, eval_images, || evaluation(backend.as_mut(), &eval))?;
+        let what = format!("evaluation, batch {}", args.batch_size);
+        rows.push(Row { what, device: name, median: m, min: lo, max: hi });
     }
 
     if args.json {
@@ -202,17 +240,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let out = serde_json::json!({"repeats": args.repeats, "steps": args.steps, "results": list});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("{:<28}{:<52}{:>14}{:>22}", "what", "device", "images/s", "(min .. max)");
+        println!("{:<28}{:<60}{:>14}{:>22}", "what", "device", "images/s", "(min .. max)");
         for r in rows {
             println!(
-                "{:<28}{:<52}{:>14.0}{:>22}",
+                "{:<28}{:<60}{:>14.0}{:>22}",
                 r.what,
                 r.device,
                 r.median,
                 format!("({:.0} .. {:.0})", r.min, r.max)
             );
         }
-        println!("medians of {} repeats of {} batches, after one warm-up repeat", args.repeats, args.steps);
+        println!(
+            "medians of {} repeats after one warm-up repeat; {} batches per repeat, the training loop at least 5 \
+             chunks",
+            args.repeats, args.steps
+        );
     }
     Ok(())
 }

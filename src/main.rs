@@ -77,6 +77,10 @@ struct TrainArgs {
     /// for any count.
     #[arg(long, value_name = "N")]
     loader_threads: Option<usize>,
+    /// Training steps handed to the backend at once, 1 to 50 (one submission on the GPU; default: as
+    /// many as take about a quarter of a second, up to 50). Results do not depend on it.
+    #[arg(long, value_name = "N")]
+    steps_per_submit: Option<usize>,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -231,6 +235,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if args.loader_threads.is_some_and(|n| n == 0 || n > 1024) {
         bail!("--loader-threads must be 1 to 1024");
     }
+    if args.steps_per_submit.is_some_and(|n| n == 0 || n > mnist_wgpu::backend::MAX_CHUNK_BATCHES) {
+        bail!("--steps-per-submit must be 1 to {}", mnist_wgpu::backend::MAX_CHUNK_BATCHES);
+    }
     let model = Model::net3();
     let set = load_data(args.data.clone())?;
     let recipe = Recipe {
@@ -275,7 +282,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             eprintln!("\nSecond Ctrl-C: exiting without saving.");
             std::process::exit(130);
         }
-        eprintln!("\nCtrl-C: finishing the current step, then saving (Ctrl-C again to quit at once).");
+        eprintln!("\nCtrl-C: finishing the steps already handed over, then saving (Ctrl-C again to quit at once).");
     })
     .context("installing the Ctrl-C handler")?;
     let loader_threads = args.loader_threads.unwrap_or_else(data::loader::default_threads);
@@ -285,7 +292,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         resume: args.resume,
         progress: true,
         stop,
-        report_every: train::REPORT_EVERY,
+        chunk_batches: args.steps_per_submit,
         loader_threads,
     };
     train::train(backend.as_mut(), &model, &set, &opts)?;

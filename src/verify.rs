@@ -33,7 +33,8 @@ use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
 use crate::gpu::kernel::run;
-use crate::gpu::{GpuContext, Kernels, StepUniform};
+use crate::gpu::net::METRICS_WORDS;
+use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
 use crate::model::{ConvDims, Layer, Model, Shape, BN_EPS, BN_MOMENTUM};
 use crate::train::schedule::OneCycle;
 
@@ -410,17 +411,32 @@ fn loss_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, classes: us
 }
 
 fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
-    let (p, g, m) = (random(1, len, 0.5), random(2, len, 0.1), random(3, len, 0.1));
+    let (p, mut g, m) = (random(1, len, 0.5), random(2, len, 0.1), random(3, len, 0.1));
     let step = StepUniform { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, ..Default::default() };
-    let (pb, gb, mb, sb) = (ctx.upload("p", &p), ctx.upload("g", &g), ctx.upload("m", &m), ctx.uniform("step", &step));
-    run(ctx, &[&k.sgd.update(ctx, len, &sb, &pb, &gb, &mb)]);
-    let (mut p2, mut m2) = (p.clone(), m.clone());
-    sgd_update(SgdStep { lr: 0.05, momentum: 0.9, weight_decay: 1e-5 }, &mut p2, &g, &mut m2);
+    let sgd = SgdStep { lr: 0.05, momentum: 0.9, weight_decay: 1e-5 };
     let shape = format!("{len}");
-    Ok(vec![
-        compare("sgd.update (parameters)", "all trainable", &shape, &read(ctx, &pb, len)?, &p2, TOL_ELEMENTWISE),
-        compare("sgd.update (momenta)", "all trainable", &shape, &read(ctx, &mb, len)?, &m2, TOL_ELEMENTWISE),
-    ])
+    let mut checks = Vec::new();
+    // Finite gradients, then one infinite one: the diverged flag must stay clear, then be set.
+    for planted in [false, true] {
+        if planted {
+            g[len / 2] = f32::INFINITY;
+        }
+        let (pb, gb, mb, sb) =
+            (ctx.upload("p", &p), ctx.upload("g", &g), ctx.upload("m", &m), ctx.uniform("step", &step));
+        let metrics = ctx.zeros("metrics", METRICS_WORDS);
+        run(ctx, &[&k.sgd.update(ctx, len, &sb, &pb, &gb, &mb, &metrics)]);
+        let (mut p2, mut m2) = (p.clone(), m.clone());
+        let want = sgd_update(sgd, &mut p2, &g, &mut m2);
+        let got = Metrics::read(ctx, &metrics)?.nonfinite;
+        let what = if planted { "one infinite gradient" } else { "finite gradients" };
+        checks.push(compare_exact("sgd.update (non-finite flag)", "all trainable", &shape, what, &[got], &[want]));
+        if !planted {
+            let (gp, gm) = (read(ctx, &pb, len)?, read(ctx, &mb, len)?);
+            checks.push(compare("sgd.update (parameters)", "all trainable", &shape, &gp, &p2, TOL_ELEMENTWISE));
+            checks.push(compare("sgd.update (momenta)", "all trainable", &shape, &gm, &m2, TOL_ELEMENTWISE));
+        }
+    }
+    Ok(checks)
 }
 
 /// Every kernel at every layer shape of `model` with a batch of `n`, forward and backward, in layer

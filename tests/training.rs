@@ -41,7 +41,7 @@ fn options(recipe: Recipe, out: PathBuf) -> TrainOptions {
         resume: None,
         progress: false,
         stop: Arc::new(AtomicBool::new(false)),
-        report_every: 20,
+        chunk_batches: None,
         loader_threads: 2,
     }
 }
@@ -202,6 +202,63 @@ fn training_loop_on_gpu_backend_matches_cpu_backend() {
     let err = common::rel_err(&ck.state, &cpu_backend.state().unwrap(), 1e-6);
     assert!(err <= 1e-4, "GPU run's checkpoint differs from the CPU run's state by {err:e}");
     assert_eq!(ck.position.unwrap().global_step, 3);
+}
+
+fn gpu_backend(model: &Model, seed: u64) -> GpuBackend {
+    let ctx = mnist_wgpu::gpu::GpuContext::new(common::adapter_choice().as_deref()).unwrap();
+    GpuBackend::new(ctx, model, &model.init_state(seed)).unwrap()
+}
+
+/// On the GPU backend, steps are handed over in chunks (one submission each). How the steps are cut
+/// into chunks changes no bit, and a run interrupted inside another run's chunk resumes bitwise where
+/// the uninterrupted run ends: 2 epochs of 12 steps, the straight run in chunks of 5, the interrupted
+/// one stopped after a chunk of 3 (inside the straight run's first chunk), resumed in chunks of 4.
+#[test]
+fn gpu_run_interrupted_mid_chunk_resumes_exactly() {
+    let Some(_) = gpu() else { return };
+    let model = Model::net3();
+    let set = small_mnist(120, 40);
+    let recipe = Recipe { epochs: 2, batch_size: 10, ..Recipe::default() };
+    let chunked = |out: PathBuf, k: usize| TrainOptions { chunk_batches: Some(k), ..options(recipe, out) };
+
+    let mut straight = gpu_backend(&model, recipe.seed);
+    let straight_run = train::train(&mut straight, &model, &set, &chunked(scratch("gpu-straight"), 5)).unwrap();
+
+    let out = scratch("gpu-interrupted");
+    let mut first = gpu_backend(&model, recipe.seed);
+    let opts = chunked(out.clone(), 3);
+    opts.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let outcome = train::train(&mut first, &model, &set, &opts).unwrap();
+    assert!(outcome.interrupted && outcome.epochs.is_empty());
+    let pos = checkpoint::load(&out.join("last.safetensors"), &model).unwrap().position.unwrap();
+    assert_eq!((pos.epoch, pos.batch_in_epoch, pos.global_step), (0, 3, 3), "stopped after the first chunk");
+
+    let mut resumed = gpu_backend(&model, 999);
+    let opts = TrainOptions { resume: Some(out.join("last.safetensors")), ..chunked(out.clone(), 4) };
+    let resumed_run = train::train(&mut resumed, &model, &set, &opts).unwrap();
+    assert!(!resumed_run.interrupted);
+    assert!(resumed.state().unwrap() == straight.state().unwrap(), "the resumed GPU run ends elsewhere");
+    assert!(resumed.momenta().unwrap() == straight.momenta().unwrap(), "the resumed GPU run's momenta differ");
+    let (a, b) = (&straight_run.epochs[1], &resumed_run.epochs[1]);
+    assert_eq!((a.test_loss, a.test_correct), (b.test_loss, b.test_correct), "the last epoch's evaluation");
+}
+
+/// A learning rate that blows up stops a GPU run at the first chunk whose running loss comes back
+/// non-finite, well before the epoch's end, and leaves no checkpoint claiming otherwise.
+#[test]
+fn gpu_divergence_stops_within_a_chunk() {
+    let Some(_) = gpu() else { return };
+    let model = Model::net3();
+    let set = small_mnist(400, 20);
+    let wild = Recipe { epochs: 1, batch_size: 10, max_lr: 1e9, ..Recipe::default() };
+    let out = scratch("gpu-diverge");
+    let mut backend = gpu_backend(&model, 1);
+    let opts = TrainOptions { chunk_batches: Some(2), ..options(wild, out.clone()) };
+    let err = train::train(&mut backend, &model, &set, &opts).unwrap_err().to_string();
+    assert!(err.contains("diverged") && err.contains("no checkpoint"), "{err}");
+    let step: usize = err.split("by step ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
+    eprintln!("{err}");
+    assert!(step < 40, "noticed only at step {step} of the 40-step epoch");
 }
 
 fn scratch_path(name: &str) -> PathBuf {

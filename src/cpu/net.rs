@@ -37,6 +37,15 @@ enum Saved {
     Dropout(Option<Vec<f32>>),
 }
 
+/// What a training step reports: the batch's mean loss and correct count, and whether the update
+/// left any parameter or momentum non-finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOut {
+    pub loss: f32,
+    pub correct: u32,
+    pub nonfinite: bool,
+}
+
 pub struct CpuNet {
     pub model: Model,
     n: usize,
@@ -232,7 +241,7 @@ impl CpuNet {
         labels: &[u8],
         sgd: SgdStep,
         dropout: DropoutMode,
-    ) -> LossOut {
+    ) -> StepOut {
         let classes = self.model.output_classes();
         self.forward(state, input, labels.len(), Mode::Train(dropout));
         let mut dlogits = std::mem::take(&mut self.dlogits);
@@ -241,8 +250,8 @@ impl CpuNet {
         self.backward(state, &dlogits);
         self.dlogits = dlogits;
         let trainable = self.model.num_trainable;
-        sgd_update(sgd, &mut state[..trainable], &self.grads, momenta);
-        out
+        let nonfinite = sgd_update(sgd, &mut state[..trainable], &self.grads, momenta);
+        StepOut { loss: out.loss, correct: out.correct, nonfinite }
     }
 
     /// Evaluation-mode loss and correct count of a batch (running statistics, no dropout).

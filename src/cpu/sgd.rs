@@ -9,11 +9,15 @@ pub struct SgdStep {
     pub weight_decay: f32,
 }
 
-pub fn sgd_update(step: SgdStep, params: &mut [f32], grads: &[f32], momenta: &mut [f32]) {
+/// Updates `params` and `momenta`; returns whether any updated value is non-finite (the run diverged).
+pub fn sgd_update(step: SgdStep, params: &mut [f32], grads: &[f32], momenta: &mut [f32]) -> bool {
     assert!(params.len() == grads.len() && grads.len() == momenta.len());
+    let mut nonfinite = false;
     for ((p, &g), buf) in params.iter_mut().zip(grads).zip(momenta.iter_mut()) {
         let g = g + step.weight_decay * *p;
         *buf = step.momentum * *buf + g;
         *p -= step.lr * *buf;
+        nonfinite |= !p.is_finite() || !buf.is_finite();
     }
+    nonfinite
 }

@@ -141,17 +141,37 @@ impl Dispatch {
         pass.set_bind_group(0, &self.bind_group, &[]);
         pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
     }
+
+    /// Records the launch with zero workgroups: everything the host does for it, no GPU work (the
+    /// host-only benchmark).
+    fn record_empty(&self, pass: &mut wgpu::ComputePass<'_>) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, &self.bind_group, &[]);
+        pass.dispatch_workgroups(0, 0, 0);
+    }
+}
+
+/// Records `dispatches` in order into one compute pass of `encoder`; `empty` makes every launch one of
+/// zero workgroups.
+pub fn record_pass<'a>(
+    encoder: &mut wgpu::CommandEncoder,
+    dispatches: impl IntoIterator<Item = &'a Dispatch>,
+    empty: bool,
+) {
+    let mut pass = encoder.begin_compute_pass(&Default::default());
+    for d in dispatches {
+        if empty {
+            d.record_empty(&mut pass);
+        } else {
+            d.record(&mut pass);
+        }
+    }
 }
 
 /// Records `dispatches` in order into one compute pass of one encoder and submits it.
 pub fn run(ctx: &GpuContext, dispatches: &[&Dispatch]) {
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    {
-        let mut pass = encoder.begin_compute_pass(&Default::default());
-        for d in dispatches {
-            d.record(&mut pass);
-        }
-    }
+    record_pass(&mut encoder, dispatches.iter().copied(), false);
     ctx.queue.submit([encoder.finish()]);
 }
 

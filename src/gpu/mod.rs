@@ -11,6 +11,7 @@ pub mod loss;
 pub mod net;
 pub mod pool;
 pub mod sgd;
+pub mod stream;
 
 pub use context::{list_adapters, GpuContext, INSTALL_HINT};
 pub use net::{GpuNet, Kernels, Metrics};

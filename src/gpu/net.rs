@@ -50,11 +50,32 @@ impl Kernels {
     }
 }
 
-/// Loss sum and correct count of a batch, as the loss kernel leaves them.
+/// The running metrics as the loss and SGD kernels leave them in the metrics buffer's words: loss sum
+/// (f32), correct count (f32), and whether an update went non-finite (u32 flag); the fourth is unused.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Metrics {
     pub loss_sum: f32,
     pub correct: u32,
+    pub nonfinite: bool,
+}
+
+/// Words in the metrics buffer.
+pub const METRICS_WORDS: usize = 4;
+
+impl Metrics {
+    pub fn from_words(w: &[u32]) -> Metrics {
+        Metrics { loss_sum: f32::from_bits(w[0]), correct: f32::from_bits(w[1]) as u32, nonfinite: w[2] != 0 }
+    }
+
+    /// Reads a metrics buffer back (waits for the GPU).
+    pub fn read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Metrics> {
+        Ok(Metrics::from_words(&ctx.read::<u32>(buffer, METRICS_WORDS)?))
+    }
+
+    /// Zeroes a metrics buffer (in queue order).
+    pub fn clear(ctx: &GpuContext, buffer: &wgpu::Buffer) {
+        ctx.write(buffer, &[0u32; METRICS_WORDS]);
+    }
 }
 
 /// The buffers every batch size's executor shares: parameters and running statistics, gradients and
@@ -75,9 +96,38 @@ impl SharedBuffers {
             state: ctx.upload("state", state),
             grads: ctx.zeros("grads", model.num_trainable),
             momenta: ctx.zeros("momenta", model.num_trainable),
-            metrics: ctx.zeros("metrics", 2),
+            metrics: ctx.zeros("metrics", METRICS_WORDS),
             step: ctx.uniform("step", &StepUniform::default()),
         }
+    }
+}
+
+/// Where the batches of a chunk lie in its upload buffer: every batch's images (f32), then every
+/// batch's labels (u32), batch after batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChunkLayout {
+    pub batches: usize,
+    pub batch: usize,
+    pub image_len: usize,
+}
+
+impl ChunkLayout {
+    pub fn input_bytes(&self) -> u64 {
+        (self.batch * self.image_len * 4) as u64
+    }
+
+    pub fn labels_bytes(&self) -> u64 {
+        (self.batch * 4) as u64
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        self.batches as u64 * (self.input_bytes() + self.labels_bytes())
+    }
+
+    /// Byte offsets of batch `i`'s images and labels.
+    pub fn offsets(&self, i: usize) -> (u64, u64) {
+        let k = self.batches as u64;
+        (i as u64 * self.input_bytes(), k * self.input_bytes() + i as u64 * self.labels_bytes())
     }
 }
 
@@ -288,7 +338,7 @@ impl GpuNet {
             tag(&mut backward[mark..], &model.layer_name(i));
             std::mem::swap(&mut cur, &mut other);
         }
-        let update = k.sgd.update(ctx, model.num_trainable, step, state_buf, grads, momenta);
+        let update = k.sgd.update(ctx, model.num_trainable, step, state_buf, grads, momenta, metrics);
 
         Ok(GpuNet {
             model: model.clone(),
@@ -359,7 +409,7 @@ impl GpuNet {
 
     /// Clears the metrics that `evaluate_batch` adds into.
     pub fn reset_metrics(&self, ctx: &GpuContext) {
-        ctx.write(&self.shared.metrics, &[0.0f32, 0.0]);
+        Metrics::clear(ctx, &self.shared.metrics);
     }
 
     /// Evaluation-mode forward pass and loss of a batch, added into the metrics (no readback).
@@ -370,8 +420,7 @@ impl GpuNet {
     }
 
     pub fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
-        let m: Vec<f32> = ctx.read(&self.shared.metrics, 2)?;
-        Ok(Metrics { loss_sum: m[0], correct: m[1] as u32 })
+        Metrics::read(ctx, &self.shared.metrics)
     }
 
     pub fn read_state(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
@@ -406,6 +455,36 @@ impl GpuNet {
         self.read_output(ctx, self.model.layers.len() - 1)
     }
 
+    /// Records batch `index` of a chunk uploaded into `chunk` (see [`ChunkLayout`]): copies its images
+    /// and labels into this executor's input, then, for training, the step's entry of the run's
+    /// `schedule` into the step uniform, and one compute pass of the step's (or the evaluation's)
+    /// launches. `empty` records launches of zero workgroups (the host-only benchmark).
+    pub fn record_batch(
+        &self,
+        encoder: &mut wgpu::CommandEncoder,
+        chunk: &wgpu::Buffer,
+        layout: &ChunkLayout,
+        index: usize,
+        train_step: Option<(&wgpu::Buffer, usize)>,
+        empty: bool,
+    ) {
+        let (input, labels) = layout.offsets(index);
+        encoder.copy_buffer_to_buffer(chunk, input, &self.input, 0, layout.input_bytes());
+        encoder.copy_buffer_to_buffer(chunk, labels, &self.labels, 0, layout.labels_bytes());
+        match train_step {
+            Some((schedule, step)) => {
+                let size = std::mem::size_of::<StepUniform>() as u64;
+                encoder.copy_buffer_to_buffer(schedule, step as u64 * size, &self.shared.step, 0, size);
+                super::kernel::record_pass(encoder, self.train_dispatches(), empty);
+            }
+            None => super::kernel::record_pass(
+                encoder,
+                self.forward_eval.iter().chain(std::iter::once(&self.loss_eval)),
+                empty,
+            ),
+        }
+    }
+
     /// One training step with a GPU timestamp around every launch: (launch, nanoseconds) in order.
     /// Each launch runs in its own compute pass, so the step itself is a little slower than usual.
     pub fn profile_step(
@@ -417,18 +496,17 @@ impl GpuNet {
     ) -> Result<Vec<(String, f64)>> {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
-        let launches = self.train_dispatches();
+        let launches: Vec<&Dispatch> = self.train_dispatches().collect();
         let times = super::kernel::run_timed(ctx, &launches)?;
         Ok(launches.iter().map(|d| d.label.clone()).zip(times).collect())
     }
 
     /// Every launch of a training step, in order, for profiling.
-    fn train_dispatches(&self) -> Vec<&Dispatch> {
+    fn train_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
         self.forward_train
             .iter()
             .chain(std::iter::once(&self.loss_train))
             .chain(&self.backward)
             .chain(std::iter::once(&self.update))
-            .collect()
     }
 }

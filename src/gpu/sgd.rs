@@ -36,7 +36,9 @@ impl Sgd {
         Ok(Sgd { update: take(&mut compile(ctx, "sgd")?, "update") })
     }
 
-    /// The update of the first `len` values of `state` (the trainable prefix).
+    /// The update of the first `len` values of `state` (the trainable prefix); a non-finite result
+    /// sets the flag word of `metrics`.
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &self,
         ctx: &GpuContext,
@@ -45,8 +47,10 @@ impl Sgd {
         state: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         momenta: &wgpu::Buffer,
+        metrics: &wgpu::Buffer,
     ) -> Dispatch {
         let u = ctx.uniform("sgd dims", &Dims { len: len as u32, _pad: [0; 3] });
-        self.update.launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, state), (3, grads), (4, momenta)])
+        let buffers = [(0, &u), (1, step), (2, state), (3, grads), (4, momenta), (5, metrics)];
+        self.update.launch(ctx, groups_for(len), &buffers)
     }
 }

@@ -12,10 +12,11 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::backend::MAX_CHUNK_BATCHES;
 use crate::backend::{Backend, StepParams, Sums};
 use crate::checkpoint::{self, Position};
 use crate::data::augment::BatchAugment;
-use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, LoaderConfig};
+use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, Batch, LoaderConfig};
 use crate::data::{Mnist, Split};
 use crate::model::Model;
 use schedule::OneCycle;
@@ -60,10 +61,6 @@ impl Recipe {
     }
 }
 
-/// Steps between reads of the running loss for the progress bar (`train`'s default; each read waits for
-/// the device).
-pub const REPORT_EVERY: usize = 20;
-
 /// Metrics of one epoch, as written to `metrics.jsonl`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRecord {
@@ -105,8 +102,9 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Set (by Ctrl-C) to stop after the current step, save and return.
     pub stop: Arc<AtomicBool>,
-    /// How many steps between reads of the running loss (each read waits for the device).
-    pub report_every: usize,
+    /// Training steps per chunk handed to the backend (one submission on the GPU); None lets the
+    /// backend choose from its limits and its measured pace. Results do not depend on it.
+    pub chunk_batches: Option<usize>,
     /// Threads that augment training batches (the batches are the same for any count).
     pub loader_threads: usize,
 }
@@ -119,14 +117,73 @@ pub struct Outcome {
     pub best_accuracy: Option<f64>,
 }
 
+/// Takes the next chunk: up to `k` batches from `batches`, all the size of the first (an epoch's
+/// smaller last batch goes into a chunk of its own).
+fn take_chunk<I: Iterator<Item = Batch>>(batches: &mut std::iter::Peekable<I>, k: usize) -> Vec<Batch> {
+    let mut chunk: Vec<Batch> = Vec::with_capacity(k);
+    while chunk.len() < k.max(1) {
+        match batches.next_if(|b| chunk.first().is_none_or(|first| first.len() == b.len())) {
+            Some(b) => chunk.push(b),
+            None => break,
+        }
+    }
+    chunk
+}
+
 /// Loss and accuracy of `backend` over a whole split in evaluation mode.
 pub fn evaluate(backend: &mut dyn Backend, split: &Split, batch_size: usize) -> Result<(f64, u64)> {
     backend.reset_sums()?;
-    for b in eval_batches(split, batch_size) {
-        backend.eval_batch(&b.input, &b.labels)?;
+    let mut batches = eval_batches(split, batch_size).peekable();
+    loop {
+        let chunk = take_chunk(&mut batches, backend.chunk_batches(batch_size, false));
+        if chunk.is_empty() {
+            break;
+        }
+        backend.eval_chunk(&chunk)?;
     }
     let s = backend.eval_sums()?;
     Ok((s.loss_sum / split.len() as f64, s.correct))
+}
+
+/// What [`run_chunks`] handed over.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ChunksRun {
+    /// Batches handed over (all of them run by the time the backend's sums are read).
+    pub batches: usize,
+    pub images: usize,
+    /// Stopped early by the stop flag, with batches left.
+    pub stopped: bool,
+}
+
+/// Hands `batches` (consecutive training batches, the first of them global step `first_step`) to
+/// `backend` in chunks of `fixed_chunk` batches, or as many as the backend asks for, one chunk after
+/// another without waiting. `on_sums(batches, sums)` sees the running sums whenever a chunk's come back
+/// (the batches they cover since the last reset). Stops after the chunk during which `stop` got set.
+pub fn run_chunks(
+    backend: &mut dyn Backend,
+    batches: impl Iterator<Item = Batch>,
+    first_step: usize,
+    fixed_chunk: Option<usize>,
+    stop: &AtomicBool,
+    mut on_sums: impl FnMut(usize, Sums) -> Result<()>,
+) -> Result<ChunksRun> {
+    let mut batches = batches.peekable();
+    let mut run = ChunksRun { batches: 0, images: 0, stopped: false };
+    while let Some(next) = batches.peek() {
+        let k = fixed_chunk.unwrap_or_else(|| backend.chunk_batches(next.len(), true));
+        let chunk = take_chunk(&mut batches, k);
+        backend.train_chunk(&chunk, first_step + run.batches)?;
+        run.batches += chunk.len();
+        run.images += chunk.iter().map(|b| b.len()).sum::<usize>();
+        if let Some((done, sums)) = backend.poll_train_sums()? {
+            on_sums(done, sums)?;
+        }
+        if stop.load(Ordering::SeqCst) && batches.peek().is_some() {
+            run.stopped = true;
+            break;
+        }
+    }
+    Ok(run)
 }
 
 /// The error of a run that diverged, saying what happened to the last checkpoint.
@@ -140,6 +197,9 @@ fn diverged(what: String, global_step: usize, last: &Path) -> anyhow::Error {
 }
 
 fn check_finite(sums: Sums, global_step: usize, last: &Path) -> Result<()> {
+    if sums.nonfinite {
+        return Err(diverged("an update left parameters non-finite".into(), global_step, last));
+    }
     if !sums.loss_sum.is_finite() {
         return Err(diverged(format!("the loss is {}", sums.loss_sum), global_step, last));
     }
@@ -204,6 +264,26 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
     let mut records = Vec::new();
     let style = ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}").unwrap().progress_chars("=> ");
 
+    // Every step's parameters, computed once for the whole run (the GPU keeps them in one buffer).
+    let total_steps = r.epochs * steps_per_epoch;
+    let steps: Vec<StepParams> = (0..total_steps)
+        .map(|global| {
+            let (lr, momentum) = schedule.at(global);
+            StepParams {
+                lr: lr as f32,
+                momentum: momentum as f32,
+                weight_decay: r.weight_decay,
+                dropout_seed: r.seed as u32,
+                step: global as u32,
+                dropout: true,
+            }
+        })
+        .collect();
+    backend.set_schedule(&steps)?;
+    // Batches the loader builds ahead: two full chunks when they fit in 128 MiB, and a few per thread.
+    let batch_bytes = r.batch_size * crate::data::IMAGE_PIXELS * 4;
+    let ahead = (2 * MAX_CHUNK_BATCHES).min((128 << 20) / batch_bytes.max(1)).max(4 * opts.loader_threads.max(1));
+
     while epoch < r.epochs {
         let started = Instant::now();
         let bar = if opts.progress { ProgressBar::new(steps_per_epoch as u64) } else { ProgressBar::hidden() };
@@ -211,60 +291,46 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         bar.set_prefix(format!("epoch {}/{}", epoch + 1, r.epochs));
         bar.set_position(first_batch as u64);
         backend.reset_sums()?;
-        let mut seen = 0usize;
-        let mut last_done = first_batch;
-        let ahead = 4 * opts.loader_threads.max(1);
-        for batch in spawn_epoch(train_split.clone(), loader, epoch, first_batch, ahead, opts.loader_threads) {
-            let (lr, momentum) = schedule.at(global);
-            let p = StepParams {
-                lr: lr as f32,
-                momentum: momentum as f32,
-                weight_decay: r.weight_decay,
-                dropout_seed: r.seed as u32,
-                step: global as u32,
-                dropout: true,
+        let batches = spawn_epoch(train_split.clone(), loader, epoch, first_batch, ahead, opts.loader_threads);
+        let epoch_start_step = global;
+        let run = run_chunks(backend, batches, global, opts.chunk_batches, &opts.stop, |done, sums| {
+            check_finite(sums, epoch_start_step + done, &last)?;
+            let images = (done * r.batch_size).min(train_split.len() - first_batch * r.batch_size);
+            bar.set_position((first_batch + done) as u64);
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% {:.0} img/s",
+                sums.loss_sum / images.max(1) as f64,
+                100.0 * sums.correct as f64 / images.max(1) as f64,
+                images as f64 / started.elapsed().as_secs_f64()
+            ));
+            Ok(())
+        })?;
+        global += run.batches;
+        let seen = run.images;
+        let done = first_batch + run.batches;
+        if run.stopped {
+            bar.abandon();
+            check_finite(backend.train_sums()?, global, &last)?;
+            let position = Position {
+                epoch,
+                batch_in_epoch: done,
+                global_step: global,
+                test_accuracy: records.last().map(|e: &EpochRecord| e.test_accuracy),
+                seed: r.seed,
+                recipe: r.to_json(),
             };
-            backend.train_step(&batch.input, &batch.labels, p)?;
-            global += 1;
-            seen += batch.len();
-            let done = batch.index + 1;
-            last_done = done;
-            if done % opts.report_every == 0 || done == steps_per_epoch {
-                let sums = backend.train_sums()?;
-                check_finite(sums, global, &last)?;
-                let rate = seen as f64 / started.elapsed().as_secs_f64();
-                bar.set_message(format!(
-                    "loss {:.4} acc {:.2}% {:.0} img/s",
-                    sums.loss_sum / seen as f64,
-                    100.0 * sums.correct as f64 / seen as f64,
-                    rate
-                ));
-            }
-            bar.set_position(done as u64);
-            if opts.stop.load(Ordering::SeqCst) && done < steps_per_epoch {
-                bar.abandon();
-                check_finite(backend.train_sums()?, global, &last)?;
-                let position = Position {
-                    epoch,
-                    batch_in_epoch: done,
-                    global_step: global,
-                    test_accuracy: records.last().map(|e: &EpochRecord| e.test_accuracy),
-                    seed: r.seed,
-                    recipe: r.to_json(),
-                };
-                save(backend, model, &last, &position, &last)?;
-                println!(
-                    "Interrupted: saved {} at epoch {}, batch {done}; continue with --resume {}",
-                    last.display(),
-                    epoch + 1,
-                    last.display()
-                );
-                return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
-            }
+            save(backend, model, &last, &position, &last)?;
+            println!(
+                "Interrupted: saved {} at epoch {}, batch {done}; continue with --resume {}",
+                last.display(),
+                epoch + 1,
+                last.display()
+            );
+            return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
         }
-        if last_done < steps_per_epoch {
+        if done < steps_per_epoch {
             bail!(
-                "the loader stopped after batch {last_done} of {steps_per_epoch} in epoch {} (a loader thread \
+                "the loader stopped after batch {done} of {steps_per_epoch} in epoch {} (a loader thread \
                  died); the checkpoints already saved in {} are unchanged",
                 epoch + 1,
                 opts.out_dir.display()
