@@ -66,7 +66,7 @@ pub fn crop(src: &[f32], (ox, oy): (usize, usize), dst: &mut [f32]) {
     for y in 0..S {
         let row = &mut dst[y * S..(y + 1) * S];
         let sy = y + oy;
-        if sy < PAD || sy >= S + PAD {
+        if !(PAD..S + PAD).contains(&sy) {
             row.fill(0.0);
             continue;
         }

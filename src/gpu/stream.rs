@@ -83,6 +83,7 @@ pub struct Finished {
     pub metrics: Metrics,
 }
 
+#[derive(Default)]
 pub struct Stream {
     slots: Vec<Slot>,
     next_slot: usize,
@@ -99,19 +100,6 @@ fn kind_index(kind: ChunkKind) -> usize {
     match kind {
         ChunkKind::Train => 0,
         ChunkKind::Eval => 1,
-    }
-}
-
-impl Default for Stream {
-    fn default() -> Stream {
-        Stream {
-            slots: Vec::new(),
-            next_slot: 0,
-            pending: VecDeque::new(),
-            submitted: [0; 2],
-            latest: None,
-            pace: [None; 2],
-        }
     }
 }
 
