@@ -16,7 +16,7 @@ use mnist_wgpu::data::loader::{
 use mnist_wgpu::data::{self, augment::BatchAugment};
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
-use mnist_wgpu::train::run_chunks;
+use mnist_wgpu::train::{loader_ahead, run_chunks};
 use mnist_wgpu::verify;
 
 use crate::{make_backend, BackendChoice, DeviceArgs};
@@ -95,14 +95,17 @@ fn step_params(step: usize) -> StepParams {
     StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32, dropout: true }
 }
 
-/// Training steps the loop rows run per repeat: the asked-for steps, and at least 5 chunks of the size
-/// the backend picks (once warm) so that the overlap of chunks is in the figure.
-fn loop_steps(backend: &dyn Backend, args: &BenchArgs) -> usize {
-    args.steps.max(5 * backend.chunk_batches(args.batch_size, true)).min(MAX_LOOP_STEPS)
-}
-
+/// Chunks the training loop row runs per repeat, at least: the loader's start and the last chunk's
+/// wait, which no chunk overlaps, are then a small part of the figure, as in an epoch of training.
+const LOOP_CHUNKS: usize = 10;
 /// Longest loop repeat (and the length of the benchmark's schedule).
-const MAX_LOOP_STEPS: usize = 5 * MAX_CHUNK_BATCHES;
+const MAX_LOOP_STEPS: usize = LOOP_CHUNKS * MAX_CHUNK_BATCHES;
+
+/// Training steps the loop row runs per repeat: the asked-for steps, and at least LOOP_CHUNKS chunks
+/// of the size the backend picks (once warm).
+fn loop_steps(backend: &dyn Backend, args: &BenchArgs) -> usize {
+    args.steps.max(LOOP_CHUNKS * backend.chunk_batches(args.batch_size, true)).min(MAX_LOOP_STEPS)
+}
 
 /// The training loop as `train` runs it, over `steps` batches: loader threads, chunks handed over
 /// without waiting, running sums picked up as chunks finish; then a wait for the last.
@@ -114,7 +117,7 @@ fn training_loop(
     threads: usize,
 ) -> Result<()> {
     backend.reset_sums()?;
-    let ahead = (2 * MAX_CHUNK_BATCHES).max(4 * threads);
+    let ahead = loader_ahead(cfg.batch_size, threads);
     let batches = spawn_epoch(split.clone(), cfg, 0, 0, ahead, threads).take(steps);
     let never = AtomicBool::new(false);
     run_chunks(backend, batches, 0, None, &never, |_, sums| {
@@ -206,22 +209,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         let name = if args.host_only { format!("{} (host only)", backend.describe()) } else { backend.describe() };
         backend.set_schedule(&schedule)?;
-        if !args.host_only {
-            // Prepared batches: the backend's own rate, chunked as training hands them over.
-            let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
-                backend.reset_sums()?;
-                let never = AtomicBool::new(false);
-                run_chunks(backend.as_mut(), batches.iter().cloned(), 0, None, &never, |_, _| Ok(()))?;
-                // Waits for the device: the time covers the work, not just its submission.
-                backend.train_sums()?;
-                Ok(())
-            })?;
-            let what = format!("training steps, batch {}", args.batch_size);
-            rows.push(Row { what, device: name.clone(), median: m, min: lo, max: hi });
-        }
-        // Warm up so that the backend's chunk size has settled, then time the loop over 5 chunks or more.
+        // Warm up so that the backend's chunk size has settled.
         training_loop(backend.as_mut(), &split, cfg, args.steps, threads)?;
         let steps = loop_steps(backend.as_ref(), &args);
+        // Prepared batches: the backend's own rate (with the host-only GPU backend, what its host side
+        // costs), chunked as training hands them over.
+        let prepared: Vec<&Batch> =
+            batches.iter().cycle().take(if args.host_only { steps } else { args.steps }).collect();
+        let (m, lo, hi) = time(args.repeats, prepared.len() * args.batch_size, || {
+            backend.reset_sums()?;
+            let never = AtomicBool::new(false);
+            run_chunks(backend.as_mut(), prepared.iter().map(|&b| b.clone()), 0, None, &never, |_, _| Ok(()))?;
+            // Waits for the device: the time covers the work, not just its submission.
+            backend.train_sums()?;
+            Ok(())
+        })?;
+        let what = format!("training steps, batch {}", args.batch_size);
+        rows.push(Row { what, device: name.clone(), median: m, min: lo, max: hi });
         let (m, lo, hi) = time(args.repeats, steps * args.batch_size, || {
             training_loop(backend.as_mut(), &split, cfg, steps, threads)
         })?;
@@ -251,9 +255,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         println!(
-            "medians of {} repeats after one warm-up repeat; {} batches per repeat, the training loop at least 5 \
-             chunks",
-            args.repeats, args.steps
+            "medians of {} repeats after one warm-up repeat; {} batches per repeat, the training loop at least {} \
+             chunks with {} loader threads",
+            args.repeats, args.steps, LOOP_CHUNKS, threads
         );
     }
     Ok(())

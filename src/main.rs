@@ -73,7 +73,7 @@ struct TrainArgs {
     /// Batch-level augmentation: max-pool a random 6x6 patch along one axis (off in the recipe).
     #[arg(long)]
     squeeze: bool,
-    /// Threads that augment training batches (default: every core but one); the batches are the same
+    /// Threads that augment training batches (default: one per core); the batches are the same
     /// for any count.
     #[arg(long, value_name = "N")]
     loader_threads: Option<usize>,

@@ -98,15 +98,17 @@ pub fn rotate(src: &[f32], degrees: f32, dst: &mut [f32]) {
     // same operations in the same order as per pixel, so the same bits, several times faster.
     let d: [f32; S] = std::array::from_fn(|i| i as f32 - c);
     let (cos_d, sin_d) = (d.map(|v| cos * v), d.map(|v| sin * v));
+    let (mut sx, mut sy) = ([0i32; S], [0i32; S]);
     for y in 0..S {
+        // The source coordinates of a whole row first (this loop vectorizes), then the gather.
         for x in 0..S {
-            let sx = round_half_away(cos_d[x] - sin_d[y] + c);
-            let sy = round_half_away(sin_d[x] + cos_d[y] + c);
-            dst[y * S + x] = if (0..S as i32).contains(&sx) && (0..S as i32).contains(&sy) {
-                src[sy as usize * S + sx as usize]
-            } else {
-                0.0
-            };
+            sx[x] = round_half_away(cos_d[x] - sin_d[y] + c);
+            sy[x] = round_half_away(sin_d[x] + cos_d[y] + c);
+        }
+        for (x, out) in dst[y * S..(y + 1) * S].iter_mut().enumerate() {
+            // Negative coordinates wrap to large unsigned ones: one comparison per axis.
+            let (u, v) = (sx[x] as u32 as usize, sy[x] as u32 as usize);
+            *out = if u < S && v < S { src[v * S + u] } else { 0.0 };
         }
     }
 }

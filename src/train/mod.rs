@@ -145,6 +145,12 @@ pub fn evaluate(backend: &mut dyn Backend, split: &Split, batch_size: usize) -> 
     Ok((s.loss_sum / split.len() as f64, s.correct))
 }
 
+/// Batches the loader builds ahead: two full chunks when they fit in 128 MiB, and a few per thread.
+pub fn loader_ahead(batch_size: usize, threads: usize) -> usize {
+    let batch_bytes = batch_size * crate::data::IMAGE_PIXELS * 4;
+    (2 * MAX_CHUNK_BATCHES).min((128 << 20) / batch_bytes.max(1)).max(4 * threads.max(1))
+}
+
 /// What [`run_chunks`] handed over.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChunksRun {
@@ -280,9 +286,7 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         })
         .collect();
     backend.set_schedule(&steps)?;
-    // Batches the loader builds ahead: two full chunks when they fit in 128 MiB, and a few per thread.
-    let batch_bytes = r.batch_size * crate::data::IMAGE_PIXELS * 4;
-    let ahead = (2 * MAX_CHUNK_BATCHES).min((128 << 20) / batch_bytes.max(1)).max(4 * opts.loader_threads.max(1));
+    let ahead = loader_ahead(r.batch_size, opts.loader_threads);
 
     while epoch < r.epochs {
         let started = Instant::now();
