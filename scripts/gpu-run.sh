@@ -2,7 +2,7 @@
 # dist/run.sh OUTDIR [--quick]: the GPU proof kit's runner (scripts/gpu-bundle.sh copies it into dist/).
 #
 # On a machine with a GPU driver (no Rust, no internet needed) it finds the Vulkan driver, then runs, in order:
-#   adapters; verify (every kernel and whole steps against the CPU reference); bench --backends gpu,cpu;
+#   adapters; verify (every kernel and whole steps against the CPU reference); bench --backends gpu,cpu --host-only;
 #   profile --json; train --backend gpu (the recipe, 20 epochs); and, when python3 has PyTorch with CUDA
 #   and torchvision, scripts/torch_recipe.py --device cuda with the same recipe (workers = cores).
 # --quick does 1 epoch of each and shorter benchmarks.
@@ -104,7 +104,7 @@ lim() { [ $quick = 1 ] && echo 0 || echo "$1"; }
 
 step adapters "$(lim 20)" "$bin" adapters
 step verify "$(lim 60)" --into "$out/verify.json" "$bin" verify --json
-step bench "$(lim 60)" --into "$out/bench.json" "$bin" bench --backends gpu,cpu --json "${bench_args[@]}"
+step bench "$(lim 60)" --into "$out/bench.json" "$bin" bench --backends gpu,cpu --host-only --json "${bench_args[@]}"
 step profile "$(lim 40)" --into "$out/profile.json" "$bin" profile --json --steps "$profile_steps"
 step train "$(lim 230)" "$bin" train --backend gpu --epochs "$epochs" --out "$work/run"
 [ -f "$work/run/metrics.jsonl" ] && cp "$work/run/metrics.jsonl" "$out/metrics.jsonl"

@@ -40,8 +40,9 @@ pub struct BenchArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
-    /// The host's ceiling: the GPU backend's training loop and evaluation with every launch of zero
-    /// workgroups (loader, uploads, recording, submits and read-backs only).
+    /// Also (with no --backends: only) the host's ceiling: the GPU backend's training steps, training
+    /// loop and evaluation with every launch of zero workgroups (loader, uploads, recording, submits
+    /// and read-backs only).
     #[arg(long)]
     host_only: bool,
 }
@@ -178,9 +179,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
 
     let mut backends = args.backends.clone();
-    if args.host_only {
-        backends = vec![BackendChoice::Gpu];
-    } else if backends.is_empty() {
+    if backends.is_empty() && !args.host_only {
         backends.push(BackendChoice::Cpu);
         match GpuContext::new(args.adapter.as_deref()) {
             Ok(ctx) if !ctx.is_software() => backends.push(BackendChoice::Gpu),
@@ -195,8 +194,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let eval_images: usize = eval.iter().map(|b| b.len()).sum();
     let threads = default_threads();
     let schedule: Vec<StepParams> = (0..MAX_LOOP_STEPS.max(args.steps)).map(step_params).collect();
-    for choice in backends {
-        let mut backend: Box<dyn Backend> = if args.host_only {
+    // The asked-for backends, then the host-only GPU backend when asked.
+    let runs = backends.into_iter().map(|b| (b, false)).chain(args.host_only.then_some((BackendChoice::Gpu, true)));
+    for (choice, host_only) in runs {
+        let mut backend: Box<dyn Backend> = if host_only {
             let mut gpu = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
             validate(&mut gpu, &model, args.batch_size)?;
             gpu.set_host_only(true);
@@ -207,15 +208,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
             validate(backend.as_mut(), &model, args.batch_size)?;
             backend
         };
-        let name = if args.host_only { format!("{} (host only)", backend.describe()) } else { backend.describe() };
+        let name = if host_only { format!("{} (host only)", backend.describe()) } else { backend.describe() };
         backend.set_schedule(&schedule)?;
         // Warm up so that the backend's chunk size has settled.
         training_loop(backend.as_mut(), &split, cfg, args.steps, threads)?;
         let steps = loop_steps(backend.as_ref(), &args);
         // Prepared batches: the backend's own rate (with the host-only GPU backend, what its host side
         // costs), chunked as training hands them over.
-        let prepared: Vec<&Batch> =
-            batches.iter().cycle().take(if args.host_only { steps } else { args.steps }).collect();
+        let prepared: Vec<&Batch> = batches.iter().cycle().take(if host_only { steps } else { args.steps }).collect();
         let (m, lo, hi) = time(args.repeats, prepared.len() * args.batch_size, || {
             backend.reset_sums()?;
             let never = AtomicBool::new(false);
