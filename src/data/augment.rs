@@ -90,6 +90,8 @@ pub fn contrast(img: &mut [f32], factor: f32) {
 
 /// Rotates by `degrees` counter-clockwise about the image centre, nearest neighbour, fill 0.
 pub fn rotate(src: &[f32], degrees: f32, dst: &mut [f32]) {
+    // A finite angle keeps every source coordinate within the image's size of it (round_half_away).
+    assert!(degrees.is_finite(), "rotation by {degrees} degrees");
     let (sin, cos) = degrees.to_radians().sin_cos();
     let c = (S as f32 - 1.0) / 2.0;
     // Inverse map: the source pixel that lands on (x, y) is (cos dx - sin dy + c, sin dx + cos dy + c)
@@ -113,10 +115,13 @@ pub fn rotate(src: &[f32], degrees: f32, dst: &mut [f32]) {
     }
 }
 
-/// `v.round() as i32` (half away from zero) for |v| < 2^23, without the library call: `v - trunc(v)` is
-/// exact there.
+/// `v.round() as i32` (half away from zero) for finite |v| < 2^23, without the library call: `v - trunc(v)`
+/// is exact there.
 fn round_half_away(v: f32) -> i32 {
-    let t = v as i32;
+    debug_assert!(v.is_finite() && v.abs() < 8_388_608.0);
+    // SAFETY: v is finite and far inside i32's range (rotate's coordinates are within 28 * 2 of the
+    // image); the unchecked conversion lets the row's loop use packed truncation.
+    let t = unsafe { v.to_int_unchecked::<i32>() };
     let frac = v - t as f32;
     t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32
 }
