@@ -115,6 +115,15 @@ impl CpuBackend {
     }
 }
 
+impl CpuBackend {
+    /// An evaluation-mode pass of one batch, added into the running sums.
+    fn evaluate(&mut self, input: &[f32], labels: &[u8]) {
+        let out = self.net.evaluate(&mut self.state, input, labels);
+        self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
+        self.sums.correct += out.correct as u64;
+    }
+}
+
 impl Backend for CpuBackend {
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -156,17 +165,13 @@ impl Backend for CpuBackend {
 
     fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
         for b in batches {
-            let out = self.net.evaluate(&mut self.state, &b.input, &b.labels);
-            self.sums.loss_sum += out.loss as f64 * b.len() as f64;
-            self.sums.correct += out.correct as u64;
+            self.evaluate(&b.input, &b.labels);
         }
         Ok(())
     }
 
     fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
-        let out = self.net.evaluate(&mut self.state, input, labels);
-        self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
-        self.sums.correct += out.correct as u64;
+        self.evaluate(input, labels);
         Ok(self.net.logits().to_vec())
     }
 
