@@ -9,7 +9,7 @@ use wgpu::util::DeviceExt;
 use crate::cpu::sgd::SgdStep;
 use crate::cpu::{CpuNet, DropoutMode};
 use crate::data::loader::Batch;
-use crate::gpu::net::{ChunkLayout, SharedBuffers};
+use crate::gpu::net::{ChunkLayout, SharedBuffers, StepProfile};
 use crate::gpu::stream::{ChunkKind, Stream};
 use crate::gpu::{GpuContext, GpuNet, Kernels, Metrics, StepUniform};
 use crate::model::Model;
@@ -275,10 +275,15 @@ impl GpuBackend {
         (&self.ctx, &self.kernels)
     }
 
-    /// One training step with every kernel timed: (launch, nanoseconds) in order.
-    pub fn profile_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<Vec<(String, f64)>> {
+    /// A training step with every kernel timed, and timed as one pass (see `GpuNet::profile_step`).
+    pub fn profile_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<StepProfile> {
         let (net, ctx) = self.net(labels.len())?;
         net.profile_step(ctx, input, labels, step_uniform(p))
+    }
+
+    /// Launches per evaluation batch of `batch` images.
+    pub fn eval_launches(&mut self, batch: usize) -> Result<usize> {
+        Ok(self.net(batch)?.0.eval_launches())
     }
 
     fn sums(&mut self) -> Result<Sums> {

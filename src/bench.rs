@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use mnist_wgpu::backend::{Backend, GpuBackend, StepParams, MAX_CHUNK_BATCHES};
@@ -14,6 +14,7 @@ use mnist_wgpu::data::loader::{
     batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
 use mnist_wgpu::data::{self, augment::BatchAugment};
+use mnist_wgpu::gpu::net::StepProfile;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::{loader_ahead, run_chunks};
@@ -276,10 +277,67 @@ pub struct ProfileArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write the timed steps as Chrome trace JSON (open it in Perfetto or chrome://tracing): one
+    /// track per kernel.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<std::path::PathBuf>,
 }
 
-/// `mnist-wgpu profile`: every kernel of a GPU training step timed with GPU timestamps.
+/// Workgroups below which a training launch leaves most of a big GPU idle (issue 9's floor).
+const FEW_WORKGROUPS: u32 = 256;
+
+/// One launch's row of the profile: medians over the timed steps.
+struct LaunchRow {
+    label: String,
+    workgroups: u32,
+    flops: f64,
+    bytes: f64,
+    ns: f64,
+}
+
+impl LaunchRow {
+    fn gflops(&self) -> f64 {
+        self.flops / self.ns.max(1e-9)
+    }
+
+    fn gbytes(&self) -> f64 {
+        self.bytes / self.ns.max(1e-9)
+    }
+}
+
+/// The timed steps as Chrome trace events, one after another, one track (thread) per kernel.
+fn chrome_trace(runs: &[StepProfile]) -> serde_json::Value {
+    let mut tracks: Vec<String> = Vec::new();
+    let mut events = Vec::new();
+    let mut offset_us = 0.0;
+    for (step, run) in runs.iter().enumerate() {
+        for l in &run.launches {
+            let kernel = l.label.split(' ').next().unwrap_or(&l.label).to_string();
+            let tid = tracks.iter().position(|t| *t == kernel).unwrap_or_else(|| {
+                tracks.push(kernel);
+                tracks.len() - 1
+            });
+            events.push(serde_json::json!({
+                "name": l.label, "cat": "kernel", "ph": "X", "pid": 1, "tid": tid,
+                "ts": offset_us + l.start_ns / 1e3, "dur": l.ns() / 1e3,
+                "args": {"step": step, "workgroups": l.workgroups, "flops": l.cost.flops, "min_bytes": l.cost.bytes},
+            }));
+        }
+        offset_us += run.launches.last().map_or(0.0, |l| l.end_ns / 1e3) + 10.0;
+    }
+    for (tid, name) in tracks.iter().enumerate() {
+        events
+            .push(serde_json::json!({"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}));
+    }
+    serde_json::json!({"traceEvents": events, "displayTimeUnit": "ns"})
+}
+
+/// `mnist-wgpu profile`: every kernel of a GPU training step timed with GPU timestamps, as a roofline
+/// (FLOPs and minimum bytes per launch, their rates), beside the step timed as one pass.
 pub fn profile(args: ProfileArgs) -> Result<()> {
+    if args.steps == 0 || args.batch_size == 0 {
+        bail!("--steps and --batch-size must be at least 1");
+    }
     let model = Model::net3();
     let set = data::load_dir(&data::default_dir())?;
     let cfg =
@@ -291,50 +349,104 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     validate(&mut backend, &model, args.batch_size)?;
     // Warm-up (pipeline compilation, first-use costs), then the timed steps.
     backend.profile_step(&first.input, &first.labels, p(0))?;
-    let mut runs: Vec<Vec<(String, f64)>> = Vec::new();
-    for i in 0..args.steps.max(1) {
+    let mut runs: Vec<StepProfile> = Vec::new();
+    for i in 0..args.steps {
         let b = train_batch(&set.train, &order, &cfg, 0, i + 1);
         runs.push(backend.profile_step(&b.input, &b.labels, p(i + 1))?);
     }
-    let rows: Vec<(String, f64)> =
-        (0..runs[0].len()).map(|k| (runs[0][k].0.clone(), median(runs.iter().map(|r| r[k].1).collect()).0)).collect();
-    let total: f64 = rows.iter().map(|r| r.1).sum();
+    let eval_launches = backend.eval_launches(args.batch_size)?;
+    let rows: Vec<LaunchRow> = (0..runs[0].launches.len())
+        .map(|k| {
+            let l = &runs[0].launches[k];
+            LaunchRow {
+                label: l.label.clone(),
+                workgroups: l.workgroups,
+                flops: l.cost.flops,
+                bytes: l.cost.bytes,
+                ns: median(runs.iter().map(|r| r.launches[k].ns()).collect()).0,
+            }
+        })
+        .collect();
+    let total: f64 = rows.iter().map(|r| r.ns).sum();
+    let one_pass = median(runs.iter().map(|r| r.one_pass_ns).collect()).0;
+    let few: Vec<&LaunchRow> = rows.iter().filter(|r| r.workgroups < FEW_WORKGROUPS).collect();
     // Per kernel (shader entry point), summed over the layers it runs for.
     let mut per_kernel: Vec<(String, f64)> = Vec::new();
-    for (label, ns) in &rows {
-        let kernel = label.split(' ').next().unwrap_or(label).to_string();
+    for r in &rows {
+        let kernel = r.label.split(' ').next().unwrap_or(&r.label).to_string();
         match per_kernel.iter_mut().find(|(k, _)| *k == kernel) {
-            Some(entry) => entry.1 += ns,
-            None => per_kernel.push((kernel, *ns)),
+            Some(entry) => entry.1 += r.ns,
+            None => per_kernel.push((kernel, r.ns)),
         }
     }
     per_kernel.sort_by(|a, b| b.1.total_cmp(&a.1));
+    if let Some(path) = &args.trace {
+        std::fs::write(path, serde_json::to_string(&chrome_trace(&runs))?)
+            .with_context(|| format!("writing the trace to {}", path.display()))?;
+    }
     if args.json {
-        let launches: Vec<serde_json::Value> =
-            rows.iter().map(|(l, ns)| serde_json::json!({"launch": l, "median_us": ns / 1e3})).collect();
+        let launches: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "launch": r.label, "workgroups": r.workgroups, "median_us": r.ns / 1e3,
+                    "flops": r.flops, "min_bytes": r.bytes, "gflop_per_s": r.gflops(), "gb_per_s": r.gbytes(),
+                })
+            })
+            .collect();
         let kernels: Vec<serde_json::Value> =
             per_kernel.iter().map(|(k, ns)| serde_json::json!({"kernel": k, "median_us": ns / 1e3})).collect();
         let out = serde_json::json!({
             "device": backend.describe(), "batch_size": args.batch_size, "steps": args.steps,
-            "step_us": total / 1e3, "launches": launches, "kernels": kernels,
+            "step_us": total / 1e3, "one_pass_us": one_pass / 1e3,
+            "dispatches_per_step": rows.len(), "dispatches_per_eval_batch": eval_launches,
+            "launches_under_256_workgroups": few.len(),
+            "launches": launches, "kernels": kernels,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!("{} - training step at batch {}, medians of {} steps", backend.describe(), args.batch_size, args.steps);
-    println!("{:<44}{:>12}{:>8}", "launch", "us", "%");
-    for (label, ns) in &rows {
-        println!("{label:<44}{:>12.1}{:>7.1}%", ns / 1e3, 100.0 * ns / total);
+    println!("{:<40}{:>9}{:>11}{:>7}{:>10}{:>9}", "launch", "groups", "us", "%", "GFLOP/s", "GB/s");
+    for r in &rows {
+        println!(
+            "{:<40}{:>9}{:>11.1}{:>6.1}%{:>10.1}{:>9.1}",
+            r.label,
+            r.workgroups,
+            r.ns / 1e3,
+            100.0 * r.ns / total,
+            r.gflops(),
+            r.gbytes()
+        );
     }
+    let flops: f64 = rows.iter().map(|r| r.flops).sum();
     println!(
-        "{:<44}{:>12.1}  ({:.0} images/s if launches ran back to back)",
-        "total",
+        "{:<40}{:>9}{:>11.1}  ({:.0} images/s; {:.1} GFLOP/s over the step)",
+        "sum of the launches, each in its own pass",
+        "",
         total / 1e3,
-        args.batch_size as f64 / (total / 1e9)
+        args.batch_size as f64 / (total / 1e9),
+        flops / total
+    );
+    println!(
+        "{:<40}{:>9}{:>11.1}  ({:.0} images/s; one pass minus the sum: {:+.1} us, the launches' gaps and barriers)",
+        "the whole step as one pass",
+        "",
+        one_pass / 1e3,
+        args.batch_size as f64 / (one_pass / 1e9),
+        (one_pass - total) / 1e3
+    );
+    println!(
+        "{} launches per training step, {eval_launches} per evaluation batch; {} launches under {FEW_WORKGROUPS} workgroups",
+        rows.len(),
+        few.len()
     );
     println!("\nper kernel, all layers:");
     for (k, ns) in &per_kernel {
-        println!("{k:<44}{:>12.1}{:>7.1}%", ns / 1e3, 100.0 * ns / total);
+        println!("{k:<40}{:>20.1}{:>6.1}%", ns / 1e3, 100.0 * ns / total);
+    }
+    if let Some(path) = &args.trace {
+        println!("\ntrace of the {} timed steps: {} (open in Perfetto)", args.steps, path.display());
     }
     Ok(())
 }

@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 
 /// Where one batchnorm layer's tensors live in the state (and gradient) buffer.
 #[derive(Debug, Clone, Copy)]
@@ -95,13 +95,21 @@ impl BatchNorm {
     pub fn forward_train(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> [Dispatch; 2] {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y)];
-        [self.stats.launch(ctx, l.c as u32, &all), self.apply_train.launch(ctx, groups_for(l.n * l.c * l.hw), &all)]
+        let len = l.n * l.c * l.hw;
+        [
+            // Sum and sum of squares of x; then (x - mean) * scale + shift, ReLU.
+            self.stats.launch(ctx, l.c as u32, &all).with_cost(Cost::new(3 * len, len + 6 * l.c)),
+            self.apply_train.launch(ctx, groups_for(len), &all).with_cost(Cost::new(3 * len, 2 * len + 4 * l.c)),
+        ]
     }
 
     /// Evaluation mode: the running statistics.
     pub fn forward_eval(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> Dispatch {
         let u = ctx.uniform("batchnorm dims", &dims(l));
-        self.apply_eval.launch(ctx, groups_for(l.n * l.c * l.hw), &[(0, &u), (1, b.x), (2, b.state), (4, b.y)])
+        let len = l.n * l.c * l.hw;
+        self.apply_eval
+            .launch(ctx, groups_for(len), &[(0, &u), (1, b.x), (2, b.state), (4, b.y)])
+            .with_cost(Cost::new(3 * len, 2 * len + 4 * l.c))
     }
 
     /// dgamma, dbeta into `grads`, then dx, from dy (through the fused ReLU).
@@ -116,9 +124,11 @@ impl BatchNorm {
     ) -> [Dispatch; 2] {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, dx), (5, dy), (6, grads), (7, b.y)];
+        let len = l.n * l.c * l.hw;
+        // The sums of dy and dy * x-hat (reading x, dy and, for the ReLU's mask, y); then dx from them.
         [
-            self.backward_reduce.launch(ctx, l.c as u32, &all),
-            self.backward_data.launch(ctx, groups_for(l.n * l.c * l.hw), &all),
+            self.backward_reduce.launch(ctx, l.c as u32, &all).with_cost(Cost::new(4 * len, 3 * len + 6 * l.c)),
+            self.backward_data.launch(ctx, groups_for(len), &all).with_cost(Cost::new(6 * len, 4 * len + 6 * l.c)),
         ]
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 use crate::model::ConvDims;
 
 #[repr(C)]
@@ -57,6 +57,12 @@ impl Conv {
         })
     }
 
+    /// Every pass of a convolution does the same multiply-adds and touches input, weights and output.
+    fn cost(d: &ConvDims) -> Cost {
+        let taps = d.cout * d.cin * d.k * d.k;
+        Cost::new(2 * d.n * d.ho() * d.wo() * taps, d.n * d.cin * d.h * d.w + taps + d.n * d.cout * d.ho() * d.wo())
+    }
+
     fn dims(&self, ctx: &GpuContext, d: &ConvDims, w_off: usize) -> Result<wgpu::Buffer> {
         if d.k != self.k || (self.k == 1 && d.pad != 0) {
             bail!("a {0}x{0} convolution with padding {1} given to the {2}x{2} kernels", d.k, d.pad, self.k);
@@ -87,11 +93,14 @@ impl Conv {
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let u = self.dims(ctx, d, w_off)?;
-        Ok(self.forward.launch(
-            ctx,
-            groups_for(d.n * d.cout.div_ceil(self.channel_block) * d.ho() * d.wo()),
-            &[(0, &u), (1, x), (2, state), (4, y)],
-        ))
+        Ok(self
+            .forward
+            .launch(
+                ctx,
+                groups_for(d.n * d.cout.div_ceil(self.channel_block) * d.ho() * d.wo()),
+                &[(0, &u), (1, x), (2, state), (4, y)],
+            )
+            .with_cost(Conv::cost(d)))
     }
 
     /// dx from dy.
@@ -105,11 +114,14 @@ impl Conv {
         dx: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let u = self.dims(ctx, d, w_off)?;
-        Ok(self.backward_data.launch(
-            ctx,
-            groups_for(d.n * d.cin.div_ceil(self.channel_block) * d.h * d.w),
-            &[(0, &u), (2, state), (3, dy), (4, dx)],
-        ))
+        Ok(self
+            .backward_data
+            .launch(
+                ctx,
+                groups_for(d.n * d.cin.div_ceil(self.channel_block) * d.h * d.w),
+                &[(0, &u), (2, state), (3, dy), (4, dx)],
+            )
+            .with_cost(Conv::cost(d)))
     }
 
     /// grads[w_off..] = dL/dweights from x and dy: one workgroup per (output, input) channel pair,
@@ -124,6 +136,7 @@ impl Conv {
         grads: &wgpu::Buffer,
     ) -> Result<Dispatch> {
         let u = self.dims(ctx, d, w_off)?;
-        Ok(self.backward_weight.launch(ctx, (d.cout * d.cin) as u32, &[(0, &u), (1, x), (3, dy), (5, grads)]))
+        let buffers = [(0, &u), (1, x), (3, dy), (5, grads)];
+        Ok(self.backward_weight.launch(ctx, (d.cout * d.cin) as u32, &buffers).with_cost(Conv::cost(d)))
     }
 }

@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -37,6 +37,8 @@ impl Dropout {
         let dims =
             Dims { len: len as u32, threshold: crate::model::dropout_threshold(p), scale: 1.0 / (1.0 - p), _pad: 0 };
         let u = ctx.uniform("dropout dims", &dims);
-        self.apply.launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, x), (3, out)])
+        self.apply
+            .launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, x), (3, out)])
+            .with_cost(Cost::new(len, 2 * len))
     }
 }

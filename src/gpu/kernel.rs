@@ -86,12 +86,28 @@ pub fn take(kernels: &mut BTreeMap<String, Kernel>, entry: &str) -> Kernel {
     kernels.remove(entry).unwrap_or_else(|| panic!("shader has no entry point {entry}"))
 }
 
+/// What a launch must do at the least, from its shapes: floating-point operations, and bytes moved if
+/// every input were read once and every output written once (the roofline's two axes).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Cost {
+    pub flops: f64,
+    pub bytes: f64,
+}
+
+impl Cost {
+    /// `flops` operations over `floats_moved` 4-byte values.
+    pub fn new(flops: usize, floats_moved: usize) -> Cost {
+        Cost { flops: flops as f64, bytes: 4.0 * floats_moved as f64 }
+    }
+}
+
 /// One recorded kernel launch: a pipeline, its bind group and the workgroup grid.
 pub struct Dispatch {
     pub label: String,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     groups: (u32, u32),
+    pub cost: Cost,
 }
 
 impl Kernel {
@@ -115,7 +131,13 @@ impl Kernel {
             layout: &self.pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        Dispatch { label: self.name.clone(), pipeline: self.pipeline.clone(), bind_group, groups: grid(groups) }
+        Dispatch {
+            label: self.name.clone(),
+            pipeline: self.pipeline.clone(),
+            bind_group,
+            groups: grid(groups),
+            cost: Cost::default(),
+        }
     }
 }
 
@@ -136,6 +158,17 @@ fn grid(groups: u32) -> (u32, u32) {
 }
 
 impl Dispatch {
+    /// The launch, with what it must do at the least.
+    pub fn with_cost(mut self, cost: Cost) -> Dispatch {
+        self.cost = cost;
+        self
+    }
+
+    /// Workgroups launched (the grid's x times y; the few spare ones `grid` may add included).
+    pub fn workgroups(&self) -> u32 {
+        self.groups.0 * self.groups.1
+    }
+
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
@@ -175,13 +208,17 @@ pub fn run(ctx: &GpuContext, dispatches: &[&Dispatch]) {
     ctx.queue.submit([encoder.finish()]);
 }
 
-/// Runs `dispatches` in order, each in its own compute pass with timestamps at its start and end, and
-/// returns each one's GPU time in nanoseconds. Needs the TIMESTAMP_QUERY feature.
-pub fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch]) -> Result<Vec<f64>> {
+/// Runs `dispatches` in order with GPU timestamps and returns (start, end) in nanoseconds from the
+/// first timestamp: with `each`, every launch in its own compute pass with timestamps at its start and
+/// end (one pair per launch); otherwise all of them in one pass, timed as a whole (one pair). Needs
+/// the TIMESTAMP_QUERY feature.
+pub fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch], each: bool) -> Result<Vec<(f64, f64)>> {
     if !ctx.timestamps {
         anyhow::bail!("adapter {} has no timestamp queries: per-kernel times are not available", ctx.info.name);
     }
-    let count = 2 * dispatches.len() as u32;
+    let passes: Vec<&[&Dispatch]> =
+        if each { dispatches.iter().map(std::slice::from_ref).collect() } else { vec![dispatches] };
+    let count = 2 * passes.len() as u32;
     let queries = ctx.device.create_query_set(&wgpu::QuerySetDescriptor {
         label: Some("kernel timestamps"),
         ty: wgpu::QueryType::Timestamp,
@@ -194,20 +231,24 @@ pub fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch]) -> Result<Vec<f64>>
         mapped_at_creation: false,
     });
     let mut encoder = ctx.device.create_command_encoder(&Default::default());
-    for (i, d) in dispatches.iter().enumerate() {
+    for (i, launches) in passes.iter().enumerate() {
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(&d.label),
+            label: launches.first().map(|d| d.label.as_str()),
             timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                 query_set: &queries,
                 beginning_of_pass_write_index: Some(2 * i as u32),
                 end_of_pass_write_index: Some(2 * i as u32 + 1),
             }),
         });
-        d.record(&mut pass);
+        for d in launches.iter() {
+            d.record(&mut pass);
+        }
     }
     encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
     ctx.queue.submit([encoder.finish()]);
     let ticks: Vec<u64> = ctx.read(&resolved, count as usize)?;
     let period = ctx.queue.get_timestamp_period() as f64;
-    Ok(ticks.chunks_exact(2).map(|t| t[1].saturating_sub(t[0]) as f64 * period).collect())
+    let origin = ticks.first().copied().unwrap_or(0);
+    let ns = |t: u64| t.saturating_sub(origin) as f64 * period;
+    Ok(ticks.chunks_exact(2).map(|t| (ns(t[0]), ns(t[1].max(t[0])))).collect())
 }

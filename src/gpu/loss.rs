@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, take, Dispatch, Kernel};
+use super::kernel::{compile, take, Cost, Dispatch, Kernel};
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -40,6 +40,8 @@ impl Loss {
     ) -> Dispatch {
         let dims = Dims { n: n as u32, classes: classes as u32, accumulate: accumulate as u32, _pad: 0 };
         let u = ctx.uniform("loss dims", &dims);
-        self.softmax_cross_entropy.launch(ctx, 1, &[(0, &u), (1, logits), (2, labels), (3, dlogits), (4, metrics)])
+        // Per logit: the maximum, exp and sum, then exp and the gradient.
+        let buffers = [(0, &u), (1, logits), (2, labels), (3, dlogits), (4, metrics)];
+        self.softmax_cross_entropy.launch(ctx, 1, &buffers).with_cost(Cost::new(8 * n * classes, 2 * n * classes + n))
     }
 }

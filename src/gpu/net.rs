@@ -10,7 +10,7 @@ use super::batchnorm::{BatchNorm, BnBuffers, BnLayer, BnOffsets};
 use super::context::GpuContext;
 use super::conv::Conv;
 use super::dropout::Dropout;
-use super::kernel::Dispatch;
+use super::kernel::{Cost, Dispatch};
 use super::loss::Loss;
 use super::pool::Pool;
 use super::sgd::{Sgd, StepUniform};
@@ -100,6 +100,30 @@ impl SharedBuffers {
             step: ctx.uniform("step", &StepUniform::default()),
         }
     }
+}
+
+/// One launch of a profiled step: what it is, its size, what it must do, and when it ran (nanoseconds
+/// from the step's first launch, each launch in its own pass).
+#[derive(Debug, Clone)]
+pub struct LaunchTime {
+    pub label: String,
+    pub workgroups: u32,
+    pub cost: Cost,
+    pub start_ns: f64,
+    pub end_ns: f64,
+}
+
+impl LaunchTime {
+    pub fn ns(&self) -> f64 {
+        self.end_ns - self.start_ns
+    }
+}
+
+/// A training step timed launch by launch, and as one pass.
+#[derive(Debug, Clone)]
+pub struct StepProfile {
+    pub launches: Vec<LaunchTime>,
+    pub one_pass_ns: f64,
 }
 
 /// Where the batches of a chunk lie in its upload buffer: every batch's images (f32), then every
@@ -485,20 +509,40 @@ impl GpuNet {
         }
     }
 
-    /// One training step with a GPU timestamp around every launch: (launch, nanoseconds) in order.
-    /// Each launch runs in its own compute pass, so the step itself is a little slower than usual.
+    /// Two training steps on the same batch, timed with GPU timestamps: first with every launch in its
+    /// own compute pass (its start and end), then all in one pass as training runs them (the whole).
+    /// Each step updates the parameters.
     pub fn profile_step(
         &self,
         ctx: &GpuContext,
         input: &[f32],
         labels: &[u8],
         step: StepUniform,
-    ) -> Result<Vec<(String, f64)>> {
+    ) -> Result<StepProfile> {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
         let launches: Vec<&Dispatch> = self.train_dispatches().collect();
-        let times = super::kernel::run_timed(ctx, &launches)?;
-        Ok(launches.iter().map(|d| d.label.clone()).zip(times).collect())
+        let times = super::kernel::run_timed(ctx, &launches, true)?;
+        let whole = super::kernel::run_timed(ctx, &launches, false)?;
+        Ok(StepProfile {
+            launches: launches
+                .iter()
+                .zip(times)
+                .map(|(d, (start_ns, end_ns))| LaunchTime {
+                    label: d.label.clone(),
+                    workgroups: d.workgroups(),
+                    cost: d.cost,
+                    start_ns,
+                    end_ns,
+                })
+                .collect(),
+            one_pass_ns: whole[0].1 - whole[0].0,
+        })
+    }
+
+    /// Launches per evaluation batch.
+    pub fn eval_launches(&self) -> usize {
+        self.forward_eval.len() + 1
     }
 
     /// Every launch of a training step, in order, for profiling.

@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
@@ -47,7 +47,11 @@ impl Pool {
         argmax: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
-        self.maxpool_forward.launch(ctx, groups_for(planes * h * w / 4), &[(0, &u), (1, x), (2, y), (3, argmax)])
+        let (len, out) = (planes * h * w, planes * h * w / 4);
+        // Three comparisons per window; the window read, its maximum and winner written.
+        self.maxpool_forward
+            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, y), (3, argmax)])
+            .with_cost(Cost::new(3 * out, len + 2 * out))
     }
 
     pub fn maxpool_backward(
@@ -59,7 +63,10 @@ impl Pool {
         dx: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
-        self.maxpool_backward.launch(ctx, groups_for(planes * h * w / 4), &[(0, &u), (1, dy), (2, dx), (3, argmax)])
+        let (len, out) = (planes * h * w, planes * h * w / 4);
+        self.maxpool_backward
+            .launch(ctx, groups_for(out), &[(0, &u), (1, dy), (2, dx), (3, argmax)])
+            .with_cost(Cost::new(0, len + 2 * out))
     }
 
     pub fn gap_forward(
@@ -71,7 +78,9 @@ impl Pool {
         y: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, hw, 1);
-        self.gap_forward.launch(ctx, groups_for(planes), &[(0, &u), (1, x), (2, y)])
+        self.gap_forward
+            .launch(ctx, groups_for(planes), &[(0, &u), (1, x), (2, y)])
+            .with_cost(Cost::new(planes * hw, planes * hw + planes))
     }
 
     pub fn gap_backward(
@@ -83,6 +92,8 @@ impl Pool {
         dx: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, hw, 1);
-        self.gap_backward.launch(ctx, groups_for(planes * hw), &[(0, &u), (1, dy), (2, dx)])
+        self.gap_backward
+            .launch(ctx, groups_for(planes * hw), &[(0, &u), (1, dy), (2, dx)])
+            .with_cost(Cost::new(planes * hw, planes * hw + planes))
     }
 }

@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Dispatch, Kernel};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 
 /// What changes every step: written with one small queue write before the step is submitted.
 #[repr(C)]
@@ -51,6 +51,7 @@ impl Sgd {
     ) -> Dispatch {
         let u = ctx.uniform("sgd dims", &Dims { len: len as u32, _pad: [0; 3] });
         let buffers = [(0, &u), (1, step), (2, state), (3, grads), (4, momenta), (5, metrics)];
-        self.update.launch(ctx, groups_for(len), &buffers)
+        // Reads parameter, gradient and momentum; writes parameter and momentum.
+        self.update.launch(ctx, groups_for(len), &buffers).with_cost(Cost::new(5 * len, 5 * len))
     }
 }
