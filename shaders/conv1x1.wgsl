@@ -5,14 +5,15 @@
 // Entry points and dispatch shapes:
 //   forward          one invocation per output element (n * cout * h * w)
 //   backward_data    one invocation per input element  (n * cin * h * w)
-//   backward_weight  one workgroup per weight element  (cout * cin, as many as (co, ci) pairs), WG
-//                    invocations over (n, pixel)
+//   backward_weight  one workgroup per weight element and slice (cout * cin * d.slices), WG
+//                    invocations over the slice's contiguous share of (n, pixel); slices placed and
+//                    added as in conv3x3.wgsl
 // Bindings: 0 dims (uniform), 1 x, 2 state, 3 dy, 4 out (y or dx), 5 grads.
 
 struct Dims {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, pad: u32,
-    w_off: u32, _p0: u32, _p1: u32, _p2: u32,
+    w_off: u32, slices: u32, extra_off: u32, _p0: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -60,20 +61,25 @@ fn backward_weight(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let k = flat_group(wid, nwg);
-    if (k >= d.cout * d.cin) {
+    let group = flat_group(wid, nwg);
+    let pairs = d.cout * d.cin;
+    if (group >= pairs * d.slices) {
         return;
     }
+    let k = group % pairs;
+    let slice = group / pairs;
     let ci = k % d.cin;
     let co = k / d.cin;
+    let share = (d.n * (d.h * d.w) + d.slices - 1u) / d.slices;
+    let end = min(d.n * (d.h * d.w), (slice + 1u) * share);
     var acc = 0.0;
-    for (var j = lid; j < d.n * (d.h * d.w); j += WG) {
+    for (var j = slice * share + lid; j < end; j += WG) {
         let b = j / (d.h * d.w);
         let p = j % (d.h * d.w);
         acc += dy[(b * d.cout + co) * (d.h * d.w) + p] * x[(b * d.cin + ci) * (d.h * d.w) + p];
     }
     let total = workgroup_sum2(lid, acc, 0.0);
     if (lid == 0u) {
-        grads[d.w_off + k] = total.x;
+        grads[select(d.extra_off + (slice - 1u) * pairs, d.w_off, slice == 0u) + k] = total.x;
     }
 }

@@ -5,15 +5,18 @@
 //   forward          one invocation per output pixel and block of CB output channels
 //                    (n * ceil(cout / CB) * ho * wo), grid of WG-wide groups
 //   backward_data    one invocation per input pixel and block of CB input channels (n * ceil(cin / CB) * h * w)
-//   backward_weight  one workgroup per (co, ci) pair     (cout * cin), WG invocations summing the 9
-//                    taps over (n, oy, ox) in a fixed order
+//   backward_weight  one workgroup per (co, ci) pair and slice (cout * cin * d.slices): slice s sums
+//                    the 9 taps over its contiguous share of the (n, oy, ox) positions, WG invocations
+//                    in a fixed order, and writes its partial sums to slice s's place (slice 0 at the
+//                    weights' own offset of grads, slice s > 0 at d.extra_off + (s - 1) * weights);
+//                    sgd.wgsl adds the slices in order. Few (co, ci) pairs still fill a big GPU.
 // Bindings: 0 dims (uniform), 1 x (input activation), 2 state (weights), 3 dy (output gradient),
 //           4 out (forward: y; backward_data: dx), 5 grads.
 
 struct Dims {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, pad: u32,
-    w_off: u32, _p0: u32, _p1: u32, _p2: u32,
+    w_off: u32, slices: u32, extra_off: u32, _p0: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -113,17 +116,23 @@ fn backward_weight(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // One workgroup per (co, ci) computes all 9 taps: each dy value is loaded once for 9 products.
-    let pair = flat_group(wid, nwg);
-    // pair is uniform across the workgroup, so this early exit keeps the barriers below uniform.
-    if (pair >= d.cout * d.cin) {
+    // One workgroup per (co, ci) and slice computes all 9 taps: each dy value is loaded once for 9
+    // products.
+    let group = flat_group(wid, nwg);
+    let pairs = d.cout * d.cin;
+    // group is uniform across the workgroup, so this early exit keeps the barriers below uniform.
+    if (group >= pairs * d.slices) {
         return;
     }
+    let pair = group % pairs;
+    let slice = group / pairs;
     let ci = pair % d.cin;
     let co = pair / d.cin;
     let per_image = d.ho * d.wo;
+    let share = (d.n * per_image + d.slices - 1u) / d.slices;
+    let end = min(d.n * per_image, (slice + 1u) * share);
     var acc: array<f32, 9>;
-    for (var j = lid; j < d.n * per_image; j += WG) {
+    for (var j = slice * share + lid; j < end; j += WG) {
         let b = j / per_image;
         let oy = (j % per_image) / d.wo;
         let ox = j % d.wo;
@@ -142,7 +151,7 @@ fn backward_weight(
             }
         }
     }
-    let base = d.w_off + pair * 9u;
+    let base = select(d.extra_off + (slice - 1u) * pairs * 9u, d.w_off, slice == 0u) + pair * 9u;
     for (var t = 0u; t < 9u; t += 2u) {
         let second = select(0.0, acc[min(t + 1u, 8u)], t + 1u < 9u);
         let total = workgroup_sum2(lid, acc[t], second);

@@ -1,22 +1,32 @@
 // The recipe's SGD update over the trainable prefix of the flat state buffer, PyTorch semantics:
 // g = grad + weight_decay * p; buf = momentum * buf + g; p -= lr * buf. lr and momentum come per step.
 //
+// Gradients summed in slices (the convolutions' weight gradients, see conv3x3.wgsl) are finished here:
+// d.sliced[k] = (start, len, extra, slices) says that grads[start .. start + len] holds slice 0 of a
+// tensor and grads[extra + (t - 1) * len ..] its slice t; the slices are added in order, so the sum
+// is the same on every run, and written back to grads[i].
+//
 // An updated parameter or momentum that is not finite sets the metrics buffer's flag word (an integer
 // atomic, so deterministic), so a diverging run is noticed even where later kernels hide the NaN.
 //
-// Entry point and dispatch shape:
-//   update  one invocation per trainable parameter (d.len)
+// Entry points and dispatch shapes:
+//   update        one invocation per trainable parameter (d.len): the gradient finished, then the step
+//   sum_slices    one invocation per trainable parameter: the gradient finished only (when gradients
+//                 are read without a step)
 // Bindings: 0 dims (uniform), 1 step (uniform), 2 state, 3 grads, 4 momenta, 5 metrics (as words:
 // loss sum, correct count, non-finite flag, unused).
 
+const MAX_SLICED: u32 = 16u;
+
 struct Dims {
-    len: u32, _p0: u32, _p1: u32, _p2: u32,
+    len: u32, sliced_count: u32, _p1: u32, _p2: u32,
+    sliced: array<vec4<u32>, MAX_SLICED>,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
 @group(0) @binding(1) var<uniform> s: Step;
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
-@group(0) @binding(3) var<storage, read> grads: array<f32>;
+@group(0) @binding(3) var<storage, read_write> grads: array<f32>;
 @group(0) @binding(4) var<storage, read_write> momenta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> metrics: array<atomic<u32>>;
 
@@ -25,18 +35,42 @@ fn is_finite(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
 }
 
+// Parameter i's whole gradient: its slices added in order (one slice: grads[i] as it is).
+fn gradient(i: u32) -> f32 {
+    var g = grads[i];
+    for (var k = 0u; k < d.sliced_count; k++) {
+        let t = d.sliced[k];
+        if (i >= t.x && i < t.x + t.y) {
+            for (var slice = 1u; slice < t.w; slice++) {
+                g += grads[t.z + (slice - 1u) * t.y + (i - t.x)];
+            }
+        }
+    }
+    return g;
+}
+
 @compute @workgroup_size(WG)
 fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
     if (i >= d.len) {
         return;
     }
-    let g = grads[i] + s.weight_decay * state[i];
+    let grad = gradient(i);
+    grads[i] = grad;
+    let g = grad + s.weight_decay * state[i];
     let buf = s.momentum * momenta[i] + g;
     let p = state[i] - s.lr * buf;
     momenta[i] = buf;
     state[i] = p;
     if (!is_finite(p) || !is_finite(buf)) {
         atomicMax(&metrics[2], 1u);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i < d.len) {
+        grads[i] = gradient(i);
     }
 }

@@ -32,8 +32,10 @@ use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
+use crate::gpu::conv::weight_grad_slices;
 use crate::gpu::kernel::run;
 use crate::gpu::net::METRICS_WORDS;
+use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
 use crate::model::{ConvDims, Layer, Model, Shape, BN_EPS, BN_MOMENTUM};
 use crate::train::schedule::OneCycle;
@@ -167,14 +169,21 @@ fn conv_checks(
     let mut state = vec![0.0; w_off];
     state.extend_from_slice(&w);
     let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
-    let (yb, dxb, gb) =
-        (ctx.zeros("y", n * d.out_image()), ctx.zeros("dx", n * d.in_image()), ctx.zeros("grads", state.len()));
+    // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
+    let slices = weight_grad_slices(d);
+    let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
+    let (yb, dxb, gb) = (
+        ctx.zeros("y", n * d.out_image()),
+        ctx.zeros("dx", n * d.in_image()),
+        ctx.zeros("grads", state.len() + (slices - 1) * d.weight_len()),
+    );
     let conv = k.conv_for(d)?;
     let mut launches = vec![conv.forward(ctx, d, w_off, &xb, &sb, &yb)?];
     if with_dx {
         launches.push(conv.backward_data(ctx, d, w_off, &dyb, &sb, &dxb)?);
     }
-    launches.push(conv.backward_weight(ctx, d, w_off, &xb, &dyb, &gb)?);
+    launches.push(conv.backward_weight(ctx, d, &sliced, &xb, &dyb, &gb)?);
+    launches.push(k.sgd.sum_slices(ctx, state.len(), &[sliced], &gb));
     run(ctx, &launches.iter().collect::<Vec<_>>());
 
     let mut y = vec![0.0; n * d.out_image()];
@@ -206,8 +215,8 @@ fn conv_checks(
     let mut weight_check = compare(
         &format!("{name}.backward_weight"),
         layer,
-        &format!("{}x{}x{}x{}", d.cout, d.cin, d.k, d.k),
-        &g[w_off..],
+        &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
+        &g[w_off..state.len()],
         &dw,
         TOL_SUMS,
     );
@@ -424,7 +433,8 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
         let (pb, gb, mb, sb) =
             (ctx.upload("p", &p), ctx.upload("g", &g), ctx.upload("m", &m), ctx.uniform("step", &step));
         let metrics = ctx.zeros("metrics", METRICS_WORDS);
-        run(ctx, &[&k.sgd.update(ctx, len, &sb, &pb, &gb, &mb, &metrics)]);
+        let buffers = SgdBuffers { step: &sb, state: &pb, grads: &gb, momenta: &mb, metrics: &metrics };
+        run(ctx, &[&k.sgd.update(ctx, len, &[], &buffers)]);
         let (mut p2, mut m2) = (p.clone(), m.clone());
         let want = sgd_update(sgd, &mut p2, &g, &mut m2);
         let got = Metrics::read(ctx, &metrics)?.nonfinite;
@@ -436,6 +446,24 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
             checks.push(compare("sgd.update (momenta)", "all trainable", &shape, &gm, &m2, TOL_ELEMENTWISE));
         }
     }
+    // A gradient in 3 slices (slice 0 in place, slices 1 and 2 after it), added in slice order: the
+    // same additions as here, so the same bits; and the update steps with the whole gradient.
+    let parts = random(4, 3 * len, 0.1);
+    let sliced = [SlicedGrad { start: 0, len, extra: len, slices: 3 }];
+    let whole: Vec<f32> = (0..len).map(|i| parts[i] + parts[len + i] + parts[2 * len + i]).collect();
+    let gb = ctx.upload("sliced g", &parts);
+    run(ctx, &[&k.sgd.sum_slices(ctx, len, &sliced, &gb)]);
+    let sums = read(ctx, &gb, len)?;
+    checks.push(compare_exact("sgd.sum_slices", "all trainable", &shape, "3 slices", &sums, &whole));
+    let (pb, gb, mb, sb) =
+        (ctx.upload("p", &p), ctx.upload("g", &parts), ctx.upload("m", &m), ctx.uniform("step", &step));
+    let metrics = ctx.zeros("metrics", METRICS_WORDS);
+    let buffers = SgdBuffers { step: &sb, state: &pb, grads: &gb, momenta: &mb, metrics: &metrics };
+    run(ctx, &[&k.sgd.update(ctx, len, &sliced, &buffers)]);
+    let (mut p2, mut m2) = (p.clone(), m.clone());
+    sgd_update(sgd, &mut p2, &whole, &mut m2);
+    let got = read(ctx, &pb, len)?;
+    checks.push(compare("sgd.update (3 slices)", "all trainable", &shape, &got, &p2, TOL_ELEMENTWISE));
     Ok(checks)
 }
 

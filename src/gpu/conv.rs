@@ -6,6 +6,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::sgd::SlicedGrad;
 use crate::model::ConvDims;
 
 #[repr(C)]
@@ -20,7 +21,23 @@ struct Dims {
     wo: u32,
     pad: u32,
     w_off: u32,
-    _pad: [u32; 3],
+    slices: u32,
+    extra_off: u32,
+    _pad: u32,
+}
+
+/// Workgroups a weight gradient's batch sum is spread over, at least, where there are few (co, ci)
+/// pairs: a big GPU has over a hundred multiprocessors.
+const WEIGHT_GRAD_GROUPS: usize = 512;
+/// Slices of the positions per (co, ci) pair, at most.
+const MAX_WEIGHT_GRAD_SLICES: usize = 64;
+
+/// How many slices of the (image, position) sum a convolution's weight gradient is computed in (each
+/// slice's partial sums written apart, then added in order by the SGD kernel): enough for
+/// WEIGHT_GRAD_GROUPS workgroups. It depends on the channels only, so every batch size of one model
+/// shares the gradient buffer's layout.
+pub fn weight_grad_slices(d: &ConvDims) -> usize {
+    WEIGHT_GRAD_GROUPS.div_ceil(d.cout * d.cin).clamp(1, MAX_WEIGHT_GRAD_SLICES)
 }
 
 /// The kernels of one convolution shader.
@@ -64,6 +81,17 @@ impl Conv {
     }
 
     fn dims(&self, ctx: &GpuContext, d: &ConvDims, w_off: usize) -> Result<wgpu::Buffer> {
+        self.dims_sliced(ctx, d, w_off, 1, 0)
+    }
+
+    fn dims_sliced(
+        &self,
+        ctx: &GpuContext,
+        d: &ConvDims,
+        w_off: usize,
+        slices: usize,
+        extra_off: usize,
+    ) -> Result<wgpu::Buffer> {
         if d.k != self.k || (self.k == 1 && d.pad != 0) {
             bail!("a {0}x{0} convolution with padding {1} given to the {2}x{2} kernels", d.k, d.pad, self.k);
         }
@@ -77,7 +105,9 @@ impl Conv {
             wo: d.wo() as u32,
             pad: d.pad as u32,
             w_off: w_off as u32,
-            _pad: [0; 3],
+            slices: slices as u32,
+            extra_off: extra_off as u32,
+            _pad: 0,
         };
         Ok(ctx.uniform("conv dims", &dims))
     }
@@ -126,17 +156,22 @@ impl Conv {
 
     /// grads[w_off..] = dL/dweights from x and dy: one workgroup per (output, input) channel pair,
     /// which computes all k x k taps.
+    /// The weight gradient in `sliced.slices` partial sums (see `weight_grad_slices`), placed as
+    /// `sliced` says in `grads`; the SGD kernel (or `Sgd::sum_slices`) adds them.
     pub fn backward_weight(
         &self,
         ctx: &GpuContext,
         d: &ConvDims,
-        w_off: usize,
+        sliced: &SlicedGrad,
         x: &wgpu::Buffer,
         dy: &wgpu::Buffer,
         grads: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        let u = self.dims(ctx, d, w_off)?;
+        let u = self.dims_sliced(ctx, d, sliced.start, sliced.slices, sliced.extra)?;
         let buffers = [(0, &u), (1, x), (3, dy), (5, grads)];
-        Ok(self.backward_weight.launch(ctx, (d.cout * d.cin) as u32, &buffers).with_cost(Conv::cost(d)))
+        let groups = (d.cout * d.cin * sliced.slices) as u32;
+        let mut cost = Conv::cost(d);
+        cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len) as f64;
+        Ok(self.backward_weight.launch(ctx, groups, &buffers).with_cost(cost))
     }
 }

@@ -8,12 +8,13 @@ use anyhow::{bail, Result};
 
 use super::batchnorm::{BatchNorm, BnBuffers, BnLayer, BnOffsets};
 use super::context::GpuContext;
+use super::conv::weight_grad_slices;
 use super::conv::Conv;
 use super::dropout::Dropout;
 use super::kernel::{Cost, Dispatch};
 use super::loss::Loss;
 use super::pool::Pool;
-use super::sgd::{Sgd, StepUniform};
+use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform, MAX_SLICED};
 use crate::model::{ConvDims, Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 
 /// Every shader's kernels, compiled once per device.
@@ -89,12 +90,33 @@ pub struct SharedBuffers {
     pub step: wgpu::Buffer,
 }
 
+/// Which weight gradients are summed in slices, and where their extra slices go (after the trainable
+/// prefix of the gradient buffer), in layer order; and the extra room they take.
+pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
+    let mut sliced = Vec::new();
+    let mut extra = model.num_trainable;
+    for i in 0..model.layers.len() {
+        let Some((d, w_off)) = model.conv(i, 1) else { continue };
+        let slices = weight_grad_slices(&d);
+        if slices > 1 && sliced.len() < MAX_SLICED {
+            sliced.push(SlicedGrad { start: w_off, len: d.weight_len(), extra, slices });
+            extra += (slices - 1) * d.weight_len();
+        }
+    }
+    (sliced, extra - model.num_trainable)
+}
+
+/// The slices of the weight gradient at `w_off`: as `sliced_grads` planned, else one in place.
+fn slices_of(sliced: &[SlicedGrad], w_off: usize, len: usize) -> SlicedGrad {
+    sliced.iter().find(|t| t.start == w_off).copied().unwrap_or(SlicedGrad { start: w_off, len, extra: 0, slices: 1 })
+}
+
 impl SharedBuffers {
     pub fn new(ctx: &GpuContext, model: &Model, state: &[f32]) -> SharedBuffers {
         assert_eq!(state.len(), model.num_state, "state buffer length");
         SharedBuffers {
             state: ctx.upload("state", state),
-            grads: ctx.zeros("grads", model.num_trainable),
+            grads: ctx.zeros("grads", model.num_trainable + sliced_grads(model).1),
             momenta: ctx.zeros("momenta", model.num_trainable),
             metrics: ctx.zeros("metrics", METRICS_WORDS),
             step: ctx.uniform("step", &StepUniform::default()),
@@ -170,6 +192,8 @@ pub struct GpuNet {
     loss_eval: Dispatch,
     backward: Vec<Dispatch>,
     update: Dispatch,
+    /// The sliced weight gradients added up without an update (`gradients_only`).
+    finish_grads: Dispatch,
 }
 
 /// Checks that batches of `n` fit the adapter's buffers (the largest activation decides); returns the
@@ -329,6 +353,7 @@ impl GpuNet {
 
         // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
         let mut backward = Vec::new();
+        let (sliced, _) = sliced_grads(model);
         let (mut cur, mut other) = (&grad_a, &grad_b);
         for i in (0..model.layers.len()).rev() {
             let (x, y) = (input_of(i), &activations[output_of[i]]);
@@ -338,7 +363,8 @@ impl GpuNet {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     let conv = k.conv_for(&d)?;
-                    backward.push(conv.backward_weight(ctx, &d, w_off, x, cur, grads)?);
+                    let slices = slices_of(&sliced, w_off, d.weight_len());
+                    backward.push(conv.backward_weight(ctx, &d, &slices, x, cur, grads)?);
                     // The input image needs no gradient.
                     if i > 0 {
                         backward.push(conv.backward_data(ctx, &d, w_off, cur, state_buf, other)?);
@@ -362,7 +388,9 @@ impl GpuNet {
             tag(&mut backward[mark..], &model.layer_name(i));
             std::mem::swap(&mut cur, &mut other);
         }
-        let update = k.sgd.update(ctx, model.num_trainable, step, state_buf, grads, momenta, metrics);
+        let sgd_buffers = SgdBuffers { step, state: state_buf, grads, momenta, metrics };
+        let update = k.sgd.update(ctx, model.num_trainable, &sliced, &sgd_buffers);
+        let finish_grads = k.sgd.sum_slices(ctx, model.num_trainable, &sliced, grads);
 
         Ok(GpuNet {
             model: model.clone(),
@@ -378,6 +406,7 @@ impl GpuNet {
             loss_eval,
             backward,
             update,
+            finish_grads,
         })
     }
 
@@ -428,7 +457,15 @@ impl GpuNet {
     pub fn gradients_only(&self, ctx: &GpuContext, input: &[f32], labels: &[u8], step: StepUniform) {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
-        self.submit(ctx, &[&self.forward_train, std::slice::from_ref(&self.loss_train), &self.backward]);
+        self.submit(
+            ctx,
+            &[
+                &self.forward_train,
+                std::slice::from_ref(&self.loss_train),
+                &self.backward,
+                std::slice::from_ref(&self.finish_grads),
+            ],
+        );
     }
 
     /// Clears the metrics that `evaluate_batch` adds into.
