@@ -16,7 +16,7 @@
 // Bindings: 0 dims (uniform), 1 step (uniform), 2 state, 3 grads, 4 momenta, 5 metrics (as words:
 // loss sum, correct count, non-finite flag, unused).
 
-const MAX_SLICED: u32 = 16u;
+const MAX_SLICED: u32 = 32u;
 
 struct Dims {
     len: u32, sliced_count: u32, _p1: u32, _p2: u32,

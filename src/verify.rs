@@ -31,7 +31,7 @@ use crate::cpu::pool::*;
 use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
-use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
+use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets};
 use crate::gpu::conv::weight_grad_slices;
 use crate::gpu::kernel::run;
 use crate::gpu::net::METRICS_WORDS;
@@ -249,14 +249,28 @@ fn batchnorm_checks(
     // State layout: gamma, beta, running mean, running var.
     let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
     let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
-    let l = BnLayer { n, c, hw: d.hw, relu, offsets, momentum: BN_MOMENTUM, eps: BN_EPS };
+    // The sums in as many slices as training uses; dgamma's and dbeta's extra slices after both, added
+    // up as the SGD kernel does.
+    let slices = bn_slices(c, d.hw);
+    let (gamma_extra, beta_extra) = (2 * c, 2 * c + (slices - 1) * c);
+    let l =
+        BnLayer { n, c, hw: d.hw, relu, offsets, momentum: BN_MOMENTUM, eps: BN_EPS, slices, gamma_extra, beta_extra };
+    let sliced = [
+        SlicedGrad { start: 0, len: c, extra: gamma_extra, slices },
+        SlicedGrad { start: c, len: c, extra: beta_extra, slices },
+    ];
     let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
-    let (yb, savedb, dxb, gb) =
-        (ctx.zeros("y", len), ctx.zeros("saved", 2 * c), ctx.zeros("dx", len), ctx.zeros("grads", 2 * c));
+    let (yb, savedb, dxb, gb) = (
+        ctx.zeros("y", len),
+        ctx.zeros("saved", saved_len(c, slices)),
+        ctx.zeros("dx", len),
+        ctx.zeros("grads", 2 * c * slices),
+    );
     let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb };
     let fwd = k.batchnorm.forward_train(ctx, &l, &b);
     let bwd = k.batchnorm.backward(ctx, &l, &b, &dyb, &dxb, &gb);
-    run(ctx, &fwd.iter().chain(&bwd).collect::<Vec<_>>());
+    let finish = k.sgd.sum_slices(ctx, 2 * c, if slices > 1 { &sliced[..] } else { &[] }, &gb);
+    run(ctx, &fwd.iter().chain(&bwd).chain([&finish]).collect::<Vec<_>>());
 
     // CPU: batchnorm, ReLU; backward through ReLU then batchnorm. The ReLU's backward takes the GPU's
     // output: an output within rounding of zero may be zero on one side only, and the backward is
@@ -276,19 +290,20 @@ fn batchnorm_checks(
 
     let relu_tag = if relu { "+relu" } else { "" };
     let act = format!("{n}x{c}x{}", d.hw);
+    let in_slices = format!("{act} in {slices} slice{}", if slices > 1 { "s" } else { "" });
     let sv = read(ctx, &savedb, 2 * c)?;
     let st = read(ctx, &sb, 4 * c)?;
     let gr = read(ctx, &gb, 2 * c)?;
     let dx_gpu = read(ctx, &dxb, len)?;
     let per_channel = format!("{c}");
     let mut checks = vec![
-        compare("batchnorm.stats (mean)", layer, &act, &sv[..c], &saved.mean, TOL_SUMS),
-        compare("batchnorm.stats (1/std)", layer, &act, &sv[c..], &saved.invstd, TOL_SUMS),
+        compare("batchnorm.stats (mean)", layer, &in_slices, &sv[..c], &saved.mean, TOL_SUMS),
+        compare("batchnorm.stats (1/std)", layer, &in_slices, &sv[c..], &saved.invstd, TOL_SUMS),
         compare("batchnorm.stats (running mean)", layer, &per_channel, &st[2 * c..3 * c], &rm2, TOL_SUMS),
         compare("batchnorm.stats (running var)", layer, &per_channel, &st[3 * c..], &rv2, TOL_SUMS),
         compare(&format!("batchnorm.apply_train{relu_tag}"), layer, &act, &y_gpu, &y, TOL_SUMS),
-        compare("batchnorm.backward_reduce (dgamma)", layer, &act, &gr[..c], &dgamma, TOL_SUMS),
-        compare("batchnorm.backward_reduce (dbeta)", layer, &act, &gr[c..], &dbeta, TOL_SUMS),
+        compare("batchnorm.backward_reduce (dgamma)", layer, &in_slices, &gr[..c], &dgamma, TOL_SUMS),
+        compare("batchnorm.backward_reduce (dbeta)", layer, &in_slices, &gr[c..], &dbeta, TOL_SUMS),
         compare(&format!("batchnorm.backward_data{relu_tag}"), layer, &act, &dx_gpu, &dx, TOL_SUMS),
     ];
 

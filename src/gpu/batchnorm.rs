@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel, WG};
 
 /// Where one batchnorm layer's tensors live in the state (and gradient) buffer.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +26,31 @@ pub struct BnLayer {
     pub offsets: BnOffsets,
     pub momentum: f32,
     pub eps: f32,
+    /// Slices each channel's sums are cut into (`bn_slices`), and where slices 1.. of dgamma and
+    /// dbeta go in the gradient buffer.
+    pub slices: usize,
+    pub gamma_extra: usize,
+    pub beta_extra: usize,
+}
+
+/// Workgroups a batchnorm's per-channel sums are spread over, at least, where there are few channels.
+const BN_GROUPS: usize = 512;
+/// Slices of a channel's elements, at most.
+const MAX_BN_SLICES: usize = 64;
+
+/// How many slices a channel's n * hw elements are summed in (the statistics and the backward sums):
+/// enough for BN_GROUPS workgroups, and few enough that a workgroup of the next kernel can load the
+/// slices of every plane its WG elements touch at once. It depends on the layer's shape only, so every
+/// batch size of one model shares the gradient buffer's layout.
+pub fn bn_slices(c: usize, hw: usize) -> usize {
+    let wg = WG as usize;
+    let planes = wg.div_ceil(hw) + 1;
+    BN_GROUPS.div_ceil(c).clamp(1, (wg / planes).clamp(1, MAX_BN_SLICES))
+}
+
+/// Length of a batchnorm layer's `saved` buffer: mean and 1/std, then each slice's mean and M2.
+pub fn saved_len(c: usize, slices: usize) -> usize {
+    2 * c + 2 * slices * c
 }
 
 #[repr(C)]
@@ -41,7 +66,10 @@ struct Dims {
     var_off: u32,
     momentum: f32,
     eps: f32,
-    _pad: [u32; 2],
+    slices: u32,
+    gamma_extra: u32,
+    beta_extra: u32,
+    _pad: [u32; 3],
 }
 
 fn dims(l: &BnLayer) -> Dims {
@@ -56,7 +84,10 @@ fn dims(l: &BnLayer) -> Dims {
         var_off: l.offsets.running_var as u32,
         momentum: l.momentum,
         eps: l.eps,
-        _pad: [0; 2],
+        slices: l.slices as u32,
+        gamma_extra: l.gamma_extra as u32,
+        beta_extra: l.beta_extra as u32,
+        _pad: [0; 3],
     }
 }
 
@@ -98,7 +129,9 @@ impl BatchNorm {
         let len = l.n * l.c * l.hw;
         [
             // Sum and sum of squares of x; then (x - mean) * scale + shift, ReLU.
-            self.stats.launch(ctx, l.c as u32, &all).with_cost(Cost::new(3 * len, len + 6 * l.c)),
+            self.stats
+                .launch(ctx, (l.c * l.slices) as u32, &all)
+                .with_cost(Cost::new(3 * len, len + 2 * l.slices * l.c)),
             self.apply_train.launch(ctx, groups_for(len), &all).with_cost(Cost::new(3 * len, 2 * len + 4 * l.c)),
         ]
     }
@@ -127,7 +160,9 @@ impl BatchNorm {
         let len = l.n * l.c * l.hw;
         // The sums of dy and dy * x-hat (reading x, dy and, for the ReLU's mask, y); then dx from them.
         [
-            self.backward_reduce.launch(ctx, l.c as u32, &all).with_cost(Cost::new(4 * len, 3 * len + 6 * l.c)),
+            self.backward_reduce
+                .launch(ctx, (l.c * l.slices) as u32, &all)
+                .with_cost(Cost::new(4 * len, 3 * len + 2 * l.slices * l.c)),
             self.backward_data.launch(ctx, groups_for(len), &all).with_cost(Cost::new(6 * len, 4 * len + 6 * l.c)),
         ]
     }

@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 
-use super::batchnorm::{BatchNorm, BnBuffers, BnLayer, BnOffsets};
+use super::batchnorm::{bn_slices, saved_len, BatchNorm, BnBuffers, BnLayer, BnOffsets};
 use super::context::GpuContext;
 use super::conv::weight_grad_slices;
 use super::conv::Conv;
@@ -95,12 +95,24 @@ pub struct SharedBuffers {
 pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
     let mut sliced = Vec::new();
     let mut extra = model.num_trainable;
-    for i in 0..model.layers.len() {
-        let Some((d, w_off)) = model.conv(i, 1) else { continue };
-        let slices = weight_grad_slices(&d);
-        if slices > 1 && sliced.len() < MAX_SLICED {
-            sliced.push(SlicedGrad { start: w_off, len: d.weight_len(), extra, slices });
-            extra += (slices - 1) * d.weight_len();
+    let mut add = |start: usize, len: usize, slices: usize| {
+        if slices > 1 {
+            assert!(sliced.len() < MAX_SLICED, "more than {MAX_SLICED} gradients in slices");
+            sliced.push(SlicedGrad { start, len, extra, slices });
+            extra += (slices - 1) * len;
+        }
+    };
+    for (i, layer) in model.layers.iter().enumerate() {
+        if let Some((d, w_off)) = model.conv(i, 1) {
+            add(w_off, d.weight_len(), weight_grad_slices(&d));
+        }
+        if let (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, .. }) =
+            (layer, model.layer_params[i])
+        {
+            let s = model.input_of(i);
+            let slices = bn_slices(c, s.h * s.w);
+            add(model.params[weight].offset, c, slices);
+            add(model.params[bias].offset, c, slices);
         }
     }
     (sliced, extra - model.num_trainable)
@@ -272,11 +284,14 @@ impl GpuNet {
                 &activations[output_of[i - 1]]
             }
         };
+        let (sliced, _) = sliced_grads(model);
         let bn_layer = |i: usize, c: usize, p: LayerParams| -> BnLayer {
             let LayerParams::BatchNorm { weight, bias, running_mean, running_var } = p else {
                 unreachable!("batchnorm without its parameters")
             };
             let s = model.input_of(i);
+            let (gamma, beta) = (model.params[weight].offset, model.params[bias].offset);
+            let (gs, bs) = (slices_of(&sliced, gamma, c), slices_of(&sliced, beta, c));
             BnLayer {
                 n,
                 c,
@@ -290,6 +305,9 @@ impl GpuNet {
                 },
                 momentum: BN_MOMENTUM,
                 eps: BN_EPS,
+                slices: gs.slices,
+                gamma_extra: gs.extra,
+                beta_extra: bs.extra,
             }
         };
 
@@ -297,7 +315,11 @@ impl GpuNet {
         let mut saved: Vec<Option<wgpu::Buffer>> = Vec::new();
         for (i, layer) in model.layers.iter().enumerate() {
             saved.push(match layer {
-                Layer::BatchNorm { c, .. } => Some(ctx.zeros(&format!("layer {i} batch statistics"), 2 * c)),
+                &Layer::BatchNorm { c, .. } => {
+                    let s = model.input_of(i);
+                    let len = saved_len(c, bn_slices(c, s.h * s.w));
+                    Some(ctx.zeros(&format!("layer {i} batch statistics"), len))
+                }
                 Layer::MaxPool2 => Some(ctx.zeros(&format!("layer {i} argmax"), n * model.shapes[i].len())),
                 _ => None,
             });
@@ -353,7 +375,6 @@ impl GpuNet {
 
         // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
         let mut backward = Vec::new();
-        let (sliced, _) = sliced_grads(model);
         let (mut cur, mut other) = (&grad_a, &grad_b);
         for i in (0..model.layers.len()).rev() {
             let (x, y) = (input_of(i), &activations[output_of[i]]);

@@ -21,7 +21,7 @@ pub struct StepUniform {
 }
 
 /// Tensors whose gradients arrive in slices, at most (MAX_SLICED in sgd.wgsl); others get one slice.
-pub const MAX_SLICED: usize = 16;
+pub const MAX_SLICED: usize = 32;
 
 /// A tensor whose gradient arrives in `slices` partial sums: slice 0 at grads[start .. start + len],
 /// slice t > 0 at grads[extra + (t - 1) * len ..]. The SGD kernel adds them in order.
