@@ -529,6 +529,10 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         true,
     )?);
     checks.extend(loss_checks(ctx, k, "odd shape", 300, 10, 12)?);
+    // A batchnorm whose 39 elements per channel leave its last slices short and empty, and whose
+    // workgroups straddle many planes; with and without the ReLU.
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, true, 13)?);
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, false, 14)?);
     Ok(checks)
 }
 
