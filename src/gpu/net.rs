@@ -195,11 +195,11 @@ pub struct GpuNet {
     pub shared: SharedBuffers,
     input: wgpu::Buffer,
     labels: wgpu::Buffer,
-    /// Per layer: index into `activations` of its output (a fused ReLU shares its batchnorm's).
-    output_of: Vec<usize>,
     activations: Vec<wgpu::Buffer>,
     forward_train: Vec<Dispatch>,
     forward_eval: Vec<Dispatch>,
+    /// Where evaluation leaves the logits (None: the input buffer, for a network of dropout alone).
+    eval_logits: Option<usize>,
     loss_train: Dispatch,
     loss_eval: Dispatch,
     backward: Vec<Dispatch>,
@@ -325,42 +325,50 @@ impl GpuNet {
             });
         }
 
+        // In evaluation a dropout layer is the identity and runs nothing: the layers after it read its
+        // input. Per layer, where its evaluation output is (None: the input buffer).
+        let mut eval_output_of: Vec<Option<usize>> = Vec::new();
+        for (i, layer) in model.layers.iter().enumerate() {
+            let through = matches!(layer, Layer::Dropout { .. });
+            eval_output_of.push(if through { i.checked_sub(1).and_then(|j| eval_output_of[j]) } else { Some(output_of[i]) });
+        }
+        let eval_buffer = |at: Option<usize>| at.map_or(&input, |a| &activations[a]);
+        let eval_input_of = |i: usize| if i == 0 { &input } else { eval_buffer(eval_output_of[i - 1]) };
+
         let mut forward_train = Vec::new();
         let mut forward_eval = Vec::new();
         for (i, layer) in model.layers.iter().enumerate() {
             let (x, y) = (input_of(i), &activations[output_of[i]]);
+            let xe = eval_input_of(i);
             let sin = model.input_of(i);
             let marks = (forward_train.len(), forward_eval.len());
             match (layer, model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     let conv = k.conv_for(&d)?;
-                    for list in [&mut forward_train, &mut forward_eval] {
-                        list.push(conv.forward(ctx, &d, w_off, x, state_buf, y)?);
-                    }
+                    forward_train.push(conv.forward(ctx, &d, w_off, x, state_buf, y)?);
+                    forward_eval.push(conv.forward(ctx, &d, w_off, xe, state_buf, y)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
                     let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
                     forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
-                    forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &b));
+                    forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &BnBuffers { x: xe, ..b }));
                 }
                 (Layer::Relu, _) => {} // fused into the batchnorm before it
                 (&Layer::Dropout { p }, _) => {
                     let len = n * sin.len();
                     forward_train.push(k.dropout.apply(ctx, len, p, step, x, y));
-                    forward_eval.push(k.dropout.apply(ctx, len, 0.0, step, x, y));
                 }
                 (Layer::MaxPool2, _) => {
                     let argmax = saved[i].as_ref().unwrap();
-                    for list in [&mut forward_train, &mut forward_eval] {
-                        list.push(k.pool.maxpool_forward(ctx, (n * sin.c, sin.h, sin.w), x, y, argmax));
-                    }
+                    let planes = (n * sin.c, sin.h, sin.w);
+                    forward_train.push(k.pool.maxpool_forward(ctx, planes, x, y, argmax));
+                    forward_eval.push(k.pool.maxpool_forward(ctx, planes, xe, y, argmax));
                 }
                 (Layer::GlobalAvgPool, _) => {
-                    for list in [&mut forward_train, &mut forward_eval] {
-                        list.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y));
-                    }
+                    forward_train.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y));
+                    forward_eval.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, xe, y));
                 }
             }
             tag(&mut forward_train[marks.0..], &model.layer_name(i));
@@ -368,10 +376,12 @@ impl GpuNet {
         }
 
         let logits = &activations[*output_of.last().unwrap()];
+        let eval_logits = *eval_output_of.last().unwrap();
         // Both add batch after batch into the metrics (cleared by reset_metrics), so a training loop
         // reads running sums only when it shows them. Evaluation's dlogits go unused.
         let loss_train = k.loss.softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
-        let loss_eval = k.loss.softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
+        let loss_eval =
+            k.loss.softmax_cross_entropy(ctx, n, classes, true, eval_buffer(eval_logits), &labels, &grad_a, metrics);
 
         // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
         let mut backward = Vec::new();
@@ -419,10 +429,10 @@ impl GpuNet {
             shared: shared.clone(),
             input,
             labels,
-            output_of,
             activations,
             forward_train,
             forward_eval,
+            eval_logits,
             loss_train,
             loss_eval,
             backward,
@@ -527,14 +537,11 @@ impl GpuNet {
         ctx.write(&self.shared.momenta, momenta);
     }
 
-    /// The output of layer `i` of the last forward pass (for a fused ReLU, the batchnorm's buffer,
-    /// which holds the ReLU's output).
-    fn read_output(&self, ctx: &GpuContext, i: usize) -> Result<Vec<f32>> {
-        ctx.read(&self.activations[self.output_of[i]], self.batch * self.model.shapes[i].len())
-    }
-
+    /// The logits of the last evaluation pass (and of the last training pass, unless the network ends
+    /// in dropout).
     pub fn read_logits(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        self.read_output(ctx, self.model.layers.len() - 1)
+        let len = self.batch * self.model.output_classes();
+        ctx.read(self.eval_logits.map_or(&self.input, |a| &self.activations[a]), len)
     }
 
     /// Records batch `index` of a chunk uploaded into `chunk` (see [`ChunkLayout`]): copies its images
