@@ -25,13 +25,14 @@
 //   backward_data    one invocation per element: adds the slices in order, then
 //                    dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)
 // Bindings: 0 dims (uniform), 1 x (input of the layer), 2 state, 3 saved, 4 out (y or dx),
-//           5 dy, 6 grads, 7 y (the layer's output, for the ReLU mask).
+//           5 dy (per element, or per plane when d.dy_pooled == 1), 6 grads, 7 y (the layer's output,
+//           for the ReLU mask).
 
 struct Dims {
     n: u32, c: u32, hw: u32, relu: u32,
     gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
     momentum: f32, eps: f32, slices: u32, gamma_extra: u32,
-    beta_extra: u32, _p0: u32, _p1: u32, _p2: u32,
+    beta_extra: u32, dy_pooled: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -184,6 +185,11 @@ fn apply_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
 fn masked_dy(i: u32) -> f32 {
     if (d.relu == 1u && y[i] <= 0.0) {
         return 0.0;
+    }
+    if (d.dy_pooled == 1u) {
+        // A global average pooling follows, its backward fused in (as pool.gap_backward computes it):
+        // dy holds one gradient per plane.
+        return dy[i / d.hw] / f32(d.hw);
     }
     return dy[i];
 }

@@ -34,6 +34,7 @@ use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets};
 use crate::gpu::conv::weight_grad_slices;
 use crate::gpu::kernel::run;
+use crate::gpu::loss::LossBuffers;
 use crate::gpu::net::METRICS_WORDS;
 use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
@@ -228,14 +229,17 @@ fn conv_checks(
     Ok(checks)
 }
 
-/// A batchnorm layer (ReLU fused when `relu`): training forward with running statistics, backward,
-/// and evaluation forward.
+/// A batchnorm layer (ReLU fused when `relu`): training forward with running statistics, backward
+/// (with `pooled`, from one gradient per plane: a global average pooling's backward fused in), and
+/// evaluation forward.
+#[allow(clippy::too_many_arguments)]
 fn batchnorm_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
     d: BnDims,
     relu: bool,
+    pooled: bool,
     seed: u64,
 ) -> Result<Vec<Check>> {
     let (n, c) = (d.n, d.c);
@@ -245,7 +249,15 @@ fn batchnorm_checks(
     let beta = random(seed + 20, c, 0.5);
     let rm = random(seed + 30, c, 0.5);
     let rv: Vec<f32> = random(seed + 40, c, 0.5).iter().map(|v| v + 1.0).collect();
-    let dy = random(seed + 50, len, 1.0);
+    let dy = random(seed + 50, if pooled { n * c } else { len }, 1.0);
+    // The gradient per element that reaches the layer.
+    let dy_full = if pooled {
+        let mut full = vec![0.0; len];
+        global_avg_pool_backward(d.hw, &dy, &mut full);
+        full
+    } else {
+        dy.clone()
+    };
     // State layout: gamma, beta, running mean, running var.
     let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
     let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
@@ -253,8 +265,19 @@ fn batchnorm_checks(
     // up as the SGD kernel does.
     let slices = bn_slices(c, d.hw);
     let (gamma_extra, beta_extra) = (2 * c, 2 * c + (slices - 1) * c);
-    let l =
-        BnLayer { n, c, hw: d.hw, relu, offsets, momentum: BN_MOMENTUM, eps: BN_EPS, slices, gamma_extra, beta_extra };
+    let l = BnLayer {
+        n,
+        c,
+        hw: d.hw,
+        relu,
+        offsets,
+        momentum: BN_MOMENTUM,
+        eps: BN_EPS,
+        slices,
+        gamma_extra,
+        beta_extra,
+        dy_pooled: pooled,
+    };
     let sliced = [
         SlicedGrad { start: 0, len: c, extra: gamma_extra, slices },
         SlicedGrad { start: c, len: c, extra: beta_extra, slices },
@@ -278,7 +301,7 @@ fn batchnorm_checks(
     let y_gpu = read(ctx, &yb, len)?;
     let mut y = vec![0.0; len];
     let saved = batchnorm_forward_train(&d, &x, &gamma, &beta, BN_EPS, &mut y);
-    let mut g = dy.clone();
+    let mut g = dy_full;
     if relu {
         relu_forward(&mut y);
         relu_backward(&y_gpu, &mut g);
@@ -289,6 +312,7 @@ fn batchnorm_checks(
     batchnorm_backward(&d, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
 
     let relu_tag = if relu { "+relu" } else { "" };
+    let dy_tag = if pooled { " (pooled dy)" } else { "" };
     let act = format!("{n}x{c}x{}", d.hw);
     let in_slices = format!("{act} in {slices} slice{}", if slices > 1 { "s" } else { "" });
     let sv = read(ctx, &savedb, 2 * c)?;
@@ -302,9 +326,9 @@ fn batchnorm_checks(
         compare("batchnorm.stats (running mean)", layer, &per_channel, &st[2 * c..3 * c], &rm2, TOL_SUMS),
         compare("batchnorm.stats (running var)", layer, &per_channel, &st[3 * c..], &rv2, TOL_SUMS),
         compare(&format!("batchnorm.apply_train{relu_tag}"), layer, &act, &y_gpu, &y, TOL_SUMS),
-        compare("batchnorm.backward_reduce (dgamma)", layer, &in_slices, &gr[..c], &dgamma, TOL_SUMS),
-        compare("batchnorm.backward_reduce (dbeta)", layer, &in_slices, &gr[c..], &dbeta, TOL_SUMS),
-        compare(&format!("batchnorm.backward_data{relu_tag}"), layer, &act, &dx_gpu, &dx, TOL_SUMS),
+        compare(&format!("batchnorm.backward_reduce (dgamma){dy_tag}"), layer, &in_slices, &gr[..c], &dgamma, TOL_SUMS),
+        compare(&format!("batchnorm.backward_reduce (dbeta){dy_tag}"), layer, &in_slices, &gr[c..], &dbeta, TOL_SUMS),
+        compare(&format!("batchnorm.backward_data{relu_tag}{dy_tag}"), layer, &act, &dx_gpu, &dx, TOL_SUMS),
     ];
 
     // Evaluation mode, on the original running statistics.
@@ -401,25 +425,44 @@ fn dropout_checks(
     ])
 }
 
-fn loss_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, classes: usize, seed: u64) -> Result<Vec<Check>> {
-    let logits = random(seed, n * classes, 4.0);
+/// The loss kernel on `n` images of `classes` logits; with `pool_hw` > 0, from a global average
+/// pooling of `pool_hw` values per logit fused in (its logits written out and checked too).
+fn loss_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    (n, classes, pool_hw): (usize, usize, usize),
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let pooled_input = random(seed + 1, n * classes * pool_hw.max(1), 4.0);
+    let logits = if pool_hw > 0 {
+        let mut l = vec![0.0; n * classes];
+        global_avg_pool_forward(pool_hw, &pooled_input, &mut l);
+        l
+    } else {
+        random(seed, n * classes, 4.0)
+    };
     let labels: Vec<u8> = (0..n).map(|i| (i * 7 % classes) as u8).collect();
     let l32: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
-    let (lb, lab, db, mb) = (
-        ctx.upload("logits", &logits),
+    let (lb, lab, db, mb, pb) = (
+        if pool_hw > 0 { ctx.zeros("logits", n * classes) } else { ctx.upload("logits", &logits) },
         ctx.upload("labels", &l32),
         ctx.zeros("dlogits", n * classes),
         ctx.zeros("metrics", 2),
+        ctx.upload("pooled", &pooled_input),
     );
-    run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, false, &lb, &lab, &db, &mb)]);
+    let pooled = (pool_hw > 0).then_some((&pb, pool_hw));
+    let buffers = LossBuffers { logits: &lb, labels: &lab, dlogits: &db, metrics: &mb, pooled };
+    run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, false, &buffers)]);
     let mut dlogits = vec![0.0; n * classes];
     let out = softmax_cross_entropy(&logits, &labels, classes, Some(&mut dlogits));
-    let shape = format!("{n}x{classes}");
+    let shape = if pool_hw > 0 { format!("{n}x{classes}x{pool_hw} pooled") } else { format!("{n}x{classes}") };
     let m = read(ctx, &mb, 2)?;
+    let got_logits = read(ctx, &lb, n * classes)?;
     // Accumulating mode adds a second batch onto the first.
-    run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, true, &lb, &lab, &db, &mb)]);
+    run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, true, &buffers)]);
     let m2 = read(ctx, &mb, 2)?;
-    Ok(vec![
+    let mut checks = vec![
         compare(
             "loss.softmax_cross_entropy (dlogits)",
             layer,
@@ -431,7 +474,18 @@ fn loss_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, classes: us
         compare("loss.softmax_cross_entropy (loss)", layer, &shape, &[m[0] / n as f32], &[out.loss], TOL_SUMS),
         compare_exact("loss.softmax_cross_entropy (correct)", layer, &shape, "counts", &[m[1] as u32], &[out.correct]),
         compare_exact("loss.softmax_cross_entropy (accumulate)", layer, &shape, "sums", &m2, &[2.0 * m[0], 2.0 * m[1]]),
-    ])
+    ];
+    if pool_hw > 0 {
+        checks.push(compare(
+            "loss.softmax_cross_entropy (pooled logits)",
+            layer,
+            &shape,
+            &got_logits,
+            &logits,
+            TOL_SUMS,
+        ));
+    }
+    Ok(checks)
 }
 
 fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
@@ -499,7 +553,12 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
             }
             Layer::BatchNorm { c, .. } => {
                 let relu = matches!(model.layers.get(i + 1), Some(Layer::Relu));
-                checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, relu, seed)?);
+                // Before a global average pooling that ends the network, the pooling's backward runs
+                // inside the batchnorm's (as GpuNet does it).
+                let after = if relu { i + 2 } else { i + 1 };
+                let pooled = after + 1 == model.layers.len() && matches!(model.layers[after], Layer::GlobalAvgPool);
+                let dims = BnDims { n, c, hw: s.h * s.w };
+                checks.extend(batchnorm_checks(ctx, k, &name, dims, relu, pooled, seed)?);
             }
             Layer::Relu => {} // fused into the batchnorm kernels before it
             Layer::Dropout { p } => {
@@ -509,7 +568,13 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
             Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed)?),
         }
     }
-    checks.extend(loss_checks(ctx, k, "loss", n, model.output_classes(), 11)?);
+    // A global average pooling that ends the network runs inside the loss kernel (as GpuNet does it).
+    let last = model.layers.len() - 1;
+    let pool_hw = match model.layers[last] {
+        Layer::GlobalAvgPool => model.input_of(last).h * model.input_of(last).w,
+        _ => 0,
+    };
+    checks.extend(loss_checks(ctx, k, "loss", (n, model.output_classes(), pool_hw), 11)?);
     checks.extend(sgd_checks(ctx, k, model.num_trainable)?);
     // Off the model's shapes: partial channel blocks, and more images than the loss kernel's invocations.
     checks.extend(conv_checks(
@@ -528,11 +593,12 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         2,
         true,
     )?);
-    checks.extend(loss_checks(ctx, k, "odd shape", 300, 10, 12)?);
+    checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 0), 12)?);
+    checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 7), 15)?);
     // A batchnorm whose 39 elements per channel leave its last slices short and empty, and whose
     // workgroups straddle many planes; with and without the ReLU.
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, true, 13)?);
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, false, 14)?);
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, true, false, 13)?);
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, false, true, 14)?);
     Ok(checks)
 }
 
@@ -708,7 +774,7 @@ pub fn failures(checks: &[Check]) -> Vec<String> {
 pub fn format_row(c: &Check) -> String {
     let err = if c.error.is_finite() { format!("{:.2e}", c.error) } else { "non-finite".into() };
     let mut row = format!(
-        "{:<44} {:<16} {:<30} {:>10} {:>8} {}",
+        "{:<48} {:<16} {:<30} {:>10} {:>8} {}",
         c.kernel,
         c.layer,
         c.shape,
@@ -723,7 +789,7 @@ pub fn format_row(c: &Check) -> String {
 }
 
 pub fn header() -> String {
-    format!("{:<44} {:<16} {:<30} {:>10} {:>8} {}", "kernel", "layer", "shape", "max error", "tol", "result")
+    format!("{:<48} {:<16} {:<30} {:>10} {:>8} {}", "kernel", "layer", "shape", "max error", "tol", "result")
 }
 
 #[cfg(test)]

@@ -31,6 +31,9 @@ pub struct BnLayer {
     pub slices: usize,
     pub gamma_extra: usize,
     pub beta_extra: usize,
+    /// In the backward pass, dy is the gradient of a global average pooling of this layer's output
+    /// (one value per plane): the pooling's backward is fused in.
+    pub dy_pooled: bool,
 }
 
 /// Workgroups a batchnorm's per-channel sums are spread over, at least, where there are few channels.
@@ -69,7 +72,8 @@ struct Dims {
     slices: u32,
     gamma_extra: u32,
     beta_extra: u32,
-    _pad: [u32; 3],
+    dy_pooled: u32,
+    _pad: [u32; 2],
 }
 
 fn dims(l: &BnLayer) -> Dims {
@@ -87,7 +91,8 @@ fn dims(l: &BnLayer) -> Dims {
         slices: l.slices as u32,
         gamma_extra: l.gamma_extra as u32,
         beta_extra: l.beta_extra as u32,
-        _pad: [0; 3],
+        dy_pooled: l.dy_pooled as u32,
+        _pad: [0; 2],
     }
 }
 

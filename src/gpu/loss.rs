@@ -12,7 +12,17 @@ struct Dims {
     n: u32,
     classes: u32,
     accumulate: u32,
-    _pad: u32,
+    pool_hw: u32,
+}
+
+/// The loss kernel's buffers. With `pooled` = (x, hw), the global average pooling of x (hw values per
+/// logit) is fused in and its result written to `logits`.
+pub struct LossBuffers<'a> {
+    pub logits: &'a wgpu::Buffer,
+    pub labels: &'a wgpu::Buffer,
+    pub dlogits: &'a wgpu::Buffer,
+    pub metrics: &'a wgpu::Buffer,
+    pub pooled: Option<(&'a wgpu::Buffer, usize)>,
 }
 
 pub struct Loss {
@@ -26,22 +36,22 @@ impl Loss {
 
     /// dlogits of the mean loss; metrics[0], metrics[1] = the loss sum and correct count of the batch
     /// (added to what they hold when `accumulate`).
-    #[allow(clippy::too_many_arguments)]
     pub fn softmax_cross_entropy(
         &self,
         ctx: &GpuContext,
         n: usize,
         classes: usize,
         accumulate: bool,
-        logits: &wgpu::Buffer,
-        labels: &wgpu::Buffer,
-        dlogits: &wgpu::Buffer,
-        metrics: &wgpu::Buffer,
+        b: &LossBuffers,
     ) -> Dispatch {
-        let dims = Dims { n: n as u32, classes: classes as u32, accumulate: accumulate as u32, _pad: 0 };
+        let hw = b.pooled.map_or(0, |(_, hw)| hw);
+        let dims = Dims { n: n as u32, classes: classes as u32, accumulate: accumulate as u32, pool_hw: hw as u32 };
         let u = ctx.uniform("loss dims", &dims);
-        // Per logit: the maximum, exp and sum, then exp and the gradient.
-        let buffers = [(0, &u), (1, logits), (2, labels), (3, dlogits), (4, metrics)];
-        self.softmax_cross_entropy.launch(ctx, 1, &buffers).with_cost(Cost::new(8 * n * classes, 2 * n * classes + n))
+        // Unread without pooling; the labels are read-only too, so binding them there conflicts with nothing.
+        let pooled = b.pooled.map_or(b.labels, |(x, _)| x);
+        let buffers = [(0, &u), (1, b.logits), (2, b.labels), (3, b.dlogits), (4, b.metrics), (5, pooled)];
+        // Per logit: the maximum, exp and sum, then exp and the gradient (and the pooling's sum).
+        let (len, pool) = (n * classes, n * classes * hw);
+        self.softmax_cross_entropy.launch(ctx, 1, &buffers).with_cost(Cost::new(8 * len + pool, 2 * len + n + pool))
     }
 }

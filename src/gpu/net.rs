@@ -12,7 +12,7 @@ use super::conv::weight_grad_slices;
 use super::conv::Conv;
 use super::dropout::Dropout;
 use super::kernel::{Cost, Dispatch};
-use super::loss::Loss;
+use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
 use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform, MAX_SLICED};
 use crate::model::{ConvDims, Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
@@ -308,6 +308,7 @@ impl GpuNet {
                 slices: gs.slices,
                 gamma_extra: gs.extra,
                 beta_extra: bs.extra,
+                dy_pooled: false,
             }
         };
 
@@ -330,10 +331,23 @@ impl GpuNet {
         let mut eval_output_of: Vec<Option<usize>> = Vec::new();
         for (i, layer) in model.layers.iter().enumerate() {
             let through = matches!(layer, Layer::Dropout { .. });
-            eval_output_of.push(if through { i.checked_sub(1).and_then(|j| eval_output_of[j]) } else { Some(output_of[i]) });
+            eval_output_of.push(if through {
+                i.checked_sub(1).and_then(|j| eval_output_of[j])
+            } else {
+                Some(output_of[i])
+            });
         }
         let eval_buffer = |at: Option<usize>| at.map_or(&input, |a| &activations[a]);
         let eval_input_of = |i: usize| if i == 0 { &input } else { eval_buffer(eval_output_of[i - 1]) };
+
+        // A global average pooling that ends the network runs inside the loss kernel; its backward
+        // runs inside the batchnorm's backward before it, when there is one (through its fused ReLU).
+        let last = model.layers.len() - 1;
+        let pool_in_loss = matches!(model.layers[last], Layer::GlobalAvgPool);
+        let before_pool =
+            if last > 0 && fused_relu(model, last - 1) { last.checked_sub(2) } else { last.checked_sub(1) };
+        let pool_in_bn =
+            pool_in_loss && before_pool.is_some_and(|j| matches!(model.layers[j], Layer::BatchNorm { .. }));
 
         let mut forward_train = Vec::new();
         let mut forward_eval = Vec::new();
@@ -366,6 +380,7 @@ impl GpuNet {
                     forward_train.push(k.pool.maxpool_forward(ctx, planes, x, y, argmax));
                     forward_eval.push(k.pool.maxpool_forward(ctx, planes, xe, y, argmax));
                 }
+                (Layer::GlobalAvgPool, _) if pool_in_loss && i == last => {}
                 (Layer::GlobalAvgPool, _) => {
                     forward_train.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y));
                     forward_eval.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, xe, y));
@@ -379,9 +394,17 @@ impl GpuNet {
         let eval_logits = *eval_output_of.last().unwrap();
         // Both add batch after batch into the metrics (cleared by reset_metrics), so a training loop
         // reads running sums only when it shows them. Evaluation's dlogits go unused.
-        let loss_train = k.loss.softmax_cross_entropy(ctx, n, classes, true, logits, &labels, &grad_a, metrics);
-        let loss_eval =
-            k.loss.softmax_cross_entropy(ctx, n, classes, true, eval_buffer(eval_logits), &labels, &grad_a, metrics);
+        let pool_hw = model.input_of(last).h * model.input_of(last).w;
+        let loss_buffers = |logits, pooled_input| LossBuffers {
+            logits,
+            labels: &labels,
+            dlogits: &grad_a,
+            metrics,
+            pooled: pool_in_loss.then_some((pooled_input, pool_hw)),
+        };
+        let loss_train = k.loss.softmax_cross_entropy(ctx, n, classes, true, &loss_buffers(logits, input_of(last)));
+        let eval_buffers = loss_buffers(eval_buffer(eval_logits), eval_input_of(last));
+        let loss_eval = k.loss.softmax_cross_entropy(ctx, n, classes, true, &eval_buffers);
 
         // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
         let mut backward = Vec::new();
@@ -402,7 +425,7 @@ impl GpuNet {
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
-                    let l = bn_layer(i, c, p);
+                    let l = BnLayer { dy_pooled: pool_in_bn && before_pool == Some(i), ..bn_layer(i, c, p) };
                     let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
                     backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, grads));
                 }
@@ -412,6 +435,8 @@ impl GpuNet {
                     let argmax = saved[i].as_ref().unwrap();
                     backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), cur, argmax, other));
                 }
+                // Inside the batchnorm's backward: the gradient stays where the loss left it.
+                (Layer::GlobalAvgPool, _) if pool_in_bn && i == last => continue,
                 (Layer::GlobalAvgPool, _) => {
                     backward.push(k.pool.gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other))
                 }
