@@ -8,7 +8,7 @@
 // channels still fill a big GPU: one workgroup per (channel, slice) writes the slice's partial result,
 // and the next kernel, which runs anyway, combines a channel's slices in slice order (so the same bits
 // on every run): each of its workgroups first combines the few channels its elements belong to in
-// workgroup memory (the host keeps slices * those planes within WG).
+// workgroup memory (the host keeps slices * those planes within PARTS).
 //
 // Entry points and dispatch shapes:
 //   stats            one workgroup per (channel, slice) (c * slices): the slice's mean and sum of squared
@@ -90,8 +90,9 @@ fn stats(
 }
 
 // Per (plane, slice) partials a workgroup loads, and per plane the combined values.
-var<workgroup> part_a: array<f32, WG>;
-var<workgroup> part_b: array<f32, WG>;
+const PARTS: u32 = 2u * WG;
+var<workgroup> part_a: array<f32, PARTS>;
+var<workgroup> part_b: array<f32, PARTS>;
 var<workgroup> plane_a: array<f32, WG>;
 var<workgroup> plane_b: array<f32, WG>;
 
@@ -123,12 +124,11 @@ fn apply_train(
         return;
     }
     let planes = planes_of(first);
-    // Invocation t loads slice t % slices of plane t / slices.
-    let k = lid / d.slices;
-    if (k < planes.y) {
-        let at = 2u * d.c + 2u * ((lid % d.slices) * d.c + (planes.x + k) % d.c);
-        part_a[lid] = saved[at];
-        part_b[lid] = saved[at + 1u];
+    // Part t is slice t % slices of plane t / slices.
+    for (var t = lid; t < planes.y * d.slices; t += WG) {
+        let at = 2u * d.c + 2u * ((t % d.slices) * d.c + (planes.x + t / d.slices) % d.c);
+        part_a[t] = saved[at];
+        part_b[t] = saved[at + 1u];
     }
     workgroupBarrier();
     if (lid < planes.y) {
@@ -244,12 +244,10 @@ fn backward_data(
         return;
     }
     let planes = planes_of(first);
-    let k = lid / d.slices;
-    if (k < planes.y) {
-        let s = lid % d.slices;
-        let c = (planes.x + k) % d.c;
-        part_a[lid] = grads[reduce_slot(s, c, false)];
-        part_b[lid] = grads[reduce_slot(s, c, true)];
+    for (var t = lid; t < planes.y * d.slices; t += WG) {
+        let c = (planes.x + t / d.slices) % d.c;
+        part_a[t] = grads[reduce_slot(t % d.slices, c, false)];
+        part_b[t] = grads[reduce_slot(t % d.slices, c, true)];
     }
     workgroupBarrier();
     if (lid < planes.y) {

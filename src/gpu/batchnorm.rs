@@ -41,14 +41,16 @@ const BN_GROUPS: usize = 512;
 /// Slices of a channel's elements, at most.
 const MAX_BN_SLICES: usize = 64;
 
+/// Partial results a workgroup of the next kernel holds at once (PARTS in batchnorm.wgsl).
+const PARTS: usize = 2 * WG as usize;
+
 /// How many slices a channel's n * hw elements are summed in (the statistics and the backward sums):
-/// enough for BN_GROUPS workgroups, and few enough that a workgroup of the next kernel can load the
-/// slices of every plane its WG elements touch at once. It depends on the layer's shape only, so every
-/// batch size of one model shares the gradient buffer's layout.
+/// enough for BN_GROUPS workgroups, and few enough that a workgroup of the next kernel can hold the
+/// slices of every plane its WG elements touch (at most PARTS). It depends on the layer's shape only,
+/// so every batch size of one model shares the gradient buffer's layout.
 pub fn bn_slices(c: usize, hw: usize) -> usize {
-    let wg = WG as usize;
-    let planes = wg.div_ceil(hw) + 1;
-    BN_GROUPS.div_ceil(c).clamp(1, (wg / planes).clamp(1, MAX_BN_SLICES))
+    let planes = (WG as usize).div_ceil(hw) + 1;
+    BN_GROUPS.div_ceil(c).clamp(1, (PARTS / planes).clamp(1, MAX_BN_SLICES))
 }
 
 /// Length of a batchnorm layer's `saved` buffer: mean and 1/std, then each slice's mean and M2.

@@ -12,8 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::MAX_CHUNK_BATCHES;
-use crate::backend::{Backend, StepParams, Sums};
+use crate::backend::{Backend, StepParams, Sums, MAX_CHUNK_BATCHES};
 use crate::checkpoint::{self, Position};
 use crate::data::augment::BatchAugment;
 use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, Batch, LoaderConfig};
@@ -100,7 +99,7 @@ pub struct TrainOptions {
     pub resume: Option<PathBuf>,
     /// Show progress bars (they also hide themselves when stderr is not a terminal).
     pub progress: bool,
-    /// Set (by Ctrl-C) to stop after the current step, save and return.
+    /// Set (by Ctrl-C) to stop after the chunk of steps being handed over, save and return.
     pub stop: Arc<AtomicBool>,
     /// Training steps per chunk handed to the backend (one submission on the GPU); None lets the
     /// backend choose from its limits and its measured pace. Results do not depend on it.
