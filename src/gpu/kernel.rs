@@ -170,17 +170,15 @@ impl Dispatch {
     }
 
     pub fn record(&self, pass: &mut wgpu::ComputePass<'_>) {
-        pass.set_pipeline(&self.pipeline);
-        pass.set_bind_group(0, &self.bind_group, &[]);
-        pass.dispatch_workgroups(self.groups.0, self.groups.1, 1);
+        self.record_grid(pass, self.groups);
     }
 
-    /// Records the launch with zero workgroups: everything the host does for it, no GPU work (the
-    /// host-only benchmark).
-    fn record_empty(&self, pass: &mut wgpu::ComputePass<'_>) {
+    /// Records the launch over a grid of `(x, y)` workgroups; (0, 0) is everything the host does for
+    /// it and no GPU work (the host-only benchmark).
+    fn record_grid(&self, pass: &mut wgpu::ComputePass<'_>, (x, y): (u32, u32)) {
         pass.set_pipeline(&self.pipeline);
         pass.set_bind_group(0, &self.bind_group, &[]);
-        pass.dispatch_workgroups(0, 0, 0);
+        pass.dispatch_workgroups(x, y, 1);
     }
 }
 
@@ -193,11 +191,7 @@ pub fn record_pass<'a>(
 ) {
     let mut pass = encoder.begin_compute_pass(&Default::default());
     for d in dispatches {
-        if empty {
-            d.record_empty(&mut pass);
-        } else {
-            d.record(&mut pass);
-        }
+        d.record_grid(&mut pass, if empty { (0, 0) } else { d.groups });
     }
 }
 

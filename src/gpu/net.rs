@@ -475,9 +475,10 @@ impl GpuNet {
     }
 
     /// Records and submits `groups` of launches in one compute pass of one encoder.
-    fn submit(&self, ctx: &GpuContext, groups: &[&[Dispatch]]) {
-        let all: Vec<&Dispatch> = groups.iter().flat_map(|g| g.iter()).collect();
-        super::kernel::run(ctx, &all);
+    fn submit<'a>(&self, ctx: &GpuContext, launches: impl IntoIterator<Item = &'a Dispatch>) {
+        let mut encoder = ctx.device.create_command_encoder(&Default::default());
+        super::kernel::record_pass(&mut encoder, launches, false);
+        ctx.queue.submit([encoder.finish()]);
     }
 
     /// One training step: forward (training mode), loss, backward, SGD update, all on the GPU.
@@ -493,15 +494,7 @@ impl GpuNet {
     ) -> Result<Option<Metrics>> {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
-        self.submit(
-            ctx,
-            &[
-                &self.forward_train,
-                std::slice::from_ref(&self.loss_train),
-                &self.backward,
-                std::slice::from_ref(&self.update),
-            ],
-        );
+        self.submit(ctx, self.train_dispatches());
         if read_metrics {
             Ok(Some(self.metrics(ctx)?))
         } else {
@@ -513,15 +506,7 @@ impl GpuNet {
     pub fn gradients_only(&self, ctx: &GpuContext, input: &[f32], labels: &[u8], step: StepUniform) {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
-        self.submit(
-            ctx,
-            &[
-                &self.forward_train,
-                std::slice::from_ref(&self.loss_train),
-                &self.backward,
-                std::slice::from_ref(&self.finish_grads),
-            ],
-        );
+        self.submit(ctx, self.gradient_dispatches().chain([&self.finish_grads]));
     }
 
     /// Clears the metrics that `evaluate_batch` adds into.
@@ -533,7 +518,7 @@ impl GpuNet {
     /// Batchnorm uses the running statistics and dropout is the identity.
     pub fn evaluate_batch(&self, ctx: &GpuContext, input: &[f32], labels: &[u8]) {
         self.write_batch(ctx, input, labels);
-        self.submit(ctx, &[&self.forward_eval, std::slice::from_ref(&self.loss_eval)]);
+        self.submit(ctx, self.eval_dispatches());
     }
 
     pub fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
@@ -591,11 +576,7 @@ impl GpuNet {
                 encoder.copy_buffer_to_buffer(schedule, step as u64 * size, &self.shared.step, 0, size);
                 super::kernel::record_pass(encoder, self.train_dispatches(), empty);
             }
-            None => super::kernel::record_pass(
-                encoder,
-                self.forward_eval.iter().chain(std::iter::once(&self.loss_eval)),
-                empty,
-            ),
+            None => super::kernel::record_pass(encoder, self.eval_dispatches(), empty),
         }
     }
 
@@ -635,12 +616,18 @@ impl GpuNet {
         self.forward_eval.len() + 1
     }
 
-    /// Every launch of a training step, in order, for profiling.
+    /// The launches of a training step up to its gradients: forward, loss, backward.
+    fn gradient_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
+        self.forward_train.iter().chain([&self.loss_train]).chain(&self.backward)
+    }
+
+    /// Every launch of a training step, in order.
     fn train_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
-        self.forward_train
-            .iter()
-            .chain(std::iter::once(&self.loss_train))
-            .chain(&self.backward)
-            .chain(std::iter::once(&self.update))
+        self.gradient_dispatches().chain([&self.update])
+    }
+
+    /// Every launch of an evaluation batch, in order.
+    fn eval_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
+        self.forward_eval.iter().chain([&self.loss_eval])
     }
 }
