@@ -32,7 +32,7 @@ use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets};
-use crate::gpu::conv::weight_grad_slices;
+use crate::gpu::conv::{weight_grad_slices, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
 use crate::gpu::net::METRICS_WORDS;
@@ -169,17 +169,30 @@ fn conv_checks(
     let dy = random(seed + 200, n * d.out_image(), 1.0);
     let mut state = vec![0.0; w_off];
     state.extend_from_slice(&w);
+    // An evaluation-mode batchnorm's parameters after the weights, for the fused forward.
+    let c = d.cout;
+    let gamma: Vec<f32> = random(seed + 300, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let (beta, rm) = (random(seed + 310, c, 0.5), random(seed + 320, c, 0.5));
+    let rv: Vec<f32> = random(seed + 330, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let bn_at = state.len();
+    for t in [&gamma, &beta, &rm, &rv] {
+        state.extend_from_slice(t);
+    }
+    let offsets = BnOffsets { gamma: bn_at, beta: bn_at + c, running_mean: bn_at + 2 * c, running_var: bn_at + 3 * c };
+    let bn = EvalBn { offsets, eps: BN_EPS, relu: true };
     let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
     // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
     let slices = weight_grad_slices(d);
     let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
-    let (yb, dxb, gb) = (
+    let (yb, ybn, dxb, gb) = (
         ctx.zeros("y", n * d.out_image()),
+        ctx.zeros("y (batchnorm)", n * d.out_image()),
         ctx.zeros("dx", n * d.in_image()),
         ctx.zeros("grads", state.len() + (slices - 1) * d.weight_len()),
     );
-    let conv = k.conv_for(d)?;
-    let mut launches = vec![conv.forward(ctx, d, w_off, &xb, &sb, &yb)?];
+    let conv = &k.conv;
+    let mut launches =
+        vec![conv.forward(ctx, d, w_off, None, &xb, &sb, &yb)?, conv.forward(ctx, d, w_off, Some(bn), &xb, &sb, &ybn)?];
     if with_dx {
         launches.push(conv.backward_data(ctx, d, w_off, &dyb, &sb, &dxb)?);
     }
@@ -191,16 +204,23 @@ fn conv_checks(
     conv_forward(d, &x, &w, &mut y);
     let (mut dx, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
     conv_backward(d, &x, &w, &dy, Some(&mut dx), &mut dw);
-    let name = if d.k == 3 { "conv3x3" } else { "conv1x1" };
+    let mut y_bn = vec![0.0; y.len()];
+    let bn_dims = BnDims { n, c, hw: d.ho() * d.wo() };
+    batchnorm_forward_eval(&bn_dims, &y, &gamma, &beta, &rm, &rv, BN_EPS, &mut y_bn);
+    relu_forward(&mut y_bn);
+    let name = "conv";
     let (input, output) = (nchw(n, d.cin, d.h, d.w), nchw(n, d.cout, d.ho(), d.wo()));
-    let mut checks = vec![compare(
-        &format!("{name}.forward"),
-        layer,
-        &format!("{input} -> {output}"),
-        &read(ctx, &yb, y.len())?,
-        &y,
-        TOL_SUMS,
-    )];
+    let mut checks = vec![
+        compare(&format!("{name}.forward"), layer, &format!("{input} -> {output}"), &read(ctx, &yb, y.len())?, &y, TOL_SUMS),
+        compare(
+            &format!("{name}.forward + batchnorm eval + relu"),
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &ybn, y.len())?,
+            &y_bn,
+            TOL_SUMS,
+        ),
+    ];
     if with_dx {
         let got = read(ctx, &dxb, dx.len())?;
         checks.push(compare(
@@ -217,11 +237,11 @@ fn conv_checks(
         &format!("{name}.backward_weight"),
         layer,
         &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
-        &g[w_off..state.len()],
+        &g[w_off..bn_at],
         &dw,
         TOL_SUMS,
     );
-    if g[..w_off].iter().any(|&v| v != 0.0) {
+    if g[..w_off].iter().chain(&g[bn_at..]).any(|&v| v != 0.0) {
         weight_check.error = f64::INFINITY;
         weight_check.detail = Some("wrote outside its weights".into());
     }
@@ -576,23 +596,18 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
     };
     checks.extend(loss_checks(ctx, k, "loss", (n, model.output_classes(), pool_hw), 11)?);
     checks.extend(sgd_checks(ctx, k, model.num_trainable)?);
-    // Off the model's shapes: partial channel blocks, and more images than the loss kernel's invocations.
-    checks.extend(conv_checks(
-        ctx,
-        k,
-        "odd shape",
-        &ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 },
-        1,
-        true,
-    )?);
-    checks.extend(conv_checks(
-        ctx,
-        k,
-        "odd shape",
-        &ConvDims { n: 3, cin: 3, h: 4, w: 5, cout: 7, k: 1, pad: 0 },
-        2,
-        true,
-    )?);
+    // Off the model's shapes: partial tiles of every kind in the convolutions (channels not a multiple
+    // of 16, sums not a multiple of the 16-deep slabs, positions not a multiple of 64, odd image sizes,
+    // weight columns past one 64-wide tile), and more images than the loss kernel's invocations.
+    for (seed, d) in [
+        (1, ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 }),
+        (2, ConvDims { n: 3, cin: 3, h: 4, w: 5, cout: 7, k: 1, pad: 0 }),
+        (3, ConvDims { n: 5, cin: 17, h: 11, w: 13, cout: 19, k: 3, pad: 1 }),
+        (4, ConvDims { n: 7, cin: 9, h: 7, w: 9, cout: 33, k: 3, pad: 0 }),
+        (5, ConvDims { n: 13, cin: 33, h: 5, w: 3, cout: 17, k: 1, pad: 0 }),
+    ] {
+        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true)?);
+    }
     checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 0), 12)?);
     checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 7), 15)?);
     // A batchnorm whose 39 elements per channel leave its last slices short and empty, and whose

@@ -1,16 +1,18 @@
-//! Launches shaders/conv3x3.wgsl and shaders/conv1x1.wgsl: both take the same uniform and have the
-//! same three entry points (forward, backward_data, backward_weight), so one launcher serves both.
+//! Launches shaders/conv.wgsl: convolutions of any kernel size as tiled implicit matrix products
+//! (forward, backward_data, backward_weight), with an optional evaluation-mode batchnorm and ReLU
+//! fused into forward.
 
 use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
 
+use super::batchnorm::BnOffsets;
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::kernel::{compile, take, Cost, Dispatch, Kernel};
 use super::sgd::SlicedGrad;
 use crate::model::ConvDims;
 
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(Clone, Copy, Pod, Zeroable, Default)]
 struct Dims {
     n: u32,
     cin: u32,
@@ -20,54 +22,62 @@ struct Dims {
     ho: u32,
     wo: u32,
     pad: u32,
+    k: u32,
     w_off: u32,
     slices: u32,
     extra_off: u32,
+    bn: u32,
+    relu: u32,
+    gamma_off: u32,
+    beta_off: u32,
+    mean_off: u32,
+    var_off: u32,
+    eps: f32,
     _pad: u32,
 }
 
-/// Workgroups a weight gradient's batch sum is spread over, at least, where there are few (co, ci)
-/// pairs: a big GPU has over a hundred multiprocessors.
-const WEIGHT_GRAD_GROUPS: usize = 512;
-/// Slices of the positions per (co, ci) pair, at most.
-const MAX_WEIGHT_GRAD_SLICES: usize = 64;
+/// A workgroup's tile in conv.wgsl: TP positions (or weight columns) by TC channels.
+const TILE_POSITIONS: usize = 64;
+const TILE_CHANNELS: usize = 16;
+
+/// Workgroups a weight gradient's batch sum is spread over, at least, where its tiles are few: a big
+/// GPU has over a hundred multiprocessors.
+const WEIGHT_GRAD_GROUPS: usize = 256;
+/// Slices of the positions per tile, at most (the SGD kernel adds every slice of every weight).
+const MAX_WEIGHT_GRAD_SLICES: usize = 128;
+
+/// The (channel, column) tiles of a convolution's weight gradient.
+fn weight_grad_tiles(d: &ConvDims) -> usize {
+    d.cout.div_ceil(TILE_CHANNELS) * (d.cin * d.k * d.k).div_ceil(TILE_POSITIONS)
+}
 
 /// How many slices of the (image, position) sum a convolution's weight gradient is computed in (each
 /// slice's partial sums written apart, then added in order by the SGD kernel): enough for
 /// WEIGHT_GRAD_GROUPS workgroups. It depends on the channels only, so every batch size of one model
 /// shares the gradient buffer's layout.
 pub fn weight_grad_slices(d: &ConvDims) -> usize {
-    WEIGHT_GRAD_GROUPS.div_ceil(d.cout * d.cin).clamp(1, MAX_WEIGHT_GRAD_SLICES)
+    WEIGHT_GRAD_GROUPS.div_ceil(weight_grad_tiles(d)).clamp(1, MAX_WEIGHT_GRAD_SLICES)
 }
 
-/// The kernels of one convolution shader.
+/// The evaluation-mode batchnorm (and ReLU) fused into a forward launch.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalBn {
+    pub offsets: BnOffsets,
+    pub eps: f32,
+    pub relu: bool,
+}
+
+/// The kernels of shaders/conv.wgsl.
 pub struct Conv {
-    /// The kernel size the shader is written for.
-    k: usize,
-    /// Channels one invocation of forward (output channels) and backward_data (input channels)
-    /// computes: CB in the shader.
-    channel_block: usize,
     forward: Kernel,
     backward_data: Kernel,
     backward_weight: Kernel,
 }
 
 impl Conv {
-    /// shaders/conv3x3.wgsl (padding 0 or 1).
-    pub fn conv3x3(ctx: &GpuContext) -> Result<Conv> {
-        Conv::new(ctx, "conv3x3", 3, 4)
-    }
-
-    /// shaders/conv1x1.wgsl (no padding).
-    pub fn conv1x1(ctx: &GpuContext) -> Result<Conv> {
-        Conv::new(ctx, "conv1x1", 1, 1)
-    }
-
-    fn new(ctx: &GpuContext, shader: &str, k: usize, channel_block: usize) -> Result<Conv> {
-        let mut kernels = compile(ctx, shader)?;
+    pub fn new(ctx: &GpuContext) -> Result<Conv> {
+        let mut kernels = compile(ctx, "conv")?;
         Ok(Conv {
-            k,
-            channel_block,
             forward: take(&mut kernels, "forward"),
             backward_data: take(&mut kernels, "backward_data"),
             backward_weight: take(&mut kernels, "backward_weight"),
@@ -80,22 +90,11 @@ impl Conv {
         Cost::new(2 * d.n * d.ho() * d.wo() * taps, d.n * d.cin * d.h * d.w + taps + d.n * d.cout * d.ho() * d.wo())
     }
 
-    fn dims(&self, ctx: &GpuContext, d: &ConvDims, w_off: usize) -> Result<wgpu::Buffer> {
-        self.dims_sliced(ctx, d, w_off, 1, 0)
-    }
-
-    fn dims_sliced(
-        &self,
-        ctx: &GpuContext,
-        d: &ConvDims,
-        w_off: usize,
-        slices: usize,
-        extra_off: usize,
-    ) -> Result<wgpu::Buffer> {
-        if d.k != self.k || (self.k == 1 && d.pad != 0) {
-            bail!("a {0}x{0} convolution with padding {1} given to the {2}x{2} kernels", d.k, d.pad, self.k);
+    fn dims(d: &ConvDims, w_off: usize) -> Result<Dims> {
+        if d.k == 0 || d.pad >= d.k || d.ho() == 0 || d.wo() == 0 {
+            bail!("no GPU kernel for a {0}x{0} convolution with padding {1} of {2}x{3} images", d.k, d.pad, d.h, d.w);
         }
-        let dims = Dims {
+        Ok(Dims {
             n: d.n as u32,
             cin: d.cin as u32,
             h: d.h as u32,
@@ -104,33 +103,48 @@ impl Conv {
             ho: d.ho() as u32,
             wo: d.wo() as u32,
             pad: d.pad as u32,
+            k: d.k as u32,
             w_off: w_off as u32,
-            slices: slices as u32,
-            extra_off: extra_off as u32,
-            _pad: 0,
-        };
-        Ok(ctx.uniform("conv dims", &dims))
+            slices: 1,
+            ..Default::default()
+        })
     }
 
-    /// y = conv(x, weights at state[w_off..]).
+    /// Workgroups of an output-stationary pass: tiles of `channels` x `positions`.
+    fn output_tiles(channels: usize, positions: usize) -> u32 {
+        (channels.div_ceil(TILE_CHANNELS) * positions.div_ceil(TILE_POSITIONS)) as u32
+    }
+
+    /// y = conv(x, weights at state[w_off..]), followed, with `bn`, by the evaluation-mode batchnorm
+    /// (and ReLU) of the next layer.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ctx: &GpuContext,
         d: &ConvDims,
         w_off: usize,
+        bn: Option<EvalBn>,
         x: &wgpu::Buffer,
         state: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        let u = self.dims(ctx, d, w_off)?;
-        Ok(self
-            .forward
-            .launch(
-                ctx,
-                groups_for(d.n * d.cout.div_ceil(self.channel_block) * d.ho() * d.wo()),
-                &[(0, &u), (1, x), (2, state), (4, y)],
-            )
-            .with_cost(Conv::cost(d)))
+        let mut dims = Conv::dims(d, w_off)?;
+        if let Some(bn) = bn {
+            dims.bn = 1;
+            dims.relu = bn.relu as u32;
+            dims.gamma_off = bn.offsets.gamma as u32;
+            dims.beta_off = bn.offsets.beta as u32;
+            dims.mean_off = bn.offsets.running_mean as u32;
+            dims.var_off = bn.offsets.running_var as u32;
+            dims.eps = bn.eps;
+        }
+        let u = ctx.uniform("conv dims", &dims);
+        let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo());
+        let mut cost = Conv::cost(d);
+        if bn.is_some() {
+            cost.flops += 4.0 * (d.n * d.out_image()) as f64;
+        }
+        Ok(self.forward.launch(ctx, groups, &[(0, &u), (1, x), (2, state), (4, y)]).with_cost(cost))
     }
 
     /// dx from dy.
@@ -143,21 +157,13 @@ impl Conv {
         state: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        let u = self.dims(ctx, d, w_off)?;
-        Ok(self
-            .backward_data
-            .launch(
-                ctx,
-                groups_for(d.n * d.cin.div_ceil(self.channel_block) * d.h * d.w),
-                &[(0, &u), (2, state), (3, dy), (4, dx)],
-            )
-            .with_cost(Conv::cost(d)))
+        let u = ctx.uniform("conv dims", &Conv::dims(d, w_off)?);
+        let groups = Conv::output_tiles(d.cin, d.n * d.h * d.w);
+        Ok(self.backward_data.launch(ctx, groups, &[(0, &u), (1, dy), (2, state), (4, dx)]).with_cost(Conv::cost(d)))
     }
 
-    /// grads[w_off..] = dL/dweights from x and dy: one workgroup per (output, input) channel pair,
-    /// which computes all k x k taps.
-    /// The weight gradient in `sliced.slices` partial sums (see `weight_grad_slices`), placed as
-    /// `sliced` says in `grads`; the SGD kernel (or `Sgd::sum_slices`) adds them.
+    /// The weight gradient from x and dy, in `sliced.slices` partial sums (see `weight_grad_slices`)
+    /// placed as `sliced` says in `grads`; the SGD kernel (or `Sgd::sum_slices`) adds them.
     pub fn backward_weight(
         &self,
         ctx: &GpuContext,
@@ -167,9 +173,10 @@ impl Conv {
         dy: &wgpu::Buffer,
         grads: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        let u = self.dims_sliced(ctx, d, sliced.start, sliced.slices, sliced.extra)?;
+        let dims = Dims { slices: sliced.slices as u32, extra_off: sliced.extra as u32, ..Conv::dims(d, sliced.start)? };
+        let u = ctx.uniform("conv dims", &dims);
         let buffers = [(0, &u), (1, x), (3, dy), (5, grads)];
-        let groups = (d.cout * d.cin * sliced.slices) as u32;
+        let groups = (weight_grad_tiles(d) * sliced.slices) as u32;
         let mut cost = Conv::cost(d);
         cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len) as f64;
         Ok(self.backward_weight.launch(ctx, groups, &buffers).with_cost(cost))

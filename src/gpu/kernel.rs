@@ -11,8 +11,7 @@ pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
 /// Every shader file of `shaders/` except the prelude, by name.
 pub const SHADERS: &[(&str, &str)] = &[
-    ("conv3x3", include_str!("../../shaders/conv3x3.wgsl")),
-    ("conv1x1", include_str!("../../shaders/conv1x1.wgsl")),
+    ("conv", include_str!("../../shaders/conv.wgsl")),
     ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),

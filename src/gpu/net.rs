@@ -9,18 +9,17 @@ use anyhow::{bail, Result};
 use super::batchnorm::{bn_slices, saved_len, BatchNorm, BnBuffers, BnLayer, BnOffsets};
 use super::context::GpuContext;
 use super::conv::weight_grad_slices;
-use super::conv::Conv;
+use super::conv::{Conv, EvalBn};
 use super::dropout::Dropout;
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
 use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform, MAX_SLICED};
-use crate::model::{ConvDims, Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
+use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 
 /// Every shader's kernels, compiled once per device.
 pub struct Kernels {
-    pub conv3x3: Conv,
-    pub conv1x1: Conv,
+    pub conv: Conv,
     pub batchnorm: BatchNorm,
     pub pool: Pool,
     pub dropout: Dropout,
@@ -29,19 +28,9 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// The convolution kernels for `d`'s kernel size.
-    pub fn conv_for(&self, d: &ConvDims) -> Result<&Conv> {
-        match d.k {
-            3 => Ok(&self.conv3x3),
-            1 => Ok(&self.conv1x1),
-            k => bail!("no GPU kernels for {k}x{k} convolutions"),
-        }
-    }
-
     pub fn new(ctx: &GpuContext) -> Result<Kernels> {
         Ok(Kernels {
-            conv3x3: Conv::conv3x3(ctx)?,
-            conv1x1: Conv::conv1x1(ctx)?,
+            conv: Conv::new(ctx)?,
             batchnorm: BatchNorm::new(ctx)?,
             pool: Pool::new(ctx)?,
             dropout: Dropout::new(ctx)?,
@@ -234,6 +223,11 @@ fn tag(launches: &mut [Dispatch], layer: &str) {
     }
 }
 
+/// Whether layer `i` (a batchnorm) runs, in evaluation, inside the convolution before it.
+fn after_conv(model: &Model, i: usize) -> bool {
+    i > 0 && matches!(model.layers[i - 1], Layer::Conv { .. })
+}
+
 /// Whether layer `i` is a ReLU folded into the batchnorm before it.
 fn fused_relu(model: &Model, i: usize) -> bool {
     matches!(model.layers[i], Layer::Relu) && i > 0 && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
@@ -359,15 +353,26 @@ impl GpuNet {
             match (layer, model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
-                    let conv = k.conv_for(&d)?;
-                    forward_train.push(conv.forward(ctx, &d, w_off, x, state_buf, y)?);
-                    forward_eval.push(conv.forward(ctx, &d, w_off, xe, state_buf, y)?);
+                    forward_train.push(k.conv.forward(ctx, &d, w_off, None, x, state_buf, y)?);
+                    // In evaluation a batchnorm that follows is an affine map per channel: it runs in
+                    // the convolution's launch, which writes the batchnorm's output.
+                    match (model.layers.get(i + 1), model.layer_params.get(i + 1)) {
+                        (Some(&Layer::BatchNorm { c, .. }), Some(&p)) => {
+                            let l = bn_layer(i + 1, c, p);
+                            let bn = EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu };
+                            let bn_out = &activations[output_of[i + 1]];
+                            forward_eval.push(k.conv.forward(ctx, &d, w_off, Some(bn), xe, state_buf, bn_out)?);
+                        }
+                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, None, xe, state_buf, y)?),
+                    }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
                     let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
                     forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
-                    forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &BnBuffers { x: xe, ..b }));
+                    if !after_conv(model, i) {
+                        forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &BnBuffers { x: xe, ..b }));
+                    }
                 }
                 (Layer::Relu, _) => {} // fused into the batchnorm before it
                 (&Layer::Dropout { p }, _) => {
@@ -416,12 +421,11 @@ impl GpuNet {
             match (&model.layers[i], model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
-                    let conv = k.conv_for(&d)?;
                     let slices = slices_of(&sliced, w_off, d.weight_len());
-                    backward.push(conv.backward_weight(ctx, &d, &slices, x, cur, grads)?);
+                    backward.push(k.conv.backward_weight(ctx, &d, &slices, x, cur, grads)?);
                     // The input image needs no gradient.
                     if i > 0 {
-                        backward.push(conv.backward_data(ctx, &d, w_off, cur, state_buf, other)?);
+                        backward.push(k.conv.backward_data(ctx, &d, w_off, cur, state_buf, other)?);
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {

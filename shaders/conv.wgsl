@@ -1,0 +1,310 @@
+// Convolution k x k, stride 1, zero padding d.pad, no bias; NCHW activations, weights at
+// state[d.w_off..] as cout x cin x k x k (their gradient at the same offset of grads). Every pass is a
+// tiled implicit matrix product: the image patches are never written out; a workgroup stages KT-deep
+// slabs of patch values and weights in workgroup memory and each of its TW invocations keeps a 4 x 4
+// register block of results (4 positions or weight columns x 4 channels, vec4 reads of the slabs).
+// Partial tiles (channels, positions, depth) are padded with zeros and their results not written.
+//
+// Entry points and dispatch shapes (workgroups of TW invocations, a flat grid; see flat_group):
+//   forward          y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p], p = (image, oy, ox):
+//                    one workgroup per tile of TC output channels x TP positions
+//                    (ceil(cout / TC) * ceil(n * ho * wo / TP)). With d.bn == 1 the evaluation-mode
+//                    batchnorm that follows (running statistics at d.*_off) is applied to each result,
+//                    and with d.relu == 1 its ReLU too: the batchnorm launch is skipped.
+//   backward_data    dx[ci, q] = sum over r = (co, ky, kx) of w[co, ci, ky, kx] * dy-patch[r, q], the same
+//                    tiles over input channels and input positions (ceil(cin / TC) * ceil(n * h * w / TP))
+//   backward_weight  dw[co, r] = sum over positions p of dy[co, p] * x-patch[r, p]: one workgroup per tile
+//                    of TC output channels x TP of the cin * k * k columns and per slice of the positions
+//                    (ceil(cout / TC) * ceil(cin k k / TP) * d.slices); slice s sums its contiguous share of
+//                    the positions in order and writes its partial sums to slice s's place (slice 0 at the
+//                    weights' own offset of grads, slice s > 0 at d.extra_off + (s - 1) * weights);
+//                    sgd.wgsl adds the slices in order.
+// Every result is one invocation's sum in a fixed order, so the same inputs give the same bits.
+// Bindings: 0 dims (uniform), 1 src (the patches' source: the input activation x, or in backward_data
+//           the output gradient dy), 2 state (weights; batchnorm parameters), 3 dy (backward_weight's
+//           output gradient), 4 out (forward: y; backward_data: dx), 5 grads.
+
+struct Dims {
+    n: u32, cin: u32, h: u32, w: u32,
+    cout: u32, ho: u32, wo: u32, pad: u32,
+    k: u32, w_off: u32, slices: u32, extra_off: u32,
+    bn: u32, relu: u32, gamma_off: u32, beta_off: u32,
+    mean_off: u32, var_off: u32, eps: f32, _p0: u32,
+}
+
+@group(0) @binding(0) var<uniform> d: Dims;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read> state: array<f32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> grads: array<f32>;
+
+// Invocations per workgroup, tile positions (or weight columns), tile channels, and the depth of the
+// sum staged at a time. TW = (TP / 4) * (TC / 4): one 4 x 4 register block per invocation.
+const TW: u32 = 64u;
+const TP: u32 = 64u;
+const TC: u32 = 16u;
+const KT: u32 = 16u;
+
+// KT rows of TP patch values (4 per vec4), and KT rows of TC channel values (4 per vec4): 5 KiB.
+var<workgroup> slab_p: array<vec4<f32>, 256>; // KT * TP / 4
+var<workgroup> slab_c: array<vec4<f32>, 64>; // KT * TC / 4
+
+// One 4 x 4 register block: for each of 4 positions (or columns), 4 channels.
+struct Block {
+    r0: vec4<f32>, r1: vec4<f32>, r2: vec4<f32>, r3: vec4<f32>,
+}
+
+// Adds the staged slabs' product into the block of invocation `lid`: positions 4 (lid % 16) .. +3,
+// channels 4 (lid / 16) .. +3, over the KT staged rows in order.
+fn multiply_slabs(lid: u32, acc: ptr<function, Block>) {
+    let tp = lid % (TP / 4u);
+    let tc = lid / (TP / 4u);
+    for (var kk = 0u; kk < KT; kk++) {
+        let a = slab_p[kk * (TP / 4u) + tp];
+        let b = slab_c[kk * (TC / 4u) + tc];
+        (*acc).r0 += a.x * b;
+        (*acc).r1 += a.y * b;
+        (*acc).r2 += a.z * b;
+        (*acc).r3 += a.w * b;
+    }
+}
+
+fn block_row(acc: Block, j: u32) -> vec4<f32> {
+    switch j {
+        case 0u: { return acc.r0; }
+        case 1u: { return acc.r1; }
+        case 2u: { return acc.r2; }
+        default: { return acc.r3; }
+    }
+}
+
+// The weight w[co, ci, tap], or 0 past the tensor's channels (the padding of a partial tile).
+fn weight(co: u32, ci: u32, tap: u32) -> f32 {
+    if (co >= d.cout || ci >= d.cin) {
+        return 0.0;
+    }
+    return state[d.w_off + (co * d.cin + ci) * d.k * d.k + tap];
+}
+
+// A position of an NCHW plane of `hw_h` x `hw_w` pixels: image, row, column.
+fn position(p: u32, hw_h: u32, hw_w: u32) -> vec3<u32> {
+    let plane = hw_h * hw_w;
+    return vec3<u32>(p / plane, (p % plane) / hw_w, p % hw_w);
+}
+
+// The next position after `at` in a plane of hw_h x hw_w pixels (row by row, image by image).
+fn next_position(at: vec3<u32>, hw_h: u32, hw_w: u32) -> vec3<u32> {
+    var p = at;
+    p.z += 1u;
+    if (p.z == hw_w) {
+        p.z = 0u;
+        p.y += 1u;
+        if (p.y == hw_h) {
+            p.y = 0u;
+            p.x += 1u;
+        }
+    }
+    return p;
+}
+
+// A tap (channel, ky, kx) of a patch, and the next one in the weights' (channel, ky, kx) order.
+fn tap_of(r: u32) -> vec3<u32> {
+    let kk = d.k * d.k;
+    return vec3<u32>(r / kk, (r % kk) / d.k, r % d.k);
+}
+
+fn next_tap(t: vec3<u32>) -> vec3<u32> {
+    var n = t;
+    n.z += 1u;
+    if (n.z == d.k) {
+        n.z = 0u;
+        n.y += 1u;
+        if (n.y == d.k) {
+            n.y = 0u;
+            n.x += 1u;
+        }
+    }
+    return n;
+}
+
+// Tap `t` of the patch at output position `at` of x (forward, backward_weight), or of dy's patch at
+// input position `at` (backward_data); src holds x or dy. 0 outside the image and past the channels.
+fn patch_value(backward: bool, t: vec3<u32>, at: vec3<u32>) -> f32 {
+    if (backward) {
+        let oy = i32(at.y + d.pad) - i32(t.y);
+        let ox = i32(at.z + d.pad) - i32(t.z);
+        if (t.x >= d.cout || oy < 0 || oy >= i32(d.ho) || ox < 0 || ox >= i32(d.wo)) {
+            return 0.0;
+        }
+        return src[((at.x * d.cout + t.x) * d.ho + u32(oy)) * d.wo + u32(ox)];
+    }
+    let iy = i32(at.y + t.y) - i32(d.pad);
+    let ix = i32(at.z + t.z) - i32(d.pad);
+    if (t.x >= d.cin || iy < 0 || iy >= i32(d.h) || ix < 0 || ix >= i32(d.w)) {
+        return 0.0;
+    }
+    return src[((at.x * d.cin + t.x) * d.h + u32(iy)) * d.w + u32(ix)];
+}
+
+// One output tile of forward (backward == false) or backward_data: channels c0.. of the output,
+// positions p0.. of its (image, row, column) positions.
+fn output_tile(lid: u32, group: u32, backward: bool) {
+    // Output channels and plane, and the sum's depth, for the direction.
+    let out_c = select(d.cout, d.cin, backward);
+    let out_h = select(d.ho, d.h, backward);
+    let out_w = select(d.wo, d.w, backward);
+    let depth = select(d.cin, d.cout, backward) * d.k * d.k;
+    let positions = d.n * out_h * out_w;
+    let c_tiles = (out_c + TC - 1u) / TC;
+    let c0 = (group % c_tiles) * TC;
+    let p0 = (group / c_tiles) * TP;
+    // The grid may round the workgroup count up; group is uniform, so the barriers stay uniform.
+    if (p0 >= positions) {
+        return;
+    }
+    // Each invocation stages the patch of one position, the same for every slab.
+    let mine = p0 + lid;
+    let at = position(min(mine, positions - 1u), out_h, out_w);
+    var acc: Block;
+    for (var r0 = 0u; r0 < depth; r0 += KT) {
+        // Taps advance by counting, not dividing: index arithmetic would outweigh the multiply-adds.
+        var t = tap_of(r0);
+        for (var row = 0u; row < KT; row++) {
+            var v = 0.0;
+            if (mine < positions && r0 + row < depth) {
+                v = patch_value(backward, t, at);
+            }
+            slab_p[row * (TP / 4u) + lid / 4u][lid % 4u] = v;
+            t = next_tap(t);
+        }
+        for (var e = lid; e < KT * TC; e += TW) {
+            let r = r0 + e / TC;
+            let c = c0 + e % TC;
+            var v = 0.0;
+            if (r < depth) {
+                let kk = d.k * d.k;
+                if (backward) {
+                    v = weight(r / kk, c, r % kk);
+                } else {
+                    v = weight(c, r / kk, r % kk);
+                }
+            }
+            slab_c[(e / TC) * (TC / 4u) + (e % TC) / 4u][e % 4u] = v;
+        }
+        workgroupBarrier();
+        multiply_slabs(lid, &acc);
+        workgroupBarrier();
+    }
+    let plane = out_h * out_w;
+    for (var j = 0u; j < 4u; j++) {
+        let p = p0 + 4u * (lid % (TP / 4u)) + j;
+        if (p >= positions) {
+            break;
+        }
+        let row = block_row(acc, j);
+        for (var t = 0u; t < 4u; t++) {
+            let c = c0 + 4u * (lid / (TP / 4u)) + t;
+            if (c < out_c) {
+                out[((p / plane) * out_c + c) * plane + p % plane] = epilogue(backward, c, row[t]);
+            }
+        }
+    }
+}
+
+// Forward with d.bn == 1: the evaluation-mode batchnorm (and ReLU) of the next layer, computed as
+// batchnorm.wgsl's apply_eval computes it.
+fn epilogue(backward: bool, c: u32, v: f32) -> f32 {
+    if (backward || d.bn == 0u) {
+        return v;
+    }
+    let invstd = 1.0 / sqrt(state[d.var_off + c] + d.eps);
+    var y = (v - state[d.mean_off + c]) * invstd * state[d.gamma_off + c] + state[d.beta_off + c];
+    if (d.relu == 1u) {
+        y = max(y, 0.0);
+    }
+    return y;
+}
+
+@compute @workgroup_size(TW)
+fn forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    output_tile(lid, flat_group(wid, nwg), false);
+}
+
+@compute @workgroup_size(TW)
+fn backward_data(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    output_tile(lid, flat_group(wid, nwg), true);
+}
+
+@compute @workgroup_size(TW)
+fn backward_weight(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = flat_group(wid, nwg);
+    let kk = d.k * d.k;
+    let columns = d.cin * kk;
+    let c_tiles = (d.cout + TC - 1u) / TC;
+    let col_tiles = (columns + TP - 1u) / TP;
+    let c0 = (group % c_tiles) * TC;
+    let col0 = ((group / c_tiles) % col_tiles) * TP;
+    let slice = group / (c_tiles * col_tiles);
+    if (slice >= d.slices) {
+        return;
+    }
+    let plane = d.ho * d.wo;
+    let positions = d.n * plane;
+    let share = (positions + d.slices - 1u) / d.slices;
+    let start = min(positions, slice * share);
+    let end = min(positions, start + share);
+    // Each invocation stages one column r = (ci, ky, kx) of the patches, the same for every slab.
+    let mine = col0 + lid;
+    let t = tap_of(mine);
+    var acc: Block;
+    for (var q0 = start; q0 < end; q0 += KT) {
+        var at = position(q0, d.ho, d.wo);
+        for (var row = 0u; row < KT; row++) {
+            var v = 0.0;
+            if (mine < columns && q0 + row < end) {
+                v = patch_value(false, t, at);
+            }
+            slab_p[row * (TP / 4u) + lid / 4u][lid % 4u] = v;
+            at = next_position(at, d.ho, d.wo);
+        }
+        for (var e = lid; e < KT * TC; e += TW) {
+            let q = q0 + e / TC;
+            let c = c0 + e % TC;
+            var v = 0.0;
+            if (q < end && c < d.cout) {
+                v = dy[((q / plane) * d.cout + c) * plane + q % plane];
+            }
+            slab_c[(e / TC) * (TC / 4u) + (e % TC) / 4u][e % 4u] = v;
+        }
+        workgroupBarrier();
+        multiply_slabs(lid, &acc);
+        workgroupBarrier();
+    }
+    let base = select(d.extra_off + (slice - 1u) * d.cout * columns, d.w_off, slice == 0u);
+    for (var j = 0u; j < 4u; j++) {
+        let r = col0 + 4u * (lid % (TP / 4u)) + j;
+        if (r >= columns) {
+            break;
+        }
+        let row = block_row(acc, j);
+        for (var t = 0u; t < 4u; t++) {
+            let c = c0 + 4u * (lid / (TP / 4u)) + t;
+            if (c < d.cout) {
+                grads[base + c * columns + r] = row[t];
+            }
+        }
+    }
+}
