@@ -1,5 +1,7 @@
 // Batch normalization over (N, H, W) per channel, PyTorch semantics, with the ReLU that follows it
-// fused in when d.relu == 1. NCHW activations of d.hw pixels per plane.
+// fused in when d.relu == 1, and after that ReLU the training-mode dropout when d.dropout == 1 (its mask
+// from dropout_hash as dropout.wgsl draws it, when s.dropout_on == 1). NCHW activations of d.hw pixels
+// per plane, d.width per row.
 // gamma, beta, running mean and variance live in `state` at the d.*_off offsets. `saved` holds the
 // batch mean (c values), then 1 / sqrt(var + eps) (c values) of the last training-mode pass, then each
 // slice's partial statistics (below).
@@ -24,15 +26,20 @@
 //                    SGD kernel adds them, as sgd.wgsl says)
 //   backward_data    one invocation per element: adds the slices in order, then
 //                    dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)
-// Bindings: 0 dims (uniform), 1 x (input of the layer), 2 state, 3 saved, 4 out (y or dx),
-//           5 dy (per element, or per plane when d.dy_pooled == 1), 6 grads, 7 y (the layer's output,
-//           for the ReLU mask).
+// In the backward entries dy is the gradient of the layer's output (after ReLU and dropout), or, when
+// d.dy_pooled == 1, of a global average pooling of it (one per plane), or, when d.maxpool == 1, of a
+// 2x2 max pooling of it: the pooling's backward runs inside (the gradient goes to each window's
+// maximum, found again in y). A fused dropout's mask needs no draw there: the output y is 0 exactly
+// where the ReLU or the dropout cut the gradient, and the kept elements were scaled by d.dropout_scale.
+// Bindings: 0 dims (uniform), 1 x (input of the layer), 2 state, 3 saved, 4 out (y or dx), 5 dy,
+//           6 grads, 7 y (the layer's output, for the masks), 8 step (uniform: the dropout's draw).
 
 struct Dims {
     n: u32, c: u32, hw: u32, relu: u32,
     gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
     momentum: f32, eps: f32, slices: u32, gamma_extra: u32,
-    beta_extra: u32, dy_pooled: u32, _p1: u32, _p2: u32,
+    beta_extra: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
+    dropout_scale: f32, maxpool: u32, width: u32, _p0: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -43,6 +50,7 @@ struct Dims {
 @group(0) @binding(5) var<storage, read> dy: array<f32>;
 @group(0) @binding(6) var<storage, read_write> grads: array<f32>;
 @group(0) @binding(7) var<storage, read> y: array<f32>;
+@group(0) @binding(8) var<uniform> s: Step;
 
 fn element(c: u32, j: u32) -> u32 {
     // The j-th of the channel's n * hw elements, image by image.
@@ -103,12 +111,17 @@ fn planes_of(first: u32) -> vec2<u32> {
     return vec2<u32>(first / d.hw, last / d.hw - first / d.hw + 1u);
 }
 
-fn normalize(i: u32, c: u32, mean: f32, invstd: f32) {
+fn normalize(i: u32, c: u32, mean: f32, invstd: f32) -> f32 {
     var v = (x[i] - mean) * invstd * state[d.gamma_off + c] + state[d.beta_off + c];
     if (d.relu == 1u) {
         v = max(v, 0.0);
     }
-    out[i] = v;
+    return v;
+}
+
+// Whether the fused dropout scales the kept elements this step.
+fn dropping() -> bool {
+    return d.dropout == 1u && s.dropout_on == 1u;
 }
 
 @compute @workgroup_size(WG)
@@ -167,7 +180,12 @@ fn apply_train(
     let i = first + lid;
     if (i < total) {
         let k2 = i / d.hw - planes.x;
-        normalize(i, (i / d.hw) % d.c, plane_a[k2], plane_b[k2]);
+        let v = normalize(i, (i / d.hw) % d.c, plane_a[k2], plane_b[k2]);
+        if (dropping()) {
+            out[i] = select(0.0, v * d.dropout_scale, dropout_hash(s.seed, s.step, i) >= d.dropout_threshold);
+        } else {
+            out[i] = v;
+        }
     }
 }
 
@@ -178,20 +196,48 @@ fn apply_eval(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgr
         return;
     }
     let c = (i / d.hw) % d.c;
-    normalize(i, c, state[d.mean_off + c], 1.0 / sqrt(state[d.var_off + c] + d.eps));
+    out[i] = normalize(i, c, state[d.mean_off + c], 1.0 / sqrt(state[d.var_off + c] + d.eps));
 }
 
-// The gradient reaching the normalization: dy, zeroed where the fused ReLU was off.
+// The gradient of output element i when a 2x2 max pooling follows: its window's, if i is the
+// window's maximum (the first on ties, as the forward pooling chose), else 0.
+fn maxpool_dy(i: u32) -> f32 {
+    let plane = i / d.hw;
+    let row = (i % d.hw) / d.width;
+    let col = i % d.width;
+    let pw = d.width / 2u;
+    let ph = (d.hw / d.width) / 2u;
+    if (row / 2u >= ph || col / 2u >= pw) {
+        return 0.0;
+    }
+    let base = plane * d.hw + (row & ~1u) * d.width + (col & ~1u);
+    let v = vec4<f32>(y[base], y[base + 1u], y[base + d.width], y[base + d.width + 1u]);
+    if (window_max_place(v) != (row % 2u) * 2u + col % 2u) {
+        return 0.0;
+    }
+    return dy[(plane * ph + row / 2u) * pw + col / 2u];
+}
+
+// The gradient reaching the normalization: dy through the poolings, zeroed where the fused ReLU was
+// off or the dropout dropped (y == 0 in both cases), scaled as the dropout scaled.
 fn masked_dy(i: u32) -> f32 {
     if (d.relu == 1u && y[i] <= 0.0) {
         return 0.0;
     }
+    var g: f32;
     if (d.dy_pooled == 1u) {
         // A global average pooling follows, its backward fused in (as pool.gap_backward computes it):
         // dy holds one gradient per plane.
-        return dy[i / d.hw] / f32(d.hw);
+        g = dy[i / d.hw] / f32(d.hw);
+    } else if (d.maxpool == 1u) {
+        g = maxpool_dy(i);
+    } else {
+        g = dy[i];
     }
-    return dy[i];
+    if (dropping()) {
+        g *= d.dropout_scale;
+    }
+    return g;
 }
 
 // Where slice s of channel c's dbeta (or, with `gamma`, dgamma) goes in grads.

@@ -42,3 +42,33 @@ fn workgroup_sum2(lid: u32, a: f32, b: f32) -> vec2<f32> {
     workgroupBarrier();
     return total;
 }
+
+// The place (0..3, row-major) of the maximum of a 2x2 window's values, the first on ties (as PyTorch):
+// the one rule of every kernel that pools or routes a pooling's gradient.
+fn window_max_place(v: vec4<f32>) -> u32 {
+    var at = 0u;
+    var best = v.x;
+    for (var k = 1u; k < 4u; k++) {
+        if (v[k] > best) {
+            best = v[k];
+            at = k;
+        }
+    }
+    return at;
+}
+
+// The dropout masks' counter-based hash of (seed, step, element index), as src/cpu/dropout.rs: element
+// i is kept when its 24-bit draw is at least p * 2^24. Used by dropout.wgsl and batchnorm.wgsl.
+fn lowbias32(v: u32) -> u32 {
+    var h = v;
+    h ^= h >> 16u;
+    h *= 0x7feb352du;
+    h ^= h >> 15u;
+    h *= 0x846ca68bu;
+    h ^= h >> 16u;
+    return h;
+}
+
+fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
+    return lowbias32(index + lowbias32(step + lowbias32(seed))) >> 8u;
+}

@@ -4,36 +4,41 @@
 // slabs of patch values and weights in workgroup memory and each of its TW invocations keeps a 4 x 4
 // register block of results (4 positions or weight columns x 4 channels, vec4 reads of the slabs).
 // Partial tiles (channels, positions, depth) are padded with zeros and their results not written.
+// With d.pool == 1 the input is the 2x2 max pooling (stride 2, the first maximum on ties, as
+// pool.wgsl) of x, which holds planes of 2h x 2w: the pooling runs inside the patch reads.
 //
 // Entry points and dispatch shapes (workgroups of TW invocations, a flat grid; see flat_group):
-//   forward          y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p], p = (image, oy, ox):
-//                    one workgroup per tile of TC output channels x TP positions
-//                    (ceil(cout / TC) * ceil(n * ho * wo / TP)). With d.bn == 1 the evaluation-mode
-//                    batchnorm that follows (running statistics at d.*_off) is applied to each result,
-//                    and with d.relu == 1 its ReLU too: the batchnorm launch is skipped.
-//   backward_data    dx[ci, q] = sum over r = (co, ky, kx) of w[co, ci, ky, kx] * dy-patch[r, q], the same
-//                    tiles over input channels and input positions (ceil(cin / TC) * ceil(n * h * w / TP))
-//   backward_weight  dw[co, r] = sum over positions p of dy[co, p] * x-patch[r, p]: one workgroup per tile
-//                    of TC output channels x TP of the cin * k * k columns and per slice of the positions
-//                    (ceil(cout / TC) * ceil(cin k k / TP) * d.slices); slice s sums its contiguous share of
-//                    the positions in order and writes its partial sums to slice s's place (slice 0 at the
-//                    weights' own offset of grads, slice s > 0 at d.extra_off + (s - 1) * weights);
-//                    sgd.wgsl adds the slices in order.
+//   forward   y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p], p = (image, oy, ox):
+//             one workgroup per tile of TC output channels x TP positions
+//             (ceil(cout / TC) * ceil(n * ho * wo / TP)). With d.bn == 1 the evaluation-mode batchnorm
+//             that follows (running statistics at d.*_off) is applied to each result, and with
+//             d.relu == 1 its ReLU too: the batchnorm launch is skipped.
+//   backward  both gradients in one launch, as they depend on dy alone:
+//             first d.weight_groups workgroups: dw[co, r] = sum over positions p of dy[co, p] *
+//             x-patch[r, p], one per tile of TC output channels x TP of the cin * k * k columns and per
+//             slice of the positions (ceil(cout / TC) * ceil(cin k k / TP) * d.slices); slice s sums its
+//             contiguous share of the positions in order and writes its partial sums to slice s's
+//             place (slice 0 at the weights' own offset of grads, slice s > 0 at
+//             d.extra_off + (s - 1) * weights); sgd.wgsl adds the slices in order;
+//             then, with d.data == 1, dx[ci, q] = sum over r = (co, ky, kx) of w[co, ci, ky, kx] *
+//             dy-patch[r, q], tiles over input channels and input positions as forward's
+//             (ceil(cin / TC) * ceil(n * h * w / TP)).
 // Every result is one invocation's sum in a fixed order, so the same inputs give the same bits.
-// Bindings: 0 dims (uniform), 1 src (the patches' source: the input activation x, or in backward_data
-//           the output gradient dy), 2 state (weights; batchnorm parameters), 3 dy (backward_weight's
-//           output gradient), 4 out (forward: y; backward_data: dx), 5 grads.
+// Bindings: 0 dims (uniform), 1 x (input activation), 2 state (weights; batchnorm parameters),
+//           3 dy (output gradient), 4 out (forward: y; backward: dx), 5 grads. Forward binds x as dy
+//           too: the patch reader serves both directions.
 
 struct Dims {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, pad: u32,
     k: u32, w_off: u32, slices: u32, extra_off: u32,
     bn: u32, relu: u32, gamma_off: u32, beta_off: u32,
-    mean_off: u32, var_off: u32, eps: f32, _p0: u32,
+    mean_off: u32, var_off: u32, eps: f32, pool: u32,
+    weight_groups: u32, data: u32, _p0: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
-@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> state: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
@@ -128,8 +133,19 @@ fn next_tap(t: vec3<u32>) -> vec3<u32> {
     return n;
 }
 
-// Tap `t` of the patch at output position `at` of x (forward, backward_weight), or of dy's patch at
-// input position `at` (backward_data); src holds x or dy. 0 outside the image and past the channels.
+// Input value (image b, channel c, row iy, column ix): x's, or the maximum of its 2x2 window of x.
+fn input_value(b: u32, c: u32, iy: u32, ix: u32) -> f32 {
+    if (d.pool == 0u) {
+        return x[((b * d.cin + c) * d.h + iy) * d.w + ix];
+    }
+    let w2 = 2u * d.w;
+    let base = ((b * d.cin + c) * 2u * d.h + 2u * iy) * w2 + 2u * ix;
+    let v = vec4<f32>(x[base], x[base + 1u], x[base + w2], x[base + w2 + 1u]);
+    return v[window_max_place(v)];
+}
+
+// Tap `t` of x's patch at output position `at` (forward and the weight gradient), or of dy's patch at
+// input position `at` (backward); 0 outside the image and past the channels.
 fn patch_value(backward: bool, t: vec3<u32>, at: vec3<u32>) -> f32 {
     if (backward) {
         let oy = i32(at.y + d.pad) - i32(t.y);
@@ -137,18 +153,18 @@ fn patch_value(backward: bool, t: vec3<u32>, at: vec3<u32>) -> f32 {
         if (t.x >= d.cout || oy < 0 || oy >= i32(d.ho) || ox < 0 || ox >= i32(d.wo)) {
             return 0.0;
         }
-        return src[((at.x * d.cout + t.x) * d.ho + u32(oy)) * d.wo + u32(ox)];
+        return dy[((at.x * d.cout + t.x) * d.ho + u32(oy)) * d.wo + u32(ox)];
     }
     let iy = i32(at.y + t.y) - i32(d.pad);
     let ix = i32(at.z + t.z) - i32(d.pad);
     if (t.x >= d.cin || iy < 0 || iy >= i32(d.h) || ix < 0 || ix >= i32(d.w)) {
         return 0.0;
     }
-    return src[((at.x * d.cin + t.x) * d.h + u32(iy)) * d.w + u32(ix)];
+    return input_value(at.x, t.x, u32(iy), u32(ix));
 }
 
-// One output tile of forward (backward == false) or backward_data: channels c0.. of the output,
-// positions p0.. of its (image, row, column) positions.
+// One output tile of forward (backward == false) or of dx: TC channels and TP (image, row, column)
+// positions of the output, tile `group`.
 fn output_tile(lid: u32, group: u32, backward: bool) {
     // Output channels and plane, and the sum's depth, for the direction.
     let out_c = select(d.cout, d.cin, backward);
@@ -236,21 +252,22 @@ fn forward(
 }
 
 @compute @workgroup_size(TW)
-fn backward_data(
+fn backward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    output_tile(lid, flat_group(wid, nwg), true);
+    // group is uniform across the workgroup, so either branch keeps its barriers uniform.
+    let group = flat_group(wid, nwg);
+    if (group < d.weight_groups) {
+        weight_tile(lid, group);
+    } else if (d.data == 1u) {
+        output_tile(lid, group - d.weight_groups, true);
+    }
 }
 
-@compute @workgroup_size(TW)
-fn backward_weight(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let group = flat_group(wid, nwg);
+// One tile of one slice of the weight gradient, tile `group`.
+fn weight_tile(lid: u32, group: u32) {
     let kk = d.k * d.k;
     let columns = d.cin * kk;
     let c_tiles = (d.cout + TC - 1u) / TC;

@@ -1,5 +1,5 @@
-// Dropout with masks drawn from a counter-based hash of (seed, step, element index), the same function
-// as src/cpu/dropout.rs: element i is kept when hash >= d.threshold (= p * 2^24) and then scaled by
+// Dropout with masks drawn from a counter-based hash of (seed, step, element index), dropout_hash in
+// common.wgsl, the same function as src/cpu/dropout.rs: element i is kept when hash >= d.threshold (= p * 2^24) and then scaled by
 // d.scale (= 1 / (1 - p)). The forward and backward passes draw the same mask from the same step.
 //
 // Entry point and dispatch shape:
@@ -15,20 +15,6 @@ struct Dims {
 @group(0) @binding(1) var<uniform> s: Step;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
-
-fn lowbias32(v: u32) -> u32 {
-    var h = v;
-    h ^= h >> 16u;
-    h *= 0x7feb352du;
-    h ^= h >> 15u;
-    h *= 0x846ca68bu;
-    h ^= h >> 16u;
-    return h;
-}
-
-fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
-    return lowbias32(index + lowbias32(step + lowbias32(seed))) >> 8u;
-}
 
 @compute @workgroup_size(WG)
 fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {

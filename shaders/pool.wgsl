@@ -2,12 +2,12 @@
 // of d.h x d.w inputs.
 //
 // Entry points and dispatch shapes:
-//   maxpool_forward   one invocation per output (planes * h/2 * w/2): the maximum, and in `argmax` its
-//                     place in the window (0..3, row-major; the first on ties, as PyTorch)
-//   maxpool_backward  one invocation per output: writes its whole window of dx (windows do not overlap)
+//   maxpool_forward   one invocation per output (planes * h/2 * w/2): the maximum of its window
+//   maxpool_backward  one invocation per output: finds its window's maximum in x again (the first on
+//                     ties, window_max_place) and writes the whole window of dx (windows do not overlap)
 //   gap_forward       one invocation per plane: the mean of its h * w values, summed in order
 //   gap_backward      one invocation per input element: dx = dy[plane] / (h * w)
-// Bindings: 0 dims (uniform), 1 x (input, or dy for the backward entries), 2 out (y or dx), 3 argmax.
+// Bindings: 0 dims (uniform), 1 x (input; gap_backward: dy), 2 out (y or dx), 3 dy (maxpool_backward).
 
 struct Dims {
     planes: u32, h: u32, w: u32, _p0: u32,
@@ -16,7 +16,7 @@ struct Dims {
 @group(0) @binding(0) var<uniform> d: Dims;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
-@group(0) @binding(3) var<storage, read_write> argmax: array<u32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
 
 // Number of max-pool outputs.
 fn pooled() -> u32 {
@@ -34,24 +34,20 @@ fn window_base(i: u32) -> u32 {
     return (p * d.h + 2u * oy) * d.w + 2u * ox;
 }
 
+// Output i's window of x.
+fn window(i: u32) -> vec4<f32> {
+    let base = window_base(i);
+    return vec4<f32>(x[base], x[base + 1u], x[base + d.w], x[base + d.w + 1u]);
+}
+
 @compute @workgroup_size(WG)
 fn maxpool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
     if (i >= pooled()) {
         return;
     }
-    let base = window_base(i);
-    var best = x[base];
-    var at = 0u;
-    for (var k = 1u; k < 4u; k++) {
-        let v = x[base + (k / 2u) * d.w + k % 2u];
-        if (v > best) {
-            best = v;
-            at = k;
-        }
-    }
-    out[i] = best;
-    argmax[i] = at;
+    let v = window(i);
+    out[i] = v[window_max_place(v)];
 }
 
 @compute @workgroup_size(WG)
@@ -61,9 +57,9 @@ fn maxpool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
         return;
     }
     let base = window_base(i);
-    let at = argmax[i];
+    let at = window_max_place(window(i));
     for (var k = 0u; k < 4u; k++) {
-        out[base + (k / 2u) * d.w + k % 2u] = select(0.0, x[i], k == at);
+        out[base + (k / 2u) * d.w + k % 2u] = select(0.0, dy[i], k == at);
     }
 }
 

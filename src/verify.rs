@@ -25,7 +25,7 @@ use rand::{RngExt, SeedableRng};
 use crate::backend::{Backend, CpuBackend, StepParams};
 use crate::cpu::batchnorm::*;
 use crate::cpu::conv::{conv_backward, conv_forward};
-use crate::cpu::dropout::dropout_mask;
+use crate::cpu::dropout::{dropout_apply, dropout_mask};
 use crate::cpu::loss::softmax_cross_entropy;
 use crate::cpu::pool::*;
 use crate::cpu::relu::{relu_backward, relu_forward};
@@ -35,7 +35,7 @@ use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets}
 use crate::gpu::conv::{weight_grad_slices, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
-use crate::gpu::net::METRICS_WORDS;
+use crate::gpu::net::{bn_fusions, pool_in_conv, METRICS_WORDS};
 use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
 use crate::model::{ConvDims, Layer, Model, Shape, BN_EPS, BN_MOMENTUM};
@@ -152,7 +152,10 @@ fn read(ctx: &GpuContext, b: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
     ctx.read(b, len)
 }
 
-/// A convolution's three kernels (backward_data only when `with_dx`) against the reference.
+/// A convolution's launches against the reference: forward, forward with an evaluation-mode batchnorm
+/// and ReLU, and backward (the weight gradient, and dx when `with_dx`). With `pool` the input is the
+/// 2x2 max pooling of an x twice as high and wide, read through by the kernels.
+#[allow(clippy::too_many_arguments)]
 fn conv_checks(
     ctx: &GpuContext,
     k: &Kernels,
@@ -160,11 +163,20 @@ fn conv_checks(
     d: &ConvDims,
     seed: u64,
     with_dx: bool,
+    pool: bool,
 ) -> Result<Vec<Check>> {
     let n = d.n;
     // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
     let w_off = 7;
-    let x = random(seed, n * d.in_image(), 1.0);
+    let x_given = random(seed, n * d.in_image() * if pool { 4 } else { 1 }, 1.0);
+    let x = if pool {
+        let mut pooled = vec![0.0; n * d.in_image()];
+        let mut argmax = vec![0; pooled.len()];
+        maxpool2_forward(n * d.cin, 2 * d.h, 2 * d.w, &x_given, &mut pooled, &mut argmax);
+        pooled
+    } else {
+        x_given.clone()
+    };
     let w = random(seed + 100, d.weight_len(), 0.3);
     let dy = random(seed + 200, n * d.out_image(), 1.0);
     let mut state = vec![0.0; w_off];
@@ -180,7 +192,7 @@ fn conv_checks(
     }
     let offsets = BnOffsets { gamma: bn_at, beta: bn_at + c, running_mean: bn_at + 2 * c, running_var: bn_at + 3 * c };
     let bn = EvalBn { offsets, eps: BN_EPS, relu: true };
-    let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
+    let (xb, sb, dyb) = (ctx.upload("x", &x_given), ctx.upload("state", &state), ctx.upload("dy", &dy));
     // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
     let slices = weight_grad_slices(d);
     let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
@@ -191,12 +203,11 @@ fn conv_checks(
         ctx.zeros("grads", state.len() + (slices - 1) * d.weight_len()),
     );
     let conv = &k.conv;
-    let mut launches =
-        vec![conv.forward(ctx, d, w_off, None, &xb, &sb, &yb)?, conv.forward(ctx, d, w_off, Some(bn), &xb, &sb, &ybn)?];
-    if with_dx {
-        launches.push(conv.backward_data(ctx, d, w_off, &dyb, &sb, &dxb)?);
-    }
-    launches.push(conv.backward_weight(ctx, d, &sliced, &xb, &dyb, &gb)?);
+    let mut launches = vec![
+        conv.forward(ctx, d, w_off, pool, None, &xb, &sb, &yb)?,
+        conv.forward(ctx, d, w_off, pool, Some(bn), &xb, &sb, &ybn)?,
+    ];
+    launches.push(conv.backward(ctx, d, &sliced, pool, &xb, &dyb, &sb, &gb, with_dx.then_some(&dxb))?);
     launches.push(k.sgd.sum_slices(ctx, state.len(), &[sliced], &gb));
     run(ctx, &launches.iter().collect::<Vec<_>>());
 
@@ -209,7 +220,8 @@ fn conv_checks(
     batchnorm_forward_eval(&bn_dims, &y, &gamma, &beta, &rm, &rv, BN_EPS, &mut y_bn);
     relu_forward(&mut y_bn);
     let name = "conv";
-    let (input, output) = (nchw(n, d.cin, d.h, d.w), nchw(n, d.cout, d.ho(), d.wo()));
+    let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
+    let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
     let mut checks = vec![
         compare(&format!("{name}.forward"), layer, &format!("{input} -> {output}"), &read(ctx, &yb, y.len())?, &y, TOL_SUMS),
         compare(
@@ -224,7 +236,7 @@ fn conv_checks(
     if with_dx {
         let got = read(ctx, &dxb, dx.len())?;
         checks.push(compare(
-            &format!("{name}.backward_data"),
+            &format!("{name}.backward (dx)"),
             layer,
             &format!("{output} -> {input}"),
             &got,
@@ -234,7 +246,7 @@ fn conv_checks(
     }
     let g = read(ctx, &gb, state.len())?;
     let mut weight_check = compare(
-        &format!("{name}.backward_weight"),
+        &format!("{name}.backward (weights)"),
         layer,
         &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
         &g[w_off..bn_at],
@@ -249,19 +261,28 @@ fn conv_checks(
     Ok(checks)
 }
 
-/// A batchnorm layer (ReLU fused when `relu`): training forward with running statistics, backward
-/// (with `pooled`, from one gradient per plane: a global average pooling's backward fused in), and
-/// evaluation forward.
-#[allow(clippy::too_many_arguments)]
-fn batchnorm_checks(
-    ctx: &GpuContext,
-    k: &Kernels,
-    layer: &str,
-    d: BnDims,
+/// What a batchnorm launch fuses, as GpuNet fuses it: the ReLU after it, a dropout of this probability
+/// after the ReLU, and in the backward pass the pooling that follows (its dy is then per pooled value).
+#[derive(Debug, Clone, Copy, Default)]
+struct BnCase {
     relu: bool,
-    pooled: bool,
-    seed: u64,
-) -> Result<Vec<Check>> {
+    dropout: Option<f32>,
+    pooling: BnPooling,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+enum BnPooling {
+    #[default]
+    None,
+    /// A global average pooling (one gradient per plane).
+    Global,
+    /// A 2x2 max pooling of planes this wide.
+    Max { width: usize },
+}
+
+/// A batchnorm layer with what `case` fuses: training forward with running statistics, backward, and
+/// evaluation forward.
+fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case: BnCase, seed: u64) -> Result<Vec<Check>> {
     let (n, c) = (d.n, d.c);
     let len = n * c * d.hw;
     let x: Vec<f32> = random(seed, len, 2.0).iter().map(|v| v + 0.3).collect();
@@ -269,15 +290,17 @@ fn batchnorm_checks(
     let beta = random(seed + 20, c, 0.5);
     let rm = random(seed + 30, c, 0.5);
     let rv: Vec<f32> = random(seed + 40, c, 0.5).iter().map(|v| v + 1.0).collect();
-    let dy = random(seed + 50, if pooled { n * c } else { len }, 1.0);
-    // The gradient per element that reaches the layer.
-    let dy_full = if pooled {
-        let mut full = vec![0.0; len];
-        global_avg_pool_backward(d.hw, &dy, &mut full);
-        full
-    } else {
-        dy.clone()
+    let width = match case.pooling {
+        BnPooling::Max { width } => width,
+        _ => d.hw,
     };
+    let pooled_len = match case.pooling {
+        BnPooling::None => len,
+        BnPooling::Global => n * c,
+        BnPooling::Max { width } => n * c * (d.hw / width / 2) * (width / 2),
+    };
+    let dy = random(seed + 50, pooled_len, 1.0);
+    let step = StepUniform { dropout_seed: 4321, dropout_step: 9, dropout_on: 1, ..Default::default() };
     // State layout: gamma, beta, running mean, running var.
     let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
     let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
@@ -289,14 +312,17 @@ fn batchnorm_checks(
         n,
         c,
         hw: d.hw,
-        relu,
+        relu: case.relu,
         offsets,
         momentum: BN_MOMENTUM,
         eps: BN_EPS,
         slices,
         gamma_extra,
         beta_extra,
-        dy_pooled: pooled,
+        dy_pooled: case.pooling == BnPooling::Global,
+        dropout: case.dropout,
+        maxpool: matches!(case.pooling, BnPooling::Max { .. }),
+        width,
     };
     let sliced = [
         SlicedGrad { start: 0, len: c, extra: gamma_extra, slices },
@@ -309,21 +335,40 @@ fn batchnorm_checks(
         ctx.zeros("dx", len),
         ctx.zeros("grads", 2 * c * slices),
     );
-    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb };
+    let stepb = ctx.uniform("step", &step);
+    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb, step: &stepb };
     let fwd = k.batchnorm.forward_train(ctx, &l, &b);
     let bwd = k.batchnorm.backward(ctx, &l, &b, &dyb, &dxb, &gb);
     let finish = k.sgd.sum_slices(ctx, 2 * c, if slices > 1 { &sliced[..] } else { &[] }, &gb);
     run(ctx, &fwd.iter().chain(&bwd).chain([&finish]).collect::<Vec<_>>());
 
-    // CPU: batchnorm, ReLU; backward through ReLU then batchnorm. The ReLU's backward takes the GPU's
-    // output: an output within rounding of zero may be zero on one side only, and the backward is
-    // checked for the forward's decisions (the forward is checked on its own).
+    // CPU: batchnorm, ReLU, dropout; backward through the pooling, dropout, ReLU, then batchnorm. The
+    // pooling's and the ReLU's backward take the GPU's output: an output within rounding of zero, or
+    // of its window's maximum, may decide differently on each side, and the backward is checked for
+    // the forward's decisions (the forward is checked on its own).
     let y_gpu = read(ctx, &yb, len)?;
     let mut y = vec![0.0; len];
     let saved = batchnorm_forward_train(&d, &x, &gamma, &beta, BN_EPS, &mut y);
-    let mut g = dy_full;
-    if relu {
+    let mut g = vec![0.0; len];
+    match case.pooling {
+        BnPooling::None => g.copy_from_slice(&dy),
+        BnPooling::Global => global_avg_pool_backward(d.hw, &dy, &mut g),
+        BnPooling::Max { width } => {
+            let (planes, h) = (n * c, d.hw / width);
+            let (mut pooled, mut argmax) = (vec![0.0; pooled_len], vec![0u8; pooled_len]);
+            maxpool2_forward(planes, h, width, &y_gpu, &mut pooled, &mut argmax);
+            maxpool2_backward(planes, h, width, &argmax, &dy, &mut g);
+        }
+    }
+    if case.relu {
         relu_forward(&mut y);
+    }
+    if let Some(p) = case.dropout {
+        let mask = dropout_mask(step.dropout_seed, step.dropout_step, p, len);
+        dropout_apply(&mask, &mut y);
+        dropout_apply(&mask, &mut g);
+    }
+    if case.relu {
         relu_backward(&y_gpu, &mut g);
     }
     let (mut rm2, mut rv2) = (rm.clone(), rv.clone());
@@ -331,8 +376,16 @@ fn batchnorm_checks(
     let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
     batchnorm_backward(&d, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
 
-    let relu_tag = if relu { "+relu" } else { "" };
-    let dy_tag = if pooled { " (pooled dy)" } else { "" };
+    let relu_tag = match (case.relu, case.dropout) {
+        (false, _) => "",
+        (true, None) => "+relu",
+        (true, Some(_)) => "+relu+dropout",
+    };
+    let dy_tag = match case.pooling {
+        BnPooling::None => "",
+        BnPooling::Global => " (dy of avg pool)",
+        BnPooling::Max { .. } => " (dy of max pool)",
+    };
     let act = format!("{n}x{c}x{}", d.hw);
     let in_slices = format!("{act} in {slices} slice{}", if slices > 1 { "s" } else { "" });
     let sv = read(ctx, &savedb, 2 * c)?;
@@ -353,41 +406,52 @@ fn batchnorm_checks(
 
     // Evaluation mode, on the original running statistics.
     let sb = ctx.upload("state", &state);
-    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb };
+    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb, step: &stepb };
     run(ctx, &[&k.batchnorm.forward_eval(ctx, &l, &b)]);
     let mut ye = vec![0.0; len];
     batchnorm_forward_eval(&d, &x, &gamma, &beta, &rm, &rv, BN_EPS, &mut ye);
-    if relu {
+    if case.relu {
         relu_forward(&mut ye);
     }
-    checks.push(compare(&format!("batchnorm.apply_eval{relu_tag}"), layer, &act, &read(ctx, &yb, len)?, &ye, TOL_SUMS));
+    let eval_tag = if case.relu { "+relu" } else { "" };
+    checks.push(compare(&format!("batchnorm.apply_eval{eval_tag}"), layer, &act, &read(ctx, &yb, len)?, &ye, TOL_SUMS));
     Ok(checks)
 }
 
-fn maxpool_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, s: Shape, seed: u64) -> Result<Vec<Check>> {
+/// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
+/// hold equal maxima and the first-on-ties rule decides where the gradient goes.
+fn maxpool_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, s: Shape, seed: u64, ties: bool) -> Result<Vec<Check>> {
     let Shape { c, h, w } = s;
     let planes = n * c;
     let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
-    let x = random(seed, len, 1.0);
+    let mut x = random(seed, len, 1.0);
+    if ties {
+        x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+    }
     let dy = random(seed + 1, out, 1.0);
     let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
-    let (yb, ab, dxb) = (ctx.zeros("y", out), ctx.zeros("argmax", out), ctx.zeros("dx", len));
-    let f = k.pool.maxpool_forward(ctx, (planes, h, w), &xb, &yb, &ab);
-    let b = k.pool.maxpool_backward(ctx, (planes, h, w), &dyb, &ab, &dxb);
+    let (yb, dxb) = (ctx.zeros("y", out), ctx.zeros("dx", len));
+    let f = k.pool.maxpool_forward(ctx, (planes, h, w), &xb, &yb);
+    let b = k.pool.maxpool_backward(ctx, (planes, h, w), &xb, &dyb, &dxb);
     run(ctx, &[&f, &b]);
     let mut y = vec![0.0; out];
     let mut argmax = vec![0u8; out];
     maxpool2_forward(planes, h, w, &x, &mut y, &mut argmax);
     let mut dx = vec![0.0; len];
     maxpool2_backward(planes, h, w, &argmax, &dy, &mut dx);
-    let winners: Vec<u32> = ctx.read(&ab, out)?;
-    let want_winners: Vec<u32> = argmax.iter().map(|&a| a as u32).collect();
     let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
+    let tag = if ties { " (ties)" } else { "" };
     Ok(vec![
-        compare_exact("pool.maxpool_forward (winners)", layer, &input, "winners", &winners, &want_winners),
-        compare("pool.maxpool_forward", layer, &format!("{input} -> {output}"), &read(ctx, &yb, out)?, &y, TOL_EXACT),
         compare(
-            "pool.maxpool_backward",
+            &format!("pool.maxpool_forward{tag}"),
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &yb, out)?,
+            &y,
+            TOL_EXACT,
+        ),
+        compare(
+            &format!("pool.maxpool_backward{tag}"),
             layer,
             &format!("{output} -> {input}"),
             &read(ctx, &dxb, len)?,
@@ -561,6 +625,9 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
 /// blocks, more images than the loss kernel's invocations).
 pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
+    // Each kernel as GpuNet launches it, with what it fuses at that layer.
+    let (fusion, inside_bn) = bn_fusions(model);
+    let last = model.layers.len() - 1;
     for (i, layer) in model.layers.iter().enumerate() {
         let name = model.layer_name(i);
         let s = model.input_of(i);
@@ -568,28 +635,38 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         match *layer {
             Layer::Conv { .. } => {
                 let (d, _) = model.conv(i, n).expect("a convolution layer");
-                // The first layer's input needs no gradient, so training never runs its backward_data.
-                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0)?);
+                let pool = i > 0 && pool_in_conv(model, i - 1);
+                // The first layer's input needs no gradient, so training never computes its dx.
+                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0, pool)?);
             }
             Layer::BatchNorm { c, .. } => {
                 let relu = matches!(model.layers.get(i + 1), Some(Layer::Relu));
                 // Before a global average pooling that ends the network, the pooling's backward runs
-                // inside the batchnorm's (as GpuNet does it).
+                // inside the batchnorm's.
                 let after = if relu { i + 2 } else { i + 1 };
-                let pooled = after + 1 == model.layers.len() && matches!(model.layers[after], Layer::GlobalAvgPool);
-                let dims = BnDims { n, c, hw: s.h * s.w };
-                checks.extend(batchnorm_checks(ctx, k, &name, dims, relu, pooled, seed)?);
+                let pooling = if after == last && matches!(model.layers[after], Layer::GlobalAvgPool) {
+                    BnPooling::Global
+                } else if fusion[i].maxpool {
+                    BnPooling::Max { width: s.w }
+                } else {
+                    BnPooling::None
+                };
+                let case = BnCase { relu, dropout: fusion[i].dropout, pooling };
+                checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, case, seed)?);
             }
             Layer::Relu => {} // fused into the batchnorm kernels before it
+            // Inside the batchnorm before (and, for a max pooling, the convolution after): no launch of
+            // their own.
+            Layer::Dropout { .. } if inside_bn[i] => {}
+            Layer::MaxPool2 if inside_bn[i] && pool_in_conv(model, i) => {}
             Layer::Dropout { p } => {
                 checks.extend(dropout_checks(ctx, k, &name, n * s.len(), p, &nchw(n, s.c, s.h, s.w), seed)?)
             }
-            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s, seed)?),
+            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s, seed, false)?),
             Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed)?),
         }
     }
     // A global average pooling that ends the network runs inside the loss kernel (as GpuNet does it).
-    let last = model.layers.len() - 1;
     let pool_hw = match model.layers[last] {
         Layer::GlobalAvgPool => model.input_of(last).h * model.input_of(last).w,
         _ => 0,
@@ -606,14 +683,24 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         (4, ConvDims { n: 7, cin: 9, h: 7, w: 9, cout: 33, k: 3, pad: 0 }),
         (5, ConvDims { n: 13, cin: 33, h: 5, w: 3, cout: 17, k: 1, pad: 0 }),
     ] {
-        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true)?);
+        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true, seed % 2 == 1)?);
     }
     checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 0), 12)?);
     checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 7), 15)?);
     // A batchnorm whose 39 elements per channel leave its last slices short and empty, and whose
     // workgroups straddle many planes; with and without the ReLU.
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, true, false, 13)?);
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 13 }, false, true, 14)?);
+    let odd = BnDims { n: 3, c: 5, hw: 13 };
+    let relu = BnCase { relu: true, ..Default::default() };
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, relu, 13)?);
+    let avg = BnCase { pooling: BnPooling::Global, ..Default::default() };
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, avg, 14)?);
+    // Dropout and a max pooling fused in, on planes of odd height and width (the last row and column
+    // belong to no window), and on a few levels of input, so that windows hold equal maxima.
+    let fused = BnCase { relu: true, dropout: Some(0.3), pooling: BnPooling::Max { width: 5 } };
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15)?);
+    // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs them.
+    checks.extend(maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true)?);
+    checks.extend(dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, 0.3, &nchw(3, 5, 6, 10), 17)?);
     Ok(checks)
 }
 
@@ -789,7 +876,7 @@ pub fn failures(checks: &[Check]) -> Vec<String> {
 pub fn format_row(c: &Check) -> String {
     let err = if c.error.is_finite() { format!("{:.2e}", c.error) } else { "non-finite".into() };
     let mut row = format!(
-        "{:<48} {:<16} {:<30} {:>10} {:>8} {}",
+        "{:<56} {:<16} {:<46} {:>10} {:>8} {}",
         c.kernel,
         c.layer,
         c.shape,
@@ -804,7 +891,7 @@ pub fn format_row(c: &Check) -> String {
 }
 
 pub fn header() -> String {
-    format!("{:<48} {:<16} {:<30} {:>10} {:>8} {}", "kernel", "layer", "shape", "max error", "tol", "result")
+    format!("{:<56} {:<16} {:<46} {:>10} {:>8} {}", "kernel", "layer", "shape", "max error", "tol", "result")
 }
 
 #[cfg(test)]

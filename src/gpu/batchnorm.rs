@@ -5,6 +5,7 @@ use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel, WG};
+use crate::model::dropout_threshold;
 
 /// Where one batchnorm layer's tensors live in the state (and gradient) buffer.
 #[derive(Debug, Clone, Copy)]
@@ -34,6 +35,14 @@ pub struct BnLayer {
     /// In the backward pass, dy is the gradient of a global average pooling of this layer's output
     /// (one value per plane): the pooling's backward is fused in.
     pub dy_pooled: bool,
+    /// The training-mode dropout of this probability after the fused ReLU runs inside (forward and
+    /// backward).
+    pub dropout: Option<f32>,
+    /// In the backward pass, dy is the gradient of a 2x2 max pooling of this layer's output (after
+    /// the fused ReLU and dropout): the pooling's backward is fused in.
+    pub maxpool: bool,
+    /// Pixels per row (the max pooling's windows).
+    pub width: usize,
 }
 
 /// Workgroups a batchnorm's per-channel sums are spread over, at least, where there are few channels.
@@ -75,7 +84,12 @@ struct Dims {
     gamma_extra: u32,
     beta_extra: u32,
     dy_pooled: u32,
-    _pad: [u32; 2],
+    dropout: u32,
+    dropout_threshold: u32,
+    dropout_scale: f32,
+    maxpool: u32,
+    width: u32,
+    _pad: u32,
 }
 
 fn dims(l: &BnLayer) -> Dims {
@@ -94,7 +108,12 @@ fn dims(l: &BnLayer) -> Dims {
         gamma_extra: l.gamma_extra as u32,
         beta_extra: l.beta_extra as u32,
         dy_pooled: l.dy_pooled as u32,
-        _pad: [0; 2],
+        dropout: l.dropout.is_some() as u32,
+        dropout_threshold: l.dropout.map_or(0, dropout_threshold),
+        dropout_scale: l.dropout.map_or(1.0, |p| 1.0 / (1.0 - p)),
+        maxpool: l.maxpool as u32,
+        width: l.width as u32,
+        _pad: 0,
     }
 }
 
@@ -115,6 +134,8 @@ pub struct BnBuffers<'a> {
     pub state: &'a wgpu::Buffer,
     /// Batch mean then 1 / sqrt(var + eps), 2 * c values.
     pub saved: &'a wgpu::Buffer,
+    /// The step uniform (the fused dropout's draw).
+    pub step: &'a wgpu::Buffer,
 }
 
 impl BatchNorm {
@@ -132,7 +153,7 @@ impl BatchNorm {
     /// Training mode: batch statistics (and the running statistics update), then the normalization.
     pub fn forward_train(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> [Dispatch; 2] {
         let u = ctx.uniform("batchnorm dims", &dims(l));
-        let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y)];
+        let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y), (8, b.step)];
         let len = l.n * l.c * l.hw;
         [
             // Sum and sum of squares of x; then (x - mean) * scale + shift, ReLU.
@@ -163,7 +184,7 @@ impl BatchNorm {
         grads: &wgpu::Buffer,
     ) -> [Dispatch; 2] {
         let u = ctx.uniform("batchnorm dims", &dims(l));
-        let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, dx), (5, dy), (6, grads), (7, b.y)];
+        let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, dx), (5, dy), (6, grads), (7, b.y), (8, b.step)];
         let len = l.n * l.c * l.hw;
         // The sums of dy and dy * x-hat (reading x, dy and, for the ReLU's mask, y); then dx from them.
         [

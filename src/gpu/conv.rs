@@ -1,6 +1,7 @@
 //! Launches shaders/conv.wgsl: convolutions of any kernel size as tiled implicit matrix products
-//! (forward, backward_data, backward_weight), with an optional evaluation-mode batchnorm and ReLU
-//! fused into forward.
+//! (forward; backward: the weight gradient and dx in one launch), reading through a 2x2 max pooling
+//! of their input when one precedes them, with an optional evaluation-mode batchnorm and ReLU fused
+//! into forward.
 
 use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
@@ -33,7 +34,10 @@ struct Dims {
     mean_off: u32,
     var_off: u32,
     eps: f32,
-    _pad: u32,
+    pool: u32,
+    weight_groups: u32,
+    data: u32,
+    _pad: [u32; 2],
 }
 
 /// A workgroup's tile in conv.wgsl: TP positions (or weight columns) by TC channels.
@@ -70,8 +74,7 @@ pub struct EvalBn {
 /// The kernels of shaders/conv.wgsl.
 pub struct Conv {
     forward: Kernel,
-    backward_data: Kernel,
-    backward_weight: Kernel,
+    backward: Kernel,
 }
 
 impl Conv {
@@ -79,18 +82,20 @@ impl Conv {
         let mut kernels = compile(ctx, "conv")?;
         Ok(Conv {
             forward: take(&mut kernels, "forward"),
-            backward_data: take(&mut kernels, "backward_data"),
-            backward_weight: take(&mut kernels, "backward_weight"),
+            backward: take(&mut kernels, "backward"),
         })
     }
 
-    /// Every pass of a convolution does the same multiply-adds and touches input, weights and output.
-    fn cost(d: &ConvDims) -> Cost {
+    /// Every pass of a convolution does the same multiply-adds and touches input, weights and output;
+    /// with `pool` the input read is 4 times larger.
+    fn cost(d: &ConvDims, pool: bool) -> Cost {
         let taps = d.cout * d.cin * d.k * d.k;
-        Cost::new(2 * d.n * d.ho() * d.wo() * taps, d.n * d.cin * d.h * d.w + taps + d.n * d.cout * d.ho() * d.wo())
+        let input = d.n * d.cin * d.h * d.w * if pool { 4 } else { 1 };
+        Cost::new(2 * d.n * d.ho() * d.wo() * taps, input + taps + d.n * d.cout * d.ho() * d.wo())
     }
 
-    fn dims(d: &ConvDims, w_off: usize) -> Result<Dims> {
+    /// The uniform; with `pool`, the input is the 2x2 max pooling of x (planes of 2h x 2w).
+    fn dims(d: &ConvDims, w_off: usize, pool: bool) -> Result<Dims> {
         if d.k == 0 || d.pad >= d.k || d.ho() == 0 || d.wo() == 0 {
             bail!("no GPU kernel for a {0}x{0} convolution with padding {1} of {2}x{3} images", d.k, d.pad, d.h, d.w);
         }
@@ -106,6 +111,7 @@ impl Conv {
             k: d.k as u32,
             w_off: w_off as u32,
             slices: 1,
+            pool: pool as u32,
             ..Default::default()
         })
     }
@@ -115,20 +121,21 @@ impl Conv {
         (channels.div_ceil(TILE_CHANNELS) * positions.div_ceil(TILE_POSITIONS)) as u32
     }
 
-    /// y = conv(x, weights at state[w_off..]), followed, with `bn`, by the evaluation-mode batchnorm
-    /// (and ReLU) of the next layer.
+    /// y = conv(x, weights at state[w_off..]) (with `pool`, of the 2x2 max pooling of x), followed,
+    /// with `bn`, by the evaluation-mode batchnorm (and ReLU) of the next layer.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ctx: &GpuContext,
         d: &ConvDims,
         w_off: usize,
+        pool: bool,
         bn: Option<EvalBn>,
         x: &wgpu::Buffer,
         state: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        let mut dims = Conv::dims(d, w_off)?;
+        let mut dims = Conv::dims(d, w_off, pool)?;
         if let Some(bn) = bn {
             dims.bn = 1;
             dims.relu = bn.relu as u32;
@@ -140,45 +147,57 @@ impl Conv {
         }
         let u = ctx.uniform("conv dims", &dims);
         let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo());
-        let mut cost = Conv::cost(d);
+        let mut cost = Conv::cost(d, pool);
         if bn.is_some() {
             cost.flops += 4.0 * (d.n * d.out_image()) as f64;
         }
-        Ok(self.forward.launch(ctx, groups, &[(0, &u), (1, x), (2, state), (4, y)]).with_cost(cost))
+        Ok(self.forward.launch(ctx, groups, &[(0, &u), (1, x), (2, state), (3, x), (4, y)]).with_cost(cost))
     }
 
-    /// dx from dy.
-    pub fn backward_data(
-        &self,
-        ctx: &GpuContext,
-        d: &ConvDims,
-        w_off: usize,
-        dy: &wgpu::Buffer,
-        state: &wgpu::Buffer,
-        dx: &wgpu::Buffer,
-    ) -> Result<Dispatch> {
-        let u = ctx.uniform("conv dims", &Conv::dims(d, w_off)?);
-        let groups = Conv::output_tiles(d.cin, d.n * d.h * d.w);
-        Ok(self.backward_data.launch(ctx, groups, &[(0, &u), (1, dy), (2, state), (4, dx)]).with_cost(Conv::cost(d)))
-    }
-
-    /// The weight gradient from x and dy, in `sliced.slices` partial sums (see `weight_grad_slices`)
-    /// placed as `sliced` says in `grads`; the SGD kernel (or `Sgd::sum_slices`) adds them.
-    pub fn backward_weight(
+    /// The weight gradient from x (with `pool`, its 2x2 max pooling) and dy, in `sliced.slices`
+    /// partial sums (see `weight_grad_slices`) placed as `sliced` says in `grads`, which the SGD kernel
+    /// (or `Sgd::sum_slices`) adds; and in the same launch, when `dx` is given, the input's gradient
+    /// (of the pooled input, with `pool`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
         &self,
         ctx: &GpuContext,
         d: &ConvDims,
         sliced: &SlicedGrad,
+        pool: bool,
         x: &wgpu::Buffer,
         dy: &wgpu::Buffer,
+        state: &wgpu::Buffer,
         grads: &wgpu::Buffer,
+        dx: Option<&wgpu::Buffer>,
     ) -> Result<Dispatch> {
-        let dims = Dims { slices: sliced.slices as u32, extra_off: sliced.extra as u32, ..Conv::dims(d, sliced.start)? };
+        let weight_groups = weight_grad_tiles(d) * sliced.slices;
+        let data_groups = if dx.is_some() { Conv::output_tiles(d.cin, d.n * d.h * d.w) } else { 0 };
+        let dims = Dims {
+            slices: sliced.slices as u32,
+            extra_off: sliced.extra as u32,
+            weight_groups: weight_groups as u32,
+            data: dx.is_some() as u32,
+            ..Conv::dims(d, sliced.start, pool)?
+        };
         let u = ctx.uniform("conv dims", &dims);
-        let buffers = [(0, &u), (1, x), (3, dy), (5, grads)];
-        let groups = (weight_grad_tiles(d) * sliced.slices) as u32;
-        let mut cost = Conv::cost(d);
+        // The entry point names dx's binding even when it computes none.
+        let unused;
+        let dx = match dx {
+            Some(dx) => dx,
+            None => {
+                unused = ctx.zeros("no dx", 1);
+                &unused
+            }
+        };
+        let buffers = [(0, &u), (1, x), (2, state), (3, dy), (4, dx), (5, grads)];
+        let mut cost = Conv::cost(d, pool);
         cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len) as f64;
-        Ok(self.backward_weight.launch(ctx, groups, &buffers).with_cost(cost))
+        if data_groups > 0 {
+            let data = Conv::cost(d, false);
+            cost.flops += data.flops;
+            cost.bytes += data.bytes;
+        }
+        Ok(self.backward.launch(ctx, weight_groups as u32 + data_groups, &buffers).with_cost(cost))
     }
 }

@@ -233,6 +233,49 @@ fn fused_relu(model: &Model, i: usize) -> bool {
     matches!(model.layers[i], Layer::Relu) && i > 0 && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
 }
 
+/// What runs inside a batchnorm's launches besides its ReLU: a dropout right after the ReLU (its mask
+/// is then read back from the output, which is 0 wherever the ReLU or the dropout cut), and in the
+/// backward pass a 2x2 max pooling right after those (its winners found again in the output).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BnFusion {
+    pub dropout: Option<f32>,
+    pub maxpool: bool,
+}
+
+/// Per layer: for a batchnorm, what it fuses; and whether the layer runs inside the batchnorm before
+/// it (a ReLU or dropout in both passes, a max pooling in the backward pass).
+pub fn bn_fusions(model: &Model) -> (Vec<BnFusion>, Vec<bool>) {
+    let layers = &model.layers;
+    let mut fusion = vec![BnFusion::default(); layers.len()];
+    let mut inside = vec![false; layers.len()];
+    for i in 0..layers.len() {
+        if !matches!(layers[i], Layer::BatchNorm { .. }) {
+            continue;
+        }
+        let mut j = i + 1;
+        let relu = j < layers.len() && fused_relu(model, j);
+        if relu {
+            inside[j] = true;
+            j += 1;
+        }
+        if let (true, Some(&Layer::Dropout { p })) = (relu, layers.get(j)) {
+            fusion[i].dropout = Some(p);
+            inside[j] = true;
+            j += 1;
+        }
+        if let Some(Layer::MaxPool2) = layers.get(j) {
+            fusion[i].maxpool = true;
+            inside[j] = true;
+        }
+    }
+    (fusion, inside)
+}
+
+/// Whether layer `i` is a max pooling that the convolution after it reads through.
+pub fn pool_in_conv(model: &Model, i: usize) -> bool {
+    matches!(model.layers[i], Layer::MaxPool2) && matches!(model.layers.get(i + 1), Some(Layer::Conv { .. }))
+}
+
 impl GpuNet {
     /// Buffers and launches for batches of `batch` images, parameters from `state`.
     pub fn new(ctx: &GpuContext, k: &Kernels, model: &Model, batch: usize, state: &[f32]) -> Result<GpuNet> {
@@ -255,10 +298,13 @@ impl GpuNet {
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
 
+        let (fusion, inside_bn) = bn_fusions(model);
         let mut activations = Vec::new();
         let mut output_of = Vec::new();
         for (i, shape) in model.shapes.iter().enumerate() {
-            if fused_relu(model, i) {
+            // A fused ReLU or dropout writes the batchnorm's buffer (a fused max pooling has its own
+            // output, read by whatever follows when no convolution reads through it).
+            if fused_relu(model, i) || (inside_bn[i] && matches!(model.layers[i], Layer::Dropout { .. })) {
                 output_of.push(output_of[i - 1]);
             } else {
                 if matches!(model.layers[i], Layer::Relu) {
@@ -303,10 +349,13 @@ impl GpuNet {
                 gamma_extra: gs.extra,
                 beta_extra: bs.extra,
                 dy_pooled: false,
+                dropout: fusion[i].dropout,
+                maxpool: fusion[i].maxpool,
+                width: s.w,
             }
         };
 
-        // Per-layer extra buffers: batchnorm statistics, max-pool winners.
+        // Per-layer extra buffers: batchnorm statistics.
         let mut saved: Vec<Option<wgpu::Buffer>> = Vec::new();
         for (i, layer) in model.layers.iter().enumerate() {
             saved.push(match layer {
@@ -315,7 +364,6 @@ impl GpuNet {
                     let len = saved_len(c, bn_slices(c, s.h * s.w));
                     Some(ctx.zeros(&format!("layer {i} batch statistics"), len))
                 }
-                Layer::MaxPool2 => Some(ctx.zeros(&format!("layer {i} argmax"), n * model.shapes[i].len())),
                 _ => None,
             });
         }
@@ -353,7 +401,10 @@ impl GpuNet {
             match (layer, model.layer_params[i]) {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
-                    forward_train.push(k.conv.forward(ctx, &d, w_off, None, x, state_buf, y)?);
+                    // A max pooling before runs inside the convolution's reads of its input.
+                    let pool = i > 0 && pool_in_conv(model, i - 1);
+                    let (x, xe) = if pool { (input_of(i - 1), eval_input_of(i - 1)) } else { (x, xe) };
+                    forward_train.push(k.conv.forward(ctx, &d, w_off, pool, None, x, state_buf, y)?);
                     // In evaluation a batchnorm that follows is an affine map per channel: it runs in
                     // the convolution's launch, which writes the batchnorm's output.
                     match (model.layers.get(i + 1), model.layer_params.get(i + 1)) {
@@ -361,29 +412,31 @@ impl GpuNet {
                             let l = bn_layer(i + 1, c, p);
                             let bn = EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu };
                             let bn_out = &activations[output_of[i + 1]];
-                            forward_eval.push(k.conv.forward(ctx, &d, w_off, Some(bn), xe, state_buf, bn_out)?);
+                            forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, Some(bn), xe, state_buf, bn_out)?);
                         }
-                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, None, xe, state_buf, y)?),
+                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, None, xe, state_buf, y)?),
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
-                    let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
+                    let saved = saved[i].as_ref().unwrap();
+                    let b = BnBuffers { x, y, state: state_buf, saved, step };
                     forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
                     if !after_conv(model, i) {
                         forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &BnBuffers { x: xe, ..b }));
                     }
                 }
                 (Layer::Relu, _) => {} // fused into the batchnorm before it
+                (Layer::Dropout { .. }, _) if inside_bn[i] => {}
                 (&Layer::Dropout { p }, _) => {
                     let len = n * sin.len();
                     forward_train.push(k.dropout.apply(ctx, len, p, step, x, y));
                 }
+                (Layer::MaxPool2, _) if pool_in_conv(model, i) => {}
                 (Layer::MaxPool2, _) => {
-                    let argmax = saved[i].as_ref().unwrap();
                     let planes = (n * sin.c, sin.h, sin.w);
-                    forward_train.push(k.pool.maxpool_forward(ctx, planes, x, y, argmax));
-                    forward_eval.push(k.pool.maxpool_forward(ctx, planes, xe, y, argmax));
+                    forward_train.push(k.pool.maxpool_forward(ctx, planes, x, y));
+                    forward_eval.push(k.pool.maxpool_forward(ctx, planes, xe, y));
                 }
                 (Layer::GlobalAvgPool, _) if pool_in_loss && i == last => {}
                 (Layer::GlobalAvgPool, _) => {
@@ -422,24 +475,25 @@ impl GpuNet {
                 (Layer::Conv { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     let slices = slices_of(&sliced, w_off, d.weight_len());
-                    backward.push(k.conv.backward_weight(ctx, &d, &slices, x, cur, grads)?);
+                    let pool = i > 0 && pool_in_conv(model, i - 1);
+                    let x = if pool { input_of(i - 1) } else { x };
                     // The input image needs no gradient.
-                    if i > 0 {
-                        backward.push(k.conv.backward_data(ctx, &d, w_off, cur, state_buf, other)?);
-                    }
+                    let dx = (i > 0).then_some(other);
+                    backward.push(k.conv.backward(ctx, &d, &slices, pool, x, cur, state_buf, grads, dx)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = BnLayer { dy_pooled: pool_in_bn && before_pool == Some(i), ..bn_layer(i, c, p) };
-                    let b = BnBuffers { x, y, state: state_buf, saved: saved[i].as_ref().unwrap() };
+                    let saved = saved[i].as_ref().unwrap();
+                    let b = BnBuffers { x, y, state: state_buf, saved, step };
                     backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, grads));
                 }
-                (Layer::Relu, _) => continue, // inside the batchnorm's backward
+                // Inside the batchnorm's backward before them: the gradient stays where it is.
+                (Layer::Relu, _) => continue,
+                (Layer::Dropout { .. } | Layer::MaxPool2, _) if inside_bn[i] => continue,
                 (&Layer::Dropout { p }, _) => backward.push(k.dropout.apply(ctx, n * sin.len(), p, step, cur, other)),
                 (Layer::MaxPool2, _) => {
-                    let argmax = saved[i].as_ref().unwrap();
-                    backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), cur, argmax, other));
+                    backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), x, cur, other));
                 }
-                // Inside the batchnorm's backward: the gradient stays where the loss left it.
                 (Layer::GlobalAvgPool, _) if pool_in_bn && i == last => continue,
                 (Layer::GlobalAvgPool, _) => {
                     backward.push(k.pool.gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other))

@@ -37,36 +37,36 @@ impl Pool {
         ctx.uniform("pool dims", &Dims { planes: planes as u32, h: h as u32, w: w as u32, _pad: 0 })
     }
 
-    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, with the winner of each window in `argmax`.
+    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2.
     pub fn maxpool_forward(
         &self,
         ctx: &GpuContext,
         (planes, h, w): (usize, usize, usize),
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        argmax: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
         let (len, out) = (planes * h * w, planes * h * w / 4);
-        // Three comparisons per window; the window read, its maximum and winner written.
+        // Three comparisons per window; the window read, its maximum written.
         self.maxpool_forward
-            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, y), (3, argmax)])
-            .with_cost(Cost::new(3 * out, len + 2 * out))
+            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, y)])
+            .with_cost(Cost::new(3 * out, len + out))
     }
 
+    /// dx from dy, each window's gradient routed to its maximum in the forward input x.
     pub fn maxpool_backward(
         &self,
         ctx: &GpuContext,
         (planes, h, w): (usize, usize, usize),
+        x: &wgpu::Buffer,
         dy: &wgpu::Buffer,
-        argmax: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
         let (len, out) = (planes * h * w, planes * h * w / 4);
         self.maxpool_backward
-            .launch(ctx, groups_for(out), &[(0, &u), (1, dy), (2, dx), (3, argmax)])
-            .with_cost(Cost::new(0, len + 2 * out))
+            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, dx), (3, dy)])
+            .with_cost(Cost::new(3 * out, 2 * len + out))
     }
 
     pub fn gap_forward(
