@@ -14,7 +14,9 @@
 //
 // Entry points and dispatch shapes:
 //   stats            one workgroup per (channel, slice) (c * slices): the slice's mean and sum of squared
-//                    deviations (two passes, fixed tree order) into saved[2c + 2 (slice c + channel)]
+//                    deviations (two passes, fixed tree order) into saved[2c + 2 (slice c + channel)];
+//                    with d.parts > 1, x arrives as that many parts (a convolution's split sums, part p
+//                    at p * len(x)), which the first pass adds in order and writes back as x
 //   apply_train      one invocation per element (n * c * hw): combines the slices (Chan's parallel
 //                    variance, in slice order), y = (x - mean) * invstd * gamma + beta [, ReLU]; the
 //                    workgroup holding a channel's first element also saves its mean and 1/std and
@@ -39,11 +41,11 @@ struct Dims {
     gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
     momentum: f32, eps: f32, slices: u32, gamma_extra: u32,
     beta_extra: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
-    dropout_scale: f32, maxpool: u32, width: u32, _p0: u32,
+    dropout_scale: f32, maxpool: u32, width: u32, parts: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> state: array<f32>;
 @group(0) @binding(3) var<storage, read_write> saved: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
@@ -81,7 +83,17 @@ fn stats(
     let count = f32(max(r.y - r.x, 1u));
     var sum = 0.0;
     for (var j = r.x + lid; j < r.y; j += WG) {
-        sum += x[element(c, j)];
+        let i = element(c, j);
+        var v = x[i];
+        if (d.parts > 1u) {
+            // The convolution before wrote its output in parts (split sums): add them in order, once.
+            let len = d.n * d.c * d.hw;
+            for (var part = 1u; part < d.parts; part++) {
+                v += x[part * len + i];
+            }
+            x[i] = v;
+        }
+        sum += v;
     }
     let mean = workgroup_sum2(lid, sum, 0.0).x / count;
     var sq = 0.0;

@@ -9,10 +9,12 @@
 //
 // Entry points and dispatch shapes (workgroups of TW invocations, a flat grid; see flat_group):
 //   forward   y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p], p = (image, oy, ox):
-//             one workgroup per tile of TC output channels x TP positions
-//             (ceil(cout / TC) * ceil(n * ho * wo / TP)). With d.bn == 1 the evaluation-mode batchnorm
-//             that follows (running statistics at d.*_off) is applied to each result, and with
-//             d.relu == 1 its ReLU too: the batchnorm launch is skipped.
+//             one workgroup per tile of TC output channels x TP positions and per split of the sum
+//             (ceil(cout / TC) * ceil(n * ho * wo / TP) * d.splits): with d.splits > 1, for layers of few
+//             tiles, split s sums its share of r (whole slabs) and writes y's part s, at s * len(y); the
+//             batchnorm's statistics kernel adds the parts in order. With d.bn == 1 (and one split)
+//             the evaluation-mode batchnorm that follows (running statistics at d.*_off) is applied to
+//             each result, and with d.relu == 1 its ReLU too: the batchnorm launch is skipped.
 //   backward  both gradients in one launch, as they depend on dy alone:
 //             first d.weight_groups workgroups: dw[co, r] = sum over positions p of dy[co, p] *
 //             x-patch[r, p], one per tile of TC output channels x TP of the cin * k * k columns and per
@@ -34,7 +36,7 @@ struct Dims {
     k: u32, w_off: u32, slices: u32, extra_off: u32,
     bn: u32, relu: u32, gamma_off: u32, beta_off: u32,
     mean_off: u32, var_off: u32, eps: f32, pool: u32,
-    weight_groups: u32, data: u32, _p0: u32, _p1: u32,
+    weight_groups: u32, data: u32, splits: u32, _p0: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -173,22 +175,30 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
     let depth = select(d.cin, d.cout, backward) * d.k * d.k;
     let positions = d.n * out_h * out_w;
     let c_tiles = (out_c + TC - 1u) / TC;
-    let c0 = (group % c_tiles) * TC;
-    let p0 = (group / c_tiles) * TP;
+    let tiles = c_tiles * ((positions + TP - 1u) / TP);
+    // Forward may split the sum's depth (whole slabs each) over d.splits groups of tiles; split s
+    // writes its part at s * (the output's length), and the batchnorm statistics add the parts.
+    let splits = select(d.splits, 1u, backward);
+    let split = group / tiles;
+    let c0 = ((group % tiles) % c_tiles) * TC;
+    let p0 = ((group % tiles) / c_tiles) * TP;
     // The grid may round the workgroup count up; group is uniform, so the barriers stay uniform.
-    if (p0 >= positions) {
+    if (split >= splits) {
         return;
     }
+    let per_split = ((depth + KT - 1u) / KT + splits - 1u) / splits * KT;
+    let r_start = split * per_split;
+    let r_end = min(depth, r_start + per_split);
     // Each invocation stages the patch of one position, the same for every slab.
     let mine = p0 + lid;
     let at = position(min(mine, positions - 1u), out_h, out_w);
     var acc: Block;
-    for (var r0 = 0u; r0 < depth; r0 += KT) {
+    for (var r0 = r_start; r0 < r_end; r0 += KT) {
         // Taps advance by counting, not dividing: index arithmetic would outweigh the multiply-adds.
         var t = tap_of(r0);
         for (var row = 0u; row < KT; row++) {
             var v = 0.0;
-            if (mine < positions && r0 + row < depth) {
+            if (mine < positions && r0 + row < r_end) {
                 v = patch_value(backward, t, at);
             }
             slab_p[row * (TP / 4u) + lid / 4u][lid % 4u] = v;
@@ -198,7 +208,7 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
             let r = r0 + e / TC;
             let c = c0 + e % TC;
             var v = 0.0;
-            if (r < depth) {
+            if (r < r_end) {
                 let kk = d.k * d.k;
                 if (backward) {
                     v = weight(r / kk, c, r % kk);
@@ -213,6 +223,7 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
         workgroupBarrier();
     }
     let plane = out_h * out_w;
+    let part = split * positions * out_c;
     for (var j = 0u; j < 4u; j++) {
         let p = p0 + 4u * (lid % (TP / 4u)) + j;
         if (p >= positions) {
@@ -222,7 +233,7 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
         for (var t = 0u; t < 4u; t++) {
             let c = c0 + 4u * (lid / (TP / 4u)) + t;
             if (c < out_c) {
-                out[((p / plane) * out_c + c) * plane + p % plane] = epilogue(backward, c, row[t]);
+                out[part + ((p / plane) * out_c + c) * plane + p % plane] = epilogue(backward, c, row[t]);
             }
         }
     }

@@ -251,7 +251,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let verify = serde_json::json!({"adapter": "Fake GPU (Vulkan, DiscreteGpu)", "driver": "fake 1.0", "batch_size": 100,
             "passed": 1, "total": 2, "checks": [
-                {"kernel": "conv3x3.forward", "layer": "conv1", "shape": "s", "error": 5e-6, "tolerance": 1e-5, "ok": true},
+                {"kernel": "conv.forward", "layer": "conv1", "shape": "s", "error": 5e-6, "tolerance": 1e-5, "ok": true},
                 {"kernel": "pool.gap_forward", "layer": "avgpool#18", "shape": "s", "error": null, "tolerance": 1e-6, "ok": false}]});
         std::fs::write(dir.join("verify.json"), verify.to_string()).unwrap();
         let epochs: Vec<String> = [(98.5, 10.0), (99.1, 11.0), (99.45, 9.0)]

@@ -32,7 +32,7 @@ use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets};
-use crate::gpu::conv::{weight_grad_slices, EvalBn};
+use crate::gpu::conv::{forward_splits, weight_grad_slices, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
 use crate::gpu::net::{bn_fusions, pool_in_conv, METRICS_WORDS};
@@ -52,7 +52,7 @@ const SCALE_FLOOR: f32 = 1e-6;
 /// One comparison of a GPU (or other backend's) result with the CPU reference.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Check {
-    /// The kernel (`conv3x3.forward`) or the step (`train step 1`) that produced the result.
+    /// The kernel (`conv.forward`) or the step (`train step 1`) that produced the result.
     pub kernel: String,
     /// The layer or the tensor (`conv2`, `bn3.running_var`).
     pub layer: String,
@@ -196,16 +196,22 @@ fn conv_checks(
     // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
     let slices = weight_grad_slices(d);
     let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
-    let (yb, ybn, dxb, gb) = (
+    // The forward as training runs it when the layer's tiles are few: its sum split into parts
+    // (at least 2 here, so that the split path is always checked), added in order as the batchnorm
+    // statistics add them.
+    let splits = forward_splits(d).max(2).min(d.col_rows().div_ceil(16)).max(1);
+    let (yb, ysb, ybn, dxb, gb) = (
         ctx.zeros("y", n * d.out_image()),
+        ctx.zeros("y (parts)", splits * n * d.out_image()),
         ctx.zeros("y (batchnorm)", n * d.out_image()),
         ctx.zeros("dx", n * d.in_image()),
         ctx.zeros("grads", state.len() + (slices - 1) * d.weight_len()),
     );
     let conv = &k.conv;
     let mut launches = vec![
-        conv.forward(ctx, d, w_off, pool, None, &xb, &sb, &yb)?,
-        conv.forward(ctx, d, w_off, pool, Some(bn), &xb, &sb, &ybn)?,
+        conv.forward(ctx, d, w_off, pool, 1, None, &xb, &sb, &yb)?,
+        conv.forward(ctx, d, w_off, pool, splits, None, &xb, &sb, &ysb)?,
+        conv.forward(ctx, d, w_off, pool, 1, Some(bn), &xb, &sb, &ybn)?,
     ];
     launches.push(conv.backward(ctx, d, &sliced, pool, &xb, &dyb, &sb, &gb, with_dx.then_some(&dxb))?);
     launches.push(k.sgd.sum_slices(ctx, state.len(), &[sliced], &gb));
@@ -222,8 +228,21 @@ fn conv_checks(
     let name = "conv";
     let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
     let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
+    let parts = read(ctx, &ysb, splits * y.len())?;
+    let mut summed = parts[..y.len()].to_vec();
+    for part in parts.chunks(y.len()).skip(1) {
+        summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
     let mut checks = vec![
         compare(&format!("{name}.forward"), layer, &format!("{input} -> {output}"), &read(ctx, &yb, y.len())?, &y, TOL_SUMS),
+        compare(
+            &format!("{name}.forward (sum in {splits} part{})", if splits > 1 { "s" } else { "" }),
+            layer,
+            &format!("{input} -> {output}"),
+            &summed,
+            &y,
+            TOL_SUMS,
+        ),
         compare(
             &format!("{name}.forward + batchnorm eval + relu"),
             layer,
@@ -268,6 +287,8 @@ struct BnCase {
     relu: bool,
     dropout: Option<f32>,
     pooling: BnPooling,
+    /// The input arrives in this many parts (a split convolution's), 0 or 1: whole.
+    parts: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -285,7 +306,13 @@ enum BnPooling {
 fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case: BnCase, seed: u64) -> Result<Vec<Check>> {
     let (n, c) = (d.n, d.c);
     let len = n * c * d.hw;
-    let x: Vec<f32> = random(seed, len, 2.0).iter().map(|v| v + 0.3).collect();
+    let parts = case.parts.max(1);
+    // The input's parts, and x as their sum in order (what the kernel must use).
+    let x_parts: Vec<f32> = random(seed, parts * len, 2.0).iter().map(|v| v + 0.3 / parts as f32).collect();
+    let mut x = x_parts[..len].to_vec();
+    for part in x_parts.chunks(len).skip(1) {
+        x.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
     let gamma: Vec<f32> = random(seed + 10, c, 0.5).iter().map(|v| v + 1.0).collect();
     let beta = random(seed + 20, c, 0.5);
     let rm = random(seed + 30, c, 0.5);
@@ -323,12 +350,13 @@ fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case:
         dropout: case.dropout,
         maxpool: matches!(case.pooling, BnPooling::Max { .. }),
         width,
+        parts,
     };
     let sliced = [
         SlicedGrad { start: 0, len: c, extra: gamma_extra, slices },
         SlicedGrad { start: c, len: c, extra: beta_extra, slices },
     ];
-    let (xb, sb, dyb) = (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("dy", &dy));
+    let (xb, sb, dyb) = (ctx.upload("x", &x_parts), ctx.upload("state", &state), ctx.upload("dy", &dy));
     let (yb, savedb, dxb, gb) = (
         ctx.zeros("y", len),
         ctx.zeros("saved", saved_len(c, slices)),
@@ -381,6 +409,7 @@ fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case:
         (true, None) => "+relu",
         (true, Some(_)) => "+relu+dropout",
     };
+    let parts_tag = if parts > 1 { format!(" (x in {parts} parts)") } else { String::new() };
     let dy_tag = match case.pooling {
         BnPooling::None => "",
         BnPooling::Global => " (dy of avg pool)",
@@ -394,7 +423,7 @@ fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case:
     let dx_gpu = read(ctx, &dxb, len)?;
     let per_channel = format!("{c}");
     let mut checks = vec![
-        compare("batchnorm.stats (mean)", layer, &in_slices, &sv[..c], &saved.mean, TOL_SUMS),
+        compare(&format!("batchnorm.stats (mean){parts_tag}"), layer, &in_slices, &sv[..c], &saved.mean, TOL_SUMS),
         compare("batchnorm.stats (1/std)", layer, &in_slices, &sv[c..], &saved.invstd, TOL_SUMS),
         compare("batchnorm.stats (running mean)", layer, &per_channel, &st[2 * c..3 * c], &rm2, TOL_SUMS),
         compare("batchnorm.stats (running var)", layer, &per_channel, &st[3 * c..], &rv2, TOL_SUMS),
@@ -651,7 +680,11 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
                 } else {
                     BnPooling::None
                 };
-                let case = BnCase { relu, dropout: fusion[i].dropout, pooling };
+                let parts = match (i.checked_sub(1).and_then(|j| model.conv(j, n)), i) {
+                    (Some((d, _)), _) => forward_splits(&d),
+                    _ => 1,
+                };
+                let case = BnCase { relu, dropout: fusion[i].dropout, pooling, parts };
                 checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, case, seed)?);
             }
             Layer::Relu => {} // fused into the batchnorm kernels before it
@@ -696,7 +729,7 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
     checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, avg, 14)?);
     // Dropout and a max pooling fused in, on planes of odd height and width (the last row and column
     // belong to no window), and on a few levels of input, so that windows hold equal maxima.
-    let fused = BnCase { relu: true, dropout: Some(0.3), pooling: BnPooling::Max { width: 5 } };
+    let fused = BnCase { relu: true, dropout: Some(0.3), pooling: BnPooling::Max { width: 5 }, parts: 3 };
     checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15)?);
     // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs them.
     checks.extend(maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true)?);

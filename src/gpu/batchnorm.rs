@@ -43,6 +43,8 @@ pub struct BnLayer {
     pub maxpool: bool,
     /// Pixels per row (the max pooling's windows).
     pub width: usize,
+    /// The input arrives in this many parts (a convolution's split sums), added by the statistics.
+    pub parts: usize,
 }
 
 /// Workgroups a batchnorm's per-channel sums are spread over, at least, where there are few channels.
@@ -89,7 +91,7 @@ struct Dims {
     dropout_scale: f32,
     maxpool: u32,
     width: u32,
-    _pad: u32,
+    parts: u32,
 }
 
 fn dims(l: &BnLayer) -> Dims {
@@ -113,7 +115,7 @@ fn dims(l: &BnLayer) -> Dims {
         dropout_scale: l.dropout.map_or(1.0, |p| 1.0 / (1.0 - p)),
         maxpool: l.maxpool as u32,
         width: l.width as u32,
-        _pad: 0,
+        parts: l.parts as u32,
     }
 }
 
@@ -159,7 +161,7 @@ impl BatchNorm {
             // Sum and sum of squares of x; then (x - mean) * scale + shift, ReLU.
             self.stats
                 .launch(ctx, (l.c * l.slices) as u32, &all)
-                .with_cost(Cost::new(3 * len, len + 2 * l.slices * l.c)),
+                .with_cost(Cost::new((2 + l.parts) * len, l.parts * len + 2 * l.slices * l.c)),
             self.apply_train.launch(ctx, groups_for(len), &all).with_cost(Cost::new(3 * len, 2 * len + 4 * l.c)),
         ]
     }

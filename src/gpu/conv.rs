@@ -37,7 +37,8 @@ struct Dims {
     pool: u32,
     weight_groups: u32,
     data: u32,
-    _pad: [u32; 2],
+    splits: u32,
+    _pad: u32,
 }
 
 /// A workgroup's tile in conv.wgsl: TP positions (or weight columns) by TC channels.
@@ -61,6 +62,23 @@ fn weight_grad_tiles(d: &ConvDims) -> usize {
 /// shares the gradient buffer's layout.
 pub fn weight_grad_slices(d: &ConvDims) -> usize {
     WEIGHT_GRAD_GROUPS.div_ceil(weight_grad_tiles(d)).clamp(1, MAX_WEIGHT_GRAD_SLICES)
+}
+
+/// Workgroups a forward launch should have, at least, where its tiles are few: then the sum's depth
+/// is split (`forward_splits`).
+const FORWARD_GROUPS: usize = 256;
+/// Parts at most: each is a whole copy of the output.
+const MAX_FORWARD_SPLITS: usize = 8;
+/// The depth staged at a time (KT in conv.wgsl): a split covers whole slabs.
+const SLAB: usize = 16;
+
+/// How many parts a training forward's sum is split into so that the launch has FORWARD_GROUPS
+/// workgroups (at least one slab of the depth per part, at most MAX_FORWARD_SPLITS parts): 1 for
+/// layers of enough tiles. The parts are written apart and added in order by the batchnorm
+/// statistics that read them.
+pub fn forward_splits(d: &ConvDims) -> usize {
+    let tiles = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) as usize;
+    FORWARD_GROUPS.div_ceil(tiles).min(MAX_FORWARD_SPLITS).clamp(1, d.col_rows().div_ceil(SLAB))
 }
 
 /// The evaluation-mode batchnorm (and ReLU) fused into a forward launch.
@@ -111,6 +129,7 @@ impl Conv {
             k: d.k as u32,
             w_off: w_off as u32,
             slices: 1,
+            splits: 1,
             pool: pool as u32,
             ..Default::default()
         })
@@ -121,8 +140,9 @@ impl Conv {
         (channels.div_ceil(TILE_CHANNELS) * positions.div_ceil(TILE_POSITIONS)) as u32
     }
 
-    /// y = conv(x, weights at state[w_off..]) (with `pool`, of the 2x2 max pooling of x), followed,
-    /// with `bn`, by the evaluation-mode batchnorm (and ReLU) of the next layer.
+    /// y = conv(x, weights at state[w_off..]) (with `pool`, of the 2x2 max pooling of x), in `splits`
+    /// parts (y holds that many outputs, added up by the batchnorm statistics that follow); or, with
+    /// `bn` (one part), followed by the evaluation-mode batchnorm (and ReLU) of the next layer.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -130,12 +150,17 @@ impl Conv {
         d: &ConvDims,
         w_off: usize,
         pool: bool,
+        splits: usize,
         bn: Option<EvalBn>,
         x: &wgpu::Buffer,
         state: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
+        if splits == 0 || (splits > 1 && bn.is_some()) {
+            bail!("a convolution's forward in {splits} parts cannot apply a batchnorm");
+        }
         let mut dims = Conv::dims(d, w_off, pool)?;
+        dims.splits = splits as u32;
         if let Some(bn) = bn {
             dims.bn = 1;
             dims.relu = bn.relu as u32;
@@ -146,8 +171,9 @@ impl Conv {
             dims.eps = bn.eps;
         }
         let u = ctx.uniform("conv dims", &dims);
-        let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo());
+        let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) * splits as u32;
         let mut cost = Conv::cost(d, pool);
+        cost.bytes += 4.0 * ((splits - 1) * d.n * d.out_image()) as f64;
         if bn.is_some() {
             cost.flops += 4.0 * (d.n * d.out_image()) as f64;
         }

@@ -9,7 +9,7 @@ use anyhow::{bail, Result};
 use super::batchnorm::{bn_slices, saved_len, BatchNorm, BnBuffers, BnLayer, BnOffsets};
 use super::context::GpuContext;
 use super::conv::weight_grad_slices;
-use super::conv::{Conv, EvalBn};
+use super::conv::{forward_splits, Conv, EvalBn};
 use super::dropout::Dropout;
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
@@ -216,7 +216,7 @@ pub fn check_batch_fits(ctx: &GpuContext, model: &Model, n: usize) -> Result<usi
     Ok(largest)
 }
 
-/// Names launches after the layer they belong to, e.g. `conv3x3.forward conv2`.
+/// Names launches after the layer they belong to, e.g. `conv.forward conv2`.
 fn tag(launches: &mut [Dispatch], layer: &str) {
     for d in launches {
         d.label = format!("{} {layer}", d.label);
@@ -299,6 +299,14 @@ impl GpuNet {
         let labels = ctx.zeros("labels", n);
 
         let (fusion, inside_bn) = bn_fusions(model);
+        // A training convolution followed by a batchnorm splits its sum when its tiles are few; its
+        // buffer holds the parts.
+        let splits: Vec<usize> = (0..model.layers.len())
+            .map(|i| match (model.conv(i, n), model.layers.get(i + 1)) {
+                (Some((d, _)), Some(Layer::BatchNorm { .. })) => forward_splits(&d),
+                _ => 1,
+            })
+            .collect();
         let mut activations = Vec::new();
         let mut output_of = Vec::new();
         for (i, shape) in model.shapes.iter().enumerate() {
@@ -310,7 +318,7 @@ impl GpuNet {
                 if matches!(model.layers[i], Layer::Relu) {
                     bail!("layer {i}: the GPU backend runs a ReLU only fused into the batchnorm before it");
                 }
-                activations.push(ctx.zeros(&format!("layer {i} output"), n * shape.len()));
+                activations.push(ctx.zeros(&format!("layer {i} output"), splits[i] * n * shape.len()));
                 output_of.push(activations.len() - 1);
             }
         }
@@ -352,6 +360,7 @@ impl GpuNet {
                 dropout: fusion[i].dropout,
                 maxpool: fusion[i].maxpool,
                 width: s.w,
+                parts: if i > 0 { splits[i - 1] } else { 1 },
             }
         };
 
@@ -404,7 +413,7 @@ impl GpuNet {
                     // A max pooling before runs inside the convolution's reads of its input.
                     let pool = i > 0 && pool_in_conv(model, i - 1);
                     let (x, xe) = if pool { (input_of(i - 1), eval_input_of(i - 1)) } else { (x, xe) };
-                    forward_train.push(k.conv.forward(ctx, &d, w_off, pool, None, x, state_buf, y)?);
+                    forward_train.push(k.conv.forward(ctx, &d, w_off, pool, splits[i], None, x, state_buf, y)?);
                     // In evaluation a batchnorm that follows is an affine map per channel: it runs in
                     // the convolution's launch, which writes the batchnorm's output.
                     match (model.layers.get(i + 1), model.layer_params.get(i + 1)) {
@@ -412,9 +421,10 @@ impl GpuNet {
                             let l = bn_layer(i + 1, c, p);
                             let bn = EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu };
                             let bn_out = &activations[output_of[i + 1]];
-                            forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, Some(bn), xe, state_buf, bn_out)?);
+                            let bn = Some(bn);
+                            forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, 1, bn, xe, state_buf, bn_out)?);
                         }
-                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, None, xe, state_buf, y)?),
+                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, 1, None, xe, state_buf, y)?),
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
