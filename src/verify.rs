@@ -234,7 +234,14 @@ fn conv_checks(
         summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
     }
     let mut checks = vec![
-        compare(&format!("{name}.forward"), layer, &format!("{input} -> {output}"), &read(ctx, &yb, y.len())?, &y, TOL_SUMS),
+        compare(
+            &format!("{name}.forward"),
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &yb, y.len())?,
+            &y,
+            TOL_SUMS,
+        ),
         compare(
             &format!("{name}.forward (sum in {splits} part{})", if splits > 1 { "s" } else { "" }),
             layer,
@@ -303,7 +310,14 @@ enum BnPooling {
 
 /// A batchnorm layer with what `case` fuses: training forward with running statistics, backward, and
 /// evaluation forward.
-fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case: BnCase, seed: u64) -> Result<Vec<Check>> {
+fn batchnorm_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: BnDims,
+    case: BnCase,
+    seed: u64,
+) -> Result<Vec<Check>> {
     let (n, c) = (d.n, d.c);
     let len = n * c * d.hw;
     let parts = case.parts.max(1);
@@ -449,7 +463,15 @@ fn batchnorm_checks(ctx: &GpuContext, k: &Kernels, layer: &str, d: BnDims, case:
 
 /// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
 /// hold equal maxima and the first-on-ties rule decides where the gradient goes.
-fn maxpool_checks(ctx: &GpuContext, k: &Kernels, layer: &str, n: usize, s: Shape, seed: u64, ties: bool) -> Result<Vec<Check>> {
+fn maxpool_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    n: usize,
+    s: Shape,
+    seed: u64,
+    ties: bool,
+) -> Result<Vec<Check>> {
     let Shape { c, h, w } = s;
     let planes = n * c;
     let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));

@@ -98,10 +98,7 @@ pub struct Conv {
 impl Conv {
     pub fn new(ctx: &GpuContext) -> Result<Conv> {
         let mut kernels = compile(ctx, "conv")?;
-        Ok(Conv {
-            forward: take(&mut kernels, "forward"),
-            backward: take(&mut kernels, "backward"),
-        })
+        Ok(Conv { forward: take(&mut kernels, "forward"), backward: take(&mut kernels, "backward") })
     }
 
     /// Every pass of a convolution does the same multiply-adds and touches input, weights and output;
