@@ -77,6 +77,15 @@ fn multiply_slabs(lid: u32, acc: ptr<function, Block>) {
     }
 }
 
+// Where invocation `lid`'s block lies in the tile: its j-th position (or column) and t-th channel.
+fn block_col(lid: u32, j: u32) -> u32 {
+    return 4u * (lid % (TP / 4u)) + j;
+}
+
+fn block_channel(lid: u32, t: u32) -> u32 {
+    return 4u * (lid / (TP / 4u)) + t;
+}
+
 fn block_row(acc: Block, j: u32) -> vec4<f32> {
     switch j {
         case 0u: { return acc.r0; }
@@ -225,13 +234,13 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
     let plane = out_h * out_w;
     let part = split * positions * out_c;
     for (var j = 0u; j < 4u; j++) {
-        let p = p0 + 4u * (lid % (TP / 4u)) + j;
+        let p = p0 + block_col(lid, j);
         if (p >= positions) {
             break;
         }
         let row = block_row(acc, j);
         for (var t = 0u; t < 4u; t++) {
-            let c = c0 + 4u * (lid / (TP / 4u)) + t;
+            let c = c0 + block_channel(lid, t);
             if (c < out_c) {
                 out[part + ((p / plane) * out_c + c) * plane + p % plane] = epilogue(backward, c, row[t]);
             }
@@ -323,13 +332,13 @@ fn weight_tile(lid: u32, group: u32) {
     }
     let base = select(d.extra_off + (slice - 1u) * d.cout * columns, d.w_off, slice == 0u);
     for (var j = 0u; j < 4u; j++) {
-        let r = col0 + 4u * (lid % (TP / 4u)) + j;
+        let r = col0 + block_col(lid, j);
         if (r >= columns) {
             break;
         }
         let row = block_row(acc, j);
         for (var t = 0u; t < 4u; t++) {
-            let c = c0 + 4u * (lid / (TP / 4u)) + t;
+            let c = c0 + block_channel(lid, t);
             if (c < d.cout) {
                 grads[base + c * columns + r] = row[t];
             }

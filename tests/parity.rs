@@ -39,9 +39,9 @@ fn every_kernel_matches_the_reference_at_every_layer_shape() {
     // Layers that run inside a batchnorm's kernels (its ReLU, a dropout after it, a max pooling after
     // those) are covered by that batchnorm's checks, whose kernel names say so.
     let (_, inside_bn) = bn_fusions(&model);
-    for i in 0..model.layers.len() {
+    for (i, inside) in inside_bn.iter().enumerate() {
         let layer = model.layer_name(i);
-        if !inside_bn[i] {
+        if !inside {
             assert!(checks.iter().any(|c| c.layer == layer), "no check covers layer {layer}");
         }
     }
