@@ -24,6 +24,9 @@ use crate::{make_backend, BackendChoice, DeviceArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// The network: a model file, or a preset (net3, the default).
+    #[arg(long, value_name = "FILE|PRESET")]
+    model: Option<String>,
     /// Training steps (or evaluation batches) per timed repeat.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -144,7 +147,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 || args.batch_size == 0 {
         bail!("--steps, --repeats and --batch-size must be at least 1");
     }
-    let model = Model::net3();
+    let model = data::model(args.model.as_deref())?;
     let set = data::load_dir(&data::default_dir())?;
     if args.batch_size > set.train.len() {
         bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
@@ -266,6 +269,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct ProfileArgs {
+    /// The network: a model file, or a preset (net3, the default).
+    #[arg(long, value_name = "FILE|PRESET")]
+    model: Option<String>,
     /// Timed training steps; each kernel's median over them is reported.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -338,7 +344,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 {
         bail!("--steps and --batch-size must be at least 1");
     }
-    let model = Model::net3();
+    let model = data::model(args.model.as_deref())?;
     let set = data::load_dir(&data::default_dir())?;
     let cfg =
         LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
@@ -453,6 +459,9 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct VerifyArgs {
+    /// The network: a model file, or a preset (net3, the default).
+    #[arg(long, value_name = "FILE|PRESET")]
+    model: Option<String>,
     /// The GPU adapter: an index from `adapters`, part of its name, or NAME:BACKEND (llvmpipe:gl);
     /// software adapters allowed.
     #[arg(long)]
@@ -475,7 +484,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     if n == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let model = Model::net3();
+    let model = data::model(args.model.as_deref())?;
     let ctx = GpuContext::new(args.adapter.as_deref())?;
     // Before any check allocates a buffer of that batch.
     mnist_wgpu::gpu::net::check_batch_fits(&ctx, &model, n)?;
@@ -484,7 +493,10 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     let driver = format!("{} {}", info.driver, info.driver_info).trim().to_string();
     let mut backend = GpuBackend::new(ctx, &model, &model.init_state(1))?;
     if !args.json {
-        println!("verify: every kernel of Net3 at batch {n}, then whole training steps, on {adapter}, driver {driver}");
+        let net = args.model.as_deref().unwrap_or("net3");
+        println!(
+            "verify: every kernel of {net} at batch {n}, then whole training steps, on {adapter}, driver {driver}"
+        );
         println!("{}", verify::header());
     }
     let (ctx, kernels) = backend.parts();

@@ -97,7 +97,9 @@ fn write_atomic(
 pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
     assert_eq!(state.len(), model.num_state);
     assert_eq!(momenta.len(), model.num_trainable);
-    let meta = position.to_map();
+    let mut meta = position.to_map();
+    // The network itself, as a model file: eval and resume rebuild it from there.
+    meta.insert(MODEL_KEY.into(), model.to_toml());
     // PyTorch's BatchNorm2d also keeps the number of batches it has seen, an int64 scalar.
     let batches = (position.global_step as i64).to_le_bytes();
     let mut tensors: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
@@ -150,6 +152,18 @@ fn read_f32(path: &Path, st: &SafeTensors, name: &str, shape: &[usize]) -> Resul
 
 fn open(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+}
+
+/// The metadata key of the model file a checkpoint holds.
+const MODEL_KEY: &str = "model";
+
+/// The model file stored in checkpoint `path`, if it has one (checkpoints from before model files, and
+/// state_dicts saved elsewhere, have none: they hold Net3).
+pub fn stored_model(path: &Path) -> Result<Option<String>> {
+    let bytes = open(path)?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    Ok(meta.metadata().as_ref().and_then(|m| m.get(MODEL_KEY).cloned()))
 }
 
 /// Loads `path` and, when present, its momenta companion, checking every name, shape and type.

@@ -43,6 +43,10 @@ pub struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
+    /// The network: a model file, or a preset (net3, the default). With --resume, the checkpoint's
+    /// own network is used, and a different --model is refused.
+    #[arg(long, value_name = "FILE|PRESET")]
+    model: Option<String>,
     #[arg(long, default_value_t = 20)]
     epochs: usize,
     #[arg(long, default_value_t = 100)]
@@ -92,6 +96,10 @@ enum Command {
     /// Test loss, accuracy and confusion matrix of a checkpoint.
     Eval {
         checkpoint: PathBuf,
+        /// The network, when the checkpoint does not say (one saved elsewhere): a model file or a
+        /// preset. A checkpoint of this program holds its network, and a different one is refused.
+        #[arg(long, value_name = "FILE|PRESET")]
+        model: Option<String>,
         #[arg(long)]
         data: Option<PathBuf>,
         #[arg(long, default_value_t = 100)]
@@ -115,7 +123,11 @@ enum Command {
         steps: Option<PathBuf>,
     },
     /// Print the network: one row per layer with its output shape and parameter count.
-    Summary,
+    Summary {
+        /// The network: a model file, or a preset (net3, the default).
+        #[arg(long, value_name = "FILE|PRESET")]
+        model: Option<String>,
+    },
     /// List every GPU adapter wgpu finds (index, name, backend, device type).
     Adapters,
     /// Load and check a data folder, and print what it holds.
@@ -178,7 +190,7 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Summary => print!("{}", Model::net3().summary()),
+        Command::Summary { model } => print!("{}", data::model(model.as_deref())?.summary()),
         Command::Adapters => {
             let adapters = mnist_wgpu::gpu::list_adapters();
             if adapters.is_empty() {
@@ -204,8 +216,8 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Train(args) => train_command(args)?,
-        Command::Eval { checkpoint, data, batch_size, device } => {
-            let model = Model::net3();
+        Command::Eval { checkpoint, model, data, batch_size, device } => {
+            let model = checkpoint_model(&checkpoint, model.as_deref())?;
             let ck = mnist_wgpu::checkpoint::load(&checkpoint, &model)?;
             let set = load_data(data)?;
             let mut backend = make_backend(&device, &model, ck.state)?;
@@ -228,6 +240,31 @@ fn run(command: Command) -> Result<()> {
     Ok(())
 }
 
+/// The network of checkpoint `path`: the model file it holds (Net3 for one without), refusing a
+/// different `--model`; for a checkpoint without one, `--model` says.
+fn checkpoint_model(path: &Path, arg: Option<&str>) -> Result<Model> {
+    let stored = mnist_wgpu::checkpoint::stored_model(path)?;
+    let Some(text) = stored else {
+        return data::model(arg);
+    };
+    let input = mnist_wgpu::model::Shape { c: 1, h: IMAGE_SIDE, w: IMAGE_SIDE };
+    let origin = format!("{} (its model)", path.display());
+    let model = mnist_wgpu::model::file::parse(&text, &origin, input, data::NUM_CLASSES)?;
+    if let Some(arg) = arg {
+        let asked = data::model(Some(arg))?;
+        if asked.layers != model.layers {
+            bail!(
+                "{} holds another network ({} parameters) than --model {arg} ({} parameters); leave --model out to \
+                 use the checkpoint's",
+                path.display(),
+                model.num_trainable,
+                asked.num_trainable
+            );
+        }
+    }
+    Ok(model)
+}
+
 fn train_command(args: TrainArgs) -> Result<()> {
     if args.epochs == 0 || args.batch_size == 0 {
         bail!("--epochs and --batch-size must be at least 1");
@@ -238,7 +275,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if args.steps_per_submit.is_some_and(|n| n == 0 || n > mnist_wgpu::backend::MAX_CHUNK_BATCHES) {
         bail!("--steps-per-submit must be 1 to {}", mnist_wgpu::backend::MAX_CHUNK_BATCHES);
     }
-    let model = Model::net3();
+    let model = match &args.resume {
+        Some(resume) => checkpoint_model(resume, args.model.as_deref())?,
+        None => data::model(args.model.as_deref())?,
+    };
     let set = load_data(args.data.clone())?;
     let recipe = Recipe {
         epochs: args.epochs,
@@ -268,7 +308,8 @@ fn train_command(args: TrainArgs) -> Result<()> {
     }
     let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
     println!(
-        "Training Net3 ({} parameters) on {}, {} training / {} test images",
+        "Training {} ({} parameters) on {}, {} training / {} test images",
+        args.model.as_deref().unwrap_or(if args.resume.is_some() { "the checkpoint's network" } else { "net3" }),
         model.num_trainable,
         backend.describe(),
         set.train.len(),

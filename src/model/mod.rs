@@ -1,6 +1,8 @@
 //! Net3, described once as data: the layer list, every activation's shape, and the parameter table
 //! that carves one flat f32 buffer. Every backend executes this description. Knows nothing of wgpu.
 
+pub mod file;
+
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
@@ -70,14 +72,14 @@ impl ConvDims {
 pub enum Layer {
     /// k x k convolution, stride 1, no bias.
     Conv {
-        name: &'static str,
+        name: String,
         cin: usize,
         cout: usize,
         k: usize,
         pad: usize,
     },
     BatchNorm {
-        name: &'static str,
+        name: String,
         c: usize,
     },
     Relu,
@@ -108,7 +110,34 @@ pub struct ParamEntry {
     pub len: usize,
     /// Trained by SGD (weights, batchnorm affine) rather than a running statistic.
     pub trainable: bool,
+    /// What the tensor is, which decides its initialization.
+    pub kind: ParamKind,
 }
+
+/// What a parameter tensor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    ConvWeight { fan_in: usize },
+    BatchNormWeight,
+    BatchNormBias,
+    RunningMean,
+    RunningVar,
+}
+
+/// A layer that does not fit the shape it receives: its index in the layer list and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerError {
+    pub index: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for LayerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "layer {}: {}", self.index + 1, self.message)
+    }
+}
+
+impl std::error::Error for LayerError {}
 
 /// Indices into the parameter table of one layer's tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,26 +167,26 @@ impl Model {
     pub fn net3() -> Model {
         use Layer::*;
         let layers = vec![
-            Conv { name: "conv1", cin: 1, cout: 8, k: 3, pad: 1 },
-            BatchNorm { name: "bn1", c: 8 },
+            Conv { name: "conv1".into(), cin: 1, cout: 8, k: 3, pad: 1 },
+            BatchNorm { name: "bn1".into(), c: 8 },
             Relu,
-            Conv { name: "conv2", cin: 8, cout: 16, k: 3, pad: 1 },
-            BatchNorm { name: "bn2", c: 16 },
+            Conv { name: "conv2".into(), cin: 8, cout: 16, k: 3, pad: 1 },
+            BatchNorm { name: "bn2".into(), c: 16 },
             Relu,
             Dropout { p: 0.05 },
             MaxPool2,
-            Conv { name: "conv3", cin: 16, cout: 16, k: 3, pad: 1 },
-            BatchNorm { name: "bn3", c: 16 },
+            Conv { name: "conv3".into(), cin: 16, cout: 16, k: 3, pad: 1 },
+            BatchNorm { name: "bn3".into(), c: 16 },
             Relu,
-            Conv { name: "conv4", cin: 16, cout: 32, k: 3, pad: 1 },
-            BatchNorm { name: "bn4", c: 32 },
+            Conv { name: "conv4".into(), cin: 16, cout: 32, k: 3, pad: 1 },
+            BatchNorm { name: "bn4".into(), c: 32 },
             Relu,
             MaxPool2,
-            Conv { name: "conv5", cin: 32, cout: 32, k: 3, pad: 0 },
-            BatchNorm { name: "bn5", c: 32 },
+            Conv { name: "conv5".into(), cin: 32, cout: 32, k: 3, pad: 0 },
+            BatchNorm { name: "bn5".into(), c: 32 },
             Relu,
-            Conv { name: "conv6", cin: 32, cout: 10, k: 1, pad: 0 },
-            BatchNorm { name: "bn6", c: 10 },
+            Conv { name: "conv6".into(), cin: 32, cout: 10, k: 1, pad: 0 },
+            BatchNorm { name: "bn6".into(), c: 10 },
             Relu,
             GlobalAvgPool,
         ];
@@ -165,28 +194,47 @@ impl Model {
     }
 
     /// Builds the shapes and the parameter table of a layer list; panics on a list that does not fit
-    /// together, which is a programming error in the description, not a user error.
+    /// together, which is a programming error in a description written in code (a model file goes
+    /// through `build` and gets an error naming the layer).
     pub fn new(input: Shape, layers: Vec<Layer>) -> Model {
+        Model::build(input, layers).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Builds the shapes and the parameter table of a layer list, or says which layer does not fit
+    /// the shape it receives and why.
+    pub fn build(input: Shape, layers: Vec<Layer>) -> Result<Model, LayerError> {
         let mut shapes = Vec::with_capacity(layers.len());
         let mut shape = input;
-        let mut trainable: Vec<(String, Vec<usize>)> = Vec::new();
-        let mut running: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut trainable: Vec<(String, Vec<usize>, ParamKind)> = Vec::new();
+        let mut running: Vec<(String, Vec<usize>, ParamKind)> = Vec::new();
         // Per layer: the indices of its tensors within `trainable` / `running`, fixed up below.
         let mut slots: Vec<LayerParams> = Vec::with_capacity(layers.len());
-        for layer in &layers {
-            let slot = match *layer {
-                Layer::Conv { name, cin, cout, k, pad } => {
-                    assert_eq!(shape.c, cin, "{name}: input has {} channels", shape.c);
+        for (index, layer) in layers.iter().enumerate() {
+            let fail = |message: String| LayerError { index, message };
+            let slot = match layer {
+                &Layer::Conv { ref name, cin, cout, k, pad } => {
+                    if shape.c != cin {
+                        return Err(fail(format!("{name} takes {cin} channels, its input has {}", shape.c)));
+                    }
+                    if k == 0 || pad >= k || shape.h + 2 * pad < k || shape.w + 2 * pad < k {
+                        return Err(fail(format!(
+                            "{name}: a {k}x{k} kernel with padding {pad} does not fit its {}x{} input",
+                            shape.h, shape.w
+                        )));
+                    }
                     shape = Shape { c: cout, h: shape.h + 2 * pad + 1 - k, w: shape.w + 2 * pad + 1 - k };
-                    trainable.push((format!("{name}.weight"), vec![cout, cin, k, k]));
+                    let fan_in = cin * k * k;
+                    trainable.push((format!("{name}.weight"), vec![cout, cin, k, k], ParamKind::ConvWeight { fan_in }));
                     LayerParams::Conv { weight: trainable.len() - 1 }
                 }
-                Layer::BatchNorm { name, c } => {
-                    assert_eq!(shape.c, c, "{name}: input has {} channels", shape.c);
-                    trainable.push((format!("{name}.weight"), vec![c]));
-                    trainable.push((format!("{name}.bias"), vec![c]));
-                    running.push((format!("{name}.running_mean"), vec![c]));
-                    running.push((format!("{name}.running_var"), vec![c]));
+                &Layer::BatchNorm { ref name, c } => {
+                    if shape.c != c {
+                        return Err(fail(format!("{name} takes {c} channels, its input has {}", shape.c)));
+                    }
+                    trainable.push((format!("{name}.weight"), vec![c], ParamKind::BatchNormWeight));
+                    trainable.push((format!("{name}.bias"), vec![c], ParamKind::BatchNormBias));
+                    running.push((format!("{name}.running_mean"), vec![c], ParamKind::RunningMean));
+                    running.push((format!("{name}.running_var"), vec![c], ParamKind::RunningVar));
                     LayerParams::BatchNorm {
                         weight: trainable.len() - 2,
                         bias: trainable.len() - 1,
@@ -195,7 +243,12 @@ impl Model {
                     }
                 }
                 Layer::MaxPool2 => {
-                    assert!(shape.h.is_multiple_of(2) && shape.w.is_multiple_of(2), "maxpool of odd size {shape:?}");
+                    if !shape.h.is_multiple_of(2) || !shape.w.is_multiple_of(2) {
+                        return Err(fail(format!(
+                            "a 2x2 max pooling needs an even height and width, its input is {}x{}",
+                            shape.h, shape.w
+                        )));
+                    }
                     shape = Shape { c: shape.c, h: shape.h / 2, w: shape.w / 2 };
                     LayerParams::None
                 }
@@ -203,7 +256,13 @@ impl Model {
                     shape = Shape { c: shape.c, h: 1, w: 1 };
                     LayerParams::None
                 }
-                Layer::Relu | Layer::Dropout { .. } => LayerParams::None,
+                &Layer::Dropout { p } => {
+                    if !(0.0..1.0).contains(&p) {
+                        return Err(fail(format!("dropout probability {p} is not in [0, 1)")));
+                    }
+                    LayerParams::None
+                }
+                Layer::Relu => LayerParams::None,
             };
             shapes.push(shape);
             slots.push(slot);
@@ -211,11 +270,11 @@ impl Model {
         let num_trainable_tensors = trainable.len();
         let mut params = Vec::new();
         let mut offset = 0;
-        for ((name, shape), is_trainable) in
+        for ((name, shape, kind), is_trainable) in
             trainable.into_iter().map(|t| (t, true)).chain(running.into_iter().map(|t| (t, false)))
         {
             let len = shape.iter().product();
-            params.push(ParamEntry { name, shape, offset, len, trainable: is_trainable });
+            params.push(ParamEntry { name, shape, offset, len, trainable: is_trainable, kind });
             offset += len;
         }
         let num_trainable = params.iter().filter(|p| p.trainable).map(|p| p.len).sum();
@@ -231,7 +290,7 @@ impl Model {
                 other => other,
             })
             .collect();
-        Model { input, layers, shapes, layer_params, params, num_trainable, num_state: offset }
+        Ok(Model { input, layers, shapes, layer_params, params, num_trainable, num_state: offset })
     }
 
     pub fn output_classes(&self) -> usize {
@@ -257,7 +316,7 @@ impl Model {
     /// A short name for layer `i`: its module name (`conv2`, `bn2`), else its kind and index.
     pub fn layer_name(&self, i: usize) -> String {
         match &self.layers[i] {
-            Layer::Conv { name, .. } | Layer::BatchNorm { name, .. } => name.to_string(),
+            Layer::Conv { name, .. } | Layer::BatchNorm { name, .. } => name.clone(),
             Layer::Relu => format!("relu#{i}"),
             Layer::Dropout { .. } => format!("dropout#{i}"),
             Layer::MaxPool2 => format!("maxpool#{i}"),
@@ -279,14 +338,16 @@ impl Model {
     pub fn init_state(&self, seed: u64) -> Vec<f32> {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let mut state = vec![0.0f32; self.num_state];
+        // By kind, in table order (the draws' order).
         for p in &self.params {
             let slice = &mut state[p.offset..p.offset + p.len];
-            if p.name.ends_with("running_var") || (p.name.starts_with("bn") && p.name.ends_with(".weight")) {
-                slice.fill(1.0);
-            } else if p.shape.len() == 4 {
-                let fan_in = (p.shape[1] * p.shape[2] * p.shape[3]) as f32;
-                let bound = 1.0 / fan_in.sqrt();
-                slice.iter_mut().for_each(|v| *v = rng.random_range(-bound..bound));
+            match p.kind {
+                ParamKind::BatchNormWeight | ParamKind::RunningVar => slice.fill(1.0),
+                ParamKind::BatchNormBias | ParamKind::RunningMean => {}
+                ParamKind::ConvWeight { fan_in } => {
+                    let bound = 1.0 / (fan_in as f32).sqrt();
+                    slice.iter_mut().for_each(|v| *v = rng.random_range(-bound..bound));
+                }
             }
         }
         state

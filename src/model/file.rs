@@ -1,0 +1,219 @@
+//! Model files: a network as a small TOML file, one `[[layer]]` table per layer in order (see
+//! `models/net3.toml`). The input shape and the class count come from the data. Errors name the file,
+//! the line and what is wrong. A model also writes itself back as such a file (`to_toml`), which is
+//! what checkpoints store.
+
+use anyhow::{anyhow, bail, Result};
+use serde::Deserialize;
+
+use super::{Layer, Model, Shape};
+
+/// The presets, by name: model files built into the program.
+pub const PRESETS: &[(&str, &str)] = &[("net3", include_str!("../../models/net3.toml"))];
+
+/// The network `--model` names: a model file, else a preset.
+pub fn resolve(arg: &str, input: Shape, classes: usize) -> Result<Model> {
+    let path = std::path::Path::new(arg);
+    if path.is_file() {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow!("--model {arg}: {e}"))?;
+        return parse(&text, arg, input, classes);
+    }
+    match PRESETS.iter().find(|(name, _)| *name == arg) {
+        Some((name, text)) => parse(text, &format!("preset {name}"), input, classes),
+        None => {
+            let names: Vec<&str> = PRESETS.iter().map(|p| p.0).collect();
+            bail!("--model {arg}: no such file, and no preset of that name (presets: {})", names.join(", "))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSpec {
+    #[serde(default)]
+    layer: Vec<toml::Spanned<LayerSpec>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LayerSpec {
+    #[serde(rename = "type")]
+    kind: String,
+    out: Option<usize>,
+    kernel: Option<usize>,
+    padding: Option<usize>,
+    bias: Option<bool>,
+    p: Option<f32>,
+}
+
+/// The layer types and the keys each takes besides `type`.
+const TYPES: &[(&str, &[&str])] = &[
+    ("conv", &["out", "kernel", "padding", "bias"]),
+    ("batchnorm", &[]),
+    ("relu", &[]),
+    ("dropout", &["p"]),
+    ("maxpool", &[]),
+    ("avgpool", &[]),
+];
+
+/// Builds the network a model file describes for `input` images and `classes` classes; `origin`
+/// (its path, or the preset's name) starts every error.
+pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<Model> {
+    let file: FileSpec = toml::from_str(text).map_err(|e| anyhow!("{origin}: {e}"))?;
+    let line_of = |offset: usize| 1 + text[..offset.min(text.len())].matches('\n').count();
+    if file.layer.is_empty() {
+        bail!("{origin}: no [[layer]] tables: a model file lists its layers in order, as models/net3.toml does");
+    }
+    let (mut convs, mut norms) = (0, 0);
+    let mut layers = Vec::new();
+    let mut lines = Vec::new();
+    for spanned in &file.layer {
+        let line = line_of(spanned.span().start);
+        let spec = spanned.get_ref();
+        let at = |msg: String| anyhow!("{origin}, line {line}: {msg}");
+        let Some((_, keys)) = TYPES.iter().find(|(t, _)| *t == spec.kind) else {
+            let names: Vec<&str> = TYPES.iter().map(|t| t.0).collect();
+            return Err(at(format!("unknown layer type {:?} (the types: {})", spec.kind, names.join(", "))));
+        };
+        let given = [
+            ("out", spec.out.is_some()),
+            ("kernel", spec.kernel.is_some()),
+            ("padding", spec.padding.is_some()),
+            ("bias", spec.bias.is_some()),
+            ("p", spec.p.is_some()),
+        ];
+        if let Some((key, _)) = given.iter().find(|(key, set)| *set && !keys.contains(key)) {
+            return Err(at(format!("a {} layer takes no `{key}`", spec.kind)));
+        }
+        let layer = match spec.kind.as_str() {
+            "conv" => {
+                let need = |v: Option<usize>, key: &str| v.ok_or_else(|| at(format!("a conv layer needs `{key}`")));
+                let (out, k) = (need(spec.out, "out")?, need(spec.kernel, "kernel")?);
+                if out == 0 || k == 0 {
+                    return Err(at("a conv layer's `out` and `kernel` must be at least 1".into()));
+                }
+                if spec.bias == Some(true) {
+                    return Err(at(
+                        "convolution bias is not implemented yet: give `bias = false` or leave it out".into()
+                    ));
+                }
+                convs += 1;
+                // The input channels follow from the shapes, below.
+                Layer::Conv { name: format!("conv{convs}"), cin: 0, cout: out, k, pad: spec.padding.unwrap_or(0) }
+            }
+            "batchnorm" => {
+                norms += 1;
+                Layer::BatchNorm { name: format!("bn{norms}"), c: 0 }
+            }
+            "relu" => Layer::Relu,
+            "dropout" => Layer::Dropout { p: spec.p.ok_or_else(|| at("a dropout layer needs `p`".into()))? },
+            "maxpool" => Layer::MaxPool2,
+            _ => Layer::GlobalAvgPool,
+        };
+        layers.push(layer);
+        lines.push(line);
+    }
+    // Channel counts follow from the shapes: build layer by layer, filling each input's channels in.
+    let mut shape = input;
+    for layer in layers.iter_mut() {
+        match layer {
+            Layer::Conv { cin, cout, k, pad, .. } => {
+                *cin = shape.c;
+                let side = |s: usize| (s + 2 * *pad + 1).saturating_sub(*k);
+                shape = Shape { c: *cout, h: side(shape.h), w: side(shape.w) };
+            }
+            Layer::BatchNorm { c, .. } => *c = shape.c,
+            Layer::MaxPool2 => shape = Shape { c: shape.c, h: shape.h / 2, w: shape.w / 2 },
+            Layer::GlobalAvgPool => shape = Shape { c: shape.c, h: 1, w: 1 },
+            Layer::Relu | Layer::Dropout { .. } => {}
+        }
+    }
+    let model = Model::build(input, layers).map_err(|e| anyhow!("{origin}, line {}: {}", lines[e.index], e.message))?;
+    let end = *model.shapes.last().expect("at least one layer");
+    if end != (Shape { c: classes, h: 1, w: 1 }) {
+        bail!(
+            "{origin}, line {}: the network must end in {classes} class scores, but its last layer gives {}x{}x{}; \
+             end it with {classes} channels and a global average pooling (type = \"avgpool\")",
+            lines[lines.len() - 1],
+            end.c,
+            end.h,
+            end.w
+        );
+    }
+    Ok(model)
+}
+
+impl Model {
+    /// The model file of this network (what `parse` reads back into the same layers).
+    pub fn to_toml(&self) -> String {
+        let mut out = String::from("# Written by mnist-wgpu: the network of this checkpoint.\n");
+        for layer in &self.layers {
+            out += "\n[[layer]]\n";
+            out += &match layer {
+                Layer::Conv { cout, k, pad, .. } => {
+                    format!("type = \"conv\"\nout = {cout}\nkernel = {k}\npadding = {pad}\n")
+                }
+                Layer::BatchNorm { .. } => "type = \"batchnorm\"\n".into(),
+                Layer::Relu => "type = \"relu\"\n".into(),
+                Layer::Dropout { p } => format!("type = \"dropout\"\np = {p:?}\n"),
+                Layer::MaxPool2 => "type = \"maxpool\"\n".into(),
+                Layer::GlobalAvgPool => "type = \"avgpool\"\n".into(),
+            };
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MNIST: Shape = Shape { c: 1, h: 28, w: 28 };
+
+    fn err(text: &str) -> String {
+        parse(text, "m.toml", MNIST, 10).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn the_net3_preset_is_net3_and_writes_itself_back() {
+        let m = resolve("net3", MNIST, 10).unwrap();
+        let net3 = Model::net3();
+        assert_eq!(m.layers, net3.layers);
+        assert_eq!(m.params, net3.params);
+        assert_eq!(m.init_state(3), net3.init_state(3));
+        let again = parse(&m.to_toml(), "written", MNIST, 10).unwrap();
+        assert_eq!(again.layers, m.layers);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_fault() {
+        let conv = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\npadding = 1\n";
+        let tail = "\n[[layer]]\ntype = \"avgpool\"\n";
+        let e = err(&format!("{conv}\n[[layer]]\ntype = \"dense\"\n{tail}"));
+        assert!(e.contains("m.toml, line 7") && e.contains("unknown layer type \"dense\""), "{e}");
+        let e = err(&format!("{conv}\n[[layer]]\ntype = \"dropout\"\n{tail}"));
+        assert!(e.contains("line 7") && e.contains("needs `p`"), "{e}");
+        let e = err(&format!("{conv}\n[[layer]]\ntype = \"relu\"\np = 0.5\n{tail}"));
+        assert!(e.contains("line 7") && e.contains("takes no `p`"), "{e}");
+        let e = err(&format!("{conv}\n[[layer]]\ntype = \"dropout\"\np = 1.5\n{tail}"));
+        assert!(e.contains("line 7") && e.contains("not in [0, 1)"), "{e}");
+        // 28 -> 26 (pad 0), then 13, then a pooling of 13 x 13.
+        let odd = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                   [[layer]]\ntype = \"maxpool\"\n";
+        let e = err(&format!("{odd}{tail}"));
+        assert!(e.contains("line 9") && e.contains("even height and width, its input is 13x13"), "{e}");
+        let e = err(&format!("{conv}{tail}").replace("out = 10", "out = 7"));
+        assert!(e.contains("line 7") && e.contains("must end in 10 class scores") && e.contains("7x1x1"), "{e}");
+        let e = err(&format!("{conv}").replace("kernel = 3", "kernel = 31"));
+        assert!(e.contains("line 1") && e.contains("does not fit its 28x28 input"), "{e}");
+        let e = err(&format!("{conv}bias = true\n{tail}"));
+        assert!(e.contains("line 1") && e.contains("bias is not implemented"), "{e}");
+        let e = err("[[layer]]\ntype = \"relu\"\nsize = 3\n");
+        assert!(e.contains("m.toml") && e.contains("line 3") && e.contains("size"), "{e}");
+        let e = err("[[layer]\n");
+        assert!(e.contains("m.toml") && e.contains("line 1"), "{e}");
+        assert!(err("").contains("no [[layer]] tables"));
+        let e = resolve("no-such-model", MNIST, 10).unwrap_err().to_string();
+        assert!(e.contains("no-such-model") && e.contains("presets: net3"), "{e}");
+    }
+}
