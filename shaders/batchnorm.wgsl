@@ -42,6 +42,7 @@ struct Dims {
     momentum: f32, eps: f32, slices: u32, gamma_extra: u32,
     beta_extra: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
     dropout_scale: f32, maxpool: u32, width: u32, parts: u32,
+    dropout_layer: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -194,7 +195,7 @@ fn apply_train(
         let k2 = i / d.hw - planes.x;
         let v = normalize(i, (i / d.hw) % d.c, plane_a[k2], plane_b[k2]);
         if (dropping()) {
-            out[i] = select(0.0, v * d.dropout_scale, dropout_hash(s.seed, s.step, i) >= d.dropout_threshold);
+            out[i] = select(0.0, v * d.dropout_scale, dropout_hash(s.seed, s.step, d.dropout_layer, i) >= d.dropout_threshold);
         } else {
             out[i] = v;
         }

@@ -57,8 +57,9 @@ fn window_max_place(v: vec4<f32>) -> u32 {
     return at;
 }
 
-// The dropout masks' counter-based hash of (seed, step, element index), as src/cpu/dropout.rs: element
-// i is kept when its 24-bit draw is at least p * 2^24. Used by dropout.wgsl and batchnorm.wgsl.
+// The dropout masks' counter-based hash of (seed, step, dropout layer, element index), as
+// src/cpu/dropout.rs: element i is kept when its 24-bit draw is at least p * 2^24; the layer's index in
+// the model makes each dropout layer draw its own mask. Used by dropout.wgsl and batchnorm.wgsl.
 fn lowbias32(v: u32) -> u32 {
     var h = v;
     h ^= h >> 16u;
@@ -69,6 +70,6 @@ fn lowbias32(v: u32) -> u32 {
     return h;
 }
 
-fn dropout_hash(seed: u32, step: u32, index: u32) -> u32 {
-    return lowbias32(index + lowbias32(step + lowbias32(seed))) >> 8u;
+fn dropout_hash(seed: u32, step: u32, layer: u32, index: u32) -> u32 {
+    return lowbias32(index + lowbias32(step + lowbias32(seed + lowbias32(layer)))) >> 8u;
 }

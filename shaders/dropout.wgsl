@@ -8,7 +8,7 @@
 // Bindings: 0 dims (uniform), 1 step (uniform: seed, step, dropout_on), 2 x, 3 out.
 
 struct Dims {
-    len: u32, threshold: u32, scale: f32, _p0: u32,
+    len: u32, threshold: u32, scale: f32, layer: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -26,6 +26,6 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         out[i] = x[i];
         return;
     }
-    let keep = dropout_hash(s.seed, s.step, i) >= d.threshold;
+    let keep = dropout_hash(s.seed, s.step, d.layer, i) >= d.threshold;
     out[i] = select(0.0, x[i] * d.scale, keep);
 }

@@ -31,7 +31,7 @@ use crate::cpu::pool::*;
 use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
-use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets};
+use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::conv::{forward_splits, weight_grad_slices, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
@@ -292,7 +292,7 @@ fn conv_checks(
 #[derive(Debug, Clone, Copy, Default)]
 struct BnCase {
     relu: bool,
-    dropout: Option<f32>,
+    dropout: Option<FusedDropout>,
     pooling: BnPooling,
     /// The input arrives in this many parts (a split convolution's), 0 or 1: whole.
     parts: usize,
@@ -405,8 +405,8 @@ fn batchnorm_checks(
     if case.relu {
         relu_forward(&mut y);
     }
-    if let Some(p) = case.dropout {
-        let mask = dropout_mask(step.dropout_seed, step.dropout_step, p, len);
+    if let Some(FusedDropout { p, layer }) = case.dropout {
+        let mask = dropout_mask(step.dropout_seed, step.dropout_step, layer as u32, p, len);
         dropout_apply(&mask, &mut y);
         dropout_apply(&mask, &mut g);
     }
@@ -537,26 +537,27 @@ fn gap_checks(
     ])
 }
 
+/// A dropout layer of probability p at index `index` of its model (which keys its mask).
 fn dropout_checks(
     ctx: &GpuContext,
     k: &Kernels,
-    layer: &str,
+    name: &str,
     len: usize,
-    p: f32,
+    (p, index): (f32, usize),
     shape: &str,
     seed: u64,
 ) -> Result<Vec<Check>> {
     let x = random(seed, len, 1.0);
     let step = StepUniform { dropout_seed: 1234, dropout_step: 77, dropout_on: 1, ..Default::default() };
     let (xb, yb, sb) = (ctx.upload("x", &x), ctx.zeros("y", len), ctx.uniform("step", &step));
-    run(ctx, &[&k.dropout.apply(ctx, len, p, &sb, &xb, &yb)]);
-    let mask = dropout_mask(1234, 77, p, len);
+    run(ctx, &[&k.dropout.apply(ctx, len, p, index, &sb, &xb, &yb)]);
+    let mask = dropout_mask(1234, 77, index as u32, p, len);
     let want: Vec<f32> = x.iter().zip(&mask).map(|(a, m)| a * m).collect();
     let got = read(ctx, &yb, len)?;
     let kept = |v: &[f32]| v.iter().map(|a| *a != 0.0).collect::<Vec<bool>>();
     Ok(vec![
-        compare_exact("dropout.apply (mask)", layer, shape, "mask elements", &kept(&got), &kept(&want)),
-        compare("dropout.apply", layer, shape, &got, &want, TOL_ELEMENTWISE),
+        compare_exact("dropout.apply (mask)", name, shape, "mask elements", &kept(&got), &kept(&want)),
+        compare("dropout.apply", name, shape, &got, &want, TOL_ELEMENTWISE),
     ])
 }
 
@@ -715,7 +716,7 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
             Layer::Dropout { .. } if inside_bn[i] => {}
             Layer::MaxPool2 if inside_bn[i] && pool_in_conv(model, i) => {}
             Layer::Dropout { p } => {
-                checks.extend(dropout_checks(ctx, k, &name, n * s.len(), p, &nchw(n, s.c, s.h, s.w), seed)?)
+                checks.extend(dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed)?)
             }
             Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s, seed, false)?),
             Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed)?),
@@ -751,11 +752,12 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
     checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, avg, 14)?);
     // Dropout and a max pooling fused in, on planes of odd height and width (the last row and column
     // belong to no window), and on a few levels of input, so that windows hold equal maxima.
-    let fused = BnCase { relu: true, dropout: Some(0.3), pooling: BnPooling::Max { width: 5 }, parts: 3 };
+    let dropout = Some(FusedDropout { p: 0.3, layer: 5 });
+    let fused = BnCase { relu: true, dropout, pooling: BnPooling::Max { width: 5 }, parts: 3 };
     checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15)?);
     // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs them.
     checks.extend(maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true)?);
-    checks.extend(dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, 0.3, &nchw(3, 5, 6, 10), 17)?);
+    checks.extend(dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &nchw(3, 5, 6, 10), 17)?);
     Ok(checks)
 }
 

@@ -266,7 +266,7 @@ fn dropout() {
     let mut g = rng(8);
     let x = random(&mut g, 50, 1.0);
     let r = random(&mut g, 50, 1.0);
-    let mask = dropout_mask(1, 2, 0.3, x.len());
+    let mask = dropout_mask(1, 2, 6, 0.3, x.len());
     let mut dx = r.clone();
     dropout_apply(&mask, &mut dx);
     check("dropout dx", &x, &dx, |x| {
@@ -279,15 +279,17 @@ fn dropout() {
 #[test]
 fn dropout_mask_statistics() {
     let p = 0.05;
-    let mask = dropout_mask(42, 7, p, 200_000);
+    let mask = dropout_mask(42, 7, 6, p, 200_000);
     let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
     // Binomial standard deviation sqrt(p(1-p)/n) ~ 4.9e-4; allow 5 of them.
     assert!((dropped - p as f64).abs() < 2.5e-3, "dropped fraction {dropped}");
     assert!(mask.iter().all(|&m| m == 0.0 || m == 1.0 / (1.0 - p)));
     // Another step or seed draws another mask; the same draws the same.
-    assert_ne!(mask, dropout_mask(42, 8, p, 200_000));
-    assert_ne!(mask, dropout_mask(43, 7, p, 200_000));
-    assert_eq!(mask, dropout_mask(42, 7, p, 200_000));
+    assert_ne!(mask, dropout_mask(42, 8, 6, p, 200_000));
+    assert_ne!(mask, dropout_mask(43, 7, 6, p, 200_000));
+    // Each dropout layer draws its own mask.
+    assert_ne!(mask, dropout_mask(42, 7, 9, p, 200_000));
+    assert_eq!(mask, dropout_mask(42, 7, 6, p, 200_000));
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! Dropout with an explicit mask, and the counter-based hash that draws masks identically on every
-//! backend: element i of step `step` under `seed` is kept when
-//! lowbias32(i + lowbias32(step + lowbias32(seed))) >> 8 >= p * 2^24 (u32 arithmetic, wrapping).
-//! The same function is written in `shaders/dropout.wgsl` (`dropout_hash`).
+//! backend: element i of dropout layer `layer` (its index in the model's layer list) at step `step`
+//! under `seed` is kept when
+//! lowbias32(i + lowbias32(step + lowbias32(seed + lowbias32(layer)))) >> 8 >= p * 2^24 (u32
+//! arithmetic, wrapping), so that each dropout layer draws its own mask. The same function is written
+//! in `shaders/common.wgsl` (`dropout_hash`).
 
 use rayon::prelude::*;
 
@@ -17,9 +19,9 @@ fn lowbias32(mut x: u32) -> u32 {
     x
 }
 
-/// The part of the hash shared by every element of a step.
-fn dropout_key(seed: u32, step: u32) -> u32 {
-    lowbias32(step.wrapping_add(lowbias32(seed)))
+/// The part of the hash shared by every element of a layer's mask in a step.
+fn dropout_key(seed: u32, step: u32, layer: u32) -> u32 {
+    lowbias32(step.wrapping_add(lowbias32(seed.wrapping_add(lowbias32(layer)))))
 }
 
 /// A uniform 24-bit draw in 0..2^24 for element `index` of the step whose key is `key`.
@@ -28,15 +30,15 @@ fn dropout_draw(key: u32, index: u32) -> u32 {
 }
 
 /// The scale each element is multiplied by: 0 when dropped, 1 / (1 - p) when kept.
-pub fn dropout_mask(seed: u32, step: u32, p: f32, len: usize) -> Vec<f32> {
+pub fn dropout_mask(seed: u32, step: u32, layer: u32, p: f32, len: usize) -> Vec<f32> {
     let mut mask = vec![0.0; len];
-    dropout_mask_into(seed, step, p, &mut mask);
+    dropout_mask_into(seed, step, layer, p, &mut mask);
     mask
 }
 
 /// `dropout_mask` into an existing buffer (its length is the element count).
-pub fn dropout_mask_into(seed: u32, step: u32, p: f32, mask: &mut [f32]) {
-    let (key, threshold, keep) = (dropout_key(seed, step), dropout_threshold(p), 1.0 / (1.0 - p));
+pub fn dropout_mask_into(seed: u32, step: u32, layer: u32, p: f32, mask: &mut [f32]) {
+    let (key, threshold, keep) = (dropout_key(seed, step, layer), dropout_threshold(p), 1.0 / (1.0 - p));
     mask.par_chunks_mut(1 << 14).enumerate().for_each(|(chunk, m)| {
         let first = (chunk << 14) as u32;
         for (i, v) in m.iter_mut().enumerate() {

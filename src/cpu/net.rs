@@ -150,7 +150,7 @@ impl CpuNet {
                                 _ => Vec::new(),
                             };
                             mask.resize(y.len(), 0.0);
-                            dropout_mask_into(seed, step, p, &mut mask);
+                            dropout_mask_into(seed, step, i as u32, p, &mut mask);
                             dropout_apply(&mask, y);
                             Saved::Dropout(Some(mask))
                         }

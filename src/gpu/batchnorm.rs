@@ -35,9 +35,8 @@ pub struct BnLayer {
     /// In the backward pass, dy is the gradient of a global average pooling of this layer's output
     /// (one value per plane): the pooling's backward is fused in.
     pub dy_pooled: bool,
-    /// The training-mode dropout of this probability after the fused ReLU runs inside (forward and
-    /// backward).
-    pub dropout: Option<f32>,
+    /// The training-mode dropout after the fused ReLU runs inside (forward and backward).
+    pub dropout: Option<FusedDropout>,
     /// In the backward pass, dy is the gradient of a 2x2 max pooling of this layer's output (after
     /// the fused ReLU and dropout): the pooling's backward is fused in.
     pub maxpool: bool,
@@ -45,6 +44,14 @@ pub struct BnLayer {
     pub width: usize,
     /// The input arrives in this many parts (a convolution's split sums), added by the statistics.
     pub parts: usize,
+}
+
+/// A dropout layer run inside a batchnorm's kernels: its probability, and its index in the model
+/// (which keys its mask).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedDropout {
+    pub p: f32,
+    pub layer: usize,
 }
 
 /// Workgroups a batchnorm's per-channel sums are spread over, at least, where there are few channels.
@@ -92,6 +99,8 @@ struct Dims {
     maxpool: u32,
     width: u32,
     parts: u32,
+    dropout_layer: u32,
+    _pad: [u32; 3],
 }
 
 fn dims(l: &BnLayer) -> Dims {
@@ -111,11 +120,13 @@ fn dims(l: &BnLayer) -> Dims {
         beta_extra: l.beta_extra as u32,
         dy_pooled: l.dy_pooled as u32,
         dropout: l.dropout.is_some() as u32,
-        dropout_threshold: l.dropout.map_or(0, dropout_threshold),
-        dropout_scale: l.dropout.map_or(1.0, |p| 1.0 / (1.0 - p)),
+        dropout_threshold: l.dropout.map_or(0, |d| dropout_threshold(d.p)),
+        dropout_scale: l.dropout.map_or(1.0, |d| 1.0 / (1.0 - d.p)),
+        dropout_layer: l.dropout.map_or(0, |d| d.layer as u32),
         maxpool: l.maxpool as u32,
         width: l.width as u32,
         parts: l.parts as u32,
+        _pad: [0; 3],
     }
 }
 

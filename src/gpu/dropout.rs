@@ -12,7 +12,7 @@ struct Dims {
     len: u32,
     threshold: u32,
     scale: f32,
-    _pad: u32,
+    layer: u32,
 }
 
 pub struct Dropout {
@@ -25,17 +25,20 @@ impl Dropout {
     }
 
     /// out = x * mask, the mask drawn from the seed and step in the `step` uniform (see sgd::StepUniform).
+    /// Dropout layer `layer` (its index in the model, which keys its mask) of probability p.
+    #[allow(clippy::too_many_arguments)]
     pub fn apply(
         &self,
         ctx: &GpuContext,
         len: usize,
         p: f32,
+        layer: usize,
         step: &wgpu::Buffer,
         x: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) -> Dispatch {
-        let dims =
-            Dims { len: len as u32, threshold: crate::model::dropout_threshold(p), scale: 1.0 / (1.0 - p), _pad: 0 };
+        let threshold = crate::model::dropout_threshold(p);
+        let dims = Dims { len: len as u32, threshold, scale: 1.0 / (1.0 - p), layer: layer as u32 };
         let u = ctx.uniform("dropout dims", &dims);
         self.apply
             .launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, x), (3, out)])

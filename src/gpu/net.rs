@@ -6,7 +6,7 @@
 
 use anyhow::{bail, Result};
 
-use super::batchnorm::{bn_slices, saved_len, BatchNorm, BnBuffers, BnLayer, BnOffsets};
+use super::batchnorm::{bn_slices, saved_len, BatchNorm, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use super::context::GpuContext;
 use super::conv::weight_grad_slices;
 use super::conv::{forward_splits, Conv, EvalBn};
@@ -238,7 +238,7 @@ fn fused_relu(model: &Model, i: usize) -> bool {
 /// backward pass a 2x2 max pooling right after those (its winners found again in the output).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct BnFusion {
-    pub dropout: Option<f32>,
+    pub dropout: Option<FusedDropout>,
     pub maxpool: bool,
 }
 
@@ -259,7 +259,7 @@ pub fn bn_fusions(model: &Model) -> (Vec<BnFusion>, Vec<bool>) {
             j += 1;
         }
         if let (true, Some(&Layer::Dropout { p })) = (relu, layers.get(j)) {
-            fusion[i].dropout = Some(p);
+            fusion[i].dropout = Some(FusedDropout { p, layer: j });
             inside[j] = true;
             j += 1;
         }
@@ -440,7 +440,7 @@ impl GpuNet {
                 (Layer::Dropout { .. }, _) if inside_bn[i] => {}
                 (&Layer::Dropout { p }, _) => {
                     let len = n * sin.len();
-                    forward_train.push(k.dropout.apply(ctx, len, p, step, x, y));
+                    forward_train.push(k.dropout.apply(ctx, len, p, i, step, x, y));
                 }
                 (Layer::MaxPool2, _) if pool_in_conv(model, i) => {}
                 (Layer::MaxPool2, _) => {
@@ -500,7 +500,9 @@ impl GpuNet {
                 // Inside the batchnorm's backward before them: the gradient stays where it is.
                 (Layer::Relu, _) => continue,
                 (Layer::Dropout { .. } | Layer::MaxPool2, _) if inside_bn[i] => continue,
-                (&Layer::Dropout { p }, _) => backward.push(k.dropout.apply(ctx, n * sin.len(), p, step, cur, other)),
+                (&Layer::Dropout { p }, _) => {
+                    backward.push(k.dropout.apply(ctx, n * sin.len(), p, i, step, cur, other))
+                }
                 (Layer::MaxPool2, _) => {
                     backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), x, cur, other));
                 }
