@@ -55,6 +55,11 @@ struct TrainArgs {
     max_lr: f64,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Train once per seed, each run in its own folder (seed-N) of the run folder, then print per
+    /// seed the final and best test accuracy and the time, and their mean, standard deviation, min
+    /// and max (also written to seeds.json): a range (1-5), a list (1,4,9) or both (1-3,7).
+    #[arg(long, value_name = "LIST", conflicts_with_all = ["seed", "resume", "save_augmented"])]
+    seeds: Option<String>,
     /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
     #[arg(long)]
     data: Option<PathBuf>,
@@ -306,16 +311,10 @@ fn train_command(args: TrainArgs) -> Result<()> {
         println!("Wrote {n} augmented training images to {}", path.display());
         return Ok(());
     }
-    let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
-    println!(
-        "Training {} ({} parameters) on {}, {} training / {} test images",
-        args.model.as_deref().unwrap_or(if args.resume.is_some() { "the checkpoint's network" } else { "net3" }),
-        model.num_trainable,
-        backend.describe(),
-        set.train.len(),
-        set.test.len()
-    );
-    println!("Run folder: {}", out_dir.display());
+    let seeds = match &args.seeds {
+        Some(list) => Some(mnist_wgpu::train::seeds::parse_seeds(list)?),
+        None => None,
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -327,17 +326,68 @@ fn train_command(args: TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let loader_threads = args.loader_threads.unwrap_or_else(data::loader::default_threads);
+    let name = args.model.as_deref().unwrap_or(if args.resume.is_some() { "the checkpoint's network" } else { "net3" });
     let opts = TrainOptions {
         recipe,
-        out_dir,
-        resume: args.resume,
+        out_dir: out_dir.clone(),
+        resume: args.resume.clone(),
         progress: true,
-        stop,
+        stop: stop.clone(),
         chunk_batches: args.steps_per_submit,
         loader_threads,
     };
-    train::train(backend.as_mut(), &model, &set, &opts)?;
+    let Some(seeds) = seeds else {
+        let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
+        describe_run(name, &model, backend.as_ref(), &set, &out_dir);
+        train::train(backend.as_mut(), &model, &set, &opts)?;
+        return Ok(());
+    };
+    // One run per seed, each in its own folder; every folder is checked before the first run starts.
+    let folder = |seed: u64| out_dir.join(format!("seed-{seed}"));
+    if let Some(taken) = seeds.iter().map(|&s| folder(s)).find(|f| f.join("last.safetensors").exists()) {
+        bail!("{} already holds a training run; choose another --out", taken.display());
+    }
+    let mut runs = Vec::new();
+    for &seed in &seeds {
+        let mut backend = make_backend(&args.device, &model, model.init_state(seed))?;
+        let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
+        println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
+        describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir);
+        let started = std::time::Instant::now();
+        let outcome = train::train(backend.as_mut(), &model, &set, &opts)?;
+        if outcome.interrupted {
+            println!("Interrupted: the table below has the {} seeds that finished.", runs.len());
+            break;
+        }
+        let (Some(last), Some(best)) = (outcome.epochs.last(), outcome.best_accuracy) else { break };
+        runs.push(mnist_wgpu::train::seeds::SeedRun {
+            seed,
+            final_accuracy: last.test_accuracy,
+            best_accuracy: best,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let json = mnist_wgpu::train::seeds::to_json(&runs, &command);
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let path = out_dir.join("seeds.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("\n{}", mnist_wgpu::train::seeds::table(&runs));
+    println!("Wrote {}", path.display());
     Ok(())
+}
+
+/// The lines that start a training run: what trains where, on what, into which folder.
+fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mnist, out: &Path) {
+    println!(
+        "Training {name} ({} parameters) on {}, {} training / {} test images",
+        model.num_trainable,
+        backend.describe(),
+        set.train.len(),
+        set.test.len()
+    );
+    println!("Run folder: {}", out.display());
 }
 
 /// A grid of `n` augmented training images (epoch 0's first batches), 2 pixels apart, as PNG.

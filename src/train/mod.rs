@@ -2,6 +2,7 @@
 //! checkpoints, resuming, Ctrl-C and divergence handling.
 
 pub mod schedule;
+pub mod seeds;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -93,6 +94,7 @@ impl EpochRecord {
     }
 }
 
+#[derive(Clone)]
 pub struct TrainOptions {
     pub recipe: Recipe,
     pub out_dir: PathBuf,
