@@ -4,6 +4,10 @@
 // slabs of patch values and weights in workgroup memory and each of its TW invocations keeps a 4 x 4
 // register block of results (4 positions or weight columns x 4 channels, vec4 reads of the slabs).
 // Partial tiles (channels, positions, depth) are padded with zeros and their results not written.
+// With d.bias == 1 the layer has a bias per output channel (state[d.bias_off..]): it is one more
+// column of the product, whose patch value is 1, so forward adds it and the weight gradient's
+// tiles compute its gradient (the sum of dy) with the weights'. Its slices go as the weights' do,
+// slice 0 at d.bias_off of grads, slice s > 0 at d.bias_extra + (s - 1) * cout.
 // With d.pool == 1 the input is the 2x2 max pooling (stride 2, the first maximum on ties, as
 // pool.wgsl) of x, which holds planes of 2h x 2w: the pooling runs inside the patch reads.
 //
@@ -36,7 +40,8 @@ struct Dims {
     k: u32, w_off: u32, slices: u32, extra_off: u32,
     bn: u32, relu: u32, gamma_off: u32, beta_off: u32,
     mean_off: u32, var_off: u32, eps: f32, pool: u32,
-    weight_groups: u32, data: u32, splits: u32, _p0: u32,
+    weight_groups: u32, data: u32, splits: u32, bias: u32,
+    bias_off: u32, bias_extra: u32, _p0: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -103,6 +108,15 @@ fn weight(co: u32, ci: u32, tap: u32) -> f32 {
     return state[d.w_off + (co * d.cin + ci) * d.k * d.k + tap];
 }
 
+// Column r of forward's weight row for output channel co: the weights, then the bias.
+fn forward_weight(co: u32, r: u32) -> f32 {
+    let kk = d.k * d.k;
+    if (r == d.cin * kk) {
+        return select(0.0, state[d.bias_off + min(co, d.cout - 1u)], d.bias == 1u && co < d.cout);
+    }
+    return weight(co, r / kk, r % kk);
+}
+
 // A position of an NCHW plane of `hw_h` x `hw_w` pixels: image, row, column.
 fn position(p: u32, hw_h: u32, hw_w: u32) -> vec3<u32> {
     let plane = hw_h * hw_w;
@@ -166,6 +180,10 @@ fn patch_value(backward: bool, t: vec3<u32>, at: vec3<u32>) -> f32 {
         }
         return dy[((at.x * d.cout + t.x) * d.ho + u32(oy)) * d.wo + u32(ox)];
     }
+    if (t.x == d.cin) {
+        // The bias column.
+        return select(0.0, 1.0, d.bias == 1u);
+    }
     let iy = i32(at.y + t.y) - i32(d.pad);
     let ix = i32(at.z + t.z) - i32(d.pad);
     if (t.x >= d.cin || iy < 0 || iy >= i32(d.h) || ix < 0 || ix >= i32(d.w)) {
@@ -181,7 +199,7 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
     let out_c = select(d.cout, d.cin, backward);
     let out_h = select(d.ho, d.h, backward);
     let out_w = select(d.wo, d.w, backward);
-    let depth = select(d.cin, d.cout, backward) * d.k * d.k;
+    let depth = select(d.cin * d.k * d.k + d.bias, d.cout * d.k * d.k, backward);
     let positions = d.n * out_h * out_w;
     let c_tiles = (out_c + TC - 1u) / TC;
     let tiles = c_tiles * ((positions + TP - 1u) / TP);
@@ -218,11 +236,11 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
             let c = c0 + e % TC;
             var v = 0.0;
             if (r < r_end) {
-                let kk = d.k * d.k;
                 if (backward) {
+                    let kk = d.k * d.k;
                     v = weight(r / kk, c, r % kk);
                 } else {
-                    v = weight(c, r / kk, r % kk);
+                    v = forward_weight(c, r);
                 }
             }
             slab_c[(e / TC) * (TC / 4u) + (e % TC) / 4u][e % 4u] = v;
@@ -289,7 +307,8 @@ fn backward(
 // One tile of one slice of the weight gradient, tile `group`.
 fn weight_tile(lid: u32, group: u32) {
     let kk = d.k * d.k;
-    let columns = d.cin * kk;
+    let weights = d.cin * kk;
+    let columns = weights + d.bias;
     let c_tiles = (d.cout + TC - 1u) / TC;
     let col_tiles = (columns + TP - 1u) / TP;
     let c0 = (group % c_tiles) * TC;
@@ -330,7 +349,8 @@ fn weight_tile(lid: u32, group: u32) {
         multiply_slabs(lid, &acc);
         workgroupBarrier();
     }
-    let base = select(d.extra_off + (slice - 1u) * d.cout * columns, d.w_off, slice == 0u);
+    let base = select(d.extra_off + (slice - 1u) * d.cout * weights, d.w_off, slice == 0u);
+    let bias_base = select(d.bias_extra + (slice - 1u) * d.cout, d.bias_off, slice == 0u);
     for (var j = 0u; j < 4u; j++) {
         let r = col0 + block_col(lid, j);
         if (r >= columns) {
@@ -340,7 +360,11 @@ fn weight_tile(lid: u32, group: u32) {
         for (var t = 0u; t < 4u; t++) {
             let c = c0 + block_channel(lid, t);
             if (c < d.cout) {
-                grads[base + c * columns + r] = row[t];
+                if (r < weights) {
+                    grads[base + c * weights + r] = row[t];
+                } else {
+                    grads[bias_base + c] = row[t];
+                }
             }
         }
     }

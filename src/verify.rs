@@ -24,7 +24,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::backend::{Backend, CpuBackend, StepParams};
 use crate::cpu::batchnorm::*;
-use crate::cpu::conv::{conv_backward, conv_forward};
+use crate::cpu::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
 use crate::cpu::dropout::{dropout_apply, dropout_mask};
 use crate::cpu::loss::softmax_cross_entropy;
 use crate::cpu::pool::*;
@@ -164,6 +164,7 @@ fn conv_checks(
     seed: u64,
     with_dx: bool,
     pool: bool,
+    with_bias: bool,
 ) -> Result<Vec<Check>> {
     let n = d.n;
     // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
@@ -181,8 +182,12 @@ fn conv_checks(
     let dy = random(seed + 200, n * d.out_image(), 1.0);
     let mut state = vec![0.0; w_off];
     state.extend_from_slice(&w);
-    // An evaluation-mode batchnorm's parameters after the weights, for the fused forward.
     let c = d.cout;
+    // The bias, if any, after the weights.
+    let bias = if with_bias { random(seed + 150, c, 0.5) } else { Vec::new() };
+    let b_off = state.len();
+    state.extend_from_slice(&bias);
+    // An evaluation-mode batchnorm's parameters after those, for the fused forward.
     let gamma: Vec<f32> = random(seed + 300, c, 0.5).iter().map(|v| v + 1.0).collect();
     let (beta, rm) = (random(seed + 310, c, 0.5), random(seed + 320, c, 0.5));
     let rv: Vec<f32> = random(seed + 330, c, 0.5).iter().map(|v| v + 1.0).collect();
@@ -194,8 +199,11 @@ fn conv_checks(
     let bn = EvalBn { offsets, eps: BN_EPS, relu: true };
     let (xb, sb, dyb) = (ctx.upload("x", &x_given), ctx.upload("state", &state), ctx.upload("dy", &dy));
     // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
-    let slices = weight_grad_slices(d);
+    let slices = weight_grad_slices(d, with_bias);
     let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
+    let bias_extra = state.len() + (slices - 1) * d.weight_len();
+    let bias_sliced = with_bias.then_some(SlicedGrad { start: b_off, len: c, extra: bias_extra, slices });
+    let bias_at = with_bias.then_some(b_off);
     // The forward as training runs it when the layer's tiles are few: its sum split into parts
     // (at least 2 here, so that the split path is always checked), added in order as the batchnorm
     // statistics add them.
@@ -205,27 +213,34 @@ fn conv_checks(
         ctx.zeros("y (parts)", splits * n * d.out_image()),
         ctx.zeros("y (batchnorm)", n * d.out_image()),
         ctx.zeros("dx", n * d.in_image()),
-        ctx.zeros("grads", state.len() + (slices - 1) * d.weight_len()),
+        ctx.zeros("grads", bias_extra + (slices - 1) * bias.len()),
     );
     let conv = &k.conv;
     let mut launches = vec![
-        conv.forward(ctx, d, w_off, pool, 1, None, &xb, &sb, &yb)?,
-        conv.forward(ctx, d, w_off, pool, splits, None, &xb, &sb, &ysb)?,
-        conv.forward(ctx, d, w_off, pool, 1, Some(bn), &xb, &sb, &ybn)?,
+        conv.forward(ctx, d, w_off, bias_at, pool, 1, None, &xb, &sb, &yb)?,
+        conv.forward(ctx, d, w_off, bias_at, pool, splits, None, &xb, &sb, &ysb)?,
+        conv.forward(ctx, d, w_off, bias_at, pool, 1, Some(bn), &xb, &sb, &ybn)?,
     ];
-    launches.push(conv.backward(ctx, d, &sliced, pool, &xb, &dyb, &sb, &gb, with_dx.then_some(&dxb))?);
-    launches.push(k.sgd.sum_slices(ctx, state.len(), &[sliced], &gb));
+    let dx_out = with_dx.then_some(&dxb);
+    launches.push(conv.backward(ctx, d, &sliced, bias_sliced.as_ref(), pool, &xb, &dyb, &sb, &gb, dx_out)?);
+    let all_sliced: Vec<SlicedGrad> = [Some(sliced), bias_sliced].into_iter().flatten().collect();
+    launches.push(k.sgd.sum_slices(ctx, state.len(), &all_sliced, &gb));
     run(ctx, &launches.iter().collect::<Vec<_>>());
 
     let mut y = vec![0.0; n * d.out_image()];
     conv_forward(d, &x, &w, &mut y);
     let (mut dx, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
     conv_backward(d, &x, &w, &dy, Some(&mut dx), &mut dw);
+    let mut dbias = vec![0.0; bias.len()];
+    if with_bias {
+        bias_forward(d, &bias, &mut y);
+        bias_backward(d, &dy, &mut dbias);
+    }
     let mut y_bn = vec![0.0; y.len()];
     let bn_dims = BnDims { n, c, hw: d.ho() * d.wo() };
     batchnorm_forward_eval(&bn_dims, &y, &gamma, &beta, &rm, &rv, BN_EPS, &mut y_bn);
     relu_forward(&mut y_bn);
-    let name = "conv";
+    let name = if with_bias { "conv (bias)" } else { "conv" };
     let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
     let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
     let parts = read(ctx, &ysb, splits * y.len())?;
@@ -275,15 +290,19 @@ fn conv_checks(
         &format!("{name}.backward (weights)"),
         layer,
         &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
-        &g[w_off..bn_at],
+        &g[w_off..b_off],
         &dw,
         TOL_SUMS,
     );
     if g[..w_off].iter().chain(&g[bn_at..]).any(|&v| v != 0.0) {
         weight_check.error = f64::INFINITY;
-        weight_check.detail = Some("wrote outside its weights".into());
+        weight_check.detail = Some("wrote outside its weights and bias".into());
     }
     checks.push(weight_check);
+    if with_bias {
+        let shape = format!("{c} in {slices} slice{}", if slices > 1 { "s" } else { "" });
+        checks.push(compare(&format!("{name}.backward (bias)"), layer, &shape, &g[b_off..bn_at], &dbias, TOL_SUMS));
+    }
     Ok(checks)
 }
 
@@ -685,11 +704,12 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         let s = model.input_of(i);
         let seed = 1000 * i as u64;
         match *layer {
-            Layer::Conv { .. } => {
+            Layer::Conv { .. } | Layer::Linear { .. } => {
                 let (d, _) = model.conv(i, n).expect("a convolution layer");
                 let pool = i > 0 && pool_in_conv(model, i - 1);
+                let bias = model.conv_bias(i).is_some();
                 // The first layer's input needs no gradient, so training never computes its dx.
-                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0, pool)?);
+                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0, pool, bias)?);
             }
             Layer::BatchNorm { c, .. } => {
                 let relu = matches!(model.layers.get(i + 1), Some(Layer::Relu));
@@ -739,7 +759,8 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         (4, ConvDims { n: 7, cin: 9, h: 7, w: 9, cout: 33, k: 3, pad: 0 }),
         (5, ConvDims { n: 13, cin: 33, h: 5, w: 3, cout: 17, k: 1, pad: 0 }),
     ] {
-        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true, seed % 2 == 1)?);
+        // Odd seeds read through a max pooling; seeds 2 and 3 have a bias.
+        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true, seed % 2 == 1, seed == 2 || seed == 3)?);
     }
     checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 0), 12)?);
     checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 7), 15)?);

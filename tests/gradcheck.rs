@@ -316,7 +316,25 @@ fn softmax_cross_entropy_gradient() {
 /// The whole network's parameter gradients, through every layer, on 4 real-sized images.
 #[test]
 fn whole_network_parameter_gradients() {
-    let model = Model::net3();
+    check_network_gradients(&Model::net3());
+}
+
+/// The same for a network with the layers Net3 lacks: convolution bias, a linear layer (with its
+/// bias) over a flattened 8 x 6 x 6 input, a dropout and a max pooling without a batchnorm before.
+#[test]
+fn bias_and_linear_parameter_gradients() {
+    let text = "[[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\npadding = 1\nbias = true\n\n\
+                [[layer]]\ntype = \"batchnorm\"\n\n[[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                [[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                [[layer]]\ntype = \"dropout\"\np = 0.1\n\n[[layer]]\ntype = \"linear\"\nout = 10\n";
+    let input = mnist_wgpu::model::Shape { c: 1, h: 28, w: 28 };
+    let model = mnist_wgpu::model::file::parse(text, "test model", input, 10).unwrap();
+    assert!(model.param("conv2.bias").is_some() && model.param("fc1.bias").is_some());
+    assert_eq!(model.param("fc1.weight").unwrap().shape, vec![10, 8 * 6 * 6]);
+    check_network_gradients(&model);
+}
+
+fn check_network_gradients(model: &Model) {
     let n = 4;
     let mut g = rng(11);
     let state = model.init_state(3);
@@ -325,11 +343,11 @@ fn whole_network_parameter_gradients() {
     let classes = model.output_classes();
     let loss = |state: &[f32]| {
         let mut s = state.to_vec();
-        let mut net = CpuNet::new(&model);
+        let mut net = CpuNet::new(model);
         net.forward(&mut s, &input, n, Mode::Train(DropoutMode::Hash { seed: 5, step: 0 }));
         softmax_cross_entropy(net.logits(), &labels, classes, None).loss as f64
     };
-    let mut net = CpuNet::new(&model);
+    let mut net = CpuNet::new(model);
     let mut s = state.clone();
     net.forward(&mut s, &input, n, Mode::Train(DropoutMode::Hash { seed: 5, step: 0 }));
     let mut dlogits = vec![0.0; n * classes];

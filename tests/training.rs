@@ -265,27 +265,39 @@ fn scratch_path(name: &str) -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("training-{name}"))
 }
 
-/// A network from a model file whose layers do not line up for the GPU's fusions (a dropout after a
-/// batchnorm without ReLU, a max pooling before a global average pooling, a convolution without
-/// padding after a pooling) trains with the training loop on both backends alike, and its checkpoint
-/// holds its model file, from which the same network is rebuilt.
+/// Networks from model files whose layers do not line up for the GPU's fusions (a dropout after a
+/// batchnorm without ReLU, a max pooling before a global average pooling or a linear layer, a
+/// convolution without padding after a pooling), and with convolution bias and a linear layer, train
+/// with the training loop on both backends alike; a checkpoint holds its model file, from which the
+/// same network is rebuilt.
 #[test]
-fn a_model_file_network_trains_alike_on_both_backends() {
+fn model_file_networks_train_alike_on_both_backends() {
     let Some(_) = gpu() else { return };
-    let text = "[[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\npadding = 1\n\n[[layer]]\ntype = \"batchnorm\"\n\n\
-                [[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"maxpool\"\n\n\
-                [[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"batchnorm\"\n\n\
-                [[layer]]\ntype = \"dropout\"\np = 0.1\n\n[[layer]]\ntype = \"maxpool\"\n\n\
-                [[layer]]\ntype = \"avgpool\"\n";
+    let pooled = "[[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\npadding = 1\n\n[[layer]]\ntype = \"batchnorm\"\n\n\
+                  [[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                  [[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"batchnorm\"\n\n\
+                  [[layer]]\ntype = \"dropout\"\np = 0.1\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                  [[layer]]\ntype = \"avgpool\"\n";
+    trains_alike(pooled, 72 + 16 + 720 + 20, "file-pooled");
+    let linear = "[[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\npadding = 1\nbias = true\n\n\
+                  [[layer]]\ntype = \"batchnorm\"\n\n[[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                  [[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                  [[layer]]\ntype = \"linear\"\nout = 10\n";
+    trains_alike(linear, 80 + 16 + 584 + 2890, "file-linear");
+}
+
+fn trains_alike(text: &str, params: usize, name: &str) {
     let input = mnist_wgpu::model::Shape { c: 1, h: 28, w: 28 };
     let model = mnist_wgpu::model::file::parse(text, "test model", input, 10).unwrap();
-    assert_eq!(model.num_trainable, 72 + 16 + 720 + 20);
+    assert_eq!(model.num_trainable, params);
     let set = small_mnist(130, 60);
     let recipe = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
     let mut gpu_backend = gpu_backend(&model, recipe.seed);
-    let gpu_run = train::train(&mut gpu_backend, &model, &set, &options(recipe, scratch("file-gpu"))).unwrap();
+    let gpu_run =
+        train::train(&mut gpu_backend, &model, &set, &options(recipe, scratch(&format!("{name}-gpu")))).unwrap();
     let mut cpu_backend = CpuBackend::new(&model, model.init_state(recipe.seed));
-    let cpu_run = train::train(&mut cpu_backend, &model, &set, &options(recipe, scratch("file-cpu"))).unwrap();
+    let cpu_run =
+        train::train(&mut cpu_backend, &model, &set, &options(recipe, scratch(&format!("{name}-cpu")))).unwrap();
     let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
     eprintln!("gpu: train loss {} test loss {}; cpu: {} {}", g.train_loss, g.test_loss, c.train_loss, c.test_loss);
     assert!(
@@ -297,7 +309,7 @@ fn a_model_file_network_trains_alike_on_both_backends() {
     assert!((g.test_loss - c.test_loss).abs() <= 1e-4 * c.test_loss, "test loss {} vs {}", g.test_loss, c.test_loss);
     let err = common::rel_err(&gpu_backend.state().unwrap(), &cpu_backend.state().unwrap(), 1e-6);
     assert!(err <= 1e-4, "the GPU run's state differs from the CPU run's by {err:e}");
-    let path = scratch_path("file-gpu").join("last.safetensors");
+    let path = scratch_path(&format!("{name}-gpu")).join("last.safetensors");
     let stored = checkpoint::stored_model(&path).unwrap().expect("the checkpoint holds its model file");
     let rebuilt = mnist_wgpu::model::file::parse(&stored, "stored", input, 10).unwrap();
     assert_eq!(rebuilt.layers, model.layers);

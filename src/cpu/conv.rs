@@ -193,3 +193,27 @@ pub(crate) fn sum_rows(rows: &[f32], out: &mut [f32]) {
         }
     }
 }
+
+/// y += bias per output channel (a convolution's or a linear layer's bias).
+pub fn bias_forward(d: &ConvDims, bias: &[f32], y: &mut [f32]) {
+    assert_eq!(bias.len(), d.cout);
+    let plane = d.ho() * d.wo();
+    y.par_chunks_mut(d.out_image()).for_each(|img| {
+        img.chunks_mut(plane).zip(bias).for_each(|(p, b)| p.iter_mut().for_each(|v| *v += b));
+    });
+}
+
+/// dbias = the sum of dy over images and positions, per output channel, in order (image by image).
+pub fn bias_backward(d: &ConvDims, dy: &[f32], dbias: &mut [f32]) {
+    assert_eq!(dbias.len(), d.cout);
+    assert_eq!(dy.len(), d.n * d.out_image());
+    let plane = d.ho() * d.wo();
+    dbias.par_iter_mut().enumerate().for_each(|(c, db)| {
+        // In f64, as the batchnorm sums: the result does not depend on how the sum is cut.
+        let mut sum = 0.0f64;
+        for img in dy.chunks(d.out_image()) {
+            sum += img[c * plane..(c + 1) * plane].iter().map(|&v| v as f64).sum::<f64>();
+        }
+        *db = sum as f32;
+    });
+}

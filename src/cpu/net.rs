@@ -105,9 +105,13 @@ impl CpuNet {
             // What the layer saved last time: its buffers are reused.
             let previous = std::mem::replace(&mut self.saved[i], Saved::None);
             self.saved[i] = match (&model.layers[i], model.layer_params[i]) {
-                (Layer::Conv { .. }, _) => {
+                (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
+                    // A linear layer is the 1x1 convolution of its flattened input (model.conv).
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     conv_forward(&d, x, &state[w_off..w_off + d.weight_len()], y);
+                    if let Some(b) = model.conv_bias(i) {
+                        bias_forward(&d, &state[b..b + d.cout], y);
+                    }
                     Saved::None
                 }
                 (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, running_mean, running_var }) => {
@@ -192,12 +196,15 @@ impl CpuNet {
             // Layers that transform the gradient in place leave it in `dy`; the others write `dx`.
             let mut in_place = false;
             match (&model.layers[i], model.layer_params[i], &self.saved[i]) {
-                (Layer::Conv { .. }, _, _) => {
+                (Layer::Conv { .. } | Layer::Linear { .. }, _, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     let weights = w_off..w_off + d.weight_len();
                     // The input image needs no gradient.
                     let dx = if i == 0 { None } else { Some(&mut dx[..]) };
                     conv_backward(&d, x, &state[weights.clone()], dy, dx, &mut self.grads[weights]);
+                    if let Some(b) = model.conv_bias(i) {
+                        bias_backward(&d, dy, &mut self.grads[b..b + d.cout]);
+                    }
                 }
                 (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, .. }, Saved::BatchNorm(saved)) => {
                     let d = BnDims { n, c, hw: sin.h * sin.w };

@@ -38,7 +38,10 @@ struct Dims {
     weight_groups: u32,
     data: u32,
     splits: u32,
-    _pad: u32,
+    bias: u32,
+    bias_off: u32,
+    bias_extra: u32,
+    _pad: [u32; 2],
 }
 
 /// A workgroup's tile in conv.wgsl: TP positions (or weight columns) by TC channels.
@@ -51,17 +54,18 @@ const WEIGHT_GRAD_GROUPS: usize = 256;
 /// Slices of the positions per tile, at most (the SGD kernel adds every slice of every weight).
 const MAX_WEIGHT_GRAD_SLICES: usize = 128;
 
-/// The (channel, column) tiles of a convolution's weight gradient.
-fn weight_grad_tiles(d: &ConvDims) -> usize {
-    d.cout.div_ceil(TILE_CHANNELS) * (d.cin * d.k * d.k).div_ceil(TILE_POSITIONS)
+/// The (channel, column) tiles of a convolution's weight gradient (a bias is one more column).
+fn weight_grad_tiles(d: &ConvDims, bias: bool) -> usize {
+    d.cout.div_ceil(TILE_CHANNELS) * (d.col_rows() + bias as usize).div_ceil(TILE_POSITIONS)
 }
 
 /// How many slices of the (image, position) sum a convolution's weight gradient is computed in (each
 /// slice's partial sums written apart, then added in order by the SGD kernel): enough for
 /// WEIGHT_GRAD_GROUPS workgroups. It depends on the channels only, so every batch size of one model
-/// shares the gradient buffer's layout.
-pub fn weight_grad_slices(d: &ConvDims) -> usize {
-    WEIGHT_GRAD_GROUPS.div_ceil(weight_grad_tiles(d)).clamp(1, MAX_WEIGHT_GRAD_SLICES)
+/// shares the gradient buffer's layout. A bias's gradient is computed with the weights', in as many
+/// slices.
+pub fn weight_grad_slices(d: &ConvDims, bias: bool) -> usize {
+    WEIGHT_GRAD_GROUPS.div_ceil(weight_grad_tiles(d, bias)).clamp(1, MAX_WEIGHT_GRAD_SLICES)
 }
 
 /// Workgroups a forward launch should have, at least, where its tiles are few: then the sum's depth
@@ -137,15 +141,17 @@ impl Conv {
         (channels.div_ceil(TILE_CHANNELS) * positions.div_ceil(TILE_POSITIONS)) as u32
     }
 
-    /// y = conv(x, weights at state[w_off..]) (with `pool`, of the 2x2 max pooling of x), in `splits`
-    /// parts (y holds that many outputs, added up by the batchnorm statistics that follow); or, with
-    /// `bn` (one part), followed by the evaluation-mode batchnorm (and ReLU) of the next layer.
+    /// y = conv(x, weights at state[w_off..]) (+ the bias at state[bias..], if any; with `pool`, of
+    /// the 2x2 max pooling of x), in `splits` parts (y holds that many outputs, added up by the
+    /// batchnorm statistics that follow); or, with `bn` (one part), followed by the evaluation-mode
+    /// batchnorm (and ReLU) of the next layer.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ctx: &GpuContext,
         d: &ConvDims,
         w_off: usize,
+        bias: Option<usize>,
         pool: bool,
         splits: usize,
         bn: Option<EvalBn>,
@@ -158,6 +164,10 @@ impl Conv {
         }
         let mut dims = Conv::dims(d, w_off, pool)?;
         dims.splits = splits as u32;
+        if let Some(b) = bias {
+            dims.bias = 1;
+            dims.bias_off = b as u32;
+        }
         if let Some(bn) = bn {
             dims.bn = 1;
             dims.relu = bn.relu as u32;
@@ -179,14 +189,16 @@ impl Conv {
 
     /// The weight gradient from x (with `pool`, its 2x2 max pooling) and dy, in `sliced.slices`
     /// partial sums (see `weight_grad_slices`) placed as `sliced` says in `grads`, which the SGD kernel
-    /// (or `Sgd::sum_slices`) adds; and in the same launch, when `dx` is given, the input's gradient
-    /// (of the pooled input, with `pool`).
+    /// (or `Sgd::sum_slices`) adds, and the bias's gradient, if any, as `bias` says (as many slices);
+    /// and in the same launch, when `dx` is given, the input's gradient (of the pooled input, with
+    /// `pool`).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         ctx: &GpuContext,
         d: &ConvDims,
         sliced: &SlicedGrad,
+        bias: Option<&SlicedGrad>,
         pool: bool,
         x: &wgpu::Buffer,
         dy: &wgpu::Buffer,
@@ -194,13 +206,19 @@ impl Conv {
         grads: &wgpu::Buffer,
         dx: Option<&wgpu::Buffer>,
     ) -> Result<Dispatch> {
-        let weight_groups = weight_grad_tiles(d) * sliced.slices;
+        if bias.is_some_and(|b| b.slices != sliced.slices || b.len != d.cout) {
+            bail!("a bias's gradient goes in as many slices as its weights', one value per output channel");
+        }
+        let weight_groups = weight_grad_tiles(d, bias.is_some()) * sliced.slices;
         let data_groups = if dx.is_some() { Conv::output_tiles(d.cin, d.n * d.h * d.w) } else { 0 };
         let dims = Dims {
             slices: sliced.slices as u32,
             extra_off: sliced.extra as u32,
             weight_groups: weight_groups as u32,
             data: dx.is_some() as u32,
+            bias: bias.is_some() as u32,
+            bias_off: bias.map_or(0, |b| b.start as u32),
+            bias_extra: bias.map_or(0, |b| b.extra as u32),
             ..Conv::dims(d, sliced.start, pool)?
         };
         let u = ctx.uniform("conv dims", &dims);
@@ -215,7 +233,7 @@ impl Conv {
         };
         let buffers = [(0, &u), (1, x), (2, state), (3, dy), (4, dx), (5, grads)];
         let mut cost = Conv::cost(d, pool);
-        cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len) as f64;
+        cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len + bias.map_or(0, |b| b.slices * b.len)) as f64;
         if data_groups > 0 {
             let data = Conv::cost(d, false);
             cost.flops += data.flops;

@@ -93,7 +93,12 @@ pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
     };
     for (i, layer) in model.layers.iter().enumerate() {
         if let Some((d, w_off)) = model.conv(i, 1) {
-            add(w_off, d.weight_len(), weight_grad_slices(&d));
+            let bias = model.conv_bias(i);
+            let slices = weight_grad_slices(&d, bias.is_some());
+            add(w_off, d.weight_len(), slices);
+            if let Some(b) = bias {
+                add(b, d.cout, slices);
+            }
         }
         if let (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, .. }) =
             (layer, model.layer_params[i])
@@ -223,9 +228,10 @@ fn tag(launches: &mut [Dispatch], layer: &str) {
     }
 }
 
-/// Whether layer `i` (a batchnorm) runs, in evaluation, inside the convolution before it.
+/// Whether layer `i` (a batchnorm) runs, in evaluation, inside the convolution (or linear layer)
+/// before it.
 fn after_conv(model: &Model, i: usize) -> bool {
-    i > 0 && matches!(model.layers[i - 1], Layer::Conv { .. })
+    i > 0 && matches!(model.layers[i - 1], Layer::Conv { .. } | Layer::Linear { .. })
 }
 
 /// Whether layer `i` is a ReLU folded into the batchnorm before it.
@@ -408,12 +414,13 @@ impl GpuNet {
             let sin = model.input_of(i);
             let marks = (forward_train.len(), forward_eval.len());
             match (layer, model.layer_params[i]) {
-                (Layer::Conv { .. }, _) => {
+                (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
+                    let bias = model.conv_bias(i);
                     // A max pooling before runs inside the convolution's reads of its input.
                     let pool = i > 0 && pool_in_conv(model, i - 1);
                     let (x, xe) = if pool { (input_of(i - 1), eval_input_of(i - 1)) } else { (x, xe) };
-                    forward_train.push(k.conv.forward(ctx, &d, w_off, pool, splits[i], None, x, state_buf, y)?);
+                    forward_train.push(k.conv.forward(ctx, &d, w_off, bias, pool, splits[i], None, x, state_buf, y)?);
                     // In evaluation a batchnorm that follows is an affine map per channel: it runs in
                     // the convolution's launch, which writes the batchnorm's output.
                     match (model.layers.get(i + 1), model.layer_params.get(i + 1)) {
@@ -422,9 +429,10 @@ impl GpuNet {
                             let bn = EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu };
                             let bn_out = &activations[output_of[i + 1]];
                             let bn = Some(bn);
-                            forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, 1, bn, xe, state_buf, bn_out)?);
+                            forward_eval
+                                .push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, bn, xe, state_buf, bn_out)?);
                         }
-                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, pool, 1, None, xe, state_buf, y)?),
+                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, None, xe, state_buf, y)?),
                     }
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
@@ -482,14 +490,16 @@ impl GpuNet {
             let sin = model.input_of(i);
             let mark = backward.len();
             match (&model.layers[i], model.layer_params[i]) {
-                (Layer::Conv { .. }, _) => {
+                (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     let slices = slices_of(&sliced, w_off, d.weight_len());
+                    let bias = model.conv_bias(i).map(|b| slices_of(&sliced, b, d.cout));
                     let pool = i > 0 && pool_in_conv(model, i - 1);
                     let x = if pool { input_of(i - 1) } else { x };
                     // The input image needs no gradient.
                     let dx = (i > 0).then_some(other);
-                    backward.push(k.conv.backward(ctx, &d, &slices, pool, x, cur, state_buf, grads, dx)?);
+                    let bias = bias.as_ref();
+                    backward.push(k.conv.backward(ctx, &d, &slices, bias, pool, x, cur, state_buf, grads, dx)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = BnLayer { dy_pooled: pool_in_bn && before_pool == Some(i), ..bn_layer(i, c, p) };

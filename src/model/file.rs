@@ -49,6 +49,7 @@ struct LayerSpec {
 /// The layer types and the keys each takes besides `type`.
 const TYPES: &[(&str, &[&str])] = &[
     ("conv", &["out", "kernel", "padding", "bias"]),
+    ("linear", &["out", "bias"]),
     ("batchnorm", &[]),
     ("relu", &[]),
     ("dropout", &["p"]),
@@ -64,7 +65,7 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
     if file.layer.is_empty() {
         bail!("{origin}: no [[layer]] tables: a model file lists its layers in order, as models/net3.toml does");
     }
-    let (mut convs, mut norms) = (0, 0);
+    let (mut convs, mut norms, mut linears) = (0, 0, 0);
     let mut layers = Vec::new();
     let mut lines = Vec::new();
     for spanned in &file.layer {
@@ -92,14 +93,20 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
                 if out == 0 || k == 0 {
                     return Err(at("a conv layer's `out` and `kernel` must be at least 1".into()));
                 }
-                if spec.bias == Some(true) {
-                    return Err(at(
-                        "convolution bias is not implemented yet: give `bias = false` or leave it out".into()
-                    ));
-                }
                 convs += 1;
-                // The input channels follow from the shapes, below.
-                Layer::Conv { name: format!("conv{convs}"), cin: 0, cout: out, k, pad: spec.padding.unwrap_or(0) }
+                // The input channels follow from the shapes, below. No bias unless asked (the recipe's
+                // convolutions have none).
+                let (pad, bias) = (spec.padding.unwrap_or(0), spec.bias.unwrap_or(false));
+                Layer::Conv { name: format!("conv{convs}"), cin: 0, cout: out, k, pad, bias }
+            }
+            "linear" => {
+                let out = spec.out.ok_or_else(|| at("a linear layer needs `out`".into()))?;
+                if out == 0 {
+                    return Err(at("a linear layer's `out` must be at least 1".into()));
+                }
+                linears += 1;
+                // A bias unless told otherwise, as PyTorch's nn.Linear.
+                Layer::Linear { name: format!("fc{linears}"), fin: 0, fout: out, bias: spec.bias.unwrap_or(true) }
             }
             "batchnorm" => {
                 norms += 1;
@@ -121,6 +128,10 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
                 *cin = shape.c;
                 let side = |s: usize| (s + 2 * *pad + 1).saturating_sub(*k);
                 shape = Shape { c: *cout, h: side(shape.h), w: side(shape.w) };
+            }
+            Layer::Linear { fin, fout, .. } => {
+                *fin = shape.len();
+                shape = Shape { c: *fout, h: 1, w: 1 };
             }
             Layer::BatchNorm { c, .. } => *c = shape.c,
             Layer::MaxPool2 => shape = Shape { c: shape.c, h: shape.h / 2, w: shape.w / 2 },
@@ -150,9 +161,10 @@ impl Model {
         for layer in &self.layers {
             out += "\n[[layer]]\n";
             out += &match layer {
-                Layer::Conv { cout, k, pad, .. } => {
-                    format!("type = \"conv\"\nout = {cout}\nkernel = {k}\npadding = {pad}\n")
+                Layer::Conv { cout, k, pad, bias, .. } => {
+                    format!("type = \"conv\"\nout = {cout}\nkernel = {k}\npadding = {pad}\nbias = {bias}\n")
                 }
+                Layer::Linear { fout, bias, .. } => format!("type = \"linear\"\nout = {fout}\nbias = {bias}\n"),
                 Layer::BatchNorm { .. } => "type = \"batchnorm\"\n".into(),
                 Layer::Relu => "type = \"relu\"\n".into(),
                 Layer::Dropout { p } => format!("type = \"dropout\"\np = {p:?}\n"),
@@ -186,6 +198,28 @@ mod tests {
     }
 
     #[test]
+    fn bias_and_linear_layers_read_and_write_back() {
+        let text = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 5\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
+                    [[layer]]\ntype = \"linear\"\nout = 32\n\n[[layer]]\ntype = \"relu\"\n\n\
+                    [[layer]]\ntype = \"linear\"\nout = 10\nbias = false\n";
+        let m = parse(text, "m.toml", MNIST, 10).unwrap();
+        // 28 -> 24 -> 12: fc1 reads 4 x 12 x 12 values.
+        let shapes: Vec<(&str, Vec<usize>)> = m.params.iter().map(|p| (p.name.as_str(), p.shape.clone())).collect();
+        assert_eq!(
+            shapes,
+            vec![
+                ("conv1.weight", vec![4, 1, 5, 5]),
+                ("conv1.bias", vec![4]),
+                ("fc1.weight", vec![32, 576]),
+                ("fc1.bias", vec![32]),
+                ("fc2.weight", vec![10, 32]),
+            ]
+        );
+        assert!(m.summary().contains("fc2 (Linear)") && m.summary().contains("conv1 (Conv2d 5x5, pad 0, bias)"));
+        assert_eq!(parse(&m.to_toml(), "written", MNIST, 10).unwrap().layers, m.layers);
+    }
+
+    #[test]
     fn errors_name_the_line_and_the_fault() {
         let conv = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\npadding = 1\n";
         let tail = "\n[[layer]]\ntype = \"avgpool\"\n";
@@ -206,8 +240,8 @@ mod tests {
         assert!(e.contains("line 7") && e.contains("must end in 10 class scores") && e.contains("7x1x1"), "{e}");
         let e = err(&format!("{conv}").replace("kernel = 3", "kernel = 31"));
         assert!(e.contains("line 1") && e.contains("does not fit its 28x28 input"), "{e}");
-        let e = err(&format!("{conv}bias = true\n{tail}"));
-        assert!(e.contains("line 1") && e.contains("bias is not implemented"), "{e}");
+        let e = err(&format!("{conv}\n[[layer]]\ntype = \"linear\"\nkernel = 3\n"));
+        assert!(e.contains("line 7") && e.contains("a linear layer takes no `kernel`"), "{e}");
         let e = err("[[layer]]\ntype = \"relu\"\nsize = 3\n");
         assert!(e.contains("m.toml") && e.contains("line 3") && e.contains("size"), "{e}");
         let e = err("[[layer]\n");

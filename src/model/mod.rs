@@ -70,13 +70,22 @@ impl ConvDims {
 /// One layer of the network. Parameterised layers name their PyTorch module.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Layer {
-    /// k x k convolution, stride 1, no bias.
+    /// k x k convolution, stride 1, with a bias per output channel or none.
     Conv {
         name: String,
         cin: usize,
         cout: usize,
         k: usize,
         pad: usize,
+        bias: bool,
+    },
+    /// A fully connected layer over the flattened input (fin = c * h * w values per image), output
+    /// fout x 1 x 1. Executed as a 1x1 convolution of an fin x 1 x 1 image, which is the same product.
+    Linear {
+        name: String,
+        fin: usize,
+        fout: usize,
+        bias: bool,
     },
     BatchNorm {
         name: String,
@@ -117,7 +126,13 @@ pub struct ParamEntry {
 /// What a parameter tensor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamKind {
-    ConvWeight { fan_in: usize },
+    /// A convolution's or a linear layer's weight and bias (PyTorch draws both from +-1/sqrt(fan_in)).
+    ConvWeight {
+        fan_in: usize,
+    },
+    ConvBias {
+        fan_in: usize,
+    },
     BatchNormWeight,
     BatchNormBias,
     RunningMean,
@@ -143,8 +158,17 @@ impl std::error::Error for LayerError {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerParams {
     None,
-    Conv { weight: usize },
-    BatchNorm { weight: usize, bias: usize, running_mean: usize, running_var: usize },
+    /// A convolution or linear layer: its weight and its bias, if any.
+    Conv {
+        weight: usize,
+        bias: Option<usize>,
+    },
+    BatchNorm {
+        weight: usize,
+        bias: usize,
+        running_mean: usize,
+        running_var: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -167,25 +191,25 @@ impl Model {
     pub fn net3() -> Model {
         use Layer::*;
         let layers = vec![
-            Conv { name: "conv1".into(), cin: 1, cout: 8, k: 3, pad: 1 },
+            Conv { name: "conv1".into(), cin: 1, cout: 8, k: 3, pad: 1, bias: false },
             BatchNorm { name: "bn1".into(), c: 8 },
             Relu,
-            Conv { name: "conv2".into(), cin: 8, cout: 16, k: 3, pad: 1 },
+            Conv { name: "conv2".into(), cin: 8, cout: 16, k: 3, pad: 1, bias: false },
             BatchNorm { name: "bn2".into(), c: 16 },
             Relu,
             Dropout { p: 0.05 },
             MaxPool2,
-            Conv { name: "conv3".into(), cin: 16, cout: 16, k: 3, pad: 1 },
+            Conv { name: "conv3".into(), cin: 16, cout: 16, k: 3, pad: 1, bias: false },
             BatchNorm { name: "bn3".into(), c: 16 },
             Relu,
-            Conv { name: "conv4".into(), cin: 16, cout: 32, k: 3, pad: 1 },
+            Conv { name: "conv4".into(), cin: 16, cout: 32, k: 3, pad: 1, bias: false },
             BatchNorm { name: "bn4".into(), c: 32 },
             Relu,
             MaxPool2,
-            Conv { name: "conv5".into(), cin: 32, cout: 32, k: 3, pad: 0 },
+            Conv { name: "conv5".into(), cin: 32, cout: 32, k: 3, pad: 0, bias: false },
             BatchNorm { name: "bn5".into(), c: 32 },
             Relu,
-            Conv { name: "conv6".into(), cin: 32, cout: 10, k: 1, pad: 0 },
+            Conv { name: "conv6".into(), cin: 32, cout: 10, k: 1, pad: 0, bias: false },
             BatchNorm { name: "bn6".into(), c: 10 },
             Relu,
             GlobalAvgPool,
@@ -212,7 +236,7 @@ impl Model {
         for (index, layer) in layers.iter().enumerate() {
             let fail = |message: String| LayerError { index, message };
             let slot = match layer {
-                &Layer::Conv { ref name, cin, cout, k, pad } => {
+                &Layer::Conv { ref name, cin, cout, k, pad, bias } => {
                     if shape.c != cin {
                         return Err(fail(format!("{name} takes {cin} channels, its input has {}", shape.c)));
                     }
@@ -225,7 +249,23 @@ impl Model {
                     shape = Shape { c: cout, h: shape.h + 2 * pad + 1 - k, w: shape.w + 2 * pad + 1 - k };
                     let fan_in = cin * k * k;
                     trainable.push((format!("{name}.weight"), vec![cout, cin, k, k], ParamKind::ConvWeight { fan_in }));
-                    LayerParams::Conv { weight: trainable.len() - 1 }
+                    let weight = trainable.len() - 1;
+                    if bias {
+                        trainable.push((format!("{name}.bias"), vec![cout], ParamKind::ConvBias { fan_in }));
+                    }
+                    LayerParams::Conv { weight, bias: bias.then_some(weight + 1) }
+                }
+                &Layer::Linear { ref name, fin, fout, bias } => {
+                    if shape.len() != fin {
+                        return Err(fail(format!("{name} takes {fin} values, its input has {}", shape.len())));
+                    }
+                    shape = Shape { c: fout, h: 1, w: 1 };
+                    trainable.push((format!("{name}.weight"), vec![fout, fin], ParamKind::ConvWeight { fan_in: fin }));
+                    let weight = trainable.len() - 1;
+                    if bias {
+                        trainable.push((format!("{name}.bias"), vec![fout], ParamKind::ConvBias { fan_in: fin }));
+                    }
+                    LayerParams::Conv { weight, bias: bias.then_some(weight + 1) }
                 }
                 &Layer::BatchNorm { ref name, c } => {
                     if shape.c != c {
@@ -302,12 +342,24 @@ impl Model {
         self.params.iter().find(|p| p.name == name)
     }
 
-    /// Layer `i`'s convolution over a batch of `n`, with its weights' offset, if it is one.
+    /// The offset of layer `i`'s bias, if it is a convolution or linear layer with one.
+    pub fn conv_bias(&self, i: usize) -> Option<usize> {
+        match self.layer_params[i] {
+            LayerParams::Conv { bias, .. } => bias.map(|b| self.params[b].offset),
+            _ => None,
+        }
+    }
+
+    /// Layer `i`'s convolution over a batch of `n`, with its weights' offset, if it is one; a linear
+    /// layer is the 1x1 convolution of its flattened input (an fin x 1 x 1 image).
     pub fn conv(&self, i: usize, n: usize) -> Option<(ConvDims, usize)> {
         match (&self.layers[i], self.layer_params[i]) {
-            (&Layer::Conv { cin, cout, k, pad, .. }, LayerParams::Conv { weight }) => {
+            (&Layer::Conv { cin, cout, k, pad, .. }, LayerParams::Conv { weight, .. }) => {
                 let s = self.input_of(i);
                 Some((ConvDims { n, cin, h: s.h, w: s.w, cout, k, pad }, self.params[weight].offset))
+            }
+            (&Layer::Linear { fin, fout, .. }, LayerParams::Conv { weight, .. }) => {
+                Some((ConvDims { n, cin: fin, h: 1, w: 1, cout: fout, k: 1, pad: 0 }, self.params[weight].offset))
             }
             _ => None,
         }
@@ -316,7 +368,7 @@ impl Model {
     /// A short name for layer `i`: its module name (`conv2`, `bn2`), else its kind and index.
     pub fn layer_name(&self, i: usize) -> String {
         match &self.layers[i] {
-            Layer::Conv { name, .. } | Layer::BatchNorm { name, .. } => name.clone(),
+            Layer::Conv { name, .. } | Layer::Linear { name, .. } | Layer::BatchNorm { name, .. } => name.clone(),
             Layer::Relu => format!("relu#{i}"),
             Layer::Dropout { .. } => format!("dropout#{i}"),
             Layer::MaxPool2 => format!("maxpool#{i}"),
@@ -344,7 +396,7 @@ impl Model {
             match p.kind {
                 ParamKind::BatchNormWeight | ParamKind::RunningVar => slice.fill(1.0),
                 ParamKind::BatchNormBias | ParamKind::RunningMean => {}
-                ParamKind::ConvWeight { fan_in } => {
+                ParamKind::ConvWeight { fan_in } | ParamKind::ConvBias { fan_in } => {
                     let bound = 1.0 / (fan_in as f32).sqrt();
                     slice.iter_mut().for_each(|v| *v = rng.random_range(-bound..bound));
                 }
@@ -361,7 +413,10 @@ impl Model {
         for (i, layer) in self.layers.iter().enumerate() {
             let s = self.shapes[i];
             let label = match layer {
-                Layer::Conv { name, k, pad, .. } => format!("{name} (Conv2d {k}x{k}, pad {pad})"),
+                Layer::Conv { name, k, pad, bias, .. } => {
+                    format!("{name} (Conv2d {k}x{k}, pad {pad}{})", if *bias { ", bias" } else { "" })
+                }
+                Layer::Linear { name, bias, .. } => format!("{name} (Linear{})", if *bias { ", bias" } else { "" }),
                 Layer::BatchNorm { name, .. } => format!("{name} (BatchNorm2d)"),
                 Layer::Relu => "ReLU".into(),
                 Layer::Dropout { p } => format!("Dropout (p={p})"),
@@ -370,7 +425,7 @@ impl Model {
             };
             let count: usize = match self.layer_params[i] {
                 LayerParams::None => 0,
-                LayerParams::Conv { weight } => self.params[weight].len,
+                LayerParams::Conv { weight, bias } => self.params[weight].len + bias.map_or(0, |b| self.params[b].len),
                 LayerParams::BatchNorm { weight, bias, .. } => self.params[weight].len + self.params[bias].len,
             };
             let shape = if matches!(layer, Layer::GlobalAvgPool) {
