@@ -238,7 +238,7 @@ mod tests {
         assert!(e.contains("line 9") && e.contains("even height and width, its input is 13x13"), "{e}");
         let e = err(&format!("{conv}{tail}").replace("out = 10", "out = 7"));
         assert!(e.contains("line 7") && e.contains("must end in 10 class scores") && e.contains("7x1x1"), "{e}");
-        let e = err(&format!("{conv}").replace("kernel = 3", "kernel = 31"));
+        let e = err(&conv.replace("kernel = 3", "kernel = 31"));
         assert!(e.contains("line 1") && e.contains("does not fit its 28x28 input"), "{e}");
         let e = err(&format!("{conv}\n[[layer]]\ntype = \"linear\"\nkernel = 3\n"));
         assert!(e.contains("line 7") && e.contains("a linear layer takes no `kernel`"), "{e}");
