@@ -241,6 +241,7 @@ pub struct GpuBackend {
 
 impl GpuBackend {
     pub fn new(ctx: GpuContext, model: &Model, state: &[f32]) -> Result<GpuBackend> {
+        crate::gpu::net::check_runs_on_gpu(model)?;
         let kernels = Kernels::new(&ctx)?;
         let shared = SharedBuffers::new(&ctx, model, state);
         Ok(GpuBackend {

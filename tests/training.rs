@@ -284,6 +284,14 @@ fn model_file_networks_train_alike_on_both_backends() {
                   [[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
                   [[layer]]\ntype = \"linear\"\nout = 10\n";
     trains_alike(linear, 80 + 16 + 584 + 2890, "file-linear");
+    // A ReLU the GPU kernels cannot run (not after a batchnorm) is refused up front, naming the layer.
+    let bare_relu = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"relu\"\n\n\
+                     [[layer]]\ntype = \"avgpool\"\n";
+    let input = mnist_wgpu::model::Shape { c: 1, h: 28, w: 28 };
+    let model = mnist_wgpu::model::file::parse(bare_relu, "test model", input, 10).unwrap();
+    let ctx = mnist_wgpu::gpu::GpuContext::new(common::adapter_choice().as_deref()).unwrap();
+    let err = GpuBackend::new(ctx, &model, &model.init_state(1)).err().expect("refused").to_string();
+    assert!(err.contains("layer 2 (relu#1)") && err.contains("--backend cpu"), "{err}");
 }
 
 fn trains_alike(text: &str, params: usize, name: &str) {

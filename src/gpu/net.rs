@@ -221,6 +221,20 @@ pub fn check_batch_fits(ctx: &GpuContext, model: &Model, n: usize) -> Result<usi
     Ok(largest)
 }
 
+/// Refuses, naming the layer, a network the GPU kernels cannot run (before anything is allocated).
+pub fn check_runs_on_gpu(model: &Model) -> Result<()> {
+    if let Some(i) = (0..model.layers.len()).find(|&i| matches!(model.layers[i], Layer::Relu) && !fused_relu(model, i))
+    {
+        bail!(
+            "layer {} ({}): the GPU backend runs a ReLU only right after a batchnorm (inside its kernels); put a \
+             batchnorm before it, or use --backend cpu",
+            i + 1,
+            model.layer_name(i)
+        );
+    }
+    Ok(())
+}
+
 /// Names launches after the layer they belong to, e.g. `conv.forward conv2`.
 fn tag(launches: &mut [Dispatch], layer: &str) {
     for d in launches {
@@ -300,6 +314,7 @@ impl GpuNet {
         let n = batch;
         let classes = model.output_classes();
         let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
+        check_runs_on_gpu(model)?;
         let largest = check_batch_fits(ctx, model, n)?;
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
@@ -321,9 +336,6 @@ impl GpuNet {
             if fused_relu(model, i) || (inside_bn[i] && matches!(model.layers[i], Layer::Dropout { .. })) {
                 output_of.push(output_of[i - 1]);
             } else {
-                if matches!(model.layers[i], Layer::Relu) {
-                    bail!("layer {i}: the GPU backend runs a ReLU only fused into the batchnorm before it");
-                }
                 activations.push(ctx.zeros(&format!("layer {i} output"), splits[i] * n * shape.len()));
                 output_of.push(activations.len() - 1);
             }
