@@ -29,12 +29,19 @@ weight_decay 1e-5.
 Run once, by a developer with `pip install torch safetensors numpy`, from the repository root:
 
     python3 scripts/torch_reference.py
+    python3 scripts/torch_reference.py --model tests/fixtures/bias_linear.toml
 
-It writes tests/fixtures/torch_reference.safetensors, which is committed: the tests never need Python.
+The first writes tests/fixtures/torch_reference.safetensors. The second builds the network of an
+mnist-wgpu model file instead (scripts/torch_model.py's FileNet, named as mnist-wgpu names it), with
+PyTorch's default initialization from the same seed, and writes the same records except the schedule to
+tests/fixtures/torch_reference_<file name>.safetensors. Both are committed: the tests never need Python.
 """
+import argparse
 import gzip
 import os
 import struct
+import sys
+import tomllib
 
 import numpy as np
 import torch
@@ -94,11 +101,12 @@ def state(model, prefix):
     }
 
 
-def run(initial, x, y, dtype):
-    """One forward/backward pass, then ten SGD steps, from `initial` weights, computed in `dtype`."""
+def run(make, initial, x, y, dtype):
+    """One forward/backward pass, then ten SGD steps, from `initial` weights, computed in `dtype`;
+    `make()` builds the network."""
     out = {}
     x = x.to(dtype)
-    model = Net3(dropout=0.0).to(dtype)
+    model = make().to(dtype)
     model.load_state_dict(initial, strict=False)
     model.train()
     logits = model(x)
@@ -113,7 +121,7 @@ def run(initial, x, y, dtype):
             out["step0.running." + name] = b.detach().clone()
 
     # Ten SGD steps on the same batch, from the initial weights, with the spec's one-cycle schedule.
-    model = Net3(dropout=0.0).to(dtype)
+    model = make().to(dtype)
     model.load_state_dict(initial, strict=False)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
@@ -141,6 +149,22 @@ def run(initial, x, y, dtype):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="an mnist-wgpu model file (default: Net3, with the schedule)")
+    args = parser.parse_args()
+    make = lambda: Net3(dropout=0.0)
+    path = os.path.join(ROOT, "tests/fixtures/torch_reference.safetensors")
+    if args.model:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from torch_model import FileNet
+
+        with open(args.model, "rb") as f:
+            layers = tomllib.load(f)["layer"]
+        if any(layer.get("type") == "dropout" for layer in layers):
+            sys.exit(f"{args.model}: the fixture runs without dropout; give a model file without one")
+        make = lambda: FileNet(layers)
+        name = os.path.splitext(os.path.basename(args.model))[0]
+        path = os.path.join(ROOT, f"tests/fixtures/torch_reference_{name}.safetensors")
     torch.manual_seed(1234)
     torch.use_deterministic_algorithms(True)
     images = read_idx(os.path.join(ROOT, "data/mnist/train-images-idx3-ubyte.gz"))[:BATCH]
@@ -148,7 +172,7 @@ def main():
     x = ((torch.from_numpy(images.astype(np.float32)) / 255.0 - 0.1307) / 0.3081).unsqueeze(1).contiguous()
     y = torch.from_numpy(labels.astype(np.int64))
 
-    model = Net3(dropout=0.0)
+    model = make()
     out = state(model, "weights.")
     out["input"] = x
     out["labels"] = y
@@ -156,8 +180,12 @@ def main():
     # PyTorch's own float32 run, and the same computation in float64: the ground truth that tells
     # which part of a float32 difference is whose rounding.
     for dtype, prefix in [(torch.float32, ""), (torch.float64, "f64.")]:
-        for k, v in run(initial, x, y, dtype).items():
+        for k, v in run(make, initial, x, y, dtype).items():
             out[prefix + k] = v
+    if args.model:
+        save_file({k: v.contiguous() for k, v in out.items()}, path, metadata={"torch": torch.__version__})
+        print(f"wrote {path} ({len(out)} tensors), torch {torch.__version__}, step-0 loss {out['step0.loss'].item():.6f}")
+        return
 
     # The full schedule at selected steps, straight from OneCycleLR.
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
@@ -176,7 +204,6 @@ def main():
     out["schedule.lr"] = torch.tensor(lr, dtype=torch.float64)
     out["schedule.momentum"] = torch.tensor(mom, dtype=torch.float64)
 
-    path = os.path.join(ROOT, "tests/fixtures/torch_reference.safetensors")
     save_file({k: v.contiguous() for k, v in out.items()}, path, metadata={"torch": torch.__version__})
     print(f"wrote {path} ({len(out)} tensors), torch {torch.__version__}, step-0 loss {out['step0.loss'].item():.6f}")
 

@@ -21,8 +21,14 @@ impl Tensor {
 pub struct Fixture(pub HashMap<String, Tensor>);
 
 impl Fixture {
+    /// Net3's fixture (scripts/torch_reference.py).
     pub fn load() -> Fixture {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch_reference.safetensors");
+        Fixture::load_named("torch_reference")
+    }
+
+    /// tests/fixtures/NAME.safetensors.
+    pub fn load_named(name: &str) -> Fixture {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/fixtures/{name}.safetensors"));
         let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let st = SafeTensors::deserialize(&bytes).expect("fixture is valid safetensors");
         let mut map = HashMap::new();
@@ -88,4 +94,24 @@ pub fn gpu() -> Option<&'static (GpuContext, Kernels)> {
         let kernels = Kernels::new(&ctx).unwrap_or_else(|e| panic!("compiling the shaders: {e:#}"));
         (ctx, kernels)
     }))
+}
+
+/// For the gradient of parameter `name` (e.g. `conv1.bias`) in fixture `fx`: when it is a bias whose
+/// layer feeds a batchnorm through per-channel shifts (pooling, a linear map), its gradient is zero in
+/// exact arithmetic (the batchnorm subtracts the bias again), the float64 truth is rounding noise and a
+/// relative error means nothing. Then returns the scale such a gradient is held to instead: its layer's
+/// weight gradient's largest magnitude.
+pub fn zero_bias_gradient_scale(fx: &Fixture, name: &str) -> Option<f64> {
+    let largest = |t: &Tensor| t.data.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let truth = largest(fx.get(&format!("f64.step0.grad.{name}")));
+    (name.ends_with(".bias") && truth < 1e-12)
+        .then(|| largest(fx.get(&format!("f64.step0.grad.{}", name.replace(".bias", ".weight")))))
+}
+
+/// Asserts a gradient that is zero in exact arithmetic is within `tol` of `scale`; returns its size.
+pub fn assert_zero_gradient(what: &str, got: &[f32], scale: f64, tol: f64) -> f64 {
+    let ours = got.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64 / scale;
+    eprintln!("{what:<34} zero in exact arithmetic: {ours:.2e} of its weight gradient's scale (tol {tol:.0e})");
+    assert!(ours <= tol, "{what}: {ours:e} of its weight gradient's scale, where the truth is 0");
+    ours
 }
