@@ -43,11 +43,11 @@ fn gpu_steps_of_a_network_with_bias_and_linear_layers_match_pytorch() {
 
 fn steps_match_pytorch(fx: &Fixture, model: &Model) {
     let Some((ctx, k)) = gpu() else { return };
-    let state = fixture_state(fx, &model, "weights.");
+    let state = fixture_state(fx, model, "weights.");
     let input = fx.get("input").f32s();
     let labels: Vec<u8> = fx.get("labels").data.iter().map(|&l| l as u8).collect();
     let n = labels.len();
-    let net = GpuNet::new(ctx, k, &model, n, &state).unwrap();
+    let net = GpuNet::new(ctx, k, model, n, &state).unwrap();
 
     // One forward and backward pass.
     net.gradients_only(ctx, &input, &labels, StepUniform::default());
@@ -87,7 +87,7 @@ fn steps_match_pytorch(fx: &Fixture, model: &Model) {
     }
     check("ten-step losses", &losses, &fx.get("f64.train.losses").f32s(), 1e-5);
     let final_state = net.read_state(ctx).unwrap();
-    check("ten-step state", &final_state, &fixture_state(fx, &model, "f64.final."), 1e-5);
+    check("ten-step state", &final_state, &fixture_state(fx, model, "f64.final."), 1e-5);
     for p in &model.params {
         let want = fx.get(&format!("f64.final.{}", p.name)).f32s();
         check(&format!("final {}", p.name), &final_state[p.offset..p.offset + p.len], &want, 1e-5);
