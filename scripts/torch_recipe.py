@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The whole recipe of ../shared/spec/recipe.md in PyTorch, as the reference experiment ran it: the baseline
+"""The whole recipe of docs/recipe.md in PyTorch, as the reference experiment ran it: the baseline
 that `mnist-wgpu train` is compared with on the same machine.
 
 - Data: the bundled IDX files, gzipped or raw (no download).

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Golden fixture for the CPU reference (and later the GPU kernels), in the spirit of llm.c's test_gpt2.
 
-Builds the spec's network "Net3" (../shared/spec/recipe.md) in PyTorch with seeded default weights, takes
+Builds the spec's network "Net3" (docs/recipe.md) in PyTorch with seeded default weights, takes
 the first 16 real MNIST training images (normalized only, no augmentation), and records:
 
   weights.<name>        the initial state_dict (conv weights, bn weight/bias/running stats)

@@ -96,7 +96,7 @@ struct TrainArgs {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train the recipe (../shared/spec/recipe.md) and evaluate after every epoch.
+    /// Train the recipe (docs/recipe.md) and evaluate after every epoch.
     Train(TrainArgs),
     /// Test loss, accuracy and confusion matrix of a checkpoint.
     Eval {
