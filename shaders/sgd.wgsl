@@ -1,10 +1,11 @@
 // The recipe's SGD update over the trainable prefix of the flat state buffer, PyTorch semantics:
 // g = grad + weight_decay * p; buf = momentum * buf + g; p -= lr * buf. lr and momentum come per step.
 //
-// Gradients summed in slices (the convolutions' weight gradients, see conv3x3.wgsl) are finished here:
-// d.sliced[k] = (start, len, extra, slices) says that grads[start .. start + len] holds slice 0 of a
-// tensor and grads[extra + (t - 1) * len ..] its slice t; the slices are added in order, so the sum
-// is the same on every run, and written back to grads[i].
+// Gradients summed in slices (the convolutions' weight gradients, see conv.wgsl, and the batchnorms'
+// dgamma and dbeta) are finished here: sliced[k] = (start, len, extra, slices) says that
+// grads[start .. start + len] holds slice 0 of a tensor and grads[extra + (t - 1) * len ..] its slice
+// t; sliced_of[i] is k + 1 for parameter i of tensor k, 0 for a parameter whose gradient is whole.
+// The slices are added in order, so the sum is the same on every run, and written back to grads[i].
 //
 // An updated parameter or momentum that is not finite sets the metrics buffer's flag word (an integer
 // atomic, so deterministic), so a diverging run is noticed even where later kernels hide the NaN.
@@ -14,13 +15,10 @@
 //   sum_slices    one invocation per trainable parameter: the gradient finished only (when gradients
 //                 are read without a step)
 // Bindings: 0 dims (uniform), 1 step (uniform), 2 state, 3 grads, 4 momenta, 5 metrics (as words:
-// loss sum, correct count, non-finite flag, unused).
-
-const MAX_SLICED: u32 = 32u;
+// loss sum, correct count, non-finite flag, unused), 6 sliced, 7 sliced_of.
 
 struct Dims {
-    len: u32, sliced_count: u32, _p1: u32, _p2: u32,
-    sliced: array<vec4<u32>, MAX_SLICED>,
+    len: u32, _p0: u32, _p1: u32, _p2: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -29,6 +27,8 @@ struct Dims {
 @group(0) @binding(3) var<storage, read_write> grads: array<f32>;
 @group(0) @binding(4) var<storage, read_write> momenta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> metrics: array<atomic<u32>>;
+@group(0) @binding(6) var<storage, read> sliced: array<vec4<u32>>;
+@group(0) @binding(7) var<storage, read> sliced_of: array<u32>;
 
 // By the bits, which no compiler's assumption of finite arithmetic can fold away.
 fn is_finite(v: f32) -> bool {
@@ -38,12 +38,11 @@ fn is_finite(v: f32) -> bool {
 // Parameter i's whole gradient: its slices added in order (one slice: grads[i] as it is).
 fn gradient(i: u32) -> f32 {
     var g = grads[i];
-    for (var k = 0u; k < d.sliced_count; k++) {
-        let t = d.sliced[k];
-        if (i >= t.x && i < t.x + t.y) {
-            for (var slice = 1u; slice < t.w; slice++) {
-                g += grads[t.z + (slice - 1u) * t.y + (i - t.x)];
-            }
+    let k = sliced_of[i];
+    if (k > 0u) {
+        let t = sliced[k - 1u];
+        for (var slice = 1u; slice < t.w; slice++) {
+            g += grads[t.z + (slice - 1u) * t.y + (i - t.x)];
         }
     }
     return g;

@@ -294,6 +294,15 @@ fn model_file_networks_train_alike_on_both_backends() {
                   [[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
                   [[layer]]\ntype = \"linear\"\nout = 10\n";
     trains_alike(linear, 80 + 16 + 584 + 2890, "file-linear");
+    // Deep: 12 convolutions and 12 batchnorms give 36 gradients summed in slices (the SGD kernel's
+    // table once held 32 at most, and such a network panicked).
+    let block = |out: usize| {
+        format!("[[layer]]\ntype = \"conv\"\nout = {out}\nkernel = 3\npadding = 1\n\n[[layer]]\ntype = \"batchnorm\"\n\n[[layer]]\ntype = \"relu\"\n\n")
+    };
+    let mut deep = block(4) + "[[layer]]\ntype = \"maxpool\"\n\n[[layer]]\ntype = \"maxpool\"\n\n";
+    (0..10).for_each(|_| deep += &block(4));
+    deep += &(block(10) + "[[layer]]\ntype = \"avgpool\"\n");
+    trains_alike(&deep, 36 + 8 + 10 * (144 + 8) + 360 + 20, "file-deep");
     // A ReLU the GPU kernels cannot run (not after a batchnorm) is refused up front, naming the layer.
     let bare_relu = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"relu\"\n\n\
                      [[layer]]\ntype = \"avgpool\"\n";

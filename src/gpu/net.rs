@@ -14,7 +14,7 @@ use super::dropout::Dropout;
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
-use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform, MAX_SLICED};
+use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform};
 use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 
 /// Every shader's kernels, compiled once per device.
@@ -86,7 +86,6 @@ pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
     let mut extra = model.num_trainable;
     let mut add = |start: usize, len: usize, slices: usize| {
         if slices > 1 {
-            assert!(sliced.len() < MAX_SLICED, "more than {MAX_SLICED} gradients in slices");
             sliced.push(SlicedGrad { start, len, extra, slices });
             extra += (slices - 1) * len;
         }

@@ -20,9 +20,6 @@ pub struct StepUniform {
     pub _pad: [u32; 2],
 }
 
-/// Tensors whose gradients arrive in slices, at most (MAX_SLICED in sgd.wgsl); others get one slice.
-pub const MAX_SLICED: usize = 32;
-
 /// A tensor whose gradient arrives in `slices` partial sums: slice 0 at grads[start .. start + len],
 /// slice t > 0 at grads[extra + (t - 1) * len ..]. The SGD kernel adds them in order.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -37,18 +34,28 @@ pub struct SlicedGrad {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Dims {
     len: u32,
-    sliced_count: u32,
-    _pad: [u32; 2],
-    sliced: [[u32; 4]; MAX_SLICED],
+    _pad: [u32; 3],
 }
 
-fn dims(len: usize, sliced: &[SlicedGrad]) -> Dims {
-    assert!(sliced.len() <= MAX_SLICED, "at most {MAX_SLICED} sliced gradients");
-    let mut d = Dims { len: len as u32, sliced_count: sliced.len() as u32, _pad: [0; 2], sliced: [[0; 4]; MAX_SLICED] };
-    for (slot, t) in d.sliced.iter_mut().zip(sliced) {
-        *slot = [t.start as u32, t.len as u32, t.extra as u32, t.slices as u32];
+/// The SGD kernel's bindings for `len` parameters: the uniform, the sliced tensors' table, and per
+/// parameter its tensor's place in that table plus one (0: a whole gradient).
+fn slice_buffers(ctx: &GpuContext, len: usize, sliced: &[SlicedGrad]) -> [wgpu::Buffer; 3] {
+    // One unused row when there are none: a binding holds at least one element.
+    let mut table: Vec<[u32; 4]> =
+        sliced.iter().map(|t| [t.start as u32, t.len as u32, t.extra as u32, t.slices as u32]).collect();
+    if table.is_empty() {
+        table.push([0; 4]);
     }
-    d
+    let mut of = vec![0u32; len];
+    for (k, t) in sliced.iter().enumerate() {
+        assert!(t.start + t.len <= len, "a sliced gradient past the {len} parameters");
+        of[t.start..t.start + t.len].fill(k as u32 + 1);
+    }
+    [
+        ctx.uniform("sgd dims", &Dims { len: len as u32, _pad: [0; 3] }),
+        ctx.upload("sgd sliced tensors", &table),
+        ctx.upload("sgd sliced tensor of each parameter", &of),
+    ]
 }
 
 /// The buffers the update reads and writes.
@@ -75,8 +82,9 @@ impl Sgd {
     /// The update of the first `len` values of `state` (the trainable prefix), each gradient first
     /// finished from its slices; a non-finite result sets the flag word of `metrics`.
     pub fn update(&self, ctx: &GpuContext, len: usize, sliced: &[SlicedGrad], b: &SgdBuffers) -> Dispatch {
-        let u = ctx.uniform("sgd dims", &dims(len, sliced));
-        let buffers = [(0, &u), (1, b.step), (2, b.state), (3, b.grads), (4, b.momenta), (5, b.metrics)];
+        let [u, table, of] = slice_buffers(ctx, len, sliced);
+        let buffers =
+            [(0, &u), (1, b.step), (2, b.state), (3, b.grads), (4, b.momenta), (5, b.metrics), (6, &table), (7, &of)];
         let extra: usize = sliced.iter().map(|t| (t.slices - 1) * t.len).sum();
         // Reads parameter, gradient (and its slices) and momentum; writes parameter, gradient, momentum.
         self.update.launch(ctx, groups_for(len), &buffers).with_cost(Cost::new(5 * len + extra, 6 * len + extra))
@@ -84,10 +92,10 @@ impl Sgd {
 
     /// The gradients finished from their slices, without an update (to read them back).
     pub fn sum_slices(&self, ctx: &GpuContext, len: usize, sliced: &[SlicedGrad], grads: &wgpu::Buffer) -> Dispatch {
-        let u = ctx.uniform("sgd dims", &dims(len, sliced));
+        let [u, table, of] = slice_buffers(ctx, len, sliced);
         let extra: usize = sliced.iter().map(|t| (t.slices - 1) * t.len).sum();
         self.sum_slices
-            .launch(ctx, groups_for(len), &[(0, &u), (3, grads)])
+            .launch(ctx, groups_for(len), &[(0, &u), (3, grads), (6, &table), (7, &of)])
             .with_cost(Cost::new(extra, 2 * len + extra))
     }
 }
