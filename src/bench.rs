@@ -24,7 +24,7 @@ use crate::{make_backend, BackendChoice, DeviceArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The network: a model file, or a preset (net3, the default).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// Training steps (or evaluation batches) per timed repeat.
@@ -269,7 +269,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct ProfileArgs {
-    /// The network: a model file, or a preset (net3, the default).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// Timed training steps; each kernel's median over them is reported.
@@ -459,7 +459,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// The network: a model file, or a preset (net3, the default).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// The GPU adapter: an index from `adapters`, part of its name, or NAME:BACKEND (llvmpipe:gl);

@@ -43,16 +43,20 @@ pub struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The network: a model file, or a preset (net3, the default). With --resume, the checkpoint's
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k). With --resume, the checkpoint's
     /// own network is used, and a different --model is refused.
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
-    #[arg(long, default_value_t = 20)]
-    epochs: usize,
-    #[arg(long, default_value_t = 100)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 0.1)]
-    max_lr: f64,
+    /// Epochs of the one-cycle schedule (default: the model file's [train] epochs, else the recipe's 20).
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Images per step (default: the model file's [train] batch_size, else the recipe's 100).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Peak learning rate of the one-cycle schedule (default: the model file's [train] max_lr, else the
+    /// recipe's 0.1).
+    #[arg(long)]
+    max_lr: Option<f64>,
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Train once per seed, each run in its own folder (seed-N) of the run folder, then print per
@@ -73,7 +77,8 @@ struct TrainArgs {
     /// Write a PNG grid of N augmented training images into the run's folder, and exit.
     #[arg(long, value_name = "N")]
     save_augmented: Option<usize>,
-    /// Batch-level augmentation: grey dilation inside a random 7x7 patch (off in the recipe).
+    /// Batch-level augmentation: grey dilation inside a random 7x7 patch (off in the recipe; on also
+    /// where the model file's [train] table says so, as for --darken and --squeeze).
     #[arg(long)]
     swell: bool,
     /// Batch-level augmentation: darken 15% of the bright pixels (off in the recipe).
@@ -129,7 +134,7 @@ enum Command {
     },
     /// Print the network: one row per layer with its output shape and parameter count.
     Summary {
-        /// The network: a model file, or a preset (net3, the default).
+        /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k).
         #[arg(long, value_name = "FILE|PRESET")]
         model: Option<String>,
     },
@@ -271,8 +276,11 @@ fn checkpoint_model(path: &Path, arg: Option<&str>) -> Result<Model> {
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
-    if args.epochs == 0 || args.batch_size == 0 {
+    if args.epochs == Some(0) || args.batch_size == Some(0) {
         bail!("--epochs and --batch-size must be at least 1");
+    }
+    if args.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
+        bail!("--max-lr must be a positive number");
     }
     if args.loader_threads.is_some_and(|n| n == 0 || n > 1024) {
         bail!("--loader-threads must be 1 to 1024");
@@ -285,13 +293,19 @@ fn train_command(args: TrainArgs) -> Result<()> {
         None => data::model(args.model.as_deref())?,
     };
     let set = load_data(args.data.clone())?;
+    // A flag, else the model file's [train] table, else the recipe.
+    let (spec, file) = (Recipe::default(), model.train);
     let recipe = Recipe {
-        epochs: args.epochs,
-        batch_size: args.batch_size,
-        max_lr: args.max_lr,
-        weight_decay: 1e-5,
+        epochs: args.epochs.or(file.epochs).unwrap_or(spec.epochs),
+        batch_size: args.batch_size.or(file.batch_size).unwrap_or(spec.batch_size),
+        max_lr: args.max_lr.or(file.max_lr).unwrap_or(spec.max_lr),
         seed: args.seed,
-        batch_augment: BatchAugment { swell: args.swell, darken: args.darken, squeeze: args.squeeze },
+        batch_augment: BatchAugment {
+            swell: args.swell || file.swell,
+            darken: args.darken || file.darken,
+            squeeze: args.squeeze || file.squeeze,
+        },
+        ..spec
     };
     let out_dir = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
@@ -338,7 +352,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     };
     let Some(seeds) = seeds else {
         let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
-        describe_run(name, &model, backend.as_ref(), &set, &out_dir);
+        describe_run(name, &model, backend.as_ref(), &set, &out_dir, &recipe);
         train::train(backend.as_mut(), &model, &set, &opts)?;
         return Ok(());
     };
@@ -352,7 +366,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         let mut backend = make_backend(&args.device, &model, model.init_state(seed))?;
         let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
         println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
-        describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir);
+        describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir, &opts.recipe);
         let started = std::time::Instant::now();
         let outcome = train::train(backend.as_mut(), &model, &set, &opts)?;
         if outcome.interrupted {
@@ -378,8 +392,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-/// The lines that start a training run: what trains where, on what, into which folder.
-fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mnist, out: &Path) {
+/// The lines that start a training run: what trains where, on what, how (flags, else the model file's
+/// [train] table, else the recipe) and into which folder.
+fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mnist, out: &Path, r: &Recipe) {
     println!(
         "Training {name} ({} parameters) on {}, {} training / {} test images",
         model.num_trainable,
@@ -387,6 +402,14 @@ fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mn
         set.train.len(),
         set.test.len()
     );
+    let b = r.batch_augment;
+    let extra: Vec<&str> = [("swell", b.swell), ("darken", b.darken), ("squeeze", b.squeeze)]
+        .iter()
+        .filter(|(_, on)| *on)
+        .map(|(name, _)| *name)
+        .collect();
+    let extra = if extra.is_empty() { String::new() } else { format!(", batch augmentation: {}", extra.join(", ")) };
+    println!("Recipe: {} epochs, batch {}, max lr {}{extra}", r.epochs, r.batch_size, r.max_lr);
     println!("Run folder: {}", out.display());
 }
 

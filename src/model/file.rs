@@ -1,7 +1,9 @@
 //! Model files: a network as a small TOML file, one `[[layer]]` table per layer in order (see
 //! `models/net3.toml`). The input shape and the class count come from the data. Errors name the file,
 //! the line and what is wrong. A model also writes itself back as such a file (`to_toml`), which is
-//! what checkpoints store.
+//! what checkpoints store. An optional `[train]` table holds the training settings the network is
+//! meant for (epochs, batch size, max lr, batch augmentations); `train` uses them where no flag says
+//! otherwise.
 
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -9,7 +11,42 @@ use serde::Deserialize;
 use super::{Layer, Model, Shape};
 
 /// The presets, by name: model files built into the program.
-pub const PRESETS: &[(&str, &str)] = &[("net3", include_str!("../../models/net3.toml"))];
+pub const PRESETS: &[(&str, &str)] = &[
+    ("net3", include_str!("../../models/net3.toml")),
+    ("small8k", include_str!("../../models/small8k.toml")),
+    ("small5k", include_str!("../../models/small5k.toml")),
+    ("best20k", include_str!("../../models/best20k.toml")),
+];
+
+/// A model file's `[train]` table: what `train` uses where no flag is given (unset: the recipe's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainDefaults {
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_lr: Option<f64>,
+    #[serde(default)]
+    pub swell: bool,
+    #[serde(default)]
+    pub darken: bool,
+    #[serde(default)]
+    pub squeeze: bool,
+}
+
+impl TrainDefaults {
+    /// What is wrong with these settings, if anything.
+    fn fault(&self) -> Option<&'static str> {
+        if self.epochs == Some(0) {
+            Some("`epochs` must be at least 1")
+        } else if self.batch_size == Some(0) {
+            Some("`batch_size` must be at least 1")
+        } else if self.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
+            Some("`max_lr` must be a positive number")
+        } else {
+            None
+        }
+    }
+}
 
 /// The network `--model` names: a model file, else a preset.
 pub fn resolve(arg: &str, input: Shape, classes: usize) -> Result<Model> {
@@ -32,6 +69,7 @@ pub fn resolve(arg: &str, input: Shape, classes: usize) -> Result<Model> {
 struct FileSpec {
     #[serde(default)]
     layer: Vec<toml::Spanned<LayerSpec>>,
+    train: Option<toml::Spanned<TrainDefaults>>,
 }
 
 #[derive(Deserialize)]
@@ -139,7 +177,14 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
             Layer::Relu | Layer::Dropout { .. } => {}
         }
     }
-    let model = Model::build(input, layers).map_err(|e| anyhow!("{origin}, line {}: {}", lines[e.index], e.message))?;
+    let mut model =
+        Model::build(input, layers).map_err(|e| anyhow!("{origin}, line {}: {}", lines[e.index], e.message))?;
+    if let Some(train) = &file.train {
+        if let Some(fault) = train.get_ref().fault() {
+            bail!("{origin}, line {}: [train]: {fault}", line_of(train.span().start));
+        }
+        model.train = *train.get_ref();
+    }
     let end = *model.shapes.last().expect("at least one layer");
     if end != (Shape { c: classes, h: 1, w: 1 }) {
         bail!(
@@ -172,6 +217,24 @@ impl Model {
                 Layer::GlobalAvgPool => "type = \"avgpool\"\n".into(),
             };
         }
+        if self.train != TrainDefaults::default() {
+            let t = &self.train;
+            out += "\n[train]\n";
+            if let Some(epochs) = t.epochs {
+                out += &format!("epochs = {epochs}\n");
+            }
+            if let Some(batch_size) = t.batch_size {
+                out += &format!("batch_size = {batch_size}\n");
+            }
+            if let Some(max_lr) = t.max_lr {
+                out += &format!("max_lr = {max_lr:?}\n");
+            }
+            for (key, on) in [("swell", t.swell), ("darken", t.darken), ("squeeze", t.squeeze)] {
+                if on {
+                    out += &format!("{key} = true\n");
+                }
+            }
+        }
         out
     }
 }
@@ -195,6 +258,41 @@ mod tests {
         assert_eq!(m.init_state(3), net3.init_state(3));
         let again = parse(&m.to_toml(), "written", MNIST, 10).unwrap();
         assert_eq!(again.layers, m.layers);
+    }
+
+    #[test]
+    fn presets_keep_their_budgets_and_write_themselves_back() {
+        // (preset, parameter budget, epochs) as issue 10 sets them.
+        for (name, budget, epochs) in [
+            ("net3", 17_900, None),
+            ("small8k", 8_000, Some(15)),
+            ("small5k", 5_000, Some(20)),
+            ("best20k", 20_000, Some(20)),
+        ] {
+            let m = resolve(name, MNIST, 10).unwrap();
+            assert!(m.num_trainable <= budget, "{name}: {} parameters", m.num_trainable);
+            assert_eq!(m.train.epochs, epochs, "{name}");
+            let again = parse(&m.to_toml(), "written", MNIST, 10).unwrap();
+            assert_eq!((again.layers, again.train), (m.layers, m.train), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_train_table_reads_writes_back_and_names_its_faults() {
+        let net = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 28\n\n[[layer]]\ntype = \"avgpool\"\n";
+        let m =
+            parse(&format!("{net}\n[train]\nepochs = 3\nmax_lr = 0.05\nswell = true\n"), "m.toml", MNIST, 10).unwrap();
+        let want = TrainDefaults { epochs: Some(3), max_lr: Some(0.05), swell: true, ..TrainDefaults::default() };
+        assert_eq!(m.train, want);
+        assert_eq!(parse(&m.to_toml(), "written", MNIST, 10).unwrap().train, want);
+        assert_eq!(parse(net, "m.toml", MNIST, 10).unwrap().train, TrainDefaults::default());
+        assert!(!parse(net, "m.toml", MNIST, 10).unwrap().to_toml().contains("[train]"));
+        let e = err(&format!("{net}\n[train]\nepochs = 0\n"));
+        assert!(e.contains("m.toml, line 9") && e.contains("`epochs` must be at least 1"), "{e}");
+        let e = err(&format!("{net}\n[train]\nmax_lr = -1.0\n"));
+        assert!(e.contains("line 9") && e.contains("`max_lr` must be a positive number"), "{e}");
+        let e = err(&format!("{net}\n[train]\nlr = 0.1\n"));
+        assert!(e.contains("m.toml") && e.contains("line 10") && e.contains("lr"), "{e}");
     }
 
     #[test]

@@ -184,6 +184,8 @@ pub struct Model {
     pub num_trainable: usize,
     /// Length of the whole state buffer (trainable prefix + running statistics).
     pub num_state: usize,
+    /// The training settings the model file recommends (its `[train]` table); flags override them.
+    pub train: file::TrainDefaults,
 }
 
 impl Model {
@@ -330,7 +332,16 @@ impl Model {
                 other => other,
             })
             .collect();
-        Ok(Model { input, layers, shapes, layer_params, params, num_trainable, num_state: offset })
+        Ok(Model {
+            input,
+            layers,
+            shapes,
+            layer_params,
+            params,
+            num_trainable,
+            num_state: offset,
+            train: file::TrainDefaults::default(),
+        })
     }
 
     pub fn output_classes(&self) -> usize {
