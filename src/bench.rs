@@ -13,7 +13,10 @@ use mnist_wgpu::backend::{Backend, GpuBackend, StepParams, MAX_CHUNK_BATCHES};
 use mnist_wgpu::data::loader::{
     batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
-use mnist_wgpu::data::{self, augment::BatchAugment};
+use mnist_wgpu::data::{
+    self,
+    augment::{Augment, BatchAugment},
+};
 use mnist_wgpu::gpu::net::StepProfile;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
@@ -152,8 +155,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.batch_size > set.train.len() {
         bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
     }
-    let cfg =
-        LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
+    let cfg = LoaderConfig {
+        seed: 1,
+        batch_size: args.batch_size,
+        augment: Some(Augment::default()),
+        batch_augment: BatchAugment::default(),
+    };
     let order = epoch_order(1, 0, set.train.len());
     let batches: Vec<Batch> = (0..args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
     let mut rows = Vec::new();
@@ -346,8 +353,12 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     }
     let model = data::model(args.model.as_deref())?;
     let set = data::load_dir(&data::default_dir())?;
-    let cfg =
-        LoaderConfig { seed: 1, batch_size: args.batch_size, augment: true, batch_augment: BatchAugment::default() };
+    let cfg = LoaderConfig {
+        seed: 1,
+        batch_size: args.batch_size,
+        augment: Some(Augment::default()),
+        batch_augment: BatchAugment::default(),
+    };
     let order = epoch_order(1, 0, set.train.len());
     let mut backend = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
     let p = step_params;

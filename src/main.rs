@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, Sums};
-use mnist_wgpu::data::augment::BatchAugment;
+use mnist_wgpu::data::augment::{Augment, BatchAugment};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
 use mnist_wgpu::data::{self, IMAGE_PIXELS, IMAGE_SIDE};
 use mnist_wgpu::gpu::{GpuContext, INSTALL_HINT};
@@ -77,6 +77,21 @@ struct TrainArgs {
     /// Write a PNG grid of N augmented training images into the run's folder, and exit.
     #[arg(long, value_name = "N")]
     save_augmented: Option<usize>,
+    /// The crop's largest shift, in pixels each way, 0 to 4 (default: the model file's [train]
+    /// translate, else the recipe's 4).
+    #[arg(long, value_name = "PIXELS")]
+    translate: Option<usize>,
+    /// Brightness and contrast factors drawn from [1 - J, 1 + J] (default: the model file's [train]
+    /// jitter, else the recipe's 0.4).
+    #[arg(long, value_name = "J")]
+    jitter: Option<f32>,
+    /// The largest rotation, in degrees either way (default: the model file's [train] rotate, else the
+    /// recipe's 15).
+    #[arg(long, value_name = "DEGREES")]
+    rotate: Option<f32>,
+    /// The probability of an 8x8 cutout (default: the model file's [train] cutout, else the recipe's 0.3).
+    #[arg(long, value_name = "P")]
+    cutout: Option<f64>,
     /// Batch-level augmentation: grey dilation inside a random 7x7 patch (off in the recipe; on also
     /// where the model file's [train] table says so, as for --darken and --squeeze).
     #[arg(long)]
@@ -200,7 +215,11 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Summary { model } => print!("{}", data::model(model.as_deref())?.summary()),
+        Command::Summary { model } => {
+            let model = data::model(model.as_deref())?;
+            let plan = mnist_wgpu::model::plan::Plan::new(&model);
+            print!("{}\n{}", model.summary(), plan.describe(&model));
+        }
         Command::Adapters => {
             let adapters = mnist_wgpu::gpu::list_adapters();
             if adapters.is_empty() {
@@ -300,6 +319,12 @@ fn train_command(args: TrainArgs) -> Result<()> {
         batch_size: args.batch_size.or(file.batch_size).unwrap_or(spec.batch_size),
         max_lr: args.max_lr.or(file.max_lr).unwrap_or(spec.max_lr),
         seed: args.seed,
+        augment: Augment {
+            translate: args.translate.or(file.translate).unwrap_or(spec.augment.translate),
+            jitter: args.jitter.or(file.jitter).unwrap_or(spec.augment.jitter),
+            rotate: args.rotate.or(file.rotate).unwrap_or(spec.augment.rotate),
+            cutout: args.cutout.or(file.cutout).unwrap_or(spec.augment.cutout),
+        },
         batch_augment: BatchAugment {
             swell: args.swell || file.swell,
             darken: args.darken || file.darken,
@@ -307,6 +332,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
         },
         ..spec
     };
+    if let Some(fault) = recipe.augment.fault() {
+        bail!("augmentation (--translate, --jitter, --rotate, --cutout or the model file's [train]): {fault}");
+    }
     let out_dir = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
         (None, Some(resume)) => resume.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -409,7 +437,12 @@ fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mn
         .map(|(name, _)| *name)
         .collect();
     let extra = if extra.is_empty() { String::new() } else { format!(", batch augmentation: {}", extra.join(", ")) };
-    println!("Recipe: {} epochs, batch {}, max lr {}{extra}", r.epochs, r.batch_size, r.max_lr);
+    let a = r.augment;
+    println!(
+        "Recipe: {} epochs, batch {}, max lr {}; augmentation: shift {} px, jitter {}, rotation {} degrees, \
+         cutout {}{extra}",
+        r.epochs, r.batch_size, r.max_lr, a.translate, a.jitter, a.rotate, a.cutout
+    );
     println!("Run folder: {}", out.display());
 }
 
@@ -418,7 +451,7 @@ fn save_augmented(split: &data::Split, recipe: &Recipe, n: usize, path: &Path) -
     let cfg = LoaderConfig {
         seed: recipe.seed,
         batch_size: recipe.batch_size,
-        augment: true,
+        augment: Some(recipe.augment),
         batch_augment: recipe.batch_augment,
     };
     let order = epoch_order(recipe.seed, 0, split.len());

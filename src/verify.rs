@@ -35,9 +35,10 @@ use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets,
 use crate::gpu::conv::{forward_splits, weight_grad_slices, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
-use crate::gpu::net::{bn_fusions, pool_in_conv, METRICS_WORDS};
+use crate::gpu::net::METRICS_WORDS;
 use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
+use crate::model::plan::Plan;
 use crate::model::{ConvDims, Layer, Model, Shape, BN_EPS, BN_MOMENTUM};
 use crate::train::schedule::OneCycle;
 
@@ -697,7 +698,7 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
 pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     // Each kernel as GpuNet launches it, with what it fuses at that layer.
-    let (fusion, inside_bn) = bn_fusions(model);
+    let plan = Plan::new(model);
     let last = model.layers.len() - 1;
     for (i, layer) in model.layers.iter().enumerate() {
         let name = model.layer_name(i);
@@ -706,19 +707,18 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         match *layer {
             Layer::Conv { .. } | Layer::Linear { .. } => {
                 let (d, _) = model.conv(i, n).expect("a convolution layer");
-                let pool = i > 0 && pool_in_conv(model, i - 1);
+                let pool = plan.pooled_input[i];
                 let bias = model.conv_bias(i).is_some();
                 // The first layer's input needs no gradient, so training never computes its dx.
                 checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0, pool, bias)?);
             }
             Layer::BatchNorm { c, .. } => {
-                let relu = matches!(model.layers.get(i + 1), Some(Layer::Relu));
+                let fusion = plan.norm[i];
                 // Before a global average pooling that ends the network, the pooling's backward runs
                 // inside the batchnorm's.
-                let after = if relu { i + 2 } else { i + 1 };
-                let pooling = if after == last && matches!(model.layers[after], Layer::GlobalAvgPool) {
+                let pooling = if fusion.avgpool {
                     BnPooling::Global
-                } else if fusion[i].maxpool {
+                } else if fusion.maxpool {
                     BnPooling::Max { width: s.w }
                 } else {
                     BnPooling::None
@@ -727,14 +727,15 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
                     (Some((d, _)), _) => forward_splits(&d),
                     _ => 1,
                 };
-                let case = BnCase { relu, dropout: fusion[i].dropout, pooling, parts };
+                let dropout = fusion.dropout.map(|(layer, p)| FusedDropout { p, layer });
+                let case = BnCase { relu: fusion.relu, dropout, pooling, parts };
                 checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, case, seed)?);
             }
             Layer::Relu => {} // fused into the batchnorm kernels before it
             // Inside the batchnorm before (and, for a max pooling, the convolution after): no launch of
             // their own.
-            Layer::Dropout { .. } if inside_bn[i] => {}
-            Layer::MaxPool2 if inside_bn[i] && pool_in_conv(model, i) => {}
+            Layer::Dropout { .. } if plan.in_place(i) => {}
+            Layer::MaxPool2 if plan.pooled_input.get(i + 1) == Some(&true) && !plan.backward.contains(&(i..i + 1)) => {}
             Layer::Dropout { p } => {
                 checks.extend(dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed)?)
             }

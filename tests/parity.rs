@@ -8,8 +8,8 @@ mod common;
 use common::gpu;
 use mnist_wgpu::backend::GpuBackend;
 use mnist_wgpu::gpu::kernel::{validate, SHADERS};
-use mnist_wgpu::gpu::net::bn_fusions;
 use mnist_wgpu::gpu::GpuContext;
+use mnist_wgpu::model::plan::Plan;
 use mnist_wgpu::model::Model;
 use mnist_wgpu::verify::{failures, format_row, header, kernel_checks, step_checks, Check};
 
@@ -38,10 +38,11 @@ fn every_kernel_matches_the_reference_at_every_layer_shape() {
     }
     // Layers that run inside a batchnorm's kernels (its ReLU, a dropout after it, a max pooling after
     // those) are covered by that batchnorm's checks, whose kernel names say so.
-    let (_, inside_bn) = bn_fusions(&model);
-    for (i, inside) in inside_bn.iter().enumerate() {
+    let plan = Plan::new(&model);
+    for i in 0..model.layers.len() {
         let layer = model.layer_name(i);
-        if !inside {
+        let inside_bn = plan.backward.iter().any(|op| op.start < i && op.contains(&i));
+        if !inside_bn {
             assert!(checks.iter().any(|c| c.layer == layer), "no check covers layer {layer}");
         }
     }

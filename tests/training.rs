@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::gpu;
 use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, StepParams};
 use mnist_wgpu::checkpoint;
-use mnist_wgpu::data::augment::BatchAugment;
+use mnist_wgpu::data::augment::{Augment, BatchAugment};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
 use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS};
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
@@ -132,7 +132,12 @@ fn gpu_and_cpu_backends_train_alike() {
     let Some((ctx, k)) = gpu() else { return };
     let model = Model::net3();
     let full = data::load_dir(&data::default_dir()).unwrap();
-    let cfg = LoaderConfig { seed: 4, batch_size: 16, augment: true, batch_augment: BatchAugment::default() };
+    let cfg = LoaderConfig {
+        seed: 4,
+        batch_size: 16,
+        augment: Some(Augment::default()),
+        batch_augment: BatchAugment::default(),
+    };
     let order = epoch_order(4, 0, full.train.len());
     let state = model.init_state(4);
     let net = GpuNet::new(ctx, k, &model, 16, &state).unwrap();

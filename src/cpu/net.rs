@@ -8,6 +8,7 @@ use super::loss::{softmax_cross_entropy, LossOut};
 use super::pool::*;
 use super::relu::*;
 use super::sgd::{sgd_update, SgdStep};
+use crate::model::plan::Plan;
 use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 
 /// How dropout layers behave in a training-mode pass.
@@ -48,11 +49,14 @@ pub struct StepOut {
 
 pub struct CpuNet {
     pub model: Model,
+    /// What runs, in which ops and buffers: the same plan the GPU executor launches.
+    pub plan: Plan,
     n: usize,
     input: Vec<f32>,
-    /// outputs[i]: the output of layer i for the last forward pass (except a layer followed by a ReLU,
-    /// whose buffer the ReLU takes over).
-    outputs: Vec<Vec<f32>>,
+    /// The plan's buffers, as the last forward pass left them.
+    buffers: Vec<Vec<f32>>,
+    /// The buffer of the last forward pass's logits (None: the input, for a network of dropout alone).
+    logits_at: Option<usize>,
     saved: Vec<Saved>,
     /// Gradients of the trainable prefix of the state buffer, from the last backward pass.
     pub grads: Vec<f32>,
@@ -69,11 +73,14 @@ fn tensor<'a>(model: &Model, state: &'a [f32], index: usize) -> &'a [f32] {
 
 impl CpuNet {
     pub fn new(model: &Model) -> CpuNet {
+        let plan = Plan::new(model);
         CpuNet {
             model: model.clone(),
             n: 0,
             input: Vec::new(),
-            outputs: vec![Vec::new(); model.layers.len()],
+            buffers: vec![Vec::new(); plan.buffers],
+            logits_at: None,
+            plan,
             saved: vec![Saved::None; model.layers.len()],
             grads: vec![0.0; model.num_trainable],
             grad_out: Vec::new(),
@@ -84,33 +91,47 @@ impl CpuNet {
 
     /// The logits (n x classes) of the last forward pass.
     pub fn logits(&self) -> &[f32] {
-        self.outputs.last().map_or(&[], |v| v.as_slice())
+        self.logits_at.map_or(&self.input, |b| &self.buffers[b])
     }
 
-    /// Runs the network on `n` images (NCHW, normalized). In training mode the batchnorm running
-    /// statistics in `state` are updated, as PyTorch's forward pass does.
+    /// Runs the network on `n` images (NCHW, normalized), op by op as the plan groups the layers, each
+    /// layer with its reference function. In training mode the batchnorm running statistics in
+    /// `state` are updated, as PyTorch's forward pass does.
     pub fn forward(&mut self, state: &mut [f32], input: &[f32], n: usize, mode: Mode) -> &[f32] {
         let model = &self.model;
+        let plan = &self.plan;
         assert_eq!(state.len(), model.num_state, "state buffer length");
         assert_eq!(input.len(), n * model.input.len(), "input length");
         self.n = n;
         self.input.clear();
         self.input.extend_from_slice(input);
-        for i in 0..model.layers.len() {
-            let (before, rest) = self.outputs.split_at_mut(i);
-            let x: &[f32] = if i == 0 { &self.input } else { &before[i - 1] };
-            let y = &mut rest[0];
+        let (ops, at) = match mode {
+            Mode::Train(_) => (&plan.forward, plan.buffer.iter().map(|&b| Some(b)).collect::<Vec<_>>()),
+            Mode::Eval => (&plan.eval, plan.eval_buffer.clone()),
+        };
+        // The global average pooling that the GPU runs inside the loss kernel runs last.
+        let in_loss = plan.pool_in_loss.map(|i| i..i + 1);
+        for i in ops.iter().chain(&in_loss).flat_map(|op| op.clone()) {
+            if mode == Mode::Eval && matches!(model.layers[i], Layer::Dropout { .. }) {
+                continue; // the identity
+            }
             let (sin, sout) = (model.input_of(i), model.shapes[i]);
+            let from = if i == 0 { None } else { at[i - 1] };
+            let to = at[i].expect("a layer that runs has a buffer");
+            let in_place = from == Some(to);
+            // Take the output buffer out while the input is read (reused between calls).
+            let mut y = std::mem::take(&mut self.buffers[to]);
             y.resize(n * sout.len(), 0.0);
+            let x: &[f32] = if in_place { &[] } else { from.map_or(&self.input, |b| &self.buffers[b]) };
             // What the layer saved last time: its buffers are reused.
             let previous = std::mem::replace(&mut self.saved[i], Saved::None);
             self.saved[i] = match (&model.layers[i], model.layer_params[i]) {
                 (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
                     // A linear layer is the 1x1 convolution of its flattened input (model.conv).
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
-                    conv_forward(&d, x, &state[w_off..w_off + d.weight_len()], y);
+                    conv_forward(&d, x, &state[w_off..w_off + d.weight_len()], &mut y);
                     if let Some(b) = model.conv_bias(i) {
-                        bias_forward(&d, &state[b..b + d.cout], y);
+                        bias_forward(&d, &state[b..b + d.cout], &mut y);
                     }
                     Saved::None
                 }
@@ -119,7 +140,7 @@ impl CpuNet {
                     let (gamma, beta) = (tensor(model, state, weight), tensor(model, state, bias));
                     match mode {
                         Mode::Train(_) => {
-                            let saved = batchnorm_forward_train(&d, x, gamma, beta, BN_EPS, y);
+                            let saved = batchnorm_forward_train(&d, x, gamma, beta, BN_EPS, &mut y);
                             let (rm, rv) = (&model.params[running_mean], &model.params[running_var]);
                             // The running mean and variance are adjacent in the table.
                             debug_assert_eq!(rm.offset + rm.len, rv.offset);
@@ -129,24 +150,22 @@ impl CpuNet {
                         }
                         Mode::Eval => {
                             let (rm, rv) = (tensor(model, state, running_mean), tensor(model, state, running_var));
-                            batchnorm_forward_eval(&d, x, gamma, beta, rm, rv, BN_EPS, y);
+                            batchnorm_forward_eval(&d, x, gamma, beta, rm, rv, BN_EPS, &mut y);
                             Saved::None
                         }
                     }
                 }
                 (Layer::Relu, _) => {
-                    if i > 0 && !matches!(model.layers[i - 1], Layer::Relu) {
-                        // Take over the input's buffer instead of copying it: of all layers only a
-                        // ReLU's backward pass reads its own output, so nothing needs that buffer again.
-                        std::mem::swap(&mut before[i - 1], y);
-                    } else {
+                    if !in_place {
                         y.copy_from_slice(x);
                     }
-                    relu_forward(y);
+                    relu_forward(&mut y);
                     Saved::None
                 }
                 (&Layer::Dropout { p }, _) => {
-                    y.copy_from_slice(x);
+                    if !in_place {
+                        y.copy_from_slice(x);
+                    }
                     match mode {
                         Mode::Train(DropoutMode::Hash { seed, step }) if p > 0.0 => {
                             let mut mask = match previous {
@@ -155,7 +174,7 @@ impl CpuNet {
                             };
                             mask.resize(y.len(), 0.0);
                             dropout_mask_into(seed, step, i as u32, p, &mut mask);
-                            dropout_apply(&mask, y);
+                            dropout_apply(&mask, &mut y);
                             Saved::Dropout(Some(mask))
                         }
                         _ => Saved::Dropout(None),
@@ -167,29 +186,32 @@ impl CpuNet {
                         _ => Vec::new(),
                     };
                     argmax.resize(y.len(), 0);
-                    maxpool2_forward(n * sin.c, sin.h, sin.w, x, y, &mut argmax);
+                    maxpool2_forward(n * sin.c, sin.h, sin.w, x, &mut y, &mut argmax);
                     Saved::MaxPool(argmax)
                 }
                 (Layer::GlobalAvgPool, _) => {
-                    global_avg_pool_forward(sin.h * sin.w, x, y);
+                    global_avg_pool_forward(sin.h * sin.w, x, &mut y);
                     Saved::None
                 }
                 (layer, params) => unreachable!("layer {layer:?} with parameters {params:?}"),
             };
+            self.buffers[to] = y;
         }
+        self.logits_at = at[model.layers.len() - 1];
         self.logits()
     }
 
-    /// Backpropagates `dlogits` through the last training-mode forward pass; returns the gradients of
-    /// the trainable prefix of the state buffer.
+    /// Backpropagates `dlogits` through the last training-mode forward pass, op by op as the plan
+    /// groups the layers; returns the gradients of the trainable prefix of the state buffer.
     pub fn backward(&mut self, state: &[f32], dlogits: &[f32]) -> &[f32] {
         let model = &self.model;
+        let plan = &self.plan;
         let n = self.n;
         assert_eq!(dlogits.len(), self.logits().len(), "dlogits length");
         self.grad_out.clear();
         self.grad_out.extend_from_slice(dlogits);
-        for i in (0..model.layers.len()).rev() {
-            let x: &[f32] = if i == 0 { &self.input } else { &self.outputs[i - 1] };
+        for i in plan.backward.iter().flat_map(|op| op.clone().rev()) {
+            let x: &[f32] = if i == 0 { &self.input } else { &self.buffers[plan.buffer[i - 1]] };
             let sin = model.input_of(i);
             self.grad_in.resize(n * sin.len(), 0.0);
             let (dy, dx) = (&mut self.grad_out, &mut self.grad_in);
@@ -214,7 +236,8 @@ impl CpuNet {
                     batchnorm_backward(&d, x, dy, tensor(model, state, weight), saved, dx, dgamma, dbeta);
                 }
                 (Layer::Relu, _, _) => {
-                    relu_backward(&self.outputs[i], dy);
+                    // Its output, or what a dropout in place made of it: zero exactly where either cut.
+                    relu_backward(&self.buffers[plan.buffer[i]], dy);
                     in_place = true;
                 }
                 (Layer::Dropout { .. }, _, Saved::Dropout(mask)) => {

@@ -29,15 +29,54 @@ pub const MAX_ANGLE: f32 = 15.0;
 pub const CUTOUT_P: f64 = 0.3;
 pub const CUTOUT_SIDE: usize = 8;
 
+/// How strong the per-image augmentation is; the default is the recipe's. Smaller networks learn
+/// better from milder augmentation (a preset's recipe may say so).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Augment {
+    /// The crop's largest shift from the centre, in pixels each way (0 to PAD).
+    pub translate: usize,
+    /// Brightness and contrast factors are drawn from [1 - jitter, 1 + jitter].
+    pub jitter: f32,
+    /// The largest rotation, in degrees either way.
+    pub rotate: f32,
+    /// The probability of a cutout square.
+    pub cutout: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Augment {
+        Augment { translate: PAD, jitter: JITTER, rotate: MAX_ANGLE, cutout: CUTOUT_P }
+    }
+}
+
+impl Augment {
+    /// What is wrong with these strengths, naming the setting, if anything.
+    pub fn fault(&self) -> Option<String> {
+        if self.translate > PAD {
+            Some(format!("translate must be 0 to {PAD} pixels, not {}", self.translate))
+        } else if !(0.0..1.0).contains(&self.jitter) {
+            Some(format!("jitter must be at least 0 and below 1, not {}", self.jitter))
+        } else if !(0.0..=180.0).contains(&self.rotate) {
+            Some(format!("rotate must be 0 to 180 degrees, not {}", self.rotate))
+        } else if !(0.0..=1.0).contains(&self.cutout) {
+            Some(format!("cutout must be a probability, 0 to 1, not {}", self.cutout))
+        } else {
+            None
+        }
+    }
+}
+
 impl Draw {
-    pub fn random(rng: &mut impl RngExt) -> Draw {
+    /// One image's draws at strength `a` (at the recipe's strength: the recipe's draws).
+    pub fn random(rng: &mut impl RngExt, a: &Augment) -> Draw {
+        let shift = PAD - a.translate..=PAD + a.translate;
         Draw {
-            crop: (rng.random_range(0..=2 * PAD), rng.random_range(0..=2 * PAD)),
-            brightness: rng.random_range(1.0 - JITTER..=1.0 + JITTER),
-            contrast: rng.random_range(1.0 - JITTER..=1.0 + JITTER),
+            crop: (rng.random_range(shift.clone()), rng.random_range(shift)),
+            brightness: rng.random_range(1.0 - a.jitter..=1.0 + a.jitter),
+            contrast: rng.random_range(1.0 - a.jitter..=1.0 + a.jitter),
             brightness_first: rng.random_bool(0.5),
-            angle: rng.random_range(-MAX_ANGLE..=MAX_ANGLE),
-            cutout: rng.random_bool(CUTOUT_P).then(|| (rng.random_range(4..=24), rng.random_range(4..=24))),
+            angle: rng.random_range(-a.rotate..=a.rotate),
+            cutout: rng.random_bool(a.cutout).then(|| (rng.random_range(4..=24), rng.random_range(4..=24))),
         }
     }
 
@@ -375,7 +414,7 @@ mod tests {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(1);
         let mut cutouts = 0;
         for _ in 0..10_000 {
-            let d = Draw::random(&mut rng);
+            let d = Draw::random(&mut rng, &Augment::default());
             assert!(d.crop.0 <= 8 && d.crop.1 <= 8);
             assert!((0.6..=1.4).contains(&d.brightness) && (0.6..=1.4).contains(&d.contrast));
             assert!((-15.0..=15.0).contains(&d.angle));
@@ -386,6 +425,29 @@ mod tests {
         }
         // p = 0.3 over 10,000 draws: standard deviation ~46.
         assert!((2_770..=3_230).contains(&cutouts), "{cutouts} cutouts");
+    }
+
+    #[test]
+    fn milder_strengths_narrow_the_draws_and_wrong_ones_are_named() {
+        let mild = Augment { translate: 1, jitter: 0.1, rotate: 5.0, cutout: 0.0 };
+        assert_eq!(mild.fault(), None);
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(2);
+        let mut seen = (usize::MAX, 0);
+        for _ in 0..2_000 {
+            let d = Draw::random(&mut rng, &mild);
+            seen = (seen.0.min(d.crop.0), seen.1.max(d.crop.0));
+            assert!((3..=5).contains(&d.crop.1) && (0.9..=1.1).contains(&d.contrast), "{d:?}");
+            assert!((-5.0..=5.0).contains(&d.angle) && d.cutout.is_none(), "{d:?}");
+        }
+        assert_eq!(seen, (3, 5), "shifts of one pixel either way, all of them drawn");
+        let none = Augment { translate: 0, jitter: 0.0, rotate: 0.0, cutout: 0.0 };
+        let d = Draw::random(&mut rng, &none);
+        assert_eq!((d.crop, d.brightness, d.contrast, d.angle, d.cutout), ((4, 4), 1.0, 1.0, 0.0, None));
+        let fault = |a: Augment| a.fault().unwrap_or_default();
+        assert!(fault(Augment { translate: 5, ..mild }).contains("translate must be 0 to 4"));
+        assert!(fault(Augment { jitter: 1.0, ..mild }).contains("jitter"));
+        assert!(fault(Augment { rotate: f32::NAN, ..mild }).contains("rotate"));
+        assert!(fault(Augment { cutout: -0.1, ..mild }).contains("cutout"));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use super::augment::{BatchAugment, Draw};
+use super::augment::{Augment, BatchAugment, Draw};
 use super::{normalize_into, Split, IMAGE_PIXELS};
 
 /// One batch: normalized images (n x 1 x 28 x 28) and their labels.
@@ -38,8 +38,8 @@ impl Batch {
 pub struct LoaderConfig {
     pub seed: u64,
     pub batch_size: usize,
-    /// The recipe's per-image augmentation (off: normalization only).
-    pub augment: bool,
+    /// The per-image augmentation at this strength (None: normalization only).
+    pub augment: Option<Augment>,
     pub batch_augment: BatchAugment,
 }
 
@@ -81,8 +81,8 @@ pub fn train_batch(split: &Split, order: &[u32], cfg: &LoaderConfig, epoch: usiz
         for (o, &p) in img.iter_mut().zip(split.image(i as usize)) {
             *o = p as f32 / 255.0;
         }
-        if cfg.augment {
-            Draw::random(&mut rng).apply(img, &mut scratch);
+        if let Some(a) = &cfg.augment {
+            Draw::random(&mut rng, a).apply(img, &mut scratch);
         }
     }
     if cfg.batch_augment.any() {
@@ -190,7 +190,12 @@ mod tests {
     #[test]
     fn worker_batches_equal_direct_ones_and_resume_mid_epoch() {
         let s = Arc::new(split(250));
-        let cfg = LoaderConfig { seed: 3, batch_size: 100, augment: true, batch_augment: BatchAugment::default() };
+        let cfg = LoaderConfig {
+            seed: 3,
+            batch_size: 100,
+            augment: Some(Augment::default()),
+            batch_augment: BatchAugment::default(),
+        };
         let all: Vec<Batch> = spawn_epoch(s.clone(), cfg, 2, 0, 2, 1).collect();
         assert_eq!(all.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![100, 100, 50]);
         let order = epoch_order(3, 2, 250);
@@ -205,7 +210,7 @@ mod tests {
     fn every_thread_count_builds_the_same_batches() {
         let s = Arc::new(split(730));
         let batch_augment = BatchAugment { swell: true, darken: true, squeeze: true };
-        let cfg = LoaderConfig { seed: 5, batch_size: 64, augment: true, batch_augment };
+        let cfg = LoaderConfig { seed: 5, batch_size: 64, augment: Some(Augment::default()), batch_augment };
         let one: Vec<Batch> = spawn_epoch(s.clone(), cfg, 1, 0, 4, 1).collect();
         assert_eq!(one.len(), 12);
         for threads in [2, 3, 7, 16] {
@@ -219,7 +224,7 @@ mod tests {
     #[test]
     fn unaugmented_batches_are_normalized_images() {
         let s = split(20);
-        let cfg = LoaderConfig { seed: 3, batch_size: 20, augment: false, batch_augment: BatchAugment::default() };
+        let cfg = LoaderConfig { seed: 3, batch_size: 20, augment: None, batch_augment: BatchAugment::default() };
         let order: Vec<u32> = (0..20).collect();
         let b = train_batch(&s, &order, &cfg, 0, 0);
         let e: Vec<Batch> = eval_batches(&s, 8).collect();

@@ -15,6 +15,7 @@ use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
 use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform};
+use crate::model::plan::{Op, Plan};
 use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 
 /// Every shader's kernels, compiled once per device.
@@ -222,16 +223,7 @@ pub fn check_batch_fits(ctx: &GpuContext, model: &Model, n: usize) -> Result<usi
 
 /// Refuses, naming the layer, a network the GPU kernels cannot run (before anything is allocated).
 pub fn check_runs_on_gpu(model: &Model) -> Result<()> {
-    if let Some(i) = (0..model.layers.len()).find(|&i| matches!(model.layers[i], Layer::Relu) && !fused_relu(model, i))
-    {
-        bail!(
-            "layer {} ({}): the GPU backend runs a ReLU only right after a batchnorm (inside its kernels); put a \
-             batchnorm before it, or use --backend cpu",
-            i + 1,
-            model.layer_name(i)
-        );
-    }
-    Ok(())
+    Plan::new(model).check_gpu(model).map_err(anyhow::Error::msg)
 }
 
 /// Names launches after the layer they belong to, e.g. `conv.forward conv2`.
@@ -241,58 +233,10 @@ fn tag(launches: &mut [Dispatch], layer: &str) {
     }
 }
 
-/// Whether layer `i` (a batchnorm) runs, in evaluation, inside the convolution (or linear layer)
-/// before it.
-fn after_conv(model: &Model, i: usize) -> bool {
-    i > 0 && matches!(model.layers[i - 1], Layer::Conv { .. } | Layer::Linear { .. })
-}
-
-/// Whether layer `i` is a ReLU folded into the batchnorm before it.
-fn fused_relu(model: &Model, i: usize) -> bool {
-    matches!(model.layers[i], Layer::Relu) && i > 0 && matches!(model.layers[i - 1], Layer::BatchNorm { .. })
-}
-
-/// What runs inside a batchnorm's launches besides its ReLU: a dropout right after the ReLU (its mask
-/// is then read back from the output, which is 0 wherever the ReLU or the dropout cut), and in the
-/// backward pass a 2x2 max pooling right after those (its winners found again in the output).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct BnFusion {
-    pub dropout: Option<FusedDropout>,
-    pub maxpool: bool,
-}
-
-/// Per layer: for a batchnorm, what it fuses; and whether the layer runs inside the batchnorm before
-/// it (a ReLU or dropout in both passes, a max pooling in the backward pass).
-pub fn bn_fusions(model: &Model) -> (Vec<BnFusion>, Vec<bool>) {
-    let layers = &model.layers;
-    let mut fusion = vec![BnFusion::default(); layers.len()];
-    let mut inside = vec![false; layers.len()];
-    for i in 0..layers.len() {
-        if !matches!(layers[i], Layer::BatchNorm { .. }) {
-            continue;
-        }
-        let mut j = i + 1;
-        let relu = j < layers.len() && fused_relu(model, j);
-        if relu {
-            inside[j] = true;
-            j += 1;
-        }
-        if let (true, Some(&Layer::Dropout { p })) = (relu, layers.get(j)) {
-            fusion[i].dropout = Some(FusedDropout { p, layer: j });
-            inside[j] = true;
-            j += 1;
-        }
-        if let Some(Layer::MaxPool2) = layers.get(j) {
-            fusion[i].maxpool = true;
-            inside[j] = true;
-        }
-    }
-    (fusion, inside)
-}
-
-/// Whether layer `i` is a max pooling that the convolution after it reads through.
-pub fn pool_in_conv(model: &Model, i: usize) -> bool {
-    matches!(model.layers[i], Layer::MaxPool2) && matches!(model.layers.get(i + 1), Some(Layer::Conv { .. }))
+/// The layer an op is named after: the convolution of a max pooling read through, else its first.
+fn op_name(model: &Model, plan: &Plan, op: &Op) -> String {
+    let main = if op.len() > 1 && plan.pooled_input[op.start + 1] { op.start + 1 } else { op.start };
+    model.layer_name(main)
 }
 
 impl GpuNet {
@@ -318,7 +262,7 @@ impl GpuNet {
         let input = ctx.zeros("input", n * model.input.len());
         let labels = ctx.zeros("labels", n);
 
-        let (fusion, inside_bn) = bn_fusions(model);
+        let plan = Plan::new(model);
         // A training convolution followed by a batchnorm splits its sum when its tiles are few; its
         // buffer holds the parts.
         let splits: Vec<usize> = (0..model.layers.len())
@@ -327,28 +271,17 @@ impl GpuNet {
                 _ => 1,
             })
             .collect();
-        let mut activations = Vec::new();
-        let mut output_of = Vec::new();
+        // The plan's buffers, each as large as the largest output it holds.
+        let mut sizes = vec![0; plan.buffers];
         for (i, shape) in model.shapes.iter().enumerate() {
-            // A fused ReLU or dropout writes the batchnorm's buffer (a fused max pooling has its own
-            // output, read by whatever follows when no convolution reads through it).
-            if fused_relu(model, i) || (inside_bn[i] && matches!(model.layers[i], Layer::Dropout { .. })) {
-                output_of.push(output_of[i - 1]);
-            } else {
-                activations.push(ctx.zeros(&format!("layer {i} output"), splits[i] * n * shape.len()));
-                output_of.push(activations.len() - 1);
-            }
+            sizes[plan.buffer[i]] = sizes[plan.buffer[i]].max(splits[i] * n * shape.len());
         }
+        let activations: Vec<wgpu::Buffer> =
+            sizes.iter().enumerate().map(|(b, &len)| ctx.zeros(&format!("activation {b}"), len)).collect();
         let grad_a = ctx.zeros("gradient A", n * largest);
         let grad_b = ctx.zeros("gradient B", n * largest);
 
-        let input_of = |i: usize| {
-            if i == 0 {
-                &input
-            } else {
-                &activations[output_of[i - 1]]
-            }
-        };
+        let input_of = |i: usize| if i == 0 { &input } else { &activations[plan.buffer[i - 1]] };
         let (sliced, _) = sliced_grads(model);
         let bn_layer = |i: usize, c: usize, p: LayerParams| -> BnLayer {
             let LayerParams::BatchNorm { weight, bias, running_mean, running_var } = p else {
@@ -357,11 +290,12 @@ impl GpuNet {
             let s = model.input_of(i);
             let (gamma, beta) = (model.params[weight].offset, model.params[bias].offset);
             let (gs, bs) = (slices_of(&sliced, gamma, c), slices_of(&sliced, beta, c));
+            let fusion = plan.norm[i];
             BnLayer {
                 n,
                 c,
                 hw: s.h * s.w,
-                relu: i + 1 < model.layers.len() && fused_relu(model, i + 1),
+                relu: fusion.relu,
                 offsets: BnOffsets {
                     gamma: model.params[weight].offset,
                     beta: model.params[bias].offset,
@@ -374,8 +308,8 @@ impl GpuNet {
                 gamma_extra: gs.extra,
                 beta_extra: bs.extra,
                 dy_pooled: false,
-                dropout: fusion[i].dropout,
-                maxpool: fusion[i].maxpool,
+                dropout: fusion.dropout.map(|(layer, p)| FusedDropout { p, layer }),
+                maxpool: fusion.maxpool,
                 width: s.w,
                 parts: if i > 0 { splits[i - 1] } else { 1 },
             }
@@ -393,92 +327,89 @@ impl GpuNet {
                 _ => None,
             });
         }
-
-        // In evaluation a dropout layer is the identity and runs nothing: the layers after it read its
-        // input. Per layer, where its evaluation output is (None: the input buffer).
-        let mut eval_output_of: Vec<Option<usize>> = Vec::new();
-        for (i, layer) in model.layers.iter().enumerate() {
-            let through = matches!(layer, Layer::Dropout { .. });
-            eval_output_of.push(if through {
-                i.checked_sub(1).and_then(|j| eval_output_of[j])
-            } else {
-                Some(output_of[i])
-            });
-        }
         let eval_buffer = |at: Option<usize>| at.map_or(&input, |a| &activations[a]);
-        let eval_input_of = |i: usize| if i == 0 { &input } else { eval_buffer(eval_output_of[i - 1]) };
+        let eval_input_of = |i: usize| if i == 0 { &input } else { eval_buffer(plan.eval_buffer[i - 1]) };
 
-        // A global average pooling that ends the network runs inside the loss kernel; its backward
-        // runs inside the batchnorm's backward before it, when there is one (through its fused ReLU).
-        let last = model.layers.len() - 1;
-        let pool_in_loss = matches!(model.layers[last], Layer::GlobalAvgPool);
-        let before_pool =
-            if last > 0 && fused_relu(model, last - 1) { last.checked_sub(2) } else { last.checked_sub(1) };
-        let pool_in_bn =
-            pool_in_loss && before_pool.is_some_and(|j| matches!(model.layers[j], Layer::BatchNorm { .. }));
-
+        // The convolution (or linear layer) an op runs, and whether it reads through a max pooling.
+        let conv_of = |op: &Op| match model.layers[op.start] {
+            Layer::Conv { .. } | Layer::Linear { .. } => Some((op.start, false)),
+            Layer::MaxPool2 if op.len() > 1 => Some((op.start + 1, true)),
+            _ => None,
+        };
+        // One launch per op of the plan.
         let mut forward_train = Vec::new();
-        let mut forward_eval = Vec::new();
-        for (i, layer) in model.layers.iter().enumerate() {
-            let (x, y) = (input_of(i), &activations[output_of[i]]);
-            let xe = eval_input_of(i);
+        for op in &plan.forward {
+            let mark = forward_train.len();
+            let i = op.start;
+            let (x, y) = (input_of(i), &activations[plan.buffer[op.end - 1]]);
             let sin = model.input_of(i);
-            let marks = (forward_train.len(), forward_eval.len());
-            match (layer, model.layer_params[i]) {
-                (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
-                    let (d, w_off) = model.conv(i, n).expect("a convolution layer");
-                    let bias = model.conv_bias(i);
-                    // A max pooling before runs inside the convolution's reads of its input.
-                    let pool = i > 0 && pool_in_conv(model, i - 1);
-                    let (x, xe) = if pool { (input_of(i - 1), eval_input_of(i - 1)) } else { (x, xe) };
-                    forward_train.push(k.conv.forward(ctx, &d, w_off, bias, pool, splits[i], None, x, state_buf, y)?);
-                    // In evaluation a batchnorm that follows is an affine map per channel: it runs in
-                    // the convolution's launch, which writes the batchnorm's output.
-                    match (model.layers.get(i + 1), model.layer_params.get(i + 1)) {
-                        (Some(&Layer::BatchNorm { c, .. }), Some(&p)) => {
-                            let l = bn_layer(i + 1, c, p);
-                            let bn = EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu };
-                            let bn_out = &activations[output_of[i + 1]];
-                            let bn = Some(bn);
-                            forward_eval
-                                .push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, bn, xe, state_buf, bn_out)?);
-                        }
-                        _ => forward_eval.push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, None, xe, state_buf, y)?),
-                    }
+            match (&model.layers[i], model.layer_params[i]) {
+                _ if conv_of(op).is_some() => {
+                    let (c, pool) = conv_of(op).expect("checked");
+                    let (d, w_off) = model.conv(c, n).expect("a convolution layer");
+                    let bias = model.conv_bias(c);
+                    forward_train.push(k.conv.forward(ctx, &d, w_off, bias, pool, splits[c], None, x, state_buf, y)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
                     let saved = saved[i].as_ref().unwrap();
                     let b = BnBuffers { x, y, state: state_buf, saved, step };
                     forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
-                    if !after_conv(model, i) {
-                        forward_eval.push(k.batchnorm.forward_eval(ctx, &l, &BnBuffers { x: xe, ..b }));
-                    }
                 }
-                (Layer::Relu, _) => {} // fused into the batchnorm before it
-                (Layer::Dropout { .. }, _) if inside_bn[i] => {}
-                (&Layer::Dropout { p }, _) => {
-                    let len = n * sin.len();
-                    forward_train.push(k.dropout.apply(ctx, len, p, i, step, x, y));
-                }
-                (Layer::MaxPool2, _) if pool_in_conv(model, i) => {}
+                (&Layer::Dropout { p }, _) => forward_train.push(k.dropout.apply(ctx, n * sin.len(), p, i, step, x, y)),
                 (Layer::MaxPool2, _) => {
-                    let planes = (n * sin.c, sin.h, sin.w);
-                    forward_train.push(k.pool.maxpool_forward(ctx, planes, x, y));
-                    forward_eval.push(k.pool.maxpool_forward(ctx, planes, xe, y));
+                    forward_train.push(k.pool.maxpool_forward(ctx, (n * sin.c, sin.h, sin.w), x, y))
                 }
-                (Layer::GlobalAvgPool, _) if pool_in_loss && i == last => {}
                 (Layer::GlobalAvgPool, _) => {
-                    forward_train.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y));
-                    forward_eval.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, xe, y));
+                    forward_train.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y))
                 }
+                (layer, _) => unreachable!("{layer:?} alone (check_runs_on_gpu refuses it)"),
             }
-            tag(&mut forward_train[marks.0..], &model.layer_name(i));
-            tag(&mut forward_eval[marks.1..], &model.layer_name(i));
+            tag(&mut forward_train[mark..], &op_name(model, &plan, op));
         }
 
-        let logits = &activations[*output_of.last().unwrap()];
-        let eval_logits = *eval_output_of.last().unwrap();
+        // Evaluation: a batchnorm after a convolution is an affine map per channel, run in the
+        // convolution's epilogue (which writes the batchnorm's output).
+        let mut forward_eval = Vec::new();
+        for op in &plan.eval {
+            let mark = forward_eval.len();
+            let i = op.start;
+            let (x, y) = (eval_input_of(i), eval_buffer(plan.eval_buffer[op.end - 1]));
+            let sin = model.input_of(i);
+            match (&model.layers[i], model.layer_params[i]) {
+                _ if conv_of(op).is_some() => {
+                    let (c, pool) = conv_of(op).expect("checked");
+                    let (d, w_off) = model.conv(c, n).expect("a convolution layer");
+                    let bias = model.conv_bias(c);
+                    let bn = match (model.layers.get(c + 1), model.layer_params.get(c + 1)) {
+                        (Some(&Layer::BatchNorm { c: channels, .. }), Some(&p)) if op.end > c + 1 => {
+                            let l = bn_layer(c + 1, channels, p);
+                            Some(EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu })
+                        }
+                        _ => None,
+                    };
+                    forward_eval.push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, bn, x, state_buf, y)?);
+                }
+                (&Layer::BatchNorm { c, .. }, p) => {
+                    let l = bn_layer(i, c, p);
+                    let saved = saved[i].as_ref().unwrap();
+                    forward_eval.push(k.batchnorm.forward_eval(
+                        ctx,
+                        &l,
+                        &BnBuffers { x, y, state: state_buf, saved, step },
+                    ));
+                }
+                (Layer::MaxPool2, _) => forward_eval.push(k.pool.maxpool_forward(ctx, (n * sin.c, sin.h, sin.w), x, y)),
+                (Layer::GlobalAvgPool, _) => forward_eval.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y)),
+                (layer, _) => unreachable!("{layer:?} alone in evaluation"),
+            }
+            tag(&mut forward_eval[mark..], &op_name(model, &plan, op));
+        }
+
+        // The loss kernel, with the global average pooling that ends the network inside.
+        let last = model.layers.len() - 1;
+        let logits = &activations[plan.buffer[last]];
+        let eval_logits = plan.eval_buffer[last];
         // Both add batch after batch into the metrics (cleared by reset_metrics), so a training loop
         // reads running sums only when it shows them. Evaluation's dlogits go unused.
         let pool_hw = model.input_of(last).h * model.input_of(last).w;
@@ -487,25 +418,27 @@ impl GpuNet {
             labels: &labels,
             dlogits: &grad_a,
             metrics,
-            pooled: pool_in_loss.then_some((pooled_input, pool_hw)),
+            pooled: plan.pool_in_loss.is_some().then_some((pooled_input, pool_hw)),
         };
         let loss_train = k.loss.softmax_cross_entropy(ctx, n, classes, true, &loss_buffers(logits, input_of(last)));
         let eval_buffers = loss_buffers(eval_buffer(eval_logits), eval_input_of(last));
         let loss_eval = k.loss.softmax_cross_entropy(ctx, n, classes, true, &eval_buffers);
 
-        // Backward: the gradient of layer i's output is in `cur`; non-in-place layers write `other`.
+        // Backward, one launch per op: the gradient of the op's output is in `cur`; each writes the
+        // gradient of its input into `other`.
         let mut backward = Vec::new();
         let (mut cur, mut other) = (&grad_a, &grad_b);
-        for i in (0..model.layers.len()).rev() {
-            let (x, y) = (input_of(i), &activations[output_of[i]]);
-            let sin = model.input_of(i);
+        for op in &plan.backward {
             let mark = backward.len();
+            let i = op.start;
+            let (x, y) = (input_of(i), &activations[plan.buffer[i]]);
+            let sin = model.input_of(i);
             match (&model.layers[i], model.layer_params[i]) {
                 (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
                     let (d, w_off) = model.conv(i, n).expect("a convolution layer");
                     let slices = slices_of(&sliced, w_off, d.weight_len());
                     let bias = model.conv_bias(i).map(|b| slices_of(&sliced, b, d.cout));
-                    let pool = i > 0 && pool_in_conv(model, i - 1);
+                    let pool = plan.pooled_input[i];
                     let x = if pool { input_of(i - 1) } else { x };
                     // The input image needs no gradient.
                     let dx = (i > 0).then_some(other);
@@ -513,24 +446,21 @@ impl GpuNet {
                     backward.push(k.conv.backward(ctx, &d, &slices, bias, pool, x, cur, state_buf, grads, dx)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
-                    let l = BnLayer { dy_pooled: pool_in_bn && before_pool == Some(i), ..bn_layer(i, c, p) };
+                    let l = BnLayer { dy_pooled: plan.norm[i].avgpool, ..bn_layer(i, c, p) };
                     let saved = saved[i].as_ref().unwrap();
                     let b = BnBuffers { x, y, state: state_buf, saved, step };
                     backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, grads));
                 }
-                // Inside the batchnorm's backward before them: the gradient stays where it is.
-                (Layer::Relu, _) => continue,
-                (Layer::Dropout { .. } | Layer::MaxPool2, _) if inside_bn[i] => continue,
                 (&Layer::Dropout { p }, _) => {
                     backward.push(k.dropout.apply(ctx, n * sin.len(), p, i, step, cur, other))
                 }
                 (Layer::MaxPool2, _) => {
                     backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), x, cur, other));
                 }
-                (Layer::GlobalAvgPool, _) if pool_in_bn && i == last => continue,
                 (Layer::GlobalAvgPool, _) => {
                     backward.push(k.pool.gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other))
                 }
+                (layer, _) => unreachable!("{layer:?} alone (check_runs_on_gpu refuses it)"),
             }
             tag(&mut backward[mark..], &model.layer_name(i));
             std::mem::swap(&mut cur, &mut other);

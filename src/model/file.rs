@@ -2,8 +2,8 @@
 //! `models/net3.toml`). The input shape and the class count come from the data. Errors name the file,
 //! the line and what is wrong. A model also writes itself back as such a file (`to_toml`), which is
 //! what checkpoints store. An optional `[train]` table holds the training settings the network is
-//! meant for (epochs, batch size, max lr, batch augmentations); `train` uses them where no flag says
-//! otherwise.
+//! meant for (epochs, batch size, max lr, augmentation strengths, batch augmentations); `train` uses
+//! them where no flag says otherwise.
 
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
@@ -25,6 +25,12 @@ pub struct TrainDefaults {
     pub epochs: Option<usize>,
     pub batch_size: Option<usize>,
     pub max_lr: Option<f64>,
+    /// The per-image augmentation's strengths: the crop's shift (pixels), the brightness and contrast
+    /// jitter, the rotation (degrees) and the cutout probability.
+    pub translate: Option<usize>,
+    pub jitter: Option<f32>,
+    pub rotate: Option<f32>,
+    pub cutout: Option<f64>,
     #[serde(default)]
     pub swell: bool,
     #[serde(default)]
@@ -229,6 +235,18 @@ impl Model {
             if let Some(max_lr) = t.max_lr {
                 out += &format!("max_lr = {max_lr:?}\n");
             }
+            if let Some(translate) = t.translate {
+                out += &format!("translate = {translate}\n");
+            }
+            if let Some(jitter) = t.jitter {
+                out += &format!("jitter = {jitter:?}\n");
+            }
+            if let Some(rotate) = t.rotate {
+                out += &format!("rotate = {rotate:?}\n");
+            }
+            if let Some(cutout) = t.cutout {
+                out += &format!("cutout = {cutout:?}\n");
+            }
             for (key, on) in [("swell", t.swell), ("darken", t.darken), ("squeeze", t.squeeze)] {
                 if on {
                     out += &format!("{key} = true\n");
@@ -280,9 +298,11 @@ mod tests {
     #[test]
     fn a_train_table_reads_writes_back_and_names_its_faults() {
         let net = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 28\n\n[[layer]]\ntype = \"avgpool\"\n";
-        let m =
-            parse(&format!("{net}\n[train]\nepochs = 3\nmax_lr = 0.05\nswell = true\n"), "m.toml", MNIST, 10).unwrap();
-        let want = TrainDefaults { epochs: Some(3), max_lr: Some(0.05), swell: true, ..TrainDefaults::default() };
+        let train = "epochs = 3\nmax_lr = 0.05\nrotate = 7.5\ncutout = 0.0\nswell = true\n";
+        let m = parse(&format!("{net}\n[train]\n{train}"), "m.toml", MNIST, 10).unwrap();
+        let (rotate, cutout) = (Some(7.5), Some(0.0));
+        let want =
+            TrainDefaults { epochs: Some(3), max_lr: Some(0.05), rotate, cutout, swell: true, ..Default::default() };
         assert_eq!(m.train, want);
         assert_eq!(parse(&m.to_toml(), "written", MNIST, 10).unwrap().train, want);
         assert_eq!(parse(net, "m.toml", MNIST, 10).unwrap().train, TrainDefaults::default());

@@ -2,6 +2,7 @@
 //! that carves one flat f32 buffer. Every backend executes this description. Knows nothing of wgpu.
 
 pub mod file;
+pub mod plan;
 
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};

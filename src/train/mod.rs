@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backend::{Backend, StepParams, Sums, MAX_CHUNK_BATCHES};
 use crate::checkpoint::{self, Position};
-use crate::data::augment::BatchAugment;
+use crate::data::augment::{Augment, BatchAugment};
 use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, Batch, LoaderConfig};
 use crate::data::{Mnist, Split};
 use crate::model::Model;
@@ -29,6 +29,8 @@ pub struct Recipe {
     pub max_lr: f64,
     pub weight_decay: f32,
     pub seed: u64,
+    /// The per-image augmentation's strength.
+    pub augment: Augment,
     pub batch_augment: BatchAugment,
 }
 
@@ -40,6 +42,7 @@ impl Default for Recipe {
             max_lr: 0.1,
             weight_decay: 1e-5,
             seed: 1,
+            augment: Augment::default(),
             batch_augment: BatchAugment::default(),
         }
     }
@@ -47,7 +50,7 @@ impl Default for Recipe {
 
 impl Recipe {
     pub fn to_json(&self) -> String {
-        serde_json::json!({
+        let mut json = serde_json::json!({
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "max_lr": self.max_lr,
@@ -56,8 +59,15 @@ impl Recipe {
             "swell": self.batch_augment.swell,
             "darken": self.batch_augment.darken,
             "squeeze": self.batch_augment.squeeze,
-        })
-        .to_string()
+        });
+        // Only when not the recipe's, so that checkpoints of recipe-strength runs keep their recipe.
+        let a = self.augment;
+        if a != Augment::default() {
+            json["augment"] = serde_json::json!({
+                "translate": a.translate, "jitter": a.jitter, "rotate": a.rotate, "cutout": a.cutout,
+            });
+        }
+        json.to_string()
     }
 }
 
@@ -228,7 +238,12 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
     let train_split = Arc::new(data.train.clone());
     let steps_per_epoch = batches_per_epoch(train_split.len(), r.batch_size);
     let schedule = OneCycle::recipe(r.epochs * steps_per_epoch, r.max_lr);
-    let loader = LoaderConfig { seed: r.seed, batch_size: r.batch_size, augment: true, batch_augment: r.batch_augment };
+    let loader = LoaderConfig {
+        seed: r.seed,
+        batch_size: r.batch_size,
+        augment: Some(r.augment),
+        batch_augment: r.batch_augment,
+    };
     std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let last = opts.out_dir.join("last.safetensors");
     let best = opts.out_dir.join("best.safetensors");
@@ -416,4 +431,20 @@ pub fn timestamped_dir(root: &Path) -> PathBuf {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + (month <= 2) as i64;
     root.join(format!("{year:04}-{month:02}-{day:02}T{:02}-{:02}-{:02}", rem / 3600, rem % 3600 / 60, rem % 60))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recipe_json_names_the_augmentation_only_when_it_is_not_the_recipes() {
+        // Checkpoints compare this text on resume: a recipe-strength run keeps the text it always had.
+        let spec = Recipe::default().to_json();
+        assert!(!spec.contains("augment\""), "{spec}");
+        let mild = Recipe { augment: Augment { rotate: 7.0, ..Augment::default() }, ..Recipe::default() };
+        let json: serde_json::Value = serde_json::from_str(&mild.to_json()).unwrap();
+        assert_eq!(json["augment"]["rotate"], 7.0);
+        assert_eq!(json["augment"]["translate"], 4);
+    }
 }

@@ -1,0 +1,253 @@
+//! The execution plan: the model description lowered once into what both executors run. It groups
+//! the layers into ops (a batchnorm with the ReLU, dropout and pooling it absorbs; a convolution with
+//! the max pooling it reads through, and in evaluation with the batchnorm after it), separately for
+//! the training forward pass, the evaluation forward pass and the backward pass; and it says which
+//! buffer holds each layer's output and which layers run in place. The GPU runs each op as one launch
+//! (a training batchnorm's as two: its sums over the batch, then the rest); the CPU runs an op's
+//! layers one after another with its reference functions, in the same buffers.
+
+use std::ops::Range;
+
+use super::{Layer, Model};
+
+/// One op: the layers it computes, in order (the backward pass runs them in reverse).
+pub type Op = Range<usize>;
+
+/// What runs inside a batchnorm's ops besides the normalization.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NormFusion {
+    /// A ReLU right after it (forward and backward).
+    pub relu: bool,
+    /// A dropout right after the ReLU: its layer (which keys its mask) and p. Its mask is read back
+    /// from the output in the backward pass (0 wherever the ReLU or the dropout cut).
+    pub dropout: Option<(usize, f32)>,
+    /// A 2x2 max pooling right after those, whose backward runs in the batchnorm's (its winners found
+    /// again in the output).
+    pub maxpool: bool,
+    /// The global average pooling that ends the network, right after it (or its ReLU): its backward
+    /// runs in the batchnorm's, its forward in the loss.
+    pub avgpool: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The training forward pass, in order.
+    pub forward: Vec<Op>,
+    /// The evaluation forward pass, in order: dropout layers are the identity and in no op, and a
+    /// batchnorm right after a convolution runs in the convolution's op.
+    pub eval: Vec<Op>,
+    /// The backward pass, in the order it runs (last layers first).
+    pub backward: Vec<Op>,
+    /// The global average pooling that ends the network, which runs inside the loss.
+    pub pool_in_loss: Option<usize>,
+    /// Per layer, the buffer of its training-mode output. A ReLU, and a dropout inside a batchnorm's
+    /// op, write the buffer of the layer before them (in place).
+    pub buffer: Vec<usize>,
+    pub buffers: usize,
+    /// Per layer, the buffer of its evaluation-mode output (None: the input batch itself, for dropout
+    /// layers at the start, which evaluation skips).
+    pub eval_buffer: Vec<Option<usize>>,
+    /// Per layer: for a batchnorm, what runs in its ops.
+    pub norm: Vec<NormFusion>,
+    /// Per layer: a convolution that reads its input through the 2x2 max pooling before it.
+    pub pooled_input: Vec<bool>,
+}
+
+impl Plan {
+    pub fn new(model: &Model) -> Plan {
+        let layers = &model.layers;
+        let count = layers.len();
+        let is = |i: usize, f: fn(&Layer) -> bool| i < count && f(&layers[i]);
+        let last = count - 1;
+
+        // What each batchnorm absorbs: a ReLU, then (after a ReLU) a dropout, then a max pooling or
+        // the network's final global average pooling (this one only right after the batchnorm or its
+        // ReLU).
+        let mut norm = vec![NormFusion::default(); count];
+        // Per layer: the batchnorm whose ops it runs in (training forward: ReLU and dropout; backward:
+        // also the poolings).
+        let mut in_norm = vec![None; count];
+        for i in (0..count).filter(|&i| matches!(layers[i], Layer::BatchNorm { .. })) {
+            let mut j = i + 1;
+            if is(j, |l| matches!(l, Layer::Relu)) {
+                norm[i].relu = true;
+                in_norm[j] = Some(i);
+                j += 1;
+                if let Some(&Layer::Dropout { p }) = layers.get(j) {
+                    norm[i].dropout = Some((j, p));
+                    in_norm[j] = Some(i);
+                    j += 1;
+                }
+            }
+            if is(j, |l| matches!(l, Layer::MaxPool2)) {
+                norm[i].maxpool = true;
+                in_norm[j] = Some(i);
+            } else if j == last && norm[i].dropout.is_none() && is(j, |l| matches!(l, Layer::GlobalAvgPool)) {
+                norm[i].avgpool = true;
+                in_norm[j] = Some(i);
+            }
+        }
+        let pooled_input: Vec<bool> = (0..count)
+            .map(|i| i > 0 && is(i, |l| matches!(l, Layer::Conv { .. })) && is(i - 1, |l| matches!(l, Layer::MaxPool2)))
+            .collect();
+        let pool_in_loss = is(last, |l| matches!(l, Layer::GlobalAvgPool)).then_some(last);
+
+        // Training forward: a batchnorm with its ReLU and dropout; a max pooling with the convolution
+        // that reads through it; the final global average pooling in the loss; the rest alone.
+        let mut forward = Vec::new();
+        let mut i = 0;
+        while i < count {
+            let end = match layers[i] {
+                Layer::BatchNorm { .. } => {
+                    let f = norm[i];
+                    i + 1 + f.relu as usize + f.dropout.is_some() as usize
+                }
+                Layer::MaxPool2 if pooled_input.get(i + 1) == Some(&true) => i + 2,
+                Layer::GlobalAvgPool if pool_in_loss == Some(i) => break,
+                _ => i + 1,
+            };
+            forward.push(i..end);
+            i = end;
+        }
+
+        // Evaluation: as training, with a batchnorm (and what it absorbs) inside the convolution before
+        // it, and no dropout op.
+        let mut eval: Vec<Op> = Vec::new();
+        for op in &forward {
+            let after_conv = matches!(layers[op.start], Layer::BatchNorm { .. })
+                && eval
+                    .last()
+                    .is_some_and(|prev| matches!(layers[prev.end - 1], Layer::Conv { .. } | Layer::Linear { .. }));
+            if after_conv {
+                eval.last_mut().expect("checked").end = op.end;
+            } else if !matches!(layers[op.start], Layer::Dropout { .. }) {
+                eval.push(op.clone());
+            }
+        }
+
+        // Backward: a batchnorm with everything it absorbs; the rest alone (a convolution reads
+        // through its max pooling, whose backward then runs in the batchnorm's or alone).
+        let mut backward = Vec::new();
+        let mut end = count;
+        while end > 0 {
+            let top = end - 1;
+            let start = in_norm[top].unwrap_or(top);
+            backward.push(start..end);
+            end = start;
+        }
+
+        // Buffers: ReLUs and a batchnorm's dropout run in place (only their own backward reads their
+        // output, and what they keep of it is enough); every other layer writes a buffer of its own.
+        let mut buffer = Vec::with_capacity(count);
+        let mut buffers = 0;
+        for i in 0..count {
+            let in_place = i > 0
+                && (matches!(layers[i], Layer::Relu)
+                    || (matches!(layers[i], Layer::Dropout { .. }) && in_norm[i].is_some()));
+            if in_place {
+                buffer.push(buffer[i - 1]);
+            } else {
+                buffer.push(buffers);
+                buffers += 1;
+            }
+        }
+        let mut eval_buffer: Vec<Option<usize>> = Vec::with_capacity(count);
+        for i in 0..count {
+            let through = matches!(layers[i], Layer::Dropout { .. });
+            eval_buffer.push(if through { i.checked_sub(1).and_then(|j| eval_buffer[j]) } else { Some(buffer[i]) });
+        }
+        Plan { forward, eval, backward, pool_in_loss, buffer, buffers, eval_buffer, norm, pooled_input }
+    }
+
+    /// The layer that a backend without a kernel for it cannot run, and why: the GPU runs a ReLU only
+    /// inside a batchnorm's kernels.
+    pub fn check_gpu(&self, model: &Model) -> Result<(), String> {
+        for op in &self.forward {
+            if op.len() == 1 && matches!(model.layers[op.start], Layer::Relu) {
+                return Err(format!(
+                    "layer {} ({}): the GPU backend runs a ReLU only right after a batchnorm (inside its kernels); \
+                     put a batchnorm before it, or use --backend cpu",
+                    op.start + 1,
+                    model.layer_name(op.start)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The plan in a few lines: each pass's ops, each as its layers joined by `+`.
+    pub fn describe(&self, model: &Model) -> String {
+        let ops = |ops: &[Op]| -> String {
+            let names = ops.iter().map(|op| op.clone().map(|i| model.layer_name(i)).collect::<Vec<_>>().join("+"));
+            names.collect::<Vec<_>>().join(" | ")
+        };
+        let loss = match self.pool_in_loss {
+            Some(i) => format!(" | loss (with {})", model.layer_name(i)),
+            None => " | loss".into(),
+        };
+        format!(
+            "Execution plan ({} ops per training step with the loss and the update, {} per evaluation batch):\n\
+             training forward: {}{loss}\nbackward: {}\nevaluation: {}{loss}\n",
+            self.forward.len() + self.backward.len() + 2,
+            self.eval.len() + 1,
+            ops(&self.forward),
+            ops(&self.backward),
+            ops(&self.eval),
+        )
+    }
+
+    /// Whether layer `i` writes the buffer of the layer before it.
+    pub fn in_place(&self, i: usize) -> bool {
+        i > 0 && self.buffer[i] == self.buffer[i - 1]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::file::parse;
+    use crate::model::Shape;
+
+    #[test]
+    fn net3_lowers_into_fused_ops() {
+        let m = Model::net3();
+        let p = Plan::new(&m);
+        // conv1 | bn1 relu | conv2 | bn2 relu dropout | maxpool conv3 | bn3 relu | conv4 | bn4 relu |
+        // maxpool conv5 | bn5 relu | conv6 | bn6 relu; the average pooling in the loss.
+        let forward = vec![0..1, 1..3, 3..4, 4..7, 7..9, 9..11, 11..12, 12..14, 14..16, 16..18, 18..19, 19..21];
+        assert_eq!(p.forward, forward);
+        assert_eq!(p.pool_in_loss, Some(21));
+        let eval = vec![0..3, 3..7, 7..11, 11..14, 14..18, 18..21];
+        assert_eq!(p.eval, eval);
+        let backward = vec![19..22, 18..19, 16..18, 15..16, 12..15, 11..12, 9..11, 8..9, 4..8, 3..4, 1..3, 0..1];
+        assert_eq!(p.backward, backward);
+        assert_eq!(p.norm[4], NormFusion { relu: true, dropout: Some((6, 0.05)), maxpool: true, avgpool: false });
+        assert_eq!(p.norm[19], NormFusion { relu: true, dropout: None, maxpool: false, avgpool: true });
+        assert!(p.pooled_input[8] && p.pooled_input[15] && !p.pooled_input[3]);
+        // bn2's ReLU and dropout write its buffer; the pooling has one of its own.
+        assert_eq!((p.buffer[4], p.buffer[5], p.buffer[6], p.buffer[7]), (3, 3, 3, 4));
+        assert!(p.in_place(5) && p.in_place(6) && !p.in_place(7));
+        assert_eq!(p.check_gpu(&m), Ok(()));
+        let text = p.describe(&m);
+        assert!(text.contains("(26 ops per training step") && text.contains("7 per evaluation batch"), "{text}");
+        assert!(text.contains("| bn2+relu#5+dropout#6 | maxpool#7+conv3 |"), "{text}");
+        assert!(text.contains("backward: bn6+relu#20+avgpool#21 | conv6 |"), "{text}");
+    }
+
+    #[test]
+    fn what_does_not_fuse_runs_alone_and_the_gpu_refuses_a_lone_relu() {
+        let mnist = Shape { c: 1, h: 28, w: 28 };
+        let text = "[[layer]]\ntype = \"dropout\"\np = 0.1\n[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n\
+                    [[layer]]\ntype = \"relu\"\n[[layer]]\ntype = \"maxpool\"\n[[layer]]\ntype = \"linear\"\nout = 10\n";
+        let m = parse(text, "m.toml", mnist, 10).unwrap();
+        let p = Plan::new(&m);
+        assert_eq!(p.forward, vec![0..1, 1..2, 2..3, 3..4, 4..5]);
+        assert_eq!(p.eval, vec![1..2, 2..3, 3..4, 4..5]);
+        assert_eq!(p.backward, vec![4..5, 3..4, 2..3, 1..2, 0..1]);
+        // The leading dropout is skipped in evaluation: the convolution reads the batch itself.
+        assert_eq!(p.eval_buffer[0], None);
+        assert!(p.in_place(2) && !p.in_place(0) && !p.pooled_input[4]);
+        let e = p.check_gpu(&m).unwrap_err();
+        assert!(e.contains("layer 3 (relu") && e.contains("--backend cpu"), "{e}");
+    }
+}
