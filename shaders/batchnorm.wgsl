@@ -127,7 +127,7 @@ fn planes_of(first: u32) -> vec2<u32> {
 fn normalize(i: u32, c: u32, mean: f32, invstd: f32) -> f32 {
     var v = (x[i] - mean) * invstd * state[d.gamma_off + c] + state[d.beta_off + c];
     if (d.relu == 1u) {
-        v = max(v, 0.0);
+        v = relu(v);
     }
     return v;
 }

@@ -275,7 +275,7 @@ fn epilogue(backward: bool, c: u32, v: f32) -> f32 {
     let invstd = 1.0 / sqrt(state[d.var_off + c] + d.eps);
     var y = (v - state[d.mean_off + c]) * invstd * state[d.gamma_off + c] + state[d.beta_off + c];
     if (d.relu == 1u) {
-        y = max(y, 0.0);
+        y = relu(y);
     }
     return y;
 }

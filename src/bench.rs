@@ -36,6 +36,7 @@ pub struct BenchArgs {
     /// Timed repeats; the median is reported.
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Images per training step and per evaluation batch.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
     /// Backends to measure (default: the CPU, and the GPU when a hardware adapter is there).
@@ -282,6 +283,7 @@ pub struct ProfileArgs {
     /// Timed training steps; each kernel's median over them is reported.
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Images per training step.
     #[arg(long, default_value_t = 100)]
     batch_size: usize,
     /// The GPU adapter: an index from `adapters`, or part of its name (software adapters allowed).

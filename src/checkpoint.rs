@@ -168,18 +168,7 @@ pub fn stored_model(path: &Path) -> Result<Option<String>> {
 
 /// Loads `path` and, when present, its momenta companion, checking every name, shape and type.
 pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
-    let bytes = open(path)?;
-    let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
-    let mut state = vec![0.0f32; model.num_state];
-    for p in &model.params {
-        state[p.offset..p.offset + p.len].copy_from_slice(&read_f32(path, &st, &p.name, &p.shape)?);
-    }
-    let position = match meta.metadata() {
-        Some(m) if m.contains_key("format") => Some(Position::from_map(path, m)?),
-        _ => None,
-    };
+    let Checkpoint { state, position, .. } = load_weights(path, model)?;
     let optim = optim_path(path);
     let momenta = if optim.exists() {
         let bytes = open(&optim)?;
@@ -204,4 +193,26 @@ pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
         None
     };
     Ok(Checkpoint { state, momenta, position })
+}
+
+/// The parameters, running statistics and position of a checkpoint, without its optimizer file (what
+/// evaluation needs). Refuses one holding a NaN or an infinity, naming the tensor.
+pub fn load_weights(path: &Path, model: &Model) -> Result<Checkpoint> {
+    let bytes = open(path)?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let mut state = vec![0.0f32; model.num_state];
+    for p in &model.params {
+        let values = read_f32(path, &st, &p.name, &p.shape)?;
+        if values.iter().any(|v| !v.is_finite()) {
+            bail!("{}: {} holds NaN or infinite values; it cannot be used", path.display(), p.name);
+        }
+        state[p.offset..p.offset + p.len].copy_from_slice(&values);
+    }
+    let position = match meta.metadata() {
+        Some(m) if m.contains_key("format") => Some(Position::from_map(path, m)?),
+        _ => None,
+    };
+    Ok(Checkpoint { state, momenta: None, position })
 }

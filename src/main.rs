@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, Sums};
 use mnist_wgpu::data::augment::{Augment, BatchAugment};
@@ -57,6 +57,8 @@ struct TrainArgs {
     /// recipe's 0.1).
     #[arg(long)]
     max_lr: Option<f64>,
+    /// Seeds the initial weights, the shuffling, the augmentation and the dropout masks (the same
+    /// seed gives the same run, bit for bit, on one backend).
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Train once per seed, each run in its own folder (seed-N) of the run folder, then print per
@@ -120,13 +122,16 @@ enum Command {
     Train(TrainArgs),
     /// Test loss, accuracy and confusion matrix of a checkpoint.
     Eval {
+        /// A checkpoint (.safetensors) that `train` wrote; its optimizer file is not needed.
         checkpoint: PathBuf,
         /// The network, when the checkpoint does not say (one saved elsewhere): a model file or a
         /// preset. A checkpoint of this program holds its network, and a different one is refused.
         #[arg(long, value_name = "FILE|PRESET")]
         model: Option<String>,
+        /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Test images per evaluation batch (the result does not depend on it).
         #[arg(long, default_value_t = 100)]
         batch_size: usize,
         #[command(flatten)]
@@ -157,6 +162,7 @@ enum Command {
     Adapters,
     /// Load and check a data folder, and print what it holds.
     Data {
+        /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
         #[arg(long)]
         data: Option<PathBuf>,
     },
@@ -171,11 +177,30 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    if let Err(e) = run(Cli::parse().command) {
+    // Negative numbers are values (`--max-lr -1` gets the flag's own message), not unknown flags.
+    let command = Cli::command().mut_subcommands(|sub| sub.allow_negative_numbers(true));
+    let cli = Cli::from_arg_matches(&command.get_matches()).unwrap_or_else(|e| e.exit());
+    if let Err(e) = run(cli.command) {
+        if e.is::<Interrupted>() {
+            // As a shell reports a process stopped by Ctrl-C; what was saved is already said.
+            std::process::exit(130);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
+
+/// A training run stopped by Ctrl-C after saving: the program exits with status 130.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
 
 fn load_data(dir: Option<PathBuf>) -> Result<data::Mnist> {
     Ok(data::load_dir(&dir.unwrap_or_else(data::default_dir))?)
@@ -246,8 +271,11 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Train(args) => train_command(args)?,
         Command::Eval { checkpoint, model, data, batch_size, device } => {
+            if batch_size == 0 {
+                bail!("--batch-size must be at least 1");
+            }
             let model = checkpoint_model(&checkpoint, model.as_deref())?;
-            let ck = mnist_wgpu::checkpoint::load(&checkpoint, &model)?;
+            let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
             let set = load_data(data)?;
             let mut backend = make_backend(&device, &model, ck.state)?;
             println!("{} on {}", checkpoint.display(), backend.describe());
@@ -301,6 +329,13 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if args.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
         bail!("--max-lr must be a positive number");
     }
+    let seeds = match &args.seeds {
+        Some(list) => Some(mnist_wgpu::train::seeds::parse_seeds(list)?),
+        None => None,
+    };
+    if args.save_augmented == Some(0) {
+        bail!("--save-augmented must be at least 1 (the number of images in the grid)");
+    }
     if args.loader_threads.is_some_and(|n| n == 0 || n > 1024) {
         bail!("--loader-threads must be 1 to 1024");
     }
@@ -335,6 +370,17 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if let Some(fault) = recipe.augment.fault() {
         bail!("augmentation (--translate, --jitter, --rotate, --cutout or the model file's [train]): {fault}");
     }
+    if recipe.batch_size > set.train.len() {
+        bail!(
+            "--batch-size {} (or the model file's [train] batch_size) is larger than the {} training images",
+            recipe.batch_size,
+            set.train.len()
+        );
+    }
+    if let Some(resume) = &args.resume {
+        // Everything resuming needs, checked before a folder is created or a device opened.
+        train::resume_point(resume, &model, &recipe)?;
+    }
     let out_dir = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
         (None, Some(resume)) => resume.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -353,10 +399,6 @@ fn train_command(args: TrainArgs) -> Result<()> {
         println!("Wrote {n} augmented training images to {}", path.display());
         return Ok(());
     }
-    let seeds = match &args.seeds {
-        Some(list) => Some(mnist_wgpu::train::seeds::parse_seeds(list)?),
-        None => None,
-    };
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -381,7 +423,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let Some(seeds) = seeds else {
         let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
         describe_run(name, &model, backend.as_ref(), &set, &out_dir, &recipe);
-        train::train(backend.as_mut(), &model, &set, &opts)?;
+        if train::train(backend.as_mut(), &model, &set, &opts)?.interrupted {
+            return Err(Interrupted.into());
+        }
         return Ok(());
     };
     // One run per seed, each in its own folder; every folder is checked before the first run starts.
@@ -390,6 +434,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         bail!("{} already holds a training run; choose another --out", taken.display());
     }
     let mut runs = Vec::new();
+    let mut interrupted = false;
     for &seed in &seeds {
         let mut backend = make_backend(&args.device, &model, model.init_state(seed))?;
         let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
@@ -399,6 +444,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         let outcome = train::train(backend.as_mut(), &model, &set, &opts)?;
         if outcome.interrupted {
             println!("Interrupted: the table below has the {} seeds that finished.", runs.len());
+            interrupted = true;
             break;
         }
         let (Some(last), Some(best)) = (outcome.epochs.last(), outcome.best_accuracy) else { break };
@@ -417,6 +463,9 @@ fn train_command(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     println!("\n{}", mnist_wgpu::train::seeds::table(&runs));
     println!("Wrote {}", path.display());
+    if interrupted {
+        return Err(Interrupted.into());
+    }
     Ok(())
 }
 
@@ -520,4 +569,23 @@ fn format_confusion(counts: &[[u32; 10]; 10]) -> String {
         out += "\n";
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_flag_and_argument_has_a_help_line() {
+        let mut missing = Vec::new();
+        let root = Cli::command();
+        for sub in root.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| !["help", "version"].contains(&a.get_id().as_str())) {
+                if arg.get_help().is_none() {
+                    missing.push(format!("{} {}", sub.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "no help line: {missing:?}");
+    }
 }

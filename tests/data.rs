@@ -1,25 +1,12 @@
 //! The IDX reader and the data folder: the bundled MNIST loads, and every malformed input gives an error
 //! that names the file and the problem. The broken files are made here, in a temporary folder.
 
-use std::io::Write;
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::{gzip, idx_bytes, write_set};
 use mnist_wgpu::data::{self, load_dir, read_idx, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS};
-
-fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-    let mut b = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        b.extend_from_slice(&d.to_be_bytes());
-    }
-    b.extend_from_slice(data);
-    b
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
-}
 
 /// A fresh folder under the target directory, unique per test.
 fn scratch(name: &str) -> PathBuf {
@@ -27,23 +14,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// A small valid data set: `n_train` and `n_test` images of 28 x 28 with labels.
-fn write_set(dir: &Path, n_train: u32, n_test: u32, gz: bool) {
-    let write = |stem: &str, bytes: Vec<u8>| {
-        if gz {
-            std::fs::write(dir.join(format!("{stem}.gz")), gzip(&bytes)).unwrap();
-        } else {
-            std::fs::write(dir.join(stem), bytes).unwrap();
-        }
-    };
-    let images = |n: u32| idx_bytes(&[n, 28, 28], &vec![7u8; n as usize * 784]);
-    let labels = |n: u32| idx_bytes(&[n], &(0..n).map(|i| (i % 10) as u8).collect::<Vec<_>>());
-    write(TRAIN_IMAGES, images(n_train));
-    write(TRAIN_LABELS, labels(n_train));
-    write(TEST_IMAGES, images(n_test));
-    write(TEST_LABELS, labels(n_test));
 }
 
 fn error_of(dir: &Path) -> String {

@@ -68,3 +68,33 @@ fn whole_steps_match_the_reference() {
     // Every tensor of the model is compared after each run of steps.
     assert_eq!(checks.iter().filter(|c| c.layer == "bn6.running_var").count(), 2);
 }
+
+/// A NaN stays a NaN through every ReLU, as in PyTorch, on both backends, in training and in
+/// evaluation (where the GPU runs the ReLU in the convolution's epilogue), so that a diverging run
+/// shows in its loss instead of being cut to 0 by a max.
+#[test]
+fn a_nan_survives_the_relu_on_both_backends() {
+    use mnist_wgpu::backend::{Backend, CpuBackend, StepParams};
+    let model = Model::net3();
+    let mut state = model.init_state(1);
+    // bn1's first channel becomes NaN everywhere; every ReLU after it must pass that on.
+    state[model.param("bn1.weight").unwrap().offset] = f32::NAN;
+    let n = 4;
+    let input: Vec<f32> = (0..n * model.input.len()).map(|i| (i % 7) as f32 * 0.3 - 0.5).collect();
+    let labels: Vec<u8> = (0..n as u8).collect();
+    let params = StepParams { lr: 0.01, momentum: 0.9, weight_decay: 0.0, dropout_seed: 1, step: 0, dropout: false };
+    let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(CpuBackend::new(&model, state.clone()))];
+    if gpu().is_some() {
+        let ctx = GpuContext::new(common::adapter_choice().as_deref()).unwrap();
+        backends.push(Box::new(GpuBackend::new(ctx, &model, &state).unwrap()));
+    }
+    for backend in &mut backends {
+        let name = backend.describe();
+        let logits = backend.eval_logits(&input, &labels).unwrap();
+        assert!(logits.iter().all(|v| v.is_nan()), "{name}: evaluation logits {logits:?}");
+        backend.reset_sums().unwrap();
+        backend.train_step(&input, &labels, params).unwrap();
+        let sums = backend.train_sums().unwrap();
+        assert!(sums.loss_sum.is_nan(), "{name}: training loss sum {}", sums.loss_sum);
+    }
+}

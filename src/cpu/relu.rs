@@ -4,9 +4,9 @@ use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;
 
-/// In place: x = max(x, 0).
+/// In place: x = max(x, 0), keeping a NaN as PyTorch does (so a diverging run shows in its loss).
 pub fn relu_forward(x: &mut [f32]) {
-    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = v.max(0.0)));
+    x.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = if v.is_nan() { *v } else { v.max(0.0) }));
 }
 
 /// In place: dy = dy where y > 0, else 0.

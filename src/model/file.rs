@@ -285,7 +285,7 @@ mod tests {
             ("net3", 17_900, None),
             ("small8k", 8_000, Some(15)),
             ("small5k", 5_000, Some(20)),
-            ("best20k", 20_000, Some(20)),
+            ("best20k", 20_000, Some(15)),
         ] {
             let m = resolve(name, MNIST, 10).unwrap();
             assert!(m.num_trainable <= budget, "{name}: {} parameters", m.num_trainable);

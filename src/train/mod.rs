@@ -232,6 +232,28 @@ fn save(backend: &mut dyn Backend, model: &Model, path: &Path, position: &Positi
     checkpoint::save(path, model, &state, &backend.momenta()?, position)
 }
 
+/// Where checkpoint `path` lets a run of `recipe` resume: its state, its momenta and its position.
+/// Fails, saying why, for a checkpoint that cannot continue this run (no position, no optimizer file,
+/// another recipe). `train` calls it, and the command line before it creates or opens anything.
+pub fn resume_point(path: &Path, model: &Model, recipe: &Recipe) -> Result<(Vec<f32>, Vec<f32>, Position)> {
+    let ck = checkpoint::load(path, model)?;
+    let pos = ck
+        .position
+        .with_context(|| format!("{}: no training position in its metadata; cannot resume", path.display()))?;
+    let momenta = ck.momenta.with_context(|| {
+        format!("{} is missing: the momenta are needed to resume exactly", checkpoint::optim_path(path).display())
+    })?;
+    if pos.recipe != recipe.to_json() {
+        bail!(
+            "{} was trained with recipe {}, not {}; resume with the same flags",
+            path.display(),
+            pos.recipe,
+            recipe.to_json()
+        );
+    }
+    Ok((ck.state, momenta, pos))
+}
+
 /// Trains `backend` (holding `model`'s state) on `data` as `opts.recipe` says.
 pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &TrainOptions) -> Result<Outcome> {
     let r = opts.recipe;
@@ -244,29 +266,14 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         augment: Some(r.augment),
         batch_augment: r.batch_augment,
     };
-    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let last = opts.out_dir.join("last.safetensors");
     let best = opts.out_dir.join("best.safetensors");
 
     let (mut epoch, mut first_batch, mut global) = (0, 0, 0);
     let mut best_accuracy: Option<f64> = None;
     if let Some(path) = &opts.resume {
-        let ck = checkpoint::load(path, model)?;
-        let pos = ck
-            .position
-            .with_context(|| format!("{}: no training position in its metadata; cannot resume", path.display()))?;
-        let momenta = ck.momenta.with_context(|| {
-            format!("{} is missing: the momenta are needed to resume exactly", checkpoint::optim_path(path).display())
-        })?;
-        if pos.recipe != r.to_json() {
-            bail!(
-                "{} was trained with recipe {}, not {}; resume with the same flags",
-                path.display(),
-                pos.recipe,
-                r.to_json()
-            );
-        }
-        backend.load(&ck.state, &momenta)?;
+        let (state, momenta, pos) = resume_point(path, model, &r)?;
+        backend.load(&state, &momenta)?;
         (epoch, first_batch, global) = (pos.epoch, pos.batch_in_epoch, pos.global_step);
         if best.exists() {
             best_accuracy = checkpoint::load(&best, model)?.position.and_then(|p| p.test_accuracy);
@@ -278,6 +285,7 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         }
     }
 
+    std::fs::create_dir_all(&opts.out_dir).with_context(|| format!("creating {}", opts.out_dir.display()))?;
     let mut metrics_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -388,7 +396,6 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
             accuracy,
             seconds
         );
-        writeln!(metrics_file, "{}", record.to_json()).context("writing metrics.jsonl")?;
         let position = Position {
             epoch: epoch + 1,
             batch_in_epoch: 0,
@@ -402,6 +409,8 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
             best_accuracy = Some(accuracy);
             save(backend, model, &best, &position, &last)?;
         }
+        // Only now: an epoch in metrics.jsonl always has its checkpoint.
+        writeln!(metrics_file, "{}", record.to_json()).context("writing metrics.jsonl")?;
         records.push(record);
         epoch += 1;
         first_batch = 0;

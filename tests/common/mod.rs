@@ -2,8 +2,10 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
+use mnist_wgpu::data::{TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS};
 use safetensors::{Dtype, SafeTensors};
 
 /// A tensor of the fixture, converted to f64 whatever its stored type.
@@ -114,4 +116,37 @@ pub fn assert_zero_gradient(what: &str, got: &[f32], scale: f64, tol: f64) -> f6
     eprintln!("{what:<34} zero in exact arithmetic: {ours:.2e} of its weight gradient's scale (tol {tol:.0e})");
     assert!(ours <= tol, "{what}: {ours:e} of its weight gradient's scale, where the truth is 0");
     ours
+}
+
+/// An IDX file of unsigned bytes: the dimensions, then the data.
+pub fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+    let mut b = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        b.extend_from_slice(&d.to_be_bytes());
+    }
+    b.extend_from_slice(data);
+    b
+}
+
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(bytes).unwrap();
+    e.finish().unwrap()
+}
+
+/// A small valid data set in `dir`: `n_train` and `n_test` images of 28 x 28 with labels.
+pub fn write_set(dir: &Path, n_train: u32, n_test: u32, gz: bool) {
+    let write = |stem: &str, bytes: Vec<u8>| {
+        if gz {
+            std::fs::write(dir.join(format!("{stem}.gz")), gzip(&bytes)).unwrap();
+        } else {
+            std::fs::write(dir.join(stem), bytes).unwrap();
+        }
+    };
+    let images = |n: u32| idx_bytes(&[n, 28, 28], &vec![7u8; n as usize * 784]);
+    let labels = |n: u32| idx_bytes(&[n], &(0..n).map(|i| (i % 10) as u8).collect::<Vec<_>>());
+    write(TRAIN_IMAGES, images(n_train));
+    write(TRAIN_LABELS, labels(n_train));
+    write(TEST_IMAGES, images(n_test));
+    write(TEST_LABELS, labels(n_test));
 }

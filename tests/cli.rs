@@ -1,0 +1,139 @@
+//! The command line as a user meets it: every bad value of a flag gets a message naming the flag, no
+//! input panics, nothing is created or opened before the flags are checked, a checkpoint with NaN
+//! weights is refused, `eval` needs no optimizer file, and Ctrl-C exits with status 130 after saving.
+//! Each case runs the real binary on the CPU backend.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use mnist_wgpu::checkpoint::{self, Position};
+use mnist_wgpu::model::Model;
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mnist-wgpu"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .expect("running mnist-wgpu")
+}
+
+/// Runs a command that must fail: exit status 1 (2 for what the argument parser refuses, as is usual),
+/// no panic, and an error containing `want`.
+fn fails_with(args: &[&str], want: &str) {
+    let out = run(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    assert!(matches!(out.status.code(), Some(1 | 2)), "{args:?}: status {:?}\n{err}", out.status);
+    assert!(err.contains(want), "{args:?}: expected {want:?} in:\n{err}");
+}
+
+/// A fresh folder under the target directory, unique per test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("cli-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn every_bad_training_flag_is_named_before_any_work() {
+    let dir = scratch("flags");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_set(&data, 50, 20, false);
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    let train = |extra: &[&str], want: &str| {
+        let mut args = vec!["train", "--backend", "cpu", "--data", data.to_str().unwrap(), "--out", out_s];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--batch-size") {
+            args.extend(["--batch-size", "10"]);
+        }
+        fails_with(&args, want);
+        assert!(!out.exists(), "{extra:?} created the run folder before failing");
+    };
+    train(&["--epochs", "0"], "--epochs and --batch-size must be at least 1");
+    train(&["--batch-size", "0"], "--epochs and --batch-size must be at least 1");
+    train(&["--batch-size", "51"], "--batch-size 51 (or the model file's [train] batch_size) is larger than the 50");
+    // A negative number is read as the flag's value, and refused by the flag's own check.
+    train(&["--max-lr", "-1"], "--max-lr must be a positive number");
+    train(&["--max-lr", "nan"], "--max-lr must be a positive number");
+    train(&["--epochs", "-1"], "invalid value '-1' for '--epochs");
+    train(&["--save-augmented", "0"], "--save-augmented must be at least 1");
+    train(&["--steps-per-submit", "0"], "--steps-per-submit must be 1 to");
+    train(&["--loader-threads", "0"], "--loader-threads must be 1 to 1024");
+    train(&["--rotate", "200"], "rotate must be 0 to 180 degrees, not 200");
+    train(&["--translate", "5"], "translate must be 0 to 4 pixels");
+    train(&["--cutout", "-0.5"], "cutout must be a probability");
+    train(&["--seeds", "5-1"], "--seeds");
+    train(&["--model", "no-such-model"], "--model no-such-model: no such file, and no preset");
+    train(&["--resume", dir.join("none.safetensors").to_str().unwrap()], "none.safetensors");
+    for args in [&["bench", "--steps", "0"][..], &["profile", "--steps", "0"], &["verify", "--batch-size", "0"]] {
+        fails_with(args, "must be at least 1");
+    }
+}
+
+#[test]
+fn eval_refuses_nan_weights_and_needs_no_optimizer_file() {
+    let dir = scratch("eval");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_set(&data, 20, 30, false);
+    let model = Model::net3();
+    let mut state = model.init_state(1);
+    let momenta = vec![0.0; model.num_trainable];
+    let position =
+        Position { epoch: 1, batch_in_epoch: 0, global_step: 1, test_accuracy: None, seed: 1, recipe: "{}".into() };
+    let good = dir.join("good.safetensors");
+    checkpoint::save(&good, &model, &state, &momenta, &position).unwrap();
+    std::fs::remove_file(checkpoint::optim_path(&good)).unwrap();
+    let (data_s, good_s) = (data.to_str().unwrap(), good.to_str().unwrap());
+    let out = run(&["eval", good_s, "--backend", "cpu", "--data", data_s]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Accuracy:"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    fails_with(&["eval", good_s, "--backend", "cpu", "--data", data_s, "--batch-size", "0"], "--batch-size must be");
+
+    state[model.param("conv3.weight").unwrap().offset + 5] = f32::INFINITY;
+    let bad = dir.join("bad.safetensors");
+    checkpoint::save(&bad, &model, &state, &momenta, &position).unwrap();
+    let want = "conv3.weight holds NaN or infinite values";
+    fails_with(&["eval", bad.to_str().unwrap(), "--backend", "cpu", "--data", data_s], want);
+}
+
+/// Ctrl-C (SIGINT) finishes the steps handed over, saves a checkpoint that resumes, and exits with 130.
+#[cfg(unix)]
+#[test]
+fn an_interrupted_run_saves_and_exits_with_130() {
+    let dir = scratch("interrupt");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_set(&data, 400, 20, false);
+    let out = dir.join("run");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mnist-wgpu"))
+        .args(["train", "--backend", "cpu", "--epochs", "1000", "--batch-size", "20"])
+        .args(["--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once an epoch has ended (its metrics line is written after its checkpoint), the run is well under way.
+    let metrics = out.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics).map_or(true, |t| t.is_empty()) {
+        assert!(std::time::Instant::now() < deadline, "no epoch finished in 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert_eq!(status.code(), Some(130), "{stdout}");
+    assert!(stdout.contains("Interrupted: saved"), "{stdout}");
+    let model = Model::net3();
+    let pos = checkpoint::load(&out.join("last.safetensors"), &model).unwrap().position.unwrap();
+    assert!(pos.global_step >= 20, "saved at step {}", pos.global_step);
+}
