@@ -176,6 +176,8 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    #[cfg(unix)]
+    set_runtime_dir();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     // Negative numbers are values (`--max-lr -1` gets the flag's own message), not unknown flags.
     let command = Cli::command().mut_subcommands(|sub| sub.allow_negative_numbers(true));
@@ -187,6 +189,25 @@ fn main() {
         }
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// Mesa's Vulkan and GL drivers print "XDG_RUNTIME_DIR is invalid or not set" when a plain machine (a
+/// container, a CI runner, ssh without a login session) has none. Give them a private one, as a login
+/// session would (owned by the user, mode 0700), before any thread starts.
+#[cfg(unix)]
+fn set_runtime_dir() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_dir()) {
+        return;
+    }
+    // SAFETY: getuid has no preconditions.
+    let dir = std::env::temp_dir().join(format!("mnist-wgpu-runtime-{}", unsafe { libc::getuid() }));
+    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+    let private = std::fs::metadata(&dir).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o077 == 0);
+    if private {
+        // The program is still single-threaded here: nothing reads the environment concurrently.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
     }
 }
 

@@ -7,7 +7,7 @@ use wgpu::util::DeviceExt;
 /// What to install when there is no adapter at all.
 pub const INSTALL_HINT: &str = "no GPU adapter found. wgpu needs a Vulkan, Metal or DX12 driver; \
 on Linux without a GPU install Mesa's software Vulkan driver (lavapipe): \
-`sudo apt-get install -y mesa-vulkan-drivers`, and set XDG_RUNTIME_DIR=/tmp";
+`sudo apt-get install -y mesa-vulkan-drivers`";
 
 /// One adapter as `adapters` lists it.
 #[derive(Debug, Clone)]
