@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod idx;
 pub mod loader;
+pub mod preprocess;
 
 use std::path::{Path, PathBuf};
 
