@@ -134,8 +134,24 @@ enum Command {
         /// Test images per evaluation batch (the result does not depend on it).
         #[arg(long, default_value_t = 100)]
         batch_size: usize,
+        /// Also write every test image's logits (images x classes, float32) to FILE as safetensors,
+        /// under the key `logits` (what scripts/check_onnx.py compares an exported model with).
+        #[arg(long, value_name = "FILE")]
+        logits: Option<PathBuf>,
         #[command(flatten)]
         device: DeviceArgs,
+    },
+    /// Write a checkpoint's network in evaluation mode as an ONNX model (opset 13).
+    Export {
+        /// A checkpoint (.safetensors) that `train` wrote; its optimizer file is not needed.
+        checkpoint: PathBuf,
+        /// The ONNX file to write.
+        #[arg(long, value_name = "FILE")]
+        onnx: PathBuf,
+        /// The network, when the checkpoint does not say (one saved elsewhere): a model file or a
+        /// preset. A checkpoint of this program holds its network, and a different one is refused.
+        #[arg(long, value_name = "FILE|PRESET")]
+        model: Option<String>,
     },
     /// Classify your own digit images (PNG or JPEG; any size, colour or grey) with a checkpoint: the top
     /// three classes and their probabilities per image, after MNIST-style preprocessing.
@@ -309,7 +325,20 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Train(args) => train_command(args)?,
-        Command::Eval { checkpoint, model, data, batch_size, device } => {
+        Command::Export { checkpoint, onnx, model } => {
+            let model = checkpoint_model(&checkpoint, model.as_deref())?;
+            let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
+            let bytes = mnist_wgpu::onnx::export(&model, &ck.state);
+            std::fs::write(&onnx, &bytes).with_context(|| format!("--onnx: writing {}", onnx.display()))?;
+            println!(
+                "Wrote {} ({} bytes, ONNX opset {}): input `input` N x 1 x {IMAGE_SIDE} x {IMAGE_SIDE}, output `logits` N x {}",
+                onnx.display(),
+                bytes.len(),
+                mnist_wgpu::onnx::OPSET,
+                model.output_classes()
+            );
+        }
+        Command::Eval { checkpoint, model, data, batch_size, logits, device } => {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
             }
@@ -318,7 +347,14 @@ fn run(command: Command) -> Result<()> {
             let set = load_data(data)?;
             let mut backend = make_backend(&device, &model, ck.state)?;
             println!("{} on {}", checkpoint.display(), backend.describe());
-            let (counts, sums) = confusion_matrix(backend.as_mut(), &set.test, batch_size)?;
+            let (counts, sums, all_logits) = confusion_matrix(backend.as_mut(), &set.test, batch_size)?;
+            if let Some(path) = &logits {
+                let bytes: Vec<u8> = all_logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let shape = vec![set.test.len(), model.output_classes()];
+                let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)?;
+                safetensors::serialize_to_file([("logits", view)], None, path)
+                    .with_context(|| format!("--logits: writing {}", path.display()))?;
+            }
             println!(
                 "Test set: Average loss: {:.4}, Accuracy: {}/{} ({:.2}%)",
                 sums.loss_sum / set.test.len() as f64,
@@ -641,11 +677,13 @@ fn confusion_matrix(
     backend: &mut dyn Backend,
     split: &data::Split,
     batch_size: usize,
-) -> Result<([[u32; 10]; 10], Sums)> {
+) -> Result<([[u32; 10]; 10], Sums, Vec<f32>)> {
     let mut counts = [[0u32; 10]; 10];
+    let mut all = Vec::with_capacity(split.len() * 10);
     backend.reset_sums()?;
     for b in data::loader::eval_batches(split, batch_size) {
         let logits = backend.eval_logits(&b.input, &b.labels)?;
+        all.extend_from_slice(&logits);
         for (row, &label) in logits.chunks_exact(10).zip(&b.labels) {
             // The first maximum on ties, as the loss kernels count correct predictions.
             let pred = (0..10).fold(0, |a, j| if row[j] > row[a] { j } else { a });
@@ -657,7 +695,7 @@ fn confusion_matrix(
     if diagonal != sums.correct {
         bail!("internal error: the confusion matrix counts {diagonal} correct, the backend {}", sums.correct);
     }
-    Ok((counts, sums))
+    Ok((counts, sums, all))
 }
 
 /// Rows: true digit; columns: predicted.

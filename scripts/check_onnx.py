@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Checks an ONNX model written by `mnist-wgpu export` with onnxruntime, on the 10,000 MNIST test images:
+its logits against mnist-wgpu's own (`mnist-wgpu eval CHECKPOINT --logits FILE`), and its accuracy.
+
+    mnist-wgpu export runs/X/best.safetensors --onnx net.onnx
+    mnist-wgpu eval runs/X/best.safetensors --logits logits.safetensors
+    python3 scripts/check_onnx.py net.onnx logits.safetensors [--data data/mnist]
+
+Needs onnxruntime, onnx, numpy and safetensors (pip install onnxruntime onnx numpy safetensors). Exits
+non-zero when a logit differs by more than 1e-5 or the accuracy differs.
+"""
+import argparse
+import gzip
+import os
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from safetensors.numpy import load_file
+
+MEAN, STD = 0.1307, 0.3081
+TOLERANCE = 1e-5
+
+
+def read_idx(folder, stem):
+    for name, opener in ((stem + ".gz", gzip.open), (stem, open)):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with opener(path, "rb") as f:
+                raw = f.read()
+            dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(raw[3])]
+            return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * len(dims)).reshape(dims)
+    sys.exit(f"{folder}: no {stem} or {stem}.gz")
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="the ONNX file mnist-wgpu export wrote")
+    parser.add_argument("logits", help="the safetensors file mnist-wgpu eval --logits wrote")
+    parser.add_argument("--data", default=os.path.join(here, "..", "data", "mnist"))
+    args = parser.parse_args()
+
+    onnx.checker.check_model(onnx.load(args.model), full_check=True)
+    images = read_idx(args.data, "t10k-images-idx3-ubyte").astype(np.float32) / 255.0
+    labels = read_idx(args.data, "t10k-labels-idx1-ubyte").astype(np.int64)
+    x = ((images - MEAN) / STD).reshape(-1, 1, 28, 28).astype(np.float32)
+    session = ort.InferenceSession(args.model, providers=["CPUExecutionProvider"])
+    got = np.concatenate([session.run(["logits"], {"input": x[i:i + 500]})[0] for i in range(0, len(x), 500)])
+    want = load_file(args.logits)["logits"]
+    if got.shape != want.shape:
+        sys.exit(f"shapes differ: onnxruntime {got.shape}, mnist-wgpu {want.shape}")
+    diff = float(np.abs(got - want).max())
+    # The first maximum on ties, as mnist-wgpu counts.
+    ours, theirs = int((want.argmax(1) == labels).sum()), int((got.argmax(1) == labels).sum())
+    print(f"onnxruntime {ort.__version__}, opset {onnx.load(args.model).opset_import[0].version}: "
+          f"largest logit difference {diff:.2e} (tolerance {TOLERANCE:.0e}); "
+          f"accuracy {theirs}/{len(labels)} (mnist-wgpu: {ours}/{len(labels)})")
+    if diff > TOLERANCE or ours != theirs:
+        sys.exit("FAIL")
+    print("OK")
+
+
+if __name__ == "__main__":
+    main()
