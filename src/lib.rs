@@ -8,7 +8,7 @@
 //! - `gpu` (wgpu, the shaders of `shaders/`) and `cpu` (the reference ops), side by side: neither
 //!   imports the other (the GPU tests use the CPU reference as their oracle);
 //! - `checkpoint`: safetensors with PyTorch's state_dict names;
-//! - `onnx`: a network and its weights as an ONNX model;
+//! - `onnx`: a network and its weights as an ONNX model; `report`: a run's pictures and page;
 //! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread;
 //!   `summary`: the report of a GPU run (`dist/run.sh`) from the files it wrote.
 
@@ -19,6 +19,7 @@ pub mod data;
 pub mod gpu;
 pub mod model;
 pub mod onnx;
+pub mod report;
 pub mod summary;
 pub mod train;
 pub mod verify;

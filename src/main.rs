@@ -141,6 +141,17 @@ enum Command {
         #[command(flatten)]
         device: DeviceArgs,
     },
+    /// Draw a run folder's pictures (curves.png, confusion.png, misclassified.png) and its page
+    /// (report.html), from its metrics and its last checkpoint; `train` does this when it ends.
+    Report {
+        /// The run folder (with metrics.jsonl and last.safetensors).
+        run_dir: PathBuf,
+        /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        #[command(flatten)]
+        device: DeviceArgs,
+    },
     /// Write a checkpoint's network in evaluation mode as an ONNX model (opset 13).
     Export {
         /// A checkpoint (.safetensors) that `train` wrote; its optimizer file is not needed.
@@ -325,6 +336,21 @@ fn run(command: Command) -> Result<()> {
             }
         }
         Command::Train(args) => train_command(args)?,
+        Command::Report { run_dir, data, device } => {
+            // The final weights; a folder that kept only its best epoch's (as docs/results does) those.
+            let checkpoint = ["last.safetensors", "best.safetensors"]
+                .iter()
+                .map(|name| run_dir.join(name))
+                .find(|p| p.exists())
+                .with_context(|| format!("{}: no last.safetensors or best.safetensors", run_dir.display()))?;
+            let model = checkpoint_model(&checkpoint, None)?;
+            let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
+            // Read before the evaluation, so that a folder without metrics fails at once.
+            mnist_wgpu::report::read_metrics(&run_dir)?;
+            let set = load_data(data)?;
+            let mut backend = make_backend(&device, &model, ck.state)?;
+            write_report(&run_dir, &checkpoint, backend.as_mut(), &model, &set)?;
+        }
         Command::Export { checkpoint, onnx, model } => {
             let model = checkpoint_model(&checkpoint, model.as_deref())?;
             let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
@@ -436,6 +462,27 @@ fn predict(
     if failed > 0 {
         bail!("{failed} of {} images could not be predicted (named above)", images.len());
     }
+    Ok(())
+}
+
+/// Draws the pictures and the page of run folder `dir`, the test set evaluated by `backend`, which holds
+/// the weights of `checkpoint`.
+fn write_report(
+    dir: &Path,
+    checkpoint: &Path,
+    backend: &mut dyn Backend,
+    model: &Model,
+    set: &data::Mnist,
+) -> Result<()> {
+    let epochs = mnist_wgpu::report::read_metrics(dir)?;
+    let (_, _, logits) = confusion_matrix(backend, &set.test, 100)?;
+    let test = mnist_wgpu::report::Predictions { split: &set.test, logits: &logits, classes: model.output_classes() };
+    let mut info = mnist_wgpu::report::RunInfo::read(dir);
+    info.weights = checkpoint.file_name().map_or(String::new(), |n| n.to_string_lossy().into_owned());
+    let written = mnist_wgpu::report::write(dir, &epochs, &test, &info)?;
+    let names: Vec<String> =
+        written.iter().filter_map(|p| p.file_name()).map(|n| n.to_string_lossy().into_owned()).collect();
+    println!("Wrote {} in {}", names.join(", "), dir.display());
     Ok(())
 }
 
@@ -565,10 +612,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let Some(seeds) = seeds else {
         let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
         describe_run(name, &model, backend.as_ref(), &set, &out_dir, &recipe);
+        record_run(&out_dir, name, backend.as_ref(), &recipe)?;
         if train::train(backend.as_mut(), &model, &set, &opts)?.interrupted {
             return Err(Interrupted.into());
         }
-        return Ok(());
+        return write_report(&out_dir, &out_dir.join("last.safetensors"), backend.as_mut(), &model, &set);
     };
     // One run per seed, each in its own folder; every folder is checked before the first run starts.
     let folder = |seed: u64| out_dir.join(format!("seed-{seed}"));
@@ -582,6 +630,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
         println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
         describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir, &opts.recipe);
+        record_run(&opts.out_dir, name, backend.as_ref(), &opts.recipe)?;
         let started = std::time::Instant::now();
         let outcome = train::train(backend.as_mut(), &model, &set, &opts)?;
         if outcome.interrupted {
@@ -589,6 +638,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
             interrupted = true;
             break;
         }
+        write_report(&opts.out_dir, &opts.out_dir.join("last.safetensors"), backend.as_mut(), &model, &set)?;
         let (Some(last), Some(best)) = (outcome.epochs.last(), outcome.best_accuracy) else { break };
         runs.push(mnist_wgpu::train::seeds::SeedRun {
             seed,
@@ -609,6 +659,23 @@ fn train_command(args: TrainArgs) -> Result<()> {
         return Err(Interrupted.into());
     }
     Ok(())
+}
+
+/// Writes `run.json` (the command, backend, network and recipe, for the report) into a new run's folder;
+/// a resumed run keeps the one it has.
+fn record_run(dir: &Path, network: &str, backend: &dyn Backend, recipe: &Recipe) -> Result<()> {
+    if dir.join("run.json").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let info = mnist_wgpu::report::RunInfo {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        backend: backend.describe(),
+        network: network.to_string(),
+        recipe: recipe.to_json(),
+        weights: String::new(),
+    };
+    info.write(dir)
 }
 
 /// The lines that start a training run: what trains where, on what, how (flags, else the model file's

@@ -194,3 +194,30 @@ fn predict_reads_large_light_background_pictures_of_test_digits() {
     let saved = std::fs::read_dir(&seen).unwrap().count();
     assert_eq!(saved, count, "one 28x28 PNG per predicted image in --save-preprocessed");
 }
+
+/// A finished run leaves its record, its pictures and its page; `report` draws them again.
+#[test]
+fn a_finished_run_draws_its_pictures_and_page() {
+    let dir = scratch("report");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_set(&data, 60, 30, false);
+    let out = dir.join("run");
+    let (data_s, out_s) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let args = ["train", "--backend", "cpu", "--epochs", "2", "--batch-size", "20", "--data", data_s, "--out", out_s];
+    let done = run(&args);
+    let stdout = String::from_utf8_lossy(&done.stdout);
+    assert!(done.status.success(), "{stdout}{}", String::from_utf8_lossy(&done.stderr));
+    assert!(stdout.contains("Wrote curves.png, confusion.png, misclassified.png, report.html"), "{stdout}");
+    let run_json = std::fs::read_to_string(out.join("run.json")).unwrap();
+    assert!(run_json.contains("--epochs 2") && run_json.contains("cpu"), "{run_json}");
+    for name in ["curves.png", "confusion.png", "misclassified.png"] {
+        assert!(image::open(out.join(name)).is_ok(), "{name}");
+    }
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert_eq!(page.matches("<tr><td>").count(), 2, "one row per epoch");
+    std::fs::remove_file(out.join("report.html")).unwrap();
+    let again = run(&["report", out_s, "--backend", "cpu", "--data", data_s]);
+    assert!(again.status.success() && out.join("report.html").exists());
+    fails_with(&["report", data_s, "--backend", "cpu"], "no last.safetensors or best.safetensors");
+}
