@@ -88,9 +88,20 @@ fn write_atomic(
     let bytes = safetensors::tensor::serialize(views, Some(meta))
         .with_context(|| format!("{}: serializing", path.display()))?;
     let tmp = path.with_extension("safetensors.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::Write::write_all(&mut file, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    // On disk before the rename makes it the checkpoint, so that a crash of the machine cannot leave a
+    // renamed but empty file.
+    file.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+/// `runs/x/last.optim.safetensors` -> `runs/x/last.optim.prev.safetensors`: the companion of the
+/// checkpoint being replaced, kept until the new pair is complete.
+fn previous_optim_path(path: &Path) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!("{stem}.optim.prev.safetensors"))
 }
 
 /// Writes `path` (the state_dict) and its companion with the momenta.
@@ -124,8 +135,16 @@ pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position
             )
         })
         .collect();
-    // The momenta first: a checkpoint whose state_dict is new always has its matching momenta.
-    write_atomic(&optim_path(path), optim, meta.clone())?;
+    // A process killed at any instant leaves a pair that loads: the old companion is set aside first,
+    // then the new one is written, then the state_dict; until the state_dict is replaced, the set-aside
+    // companion still matches it, and `load` falls back to it.
+    let companion = optim_path(path);
+    if companion.exists() {
+        let previous = previous_optim_path(path);
+        std::fs::rename(&companion, &previous)
+            .with_context(|| format!("renaming {} to {}", companion.display(), previous.display()))?;
+    }
+    write_atomic(&companion, optim, meta.clone())?;
     write_atomic(path, tensors, meta)
 }
 
@@ -166,33 +185,54 @@ pub fn stored_model(path: &Path) -> Result<Option<String>> {
     Ok(meta.metadata().as_ref().and_then(|m| m.get(MODEL_KEY).cloned()))
 }
 
-/// Loads `path` and, when present, its momenta companion, checking every name, shape and type.
+/// Loads `path` and, when present, its momenta companion, checking every name, shape and type. When
+/// a save was cut short (the companion is newer than the state_dict, or missing), the companion set
+/// aside for the state_dict is used, with a warning.
 pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
     let Checkpoint { state, position, .. } = load_weights(path, model)?;
-    let optim = optim_path(path);
-    let momenta = if optim.exists() {
-        let bytes = open(&optim)?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("{}: not a safetensors file ({e})", optim.display()))?;
-        let mut m = vec![0.0f32; model.num_trainable];
-        for p in model.params.iter().filter(|p| p.trainable) {
-            m[p.offset..p.offset + p.len].copy_from_slice(&read_f32(
-                &optim,
-                &st,
-                &format!("momentum.{}", p.name),
-                &p.shape,
-            )?);
-        }
-        let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
-        let pos = meta.metadata().as_ref().map(|m| Position::from_map(&optim, m)).transpose()?;
-        if pos != position {
-            bail!("{} belongs to another checkpoint than {} (their positions differ)", optim.display(), path.display());
-        }
-        Some(m)
-    } else {
-        None
+    let (optim, previous) = (optim_path(path), previous_optim_path(path));
+    let momenta = match read_momenta(&optim, model)? {
+        Some((m, pos)) if pos == position => Some(m),
+        found => match read_momenta(&previous, model)? {
+            Some((m, pos)) if pos == position => {
+                log::warn!(
+                    "{}: its last save was cut short; using the momenta of {}, which match it",
+                    path.display(),
+                    previous.display()
+                );
+                Some(m)
+            }
+            _ if found.is_some() => bail!(
+                "{} belongs to another checkpoint than {} (their positions differ)",
+                optim.display(),
+                path.display()
+            ),
+            _ => None,
+        },
     };
     Ok(Checkpoint { state, momenta, position })
+}
+
+/// The momenta and the position of an optimizer file, if it exists.
+fn read_momenta(optim: &Path, model: &Model) -> Result<Option<(Vec<f32>, Option<Position>)>> {
+    if !optim.exists() {
+        return Ok(None);
+    }
+    let bytes = open(optim)?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", optim.display()))?;
+    let mut m = vec![0.0f32; model.num_trainable];
+    for p in model.params.iter().filter(|p| p.trainable) {
+        m[p.offset..p.offset + p.len].copy_from_slice(&read_f32(
+            optim,
+            &st,
+            &format!("momentum.{}", p.name),
+            &p.shape,
+        )?);
+    }
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
+    let pos = meta.metadata().as_ref().map(|m| Position::from_map(optim, m)).transpose()?;
+    Ok(Some((m, pos)))
 }
 
 /// The parameters, running statistics and position of a checkpoint, without its optimizer file (what

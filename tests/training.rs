@@ -332,3 +332,44 @@ fn trains_alike(text: &str, params: usize, name: &str) {
     assert_eq!(rebuilt.layers, model.layers);
     assert_eq!(checkpoint::load(&path, &rebuilt).unwrap().state, gpu_backend.state().unwrap());
 }
+
+/// A save cut short at either instant between its writes (the old optimizer file set aside; the new
+/// one written but not yet the state_dict) still loads as the previous, complete checkpoint, with its
+/// own momenta; a complete save loads as itself.
+#[test]
+fn a_checkpoint_save_cut_short_loads_the_last_complete_pair() {
+    let dir = scratch("cut-short");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = Model::net3();
+    let state = model.init_state(1);
+    let at = |step: usize| checkpoint::Position {
+        epoch: step,
+        batch_in_epoch: 0,
+        global_step: step,
+        test_accuracy: None,
+        seed: 1,
+        recipe: "{}".into(),
+    };
+    let momenta = |v: f32| vec![v; model.num_trainable];
+    let path = dir.join("last.safetensors");
+    checkpoint::save(&path, &model, &state, &momenta(1.0), &at(1)).unwrap();
+    checkpoint::save(&path, &model, &state, &momenta(2.0), &at(2)).unwrap();
+    let ck = checkpoint::load(&path, &model).unwrap();
+    assert_eq!((ck.position.unwrap().global_step, ck.momenta.unwrap()[0]), (2, 2.0));
+
+    // Cut after the first step of the next save: the companion set aside, no new one yet.
+    let (optim, previous) = (checkpoint::optim_path(&path), dir.join("last.optim.prev.safetensors"));
+    std::fs::rename(&optim, &previous).unwrap();
+    let ck = checkpoint::load(&path, &model).unwrap();
+    assert_eq!((ck.position.unwrap().global_step, ck.momenta.unwrap()[0]), (2, 2.0));
+    // Cut after the second: the new companion (step 3) beside the old state_dict (step 2).
+    let other = dir.join("other.safetensors");
+    checkpoint::save(&other, &model, &state, &momenta(3.0), &at(3)).unwrap();
+    std::fs::copy(checkpoint::optim_path(&other), &optim).unwrap();
+    let ck = checkpoint::load(&path, &model).unwrap();
+    assert_eq!((ck.position.unwrap().global_step, ck.momenta.unwrap()[0]), (2, 2.0));
+    // Without the set-aside file, the mismatch is an error naming both files.
+    std::fs::remove_file(&previous).unwrap();
+    let err = checkpoint::load(&path, &model).err().unwrap().to_string();
+    assert!(err.contains("last.optim.safetensors belongs to another checkpoint"), "{err}");
+}
