@@ -43,8 +43,8 @@ pub struct DeviceArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k). With --resume, the checkpoint's
-    /// own network is used, and a different --model is refused.
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k). With
+    /// --resume, the checkpoint's own network is used, and a different --model is refused.
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// Epochs of the one-cycle schedule (default: the model file's [train] epochs, else the recipe's 20).
@@ -357,7 +357,8 @@ fn run(command: Command) -> Result<()> {
             let bytes = mnist_wgpu::onnx::export(&model, &ck.state);
             std::fs::write(&onnx, &bytes).with_context(|| format!("--onnx: writing {}", onnx.display()))?;
             println!(
-                "Wrote {} ({} bytes, ONNX opset {}): input `input` N x 1 x {IMAGE_SIDE} x {IMAGE_SIDE}, output `logits` N x {}",
+                "Wrote {} ({} bytes, ONNX opset {}): input `input` N x 1 x {IMAGE_SIDE} x {IMAGE_SIDE}, \
+                 output `logits` N x {}",
                 onnx.display(),
                 bytes.len(),
                 mnist_wgpu::onnx::OPSET,

@@ -316,7 +316,8 @@ fn html(epochs: &[Epoch], info: &RunInfo, pictures: &[(&str, Vec<u8>)], correct:
     let mut rows = String::new();
     for e in epochs {
         rows += &format!(
-            "<tr><td>{}</td><td>{:.4}</td><td>{:.2}%</td><td>{:.4}</td><td>{:.2}%</td><td>{:.2e}</td><td>{:.1}</td></tr>\n",
+            "<tr><td>{}</td><td>{:.4}</td><td>{:.2}%</td><td>{:.4}</td><td>{:.2}%</td><td>{:.2e}</td>\
+             <td>{:.1}</td></tr>\n",
             e.epoch, e.train_loss, e.train_accuracy, e.test_loss, e.test_accuracy, e.lr, e.seconds
         );
     }
