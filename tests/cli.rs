@@ -221,3 +221,83 @@ fn a_finished_run_draws_its_pictures_and_page() {
     assert!(again.status.success() && out.join("report.html").exists());
     fails_with(&["report", data_s, "--backend", "cpu"], "no last.safetensors or best.safetensors");
 }
+
+/// Writes the first `n_train` training and `n_test` test images of the bundled MNIST into `dir`.
+fn write_mnist_subset(dir: &Path, n_train: usize, n_test: usize) {
+    use mnist_wgpu::data::{self, TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS};
+    let full = data::load_dir(&data::default_dir()).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
+    for (split, n, images, labels) in
+        [(&full.train, n_train, TRAIN_IMAGES, TRAIN_LABELS), (&full.test, n_test, TEST_IMAGES, TEST_LABELS)]
+    {
+        let pixels = &split.images[..n * data::IMAGE_PIXELS];
+        std::fs::write(dir.join(images), common::idx_bytes(&[n as u32, 28, 28], pixels)).unwrap();
+        std::fs::write(dir.join(labels), common::idx_bytes(&[n as u32], &split.labels[..n])).unwrap();
+    }
+}
+
+/// SIGKILL at 20 random moments (checkpoint writes included: one is written every 10 steps) loses
+/// nothing: after every kill the last checkpoint loads with its momenta, `--resume` carries on, and the
+/// run ends with the same parameters and momenta, bit for bit, as one never killed.
+#[cfg(unix)]
+#[test]
+fn twenty_kills_at_random_moments_lose_nothing() {
+    let dir = scratch("kill");
+    let data = dir.join("data");
+    write_mnist_subset(&data, 200, 50);
+    let flags = |out: &Path| -> Vec<String> {
+        let args = ["train", "--backend", "cpu", "--epochs", "100", "--batch-size", "20", "--loader-threads", "1"];
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--data".into(), data.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into()]);
+        v
+    };
+    let reference = dir.join("reference");
+    let done = run(&flags(&reference).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+
+    let killed = dir.join("killed");
+    let last = killed.join("last.safetensors");
+    let model = Model::net3();
+    // A fixed xorshift sequence: the same moments on every run of the test.
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut kills = 0;
+    loop {
+        let mut args = flags(&killed);
+        if last.exists() {
+            args.extend(["--resume".into(), last.to_str().unwrap().into()]);
+        }
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mnist-wgpu"))
+            .args(&args)
+            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        std::thread::sleep(std::time::Duration::from_millis(20 + rng % 400));
+        if kills == 20 || child.try_wait().unwrap().is_some() {
+            // Enough kills: let the run finish.
+            let status = child.wait().unwrap();
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+            assert!(status.success(), "after {kills} kills: {err}");
+            break;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        if last.exists() {
+            let ck = checkpoint::load(&last, &model).unwrap_or_else(|e| panic!("after kill {kills}: {e:#}"));
+            assert!(ck.momenta.is_some(), "after kill {kills}: no momenta");
+        }
+    }
+    assert_eq!(kills, 20, "the run finished before 20 kills; give it more epochs");
+    let (want, got) = (
+        checkpoint::load(&reference.join("last.safetensors"), &model).unwrap(),
+        checkpoint::load(&last, &model).unwrap(),
+    );
+    assert_eq!(got.position, want.position);
+    assert!(got.state == want.state && got.momenta == want.momenta, "the killed run ended elsewhere");
+}
