@@ -67,6 +67,9 @@ pub trait Backend {
     /// SGD momentum buffers of the trainable prefix.
     fn momenta(&mut self) -> Result<Vec<f32>>;
     fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()>;
+    /// Refuses, with the figure and the limit, a batch size whose buffers would not fit (before any
+    /// is allocated, so that a run cannot abort on an allocation).
+    fn check_batch(&self, batch: usize) -> Result<()>;
 }
 
 /// The schedule's entries for `first_step..first_step + count`, or an error naming what is missing.
@@ -125,6 +128,24 @@ impl CpuBackend {
 }
 
 impl Backend for CpuBackend {
+    fn check_batch(&self, batch: usize) -> Result<()> {
+        // Half as much again for what the estimate leaves out (a buffer growing while the old one is
+        // held, the allocator's per-thread arenas), and 512 MiB for the data set, the loader's batches
+        // and the threads' stacks: measured under `ulimit -v`, a run that passes this check fits.
+        let need = CpuNet::bytes_for_batch(&self.net.model, batch) * 3 / 2 + (512 << 20);
+        if let Some((free, what)) = crate::cpu::memory_limit() {
+            if need > free {
+                anyhow::bail!(
+                    "batch size {batch} needs about {:.1} GiB on the CPU backend (activations, gradients and what \
+                     the backward pass keeps), but {what} leaves {:.1} GiB; use a smaller --batch-size",
+                    need as f64 / GIB,
+                    free as f64 / GIB
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
@@ -356,7 +377,13 @@ fn fill_chunk(batches: &[Batch], layout: &ChunkLayout, out: &mut wgpu::BufferVie
     out.slice(start..start + 4 * labels.len()).copy_from_slice(bytemuck::cast_slice(&labels));
 }
 
+const GIB: f64 = (1u64 << 30) as f64;
+
 impl Backend for GpuBackend {
+    fn check_batch(&self, batch: usize) -> Result<()> {
+        crate::gpu::net::check_batch_fits(&self.ctx, &self.model, batch).map(|_| ())
+    }
+
     fn describe(&self) -> String {
         format!("gpu: {} ({:?}, {:?})", self.ctx.info.name, self.ctx.info.backend, self.ctx.info.device_type)
     }

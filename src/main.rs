@@ -373,6 +373,7 @@ fn run(command: Command) -> Result<()> {
             let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
             let set = load_data(data)?;
             let mut backend = make_backend(&device, &model, ck.state)?;
+            backend.check_batch(batch_size)?;
             println!("{} on {}", checkpoint.display(), backend.describe());
             let (counts, sums, all_logits) = confusion_matrix(backend.as_mut(), &set.test, batch_size)?;
             if let Some(path) = &logits {
@@ -446,6 +447,7 @@ fn predict(
             data::normalize_into(pixels, &mut input[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]);
         }
         let mut backend = make_backend(device, &model, ck.state)?;
+        backend.check_batch(ready.len())?;
         let logits = backend.eval_logits(&input, &vec![0u8; ready.len()])?;
         let classes = model.output_classes();
         for ((path, _), row) in ready.iter().zip(logits.chunks(classes)) {
@@ -612,6 +614,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     };
     let Some(seeds) = seeds else {
         let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
+        backend.check_batch(recipe.batch_size)?;
         describe_run(name, &model, backend.as_ref(), &set, &out_dir, &recipe);
         record_run(&out_dir, name, backend.as_ref(), &recipe)?;
         if train::train(backend.as_mut(), &model, &set, &opts)?.interrupted {
@@ -628,6 +631,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let mut interrupted = false;
     for &seed in &seeds {
         let mut backend = make_backend(&args.device, &model, model.init_state(seed))?;
+        backend.check_batch(recipe.batch_size)?;
         let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
         println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
         describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir, &opts.recipe);

@@ -301,3 +301,24 @@ fn twenty_kills_at_random_moments_lose_nothing() {
     assert_eq!(got.position, want.position);
     assert!(got.state == want.state && got.momenta == want.momenta, "the killed run ended elsewhere");
 }
+
+/// Under a lowered address-space limit, a batch size that cannot fit is refused with the figure and
+/// the limit in seconds, before anything is allocated or created (without the check, batch 6000 under
+/// this limit aborted on an allocation; batch 3600, which the check lets through, trains).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_batch_that_cannot_fit_under_ulimit_v_is_refused_at_once() {
+    let out = scratch("memory").join("run");
+    let bin = env!("CARGO_BIN_EXE_mnist-wgpu");
+    let started = std::time::Instant::now();
+    let script = format!(
+        "ulimit -v 3000000 && exec '{bin}' train --backend cpu --batch-size 20000 --epochs 1 --out '{}'",
+        out.display()
+    );
+    let done = Command::new("sh").args(["-c", &script]).env("XDG_RUNTIME_DIR", std::env::temp_dir()).output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{err}");
+    assert!(err.contains("batch size 20000 needs about") && err.contains("ulimit -v"), "{err}");
+    assert!(started.elapsed().as_secs() < 30, "took {:?}", started.elapsed());
+    assert!(!out.exists(), "the run folder was created before the check");
+}

@@ -89,6 +89,25 @@ impl CpuNet {
         }
     }
 
+    /// Bytes a training step of `n` images holds, about: the plan's buffers, the dropout masks and
+    /// max-pooling winners kept for the backward pass, the two gradient buffers and the input.
+    pub fn bytes_for_batch(model: &Model, n: usize) -> u64 {
+        let plan = Plan::new(model);
+        let mut buffers = vec![0usize; plan.buffers];
+        let (mut kept_f32, mut kept_u8, mut largest) = (0usize, 0usize, model.input.len());
+        for (i, shape) in model.shapes.iter().enumerate() {
+            buffers[plan.buffer[i]] = buffers[plan.buffer[i]].max(shape.len());
+            largest = largest.max(shape.len());
+            match model.layers[i] {
+                Layer::Dropout { .. } => kept_f32 += shape.len(),
+                Layer::MaxPool2 => kept_u8 += shape.len(),
+                _ => {}
+            }
+        }
+        let per_image_f32 = buffers.iter().sum::<usize>() + kept_f32 + 2 * largest + model.input.len();
+        n as u64 * (4 * per_image_f32 as u64 + kept_u8 as u64)
+    }
+
     /// The logits (n x classes) of the last forward pass.
     pub fn logits(&self) -> &[f32] {
         self.logits_at.map_or(&self.input, |b| &self.buffers[b])
