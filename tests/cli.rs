@@ -276,7 +276,7 @@ fn twenty_kills_at_random_moments_lose_nothing() {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
-        std::thread::sleep(std::time::Duration::from_millis(20 + rng % 400));
+        std::thread::sleep(std::time::Duration::from_millis(20 + rng % 250));
         if kills == 20 || child.try_wait().unwrap().is_some() {
             // Enough kills: let the run finish.
             let status = child.wait().unwrap();
