@@ -451,14 +451,10 @@ fn predict(
         let logits = backend.eval_logits(&input, &vec![0u8; ready.len()])?;
         let classes = model.output_classes();
         for ((path, _), row) in ready.iter().zip(logits.chunks(classes)) {
-            // Softmax, from the largest logit for stability.
-            let top = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let exp: Vec<f64> = row.iter().map(|&v| ((v - top) as f64).exp()).collect();
-            let total: f64 = exp.iter().sum();
+            let p = mnist_wgpu::cpu::loss::softmax(row);
             let mut ranked: Vec<usize> = (0..classes).collect();
-            ranked.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]));
-            let best: Vec<String> =
-                ranked.iter().take(3).map(|&c| format!("{c} ({:.1}%)", 100.0 * exp[c] / total)).collect();
+            ranked.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            let best: Vec<String> = ranked.iter().take(3).map(|&c| format!("{c} ({:.1}%)", 100.0 * p[c])).collect();
             println!("{}: {}", path.display(), best.join(", "));
         }
     }
@@ -758,7 +754,7 @@ fn confusion_matrix(
         all.extend_from_slice(&logits);
         for (row, &label) in logits.chunks_exact(10).zip(&b.labels) {
             // The first maximum on ties, as the loss kernels count correct predictions.
-            let pred = (0..10).fold(0, |a, j| if row[j] > row[a] { j } else { a });
+            let pred = mnist_wgpu::cpu::loss::argmax(row);
             counts[label as usize][pred] += 1;
         }
     }

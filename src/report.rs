@@ -11,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use plotters::prelude::*;
 
+use crate::cpu::loss::{argmax, softmax};
 use crate::data::{Split, IMAGE_SIDE};
 
 /// Registered once for every picture: plotters draws text with it (the font ships in `assets/`).
@@ -110,9 +111,8 @@ impl Predictions<'_> {
         self.logits
             .chunks_exact(self.classes)
             .map(|row| {
-                let best = (0..row.len()).fold(0, |a, j| if row[j] > row[a] { j } else { a });
-                let total: f64 = row.iter().map(|&v| ((v - row[best]) as f64).exp()).sum();
-                (best, 1.0 / total)
+                let best = argmax(row);
+                (best, softmax(row)[best])
             })
             .collect()
     }

@@ -16,12 +16,7 @@ pub fn softmax_cross_entropy(logits: &[f32], labels: &[u8], classes: usize, dlog
     let mut correct = 0u32;
     let mut grad = dlogits;
     for (i, (row, &label)) in logits.chunks_exact(classes).zip(labels).enumerate() {
-        let mut argmax = 0;
-        for (j, &v) in row.iter().enumerate() {
-            if v > row[argmax] {
-                argmax = j;
-            }
-        }
+        let argmax = argmax(row);
         correct += (argmax == label as usize) as u32;
         let max = row[argmax];
         let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
@@ -35,4 +30,17 @@ pub fn softmax_cross_entropy(logits: &[f32], labels: &[u8], classes: usize, dlog
         }
     }
     LossOut { loss: (total / n as f64) as f32, correct }
+}
+
+/// The index of the largest value, the first on ties (as every correct count here is made).
+pub fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).fold(0, |best, j| if row[j] > row[best] { j } else { best })
+}
+
+/// The softmax of one row of logits, in f64 (from its largest value, so that no exp overflows).
+pub fn softmax(row: &[f32]) -> Vec<f64> {
+    let top = row[argmax(row)];
+    let exp: Vec<f64> = row.iter().map(|&v| ((v - top) as f64).exp()).collect();
+    let total: f64 = exp.iter().sum();
+    exp.iter().map(|e| e / total).collect()
 }

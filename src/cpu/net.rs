@@ -124,10 +124,9 @@ impl CpuNet {
         self.n = n;
         self.input.clear();
         self.input.extend_from_slice(input);
-        let (ops, at) = match mode {
-            Mode::Train(_) => (&plan.forward, plan.buffer.iter().map(|&b| Some(b)).collect::<Vec<_>>()),
-            Mode::Eval => (&plan.eval, plan.eval_buffer.clone()),
-        };
+        let training = matches!(mode, Mode::Train(_));
+        let ops = if training { &plan.forward } else { &plan.eval };
+        let at = |i: usize| plan.output_buffer(i, training);
         // The global average pooling that the GPU runs inside the loss kernel runs last.
         let in_loss = plan.pool_in_loss.map(|i| i..i + 1);
         for i in ops.iter().chain(&in_loss).flat_map(|op| op.clone()) {
@@ -135,8 +134,8 @@ impl CpuNet {
                 continue; // the identity
             }
             let (sin, sout) = (model.input_of(i), model.shapes[i]);
-            let from = if i == 0 { None } else { at[i - 1] };
-            let to = at[i].expect("a layer that runs has a buffer");
+            let from = if i == 0 { None } else { at(i - 1) };
+            let to = at(i).expect("a layer that runs has a buffer");
             let in_place = from == Some(to);
             // Take the output buffer out while the input is read (reused between calls).
             let mut y = std::mem::take(&mut self.buffers[to]);
@@ -216,7 +215,7 @@ impl CpuNet {
             };
             self.buffers[to] = y;
         }
-        self.logits_at = at[model.layers.len() - 1];
+        self.logits_at = at(model.layers.len() - 1);
         self.logits()
     }
 

@@ -196,6 +196,16 @@ impl Plan {
         )
     }
 
+    /// The buffer of layer `i`'s output in a training pass, or in an evaluation pass (None: the input
+    /// batch itself, for dropout layers at the start, which evaluation skips).
+    pub fn output_buffer(&self, i: usize, training: bool) -> Option<usize> {
+        if training {
+            Some(self.buffer[i])
+        } else {
+            self.eval_buffer[i]
+        }
+    }
+
     /// Whether layer `i` writes the buffer of the layer before it.
     pub fn in_place(&self, i: usize) -> bool {
         i > 0 && self.buffer[i] == self.buffer[i - 1]
