@@ -67,9 +67,10 @@ pub trait Backend {
     /// SGD momentum buffers of the trainable prefix.
     fn momenta(&mut self) -> Result<Vec<f32>>;
     fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()>;
-    /// Refuses, with the figure and the limit, a batch size whose buffers would not fit (before any
-    /// is allocated, so that a run cannot abort on an allocation).
-    fn check_batch(&self, batch: usize) -> Result<()>;
+    /// Refuses, with the figure and the limit, a batch size whose buffers would not fit, before a run
+    /// depends on them (so that it cannot abort on an allocation). The GPU backend makes the batch's
+    /// buffers here: only the device can say whether its memory holds them.
+    fn check_batch(&mut self, batch: usize) -> Result<()>;
 }
 
 /// The schedule's entries for `first_step..first_step + count`, or an error naming what is missing.
@@ -128,7 +129,7 @@ impl CpuBackend {
 }
 
 impl Backend for CpuBackend {
-    fn check_batch(&self, batch: usize) -> Result<()> {
+    fn check_batch(&mut self, batch: usize) -> Result<()> {
         // Half as much again for what the estimate leaves out (a buffer growing while the old one is
         // held, the allocator's per-thread arenas), and 512 MiB for the data set, the loader's batches
         // and the threads' stacks: measured under `ulimit -v`, a run that passes this check fits.
@@ -265,6 +266,8 @@ impl GpuBackend {
         crate::gpu::net::check_runs_on_gpu(model)?;
         let kernels = Kernels::new(&ctx)?;
         let shared = SharedBuffers::new(&ctx, model, state);
+        // A pipeline or buffer the device refused (out of memory, say) is reported here, by name.
+        ctx.check()?;
         Ok(GpuBackend {
             ctx,
             kernels,
@@ -380,8 +383,22 @@ fn fill_chunk(batches: &[Batch], layout: &ChunkLayout, out: &mut wgpu::BufferVie
 const GIB: f64 = (1u64 << 30) as f64;
 
 impl Backend for GpuBackend {
-    fn check_batch(&self, batch: usize) -> Result<()> {
-        crate::gpu::net::check_batch_fits(&self.ctx, &self.model, batch).map(|_| ())
+    fn check_batch(&mut self, batch: usize) -> Result<()> {
+        let largest = crate::gpu::net::check_batch_fits(&self.ctx, &self.model, batch)?;
+        // wgpu cannot say how much memory a device has, so the batch's buffers are made now, where the
+        // device can refuse them with a message, rather than at the first step.
+        let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let built = self.net(batch).map(|_| ());
+        if let Some(e) = pollster::block_on(scope.pop()) {
+            self.nets.remove(&batch);
+            anyhow::bail!(
+                "batch size {batch} does not fit in the memory of {} (its largest buffer alone is {} MiB): {e}; \
+                 use a smaller --batch-size",
+                self.ctx.info.name,
+                (batch * largest * 4) >> 20
+            );
+        }
+        built
     }
 
     fn describe(&self) -> String {

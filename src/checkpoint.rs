@@ -179,9 +179,13 @@ const MODEL_KEY: &str = "model";
 /// The model file stored in checkpoint `path`, if it has one (checkpoints from before model files, and
 /// state_dicts saved elsewhere, have none: they hold Net3).
 pub fn stored_model(path: &Path) -> Result<Option<String>> {
-    let bytes = open(path)?;
+    stored_model_in(path, &open(path)?)
+}
+
+/// The model file stored in a checkpoint's bytes; `path` only names the file in errors.
+pub fn stored_model_in(path: &Path, bytes: &[u8]) -> Result<Option<String>> {
     let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+        SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
     Ok(meta.metadata().as_ref().and_then(|m| m.get(MODEL_KEY).cloned()))
 }
 
@@ -218,9 +222,14 @@ fn read_momenta(optim: &Path, model: &Model) -> Result<Option<(Vec<f32>, Option<
     if !optim.exists() {
         return Ok(None);
     }
-    let bytes = open(optim)?;
+    momenta_in(optim, &open(optim)?, model).map(Some)
+}
+
+/// The momenta and the position held in an optimizer file's bytes; `optim` only names the file in
+/// errors.
+pub fn momenta_in(optim: &Path, bytes: &[u8], model: &Model) -> Result<(Vec<f32>, Option<Position>)> {
     let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", optim.display()))?;
+        SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", optim.display()))?;
     let mut m = vec![0.0f32; model.num_trainable];
     for p in model.params.iter().filter(|p| p.trainable) {
         m[p.offset..p.offset + p.len].copy_from_slice(&read_f32(
@@ -230,18 +239,22 @@ fn read_momenta(optim: &Path, model: &Model) -> Result<Option<(Vec<f32>, Option<
             &p.shape,
         )?);
     }
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
     let pos = meta.metadata().as_ref().map(|m| Position::from_map(optim, m)).transpose()?;
-    Ok(Some((m, pos)))
+    Ok((m, pos))
 }
 
 /// The parameters, running statistics and position of a checkpoint, without its optimizer file (what
 /// evaluation needs). Refuses one holding a NaN or an infinity, naming the tensor.
 pub fn load_weights(path: &Path, model: &Model) -> Result<Checkpoint> {
-    let bytes = open(path)?;
+    weights_in(path, &open(path)?, model)
+}
+
+/// What `load_weights` reads, from a checkpoint's bytes; `path` only names the file in errors.
+pub fn weights_in(path: &Path, bytes: &[u8], model: &Model) -> Result<Checkpoint> {
     let st =
-        SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+        SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", path.display()))?;
     let mut state = vec![0.0f32; model.num_state];
     for p in &model.params {
         let values = read_f32(path, &st, &p.name, &p.shape)?;

@@ -420,8 +420,9 @@ fn predict(
     let mut ready: Vec<(&PathBuf, Vec<u8>)> = Vec::new();
     let mut failed = 0;
     for path in images {
-        let prepared = image::open(path)
-            .map_err(|e| format!("cannot read it as an image ({e})"))
+        let prepared = std::fs::read(path)
+            .map_err(|e| format!("cannot read the file ({e})"))
+            .and_then(|bytes| data::preprocess::decode(&bytes))
             .and_then(|img| data::preprocess::preprocess(&img));
         match prepared {
             Ok(pixels) => ready.push((path, pixels)),

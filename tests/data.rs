@@ -113,6 +113,21 @@ fn trailing_bytes() {
     assert!(e.contains(TRAIN_LABELS) && e.contains("3 unexpected trailing bytes"), "{e}");
 }
 
+/// A small gzip file that inflates far beyond what its header declares (here 1 label, then 64 MiB of
+/// zeros) is read no further than the header's length plus one byte, and refused for its trailing data.
+#[test]
+fn a_gzip_stream_is_read_no_further_than_its_header_declares() {
+    let dir = scratch("inflating");
+    write_set(&dir, 20, 10, true);
+    let mut bytes = idx_bytes(&[1], &[7]);
+    bytes.resize(bytes.len() + (64 << 20), 0);
+    let packed = gzip(&bytes);
+    assert!(packed.len() < 1 << 20, "the file itself is small: {} bytes", packed.len());
+    std::fs::write(dir.join(format!("{TRAIN_LABELS}.gz")), packed).unwrap();
+    let e = error_of(&dir);
+    assert!(e.contains(TRAIN_LABELS) && e.contains("unexpected trailing data after the 1 data bytes"), "{e}");
+}
+
 #[test]
 fn count_mismatch() {
     let dir = scratch("count");

@@ -178,3 +178,22 @@ fn gpu_step_is_deterministic() {
     assert_ne!(runs[0].0, state.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "the step changed nothing");
     assert!(runs[0] == runs[1], "two runs of the same step differ");
 }
+
+/// An error wgpu reports outside any call's result (here a buffer the device refuses) no longer panics
+/// in wgpu's default handler: the next check ends the run with wgpu's account, which names the buffer.
+#[test]
+fn a_gpu_validation_error_becomes_an_error_naming_the_buffer() {
+    let Some(_) = gpu() else { return };
+    let ctx = mnist_wgpu::gpu::GpuContext::new(common::adapter_choice().as_deref()).unwrap();
+    ctx.check().unwrap();
+    let _refused = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("far too large"),
+        size: ctx.device.limits().max_buffer_size + 4,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let err = format!("{:#}", ctx.wait().unwrap_err());
+    eprintln!("{err}");
+    assert!(err.contains("the GPU failed") && err.contains("far too large"), "{err}");
+    assert!(err.contains("validation error") || err.contains("out of GPU memory"), "{err}");
+}

@@ -373,3 +373,63 @@ fn a_checkpoint_save_cut_short_loads_the_last_complete_pair() {
     let err = checkpoint::load(&path, &model).err().unwrap().to_string();
     assert!(err.contains("last.optim.safetensors belongs to another checkpoint"), "{err}");
 }
+
+/// A GPU lost mid-run (`Device::destroy` from another thread, once the first epoch's checkpoint is
+/// written) ends the run with an error that says so, keeps that checkpoint whole and says how to go on;
+/// `--resume` from it on a new device finishes the run.
+#[test]
+fn a_lost_gpu_ends_the_run_with_its_message_and_keeps_the_checkpoint() {
+    let Some(_) = gpu() else { return };
+    let model = Model::net3();
+    let set = small_mnist(60, 20);
+    let recipe = Recipe { epochs: 3, batch_size: 10, ..Recipe::default() };
+    let out = scratch("gpu-lost");
+    let last = out.join("last.safetensors");
+    let mut backend = gpu_backend(&model, 1);
+    let device = backend.parts().0.device.clone();
+    let watch = last.clone();
+    let saboteur = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        while !watch.exists() {
+            assert!(started.elapsed().as_secs() < 300, "no checkpoint after 300 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        device.destroy();
+    });
+    let opts = TrainOptions { chunk_batches: Some(1), ..options(recipe, out.clone()) };
+    let result = train::train(&mut backend, &model, &set, &opts);
+    saboteur.join().unwrap();
+    let Err(err) = result else { panic!("the run went on without its GPU") };
+    let err = format!("{err:#}");
+    eprintln!("{err}");
+    assert!(err.contains("the GPU failed") && err.contains("lost"), "{err}");
+    assert!(err.contains(&format!("continue with --resume {}", last.display())), "{err}");
+    let kept = checkpoint::load(&last, &model).unwrap();
+    assert!(kept.momenta.is_some(), "the kept checkpoint has its momenta");
+    assert_eq!(kept.position.unwrap().epoch, 1, "the first epoch's checkpoint is the last good one");
+    drop(backend);
+
+    let mut fresh = gpu_backend(&model, 2);
+    let opts = TrainOptions { resume: Some(last.clone()), ..options(recipe, out.clone()) };
+    let resumed = train::train(&mut fresh, &model, &set, &opts).unwrap();
+    assert!(!resumed.interrupted && resumed.epochs.len() == 2, "the resumed run does epochs 2 and 3");
+}
+
+/// A loader thread that dies ends the run with the thread's own error rather than a short epoch. Here
+/// a split holds fewer images than labels (the IDX reader never lets one through), so building a batch
+/// that picks a missing image panics in the worker.
+#[test]
+fn a_dead_loader_thread_ends_the_run_with_its_error() {
+    let model = Model::net3();
+    let mut set = small_mnist(100, 20);
+    set.train.images.truncate(60 * IMAGE_PIXELS);
+    let recipe = Recipe { epochs: 1, batch_size: 10, ..Recipe::default() };
+    let mut backend = CpuBackend::new(&model, model.init_state(recipe.seed));
+    let err = format!(
+        "{:#}",
+        train::train(&mut backend, &model, &set, &options(recipe, scratch("dead-loader"))).unwrap_err()
+    );
+    eprintln!("{err}");
+    assert!(err.contains("loader thread") && err.contains("died") && err.contains("out of range"), "{err}");
+    assert!(err.contains("the loader stopped after batch"), "{err}");
+}

@@ -3,6 +3,7 @@
 //! Layout: two zero bytes, an element-type byte (0x08 = unsigned byte, the only one MNIST uses),
 //! the number of dimensions, one big-endian u32 per dimension, then the elements in row-major order.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -40,22 +41,52 @@ const TYPE_U8: u8 = 0x08;
 
 /// Reads the whole file, gunzipping it when it starts with the gzip magic (whatever its name).
 fn read_bytes(path: &Path) -> Result<Vec<u8>, DataError> {
-    let raw = std::fs::read(path).map_err(|e| {
+    std::fs::read(path).map_err(|e| {
         let problem = if e.kind() == std::io::ErrorKind::NotFound {
             "file not found".to_string()
         } else {
             format!("cannot read file: {e}")
         };
         DataError::new(path, problem)
-    })?;
+    })
+}
+
+/// The IDX bytes of a file's contents: gunzipped when they start with the gzip magic. A gzip stream is
+/// read no further than its header declares (plus one byte, to see trailing data), so a small file
+/// that inflates without end cannot exhaust the memory.
+fn inflate<'a>(path: &Path, raw: &'a [u8]) -> Result<Cow<'a, [u8]>, DataError> {
     if !raw.starts_with(&GZIP_MAGIC) {
-        return Ok(raw);
+        return Ok(Cow::Borrowed(raw));
     }
-    let mut out = Vec::with_capacity(raw.len() * 4);
-    flate2::read::GzDecoder::new(&raw[..])
-        .read_to_end(&mut out)
-        .map_err(|e| DataError::new(path, format!("truncated or corrupt gzip stream ({e})")))?;
-    Ok(out)
+    let corrupt = |e: std::io::Error| DataError::new(path, format!("truncated or corrupt gzip stream ({e})"));
+    let mut stream = flate2::read::GzDecoder::new(raw);
+    let mut out = Vec::new();
+    (&mut stream).take(4).read_to_end(&mut out).map_err(corrupt)?;
+    if out.len() < 4 || out[..2] != [0, 0] {
+        // Not an IDX header: parse_idx says what is wrong.
+        return Ok(Cow::Owned(out));
+    }
+    let ndim = out[3] as u64;
+    (&mut stream).take(4 * ndim).read_to_end(&mut out).map_err(corrupt)?;
+    let declared = out[4..]
+        .chunks_exact(4)
+        .try_fold(1u64, |acc, c| acc.checked_mul(u32::from_be_bytes([c[0], c[1], c[2], c[3]]) as u64));
+    // An overflowing product is refused by parse_idx; one more byte than declared shows trailing data.
+    let limit = declared.map_or(0, |n| n.saturating_add(1));
+    let header = out.len();
+    stream.take(limit).read_to_end(&mut out).map_err(corrupt)?;
+    if let Some(n) = declared.filter(|&n| (out.len() - header) as u64 > n) {
+        return Err(DataError::new(
+            path,
+            format!("unexpected trailing data after the {n} data bytes its header declares"),
+        ));
+    }
+    Ok(Cow::Owned(out))
+}
+
+/// Checks the contents of an IDX file, gzipped or raw. `path` only names the file in errors.
+pub fn decode_idx(path: &Path, raw: &[u8]) -> Result<IdxArray, DataError> {
+    parse_idx(path, &inflate(path, raw)?)
 }
 
 /// Parses IDX bytes. `path` only names the file in errors.
@@ -119,5 +150,5 @@ pub fn parse_idx(path: &Path, bytes: &[u8]) -> Result<IdxArray, DataError> {
 
 /// Reads and checks one IDX file.
 pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
-    parse_idx(path, &read_bytes(path)?)
+    decode_idx(path, &read_bytes(path)?)
 }

@@ -5,7 +5,7 @@
 //! count builds the same batches, bit for bit.
 
 use std::sync::mpsc::{sync_channel, Receiver};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::seq::SliceRandom;
@@ -99,6 +99,29 @@ pub struct EpochBatches {
     /// Worker k builds the epoch's batches first + k, first + k + workers, ...
     workers: Vec<Receiver<Batch>>,
     next: usize,
+    failure: LoaderFailure,
+}
+
+/// Why a loader thread died, if one did: the iterator then ends early, and the trainer asks here.
+#[derive(Clone, Default)]
+pub struct LoaderFailure(Arc<Mutex<Option<String>>>);
+
+impl LoaderFailure {
+    fn record(&self, what: String) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(what);
+    }
+
+    /// The first worker's death, in words.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl EpochBatches {
+    /// Where a worker's death is recorded (keep it: the iterator goes to the trainer).
+    pub fn failure(&self) -> LoaderFailure {
+        self.failure.clone()
+    }
 }
 
 impl Iterator for EpochBatches {
@@ -127,24 +150,37 @@ pub fn spawn_epoch(
     let threads = threads.max(1);
     let order = Arc::new(epoch_order(cfg.seed, epoch, split.len()));
     let total = batches_per_epoch(split.len(), cfg.batch_size);
+    let failure = LoaderFailure::default();
     let workers = (0..threads)
         .map(|k| {
             let (tx, rx) = sync_channel(ahead.div_ceil(threads).max(1));
-            let (split, order) = (split.clone(), order.clone());
-            std::thread::Builder::new()
-                .name(format!("loader {k} epoch {epoch}"))
-                .spawn(move || {
+            let (split, order, died) = (split.clone(), order.clone(), failure.clone());
+            let work = move || {
+                // A panic ends this worker's batches; the trainer reports it instead of a short epoch.
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     for index in (first + k..total).step_by(threads) {
                         if tx.send(train_batch(&split, &order, &cfg, epoch, index)).is_err() {
                             return;
                         }
                     }
-                })
-                .expect("spawning a loader thread");
+                }));
+                if let Err(payload) = built {
+                    let why = payload
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| payload.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    died.record(format!("loader thread {k} of epoch {} died: {why}", epoch + 1));
+                }
+            };
+            if let Err(e) = std::thread::Builder::new().name(format!("loader {k} epoch {epoch}")).spawn(work) {
+                // The dropped sender ends the batches at this worker's first turn.
+                failure.record(format!("cannot start loader thread {k}: {e}"));
+            }
             rx
         })
         .collect();
-    EpochBatches { workers, next: 0 }
+    EpochBatches { workers, next: 0, failure }
 }
 
 /// The loader threads to use by default: one per core. The training thread mostly waits (for the

@@ -12,6 +12,22 @@ const DIGIT_BOX: u32 = 20;
 /// Ink is what stands this far (of 255) above the background; less everywhere is a blank image.
 const MIN_INK: f32 = 40.0;
 
+/// The largest picture `predict` reads, per side: a phone photo fits; a file claiming more is refused
+/// before its pixels are decoded (the decoder's own allocation limit stays on as well).
+pub const MAX_SIDE: u32 = 8192;
+
+/// Decodes a PNG or JPEG file's bytes, refusing pictures wider or taller than `MAX_SIDE`.
+pub fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read it as an image ({e})"))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    reader.limits(limits);
+    reader.decode().map_err(|e| format!("cannot read it as an image ({e})"))
+}
+
 /// The 28 x 28 grey image (0 = background, 255 = ink) the network sees for `img`, or why there is
 /// none (a blank image).
 pub fn preprocess(img: &DynamicImage) -> Result<Vec<u8>, String> {
@@ -20,8 +36,8 @@ pub fn preprocess(img: &DynamicImage) -> Result<Vec<u8>, String> {
         return Err("the image has no pixels".into());
     }
     // Grey, with transparent pixels over white (a drawing on a transparent canvas is dark on light).
-    let rgba = img.to_rgba8();
-    let grey: Vec<f32> = rgba
+    let grey: Vec<f32> = img
+        .to_rgba8()
         .pixels()
         .map(|p| {
             let [r, g, b, a] = p.0.map(|v| v as f32);
@@ -31,11 +47,11 @@ pub fn preprocess(img: &DynamicImage) -> Result<Vec<u8>, String> {
         .collect();
     // The background is the border's median; a light one means dark ink, which is inverted.
     let background = border_median(&grey, w as usize, h as usize);
-    let ink: Vec<f32> = if background > 127.5 {
-        grey.iter().map(|&v| (background - v).max(0.0)).collect()
-    } else {
-        grey.iter().map(|&v| (v - background).max(0.0)).collect()
-    };
+    let mut ink = grey;
+    let light = background > 127.5;
+    for v in ink.iter_mut() {
+        *v = if light { background - *v } else { *v - background }.max(0.0);
+    }
     let strongest = ink.iter().cloned().fold(0.0, f32::max);
     if strongest < MIN_INK {
         return Err("no digit found: the image is blank (no pixel stands out from its background)".into());

@@ -1,6 +1,8 @@
 //! Device setup through raw wgpu: list adapters, pick one, open a device with the adapter's own limits
 //! and the optional features we use, and move f32 data in and out. Nothing here assumes a backend.
 
+use std::sync::{Arc, Mutex};
+
 use anyhow::{anyhow, bail, Context as _, Result};
 use wgpu::util::DeviceExt;
 
@@ -84,6 +86,58 @@ pub struct GpuContext {
     pub info: wgpu::AdapterInfo,
     /// Whether timestamp queries are available (per-kernel profiling).
     pub timestamps: bool,
+    faults: Faults,
+}
+
+/// What the GPU reported outside any call's result: a validation error, running out of memory, or the
+/// device lost. The run ends with it at the next check (`GpuContext::check`).
+#[derive(Debug)]
+pub struct GpuFailure(pub String);
+
+impl std::fmt::Display for GpuFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the GPU failed: {}", self.0)
+    }
+}
+
+impl std::error::Error for GpuFailure {}
+
+/// The first fault wgpu reported through our handlers (wgpu's default handler panics); later ones
+/// mostly follow from it, so they are kept out of the message.
+#[derive(Clone, Default)]
+struct Faults(Arc<Mutex<Option<String>>>);
+
+impl Faults {
+    fn record(&self, what: String) {
+        let mut first = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if first.is_none() {
+            *first = Some(what);
+        }
+    }
+
+    fn first(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// A wgpu error in a line: its kind and wgpu's own account, which names the kernel (pipeline, pass)
+/// or buffer by its label when it knows it.
+fn describe_error(e: &wgpu::Error) -> String {
+    let account = |source: &(dyn std::error::Error + Send + 'static)| {
+        let mut text = source.to_string();
+        let mut next = source.source();
+        while let Some(cause) = next {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        text
+    };
+    match e {
+        wgpu::Error::OutOfMemory { source } => format!("out of GPU memory ({})", account(source.as_ref())),
+        wgpu::Error::Validation { source, .. } => format!("validation error: {}", account(source.as_ref())),
+        wgpu::Error::Internal { source, .. } => format!("internal error: {}", account(source.as_ref())),
+    }
 }
 
 impl GpuContext {
@@ -126,7 +180,32 @@ impl GpuContext {
         let (device, queue) = pollster::block_on(adapter.request_device(&desc))
             .with_context(|| format!("opening a device on adapter {} ({:?})", info.name, info.backend))?;
         log::info!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
-        Ok(GpuContext { device, queue, timestamps: !features.is_empty(), info })
+        let faults = Faults::default();
+        let errors = faults.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| errors.record(describe_error(&e))));
+        let lost = faults.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            let detail = if message.is_empty() { String::new() } else { format!(": {message}") };
+            lost.record(format!("the device was lost ({reason:?}){detail}"))
+        });
+        Ok(GpuContext { device, queue, timestamps: !features.is_empty(), info, faults })
+    }
+
+    /// Ends the run with the first fault the GPU reported, if any (see `GpuFailure`).
+    pub fn check(&self) -> Result<()> {
+        match self.faults.first() {
+            Some(what) => Err(GpuFailure(what).into()),
+            None => Ok(()),
+        }
+    }
+
+    /// The fault the GPU reported, if any, else `error` (a failure that is its consequence: a map or a
+    /// poll that failed because the device is gone).
+    pub fn fault_or(&self, error: anyhow::Error) -> anyhow::Error {
+        match self.check() {
+            Err(fault) => fault,
+            Ok(()) => error,
+        }
     }
 
     /// True for a software adapter (lavapipe, WARP, SwiftShader): correct, but far too slow to train on.
@@ -191,9 +270,12 @@ impl GpuContext {
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);
         });
-        self.device.poll(wgpu::PollType::wait_indefinitely()).context("waiting for the GPU")?;
-        rx.recv().context("readback callback dropped")?.context("mapping a readback buffer")?;
-        let view = slice.get_mapped_range().context("reading a mapped buffer")?;
+        self.wait()?;
+        rx.recv()
+            .context("readback callback dropped")
+            .and_then(|r| r.context("mapping a readback buffer"))
+            .map_err(|e| self.fault_or(e))?;
+        let view = slice.get_mapped_range().context("reading a mapped buffer").map_err(|e| self.fault_or(e))?;
         let out = bytemuck::cast_slice(&view).to_vec();
         drop(view);
         staging.unmap();
@@ -207,8 +289,14 @@ impl GpuContext {
 
     /// Waits until all submitted work has finished.
     pub fn wait(&self) -> Result<()> {
-        self.device.poll(wgpu::PollType::wait_indefinitely()).context("waiting for the GPU")?;
-        Ok(())
+        self.poll(wgpu::PollType::wait_indefinitely())
+    }
+
+    /// Polls the device, then ends the run with any fault the GPU reported meanwhile.
+    pub fn poll(&self, how: wgpu::PollType) -> Result<()> {
+        let polled = self.device.poll(how).context("waiting for the GPU");
+        self.check()?;
+        polled.map(|_| ())
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use super::context::GpuContext;
 use super::net::{Metrics, METRICS_WORDS};
@@ -151,14 +151,12 @@ impl Stream {
         // poll away.
         if slot.upload_mapped.get() == WAITING {
             if let Some(last) = slot.last_use.clone() {
-                ctx.device
-                    .poll(wgpu::PollType::Wait { submission_index: Some(last), timeout: None })
-                    .context("waiting for the GPU")?;
+                ctx.poll(wgpu::PollType::Wait { submission_index: Some(last), timeout: None })?;
             }
         }
         match slot.upload_mapped.get() {
             MAPPED => {}
-            FAILED => bail!("mapping a chunk upload buffer failed (the GPU device was lost?)"),
+            FAILED => return Err(ctx.fault_or(anyhow!("mapping a chunk upload buffer failed"))),
             _ => bail!("a chunk upload buffer was not mapped after its last use finished"),
         }
         if slot.upload.size() < bytes {
@@ -175,6 +173,8 @@ impl Stream {
         record(&mut encoder, &slot.upload);
         encoder.copy_buffer_to_buffer(metrics, 0, &slot.readback, 0, METRICS_BYTES);
         let submission = ctx.queue.submit([encoder.finish()]);
+        // A kernel or buffer that failed validation while being recorded is reported by now.
+        ctx.check()?;
         slot.upload_mapped.map(&slot.upload, wgpu::MapMode::Write);
         slot.readback_mapped.map(&slot.readback, wgpu::MapMode::Read);
         slot.last_use = Some(submission.clone());
@@ -193,12 +193,12 @@ impl Stream {
 
     /// Picks up the chunks that have finished, without waiting.
     pub fn poll(&mut self, ctx: &GpuContext) -> Result<()> {
-        ctx.device.poll(wgpu::PollType::Poll).context("polling the GPU")?;
+        ctx.poll(wgpu::PollType::Poll)?;
         while let Some(p) = self.pending.front() {
             if self.slots[p.slot].readback_mapped.get() == WAITING {
                 break;
             }
-            self.take_oldest()?;
+            self.take_oldest(ctx)?;
         }
         Ok(())
     }
@@ -214,20 +214,18 @@ impl Stream {
     fn finish_oldest(&mut self, ctx: &GpuContext) -> Result<()> {
         let Some(p) = self.pending.front() else { return Ok(()) };
         if self.slots[p.slot].readback_mapped.get() == WAITING {
-            ctx.device
-                .poll(wgpu::PollType::Wait { submission_index: Some(p.submission.clone()), timeout: None })
-                .context("waiting for the GPU")?;
+            ctx.poll(wgpu::PollType::Wait { submission_index: Some(p.submission.clone()), timeout: None })?;
         }
-        self.take_oldest()
+        self.take_oldest(ctx)
     }
 
     /// Reads the oldest chunk's metrics (its read-back buffer must be mapped by now).
-    fn take_oldest(&mut self) -> Result<()> {
+    fn take_oldest(&mut self, ctx: &GpuContext) -> Result<()> {
         let p = self.pending.pop_front().expect("a pending chunk");
         let slot = &self.slots[p.slot];
         match slot.readback_mapped.get() {
             MAPPED => {}
-            FAILED => bail!("reading the running metrics back failed (the GPU device was lost?)"),
+            FAILED => return Err(ctx.fault_or(anyhow!("reading the running metrics back failed"))),
             _ => bail!("a chunk finished but its metrics were not mapped"),
         }
         let words: Vec<u32> = {

@@ -18,6 +18,11 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("best20k", include_str!("../../models/best20k.toml")),
 ];
 
+/// The widest layer a model file may ask for (channels or outputs), and the largest kernel and
+/// padding: far beyond a small CNN, and small enough that no shape arithmetic can overflow.
+const MAX_WIDTH: usize = 65_536;
+const MAX_KERNEL: usize = 64;
+
 /// A model file's `[train]` table: what `train` uses where no flag is given (unset: the recipe's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +142,11 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
                 if out == 0 || k == 0 {
                     return Err(at("a conv layer's `out` and `kernel` must be at least 1".into()));
                 }
+                if out > MAX_WIDTH || k > MAX_KERNEL || spec.padding.is_some_and(|p| p > MAX_KERNEL) {
+                    return Err(at(format!(
+                        "a conv layer's `out` is at most {MAX_WIDTH}, its `kernel` and `padding` at most {MAX_KERNEL}"
+                    )));
+                }
                 convs += 1;
                 // The input channels follow from the shapes, below. No bias unless asked (the recipe's
                 // convolutions have none).
@@ -145,8 +155,8 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
             }
             "linear" => {
                 let out = spec.out.ok_or_else(|| at("a linear layer needs `out`".into()))?;
-                if out == 0 {
-                    return Err(at("a linear layer's `out` must be at least 1".into()));
+                if out == 0 || out > MAX_WIDTH {
+                    return Err(at(format!("a linear layer's `out` must be 1 to {MAX_WIDTH}")));
                 }
                 linears += 1;
                 // A bias unless told otherwise, as PyTorch's nn.Linear.
@@ -365,6 +375,14 @@ mod tests {
         let e = err("[[layer]\n");
         assert!(e.contains("m.toml") && e.contains("line 1"), "{e}");
         assert!(err("").contains("no [[layer]] tables"));
+        // Sizes whose arithmetic would overflow or whose parameters could not be allocated.
+        let e = err(&conv.replace("padding = 1", "padding = 18446744073709551615"));
+        assert!(e.contains("line 1") && e.contains("at most 64"), "{e}");
+        let e = err(&conv.replace("out = 10", "out = 1000000000000"));
+        assert!(e.contains("line 1") && e.contains("at most 65536"), "{e}");
+        let wide = "[[layer]]\ntype = \"conv\"\nout = 65536\nkernel = 3\npadding = 1\n\n[[layer]]\ntype = \"linear\"\nout = 65536\n";
+        let e = err(wide);
+        assert!(e.contains("line 7") && e.contains("more than 268,435,456 parameters"), "{e}");
         let e = resolve("no-such-model", MNIST, 10).unwrap_err().to_string();
         assert!(e.contains("no-such-model") && e.contains("presets: net3"), "{e}");
     }

@@ -102,6 +102,8 @@ pub enum Layer {
 }
 
 pub const BN_EPS: f32 = 1e-5;
+/// The most parameters (trainable and running statistics) a network may have: 1 GiB of f32.
+pub const MAX_PARAMS: usize = 1 << 28;
 pub const BN_MOMENTUM: f32 = 0.1;
 
 /// Dropout keeps an element when its 24-bit hash draw is at least this (p * 2^24); shared by every
@@ -307,6 +309,16 @@ impl Model {
                 }
                 Layer::Relu => LayerParams::None,
             };
+            // Refused here rather than by an allocation that aborts the process.
+            let values = trainable.iter().chain(&running).try_fold(0usize, |sum, (_, dims, _)| {
+                dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| sum.checked_add(n))
+            });
+            if values.is_none_or(|v| v > MAX_PARAMS) {
+                return Err(fail(format!(
+                    "the network reaches more than {} parameters here, beyond what this program trains",
+                    group_thousands(MAX_PARAMS)
+                )));
+            }
             shapes.push(shape);
             slots.push(slot);
         }

@@ -254,8 +254,29 @@ pub fn resume_point(path: &Path, model: &Model, recipe: &Recipe) -> Result<(Vec<
     Ok((ck.state, momenta, pos))
 }
 
-/// Trains `backend` (holding `model`'s state) on `data` as `opts.recipe` says.
+/// Trains `backend` (holding `model`'s state) on `data` as `opts.recipe` says. A GPU that fails
+/// mid-run (a validation error, out of memory, a lost device) ends it with what the GPU said, what
+/// became of the last checkpoint and how to go on from it.
 pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &TrainOptions) -> Result<Outcome> {
+    train_run(backend, model, data, opts).map_err(|e| {
+        if !e.is::<crate::gpu::context::GpuFailure>() {
+            return e;
+        }
+        let last = opts.out_dir.join("last.safetensors");
+        let next = if last.exists() {
+            format!(
+                "the last good checkpoint, {}, is unchanged; continue with --resume {} (and the same flags)",
+                last.display(),
+                last.display()
+            )
+        } else {
+            "no checkpoint had been written yet".to_string()
+        };
+        anyhow::anyhow!("{e:#}. Training stopped: {next}")
+    })
+}
+
+fn train_run(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &TrainOptions) -> Result<Outcome> {
     let r = opts.recipe;
     let train_split = Arc::new(data.train.clone());
     let steps_per_epoch = batches_per_epoch(train_split.len(), r.batch_size);
@@ -320,6 +341,7 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
         bar.set_position(first_batch as u64);
         backend.reset_sums()?;
         let batches = spawn_epoch(train_split.clone(), loader, epoch, first_batch, ahead, opts.loader_threads);
+        let loader_failure = batches.failure();
         let epoch_start_step = global;
         let run = run_chunks(backend, batches, global, opts.chunk_batches, &opts.stop, |done, sums| {
             check_finite(sums, epoch_start_step + done, &last)?;
@@ -357,9 +379,10 @@ pub fn train(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts: &Trai
             return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
         }
         if done < steps_per_epoch {
+            let why = loader_failure.get().unwrap_or_else(|| "a loader thread died".into());
             bail!(
-                "the loader stopped after batch {done} of {steps_per_epoch} in epoch {} (a loader thread \
-                 died); the checkpoints already saved in {} are unchanged",
+                "{why}: the loader stopped after batch {done} of {steps_per_epoch} in epoch {}; the checkpoints \
+                 already saved in {} are unchanged",
                 epoch + 1,
                 opts.out_dir.display()
             );
