@@ -30,7 +30,7 @@ for t in "${targets[@]}"; do
     log="fuzz/work/$t.log"
     echo "== $t: ${seconds} s"
     if cargo fuzz run "$t" "fuzz/work/$t" "fuzz/corpus/$t" -- \
-        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
+        -max_total_time="$seconds" -max_len=8192 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
         result=ok
     else
         result=FAILED

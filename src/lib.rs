@@ -11,15 +11,26 @@
 //! - `onnx`: a network and its weights as an ONNX model; `report`: a run's pictures and page;
 //! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread;
 //!   `summary`: the report of a GPU run (`dist/run.sh`) from the files it wrote.
+//!
+//! `model`, `data` and `checkpoint` build without the default `app` feature, which brings in everything
+//! else (the fuzz targets of `fuzz/` use them so).
 
+#[cfg(feature = "app")]
 pub mod backend;
 pub mod checkpoint;
+#[cfg(feature = "app")]
 pub mod cpu;
 pub mod data;
+#[cfg(feature = "app")]
 pub mod gpu;
 pub mod model;
+#[cfg(feature = "app")]
 pub mod onnx;
+#[cfg(feature = "app")]
 pub mod report;
+#[cfg(feature = "app")]
 pub mod summary;
+#[cfg(feature = "app")]
 pub mod train;
+#[cfg(feature = "app")]
 pub mod verify;

@@ -420,8 +420,7 @@ fn predict(
     let mut ready: Vec<(&PathBuf, Vec<u8>)> = Vec::new();
     let mut failed = 0;
     for path in images {
-        let prepared = std::fs::read(path)
-            .map_err(|e| format!("cannot read the file ({e})"))
+        let prepared = data::preprocess::read_file(path)
             .and_then(|bytes| data::preprocess::decode(&bytes))
             .and_then(|img| data::preprocess::preprocess(&img));
         match prepared {

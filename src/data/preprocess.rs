@@ -16,14 +16,32 @@ const MIN_INK: f32 = 40.0;
 /// before its pixels are decoded (the decoder's own allocation limit stays on as well).
 pub const MAX_SIDE: u32 = 8192;
 
+/// The largest picture file `predict` reads: far above any PNG or JPEG of `MAX_SIDE` pixels a side.
+const MAX_FILE_BYTES: u64 = 256 << 20;
+
+/// The bytes of a picture file, refusing one too large to be a picture `predict` can use before
+/// reading it.
+pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let size = std::fs::metadata(path).map_err(|e| format!("cannot read the file ({e})"))?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(format!("the file has {} MiB; pictures over {} MiB are refused", size >> 20, MAX_FILE_BYTES >> 20));
+    }
+    std::fs::read(path).map_err(|e| format!("cannot read the file ({e})"))
+}
+
 /// Decodes a PNG or JPEG file's bytes, refusing pictures wider or taller than `MAX_SIDE`.
 pub fn decode(bytes: &[u8]) -> Result<DynamicImage, String> {
+    decode_within(bytes, MAX_SIDE)
+}
+
+/// `decode` with another largest side (the fuzz target's is smaller, so that each input runs fast).
+pub fn decode_within(bytes: &[u8], max_side: u32) -> Result<DynamicImage, String> {
     let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read it as an image ({e})"))?;
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
     reader.limits(limits);
     reader.decode().map_err(|e| format!("cannot read it as an image ({e})"))
 }
