@@ -166,7 +166,23 @@ fn predict_reads_large_light_background_pictures_of_test_digits() {
     std::fs::write(dir.join("empty.png"), b"").unwrap();
     std::fs::write(dir.join("corrupt.jpg"), b"\xff\xd8\xff\xe0 not really a JPEG").unwrap();
     RgbImage::from_pixel(120, 90, Rgb([250, 244, 228])).save(dir.join("blank.png")).unwrap();
-    for bad in ["empty.png", "corrupt.jpg", "blank.png"] {
+    // A PNG of a few bytes that declares 100,000 x 100,000 pixels: refused before they are decoded.
+    let chunk = |kind: &[u8], data: &[u8]| -> Vec<u8> {
+        let mut crc = flate2::Crc::new();
+        crc.update(kind);
+        crc.update(data);
+        [&(data.len() as u32).to_be_bytes()[..], kind, data, &crc.sum().to_be_bytes()].concat()
+    };
+    let header = [&100_000u32.to_be_bytes()[..], &100_000u32.to_be_bytes(), &[8, 0, 0, 0, 0]].concat();
+    let huge = [
+        &b"\x89PNG\r\n\x1a\n"[..],
+        &chunk(b"IHDR", &header),
+        &chunk(b"IDAT", &common::gzip(&[0; 100])),
+        &chunk(b"IEND", b""),
+    ]
+    .concat();
+    std::fs::write(dir.join("huge.png"), huge).unwrap();
+    for bad in ["empty.png", "corrupt.jpg", "blank.png", "huge.png"] {
         args.insert(3, dir.join(bad).to_str().unwrap().into());
     }
     let checkpoint = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/results/cpu-20-epochs/best.safetensors");
@@ -180,7 +196,8 @@ fn predict_reads_large_light_background_pictures_of_test_digits() {
     assert!(stderr.contains("empty.png: cannot read it as an image"), "{stderr}");
     assert!(stderr.contains("corrupt.jpg: cannot read it as an image"), "{stderr}");
     assert!(stderr.contains("blank.png: no digit found"), "{stderr}");
-    assert!(stderr.contains("3 of 33 images could not be predicted"), "{stderr}");
+    assert!(stderr.contains("huge.png: the picture is over 8192 pixels wide or high"), "{stderr}");
+    assert!(stderr.contains("4 of 34 images could not be predicted"), "{stderr}");
     let mut correct = 0;
     for line in stdout.lines().filter(|l| l.contains("-label-")) {
         // .../digit-I-label-L.png: P (99.9%), ...

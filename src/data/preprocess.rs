@@ -43,7 +43,12 @@ pub fn decode_within(bytes: &[u8], max_side: u32) -> Result<DynamicImage, String
     limits.max_image_width = Some(max_side);
     limits.max_image_height = Some(max_side);
     reader.limits(limits);
-    reader.decode().map_err(|e| format!("cannot read it as an image ({e})"))
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => {
+            format!("the picture is over {max_side} pixels wide or high (or too large to decode)")
+        }
+        e => format!("cannot read it as an image ({e})"),
+    })
 }
 
 /// The 28 x 28 grey image (0 = background, 255 = ink) the network sees for `img`, or why there is
