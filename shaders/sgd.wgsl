@@ -10,7 +10,8 @@
 // An updated parameter or momentum that is not finite sets the metrics buffer's flag word (an integer
 // atomic, so deterministic), so a diverging run is noticed even where later kernels hide the NaN.
 //
-// Entry points and dispatch shapes:
+// Entry points and dispatch shapes (workgroups of SGD_WG invocations, a flat grid, as flat_index but
+// SGD_WG wide: narrow, so that Net3's 17,900 parameters still make 280 workgroups for a big GPU):
 //   update        one invocation per trainable parameter (d.len): the gradient finished, then the step
 //   sum_slices    one invocation per trainable parameter: the gradient finished only (when gradients
 //                 are read without a step)
@@ -30,6 +31,13 @@ struct Dims {
 @group(0) @binding(6) var<storage, read> sliced: array<vec4<u32>>;
 @group(0) @binding(7) var<storage, read> sliced_of: array<u32>;
 
+// Invocations per workgroup (SGD_WORKGROUP in src/gpu/sgd.rs).
+const SGD_WG: u32 = 64u;
+
+fn parameter_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
+    return gid.x + gid.y * nwg.x * SGD_WG;
+}
+
 // By the bits, which no compiler's assumption of finite arithmetic can fold away.
 fn is_finite(v: f32) -> bool {
     return (bitcast<u32>(v) & 0x7f800000u) != 0x7f800000u;
@@ -48,9 +56,9 @@ fn gradient(i: u32) -> f32 {
     return g;
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(SGD_WG)
 fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_index(gid, nwg);
+    let i = parameter_index(gid, nwg);
     if (i >= d.len) {
         return;
     }
@@ -66,9 +74,9 @@ fn update(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups
     }
 }
 
-@compute @workgroup_size(WG)
+@compute @workgroup_size(SGD_WG)
 fn sum_slices(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = flat_index(gid, nwg);
+    let i = parameter_index(gid, nwg);
     if (i < d.len) {
         grads[i] = gradient(i);
     }

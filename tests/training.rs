@@ -124,9 +124,14 @@ fn divergence_stops_and_keeps_the_last_checkpoint() {
     assert_eq!(std::fs::read(&last).unwrap(), before, "the last good checkpoint was overwritten");
 }
 
-/// 20 steps of the same augmented batches (batch 16) through the GPU executor and the CPU backend,
-/// with dropout on: per-step losses agree to 1e-4 (relative), the state to 1e-4 of its largest value.
-/// The per-step f32 differences (~1e-7, tests/gpu_step.rs) compound through 20 updates.
+/// 20 training steps on real augmented batches (batch 16, dropout on, the one-cycle schedule) through
+/// the GPU executor and the CPU backend, each step starting both from the CPU's state and momenta:
+/// the losses agree to 1e-6 (relative) and the state after each step to 1e-5 of its largest value.
+/// Each step starts from the same state because on real digits two backends' runs part ways by
+/// rounding: equal values in a max-pool window or a ReLU input within rounding of 0 send a gradient
+/// elsewhere on each side, and the difference then grows step by step (measured: with conv1's weight
+/// gradient in 256 slices instead of 128, from 1e-7 to 1e-4 of the loss in four steps, while `verify`
+/// passes every check and ten dense random steps at 20% of its tolerances).
 #[test]
 fn gpu_and_cpu_backends_train_alike() {
     let Some((ctx, k)) = gpu() else { return };
@@ -143,7 +148,7 @@ fn gpu_and_cpu_backends_train_alike() {
     let net = GpuNet::new(ctx, k, &model, 16, &state).unwrap();
     let mut cpu = CpuBackend::new(&model, state);
     let schedule = mnist_wgpu::train::schedule::OneCycle::recipe(200, 0.1);
-    let mut worst = 0.0f64;
+    let (mut worst, mut worst_state) = (0.0f64, 0.0f64);
     for step in 0..20 {
         let b = train_batch(&full.train, &order, &cfg, 0, step);
         let (lr, momentum) = schedule.at(step);
@@ -155,6 +160,8 @@ fn gpu_and_cpu_backends_train_alike() {
             step: step as u32,
             dropout: true,
         };
+        net.write_state(ctx, &cpu.state().unwrap());
+        net.write_momenta(ctx, &cpu.momenta().unwrap());
         cpu.reset_sums().unwrap();
         cpu.train_step(&b.input, &b.labels, p).unwrap();
         let want = cpu.train_sums().unwrap().loss_sum;
@@ -170,13 +177,13 @@ fn gpu_and_cpu_backends_train_alike() {
         net.reset_metrics(ctx);
         let got = net.train_step(ctx, &b.input, &b.labels, u, true).unwrap().unwrap().loss_sum as f64;
         let err = (got - want).abs() / want.abs();
+        assert!(err <= 1e-6, "step {step}: GPU loss sum {got}, CPU {want}");
+        let state_err = common::rel_err(&net.read_state(ctx).unwrap(), &cpu.state().unwrap(), 1e-6);
+        assert!(state_err <= 1e-5, "state after step {step} differs by {state_err:e}");
         worst = worst.max(err);
-        assert!(err <= 1e-4, "step {step}: GPU loss sum {got}, CPU {want}");
+        worst_state = worst_state.max(state_err as f64);
     }
-    let (g, c) = (net.read_state(ctx).unwrap(), cpu.state().unwrap());
-    let err = common::rel_err(&g, &c, 1e-6);
-    eprintln!("20 steps: worst loss difference {worst:.2e}, state difference {err:.2e}");
-    assert!(err <= 1e-4, "state after 20 steps differs by {err:e}");
+    eprintln!("20 steps: worst loss difference {worst:.2e}, worst state difference {worst_state:.2e}");
 }
 
 /// The training loop on the GPU backend, as `train --backend gpu` runs it: three steps per epoch, the

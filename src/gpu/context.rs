@@ -199,12 +199,14 @@ impl GpuContext {
         }
     }
 
-    /// The fault the GPU reported, if any, else `error` (a failure that is its consequence: a map or a
-    /// poll that failed because the device is gone).
+    /// For a map of our own buffer that failed: the fault the GPU reported, else `error` as a GPU
+    /// failure. A destroyed device fails maps at once but reports its loss only from the next poll that
+    /// finds its queue empty, so the device is polled first.
     pub fn fault_or(&self, error: anyhow::Error) -> anyhow::Error {
+        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         match self.check() {
             Err(fault) => fault,
-            Ok(()) => error,
+            Ok(()) => GpuFailure(format!("{error:#}")).into(),
         }
     }
 
@@ -296,7 +298,7 @@ impl GpuContext {
     pub fn poll(&self, how: wgpu::PollType) -> Result<()> {
         let polled = self.device.poll(how).context("waiting for the GPU");
         self.check()?;
-        polled.map(|_| ())
+        polled.map(|_| ()).map_err(|e| self.fault_or(e))
     }
 }
 

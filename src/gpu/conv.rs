@@ -52,7 +52,7 @@ const TILE_CHANNELS: usize = 16;
 /// GPU has over a hundred multiprocessors.
 const WEIGHT_GRAD_GROUPS: usize = 256;
 /// Slices of the positions per tile, at most (the SGD kernel adds every slice of every weight).
-const MAX_WEIGHT_GRAD_SLICES: usize = 128;
+const MAX_WEIGHT_GRAD_SLICES: usize = 256;
 
 /// The (channel, column) tiles of a convolution's weight gradient (a bias is one more column).
 fn weight_grad_tiles(d: &ConvDims, bias: bool) -> usize {

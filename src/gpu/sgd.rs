@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::kernel::{compile, take, Cost, Dispatch, Kernel};
 
 /// What changes every step: written with one small queue write before the step is submitted.
 #[repr(C)]
@@ -68,6 +68,13 @@ pub struct SgdBuffers<'a> {
     pub metrics: &'a wgpu::Buffer,
 }
 
+/// Invocations per workgroup of both entry points (SGD_WG in shaders/sgd.wgsl).
+const SGD_WORKGROUP: u32 = 64;
+
+fn sgd_groups(len: usize) -> u32 {
+    (len as u32).div_ceil(SGD_WORKGROUP)
+}
+
 pub struct Sgd {
     update: Kernel,
     sum_slices: Kernel,
@@ -87,7 +94,7 @@ impl Sgd {
             [(0, &u), (1, b.step), (2, b.state), (3, b.grads), (4, b.momenta), (5, b.metrics), (6, &table), (7, &of)];
         let extra: usize = sliced.iter().map(|t| (t.slices - 1) * t.len).sum();
         // Reads parameter, gradient (and its slices) and momentum; writes parameter, gradient, momentum.
-        self.update.launch(ctx, groups_for(len), &buffers).with_cost(Cost::new(5 * len + extra, 6 * len + extra))
+        self.update.launch(ctx, sgd_groups(len), &buffers).with_cost(Cost::new(5 * len + extra, 6 * len + extra))
     }
 
     /// The gradients finished from their slices, without an update (to read them back).
@@ -95,7 +102,7 @@ impl Sgd {
         let [u, table, of] = slice_buffers(ctx, len, sliced);
         let extra: usize = sliced.iter().map(|t| (t.slices - 1) * t.len).sum();
         self.sum_slices
-            .launch(ctx, groups_for(len), &[(0, &u), (3, grads), (6, &table), (7, &of)])
+            .launch(ctx, sgd_groups(len), &[(0, &u), (3, grads), (6, &table), (7, &of)])
             .with_cost(Cost::new(extra, 2 * len + extra))
     }
 }
