@@ -3,31 +3,35 @@
 // from dropout_hash as dropout.wgsl draws it, when s.dropout_on == 1). NCHW activations of d.hw pixels
 // per plane, d.width per row.
 // gamma, beta, running mean and variance live in `state` at the d.*_off offsets. `saved` holds the
-// batch mean (c values), then 1 / sqrt(var + eps) (c values) of the last training-mode pass, then each
-// slice's partial statistics (below).
+// batch mean (c values), then 1 / sqrt(var + eps) (c values) of the last training-mode pass, then the
+// forward partials, then the backward partials (below).
 //
-// The sums over a channel's n * hw elements are cut into d.slices contiguous slices, so that few
-// channels still fill a big GPU: one workgroup per (channel, slice) writes the slice's partial result,
-// and the next kernel, which runs anyway, combines a channel's slices in slice order (so the same bits
-// on every run): each of its workgroups first combines the few channels its elements belong to in
-// workgroup memory (the host keeps slices * those planes within PARTS).
+// The sums over a channel's n * hw elements arrive as partial results, written by the launch before:
+//   forward:  d.fparts partials per channel, (count, mean, M2) at saved[2c + 3 (part c + channel)],
+//             from the `stats` entry below or, when a convolution comes before, from its epilogue
+//             (conv.wgsl, one per tile of positions), which saves a launch;
+//   backward: d.bparts partials per channel, (sum g, sum g * xhat) at
+//             saved[2c + 3 c fparts + 2 (part c + channel)], from `backward_reduce` or, when a
+//             convolution reads this layer's output, from the epilogue of its dx.
+// The kernels that need the totals run one workgroup per (channel, slice) of the channel's elements:
+// each combines its channel's partials in a fixed order (each invocation a strided run in part order,
+// then a tree), so every workgroup and every run gets the same bits, then works through its slice.
 //
-// Entry points and dispatch shapes:
-//   stats            one workgroup per (channel, slice) (c * slices): the slice's mean and sum of squared
-//                    deviations (two passes, fixed tree order) into saved[2c + 2 (slice c + channel)];
+// Entry points and dispatch shapes (c * d.slices workgroups each, slice s of channel c in workgroup
+// s c + c):
+//   stats            the slice's (count, mean, M2) as forward partial s (two passes, fixed tree order);
 //                    with d.parts > 1, x arrives as that many parts (a convolution's split sums, part p
 //                    at p * len(x)), which the first pass adds in order and writes back as x
-//   apply_train      one invocation per element (n * c * hw): combines the slices (Chan's parallel
-//                    variance, in slice order), y = (x - mean) * invstd * gamma + beta [, ReLU]; the
-//                    workgroup holding a channel's first element also saves its mean and 1/std and
-//                    updates its running statistics (unbiased variance)
-//   apply_eval       one invocation per element: the same with the running statistics
-//   backward_reduce  one workgroup per (channel, slice): the slice's dbeta = sum g and dgamma =
-//                    sum g * xhat (g: dy masked by the ReLU, y > 0), slice 0 at the beta and gamma
-//                    offsets of grads, slice s > 0 at d.beta_extra / d.gamma_extra + (s - 1) c (the
-//                    SGD kernel adds them, as sgd.wgsl says)
-//   backward_data    one invocation per element: adds the slices in order, then
-//                    dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m)
+//   apply_train      combines the forward partials (Chan's parallel variance), then over the slice
+//                    y = (x - mean) * invstd * gamma + beta [, ReLU] [, dropout]; slice 0 also saves
+//                    the mean and 1/std and updates the running statistics (unbiased variance)
+//   backward_reduce  the slice's dbeta = sum g and dgamma = sum g * xhat (g: dy masked by the ReLU,
+//                    y > 0) as backward partial s
+//   backward_data    adds the backward partials, then over the slice
+//                    dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m); slice 0 also writes
+//                    dbeta and dgamma into grads at the beta and gamma offsets
+//   apply_eval       one invocation per element (a flat grid of WG-wide workgroups): the normalization
+//                    with the running statistics
 // In the backward entries dy is the gradient of the layer's output (after ReLU and dropout), or, when
 // d.dy_pooled == 1, of a global average pooling of it (one per plane), or, when d.maxpool == 1, of a
 // 2x2 max pooling of it: the pooling's backward runs inside (the gradient goes to each window's
@@ -39,8 +43,8 @@
 struct Dims {
     n: u32, c: u32, hw: u32, relu: u32,
     gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
-    momentum: f32, eps: f32, slices: u32, gamma_extra: u32,
-    beta_extra: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
+    momentum: f32, eps: f32, slices: u32, fparts: u32,
+    bparts: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
     dropout_scale: f32, maxpool: u32, width: u32, parts: u32,
     dropout_layer: u32, _p0: u32, _p1: u32, _p2: u32,
 }
@@ -67,21 +71,92 @@ fn slice_range(s: u32) -> vec2<u32> {
     return vec2<u32>(min(m, s * share), min(m, (s + 1u) * share));
 }
 
+// The workgroup's channel and slice; the second is d.slices past the end (nothing to do) for a
+// workgroup the grid rounded up.
+fn channel_slice(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
+    let group = flat_group(wid, nwg);
+    if (group >= d.c * d.slices) {
+        return vec2<u32>(0u, d.slices);
+    }
+    return vec2<u32>(group % d.c, group / d.c);
+}
+
+fn forward_partial(part: u32, c: u32) -> u32 {
+    return 2u * d.c + 3u * (part * d.c + c);
+}
+
+fn backward_partial(part: u32, c: u32) -> u32 {
+    return 2u * d.c + 3u * d.c * d.fparts + 2u * (part * d.c + c);
+}
+
+// Chan et al.'s combination of two (count, mean, M2) summaries.
+fn chan(a: vec3<f32>, b: vec3<f32>) -> vec3<f32> {
+    if (b.x == 0.0) {
+        return a;
+    }
+    if (a.x == 0.0) {
+        return b;
+    }
+    let both = a.x + b.x;
+    let delta = b.y - a.y;
+    return vec3<f32>(both, a.y + delta * (b.x / both), a.z + b.z + delta * delta * (a.x * b.x / both));
+}
+
+var<workgroup> red_n: array<f32, WG>;
+
+// Channel c's forward partials combined: count, mean, M2. The same order in every workgroup.
+// Call from uniform control flow.
+fn channel_stats(lid: u32, c: u32) -> vec3<f32> {
+    var mine = vec3<f32>(0.0);
+    for (var p = lid; p < d.fparts; p += WG) {
+        let at = forward_partial(p, c);
+        mine = chan(mine, vec3<f32>(saved[at], saved[at + 1u], saved[at + 2u]));
+    }
+    red_n[lid] = mine.x;
+    red_a[lid] = mine.y;
+    red_b[lid] = mine.z;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            let r = chan(vec3<f32>(red_n[lid], red_a[lid], red_b[lid]),
+                         vec3<f32>(red_n[lid + s], red_a[lid + s], red_b[lid + s]));
+            red_n[lid] = r.x;
+            red_a[lid] = r.y;
+            red_b[lid] = r.z;
+        }
+        workgroupBarrier();
+    }
+    let total = vec3<f32>(red_n[0], red_a[0], red_b[0]);
+    workgroupBarrier();
+    return total;
+}
+
+// Channel c's backward partials added: (dbeta, dgamma). The same order in every workgroup.
+fn channel_sums(lid: u32, c: u32) -> vec2<f32> {
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var p = lid; p < d.bparts; p += WG) {
+        let at = backward_partial(p, c);
+        sg += saved[at];
+        sgx += saved[at + 1u];
+    }
+    return workgroup_sum2(lid, sg, sgx);
+}
+
 @compute @workgroup_size(WG)
 fn stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = flat_group(wid, nwg);
-    // group is uniform across the workgroup, so this early exit keeps the barriers below uniform.
-    if (group >= d.c * d.slices) {
+    let cs = channel_slice(wid, nwg);
+    // Uniform across the workgroup, so this early exit keeps the barriers below uniform.
+    if (cs.y >= d.slices) {
         return;
     }
-    let c = group % d.c;
-    let slice = group / d.c;
-    let r = slice_range(slice);
-    let count = f32(max(r.y - r.x, 1u));
+    let c = cs.x;
+    let r = slice_range(cs.y);
+    let count = f32(r.y - r.x);
     var sum = 0.0;
     for (var j = r.x + lid; j < r.y; j += WG) {
         let i = element(c, j);
@@ -96,7 +171,7 @@ fn stats(
         }
         sum += v;
     }
-    let mean = workgroup_sum2(lid, sum, 0.0).x / count;
+    let mean = workgroup_sum2(lid, sum, 0.0).x / max(count, 1.0);
     var sq = 0.0;
     for (var j = r.x + lid; j < r.y; j += WG) {
         let v = x[element(c, j)] - mean;
@@ -104,24 +179,11 @@ fn stats(
     }
     let m2 = workgroup_sum2(lid, sq, 0.0).x;
     if (lid == 0u) {
-        let at = 2u * d.c + 2u * (slice * d.c + c);
-        saved[at] = mean;
-        saved[at + 1u] = m2;
+        let at = forward_partial(cs.y, c);
+        saved[at] = count;
+        saved[at + 1u] = mean;
+        saved[at + 2u] = m2;
     }
-}
-
-// Per (plane, slice) partials a workgroup loads, and per plane the combined values.
-const PARTS: u32 = 2u * WG;
-var<workgroup> part_a: array<f32, PARTS>;
-var<workgroup> part_b: array<f32, PARTS>;
-var<workgroup> plane_a: array<f32, WG>;
-var<workgroup> plane_b: array<f32, WG>;
-
-// The planes (image, channel) the workgroup starting at element `first` touches: the first one and
-// how many.
-fn planes_of(first: u32) -> vec2<u32> {
-    let last = min(first + WG, d.n * d.c * d.hw) - 1u;
-    return vec2<u32>(first / d.hw, last / d.hw - first / d.hw + 1u);
 }
 
 fn normalize(i: u32, c: u32, mean: f32, invstd: f32) -> f32 {
@@ -143,57 +205,27 @@ fn apply_train(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let total = d.n * d.c * d.hw;
-    let first = flat_group(wid, nwg) * WG;
-    // Uniform across the workgroup: the barriers below stay in uniform control flow.
-    if (first >= total) {
+    let cs = channel_slice(wid, nwg);
+    if (cs.y >= d.slices) {
         return;
     }
-    let planes = planes_of(first);
-    // Part t is slice t % slices of plane t / slices.
-    for (var t = lid; t < planes.y * d.slices; t += WG) {
-        let at = 2u * d.c + 2u * ((t % d.slices) * d.c + (planes.x + t / d.slices) % d.c);
-        part_a[t] = saved[at];
-        part_b[t] = saved[at + 1u];
+    let c = cs.x;
+    let total = channel_stats(lid, c);
+    let m = d.n * d.hw;
+    let mean = total.y;
+    let var_biased = total.z / f32(m);
+    let invstd = 1.0 / sqrt(var_biased + d.eps);
+    if (cs.y == 0u && lid == 0u) {
+        saved[c] = mean;
+        saved[d.c + c] = invstd;
+        let unbiased = var_biased * f32(m) / f32(max(m, 2u) - 1u);
+        state[d.mean_off + c] = (1.0 - d.momentum) * state[d.mean_off + c] + d.momentum * mean;
+        state[d.var_off + c] = (1.0 - d.momentum) * state[d.var_off + c] + d.momentum * unbiased;
     }
-    workgroupBarrier();
-    if (lid < planes.y) {
-        let plane = planes.x + lid;
-        let c = plane % d.c;
-        // Chan et al.'s combination of (count, mean, M2), slice by slice in order.
-        var count = 0.0;
-        var mean = 0.0;
-        var m2 = 0.0;
-        for (var t = 0u; t < d.slices; t++) {
-            let r = slice_range(t);
-            let nb = f32(r.y - r.x);
-            if (nb > 0.0) {
-                let delta = part_a[lid * d.slices + t] - mean;
-                let both = count + nb;
-                mean = mean + delta * (nb / both);
-                m2 = m2 + part_b[lid * d.slices + t] + delta * delta * (count * nb / both);
-                count = both;
-            }
-        }
-        let m = d.n * d.hw;
-        let var_biased = m2 / f32(m);
-        let invstd = 1.0 / sqrt(var_biased + d.eps);
-        plane_a[lid] = mean;
-        plane_b[lid] = invstd;
-        // Image 0's plane of the channel starts in this workgroup: save and update, once per channel.
-        if (plane < d.c && plane * d.hw >= first) {
-            saved[c] = mean;
-            saved[d.c + c] = invstd;
-            let unbiased = var_biased * f32(m) / f32(max(m, 2u) - 1u);
-            state[d.mean_off + c] = (1.0 - d.momentum) * state[d.mean_off + c] + d.momentum * mean;
-            state[d.var_off + c] = (1.0 - d.momentum) * state[d.var_off + c] + d.momentum * unbiased;
-        }
-    }
-    workgroupBarrier();
-    let i = first + lid;
-    if (i < total) {
-        let k2 = i / d.hw - planes.x;
-        let v = normalize(i, (i / d.hw) % d.c, plane_a[k2], plane_b[k2]);
+    let r = slice_range(cs.y);
+    for (var j = r.x + lid; j < r.y; j += WG) {
+        let i = element(c, j);
+        let v = normalize(i, c, mean, invstd);
         if (dropping()) {
             out[i] = select(0.0, v * d.dropout_scale, dropout_hash(s.seed, s.step, d.dropout_layer, i) >= d.dropout_threshold);
         } else {
@@ -232,7 +264,8 @@ fn maxpool_dy(i: u32) -> f32 {
 }
 
 // The gradient reaching the normalization: dy through the poolings, zeroed where the fused ReLU was
-// off or the dropout dropped (y == 0 in both cases), scaled as the dropout scaled.
+// off or the dropout dropped (y == 0 in both cases), scaled as the dropout scaled. conv.wgsl's
+// bn_gradient computes the same from a convolution's dx.
 fn masked_dy(i: u32) -> f32 {
     if (d.relu == 1u && y[i] <= 0.0) {
         return 0.0;
@@ -253,27 +286,18 @@ fn masked_dy(i: u32) -> f32 {
     return g;
 }
 
-// Where slice s of channel c's dbeta (or, with `gamma`, dgamma) goes in grads.
-fn reduce_slot(s: u32, c: u32, gamma: bool) -> u32 {
-    if (s == 0u) {
-        return select(d.beta_off, d.gamma_off, gamma) + c;
-    }
-    return select(d.beta_extra, d.gamma_extra, gamma) + (s - 1u) * d.c + c;
-}
-
 @compute @workgroup_size(WG)
 fn backward_reduce(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = flat_group(wid, nwg);
-    if (group >= d.c * d.slices) {
+    let cs = channel_slice(wid, nwg);
+    if (cs.y >= d.slices) {
         return;
     }
-    let c = group % d.c;
-    let slice = group / d.c;
-    let r = slice_range(slice);
+    let c = cs.x;
+    let r = slice_range(cs.y);
     let mean = saved[c];
     let invstd = saved[d.c + c];
     var sg = 0.0;
@@ -282,12 +306,13 @@ fn backward_reduce(
         let i = element(c, j);
         let g = masked_dy(i);
         sg += g;
-        sgx += g * (x[i] - mean) * invstd;
+        sgx += g * ((x[i] - mean) * invstd);
     }
     let total = workgroup_sum2(lid, sg, sgx);
     if (lid == 0u) {
-        grads[reduce_slot(slice, c, false)] = total.x;
-        grads[reduce_slot(slice, c, true)] = total.y;
+        let at = backward_partial(cs.y, c);
+        saved[at] = total.x;
+        saved[at + 1u] = total.y;
     }
 }
 
@@ -297,40 +322,24 @@ fn backward_data(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let total = d.n * d.c * d.hw;
-    let first = flat_group(wid, nwg) * WG;
-    if (first >= total) {
+    let cs = channel_slice(wid, nwg);
+    if (cs.y >= d.slices) {
         return;
     }
-    let planes = planes_of(first);
-    for (var t = lid; t < planes.y * d.slices; t += WG) {
-        let c = (planes.x + t / d.slices) % d.c;
-        part_a[t] = grads[reduce_slot(t % d.slices, c, false)];
-        part_b[t] = grads[reduce_slot(t % d.slices, c, true)];
+    let c = cs.x;
+    let sums = channel_sums(lid, c);
+    if (cs.y == 0u && lid == 0u) {
+        grads[d.beta_off + c] = sums.x;
+        grads[d.gamma_off + c] = sums.y;
     }
-    workgroupBarrier();
-    if (lid < planes.y) {
-        // The slices added in order, as the SGD kernel adds them.
-        var dbeta = part_a[lid * d.slices];
-        var dgamma = part_b[lid * d.slices];
-        for (var t = 1u; t < d.slices; t++) {
-            dbeta += part_a[lid * d.slices + t];
-            dgamma += part_b[lid * d.slices + t];
-        }
-        plane_a[lid] = dbeta;
-        plane_b[lid] = dgamma;
-    }
-    workgroupBarrier();
-    let i = first + lid;
-    if (i >= total) {
-        return;
-    }
-    let c = (i / d.hw) % d.c;
-    let k2 = i / d.hw - planes.x;
     let m = f32(d.n * d.hw);
     let mean = saved[c];
     let invstd = saved[d.c + c];
-    let xhat = (x[i] - mean) * invstd;
     let scale = state[d.gamma_off + c] * invstd;
-    out[i] = scale * (masked_dy(i) - plane_a[k2] / m - xhat * plane_b[k2] / m);
+    let r = slice_range(cs.y);
+    for (var j = r.x + lid; j < r.y; j += WG) {
+        let i = element(c, j);
+        let xhat = (x[i] - mean) * invstd;
+        out[i] = scale * (masked_dy(i) - sums.x / m - xhat * sums.y / m);
+    }
 }

@@ -29,10 +29,21 @@
 //             then, with d.data == 1, dx[ci, q] = sum over r = (co, ky, kx) of w[co, ci, ky, kx] *
 //             dy-patch[r, q], tiles over input channels and input positions as forward's
 //             (ceil(cin / TC) * ceil(n * h * w / TP)).
+// With d.partials == 1 a tile's epilogue also writes the partial sums of the training batchnorm next
+// to it (batchnorm.wgsl reads them; it saves that batchnorm a launch), one partial per tile of
+// positions and channel, part = the tile's position index, into that batchnorm's `saved` from
+// d.part_off:
+//   forward (one split): the batchnorm after this layer: (count, mean, M2) of the tile's outputs;
+//   backward's dx: the batchnorm whose output (after its ReLU and dropout; with d.pool its 2x2 max
+//             pooling) this layer reads: (sum g, sum g * xhat), g = dx routed to the window's maximum,
+//             masked by that ReLU (d.bn_relu) and scaled by the dropout (d.bn_dropout, d.bn_scale),
+//             xhat from the batchnorm's input bn_x and its saved mean and 1/std (saved[c],
+//             saved[cin + c]): what batchnorm.wgsl's backward_reduce computes.
 // Every result is one invocation's sum in a fixed order, so the same inputs give the same bits.
 // Bindings: 0 dims (uniform), 1 x (input activation), 2 state (weights; batchnorm parameters),
-//           3 dy (output gradient), 4 out (forward: y; backward: dx), 5 grads. Forward binds x as dy
-//           too: the patch reader serves both directions.
+//           3 dy (output gradient), 4 out (forward: y; backward: dx), 5 grads, 6 saved (the next or
+//           previous batchnorm's), 7 bn_x (that batchnorm's input), 8 step (uniform). Forward binds x
+//           as dy too: the patch reader serves both directions.
 
 struct Dims {
     n: u32, cin: u32, h: u32, w: u32,
@@ -41,7 +52,8 @@ struct Dims {
     bn: u32, relu: u32, gamma_off: u32, beta_off: u32,
     mean_off: u32, var_off: u32, eps: f32, pool: u32,
     weight_groups: u32, data: u32, splits: u32, bias: u32,
-    bias_off: u32, bias_extra: u32, _p0: u32, _p1: u32,
+    bias_off: u32, bias_extra: u32, partials: u32, part_off: u32,
+    bn_relu: u32, bn_dropout: u32, bn_scale: f32, _p0: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -50,6 +62,9 @@ struct Dims {
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> grads: array<f32>;
+@group(0) @binding(6) var<storage, read_write> saved: array<f32>;
+@group(0) @binding(7) var<storage, read> bn_x: array<f32>;
+@group(0) @binding(8) var<uniform> s: Step;
 
 // Invocations per workgroup, tile positions (or weight columns), tile channels, and the depth of the
 // sum staged at a time. TW = (TP / 4) * (TC / 4): one 4 x 4 register block per invocation.
@@ -263,6 +278,122 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
                 out[part + ((p / plane) * out_c + c) * plane + p % plane] = epilogue(backward, c, row[t]);
             }
         }
+    }
+    // Uniform: the barriers inside stay uniform.
+    if (d.partials == 1u) {
+        let tile = (group % tiles) / c_tiles;
+        if (backward) {
+            dx_partials(lid, acc, tile, p0, c0);
+        } else {
+            forward_partials(lid, acc, tile, p0, c0);
+        }
+    }
+}
+
+// The value at (channel t, position j) of the tile, in the scratch that reuses slab_p (TC * TP
+// values, channel-major); the main loop's last barrier has passed, so the slabs are free.
+fn scratch_set(at: u32, v: f32) {
+    slab_p[at / 4u][at % 4u] = v;
+}
+
+fn scratch(at: u32) -> f32 {
+    return slab_p[at / 4u][at % 4u];
+}
+
+// The batchnorm's forward partials of a forward tile: per channel, (count, mean, M2) of its outputs
+// (two passes over the staged values, in position order).
+fn forward_partials(lid: u32, acc: Block, tile: u32, p0: u32, c0: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        let row = block_row(acc, j);
+        for (var t = 0u; t < 4u; t++) {
+            scratch_set(block_channel(lid, t) * TP + block_col(lid, j), row[t]);
+        }
+    }
+    workgroupBarrier();
+    let c = c0 + lid;
+    if (lid < TC && c < d.cout) {
+        let count = min(TP, d.n * d.ho * d.wo - p0);
+        var sum = 0.0;
+        for (var j = 0u; j < count; j++) {
+            sum += scratch(lid * TP + j);
+        }
+        let mean = sum / f32(count);
+        var m2 = 0.0;
+        for (var j = 0u; j < count; j++) {
+            let v = scratch(lid * TP + j) - mean;
+            m2 += v * v;
+        }
+        let at = d.part_off + 3u * (tile * d.cout + c);
+        saved[at] = f32(count);
+        saved[at + 1u] = mean;
+        saved[at + 2u] = m2;
+    }
+}
+
+// The gradient g reaching the batchnorm's normalization at input channel c and (pooled) input
+// position q of this layer, from the dx value there, and g * xhat: batchnorm.wgsl's masked_dy.
+fn bn_gradient(q: vec3<u32>, c: u32, dx: f32) -> vec2<f32> {
+    var i: u32;
+    if (d.pool == 1u) {
+        // Only the window's maximum (the first on ties) gets the gradient.
+        let w2 = 2u * d.w;
+        let base = ((q.x * d.cin + c) * 2u * d.h + 2u * q.y) * w2 + 2u * q.z;
+        let v = vec4<f32>(x[base], x[base + 1u], x[base + w2], x[base + w2 + 1u]);
+        let place = window_max_place(v);
+        i = base + (place / 2u) * w2 + place % 2u;
+    } else {
+        i = ((q.x * d.cin + c) * d.h + q.y) * d.w + q.z;
+    }
+    var g = dx;
+    if (d.bn_relu == 1u && x[i] <= 0.0) {
+        g = 0.0;
+    }
+    if (d.bn_dropout == 1u && s.dropout_on == 1u) {
+        g *= d.bn_scale;
+    }
+    return vec2<f32>(g, g * ((bn_x[i] - saved[c]) * saved[d.cin + c]));
+}
+
+// The batchnorm's backward partials of a dx tile: per channel, (sum g, sum g * xhat), each
+// invocation's 4 positions in order, then the TP / 4 invocations of a channel in order.
+fn dx_partials(lid: u32, acc: Block, tile: u32, p0: u32, c0: u32) {
+    let positions = d.n * d.h * d.w;
+    var sg = vec4<f32>(0.0);
+    var sgx = vec4<f32>(0.0);
+    for (var j = 0u; j < 4u; j++) {
+        let p = p0 + block_col(lid, j);
+        if (p >= positions) {
+            break;
+        }
+        let q = position(p, d.h, d.w);
+        let row = block_row(acc, j);
+        for (var t = 0u; t < 4u; t++) {
+            let c = c0 + block_channel(lid, t);
+            if (c < d.cin) {
+                let gg = bn_gradient(q, c, row[t]);
+                sg[t] += gg.x;
+                sgx[t] += gg.y;
+            }
+        }
+    }
+    let lanes = TP / 4u;
+    for (var t = 0u; t < 4u; t++) {
+        let at = block_channel(lid, t) * lanes + lid % lanes;
+        scratch_set(at, sg[t]);
+        scratch_set(TC * lanes + at, sgx[t]);
+    }
+    workgroupBarrier();
+    let c = c0 + lid;
+    if (lid < TC && c < d.cin) {
+        var a = 0.0;
+        var b = 0.0;
+        for (var k = 0u; k < lanes; k++) {
+            a += scratch(lid * lanes + k);
+            b += scratch(TC * lanes + lid * lanes + k);
+        }
+        let at = d.part_off + 2u * (tile * d.cin + c);
+        saved[at] = a;
+        saved[at + 1u] = b;
     }
 }
 

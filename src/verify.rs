@@ -31,7 +31,7 @@ use crate::cpu::pool::*;
 use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
-use crate::gpu::batchnorm::{bn_slices, saved_len, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use crate::gpu::batchnorm::{bn_slices, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::conv::{forward_splits, weight_grad_slices, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
@@ -218,12 +218,12 @@ fn conv_checks(
     );
     let conv = &k.conv;
     let mut launches = vec![
-        conv.forward(ctx, d, w_off, bias_at, pool, 1, None, &xb, &sb, &yb)?,
-        conv.forward(ctx, d, w_off, bias_at, pool, splits, None, &xb, &sb, &ysb)?,
-        conv.forward(ctx, d, w_off, bias_at, pool, 1, Some(bn), &xb, &sb, &ybn)?,
+        conv.forward(ctx, d, w_off, bias_at, pool, 1, None, None, &xb, &sb, &yb)?,
+        conv.forward(ctx, d, w_off, bias_at, pool, splits, None, None, &xb, &sb, &ysb)?,
+        conv.forward(ctx, d, w_off, bias_at, pool, 1, Some(bn), None, &xb, &sb, &ybn)?,
     ];
     let dx_out = with_dx.then_some(&dxb);
-    launches.push(conv.backward(ctx, d, &sliced, bias_sliced.as_ref(), pool, &xb, &dyb, &sb, &gb, dx_out)?);
+    launches.push(conv.backward(ctx, d, &sliced, bias_sliced.as_ref(), pool, &xb, &dyb, &sb, &gb, dx_out, None)?);
     let all_sliced: Vec<SlicedGrad> = [Some(sliced), bias_sliced].into_iter().flatten().collect();
     launches.push(k.sgd.sum_slices(ctx, state.len(), &all_sliced, &gb));
     run(ctx, &launches.iter().collect::<Vec<_>>());
@@ -365,10 +365,9 @@ fn batchnorm_checks(
     // State layout: gamma, beta, running mean, running var.
     let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
     let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
-    // The sums in as many slices as training uses; dgamma's and dbeta's extra slices after both, added
-    // up as the SGD kernel does.
-    let slices = bn_slices(c, d.hw);
-    let (gamma_extra, beta_extra) = (2 * c, 2 * c + (slices - 1) * c);
+    // The sums in as many slices as training uses, by the batchnorm's own kernels (the partials
+    // written by a convolution's epilogues are checked in conv_bn_checks).
+    let slices = bn_slices(c);
     let l = BnLayer {
         n,
         c,
@@ -378,31 +377,22 @@ fn batchnorm_checks(
         momentum: BN_MOMENTUM,
         eps: BN_EPS,
         slices,
-        gamma_extra,
-        beta_extra,
+        forward_parts: None,
+        backward_parts: None,
         dy_pooled: case.pooling == BnPooling::Global,
         dropout: case.dropout,
         maxpool: matches!(case.pooling, BnPooling::Max { .. }),
         width,
         parts,
     };
-    let sliced = [
-        SlicedGrad { start: 0, len: c, extra: gamma_extra, slices },
-        SlicedGrad { start: c, len: c, extra: beta_extra, slices },
-    ];
     let (xb, sb, dyb) = (ctx.upload("x", &x_parts), ctx.upload("state", &state), ctx.upload("dy", &dy));
-    let (yb, savedb, dxb, gb) = (
-        ctx.zeros("y", len),
-        ctx.zeros("saved", saved_len(c, slices)),
-        ctx.zeros("dx", len),
-        ctx.zeros("grads", 2 * c * slices),
-    );
+    let (yb, savedb, dxb, gb) =
+        (ctx.zeros("y", len), ctx.zeros("saved", l.saved_len()), ctx.zeros("dx", len), ctx.zeros("grads", 2 * c));
     let stepb = ctx.uniform("step", &step);
     let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb, step: &stepb };
     let fwd = k.batchnorm.forward_train(ctx, &l, &b);
     let bwd = k.batchnorm.backward(ctx, &l, &b, &dyb, &dxb, &gb);
-    let finish = k.sgd.sum_slices(ctx, 2 * c, if slices > 1 { &sliced[..] } else { &[] }, &gb);
-    run(ctx, &fwd.iter().chain(&bwd).chain([&finish]).collect::<Vec<_>>());
+    run(ctx, &fwd.iter().chain(&bwd).collect::<Vec<_>>());
 
     // CPU: batchnorm, ReLU, dropout; backward through the pooling, dropout, ReLU, then batchnorm. The
     // pooling's and the ReLU's backward take the GPU's output: an output within rounding of zero, or

@@ -4,7 +4,7 @@ use anyhow::Result;
 use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
-use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel, WG};
+use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 use crate::model::dropout_threshold;
 
 /// Where one batchnorm layer's tensors live in the state (and gradient) buffer.
@@ -27,11 +27,13 @@ pub struct BnLayer {
     pub offsets: BnOffsets,
     pub momentum: f32,
     pub eps: f32,
-    /// Slices each channel's sums are cut into (`bn_slices`), and where slices 1.. of dgamma and
-    /// dbeta go in the gradient buffer.
+    /// Slices of each channel's elements, one workgroup each (`bn_slices`).
     pub slices: usize,
-    pub gamma_extra: usize,
-    pub beta_extra: usize,
+    /// Partials per channel of the forward sums when the convolution before writes them (its tiles
+    /// of positions), else None: the statistics kernel runs and writes one per slice.
+    pub forward_parts: Option<usize>,
+    /// The same for the backward sums, when the convolution after writes them from its dx.
+    pub backward_parts: Option<usize>,
     /// In the backward pass, dy is the gradient of a global average pooling of this layer's output
     /// (one value per plane): the pooling's backward is fused in.
     pub dy_pooled: bool,
@@ -54,26 +56,42 @@ pub struct FusedDropout {
     pub layer: usize,
 }
 
-/// Workgroups a batchnorm's per-channel sums are spread over, at least, where there are few channels.
+/// Workgroups a batchnorm's kernels are spread over, at least, where there are few channels.
 const BN_GROUPS: usize = 512;
 /// Slices of a channel's elements, at most.
 const MAX_BN_SLICES: usize = 64;
 
-/// Partial results a workgroup of the next kernel holds at once (PARTS in batchnorm.wgsl).
-const PARTS: usize = 2 * WG as usize;
-
-/// How many slices a channel's n * hw elements are summed in (the statistics and the backward sums):
-/// enough for BN_GROUPS workgroups, and few enough that a workgroup of the next kernel can hold the
-/// slices of every plane its WG elements touch (at most PARTS). It depends on the layer's shape only,
-/// so every batch size of one model shares the gradient buffer's layout.
-pub fn bn_slices(c: usize, hw: usize) -> usize {
-    let planes = (WG as usize).div_ceil(hw) + 1;
-    BN_GROUPS.div_ceil(c).clamp(1, (PARTS / planes).clamp(1, MAX_BN_SLICES))
+/// How many slices a channel's elements are cut into, one workgroup each: enough for BN_GROUPS
+/// workgroups.
+pub fn bn_slices(c: usize) -> usize {
+    BN_GROUPS.div_ceil(c).clamp(1, MAX_BN_SLICES)
 }
 
-/// Length of a batchnorm layer's `saved` buffer: mean and 1/std, then each slice's mean and M2.
-pub fn saved_len(c: usize, slices: usize) -> usize {
-    2 * c + 2 * slices * c
+impl BnLayer {
+    /// Forward partials per channel: the convolution's tiles, or the statistics kernel's slices.
+    pub fn forward_partials(&self) -> usize {
+        self.forward_parts.unwrap_or(self.slices)
+    }
+
+    pub fn backward_partials(&self) -> usize {
+        self.backward_parts.unwrap_or(self.slices)
+    }
+
+    /// Where the forward partials start in `saved` (after the mean and 1/std).
+    pub fn forward_partials_at(&self) -> usize {
+        2 * self.c
+    }
+
+    /// Where the backward partials start in `saved`.
+    pub fn backward_partials_at(&self) -> usize {
+        self.forward_partials_at() + 3 * self.c * self.forward_partials()
+    }
+
+    /// Length of the layer's `saved` buffer: mean and 1/std, then the forward partials (count, mean,
+    /// M2), then the backward partials (two sums).
+    pub fn saved_len(&self) -> usize {
+        self.backward_partials_at() + 2 * self.c * self.backward_partials()
+    }
 }
 
 #[repr(C)]
@@ -90,8 +108,8 @@ struct Dims {
     momentum: f32,
     eps: f32,
     slices: u32,
-    gamma_extra: u32,
-    beta_extra: u32,
+    fparts: u32,
+    bparts: u32,
     dy_pooled: u32,
     dropout: u32,
     dropout_threshold: u32,
@@ -116,8 +134,8 @@ fn dims(l: &BnLayer) -> Dims {
         momentum: l.momentum,
         eps: l.eps,
         slices: l.slices as u32,
-        gamma_extra: l.gamma_extra as u32,
-        beta_extra: l.beta_extra as u32,
+        fparts: l.forward_partials() as u32,
+        bparts: l.backward_partials() as u32,
         dy_pooled: l.dy_pooled as u32,
         dropout: l.dropout.is_some() as u32,
         dropout_threshold: l.dropout.map_or(0, |d| dropout_threshold(d.p)),
@@ -163,18 +181,24 @@ impl BatchNorm {
         })
     }
 
-    /// Training mode: batch statistics (and the running statistics update), then the normalization.
-    pub fn forward_train(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> [Dispatch; 2] {
+    /// Training mode: batch statistics (unless the convolution before wrote their partials), then the
+    /// normalization (and the running statistics update).
+    pub fn forward_train(&self, ctx: &GpuContext, l: &BnLayer, b: &BnBuffers) -> Vec<Dispatch> {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y), (8, b.step)];
         let len = l.n * l.c * l.hw;
-        [
-            // Sum and sum of squares of x; then (x - mean) * scale + shift, ReLU.
-            self.stats
-                .launch(ctx, (l.c * l.slices) as u32, &all)
-                .with_cost(Cost::new((2 + l.parts) * len, l.parts * len + 2 * l.slices * l.c)),
-            self.apply_train.launch(ctx, groups_for(len), &all).with_cost(Cost::new(3 * len, 2 * len + 4 * l.c)),
-        ]
+        let groups = (l.c * l.slices) as u32;
+        let partials = 3 * l.c * l.forward_partials();
+        let mut launches = Vec::new();
+        if l.forward_parts.is_none() {
+            // Mean and M2 of x per slice (adding the parts of a split convolution's output).
+            let stats = self.stats.launch(ctx, groups, &all);
+            launches.push(stats.with_cost(Cost::new((2 + l.parts) * len, l.parts * len + partials)));
+        }
+        // The partials combined in every workgroup, then (x - mean) * scale + shift, ReLU, dropout.
+        let apply = self.apply_train.launch(ctx, groups, &all);
+        launches.push(apply.with_cost(Cost::new(3 * len, 2 * len + partials + 4 * l.c)));
+        launches
     }
 
     /// Evaluation mode: the running statistics.
@@ -186,7 +210,8 @@ impl BatchNorm {
             .with_cost(Cost::new(3 * len, 2 * len + 4 * l.c))
     }
 
-    /// dgamma, dbeta into `grads`, then dx, from dy (through the fused ReLU).
+    /// dgamma, dbeta into `grads` (from partials of the convolution after, or of the reduction here),
+    /// and dx, from dy (through the fused ReLU, dropout and pooling).
     pub fn backward(
         &self,
         ctx: &GpuContext,
@@ -195,16 +220,21 @@ impl BatchNorm {
         dy: &wgpu::Buffer,
         dx: &wgpu::Buffer,
         grads: &wgpu::Buffer,
-    ) -> [Dispatch; 2] {
+    ) -> Vec<Dispatch> {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, dx), (5, dy), (6, grads), (7, b.y), (8, b.step)];
         let len = l.n * l.c * l.hw;
-        // The sums of dy and dy * x-hat (reading x, dy and, for the ReLU's mask, y); then dx from them.
-        [
-            self.backward_reduce
-                .launch(ctx, (l.c * l.slices) as u32, &all)
-                .with_cost(Cost::new(4 * len, 3 * len + 2 * l.slices * l.c)),
-            self.backward_data.launch(ctx, groups_for(len), &all).with_cost(Cost::new(6 * len, 4 * len + 6 * l.c)),
-        ]
+        let groups = (l.c * l.slices) as u32;
+        let partials = 2 * l.c * l.backward_partials();
+        let mut launches = Vec::new();
+        if l.backward_parts.is_none() {
+            // The sums of dy and dy * x-hat per slice (reading x, dy and, for the masks, y).
+            let reduce = self.backward_reduce.launch(ctx, groups, &all);
+            launches.push(reduce.with_cost(Cost::new(4 * len, 3 * len + partials)));
+        }
+        // The partials added in every workgroup, then dx from them.
+        let data = self.backward_data.launch(ctx, groups, &all);
+        launches.push(data.with_cost(Cost::new(6 * len, 4 * len + partials + 4 * l.c)));
+        launches
     }
 }

@@ -9,7 +9,7 @@ use bytemuck::{Pod, Zeroable};
 use super::batchnorm::BnOffsets;
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
-use super::sgd::SlicedGrad;
+use super::sgd::{SlicedGrad, StepUniform};
 use crate::model::ConvDims;
 
 #[repr(C)]
@@ -41,7 +41,12 @@ struct Dims {
     bias: u32,
     bias_off: u32,
     bias_extra: u32,
-    _pad: [u32; 2],
+    partials: u32,
+    part_off: u32,
+    bn_relu: u32,
+    bn_dropout: u32,
+    bn_scale: f32,
+    _pad: u32,
 }
 
 /// A workgroup's tile in conv.wgsl: TP positions (or weight columns) by TC channels.
@@ -93,6 +98,34 @@ pub struct EvalBn {
     pub relu: bool,
 }
 
+/// The training batchnorm whose partial sums a convolution's epilogue writes (see conv.wgsl): its
+/// `saved` buffer and where the partials start in it. Forward: the batchnorm after the layer.
+#[derive(Clone, Copy)]
+pub struct BnStats<'a> {
+    pub saved: &'a wgpu::Buffer,
+    pub part_off: usize,
+}
+
+/// Backward: the batchnorm whose output (after its fused ReLU and dropout, and through the max pooling
+/// the layer reads) is the layer's input, for the partial sums of its backward from dx.
+#[derive(Clone, Copy)]
+pub struct BnSums<'a> {
+    pub saved: &'a wgpu::Buffer,
+    pub part_off: usize,
+    /// The batchnorm's input (x-hat's x).
+    pub bn_x: &'a wgpu::Buffer,
+    /// The step uniform (whether the dropout ran).
+    pub step: &'a wgpu::Buffer,
+    pub relu: bool,
+    /// The fused dropout's probability.
+    pub dropout: Option<f32>,
+}
+
+/// Bindings 6 to 8 for a launch that writes no partials.
+fn no_partials(ctx: &GpuContext) -> [wgpu::Buffer; 3] {
+    [ctx.zeros("no partials", 1), ctx.zeros("no batchnorm input", 1), ctx.uniform("no step", &StepUniform::default())]
+}
+
 /// The kernels of shaders/conv.wgsl.
 pub struct Conv {
     forward: Kernel,
@@ -138,13 +171,20 @@ impl Conv {
 
     /// Workgroups of an output-stationary pass: tiles of `channels` x `positions`.
     fn output_tiles(channels: usize, positions: usize) -> u32 {
-        (channels.div_ceil(TILE_CHANNELS) * positions.div_ceil(TILE_POSITIONS)) as u32
+        (channels.div_ceil(TILE_CHANNELS) * Conv::position_tiles(positions)) as u32
+    }
+
+    /// Tiles of positions of an output-stationary pass over `positions`: the partials per channel an
+    /// epilogue writes.
+    pub fn position_tiles(positions: usize) -> usize {
+        positions.div_ceil(TILE_POSITIONS)
     }
 
     /// y = conv(x, weights at state[w_off..]) (+ the bias at state[bias..], if any; with `pool`, of
     /// the 2x2 max pooling of x), in `splits` parts (y holds that many outputs, added up by the
     /// batchnorm statistics that follow); or, with `bn` (one part), followed by the evaluation-mode
-    /// batchnorm (and ReLU) of the next layer.
+    /// batchnorm (and ReLU) of the next layer; with `stats` (one part, no `bn`), writing the partial
+    /// statistics of the training batchnorm that follows.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -155,12 +195,16 @@ impl Conv {
         pool: bool,
         splits: usize,
         bn: Option<EvalBn>,
+        stats: Option<BnStats>,
         x: &wgpu::Buffer,
         state: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        if splits == 0 || (splits > 1 && bn.is_some()) {
-            bail!("a convolution's forward in {splits} parts cannot apply a batchnorm");
+        if splits == 0 || (splits > 1 && (bn.is_some() || stats.is_some())) {
+            bail!("a convolution's forward in {splits} parts cannot apply a batchnorm or write its statistics");
+        }
+        if bn.is_some() && stats.is_some() {
+            bail!("a convolution's forward applies an evaluation batchnorm or feeds a training one, not both");
         }
         let mut dims = Conv::dims(d, w_off, pool)?;
         dims.splits = splits as u32;
@@ -177,6 +221,15 @@ impl Conv {
             dims.var_off = bn.offsets.running_var as u32;
             dims.eps = bn.eps;
         }
+        let unused = no_partials(ctx);
+        let saved = match stats {
+            Some(st) => {
+                dims.partials = 1;
+                dims.part_off = st.part_off as u32;
+                st.saved
+            }
+            None => &unused[0],
+        };
         let u = ctx.uniform("conv dims", &dims);
         let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) * splits as u32;
         let mut cost = Conv::cost(d, pool);
@@ -184,14 +237,20 @@ impl Conv {
         if bn.is_some() {
             cost.flops += 4.0 * (d.n * d.out_image()) as f64;
         }
-        Ok(self.forward.launch(ctx, groups, &[(0, &u), (1, x), (2, state), (3, x), (4, y)]).with_cost(cost))
+        if stats.is_some() {
+            // Two passes over each output, three values per tile and channel.
+            cost.flops += 3.0 * (d.n * d.out_image()) as f64;
+            cost.bytes += 12.0 * (d.cout * Conv::position_tiles(d.n * d.ho() * d.wo())) as f64;
+        }
+        let buffers = [(0, &u), (1, x), (2, state), (3, x), (4, y), (6, saved), (7, &unused[1]), (8, &unused[2])];
+        Ok(self.forward.launch(ctx, groups, &buffers).with_cost(cost))
     }
 
     /// The weight gradient from x (with `pool`, its 2x2 max pooling) and dy, in `sliced.slices`
     /// partial sums (see `weight_grad_slices`) placed as `sliced` says in `grads`, which the SGD kernel
     /// (or `Sgd::sum_slices`) adds, and the bias's gradient, if any, as `bias` says (as many slices);
     /// and in the same launch, when `dx` is given, the input's gradient (of the pooled input, with
-    /// `pool`).
+    /// `pool`), and with `sums` the partial sums of the backward of the batchnorm whose output x is.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -205,7 +264,11 @@ impl Conv {
         state: &wgpu::Buffer,
         grads: &wgpu::Buffer,
         dx: Option<&wgpu::Buffer>,
+        sums: Option<BnSums>,
     ) -> Result<Dispatch> {
+        if sums.is_some() && dx.is_none() {
+            bail!("a batchnorm's backward sums come from a convolution's dx, and this one computes none");
+        }
         if bias.is_some_and(|b| b.slices != sliced.slices || b.len != d.cout) {
             bail!("a bias's gradient goes in as many slices as its weights', one value per output channel");
         }
@@ -219,6 +282,11 @@ impl Conv {
             bias: bias.is_some() as u32,
             bias_off: bias.map_or(0, |b| b.start as u32),
             bias_extra: bias.map_or(0, |b| b.extra as u32),
+            partials: sums.is_some() as u32,
+            part_off: sums.map_or(0, |b| b.part_off as u32),
+            bn_relu: sums.is_some_and(|b| b.relu) as u32,
+            bn_dropout: sums.is_some_and(|b| b.dropout.is_some()) as u32,
+            bn_scale: sums.and_then(|b| b.dropout).map_or(1.0, |p| 1.0 / (1.0 - p)),
             ..Conv::dims(d, sliced.start, pool)?
         };
         let u = ctx.uniform("conv dims", &dims);
@@ -231,13 +299,24 @@ impl Conv {
                 &unused
             }
         };
-        let buffers = [(0, &u), (1, x), (2, state), (3, dy), (4, dx), (5, grads)];
+        let unused_partials = no_partials(ctx);
+        let (saved, bn_x, step) = match sums {
+            Some(b) => (b.saved, b.bn_x, b.step),
+            None => (&unused_partials[0], &unused_partials[1], &unused_partials[2]),
+        };
+        let buffers = [(0, &u), (1, x), (2, state), (3, dy), (4, dx), (5, grads), (6, saved), (7, bn_x), (8, step)];
         let mut cost = Conv::cost(d, pool);
         cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len + bias.map_or(0, |b| b.slices * b.len)) as f64;
         if data_groups > 0 {
             let data = Conv::cost(d, false);
             cost.flops += data.flops;
             cost.bytes += data.bytes;
+        }
+        if sums.is_some() {
+            // Per dx value: the mask and x-hat (reading y through the pooling, and the batchnorm's x).
+            let inputs = d.n * d.cin * d.h * d.w;
+            cost.flops += 6.0 * inputs as f64;
+            cost.bytes += 4.0 * (inputs * if pool { 5 } else { 2 }) as f64;
         }
         Ok(self.backward.launch(ctx, weight_groups as u32 + data_groups, &buffers).with_cost(cost))
     }

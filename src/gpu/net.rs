@@ -6,10 +6,10 @@
 
 use anyhow::{bail, Result};
 
-use super::batchnorm::{bn_slices, saved_len, BatchNorm, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use super::batchnorm::{bn_slices, BatchNorm, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use super::context::GpuContext;
 use super::conv::weight_grad_slices;
-use super::conv::{forward_splits, Conv, EvalBn};
+use super::conv::{forward_splits, BnStats, BnSums, Conv, EvalBn};
 use super::dropout::Dropout;
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
@@ -91,7 +91,7 @@ pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
             extra += (slices - 1) * len;
         }
     };
-    for (i, layer) in model.layers.iter().enumerate() {
+    for i in 0..model.layers.len() {
         if let Some((d, w_off)) = model.conv(i, 1) {
             let bias = model.conv_bias(i);
             let slices = weight_grad_slices(&d, bias.is_some());
@@ -100,16 +100,20 @@ pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
                 add(b, d.cout, slices);
             }
         }
-        if let (&Layer::BatchNorm { c, .. }, LayerParams::BatchNorm { weight, bias, .. }) =
-            (layer, model.layer_params[i])
-        {
-            let s = model.input_of(i);
-            let slices = bn_slices(c, s.h * s.w);
-            add(model.params[weight].offset, c, slices);
-            add(model.params[bias].offset, c, slices);
-        }
     }
     (sliced, extra - model.num_trainable)
+}
+
+/// The convolution that reads batchnorm `i`'s output in the backward pass (after the ReLU, dropout
+/// and max pooling the batchnorm absorbs), whose dx epilogue then writes the batchnorm's backward sums.
+fn conv_reading(model: &Model, plan: &Plan, i: usize) -> Option<usize> {
+    let f = plan.norm[i];
+    if f.avgpool {
+        return None;
+    }
+    let next = i + 1 + f.relu as usize + f.dropout.is_some() as usize + f.maxpool as usize;
+    let conv = matches!(model.layers.get(next), Some(Layer::Conv { .. }));
+    (conv && plan.pooled_input[next] == f.maxpool).then_some(next)
 }
 
 /// The slices of the weight gradient at `w_off`: as `sliced_grads` planned, else one in place.
@@ -283,13 +287,23 @@ impl GpuNet {
 
         let input_of = |i: usize| if i == 0 { &input } else { &activations[plan.buffer[i - 1]] };
         let (sliced, _) = sliced_grads(model);
+        // A training batchnorm right after a convolution of one part gets its statistics' partials
+        // from the convolution's epilogue, and one whose output a convolution reads gets its backward
+        // sums from that convolution's dx: one launch fewer each.
+        let forward_parts = |i: usize| -> Option<usize> {
+            let before = i.checked_sub(1).filter(|&p| matches!(model.layers[p], Layer::Conv { .. }) && splits[p] == 1)?;
+            let (d, _) = model.conv(before, n)?;
+            Some(Conv::position_tiles(d.n * d.ho() * d.wo()))
+        };
+        let backward_parts = |i: usize| -> Option<usize> {
+            let (d, _) = model.conv(conv_reading(model, &plan, i)?, n)?;
+            Some(Conv::position_tiles(d.n * d.h * d.w))
+        };
         let bn_layer = |i: usize, c: usize, p: LayerParams| -> BnLayer {
             let LayerParams::BatchNorm { weight, bias, running_mean, running_var } = p else {
                 unreachable!("batchnorm without its parameters")
             };
             let s = model.input_of(i);
-            let (gamma, beta) = (model.params[weight].offset, model.params[bias].offset);
-            let (gs, bs) = (slices_of(&sliced, gamma, c), slices_of(&sliced, beta, c));
             let fusion = plan.norm[i];
             BnLayer {
                 n,
@@ -304,9 +318,9 @@ impl GpuNet {
                 },
                 momentum: BN_MOMENTUM,
                 eps: BN_EPS,
-                slices: gs.slices,
-                gamma_extra: gs.extra,
-                beta_extra: bs.extra,
+                slices: bn_slices(c),
+                forward_parts: forward_parts(i),
+                backward_parts: backward_parts(i),
                 dy_pooled: false,
                 dropout: fusion.dropout.map(|(layer, p)| FusedDropout { p, layer }),
                 maxpool: fusion.maxpool,
@@ -314,18 +328,23 @@ impl GpuNet {
                 parts: if i > 0 { splits[i - 1] } else { 1 },
             }
         };
-
-        // Per-layer extra buffers: batchnorm statistics.
-        let mut saved: Vec<Option<wgpu::Buffer>> = Vec::new();
-        for (i, layer) in model.layers.iter().enumerate() {
-            saved.push(match layer {
-                &Layer::BatchNorm { c, .. } => {
-                    let s = model.input_of(i);
-                    let len = saved_len(c, bn_slices(c, s.h * s.w));
-                    Some(ctx.zeros(&format!("layer {i} batch statistics"), len))
-                }
+        let bn_of = |i: usize| -> Option<BnLayer> {
+            match (&model.layers[i], model.layer_params[i]) {
+                (&Layer::BatchNorm { c, .. }, p) => Some(bn_layer(i, c, p)),
                 _ => None,
-            });
+            }
+        };
+
+        // Per-layer extra buffers: batchnorm statistics and partial sums.
+        let saved: Vec<Option<wgpu::Buffer>> = (0..model.layers.len())
+            .map(|i| bn_of(i).map(|l| ctx.zeros(&format!("layer {i} batch statistics"), l.saved_len())))
+            .collect();
+        // Per convolution: the batchnorm whose backward sums its dx epilogue writes.
+        let mut sums_for = vec![None; model.layers.len()];
+        for i in 0..model.layers.len() {
+            if let Some(conv) = bn_of(i).and(conv_reading(model, &plan, i)) {
+                sums_for[conv] = Some(i);
+            }
         }
         let eval_buffer = |at: Option<usize>| at.map_or(&input, |a| &activations[a]);
         let eval_input_of = |i: usize| if i == 0 { &input } else { eval_buffer(plan.eval_buffer[i - 1]) };
@@ -348,7 +367,12 @@ impl GpuNet {
                     let (c, pool) = conv_of(op).expect("checked");
                     let (d, w_off) = model.conv(c, n).expect("a convolution layer");
                     let bias = model.conv_bias(c);
-                    forward_train.push(k.conv.forward(ctx, &d, w_off, bias, pool, splits[c], None, x, state_buf, y)?);
+                    let stats = bn_of(c + 1).filter(|l| l.forward_parts.is_some()).map(|l| BnStats {
+                        saved: saved[c + 1].as_ref().expect("a batchnorm's buffer"),
+                        part_off: l.forward_partials_at(),
+                    });
+                    let conv = &k.conv;
+                    forward_train.push(conv.forward(ctx, &d, w_off, bias, pool, splits[c], None, stats, x, state_buf, y)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
@@ -388,7 +412,7 @@ impl GpuNet {
                         }
                         _ => None,
                     };
-                    forward_eval.push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, bn, x, state_buf, y)?);
+                    forward_eval.push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, bn, None, x, state_buf, y)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
@@ -443,7 +467,16 @@ impl GpuNet {
                     // The input image needs no gradient.
                     let dx = (i > 0).then_some(other);
                     let bias = bias.as_ref();
-                    backward.push(k.conv.backward(ctx, &d, &slices, bias, pool, x, cur, state_buf, grads, dx)?);
+                    let sums = sums_for[i].and_then(|b| Some((b, bn_of(b)?))).map(|(b, l)| BnSums {
+                        saved: saved[b].as_ref().expect("a batchnorm's buffer"),
+                        part_off: l.backward_partials_at(),
+                        bn_x: input_of(b),
+                        step,
+                        relu: l.relu,
+                        dropout: l.dropout.map(|f| f.p),
+                    });
+                    let conv = &k.conv;
+                    backward.push(conv.backward(ctx, &d, &slices, bias, pool, x, cur, state_buf, grads, dx, sums)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = BnLayer { dy_pooled: plan.norm[i].avgpool, ..bn_layer(i, c, p) };
