@@ -15,7 +15,8 @@
 //   forward   y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p], p = (image, oy, ox):
 //             one workgroup per tile of TC output channels x TP positions and per split of the sum
 //             (ceil(cout / TC) * ceil(n * ho * wo / TP) * d.splits): with d.splits > 1, for layers of few
-//             tiles, split s sums its share of r (whole slabs) and writes y's part s, at s * len(y); the
+//             tiles, split s sums its share of r (whole slabs, or for a sum shallower than d.splits slabs
+//             a share of the depth each) and writes y's part s, at s * len(y); the
 //             batchnorm's statistics kernel adds the parts in order. With d.bn == 1 (and one split)
 //             the evaluation-mode batchnorm that follows (running statistics at d.*_off) is applied to
 //             each result, and with d.relu == 1 its ReLU too: the batchnorm launch is skipped.
@@ -218,8 +219,9 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
     let positions = d.n * out_h * out_w;
     let c_tiles = (out_c + TC - 1u) / TC;
     let tiles = c_tiles * ((positions + TP - 1u) / TP);
-    // Forward may split the sum's depth (whole slabs each) over d.splits groups of tiles; split s
-    // writes its part at s * (the output's length), and the batchnorm statistics add the parts.
+    // Forward may split the sum's depth (whole slabs each, where there are enough) over d.splits
+    // groups of tiles; split s writes its part at s * (the output's length), and the batchnorm
+    // statistics add the parts.
     let splits = select(d.splits, 1u, backward);
     let split = group / tiles;
     let c0 = ((group % tiles) % c_tiles) * TC;
@@ -228,7 +230,12 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
     if (split >= splits) {
         return;
     }
-    let per_split = ((depth + KT - 1u) / KT + splits - 1u) / splits * KT;
+    let slabs = (depth + KT - 1u) / KT;
+    var per_split = (slabs + splits - 1u) / splits * KT;
+    if (splits > slabs) {
+        // A shallow sum (Net3's 1x1 layer: 32 deep) in more parts than slabs: partly filled slabs.
+        per_split = (depth + splits - 1u) / splits;
+    }
     let r_start = split * per_split;
     let r_end = min(depth, r_start + per_split);
     // Each invocation stages the patch of one position, the same for every slab.

@@ -32,10 +32,10 @@ use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{bn_slices, BnBuffers, BnLayer, BnOffsets, FusedDropout};
-use crate::gpu::conv::{forward_splits, weight_grad_slices, EvalBn};
+use crate::gpu::conv::{forward_splits, weight_grad_slices, BnStats, BnSums, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
-use crate::gpu::net::METRICS_WORDS;
+use crate::gpu::net::{conv_reading, METRICS_WORDS};
 use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
 use crate::model::plan::Plan;
@@ -208,7 +208,7 @@ fn conv_checks(
     // The forward as training runs it when the layer's tiles are few: its sum split into parts
     // (at least 2 here, so that the split path is always checked), added in order as the batchnorm
     // statistics add them.
-    let splits = forward_splits(d).max(2).min(d.col_rows().div_ceil(16)).max(1);
+    let splits = forward_splits(d).max(2).min(d.col_rows()).max(1);
     let (yb, ysb, ybn, dxb, gb) = (
         ctx.zeros("y", n * d.out_image()),
         ctx.zeros("y (parts)", splits * n * d.out_image()),
@@ -720,6 +720,13 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
                 let dropout = fusion.dropout.map(|(layer, p)| FusedDropout { p, layer });
                 let case = BnCase { relu: fusion.relu, dropout, pooling, parts };
                 checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, case, seed)?);
+                // The partials the convolutions before and after write in training.
+                if let Some((d, _)) = i.checked_sub(1).and_then(|j| model.conv(j, n)).filter(|_| parts == 1) {
+                    checks.extend(conv_stats_checks(ctx, k, &name, &d, plan.pooled_input[i - 1], seed + 7)?);
+                }
+                if let Some((d, _)) = conv_reading(model, &plan, i).and_then(|j| model.conv(j, n)) {
+                    checks.extend(conv_sums_checks(ctx, k, &name, &d, case, seed + 8)?);
+                }
             }
             Layer::Relu => {} // fused into the batchnorm kernels before it
             // Inside the batchnorm before (and, for a max pooling, the convolution after): no launch of
@@ -767,10 +774,199 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
     let dropout = Some(FusedDropout { p: 0.3, layer: 5 });
     let fused = BnCase { relu: true, dropout, pooling: BnPooling::Max { width: 5 }, parts: 3 };
     checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15)?);
+    // The epilogues' partials on partial tiles: channels not a multiple of 16, positions not a
+    // multiple of 64, odd planes; through a max pooling and a dropout, and through a ReLU alone.
+    checks.extend(conv_stats_checks(
+        ctx,
+        k,
+        "odd shape",
+        &ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 },
+        true,
+        18,
+    )?);
+    let odd_conv = ConvDims { n: 3, cin: 5, h: 5, w: 7, cout: 6, k: 3, pad: 1 };
+    checks.extend(conv_sums_checks(ctx, k, "odd shape", &odd_conv, fused, 19)?);
+    checks.extend(conv_sums_checks(ctx, k, "odd shape", &ConvDims { h: 9, ..odd_conv }, relu, 20)?);
     // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs them.
     checks.extend(maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true)?);
     checks.extend(dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &nchw(3, 5, 6, 10), 17)?);
     Ok(checks)
+}
+
+/// A convolution's forward writing the statistics partials of the training batchnorm (with ReLU) after
+/// it, as GpuNet runs a convolution of one part: the batchnorm's statistics and output from them.
+fn conv_stats_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: &ConvDims,
+    pool: bool,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let (n, c) = (d.n, d.cout);
+    let x_given = random(seed, n * d.in_image() * if pool { 4 } else { 1 }, 1.0);
+    let x = if pool {
+        let mut pooled = vec![0.0; n * d.in_image()];
+        let mut argmax = vec![0; pooled.len()];
+        maxpool2_forward(n * d.cin, 2 * d.h, 2 * d.w, &x_given, &mut pooled, &mut argmax);
+        pooled
+    } else {
+        x_given.clone()
+    };
+    let w = random(seed + 1, d.weight_len(), 0.3);
+    let gamma: Vec<f32> = random(seed + 2, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let beta = random(seed + 3, c, 0.5);
+    let (rm, rv) = (vec![0.0; c], vec![1.0; c]);
+    // Weights, then gamma, beta, running mean and variance.
+    let state: Vec<f32> = [&w[..], &gamma, &beta, &rm, &rv].concat();
+    let at = d.weight_len();
+    let offsets = BnOffsets { gamma: at, beta: at + c, running_mean: at + 2 * c, running_var: at + 3 * c };
+    let hw = d.ho() * d.wo();
+    let positions = n * hw;
+    let l = BnLayer {
+        n,
+        c,
+        hw,
+        relu: true,
+        offsets,
+        momentum: BN_MOMENTUM,
+        eps: BN_EPS,
+        slices: bn_slices(c),
+        forward_parts: Some(crate::gpu::conv::Conv::position_tiles(positions)),
+        backward_parts: None,
+        dy_pooled: false,
+        dropout: None,
+        maxpool: false,
+        width: d.wo(),
+        parts: 1,
+    };
+    let (xb, sb) = (ctx.upload("x", &x_given), ctx.upload("state", &state));
+    let (yb, zb, savedb) =
+        (ctx.zeros("y", n * d.out_image()), ctx.zeros("z", n * d.out_image()), ctx.zeros("saved", l.saved_len()));
+    let stepb = ctx.uniform("step", &StepUniform::default());
+    let stats = BnStats { saved: &savedb, part_off: l.forward_partials_at() };
+    let mut launches = vec![k.conv.forward(ctx, d, 0, None, pool, 1, None, Some(stats), &xb, &sb, &yb)?];
+    let b = BnBuffers { x: &yb, y: &zb, state: &sb, saved: &savedb, step: &stepb };
+    launches.extend(k.batchnorm.forward_train(ctx, &l, &b));
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+
+    let mut y = vec![0.0; n * d.out_image()];
+    conv_forward(d, &x, &w, &mut y);
+    let bn = BnDims { n, c, hw };
+    let mut z = vec![0.0; y.len()];
+    let saved = batchnorm_forward_train(&bn, &y, &gamma, &beta, BN_EPS, &mut z);
+    relu_forward(&mut z);
+    let sv = read(ctx, &savedb, 2 * c)?;
+    let shape = format!("{} in {} tiles", nchw(n, c, d.ho(), d.wo()), l.forward_partials());
+    Ok(vec![
+        compare("conv.forward -> batchnorm.stats (mean)", layer, &shape, &sv[..c], &saved.mean, TOL_SUMS),
+        compare("conv.forward -> batchnorm.stats (1/std)", layer, &shape, &sv[c..], &saved.invstd, TOL_SUMS),
+        compare("conv.forward -> batchnorm.apply_train+relu", layer, &shape, &read(ctx, &zb, z.len())?, &z, TOL_SUMS),
+    ])
+}
+
+/// A convolution's backward writing, from its dx, the backward sums of the training batchnorm whose
+/// output it reads (`case`: with its ReLU, dropout and max pooling), as GpuNet runs it: the
+/// batchnorm's dgamma, dbeta and dx from them. `d` is the convolution (its input: the batchnorm's
+/// output, or with a max pooling that output's pooling).
+fn conv_sums_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: &ConvDims,
+    case: BnCase,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let pool = matches!(case.pooling, BnPooling::Max { .. });
+    let (n, c) = (d.n, d.cin);
+    let (h, w) = if pool { (2 * d.h, 2 * d.w) } else { (d.h, d.w) };
+    let bn = BnDims { n, c, hw: h * w };
+    let len = n * c * h * w;
+    let x = random(seed, len, 2.0);
+    let gamma: Vec<f32> = random(seed + 1, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let beta = random(seed + 2, c, 0.5);
+    let state: Vec<f32> = [&gamma[..], &beta, &vec![0.0; c], &vec![1.0; c]].concat();
+    let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
+    let weights = random(seed + 3, d.weight_len(), 0.3);
+    let dy = random(seed + 4, n * d.out_image(), 1.0);
+    let step = StepUniform { dropout_seed: 99, dropout_step: 3, dropout_on: 1, ..Default::default() };
+    let l = BnLayer {
+        n,
+        c,
+        hw: h * w,
+        relu: case.relu,
+        offsets,
+        momentum: BN_MOMENTUM,
+        eps: BN_EPS,
+        slices: bn_slices(c),
+        forward_parts: None,
+        backward_parts: Some(crate::gpu::conv::Conv::position_tiles(n * d.h * d.w)),
+        dy_pooled: false,
+        dropout: case.dropout,
+        maxpool: pool,
+        width: w,
+        parts: 1,
+    };
+    let (xb, sb, wb, dyb) =
+        (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("weights", &weights), ctx.upload("dy", &dy));
+    let (yb, savedb, dyc, dxb, gb) = (
+        ctx.zeros("y", len),
+        ctx.zeros("saved", l.saved_len()),
+        ctx.zeros("conv dx", n * d.in_image()),
+        ctx.zeros("dx", len),
+        ctx.zeros("grads", 2 * c),
+    );
+    let slices = weight_grad_slices(d, false);
+    let sliced = SlicedGrad { start: 0, len: d.weight_len(), extra: d.weight_len(), slices };
+    let wgrads = ctx.zeros("weight grads", slices * d.weight_len());
+    let stepb = ctx.uniform("step", &step);
+    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb, step: &stepb };
+    let sums = BnSums {
+        saved: &savedb,
+        part_off: l.backward_partials_at(),
+        bn_x: &xb,
+        step: &stepb,
+        relu: case.relu,
+        dropout: case.dropout.map(|f| f.p),
+    };
+    let mut launches = k.batchnorm.forward_train(ctx, &l, &b);
+    launches.push(k.conv.backward(ctx, d, &sliced, None, pool, &yb, &dyb, &wb, &wgrads, Some(&dyc), Some(sums))?);
+    launches.extend(k.batchnorm.backward(ctx, &l, &b, &dyc, &dxb, &gb));
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+
+    // CPU, for the forward's decisions (the GPU's output y: its ReLU mask and pooling winners).
+    let y_gpu = read(ctx, &yb, len)?;
+    let mut y = vec![0.0; len];
+    let saved = batchnorm_forward_train(&bn, &x, &gamma, &beta, BN_EPS, &mut y);
+    let mut conv_in = y_gpu.clone();
+    let mut argmax = vec![0u8; n * d.in_image()];
+    if pool {
+        conv_in = vec![0.0; n * d.in_image()];
+        maxpool2_forward(n * c, h, w, &y_gpu, &mut conv_in, &mut argmax);
+    }
+    let (mut dx_conv, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
+    conv_backward(d, &conv_in, &weights, &dy, Some(&mut dx_conv), &mut dw);
+    let mut g = dx_conv.clone();
+    if pool {
+        g = vec![0.0; len];
+        maxpool2_backward(n * c, h, w, &argmax, &dx_conv, &mut g);
+    }
+    if let Some(FusedDropout { p, layer }) = case.dropout {
+        dropout_apply(&dropout_mask(step.dropout_seed, step.dropout_step, layer as u32, p, len), &mut g);
+    }
+    if case.relu {
+        relu_backward(&y_gpu, &mut g);
+    }
+    let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+    batchnorm_backward(&bn, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
+    let gr = read(ctx, &gb, 2 * c)?;
+    let tiles = format!("{} in {} tiles", nchw(n, c, h, w), l.backward_partials());
+    let act = nchw(n, c, h, w);
+    Ok(vec![
+        compare("conv.backward -> batchnorm.backward (dgamma)", layer, &tiles, &gr[..c], &dgamma, TOL_SUMS),
+        compare("conv.backward -> batchnorm.backward (dbeta)", layer, &tiles, &gr[c..], &dbeta, TOL_SUMS),
+        compare("conv.backward -> batchnorm.backward_data", layer, &act, &read(ctx, &dxb, len)?, &dx, TOL_SUMS),
+    ])
 }
 
 /// Per tensor of the model, the state and momenta of `backend` against `reference`.

@@ -78,16 +78,14 @@ pub fn weight_grad_slices(d: &ConvDims, bias: bool) -> usize {
 const FORWARD_GROUPS: usize = 256;
 /// Parts at most: each is a whole copy of the output.
 const MAX_FORWARD_SPLITS: usize = 8;
-/// The depth staged at a time (KT in conv.wgsl): a split covers whole slabs.
-const SLAB: usize = 16;
 
 /// How many parts a training forward's sum is split into so that the launch has FORWARD_GROUPS
-/// workgroups (at least one slab of the depth per part, at most MAX_FORWARD_SPLITS parts): 1 for
+/// workgroups (at least one row of the depth per part, at most MAX_FORWARD_SPLITS parts): 1 for
 /// layers of enough tiles. The parts are written apart and added in order by the batchnorm
 /// statistics that read them.
 pub fn forward_splits(d: &ConvDims) -> usize {
     let tiles = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) as usize;
-    FORWARD_GROUPS.div_ceil(tiles).min(MAX_FORWARD_SPLITS).clamp(1, d.col_rows().div_ceil(SLAB))
+    FORWARD_GROUPS.div_ceil(tiles).min(MAX_FORWARD_SPLITS).clamp(1, d.col_rows())
 }
 
 /// The evaluation-mode batchnorm (and ReLU) fused into a forward launch.

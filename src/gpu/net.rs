@@ -106,7 +106,7 @@ pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
 
 /// The convolution that reads batchnorm `i`'s output in the backward pass (after the ReLU, dropout
 /// and max pooling the batchnorm absorbs), whose dx epilogue then writes the batchnorm's backward sums.
-fn conv_reading(model: &Model, plan: &Plan, i: usize) -> Option<usize> {
+pub fn conv_reading(model: &Model, plan: &Plan, i: usize) -> Option<usize> {
     let f = plan.norm[i];
     if f.avgpool {
         return None;
@@ -291,7 +291,8 @@ impl GpuNet {
         // from the convolution's epilogue, and one whose output a convolution reads gets its backward
         // sums from that convolution's dx: one launch fewer each.
         let forward_parts = |i: usize| -> Option<usize> {
-            let before = i.checked_sub(1).filter(|&p| matches!(model.layers[p], Layer::Conv { .. }) && splits[p] == 1)?;
+            let before =
+                i.checked_sub(1).filter(|&p| matches!(model.layers[p], Layer::Conv { .. }) && splits[p] == 1)?;
             let (d, _) = model.conv(before, n)?;
             Some(Conv::position_tiles(d.n * d.ho() * d.wo()))
         };
@@ -329,7 +330,7 @@ impl GpuNet {
             }
         };
         let bn_of = |i: usize| -> Option<BnLayer> {
-            match (&model.layers[i], model.layer_params[i]) {
+            match (model.layers.get(i)?, model.layer_params[i]) {
                 (&Layer::BatchNorm { c, .. }, p) => Some(bn_layer(i, c, p)),
                 _ => None,
             }
@@ -372,7 +373,8 @@ impl GpuNet {
                         part_off: l.forward_partials_at(),
                     });
                     let conv = &k.conv;
-                    forward_train.push(conv.forward(ctx, &d, w_off, bias, pool, splits[c], None, stats, x, state_buf, y)?);
+                    forward_train
+                        .push(conv.forward(ctx, &d, w_off, bias, pool, splits[c], None, stats, x, state_buf, y)?);
                 }
                 (&Layer::BatchNorm { c, .. }, p) => {
                     let l = bn_layer(i, c, p);
