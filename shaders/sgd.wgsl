@@ -1,8 +1,8 @@
 // The recipe's SGD update over the trainable prefix of the flat state buffer, PyTorch semantics:
 // g = grad + weight_decay * p; buf = momentum * buf + g; p -= lr * buf. lr and momentum come per step.
 //
-// Gradients summed in slices (the convolutions' weight gradients, see conv.wgsl, and the batchnorms'
-// dgamma and dbeta) are finished here: sliced[k] = (start, len, extra, slices) says that
+// Gradients summed in slices (the convolutions' weight and bias gradients, see conv.wgsl) are
+// finished here: sliced[k] = (start, len, extra, slices) says that
 // grads[start .. start + len] holds slice 0 of a tensor and grads[extra + (t - 1) * len ..] its slice
 // t; sliced_of[i] is k + 1 for parameter i of tensor k, 0 for a parameter whose gradient is whole.
 // The slices are added in order, so the sum is the same on every run, and written back to grads[i].

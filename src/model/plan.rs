@@ -3,7 +3,8 @@
 //! the max pooling it reads through, and in evaluation with the batchnorm after it), separately for
 //! the training forward pass, the evaluation forward pass and the backward pass; and it says which
 //! buffer holds each layer's output and which layers run in place. The GPU runs each op as one launch
-//! (a training batchnorm's as two: its sums over the batch, then the rest); the CPU runs an op's
+//! (a training batchnorm's sums over the batch run in the epilogues of the convolutions next to it, or
+//! where there is none, in a launch of their own); the CPU runs an op's
 //! layers one after another with its reference functions, in the same buffers.
 
 use std::ops::Range;
