@@ -307,8 +307,9 @@ fn scratch(at: u32) -> f32 {
     return slab_p[at / 4u][at % 4u];
 }
 
-// The batchnorm's forward partials of a forward tile: per channel, (count, mean, M2) of its outputs
-// (two passes over the staged values, in position order).
+// The batchnorm's forward partials of a forward tile: per channel, (count, mean, M2) of its outputs,
+// two passes over the staged values; each of a channel's 4 invocations (TW = 4 TC) takes a quarter of
+// the positions in order, and the quarters are added in order.
 fn forward_partials(lid: u32, acc: Block, tile: u32, p0: u32, c0: u32) {
     for (var j = 0u; j < 4u; j++) {
         let row = block_row(acc, j);
@@ -317,23 +318,34 @@ fn forward_partials(lid: u32, acc: Block, tile: u32, p0: u32, c0: u32) {
         }
     }
     workgroupBarrier();
-    let c = c0 + lid;
-    if (lid < TC && c < d.cout) {
-        let count = min(TP, d.n * d.ho * d.wo - p0);
-        var sum = 0.0;
-        for (var j = 0u; j < count; j++) {
-            sum += scratch(lid * TP + j);
-        }
-        let mean = sum / f32(count);
-        var m2 = 0.0;
-        for (var j = 0u; j < count; j++) {
-            let v = scratch(lid * TP + j) - mean;
-            m2 += v * v;
-        }
+    let count = min(TP, d.n * d.ho * d.wo - p0);
+    let channel = lid / 4u;
+    let first = (lid % 4u) * (TP / 4u);
+    let last = min(first + TP / 4u, count);
+    var sum = 0.0;
+    for (var j = first; j < last; j++) {
+        sum += scratch(channel * TP + j);
+    }
+    // slab_c is free too: channel t's four quarters are its vec4 t.
+    slab_c[channel][lid % 4u] = sum;
+    workgroupBarrier();
+    let sums = slab_c[channel];
+    let mean = (((sums.x + sums.y) + sums.z) + sums.w) / f32(count);
+    var m2 = 0.0;
+    for (var j = first; j < last; j++) {
+        let v = scratch(channel * TP + j) - mean;
+        m2 += v * v;
+    }
+    workgroupBarrier();
+    slab_c[channel][lid % 4u] = m2;
+    workgroupBarrier();
+    let c = c0 + channel;
+    if (lid % 4u == 0u && c < d.cout) {
+        let m2s = slab_c[channel];
         let at = d.part_off + 3u * (tile * d.cout + c);
         saved[at] = f32(count);
         saved[at + 1u] = mean;
-        saved[at + 2u] = m2;
+        saved[at + 2u] = ((m2s.x + m2s.y) + m2s.z) + m2s.w;
     }
 }
 

@@ -153,6 +153,19 @@ fn read(ctx: &GpuContext, b: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
     ctx.read(b, len)
 }
 
+/// A convolution's random input as given to the kernels, and as the layer sees it: with `pool`, the
+/// 2x2 max pooling of an x twice as high and wide.
+fn conv_input(d: &ConvDims, pool: bool, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let x_given = random(seed, d.n * d.in_image() * if pool { 4 } else { 1 }, 1.0);
+    if !pool {
+        return (x_given.clone(), x_given);
+    }
+    let mut pooled = vec![0.0; d.n * d.in_image()];
+    let mut argmax = vec![0; pooled.len()];
+    maxpool2_forward(d.n * d.cin, 2 * d.h, 2 * d.w, &x_given, &mut pooled, &mut argmax);
+    (x_given, pooled)
+}
+
 /// A convolution's launches against the reference: forward, forward with an evaluation-mode batchnorm
 /// and ReLU, and backward (the weight gradient, and dx when `with_dx`). With `pool` the input is the
 /// 2x2 max pooling of an x twice as high and wide, read through by the kernels.
@@ -170,15 +183,7 @@ fn conv_checks(
     let n = d.n;
     // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
     let w_off = 7;
-    let x_given = random(seed, n * d.in_image() * if pool { 4 } else { 1 }, 1.0);
-    let x = if pool {
-        let mut pooled = vec![0.0; n * d.in_image()];
-        let mut argmax = vec![0; pooled.len()];
-        maxpool2_forward(n * d.cin, 2 * d.h, 2 * d.w, &x_given, &mut pooled, &mut argmax);
-        pooled
-    } else {
-        x_given.clone()
-    };
+    let (x_given, x) = conv_input(d, pool, seed);
     let w = random(seed + 100, d.weight_len(), 0.3);
     let dy = random(seed + 200, n * d.out_image(), 1.0);
     let mut state = vec![0.0; w_off];
@@ -776,14 +781,11 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
     checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15)?);
     // The epilogues' partials on partial tiles: channels not a multiple of 16, positions not a
     // multiple of 64, odd planes; through a max pooling and a dropout, and through a ReLU alone.
-    checks.extend(conv_stats_checks(
-        ctx,
-        k,
-        "odd shape",
-        &ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 },
-        true,
-        18,
-    )?);
+    let odd_stats = ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 };
+    checks.extend(conv_stats_checks(ctx, k, "odd shape", &odd_stats, true, 18)?);
+    // 70 positions: a last tile of 6, whose quarters past the first are empty.
+    let few = ConvDims { n: 2, cin: 4, h: 5, cout: 3, ..odd_stats };
+    checks.extend(conv_stats_checks(ctx, k, "odd shape", &few, false, 21)?);
     let odd_conv = ConvDims { n: 3, cin: 5, h: 5, w: 7, cout: 6, k: 3, pad: 1 };
     checks.extend(conv_sums_checks(ctx, k, "odd shape", &odd_conv, fused, 19)?);
     checks.extend(conv_sums_checks(ctx, k, "odd shape", &ConvDims { h: 9, ..odd_conv }, relu, 20)?);
@@ -804,15 +806,7 @@ fn conv_stats_checks(
     seed: u64,
 ) -> Result<Vec<Check>> {
     let (n, c) = (d.n, d.cout);
-    let x_given = random(seed, n * d.in_image() * if pool { 4 } else { 1 }, 1.0);
-    let x = if pool {
-        let mut pooled = vec![0.0; n * d.in_image()];
-        let mut argmax = vec![0; pooled.len()];
-        maxpool2_forward(n * d.cin, 2 * d.h, 2 * d.w, &x_given, &mut pooled, &mut argmax);
-        pooled
-    } else {
-        x_given.clone()
-    };
+    let (x_given, x) = conv_input(d, pool, seed);
     let w = random(seed + 1, d.weight_len(), 0.3);
     let gamma: Vec<f32> = random(seed + 2, c, 0.5).iter().map(|v| v + 1.0).collect();
     let beta = random(seed + 3, c, 0.5);
