@@ -3,13 +3,16 @@
 #
 # On a machine with a GPU driver (no Rust, no internet needed) it finds the Vulkan driver, then runs, in order:
 #   adapters; verify (every kernel and whole steps against the CPU reference); bench --backends gpu,cpu --host-only;
-#   profile --json; train --backend gpu (the recipe, 20 epochs); and, when python3 has PyTorch with CUDA
-#   and torchvision, scripts/torch_recipe.py --device cuda with the same recipe (workers = cores).
+#   profile --json; when the bundle holds an older build (gpu-bundle.sh --baseline REV), that build's
+#   profile --json, beside this one's; train --backend gpu (the recipe, 20 epochs); and, when python3
+#   has PyTorch with CUDA and torchvision, scripts/torch_recipe.py --device cuda with the same recipe
+#   (workers = cores).
 # --quick does 1 epoch of each and shorter benchmarks.
 #
 # OUTDIR receives at most 8 files: run.log (every command and its output), verify.json, bench.json,
 # profile.json, metrics.jsonl (our training run), torch.jsonl (PyTorch's), best.safetensors (our best
-# weights) and summary.txt, the table printed last. A step that fails is reported and the next one runs.
+# weights) and summary.txt, the table printed last (the baseline's profile goes into run.log and the
+# table). A step that fails is reported and the next one runs.
 # In a full run each step has a time limit (Ctrl-C, then a kill) so the whole stays within 9 minutes. The exit
 # status is 1 when any step failed or stopped at its limit.
 set -uo pipefail
@@ -106,18 +109,26 @@ step adapters "$(lim 20)" "$bin" adapters
 step verify "$(lim 60)" --into "$out/verify.json" "$bin" verify --json
 step bench "$(lim 60)" --into "$out/bench.json" "$bin" bench --backends gpu,cpu --host-only --json "${bench_args[@]}"
 step profile "$(lim 40)" --into "$out/profile.json" "$bin" profile --json --steps "$profile_steps"
-step train "$(lim 230)" "$bin" train --backend gpu --epochs "$epochs" --out "$work/run"
+baseline_args=()
+if [ -x "$here/baseline/mnist-wgpu" ]; then
+  rev=$(cat "$here/baseline/REV" 2>/dev/null || echo "an older build")
+  step profile-baseline "$(lim 30)" --into "$work/profile-baseline.json" \
+    "$here/baseline/mnist-wgpu" profile --json --steps "$profile_steps"
+  { echo "== profile-baseline.json ($rev):"; cat "$work/profile-baseline.json" 2>/dev/null; echo; } >>"$log"
+  baseline_args=(--baseline-profile "$work/profile-baseline.json" --baseline-rev "$rev")
+fi
+step train "$(lim 215)" "$bin" train --backend gpu --epochs "$epochs" --out "$work/run"
 [ -f "$work/run/metrics.jsonl" ] && cp "$work/run/metrics.jsonl" "$out/metrics.jsonl"
 [ -f "$work/run/best.safetensors" ] && cp "$work/run/best.safetensors" "$out/best.safetensors"
 
 if python3 -c 'import sys, torch, torchvision; sys.exit(0 if torch.cuda.is_available() else 1)' >/dev/null 2>&1; then
-  step torch "$(lim 130)" env PYTHONUNBUFFERED=1 python3 "$here/torch_recipe.py" --device cuda --epochs "$epochs" \
+  step torch "$(lim 115)" env PYTHONUNBUFFERED=1 python3 "$here/torch_recipe.py" --device cuda --epochs "$epochs" \
     --workers "$cores" --metrics "$out/torch.jsonl"
 else
   echo "== torch: skipped: python3 has no PyTorch with CUDA and torchvision here" | tee -a "$log"
 fi
 
-"$bin" bundle-summary "$out" --steps "$work/steps.tsv" 2>&1 | tee "$out/summary.txt" | tee -a "$log"
+"$bin" bundle-summary "$out" --steps "$work/steps.tsv" "${baseline_args[@]}" 2>&1 | tee "$out/summary.txt" | tee -a "$log"
 # Non-zero when any step failed or stopped at its limit (the summary above says which).
 if awk -F'\t' '$2 != 0 { bad = 1 } END { exit !bad }' "$work/steps.tsv"; then
   exit 1

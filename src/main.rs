@@ -196,6 +196,12 @@ enum Command {
         /// The runner's step log: one line per step, tab-separated: name, exit status, seconds, limit.
         #[arg(long)]
         steps: Option<PathBuf>,
+        /// The profile (JSON) of an older build, run beside this one on the same card.
+        #[arg(long, requires = "baseline_rev")]
+        baseline_profile: Option<PathBuf>,
+        /// That build's revision, as the summary names it.
+        #[arg(long, requires = "baseline_profile")]
+        baseline_rev: Option<String>,
     },
     /// Print the network: one row per layer with its output shape and parameter count.
     Summary {
@@ -398,7 +404,10 @@ fn run(command: Command) -> Result<()> {
         Command::Bench(args) => bench::run(args)?,
         Command::Profile(args) => bench::profile(args)?,
         Command::Verify(args) => bench::verify(args)?,
-        Command::BundleSummary { dir, steps } => print!("{}", mnist_wgpu::summary::render(&dir, steps.as_deref())),
+        Command::BundleSummary { dir, steps, baseline_profile, baseline_rev } => {
+            let baseline = baseline_profile.as_deref().zip(baseline_rev.as_deref());
+            print!("{}", mnist_wgpu::summary::render(&dir, steps.as_deref(), baseline))
+        }
     }
     Ok(())
 }

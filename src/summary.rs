@@ -74,9 +74,25 @@ fn reached(r: Option<(f64, usize)>) -> String {
     r.map_or("not reached".into(), |(s, e)| format!("{s:.1} s (epoch {e})"))
 }
 
+/// A profile's figures in one line: launches per step, the step's kernels each timed alone, and the
+/// step as one pass (where the profile has it: older builds' profiles do not).
+fn profile_figures(v: &Value) -> String {
+    let launches = v["dispatches_per_step"].as_u64().or_else(|| v["launches"].as_array().map(|l| l.len() as u64));
+    let mut text = format!(
+        "{} launches, {} us of kernels per step (each timed alone)",
+        launches.map_or("?".into(), |n| n.to_string()),
+        thousands(v["step_us"].as_f64().unwrap_or(0.0))
+    );
+    if let Some(us) = v["one_pass_us"].as_f64() {
+        let _ = write!(text, ", {} us as one pass", thousands(us));
+    }
+    text
+}
+
 /// The summary table of the run in `dir`; `steps` is the runner's step log (one line per step,
-/// tab-separated: name, exit status, seconds, limit).
-pub fn render(dir: &Path, steps: Option<&Path>) -> String {
+/// tab-separated: name, exit status, seconds, limit); `baseline`, the profile of an older build run
+/// beside this one (`gpu-bundle.sh --baseline`), and that build's revision.
+pub fn render(dir: &Path, steps: Option<&Path>, baseline: Option<(&Path, &str)>) -> String {
     let mut s = String::new();
     let row = |s: &mut String, label: &str, text: &str| {
         let _ = writeln!(s, "{label:<18}{text}");
@@ -162,7 +178,8 @@ pub fn render(dir: &Path, steps: Option<&Path>) -> String {
         Err(e) => row(&mut s, "bench", &format!("no result ({e}) {}", status("bench"))),
     }
 
-    match read_json(&dir.join("profile.json")) {
+    let profile = read_json(&dir.join("profile.json"));
+    match &profile {
         Ok(v) => {
             let step_us = v["step_us"].as_f64().unwrap_or(0.0);
             let top: Vec<String> = v["kernels"]
@@ -177,18 +194,33 @@ pub fn render(dir: &Path, steps: Option<&Path>) -> String {
                         .collect()
                 })
                 .unwrap_or_default();
-            row(
-                &mut s,
-                "profile",
-                &format!(
-                    "{} us of kernels per step (each timed alone); most: {} {}",
-                    thousands(step_us),
-                    top.join(", "),
-                    status("profile")
-                ),
-            );
+            let text = format!("{}; most: {} {}", profile_figures(v), top.join(", "), status("profile"));
+            row(&mut s, "profile", &text);
         }
         Err(e) => row(&mut s, "profile", &format!("no result ({e}) {}", status("profile"))),
+    }
+    if let Some((path, rev)) = baseline {
+        let text = match read_json(path) {
+            Ok(b) => {
+                // The current build's times over the baseline's, from the same card in the same run.
+                let ratio = |key: &str| -> Option<String> {
+                    let (now, then) = (profile.as_ref().ok()?[key].as_f64()?, b[key].as_f64()?);
+                    (then > 0.0).then(|| format!("{:.2}x", now / then))
+                };
+                let ratios: Vec<String> = [("step_us", "kernels each alone"), ("one_pass_us", "one pass")]
+                    .iter()
+                    .filter_map(|(key, what)| Some(format!("{} ({what})", ratio(key)?)))
+                    .collect();
+                let against = if ratios.is_empty() {
+                    String::new()
+                } else {
+                    format!("; this build's time: {}", ratios.join(", "))
+                };
+                format!("{rev}: {}{against} {}", profile_figures(&b), status("profile-baseline"))
+            }
+            Err(e) => format!("{rev}: no result ({e}) {}", status("profile-baseline")),
+        };
+        row(&mut s, "profile, baseline", &text);
     }
 
     let ours = read_jsonl(&dir.join("metrics.jsonl"));
@@ -265,7 +297,7 @@ mod tests {
         std::fs::write(dir.join("metrics.jsonl"), epochs.join("\n")).unwrap();
         let steps = dir.join("steps.tsv");
         std::fs::write(&steps, "verify\t1\t3.2\t60\ntrain\t0\t31.0\t230\n").unwrap();
-        let text = render(&dir, Some(&steps));
+        let text = render(&dir, Some(&steps), None);
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(text.contains("Fake GPU (Vulkan, DiscreteGpu), driver fake 1.0"), "{text}");
         assert!(
@@ -280,5 +312,36 @@ mod tests {
         assert!(text.contains("99.45%") && text.contains("6,001 (median epoch)"), "{text}");
         assert!(text.contains("bench.json"), "a missing file is named: {text}");
         assert!(text.contains("torch.jsonl"), "{text}");
+    }
+
+    #[test]
+    fn a_baseline_profile_is_set_beside_this_builds() {
+        let dir = std::env::temp_dir().join(format!("mnist-wgpu-summary-baseline-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // This build's profile, and an older build's without the one-pass time (as builds before it).
+        let now = serde_json::json!({"dispatches_per_step": 29, "step_us": 600.0, "one_pass_us": 450.0,
+            "kernels": [{"kernel": "conv.backward", "median_us": 300.0}]});
+        std::fs::write(dir.join("profile.json"), now.to_string()).unwrap();
+        let then = serde_json::json!({"step_us": 1500.0, "launches": vec![serde_json::json!({}); 51],
+            "kernels": [{"kernel": "conv3x3.backward_weight", "median_us": 900.0}]});
+        let old = dir.join("baseline.json");
+        std::fs::write(&old, then.to_string()).unwrap();
+        let steps = dir.join("steps.tsv");
+        std::fs::write(&steps, "profile\t0\t4.0\t40\nprofile-baseline\t0\t5.5\t30\n").unwrap();
+        let text = render(&dir, Some(&steps), Some((&old, "3a8599b")));
+        let missing = render(&dir, Some(&steps), Some((&dir.join("none.json"), "3a8599b")));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            text.contains("29 launches, 600 us of kernels per step (each timed alone), 450 us as one pass"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "3a8599b: 51 launches, 1,500 us of kernels per step (each timed alone); \
+                 this build's time: 0.40x (kernels each alone) [ok, 5.5 s]"
+            ),
+            "{text}"
+        );
+        assert!(missing.contains("3a8599b: no result") && missing.contains("none.json"), "{missing}");
     }
 }
