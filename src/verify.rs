@@ -32,7 +32,7 @@ use crate::cpu::relu::{relu_backward, relu_forward};
 use crate::cpu::sgd::{sgd_update, SgdStep};
 use crate::data::loader::Batch;
 use crate::gpu::batchnorm::{bn_slices, BnBuffers, BnLayer, BnOffsets, FusedDropout};
-use crate::gpu::conv::{forward_splits, weight_grad_slices, BnStats, BnSums, EvalBn};
+use crate::gpu::conv::{forward_splits, weight_grad_slices, BnStats, BnSums, Conv, EvalBn};
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
 use crate::gpu::net::{conv_reading, METRICS_WORDS};
@@ -371,7 +371,7 @@ fn batchnorm_checks(
     let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
     let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
     // The sums in as many slices as training uses, by the batchnorm's own kernels (the partials
-    // written by a convolution's epilogues are checked in conv_bn_checks).
+    // written by a convolution's epilogues are checked in conv_stats_checks and conv_sums_checks).
     let slices = bn_slices(c);
     let l = BnLayer {
         n,
@@ -826,7 +826,7 @@ fn conv_stats_checks(
         momentum: BN_MOMENTUM,
         eps: BN_EPS,
         slices: bn_slices(c),
-        forward_parts: Some(crate::gpu::conv::Conv::position_tiles(positions)),
+        forward_parts: Some(Conv::position_tiles(positions)),
         backward_parts: None,
         dy_pooled: false,
         dropout: None,
@@ -894,7 +894,7 @@ fn conv_sums_checks(
         eps: BN_EPS,
         slices: bn_slices(c),
         forward_parts: None,
-        backward_parts: Some(crate::gpu::conv::Conv::position_tiles(n * d.h * d.w)),
+        backward_parts: Some(Conv::position_tiles(n * d.h * d.w)),
         dy_pooled: false,
         dropout: case.dropout,
         maxpool: pool,
