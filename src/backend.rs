@@ -1,9 +1,14 @@
 //! The Backend trait the training loop is generic over, and its two implementations: the CPU
 //! reference executor and the GPU executor.
+//!
+//! The methods that may wait for the GPU are async, so that a web page awaits them while the
+//! browser's event loop runs; natively they are driven by `pollster::block_on`, and the CPU backend's
+//! never wait.
 
 use std::collections::HashMap;
 
 use anyhow::{bail, Result};
+use async_trait::async_trait;
 use wgpu::util::DeviceExt;
 
 use crate::cpu::sgd::SgdStep;
@@ -36,41 +41,42 @@ pub struct Sums {
     pub nonfinite: bool,
 }
 
+#[async_trait(?Send)]
 pub trait Backend {
     /// A one-line description: the backend and, for the GPU, the adapter.
     fn describe(&self) -> String;
     /// One training step; its loss and correct count are added into the running sums.
-    fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()>;
+    async fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()>;
     /// The parameters of every step of the run, indexed by the global step, for `train_chunk`.
     fn set_schedule(&mut self, schedule: &[StepParams]) -> Result<()>;
     /// Training steps `first_step`, `first_step + 1`, ... on `batches` (all of one size), with the
     /// schedule's parameters; their losses and correct counts go into the running sums. May return
     /// before the device has run them.
-    fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()>;
+    async fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()>;
     /// The running sums as of the latest finished training chunk, without waiting: the training
     /// batches since the last `reset_sums` they cover, and the sums. None before any has finished.
     fn poll_train_sums(&mut self) -> Result<Option<(usize, Sums)>>;
     /// The running sums of every training step since the last `reset_sums` (waits for the device).
-    fn train_sums(&mut self) -> Result<Sums>;
+    async fn train_sums(&mut self) -> Result<Sums>;
     /// Evaluation-mode passes of `batches` (all of one size), added into the running sums.
-    fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()>;
+    async fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()>;
     /// `eval_chunk` of one batch, and its logits read back (n x classes).
-    fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>>;
+    async fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>>;
     /// The running sums of the evaluation batches since the last `reset_sums` (waits for the device).
-    fn eval_sums(&mut self) -> Result<Sums>;
+    async fn eval_sums(&mut self) -> Result<Sums>;
     /// How many batches of `batch` images to hand over per chunk now (train when `train`, else eval).
     fn chunk_batches(&self, batch: usize, train: bool) -> usize;
     /// Waits for all work handed over, then zeroes the running sums.
-    fn reset_sums(&mut self) -> Result<()>;
+    async fn reset_sums(&mut self) -> Result<()>;
     /// Parameters and running statistics (the model's flat state buffer).
-    fn state(&mut self) -> Result<Vec<f32>>;
+    async fn state(&mut self) -> Result<Vec<f32>>;
     /// SGD momentum buffers of the trainable prefix.
-    fn momenta(&mut self) -> Result<Vec<f32>>;
-    fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()>;
+    async fn momenta(&mut self) -> Result<Vec<f32>>;
+    async fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()>;
     /// Refuses, with the figure and the limit, a batch size whose buffers would not fit, before a run
     /// depends on them (so that it cannot abort on an allocation). The GPU backend makes the batch's
     /// buffers here: only the device can say whether its memory holds them.
-    fn check_batch(&mut self, batch: usize) -> Result<()>;
+    async fn check_batch(&mut self, batch: usize) -> Result<()>;
 }
 
 /// The schedule's entries for `first_step..first_step + count`, or an error naming what is missing.
@@ -128,8 +134,9 @@ impl CpuBackend {
     }
 }
 
+#[async_trait(?Send)]
 impl Backend for CpuBackend {
-    fn check_batch(&mut self, batch: usize) -> Result<()> {
+    async fn check_batch(&mut self, batch: usize) -> Result<()> {
         // Half as much again for what the estimate leaves out (a buffer growing while the old one is
         // held, the allocator's per-thread arenas), and 512 MiB for the data set, the loader's batches
         // and the threads' stacks: measured under `ulimit -v`, a run that passes this check fits.
@@ -151,7 +158,7 @@ impl Backend for CpuBackend {
         format!("cpu ({} threads)", rayon::current_num_threads())
     }
 
-    fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
+    async fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
         let sgd = SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay };
         let dropout =
             if p.dropout { DropoutMode::Hash { seed: p.dropout_seed, step: p.step } } else { DropoutMode::Off };
@@ -167,11 +174,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()> {
+    async fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()> {
         chunk_batch_size(batches)?;
         let span = schedule_span(self.schedule.len(), first_step, batches.len())?;
         for (b, step) in batches.iter().zip(span) {
-            self.train_step(&b.input, &b.labels, self.schedule[step])?;
+            self.train_step(&b.input, &b.labels, self.schedule[step]).await?;
             self.trained += 1;
         }
         Ok(())
@@ -181,23 +188,23 @@ impl Backend for CpuBackend {
         Ok(Some((self.trained, self.sums)))
     }
 
-    fn train_sums(&mut self) -> Result<Sums> {
+    async fn train_sums(&mut self) -> Result<Sums> {
         Ok(self.sums)
     }
 
-    fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
+    async fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
         for b in batches {
             self.evaluate(&b.input, &b.labels);
         }
         Ok(())
     }
 
-    fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
+    async fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
         self.evaluate(input, labels);
         Ok(self.net.logits().to_vec())
     }
 
-    fn eval_sums(&mut self) -> Result<Sums> {
+    async fn eval_sums(&mut self) -> Result<Sums> {
         Ok(self.sums)
     }
 
@@ -206,21 +213,21 @@ impl Backend for CpuBackend {
         1
     }
 
-    fn reset_sums(&mut self) -> Result<()> {
+    async fn reset_sums(&mut self) -> Result<()> {
         self.sums = Sums::default();
         self.trained = 0;
         Ok(())
     }
 
-    fn state(&mut self) -> Result<Vec<f32>> {
+    async fn state(&mut self) -> Result<Vec<f32>> {
         Ok(self.state.clone())
     }
 
-    fn momenta(&mut self) -> Result<Vec<f32>> {
+    async fn momenta(&mut self) -> Result<Vec<f32>> {
         Ok(self.momenta.clone())
     }
 
-    fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
+    async fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
         self.state.copy_from_slice(state);
         self.momenta.copy_from_slice(momenta);
         Ok(())
@@ -301,9 +308,9 @@ impl GpuBackend {
     }
 
     /// A training step with every kernel timed, and timed as one pass (see `GpuNet::profile_step`).
-    pub fn profile_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<StepProfile> {
+    pub async fn profile_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<StepProfile> {
         let (net, ctx) = self.net(labels.len())?;
-        net.profile_step(ctx, input, labels, step_uniform(p))
+        net.profile_step(ctx, input, labels, step_uniform(p)).await
     }
 
     /// Launches per evaluation batch of `batch` images.
@@ -311,9 +318,9 @@ impl GpuBackend {
         Ok(self.net(batch)?.0.eval_launches())
     }
 
-    fn sums(&mut self) -> Result<Sums> {
-        self.stream.drain(&self.ctx)?;
-        Ok(sums_of(Metrics::read(&self.ctx, &self.shared.metrics)?))
+    async fn sums(&mut self) -> Result<Sums> {
+        self.stream.drain(&self.ctx).await?;
+        Ok(sums_of(Metrics::read(&self.ctx, &self.shared.metrics).await?))
     }
 
     /// The most batches of `batch` images one upload buffer may hold.
@@ -325,7 +332,7 @@ impl GpuBackend {
 
     /// Uploads `batches` as one chunk and records each as a training step (from `first_step` on) or an
     /// evaluation pass, all in one submission.
-    fn submit_chunk(&mut self, batches: &[Batch], first_step: Option<usize>) -> Result<()> {
+    async fn submit_chunk(&mut self, batches: &[Batch], first_step: Option<usize>) -> Result<()> {
         let n = chunk_batch_size(batches)?;
         if batches.len() > self.chunk_limit(n) {
             bail!(
@@ -347,20 +354,22 @@ impl GpuBackend {
             }
             None => (ChunkKind::Eval, None),
         };
-        self.stream.submit(
-            &self.ctx,
-            kind,
-            batches.len(),
-            layout.total_bytes(),
-            &self.shared.metrics,
-            |bytes| fill_chunk(batches, &layout, bytes),
-            |encoder, upload| {
-                for i in 0..batches.len() {
-                    let step = schedule.map(|(buffer, first)| (buffer, first + i));
-                    net.record_batch(encoder, upload, &layout, i, step, empty);
-                }
-            },
-        )?;
+        self.stream
+            .submit(
+                &self.ctx,
+                kind,
+                batches.len(),
+                layout.total_bytes(),
+                &self.shared.metrics,
+                |bytes| fill_chunk(batches, &layout, bytes),
+                |encoder, upload| {
+                    for i in 0..batches.len() {
+                        let step = schedule.map(|(buffer, first)| (buffer, first + i));
+                        net.record_batch(encoder, upload, &layout, i, step, empty);
+                    }
+                },
+            )
+            .await?;
         self.stream.poll(&self.ctx)
     }
 }
@@ -382,14 +391,15 @@ fn fill_chunk(batches: &[Batch], layout: &ChunkLayout, out: &mut wgpu::BufferVie
 
 const GIB: f64 = (1u64 << 30) as f64;
 
+#[async_trait(?Send)]
 impl Backend for GpuBackend {
-    fn check_batch(&mut self, batch: usize) -> Result<()> {
+    async fn check_batch(&mut self, batch: usize) -> Result<()> {
         let largest = crate::gpu::net::check_batch_fits(&self.ctx, &self.model, batch)?;
         // wgpu cannot say how much memory a device has, so the batch's buffers are made now, where the
         // device can refuse them with a message, rather than at the first step.
         let scope = self.ctx.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let built = self.net(batch).map(|_| ());
-        if let Some(e) = pollster::block_on(scope.pop()) {
+        if let Some(e) = scope.pop().await {
             self.nets.remove(&batch);
             anyhow::bail!(
                 "batch size {batch} does not fit in the memory of {} (its largest buffer alone is {} MiB): {e}; \
@@ -405,9 +415,9 @@ impl Backend for GpuBackend {
         format!("gpu: {} ({:?}, {:?})", self.ctx.info.name, self.ctx.info.backend, self.ctx.info.device_type)
     }
 
-    fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
+    async fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
         let (net, ctx) = self.net(labels.len())?;
-        net.train_step(ctx, input, labels, step_uniform(p), false)?;
+        net.train_step(ctx, input, labels, step_uniform(p), false).await?;
         Ok(())
     }
 
@@ -434,8 +444,8 @@ impl Backend for GpuBackend {
         Ok(())
     }
 
-    fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()> {
-        self.submit_chunk(batches, Some(first_step))
+    async fn train_chunk(&mut self, batches: &[Batch], first_step: usize) -> Result<()> {
+        self.submit_chunk(batches, Some(first_step)).await
     }
 
     fn poll_train_sums(&mut self) -> Result<Option<(usize, Sums)>> {
@@ -443,22 +453,22 @@ impl Backend for GpuBackend {
         Ok(self.stream.latest.filter(|f| f.kind == ChunkKind::Train).map(|f| (f.batches, sums_of(f.metrics))))
     }
 
-    fn train_sums(&mut self) -> Result<Sums> {
-        self.sums()
+    async fn train_sums(&mut self) -> Result<Sums> {
+        self.sums().await
     }
 
-    fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
-        self.submit_chunk(batches, None)
+    async fn eval_chunk(&mut self, batches: &[Batch]) -> Result<()> {
+        self.submit_chunk(batches, None).await
     }
 
-    fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
+    async fn eval_logits(&mut self, input: &[f32], labels: &[u8]) -> Result<Vec<f32>> {
         let (net, ctx) = self.net(labels.len())?;
         net.evaluate_batch(ctx, input, labels);
-        net.read_logits(ctx)
+        net.read_logits(ctx).await
     }
 
-    fn eval_sums(&mut self) -> Result<Sums> {
-        self.sums()
+    async fn eval_sums(&mut self) -> Result<Sums> {
+        self.sums().await
     }
 
     fn chunk_batches(&self, batch: usize, train: bool) -> usize {
@@ -466,26 +476,26 @@ impl Backend for GpuBackend {
         self.stream.batches_per_chunk(kind, CHUNK_SECONDS, self.chunk_limit(batch))
     }
 
-    fn reset_sums(&mut self) -> Result<()> {
-        self.stream.reset(&self.ctx)?;
+    async fn reset_sums(&mut self) -> Result<()> {
+        self.stream.reset(&self.ctx).await?;
         Metrics::clear(&self.ctx, &self.shared.metrics);
         Ok(())
     }
 
-    fn state(&mut self) -> Result<Vec<f32>> {
-        self.stream.drain(&self.ctx)?;
-        self.ctx.read(&self.shared.state, self.model.num_state)
+    async fn state(&mut self) -> Result<Vec<f32>> {
+        self.stream.drain(&self.ctx).await?;
+        self.ctx.read(&self.shared.state, self.model.num_state).await
     }
 
-    fn momenta(&mut self) -> Result<Vec<f32>> {
-        self.stream.drain(&self.ctx)?;
-        self.ctx.read(&self.shared.momenta, self.model.num_trainable)
+    async fn momenta(&mut self) -> Result<Vec<f32>> {
+        self.stream.drain(&self.ctx).await?;
+        self.ctx.read(&self.shared.momenta, self.model.num_trainable).await
     }
 
-    fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
+    async fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
         assert_eq!(state.len(), self.model.num_state);
         assert_eq!(momenta.len(), self.model.num_trainable);
-        self.stream.drain(&self.ctx)?;
+        self.stream.drain(&self.ctx).await?;
         self.ctx.write(&self.shared.state, state);
         self.ctx.write(&self.shared.momenta, momenta);
         Ok(())

@@ -6,6 +6,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+use pollster::block_on;
+
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
@@ -83,7 +85,7 @@ fn time(repeats: usize, images: usize, mut work: impl FnMut() -> Result<()>) -> 
 /// One whole training step from the same state and a random batch on `backend` and on the CPU reference: every
 /// parameter, momentum and running statistic and the loss must agree (`verify`'s step check).
 fn validate(backend: &mut dyn Backend, model: &Model, batch_size: usize) -> Result<()> {
-    let checks = verify::step_checks(model, backend, batch_size, 0)?.checks;
+    let checks = block_on(verify::step_checks(model, backend, batch_size, 0))?.checks;
     let failed = verify::failures(&checks);
     if !failed.is_empty() {
         bail!(
@@ -125,25 +127,25 @@ fn training_loop(
     steps: usize,
     threads: usize,
 ) -> Result<()> {
-    backend.reset_sums()?;
+    block_on(backend.reset_sums())?;
     let ahead = loader_ahead(cfg.batch_size, threads);
     let batches = spawn_epoch(split.clone(), cfg, 0, 0, ahead, threads).take(steps);
     let never = AtomicBool::new(false);
-    run_chunks(backend, batches, 0, None, &never, |_, sums| {
+    block_on(run_chunks(backend, batches, 0, None, &never, |_, sums| {
         std::hint::black_box(sums);
         Ok(())
-    })?;
-    backend.train_sums()?;
+    }))?;
+    block_on(backend.train_sums())?;
     Ok(())
 }
 
 /// Evaluation in chunks, as `train` evaluates after an epoch.
 fn evaluation(backend: &mut dyn Backend, eval: &[Batch]) -> Result<()> {
-    backend.reset_sums()?;
+    block_on(backend.reset_sums())?;
     for chunk in eval.chunks(backend.chunk_batches(eval[0].len(), false)) {
-        backend.eval_chunk(chunk)?;
+        block_on(backend.eval_chunk(chunk))?;
     }
-    backend.eval_sums()?;
+    block_on(backend.eval_sums())?;
     Ok(())
 }
 
@@ -229,11 +231,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         // costs), chunked as training hands them over.
         let prepared: Vec<&Batch> = batches.iter().cycle().take(if host_only { steps } else { args.steps }).collect();
         let (m, lo, hi) = time(args.repeats, prepared.len() * args.batch_size, || {
-            backend.reset_sums()?;
+            block_on(backend.reset_sums())?;
             let never = AtomicBool::new(false);
-            run_chunks(backend.as_mut(), prepared.iter().map(|&b| b.clone()), 0, None, &never, |_, _| Ok(()))?;
+            let batches = prepared.iter().map(|&b| b.clone());
+            block_on(run_chunks(backend.as_mut(), batches, 0, None, &never, |_, _| Ok(())))?;
             // Waits for the device: the time covers the work, not just its submission.
-            backend.train_sums()?;
+            block_on(backend.train_sums())?;
             Ok(())
         })?;
         let what = format!("training steps, batch {}", args.batch_size);
@@ -367,11 +370,11 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     let first = train_batch(&set.train, &order, &cfg, 0, 0);
     validate(&mut backend, &model, args.batch_size)?;
     // Warm-up (pipeline compilation, first-use costs), then the timed steps.
-    backend.profile_step(&first.input, &first.labels, p(0))?;
+    block_on(backend.profile_step(&first.input, &first.labels, p(0)))?;
     let mut runs: Vec<StepProfile> = Vec::new();
     for i in 0..args.steps {
         let b = train_batch(&set.train, &order, &cfg, 0, i + 1);
-        runs.push(backend.profile_step(&b.input, &b.labels, p(i + 1))?);
+        runs.push(block_on(backend.profile_step(&b.input, &b.labels, p(i + 1)))?);
     }
     let eval_launches = backend.eval_launches(args.batch_size)?;
     let rows: Vec<LaunchRow> = (0..runs[0].launches.len())
@@ -487,9 +490,6 @@ pub struct VerifyArgs {
     json: bool,
 }
 
-/// Whole-step checks with dropout on run this many consecutive steps.
-const VERIFY_DROPOUT_STEPS: usize = 10;
-
 /// `mnist-wgpu verify`: every kernel at every layer shape, then whole training steps, against the CPU
 /// reference on one adapter; fails (non-zero exit) on any check out of tolerance or non-finite.
 pub fn verify(args: VerifyArgs) -> Result<()> {
@@ -513,11 +513,11 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         println!("{}", verify::header());
     }
     let (ctx, kernels) = backend.parts();
-    let mut checks = verify::kernel_checks(ctx, kernels, &model, n)?;
+    let mut checks = block_on(verify::kernel_checks(ctx, kernels, &model, n))?;
     if !args.json {
         checks.iter().for_each(|c| println!("{}", verify::format_row(c)));
     }
-    let steps = verify::step_checks(&model, &mut backend, n, VERIFY_DROPOUT_STEPS)?;
+    let steps = block_on(verify::step_checks(&model, &mut backend, n, verify::DROPOUT_STEPS))?;
     if !args.json {
         steps.checks.iter().for_each(|c| println!("{}", verify::format_row(c)));
         println!("{}", steps.set_aside_line());
@@ -534,7 +534,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     }
-    let worst = checks.iter().filter(|c| c.tolerance > 0.0).map(|c| c.error / c.tolerance).fold(0.0, f64::max);
+    let worst = verify::worst_ratio(&checks);
     let line = format!("{passed}/{total} checks passed on {adapter}, driver {driver}, batch {n}");
     if passed < total {
         bail!("verify: {line}; {} FAILED (rows marked FAIL)", total - passed);

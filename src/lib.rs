@@ -12,16 +12,17 @@
 //! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread;
 //!   `summary`: the report of a GPU run (`dist/run.sh`) from the files it wrote.
 //!
-//! `model`, `data` and `checkpoint` build without the default `app` feature, which brings in everything
-//! else (the fuzz targets of `fuzz/` use them so).
+//! `model`, `data` and `checkpoint` build without features (the fuzz targets of `fuzz/` use them so);
+//! the `engine` feature adds the executors, training and verify, which also build for a web page
+//! (wasm32, see `web/`); the default `app` feature adds files, reports and the command line.
 
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod backend;
 pub mod checkpoint;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod cpu;
 pub mod data;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod gpu;
 pub mod model;
 #[cfg(feature = "app")]
@@ -30,7 +31,7 @@ pub mod onnx;
 pub mod report;
 #[cfg(feature = "app")]
 pub mod summary;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod train;
-#[cfg(feature = "app")]
+#[cfg(feature = "engine")]
 pub mod verify;

@@ -379,7 +379,7 @@ fn run(command: Command) -> Result<()> {
             let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
             let set = load_data(data)?;
             let mut backend = make_backend(&device, &model, ck.state)?;
-            backend.check_batch(batch_size)?;
+            pollster::block_on(backend.check_batch(batch_size))?;
             println!("{} on {}", checkpoint.display(), backend.describe());
             let (counts, sums, all_logits) = confusion_matrix(backend.as_mut(), &set.test, batch_size)?;
             if let Some(path) = &logits {
@@ -456,8 +456,8 @@ fn predict(
             data::normalize_into(pixels, &mut input[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]);
         }
         let mut backend = make_backend(device, &model, ck.state)?;
-        backend.check_batch(ready.len())?;
-        let logits = backend.eval_logits(&input, &vec![0u8; ready.len()])?;
+        pollster::block_on(backend.check_batch(ready.len()))?;
+        let logits = pollster::block_on(backend.eval_logits(&input, &vec![0u8; ready.len()]))?;
         let classes = model.output_classes();
         for ((path, _), row) in ready.iter().zip(logits.chunks(classes)) {
             let p = mnist_wgpu::cpu::loss::softmax(row);
@@ -619,7 +619,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     };
     let Some(seeds) = seeds else {
         let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
-        backend.check_batch(recipe.batch_size)?;
+        pollster::block_on(backend.check_batch(recipe.batch_size))?;
         describe_run(name, &model, backend.as_ref(), &set, &out_dir, &recipe);
         record_run(&out_dir, name, backend.as_ref(), &recipe)?;
         if train::train(backend.as_mut(), &model, &set, &opts)?.interrupted {
@@ -636,7 +636,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
     let mut interrupted = false;
     for &seed in &seeds {
         let mut backend = make_backend(&args.device, &model, model.init_state(seed))?;
-        backend.check_batch(recipe.batch_size)?;
+        pollster::block_on(backend.check_batch(recipe.batch_size))?;
         let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
         println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
         describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir, &opts.recipe);
@@ -757,9 +757,9 @@ fn confusion_matrix(
 ) -> Result<([[u32; 10]; 10], Sums, Vec<f32>)> {
     let mut counts = [[0u32; 10]; 10];
     let mut all = Vec::with_capacity(split.len() * 10);
-    backend.reset_sums()?;
+    pollster::block_on(backend.reset_sums())?;
     for b in data::loader::eval_batches(split, batch_size) {
-        let logits = backend.eval_logits(&b.input, &b.labels)?;
+        let logits = pollster::block_on(backend.eval_logits(&b.input, &b.labels))?;
         all.extend_from_slice(&logits);
         for (row, &label) in logits.chunks_exact(10).zip(&b.labels) {
             // The first maximum on ties, as the loss kernels count correct predictions.
@@ -767,7 +767,7 @@ fn confusion_matrix(
             counts[label as usize][pred] += 1;
         }
     }
-    let sums = backend.eval_sums()?;
+    let sums = pollster::block_on(backend.eval_sums())?;
     let diagonal: u64 = (0..10).map(|i| counts[i][i] as u64).sum();
     if diagonal != sums.correct {
         bail!("internal error: the confusion matrix counts {diagonal} correct, the backend {}", sums.correct);

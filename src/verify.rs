@@ -42,6 +42,9 @@ use crate::model::plan::Plan;
 use crate::model::{ConvDims, Layer, Model, Shape, BN_EPS, BN_MOMENTUM};
 use crate::train::schedule::OneCycle;
 
+/// Whole training steps with dropout on that `verify` runs after the single step without.
+pub const DROPOUT_STEPS: usize = 10;
+
 pub const TOL_EXACT: f64 = 0.0;
 pub const TOL_ELEMENTWISE: f64 = 1e-6;
 pub const TOL_SUMS: f64 = 1e-5;
@@ -149,8 +152,8 @@ fn nchw(n: usize, c: usize, h: usize, w: usize) -> String {
 }
 
 /// Runs launches and reads one buffer back.
-fn read(ctx: &GpuContext, b: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
-    ctx.read(b, len)
+async fn read(ctx: &GpuContext, b: &wgpu::Buffer, len: usize) -> Result<Vec<f32>> {
+    ctx.read(b, len).await
 }
 
 /// A convolution's random input as given to the kernels, and as the layer sees it: with `pool`, the
@@ -170,7 +173,7 @@ fn conv_input(d: &ConvDims, pool: bool, seed: u64) -> (Vec<f32>, Vec<f32>) {
 /// and ReLU, and backward (the weight gradient, and dx when `with_dx`). With `pool` the input is the
 /// 2x2 max pooling of an x twice as high and wide, read through by the kernels.
 #[allow(clippy::too_many_arguments)]
-fn conv_checks(
+async fn conv_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -249,7 +252,7 @@ fn conv_checks(
     let name = if with_bias { "conv (bias)" } else { "conv" };
     let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
     let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
-    let parts = read(ctx, &ysb, splits * y.len())?;
+    let parts = read(ctx, &ysb, splits * y.len()).await?;
     let mut summed = parts[..y.len()].to_vec();
     for part in parts.chunks(y.len()).skip(1) {
         summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
@@ -259,7 +262,7 @@ fn conv_checks(
             &format!("{name}.forward"),
             layer,
             &format!("{input} -> {output}"),
-            &read(ctx, &yb, y.len())?,
+            &read(ctx, &yb, y.len()).await?,
             &y,
             TOL_SUMS,
         ),
@@ -275,13 +278,13 @@ fn conv_checks(
             &format!("{name}.forward + batchnorm eval + relu"),
             layer,
             &format!("{input} -> {output}"),
-            &read(ctx, &ybn, y.len())?,
+            &read(ctx, &ybn, y.len()).await?,
             &y_bn,
             TOL_SUMS,
         ),
     ];
     if with_dx {
-        let got = read(ctx, &dxb, dx.len())?;
+        let got = read(ctx, &dxb, dx.len()).await?;
         checks.push(compare(
             &format!("{name}.backward (dx)"),
             layer,
@@ -291,7 +294,7 @@ fn conv_checks(
             TOL_SUMS,
         ));
     }
-    let g = read(ctx, &gb, state.len())?;
+    let g = read(ctx, &gb, state.len()).await?;
     let mut weight_check = compare(
         &format!("{name}.backward (weights)"),
         layer,
@@ -335,7 +338,7 @@ enum BnPooling {
 
 /// A batchnorm layer with what `case` fuses: training forward with running statistics, backward, and
 /// evaluation forward.
-fn batchnorm_checks(
+async fn batchnorm_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -403,7 +406,7 @@ fn batchnorm_checks(
     // pooling's and the ReLU's backward take the GPU's output: an output within rounding of zero, or
     // of its window's maximum, may decide differently on each side, and the backward is checked for
     // the forward's decisions (the forward is checked on its own).
-    let y_gpu = read(ctx, &yb, len)?;
+    let y_gpu = read(ctx, &yb, len).await?;
     let mut y = vec![0.0; len];
     let saved = batchnorm_forward_train(&d, &x, &gamma, &beta, BN_EPS, &mut y);
     let mut g = vec![0.0; len];
@@ -446,10 +449,10 @@ fn batchnorm_checks(
     };
     let act = format!("{n}x{c}x{}", d.hw);
     let in_slices = format!("{act} in {slices} slice{}", if slices > 1 { "s" } else { "" });
-    let sv = read(ctx, &savedb, 2 * c)?;
-    let st = read(ctx, &sb, 4 * c)?;
-    let gr = read(ctx, &gb, 2 * c)?;
-    let dx_gpu = read(ctx, &dxb, len)?;
+    let sv = read(ctx, &savedb, 2 * c).await?;
+    let st = read(ctx, &sb, 4 * c).await?;
+    let gr = read(ctx, &gb, 2 * c).await?;
+    let dx_gpu = read(ctx, &dxb, len).await?;
     let per_channel = format!("{c}");
     let mut checks = vec![
         compare(&format!("batchnorm.stats (mean){parts_tag}"), layer, &in_slices, &sv[..c], &saved.mean, TOL_SUMS),
@@ -472,13 +475,20 @@ fn batchnorm_checks(
         relu_forward(&mut ye);
     }
     let eval_tag = if case.relu { "+relu" } else { "" };
-    checks.push(compare(&format!("batchnorm.apply_eval{eval_tag}"), layer, &act, &read(ctx, &yb, len)?, &ye, TOL_SUMS));
+    checks.push(compare(
+        &format!("batchnorm.apply_eval{eval_tag}"),
+        layer,
+        &act,
+        &read(ctx, &yb, len).await?,
+        &ye,
+        TOL_SUMS,
+    ));
     Ok(checks)
 }
 
 /// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
 /// hold equal maxima and the first-on-ties rule decides where the gradient goes.
-fn maxpool_checks(
+async fn maxpool_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -512,7 +522,7 @@ fn maxpool_checks(
             &format!("pool.maxpool_forward{tag}"),
             layer,
             &format!("{input} -> {output}"),
-            &read(ctx, &yb, out)?,
+            &read(ctx, &yb, out).await?,
             &y,
             TOL_EXACT,
         ),
@@ -520,14 +530,14 @@ fn maxpool_checks(
             &format!("pool.maxpool_backward{tag}"),
             layer,
             &format!("{output} -> {input}"),
-            &read(ctx, &dxb, len)?,
+            &read(ctx, &dxb, len).await?,
             &dx,
             TOL_EXACT,
         ),
     ])
 }
 
-fn gap_checks(
+async fn gap_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -547,13 +557,13 @@ fn gap_checks(
     global_avg_pool_backward(hw, &dy, &mut dx);
     let shape = format!("{n}x{c}x{hw} -> {n}x{c}");
     Ok(vec![
-        compare("pool.gap_forward", layer, &shape, &read(ctx, &yb, planes)?, &y, TOL_ELEMENTWISE),
-        compare("pool.gap_backward", layer, &shape, &read(ctx, &dxb, planes * hw)?, &dx, TOL_ELEMENTWISE),
+        compare("pool.gap_forward", layer, &shape, &read(ctx, &yb, planes).await?, &y, TOL_ELEMENTWISE),
+        compare("pool.gap_backward", layer, &shape, &read(ctx, &dxb, planes * hw).await?, &dx, TOL_ELEMENTWISE),
     ])
 }
 
 /// A dropout layer of probability p at index `index` of its model (which keys its mask).
-fn dropout_checks(
+async fn dropout_checks(
     ctx: &GpuContext,
     k: &Kernels,
     name: &str,
@@ -568,7 +578,7 @@ fn dropout_checks(
     run(ctx, &[&k.dropout.apply(ctx, len, p, index, &sb, &xb, &yb)]);
     let mask = dropout_mask(1234, 77, index as u32, p, len);
     let want: Vec<f32> = x.iter().zip(&mask).map(|(a, m)| a * m).collect();
-    let got = read(ctx, &yb, len)?;
+    let got = read(ctx, &yb, len).await?;
     let kept = |v: &[f32]| v.iter().map(|a| *a != 0.0).collect::<Vec<bool>>();
     Ok(vec![
         compare_exact("dropout.apply (mask)", name, shape, "mask elements", &kept(&got), &kept(&want)),
@@ -578,7 +588,7 @@ fn dropout_checks(
 
 /// The loss kernel on `n` images of `classes` logits; with `pool_hw` > 0, from a global average
 /// pooling of `pool_hw` values per logit fused in (its logits written out and checked too).
-fn loss_checks(
+async fn loss_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -608,17 +618,17 @@ fn loss_checks(
     let mut dlogits = vec![0.0; n * classes];
     let out = softmax_cross_entropy(&logits, &labels, classes, Some(&mut dlogits));
     let shape = if pool_hw > 0 { format!("{n}x{classes}x{pool_hw} pooled") } else { format!("{n}x{classes}") };
-    let m = read(ctx, &mb, 2)?;
-    let got_logits = read(ctx, &lb, n * classes)?;
+    let m = read(ctx, &mb, 2).await?;
+    let got_logits = read(ctx, &lb, n * classes).await?;
     // Accumulating mode adds a second batch onto the first.
     run(ctx, &[&k.loss.softmax_cross_entropy(ctx, n, classes, true, &buffers)]);
-    let m2 = read(ctx, &mb, 2)?;
+    let m2 = read(ctx, &mb, 2).await?;
     let mut checks = vec![
         compare(
             "loss.softmax_cross_entropy (dlogits)",
             layer,
             &shape,
-            &read(ctx, &db, n * classes)?,
+            &read(ctx, &db, n * classes).await?,
             &dlogits,
             TOL_SUMS,
         ),
@@ -639,7 +649,7 @@ fn loss_checks(
     Ok(checks)
 }
 
-fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
+async fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
     let (p, mut g, m) = (random(1, len, 0.5), random(2, len, 0.1), random(3, len, 0.1));
     let step = StepUniform { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, ..Default::default() };
     let sgd = SgdStep { lr: 0.05, momentum: 0.9, weight_decay: 1e-5 };
@@ -657,11 +667,11 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
         run(ctx, &[&k.sgd.update(ctx, len, &[], &buffers)]);
         let (mut p2, mut m2) = (p.clone(), m.clone());
         let want = sgd_update(sgd, &mut p2, &g, &mut m2);
-        let got = Metrics::read(ctx, &metrics)?.nonfinite;
+        let got = Metrics::read(ctx, &metrics).await?.nonfinite;
         let what = if planted { "one infinite gradient" } else { "finite gradients" };
         checks.push(compare_exact("sgd.update (non-finite flag)", "all trainable", &shape, what, &[got], &[want]));
         if !planted {
-            let (gp, gm) = (read(ctx, &pb, len)?, read(ctx, &mb, len)?);
+            let (gp, gm) = (read(ctx, &pb, len).await?, read(ctx, &mb, len).await?);
             checks.push(compare("sgd.update (parameters)", "all trainable", &shape, &gp, &p2, TOL_ELEMENTWISE));
             checks.push(compare("sgd.update (momenta)", "all trainable", &shape, &gm, &m2, TOL_ELEMENTWISE));
         }
@@ -673,7 +683,7 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
     let whole: Vec<f32> = (0..len).map(|i| parts[i] + parts[len + i] + parts[2 * len + i]).collect();
     let gb = ctx.upload("sliced g", &parts);
     run(ctx, &[&k.sgd.sum_slices(ctx, len, &sliced, &gb)]);
-    let sums = read(ctx, &gb, len)?;
+    let sums = read(ctx, &gb, len).await?;
     checks.push(compare_exact("sgd.sum_slices", "all trainable", &shape, "3 slices", &sums, &whole));
     let (pb, gb, mb, sb) =
         (ctx.upload("p", &p), ctx.upload("g", &parts), ctx.upload("m", &m), ctx.uniform("step", &step));
@@ -682,7 +692,7 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
     run(ctx, &[&k.sgd.update(ctx, len, &sliced, &buffers)]);
     let (mut p2, mut m2) = (p.clone(), m.clone());
     sgd_update(sgd, &mut p2, &whole, &mut m2);
-    let got = read(ctx, &pb, len)?;
+    let got = read(ctx, &pb, len).await?;
     checks.push(compare("sgd.update (3 slices)", "all trainable", &shape, &got, &p2, TOL_ELEMENTWISE));
     Ok(checks)
 }
@@ -690,7 +700,7 @@ fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
 /// Every kernel at every layer shape of `model` with a batch of `n`, forward and backward, in layer
 /// order; then the loss and SGD kernels; then odd shapes (channel counts off the kernels' channel
 /// blocks, more images than the loss kernel's invocations).
-pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> Result<Vec<Check>> {
+pub async fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     // Each kernel as GpuNet launches it, with what it fuses at that layer.
     let plan = Plan::new(model);
@@ -705,7 +715,7 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
                 let pool = plan.pooled_input[i];
                 let bias = model.conv_bias(i).is_some();
                 // The first layer's input needs no gradient, so training never computes its dx.
-                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0, pool, bias)?);
+                checks.extend(conv_checks(ctx, k, &name, &d, seed, i > 0, pool, bias).await?);
             }
             Layer::BatchNorm { c, .. } => {
                 let fusion = plan.norm[i];
@@ -724,13 +734,13 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
                 };
                 let dropout = fusion.dropout.map(|(layer, p)| FusedDropout { p, layer });
                 let case = BnCase { relu: fusion.relu, dropout, pooling, parts };
-                checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, case, seed)?);
+                checks.extend(batchnorm_checks(ctx, k, &name, BnDims { n, c, hw: s.h * s.w }, case, seed).await?);
                 // The partials the convolutions before and after write in training.
                 if let Some((d, _)) = i.checked_sub(1).and_then(|j| model.conv(j, n)).filter(|_| parts == 1) {
-                    checks.extend(conv_stats_checks(ctx, k, &name, &d, plan.pooled_input[i - 1], seed + 7)?);
+                    checks.extend(conv_stats_checks(ctx, k, &name, &d, plan.pooled_input[i - 1], seed + 7).await?);
                 }
                 if let Some((d, _)) = conv_reading(model, &plan, i).and_then(|j| model.conv(j, n)) {
-                    checks.extend(conv_sums_checks(ctx, k, &name, &d, case, seed + 8)?);
+                    checks.extend(conv_sums_checks(ctx, k, &name, &d, case, seed + 8).await?);
                 }
             }
             Layer::Relu => {} // fused into the batchnorm kernels before it
@@ -739,10 +749,10 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
             Layer::Dropout { .. } if plan.in_place(i) => {}
             Layer::MaxPool2 if plan.pooled_input.get(i + 1) == Some(&true) && !plan.backward.contains(&(i..i + 1)) => {}
             Layer::Dropout { p } => {
-                checks.extend(dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed)?)
+                checks.extend(dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed).await?)
             }
-            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s, seed, false)?),
-            Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed)?),
+            Layer::MaxPool2 => checks.extend(maxpool_checks(ctx, k, &name, n, s, seed, false).await?),
+            Layer::GlobalAvgPool => checks.extend(gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed).await?),
         }
     }
     // A global average pooling that ends the network runs inside the loss kernel (as GpuNet does it).
@@ -750,8 +760,8 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         Layer::GlobalAvgPool => model.input_of(last).h * model.input_of(last).w,
         _ => 0,
     };
-    checks.extend(loss_checks(ctx, k, "loss", (n, model.output_classes(), pool_hw), 11)?);
-    checks.extend(sgd_checks(ctx, k, model.num_trainable)?);
+    checks.extend(loss_checks(ctx, k, "loss", (n, model.output_classes(), pool_hw), 11).await?);
+    checks.extend(sgd_checks(ctx, k, model.num_trainable).await?);
     // Off the model's shapes: partial tiles of every kind in the convolutions (channels not a multiple
     // of 16, sums not a multiple of the 16-deep slabs, positions not a multiple of 64, odd image sizes,
     // weight columns past one 64-wide tile), and more images than the loss kernel's invocations.
@@ -763,41 +773,41 @@ pub fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usize) -> 
         (5, ConvDims { n: 13, cin: 33, h: 5, w: 3, cout: 17, k: 1, pad: 0 }),
     ] {
         // Odd seeds read through a max pooling; seeds 2 and 3 have a bias.
-        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true, seed % 2 == 1, seed == 2 || seed == 3)?);
+        checks.extend(conv_checks(ctx, k, "odd shape", &d, seed, true, seed % 2 == 1, seed == 2 || seed == 3).await?);
     }
-    checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 0), 12)?);
-    checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 7), 15)?);
+    checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 0), 12).await?);
+    checks.extend(loss_checks(ctx, k, "odd shape", (300, 10, 7), 15).await?);
     // A batchnorm whose 39 elements per channel leave its last slices short and empty, and whose
     // workgroups straddle many planes; with and without the ReLU.
     let odd = BnDims { n: 3, c: 5, hw: 13 };
     let relu = BnCase { relu: true, ..Default::default() };
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, relu, 13)?);
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, relu, 13).await?);
     let avg = BnCase { pooling: BnPooling::Global, ..Default::default() };
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, avg, 14)?);
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", odd, avg, 14).await?);
     // Dropout and a max pooling fused in, on planes of odd height and width (the last row and column
     // belong to no window), and on a few levels of input, so that windows hold equal maxima.
     let dropout = Some(FusedDropout { p: 0.3, layer: 5 });
     let fused = BnCase { relu: true, dropout, pooling: BnPooling::Max { width: 5 }, parts: 3 };
-    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15)?);
+    checks.extend(batchnorm_checks(ctx, k, "odd shape", BnDims { n: 3, c: 5, hw: 35 }, fused, 15).await?);
     // The epilogues' partials on partial tiles: channels not a multiple of 16, positions not a
     // multiple of 64, odd planes; through a max pooling and a dropout, and through a ReLU alone.
     let odd_stats = ConvDims { n: 3, cin: 3, h: 9, w: 7, cout: 5, k: 3, pad: 1 };
-    checks.extend(conv_stats_checks(ctx, k, "odd shape", &odd_stats, true, 18)?);
+    checks.extend(conv_stats_checks(ctx, k, "odd shape", &odd_stats, true, 18).await?);
     // 70 positions: a last tile of 6, whose quarters past the first are empty.
     let few = ConvDims { n: 2, cin: 4, h: 5, cout: 3, ..odd_stats };
-    checks.extend(conv_stats_checks(ctx, k, "odd shape", &few, false, 21)?);
+    checks.extend(conv_stats_checks(ctx, k, "odd shape", &few, false, 21).await?);
     let odd_conv = ConvDims { n: 3, cin: 5, h: 5, w: 7, cout: 6, k: 3, pad: 1 };
-    checks.extend(conv_sums_checks(ctx, k, "odd shape", &odd_conv, fused, 19)?);
-    checks.extend(conv_sums_checks(ctx, k, "odd shape", &ConvDims { h: 9, ..odd_conv }, relu, 20)?);
+    checks.extend(conv_sums_checks(ctx, k, "odd shape", &odd_conv, fused, 19).await?);
+    checks.extend(conv_sums_checks(ctx, k, "odd shape", &ConvDims { h: 9, ..odd_conv }, relu, 20).await?);
     // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs them.
-    checks.extend(maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true)?);
-    checks.extend(dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &nchw(3, 5, 6, 10), 17)?);
+    checks.extend(maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true).await?);
+    checks.extend(dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &nchw(3, 5, 6, 10), 17).await?);
     Ok(checks)
 }
 
 /// A convolution's forward writing the statistics partials of the training batchnorm (with ReLU) after
 /// it, as GpuNet runs a convolution of one part: the batchnorm's statistics and output from them.
-fn conv_stats_checks(
+async fn conv_stats_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -850,12 +860,19 @@ fn conv_stats_checks(
     let mut z = vec![0.0; y.len()];
     let saved = batchnorm_forward_train(&bn, &y, &gamma, &beta, BN_EPS, &mut z);
     relu_forward(&mut z);
-    let sv = read(ctx, &savedb, 2 * c)?;
+    let sv = read(ctx, &savedb, 2 * c).await?;
     let shape = format!("{} in {} tiles", nchw(n, c, d.ho(), d.wo()), l.forward_partials());
     Ok(vec![
         compare("conv.forward -> batchnorm.stats (mean)", layer, &shape, &sv[..c], &saved.mean, TOL_SUMS),
         compare("conv.forward -> batchnorm.stats (1/std)", layer, &shape, &sv[c..], &saved.invstd, TOL_SUMS),
-        compare("conv.forward -> batchnorm.apply_train+relu", layer, &shape, &read(ctx, &zb, z.len())?, &z, TOL_SUMS),
+        compare(
+            "conv.forward -> batchnorm.apply_train+relu",
+            layer,
+            &shape,
+            &read(ctx, &zb, z.len()).await?,
+            &z,
+            TOL_SUMS,
+        ),
     ])
 }
 
@@ -863,7 +880,7 @@ fn conv_stats_checks(
 /// output it reads (`case`: with its ReLU, dropout and max pooling), as GpuNet runs it: the
 /// batchnorm's dgamma, dbeta and dx from them. `d` is the convolution (its input: the batchnorm's
 /// output, or with a max pooling that output's pooling).
-fn conv_sums_checks(
+async fn conv_sums_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
@@ -929,7 +946,7 @@ fn conv_sums_checks(
     run(ctx, &launches.iter().collect::<Vec<_>>());
 
     // CPU, for the forward's decisions (the GPU's output y: its ReLU mask and pooling winners).
-    let y_gpu = read(ctx, &yb, len)?;
+    let y_gpu = read(ctx, &yb, len).await?;
     let mut y = vec![0.0; len];
     let saved = batchnorm_forward_train(&bn, &x, &gamma, &beta, BN_EPS, &mut y);
     let mut conv_in = y_gpu.clone();
@@ -953,26 +970,26 @@ fn conv_sums_checks(
     }
     let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
     batchnorm_backward(&bn, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
-    let gr = read(ctx, &gb, 2 * c)?;
+    let gr = read(ctx, &gb, 2 * c).await?;
     let tiles = format!("{} in {} tiles", nchw(n, c, h, w), l.backward_partials());
     let act = nchw(n, c, h, w);
     Ok(vec![
         compare("conv.backward -> batchnorm.backward (dgamma)", layer, &tiles, &gr[..c], &dgamma, TOL_SUMS),
         compare("conv.backward -> batchnorm.backward (dbeta)", layer, &tiles, &gr[c..], &dbeta, TOL_SUMS),
-        compare("conv.backward -> batchnorm.backward_data", layer, &act, &read(ctx, &dxb, len)?, &dx, TOL_SUMS),
+        compare("conv.backward -> batchnorm.backward_data", layer, &act, &read(ctx, &dxb, len).await?, &dx, TOL_SUMS),
     ])
 }
 
 /// Per tensor of the model, the state and momenta of `backend` against `reference`.
-fn compare_tensors(
+async fn compare_tensors(
     what: &str,
     model: &Model,
     backend: &mut dyn Backend,
     reference: &mut CpuBackend,
 ) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
-    let (state, want_state) = (backend.state()?, reference.state()?);
-    let (momenta, want_momenta) = (backend.momenta()?, reference.momenta()?);
+    let (state, want_state) = (backend.state().await?, reference.state().await?);
+    let (momenta, want_momenta) = (backend.momenta().await?, reference.momenta().await?);
     for p in &model.params {
         let range = p.offset..p.offset + p.len;
         let shape = p.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
@@ -1043,7 +1060,7 @@ impl StepChecks {
 /// differently, a gradient goes to a different pixel (measured on lavapipe at batch 100: 3 of 21
 /// steps, up to 1e-2 of a tensor's largest gradient). A wrong kernel or wiring fails on every batch; the
 /// batches set aside are reported beside the checks.
-fn run_steps(
+async fn run_steps(
     what: &str,
     model: &Model,
     backend: &mut dyn Backend,
@@ -1057,19 +1074,19 @@ fn run_steps(
     let mut set_aside = Vec::new();
     let mut batches = 0;
     for i in 0..steps {
-        let (state, momenta) = (reference.state()?, reference.momenta()?);
+        let (state, momenta) = (reference.state().await?, reference.momenta().await?);
         for attempt in 0..=NEAR_TIE_RETRIES {
             let batch = random_batch(model, n, 1000 * i as u64 + attempt as u64);
             batches += 1;
             let mut losses = [0.0f32; 2];
             for (b, loss) in [&mut *backend, &mut reference as &mut dyn Backend].into_iter().zip(&mut losses) {
-                b.load(&state, &momenta)?;
-                b.reset_sums()?;
-                b.train_step(&batch.input, &batch.labels, params(i))?;
-                *loss = (b.train_sums()?.loss_sum / n as f64) as f32;
+                b.load(&state, &momenta).await?;
+                b.reset_sums().await?;
+                b.train_step(&batch.input, &batch.labels, params(i)).await?;
+                *loss = (b.train_sums().await?.loss_sum / n as f64) as f32;
             }
             let mut step = vec![compare(what, "loss", "", &[losses[0]], &[losses[1]], TOL_SUMS)];
-            step.extend(compare_tensors(what, model, backend, &mut reference)?);
+            step.extend(compare_tensors(what, model, backend, &mut reference).await?);
             let failed = step
                 .iter()
                 .filter(|c| !c.ok())
@@ -1106,9 +1123,14 @@ fn run_steps(
 /// when `dropout_steps` > 0, that many consecutive steps with dropout on (both draw the same masks;
 /// momenta carry over, as in training), each tensor's worst step reported. The backend is left holding
 /// the state of the last step.
-pub fn step_checks(model: &Model, backend: &mut dyn Backend, n: usize, dropout_steps: usize) -> Result<StepChecks> {
+pub async fn step_checks(
+    model: &Model,
+    backend: &mut dyn Backend,
+    n: usize,
+    dropout_steps: usize,
+) -> Result<StepChecks> {
     let one = |_| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 7, step: 0, dropout: false };
-    let mut all = run_steps("train step", model, backend, n, 1, one)?;
+    let mut all = run_steps("train step", model, backend, n, 1, one).await?;
     if dropout_steps > 0 {
         // The recipe's schedule, as training runs it.
         let schedule = OneCycle::recipe(12_000, 0.1);
@@ -1118,12 +1140,17 @@ pub fn step_checks(model: &Model, backend: &mut dyn Backend, n: usize, dropout_s
             StepParams { lr, momentum, weight_decay: 1e-5, dropout_seed: 7, step: i as u32, dropout: true }
         };
         let what = format!("{dropout_steps} steps, dropout");
-        let more = run_steps(&what, model, backend, n, dropout_steps, recipe)?;
+        let more = run_steps(&what, model, backend, n, dropout_steps, recipe).await?;
         all.checks.extend(more.checks);
         all.set_aside.extend(more.set_aside);
         all.batches += more.batches;
     }
     Ok(all)
+}
+
+/// The largest error among `checks` as a share of its tolerance (exact checks, of tolerance 0, left out).
+pub fn worst_ratio(checks: &[Check]) -> f64 {
+    checks.iter().filter(|c| c.tolerance > 0.0).map(|c| c.error / c.tolerance).fold(0.0, f64::max)
 }
 
 /// The failed checks as lines, for an error message.

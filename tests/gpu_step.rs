@@ -13,6 +13,7 @@ use mnist_wgpu::cpu::{CpuNet, DropoutMode, Mode};
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::schedule::OneCycle;
+use pollster::FutureExt as _;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
@@ -51,10 +52,10 @@ fn steps_match_pytorch(fx: &Fixture, model: &Model) {
 
     // One forward and backward pass.
     net.gradients_only(ctx, &input, &labels, StepUniform::default());
-    check("logits", &net.read_logits(ctx).unwrap(), &fx.get("f64.step0.logits").f32s(), 1e-5);
-    let m = net.metrics(ctx).unwrap();
+    check("logits", &net.read_logits(ctx).block_on().unwrap(), &fx.get("f64.step0.logits").f32s(), 1e-5);
+    let m = net.metrics(ctx).block_on().unwrap();
     check("loss", &[m.loss_sum / n as f32], &fx.get("f64.step0.loss").f32s(), 1e-5);
-    let grads = net.read_grads(ctx).unwrap();
+    let grads = net.read_grads(ctx).block_on().unwrap();
     let mut worst = 0.0f32;
     for p in model.params.iter().filter(|p| p.trainable) {
         let got = &grads[p.offset..p.offset + p.len];
@@ -66,7 +67,7 @@ fn steps_match_pytorch(fx: &Fixture, model: &Model) {
         worst = worst.max(check(&format!("grad {}", p.name), got, &want, 2e-5));
     }
     eprintln!("largest GPU gradient error against PyTorch float64: {worst:.2e}");
-    let after = net.read_state(ctx).unwrap();
+    let after = net.read_state(ctx).block_on().unwrap();
     for p in model.params.iter().filter(|p| !p.trainable) {
         let want = fx.get(&format!("f64.step0.running.{}", p.name)).f32s();
         check(&p.name, &after[p.offset..p.offset + p.len], &want, 1e-5);
@@ -82,11 +83,11 @@ fn steps_match_pytorch(fx: &Fixture, model: &Model) {
         let u =
             StepUniform { lr: lr as f32, momentum: momentum as f32, weight_decay: WEIGHT_DECAY, ..Default::default() };
         net.reset_metrics(ctx);
-        let m = net.train_step(ctx, &input, &labels, u, true).unwrap().unwrap();
+        let m = net.train_step(ctx, &input, &labels, u, true).block_on().unwrap().unwrap();
         losses.push(m.loss_sum / n as f32);
     }
     check("ten-step losses", &losses, &fx.get("f64.train.losses").f32s(), 1e-5);
-    let final_state = net.read_state(ctx).unwrap();
+    let final_state = net.read_state(ctx).block_on().unwrap();
     check("ten-step state", &final_state, &fixture_state(fx, model, "f64.final."), 1e-5);
     for p in &model.params {
         let want = fx.get(&format!("f64.final.{}", p.name)).f32s();
@@ -94,7 +95,7 @@ fn steps_match_pytorch(fx: &Fixture, model: &Model) {
     }
     net.reset_metrics(ctx);
     net.evaluate_batch(ctx, &input, &labels);
-    check("eval logits", &net.read_logits(ctx).unwrap(), &fx.get("f64.final.eval_logits").f32s(), 1e-5);
+    check("eval logits", &net.read_logits(ctx).block_on().unwrap(), &fx.get("f64.final.eval_logits").f32s(), 1e-5);
 }
 
 fn random_batch(seed: u64, n: usize, model: &Model) -> (Vec<f32>, Vec<u8>) {
@@ -129,18 +130,18 @@ fn gpu_steps_with_dropout_match_cpu_reference() {
             ..Default::default()
         };
         net.reset_metrics(ctx);
-        let got = net.train_step(ctx, &input, &labels, u, true).unwrap().unwrap();
+        let got = net.train_step(ctx, &input, &labels, u, true).block_on().unwrap().unwrap();
         check(&format!("step {step} loss"), &[got.loss_sum / n as f32], &[want.loss], 1e-5);
         assert_eq!(got.correct, want.correct, "step {step} correct count");
-        check(&format!("step {step} gradients"), &net.read_grads(ctx).unwrap(), &cpu.grads, 2e-5);
-        check(&format!("step {step} state"), &net.read_state(ctx).unwrap(), &cpu_state, 1e-5);
+        check(&format!("step {step} gradients"), &net.read_grads(ctx).block_on().unwrap(), &cpu.grads, 2e-5);
+        check(&format!("step {step} state"), &net.read_state(ctx).block_on().unwrap(), &cpu_state, 1e-5);
     }
     // Evaluation mode over the same net: running statistics, no dropout.
     let (input, labels) = random_batch(50, n, &model);
     net.reset_metrics(ctx);
     net.evaluate_batch(ctx, &input, &labels);
     cpu.forward(&mut cpu_state, &input, n, Mode::Eval);
-    check("eval logits", &net.read_logits(ctx).unwrap(), cpu.logits(), 1e-5);
+    check("eval logits", &net.read_logits(ctx).block_on().unwrap(), cpu.logits(), 1e-5);
 }
 
 /// The same step from the same state twice gives bitwise-identical parameters, momenta and metrics.
@@ -166,11 +167,11 @@ fn gpu_step_is_deterministic() {
         net.write_state(ctx, &state);
         net.write_momenta(ctx, &vec![0.0; model.num_trainable]);
         net.reset_metrics(ctx);
-        let m = net.train_step(ctx, &input, &labels, u, true).unwrap().unwrap();
+        let m = net.train_step(ctx, &input, &labels, u, true).block_on().unwrap().unwrap();
         let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         runs.push((
-            bits(net.read_state(ctx).unwrap()),
-            bits(net.read_momenta(ctx).unwrap()),
+            bits(net.read_state(ctx).block_on().unwrap()),
+            bits(net.read_momenta(ctx).block_on().unwrap()),
             m.loss_sum.to_bits(),
             m.correct,
         ));
@@ -192,7 +193,7 @@ fn a_gpu_validation_error_becomes_an_error_naming_the_buffer() {
         usage: wgpu::BufferUsages::STORAGE,
         mapped_at_creation: false,
     });
-    let err = format!("{:#}", ctx.wait().unwrap_err());
+    let err = format!("{:#}", ctx.wait().block_on().unwrap_err());
     eprintln!("{err}");
     assert!(err.contains("the GPU failed") && err.contains("far too large"), "{err}");
     assert!(err.contains("validation error") || err.contains("out of GPU memory"), "{err}");

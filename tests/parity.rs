@@ -12,6 +12,7 @@ use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::plan::Plan;
 use mnist_wgpu::model::Model;
 use mnist_wgpu::verify::{failures, format_row, header, kernel_checks, step_checks, Check};
+use pollster::FutureExt as _;
 
 const N: usize = 4;
 
@@ -26,7 +27,7 @@ fn assert_all_pass(checks: &[Check]) {
 fn every_kernel_matches_the_reference_at_every_layer_shape() {
     let Some((ctx, k)) = gpu() else { return };
     let model = Model::net3();
-    let checks = kernel_checks(ctx, k, &model, N).unwrap();
+    let checks = kernel_checks(ctx, k, &model, N).block_on().unwrap();
     assert_all_pass(&checks);
     // Every entry point of every shader is among the checks, and every layer of the model with a kernel.
     for (name, body) in SHADERS {
@@ -61,7 +62,7 @@ fn whole_steps_match_the_reference() {
     // A backend of its own: it owns its device.
     let ctx = GpuContext::new(common::adapter_choice().as_deref()).unwrap();
     let mut backend = GpuBackend::new(ctx, &model, &model.init_state(1)).unwrap();
-    let steps = step_checks(&model, &mut backend, 8, 3).unwrap();
+    let steps = step_checks(&model, &mut backend, 8, 3).block_on().unwrap();
     eprintln!("{}", steps.set_aside_line());
     let checks = steps.checks;
     assert_all_pass(&checks);
@@ -90,11 +91,11 @@ fn a_nan_survives_the_relu_on_both_backends() {
     }
     for backend in &mut backends {
         let name = backend.describe();
-        let logits = backend.eval_logits(&input, &labels).unwrap();
+        let logits = backend.eval_logits(&input, &labels).block_on().unwrap();
         assert!(logits.iter().all(|v| v.is_nan()), "{name}: evaluation logits {logits:?}");
-        backend.reset_sums().unwrap();
-        backend.train_step(&input, &labels, params).unwrap();
-        let sums = backend.train_sums().unwrap();
+        backend.reset_sums().block_on().unwrap();
+        backend.train_step(&input, &labels, params).block_on().unwrap();
+        let sums = backend.train_sums().block_on().unwrap();
         assert!(sums.loss_sum.is_nan(), "{name}: training loss sum {}", sums.loss_sum);
     }
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use pollster::FutureExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -64,8 +65,8 @@ fn cpu_training_learns() {
     assert_eq!(metrics.lines().count(), 1);
     assert!(metrics.contains("\"test_accuracy\""));
     let ck = checkpoint::load(&out.join("best.safetensors"), &model).unwrap();
-    assert_eq!(ck.state, backend.state().unwrap());
-    assert_eq!(ck.momenta.unwrap(), backend.momenta().unwrap());
+    assert_eq!(ck.state, backend.state().block_on().unwrap());
+    assert_eq!(ck.momenta.unwrap(), backend.momenta().block_on().unwrap());
     assert_eq!(ck.position.unwrap().global_step, 320);
 }
 
@@ -95,8 +96,8 @@ fn interrupted_run_resumes_exactly() {
     let outcome = train::train(&mut resumed, &model, &set, &opts).unwrap();
     assert!(!outcome.interrupted);
     assert_eq!(outcome.epochs.len(), 2);
-    assert_eq!(resumed.state().unwrap(), straight.state().unwrap(), "resumed run ends elsewhere");
-    assert_eq!(resumed.momenta().unwrap(), straight.momenta().unwrap());
+    assert_eq!(resumed.state().block_on().unwrap(), straight.state().block_on().unwrap(), "resumed run ends elsewhere");
+    assert_eq!(resumed.momenta().block_on().unwrap(), straight.momenta().block_on().unwrap());
 
     // Resuming with other flags than the run's is refused, naming the recipe.
     let mut other = options(Recipe { max_lr: 0.2, ..recipe }, out.clone());
@@ -163,11 +164,11 @@ fn gpu_and_cpu_backends_train_alike() {
             step: step as u32,
             dropout: true,
         };
-        net.write_state(ctx, &cpu.state().unwrap());
-        net.write_momenta(ctx, &cpu.momenta().unwrap());
-        cpu.reset_sums().unwrap();
-        cpu.train_step(&b.input, &b.labels, p).unwrap();
-        let want = cpu.train_sums().unwrap().loss_sum;
+        net.write_state(ctx, &cpu.state().block_on().unwrap());
+        net.write_momenta(ctx, &cpu.momenta().block_on().unwrap());
+        cpu.reset_sums().block_on().unwrap();
+        cpu.train_step(&b.input, &b.labels, p).block_on().unwrap();
+        let want = cpu.train_sums().block_on().unwrap().loss_sum;
         let u = StepUniform {
             lr: p.lr,
             momentum: p.momentum,
@@ -178,10 +179,11 @@ fn gpu_and_cpu_backends_train_alike() {
             _pad: [0; 2],
         };
         net.reset_metrics(ctx);
-        let got = net.train_step(ctx, &b.input, &b.labels, u, true).unwrap().unwrap().loss_sum as f64;
+        let got = net.train_step(ctx, &b.input, &b.labels, u, true).block_on().unwrap().unwrap().loss_sum as f64;
         let err = (got - want).abs() / want.abs();
         assert!(err <= 1e-6, "step {step}: GPU loss sum {got}, CPU {want}");
-        let state_err = common::rel_err(&net.read_state(ctx).unwrap(), &cpu.state().unwrap(), 1e-6);
+        let state_err =
+            common::rel_err(&net.read_state(ctx).block_on().unwrap(), &cpu.state().block_on().unwrap(), 1e-6);
         worst = worst.max(err);
         if state_err > 1e-5 {
             set_aside.push(format!("step {step}: {state_err:.1e}"));
@@ -211,7 +213,7 @@ fn training_loop_on_gpu_backend_matches_cpu_backend() {
     let (gpu_run, cpu_run, _, mut cpu_backend) = both_loops_agree(&model, &set, "loop");
     assert_eq!(gpu_run.epochs[0].test_correct, cpu_run.epochs[0].test_correct);
     let ck = checkpoint::load(&scratch_path("loop-gpu").join("last.safetensors"), &model).unwrap();
-    let err = common::rel_err(&ck.state, &cpu_backend.state().unwrap(), 1e-6);
+    let err = common::rel_err(&ck.state, &cpu_backend.state().block_on().unwrap(), 1e-6);
     assert!(err <= 1e-4, "GPU run's checkpoint differs from the CPU run's state by {err:e}");
     assert_eq!(ck.position.unwrap().global_step, 3);
 }
@@ -273,8 +275,14 @@ fn gpu_run_interrupted_mid_chunk_resumes_exactly() {
     let opts = TrainOptions { resume: Some(out.join("last.safetensors")), ..chunked(out.clone(), 4) };
     let resumed_run = train::train(&mut resumed, &model, &set, &opts).unwrap();
     assert!(!resumed_run.interrupted);
-    assert!(resumed.state().unwrap() == straight.state().unwrap(), "the resumed GPU run ends elsewhere");
-    assert!(resumed.momenta().unwrap() == straight.momenta().unwrap(), "the resumed GPU run's momenta differ");
+    assert!(
+        resumed.state().block_on().unwrap() == straight.state().block_on().unwrap(),
+        "the resumed GPU run ends elsewhere"
+    );
+    assert!(
+        resumed.momenta().block_on().unwrap() == straight.momenta().block_on().unwrap(),
+        "the resumed GPU run's momenta differ"
+    );
     let (a, b) = (&straight_run.epochs[1], &resumed_run.epochs[1]);
     assert_eq!((a.test_loss, a.test_correct), (b.test_loss, b.test_correct), "the last epoch's evaluation");
 }
@@ -345,13 +353,13 @@ fn trains_alike(text: &str, params: usize, name: &str) {
     assert_eq!(model.num_trainable, params);
     let set = small_mnist(130, 60);
     let (_, _, mut gpu_backend, mut cpu_backend) = both_loops_agree(&model, &set, name);
-    let err = common::rel_err(&gpu_backend.state().unwrap(), &cpu_backend.state().unwrap(), 1e-6);
+    let err = common::rel_err(&gpu_backend.state().block_on().unwrap(), &cpu_backend.state().block_on().unwrap(), 1e-6);
     assert!(err <= 1e-4, "the GPU run's state differs from the CPU run's by {err:e}");
     let path = scratch_path(&format!("{name}-gpu")).join("last.safetensors");
     let stored = checkpoint::stored_model(&path).unwrap().expect("the checkpoint holds its model file");
     let rebuilt = mnist_wgpu::model::file::parse(&stored, "stored", input, 10).unwrap();
     assert_eq!(rebuilt.layers, model.layers);
-    assert_eq!(checkpoint::load(&path, &rebuilt).unwrap().state, gpu_backend.state().unwrap());
+    assert_eq!(checkpoint::load(&path, &rebuilt).unwrap().state, gpu_backend.state().block_on().unwrap());
 }
 
 /// A save cut short at either instant between its writes (the old optimizer file set aside; the new

@@ -15,7 +15,7 @@ pub use net::{CpuNet, DropoutMode, Mode};
 
 /// The memory this process may still allocate, and what limits it: the smaller of the memory the
 /// system has available and what the address-space limit (`ulimit -v`) leaves. None where unknown.
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", feature = "app"))]
 pub fn memory_limit() -> Option<(u64, &'static str)> {
     let kib = |text: &str, key: &str| -> Option<u64> {
         let line = text.lines().find(|l| l.starts_with(key))?;
@@ -42,7 +42,7 @@ pub fn memory_limit() -> Option<(u64, &'static str)> {
     }
 }
 
-#[cfg(not(target_os = "linux"))]
+#[cfg(not(all(target_os = "linux", feature = "app")))]
 pub fn memory_limit() -> Option<(u64, &'static str)> {
     None
 }

@@ -94,12 +94,20 @@ pub fn train_batch(split: &Split, order: &[u32], cfg: &LoaderConfig, epoch: usiz
     Batch { epoch, index, input: pixels, labels }
 }
 
-/// The training batches of one epoch, in order, as worker threads build them (see [`spawn_epoch`]).
+/// The training batches of one epoch, in order, as worker threads build them, or built on the
+/// caller's thread as they are asked for (see [`spawn_epoch`]).
 pub struct EpochBatches {
-    /// Worker k builds the epoch's batches first + k, first + k + workers, ...
-    workers: Vec<Receiver<Batch>>,
+    source: Source,
     next: usize,
     failure: LoaderFailure,
+}
+
+enum Source {
+    /// Worker k builds the epoch's batches first + k, first + k + workers, ...
+    Workers(Vec<Receiver<Batch>>),
+    /// No threads (a web page without cross-origin isolation has none): batch `first + next` is
+    /// built when asked for.
+    Inline { split: Arc<Split>, order: Vec<u32>, cfg: LoaderConfig, epoch: usize, first: usize, total: usize },
 }
 
 /// Why a loader thread died, if one did: the iterator then ends early, and the trainer asks here.
@@ -129,16 +137,22 @@ impl Iterator for EpochBatches {
 
     /// The next batch in order; None after the last (or when a worker is gone).
     fn next(&mut self) -> Option<Batch> {
-        let batch = self.workers[self.next % self.workers.len()].recv().ok()?;
+        let batch = match &self.source {
+            Source::Workers(workers) => workers[self.next % workers.len()].recv().ok()?,
+            Source::Inline { split, order, cfg, epoch, first, total } => {
+                let index = first + self.next;
+                (index < *total).then(|| train_batch(split, order, cfg, *epoch, index))?
+            }
+        };
         self.next += 1;
         Some(batch)
     }
 }
 
-/// Starts `threads` workers (at least one) that build the training batches of `epoch` from batch
-/// `first` on, taking turns, about `ahead` batches in advance all together. The batches come out in
-/// order and equal [`train_batch`]'s whatever the thread count. The workers stop when the iterator is
-/// dropped.
+/// Starts `threads` workers that build the training batches of `epoch` from batch `first` on, taking
+/// turns, about `ahead` batches in advance all together; with 0 threads the batches are built on the
+/// caller's thread as it asks for them. The batches come out in order and equal [`train_batch`]'s
+/// whatever the thread count. The workers stop when the iterator is dropped.
 pub fn spawn_epoch(
     split: Arc<Split>,
     cfg: LoaderConfig,
@@ -147,10 +161,13 @@ pub fn spawn_epoch(
     ahead: usize,
     threads: usize,
 ) -> EpochBatches {
-    let threads = threads.max(1);
-    let order = Arc::new(epoch_order(cfg.seed, epoch, split.len()));
     let total = batches_per_epoch(split.len(), cfg.batch_size);
     let failure = LoaderFailure::default();
+    if threads == 0 {
+        let order = epoch_order(cfg.seed, epoch, split.len());
+        return EpochBatches { source: Source::Inline { split, order, cfg, epoch, first, total }, next: 0, failure };
+    }
+    let order = Arc::new(epoch_order(cfg.seed, epoch, split.len()));
     let workers = (0..threads)
         .map(|k| {
             let (tx, rx) = sync_channel(ahead.div_ceil(threads).max(1));
@@ -180,7 +197,7 @@ pub fn spawn_epoch(
             rx
         })
         .collect();
-    EpochBatches { workers, next: 0, failure }
+    EpochBatches { source: Source::Workers(workers), next: 0, failure }
 }
 
 /// The loader threads to use by default: one per core. The training thread mostly waits (for the

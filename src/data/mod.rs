@@ -52,6 +52,12 @@ impl Split {
     pub fn image(&self, i: usize) -> &[u8] {
         &self.images[i * IMAGE_PIXELS..(i + 1) * IMAGE_PIXELS]
     }
+
+    /// The first `n` images and labels (all of them when there are fewer).
+    pub fn first(&self, n: usize) -> Split {
+        let n = n.min(self.len());
+        Split { images: self.images[..n * IMAGE_PIXELS].to_vec(), labels: self.labels[..n].to_vec() }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -1,6 +1,11 @@
 //! Device setup through raw wgpu: list adapters, pick one, open a device with the adapter's own limits
 //! and the optional features we use, and move f32 data in and out. Nothing here assumes a backend.
+//!
+//! Waiting for the GPU is awaited ([`GpuContext::wait_for`]): natively it blocks in `device.poll`; in a
+//! web page, where nothing may block and maps complete only from the browser's event loop, it yields
+//! to that loop until the map or submission it waits for has finished.
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -22,16 +27,19 @@ pub struct AdapterSummary {
 }
 
 /// All backends, unless wgpu's own environment variables (WGPU_BACKEND=vulkan,metal,dx12,gl, ...) narrow them.
+#[cfg(not(target_arch = "wasm32"))]
 fn instance() -> wgpu::Instance {
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
     desc.backends = wgpu::Backends::all();
     wgpu::Instance::new(desc.with_env())
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn all_adapters(instance: &wgpu::Instance) -> Vec<wgpu::Adapter> {
     pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all().with_env()))
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 fn summary(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
     let info = a.get_info();
     AdapterSummary {
@@ -44,10 +52,12 @@ fn summary(index: usize, a: &wgpu::Adapter) -> AdapterSummary {
 }
 
 /// Every adapter wgpu finds, in its order (the order `--adapter N` refers to).
+#[cfg(not(target_arch = "wasm32"))]
 pub fn list_adapters() -> Vec<AdapterSummary> {
     all_adapters(&instance()).iter().enumerate().map(|(i, a)| summary(i, a)).collect()
 }
 
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 /// Prefer real GPUs: discrete, then integrated, then virtual, then software.
 fn rank(t: wgpu::DeviceType) -> u8 {
     match t {
@@ -60,8 +70,10 @@ fn rank(t: wgpu::DeviceType) -> u8 {
 }
 
 /// The backend names `--adapter NAME:BACKEND` takes, as wgpu's `Backend` prints them, lowercased.
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 const BACKEND_NAMES: &[&str] = &["vulkan", "gl", "metal", "dx12"];
 
+#[cfg_attr(target_arch = "wasm32", allow(dead_code))]
 /// The adapter `choice` names among `adapters`: an index; part of a name (case-insensitive), the first
 /// match; or part of a name, a colon and a backend (`llvmpipe:gl`), which tells apart one device seen
 /// through two backends.
@@ -123,7 +135,7 @@ impl Faults {
 /// A wgpu error in a line: its kind and wgpu's own account, which names the kernel (pipeline, pass)
 /// or buffer by its label when it knows it.
 fn describe_error(e: &wgpu::Error) -> String {
-    let account = |source: &(dyn std::error::Error + Send + 'static)| {
+    let account = |source: &(dyn std::error::Error + 'static)| {
         let mut text = source.to_string();
         let mut next = source.source();
         while let Some(cause) = next {
@@ -143,6 +155,7 @@ fn describe_error(e: &wgpu::Error) -> String {
 impl GpuContext {
     /// Opens the adapter `choice` names (an index from `adapters`, or part of a name, case-insensitive),
     /// or the best hardware adapter when `None`.
+    #[cfg(not(target_arch = "wasm32"))]
     pub fn new(choice: Option<&str>) -> Result<GpuContext> {
         let instance = instance();
         let adapters = all_adapters(&instance);
@@ -167,6 +180,28 @@ impl GpuContext {
                 })?
             }
         };
+        pollster::block_on(GpuContext::open(adapter))
+    }
+
+    /// The browser's WebGPU adapter (high performance when it has a choice), opened.
+    #[cfg(target_arch = "wasm32")]
+    pub async fn browser() -> Result<GpuContext> {
+        let mut desc = wgpu::InstanceDescriptor::new_without_display_handle();
+        desc.backends = wgpu::Backends::BROWSER_WEBGPU;
+        let instance = wgpu::Instance::new(desc);
+        let options = wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        };
+        let adapter = instance.request_adapter(&options).await.map_err(|e| {
+            anyhow!("this browser offers no WebGPU adapter ({e}); WebGPU needs a recent Chrome, Edge or Safari")
+        })?;
+        GpuContext::open(&adapter).await
+    }
+
+    /// Opens a device on `adapter` with its own limits and our optional features, and routes the
+    /// errors wgpu reports outside any call's result into [`GpuContext::check`].
+    pub async fn open(adapter: &wgpu::Adapter) -> Result<GpuContext> {
         let info = adapter.get_info();
         // Timestamp queries time each kernel (`profile`); they are optional.
         let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
@@ -177,7 +212,9 @@ impl GpuContext {
             required_limits: adapter.limits(),
             ..Default::default()
         };
-        let (device, queue) = pollster::block_on(adapter.request_device(&desc))
+        let (device, queue) = adapter
+            .request_device(&desc)
+            .await
             .with_context(|| format!("opening a device on adapter {} ({:?})", info.name, info.backend))?;
         log::info!("adapter: {} ({:?}, {:?})", info.name, info.backend, info.device_type);
         let faults = Faults::default();
@@ -253,7 +290,7 @@ impl GpuContext {
     }
 
     /// Copies the first `len` elements of type T of `buffer` back to the host (waits for the GPU).
-    pub fn read<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>> {
+    pub async fn read<T: bytemuck::Pod>(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<T>> {
         let size = (len * std::mem::size_of::<T>()) as u64;
         if size == 0 {
             return Ok(Vec::new());
@@ -266,17 +303,14 @@ impl GpuContext {
         });
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
-        self.queue.submit([encoder.finish()]);
+        let submission = self.queue.submit([encoder.finish()]);
+        let mapped = MapFlag::new(MapFlag::WAITING);
+        mapped.map(&staging, wgpu::MapMode::Read);
+        self.wait_for(Some(submission), || mapped.get() != MapFlag::WAITING).await?;
+        if mapped.get() != MapFlag::MAPPED {
+            return Err(self.fault_or(anyhow!("mapping a readback buffer failed")));
+        }
         let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .context("readback callback dropped")
-            .and_then(|r| r.context("mapping a readback buffer"))
-            .map_err(|e| self.fault_or(e))?;
         let view = slice.get_mapped_range().context("reading a mapped buffer").map_err(|e| self.fault_or(e))?;
         let out = bytemuck::cast_slice(&view).to_vec();
         drop(view);
@@ -290,8 +324,35 @@ impl GpuContext {
     }
 
     /// Waits until all submitted work has finished.
-    pub fn wait(&self) -> Result<()> {
-        self.poll(wgpu::PollType::wait_indefinitely())
+    pub async fn wait(&self) -> Result<()> {
+        let done = Arc::new(AtomicU8::new(0));
+        let flag = done.clone();
+        self.queue.on_submitted_work_done(move || flag.store(1, Ordering::Release));
+        self.wait_for(None, || done.load(Ordering::Acquire) != 0).await
+    }
+
+    /// Waits until `ready` holds, which a callback of work submitted by `submission` (or of all work
+    /// submitted, when None) sets: a map or a work-done callback. Natively the device is polled until
+    /// that work has finished, which runs the callbacks; in a page, control goes back to the browser's
+    /// event loop, which runs them, until `ready` holds. Ends with any fault the GPU reported.
+    pub async fn wait_for(&self, submission: Option<wgpu::SubmissionIndex>, ready: impl Fn() -> bool) -> Result<()> {
+        #[cfg(not(target_arch = "wasm32"))]
+        if !ready() {
+            self.poll(wgpu::PollType::Wait { submission_index: submission, timeout: None })?;
+        }
+        #[cfg(target_arch = "wasm32")]
+        {
+            let _ = submission;
+            while !ready() {
+                self.check()?;
+                next_tick().await;
+            }
+        }
+        self.check()?;
+        if !ready() {
+            bail!("the GPU finished its work but a callback it owed never ran");
+        }
+        Ok(())
     }
 
     /// Polls the device, then ends the run with any fault the GPU reported meanwhile.
@@ -300,6 +361,53 @@ impl GpuContext {
         self.check()?;
         polled.map(|_| ()).map_err(|e| self.fault_or(e))
     }
+}
+
+/// The state of an asynchronous map, set by its callback.
+#[derive(Clone)]
+pub struct MapFlag(Arc<AtomicU8>);
+
+impl MapFlag {
+    pub const WAITING: u8 = 0;
+    pub const MAPPED: u8 = 1;
+    pub const FAILED: u8 = 2;
+
+    pub fn new(state: u8) -> MapFlag {
+        MapFlag(Arc::new(AtomicU8::new(state)))
+    }
+
+    pub fn get(&self) -> u8 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Maps `buffer` whole for `mode` once the GPU is done with it; the flag says when.
+    pub fn map(&self, buffer: &wgpu::Buffer, mode: wgpu::MapMode) {
+        self.0.store(Self::WAITING, Ordering::Release);
+        let flag = self.0.clone();
+        buffer.slice(..).map_async(mode, move |r| {
+            flag.store(if r.is_ok() { Self::MAPPED } else { Self::FAILED }, Ordering::Release)
+        });
+    }
+}
+
+/// Yields to the browser's event loop for a moment (a zero-delay timer), so that WebGPU's promises, and
+/// so wgpu's callbacks, can run. In a window or a worker alike.
+#[cfg(target_arch = "wasm32")]
+async fn next_tick() {
+    use wasm_bindgen::JsCast;
+    let promise = js_sys::Promise::new(&mut |resolve, _reject| {
+        let global = js_sys::global();
+        let set_timeout = js_sys::Reflect::get(&global, &"setTimeout".into()).ok();
+        match set_timeout.and_then(|f| f.dyn_into::<js_sys::Function>().ok()) {
+            Some(f) => {
+                let _ = f.call2(&global, &resolve, &0.into());
+            }
+            None => {
+                let _ = resolve.call0(&global);
+            }
+        }
+    });
+    let _ = wasm_bindgen_futures::JsFuture::from(promise).await;
 }
 
 #[cfg(test)]

@@ -205,7 +205,7 @@ pub fn run(ctx: &GpuContext, dispatches: &[&Dispatch]) {
 /// first timestamp: with `each`, every launch in its own compute pass with timestamps at its start and
 /// end (one pair per launch); otherwise all of them in one pass, timed as a whole (one pair). Needs
 /// the TIMESTAMP_QUERY feature.
-pub fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch], each: bool) -> Result<Vec<(f64, f64)>> {
+pub async fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch], each: bool) -> Result<Vec<(f64, f64)>> {
     if !ctx.timestamps {
         anyhow::bail!("adapter {} has no timestamp queries: per-kernel times are not available", ctx.info.name);
     }
@@ -239,7 +239,7 @@ pub fn run_timed(ctx: &GpuContext, dispatches: &[&Dispatch], each: bool) -> Resu
     }
     encoder.resolve_query_set(&queries, 0..count, &resolved, 0);
     ctx.queue.submit([encoder.finish()]);
-    let ticks: Vec<u64> = ctx.read(&resolved, count as usize)?;
+    let ticks: Vec<u64> = ctx.read(&resolved, count as usize).await?;
     let period = ctx.queue.get_timestamp_period() as f64;
     let origin = ticks.first().copied().unwrap_or(0);
     let ns = |t: u64| t.saturating_sub(origin) as f64 * period;

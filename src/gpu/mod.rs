@@ -13,6 +13,8 @@ pub mod pool;
 pub mod sgd;
 pub mod stream;
 
-pub use context::{list_adapters, GpuContext, INSTALL_HINT};
+#[cfg(not(target_arch = "wasm32"))]
+pub use context::list_adapters;
+pub use context::{GpuContext, INSTALL_HINT};
 pub use net::{GpuNet, Kernels, Metrics};
 pub use sgd::StepUniform;

@@ -59,8 +59,8 @@ impl Metrics {
     }
 
     /// Reads a metrics buffer back (waits for the GPU).
-    pub fn read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Metrics> {
-        Ok(Metrics::from_words(&ctx.read::<u32>(buffer, METRICS_WORDS)?))
+    pub async fn read(ctx: &GpuContext, buffer: &wgpu::Buffer) -> Result<Metrics> {
+        Ok(Metrics::from_words(&ctx.read::<u32>(buffer, METRICS_WORDS).await?))
     }
 
     /// Zeroes a metrics buffer (in queue order).
@@ -540,7 +540,7 @@ impl GpuNet {
     /// One training step: forward (training mode), loss, backward, SGD update, all on the GPU.
     /// The batch's loss and correct count are added into the metrics; they are read back (the sums
     /// since the last `reset_metrics`) only when `read_metrics`.
-    pub fn train_step(
+    pub async fn train_step(
         &self,
         ctx: &GpuContext,
         input: &[f32],
@@ -552,7 +552,7 @@ impl GpuNet {
         ctx.write(&self.shared.step, &[step]);
         self.submit(ctx, self.train_dispatches());
         if read_metrics {
-            Ok(Some(self.metrics(ctx)?))
+            Ok(Some(self.metrics(ctx).await?))
         } else {
             Ok(None)
         }
@@ -577,12 +577,12 @@ impl GpuNet {
         self.submit(ctx, self.eval_dispatches());
     }
 
-    pub fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
-        Metrics::read(ctx, &self.shared.metrics)
+    pub async fn metrics(&self, ctx: &GpuContext) -> Result<Metrics> {
+        Metrics::read(ctx, &self.shared.metrics).await
     }
 
-    pub fn read_state(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.shared.state, self.model.num_state)
+    pub async fn read_state(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.shared.state, self.model.num_state).await
     }
 
     pub fn write_state(&self, ctx: &GpuContext, state: &[f32]) {
@@ -590,12 +590,12 @@ impl GpuNet {
         ctx.write(&self.shared.state, state);
     }
 
-    pub fn read_grads(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.shared.grads, self.model.num_trainable)
+    pub async fn read_grads(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.shared.grads, self.model.num_trainable).await
     }
 
-    pub fn read_momenta(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.shared.momenta, self.model.num_trainable)
+    pub async fn read_momenta(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.shared.momenta, self.model.num_trainable).await
     }
 
     pub fn write_momenta(&self, ctx: &GpuContext, momenta: &[f32]) {
@@ -605,9 +605,9 @@ impl GpuNet {
 
     /// The logits of the last evaluation pass (and of the last training pass, unless the network ends
     /// in dropout).
-    pub fn read_logits(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+    pub async fn read_logits(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
         let len = self.batch * self.model.output_classes();
-        ctx.read(self.eval_logits.map_or(&self.input, |a| &self.activations[a]), len)
+        ctx.read(self.eval_logits.map_or(&self.input, |a| &self.activations[a]), len).await
     }
 
     /// Records batch `index` of a chunk uploaded into `chunk` (see [`ChunkLayout`]): copies its images
@@ -639,7 +639,7 @@ impl GpuNet {
     /// Two training steps on the same batch, timed with GPU timestamps: first with every launch in its
     /// own compute pass (its start and end), then all in one pass as training runs them (the whole).
     /// Each step updates the parameters.
-    pub fn profile_step(
+    pub async fn profile_step(
         &self,
         ctx: &GpuContext,
         input: &[f32],
@@ -649,8 +649,8 @@ impl GpuNet {
         self.write_batch(ctx, input, labels);
         ctx.write(&self.shared.step, &[step]);
         let launches: Vec<&Dispatch> = self.train_dispatches().collect();
-        let times = super::kernel::run_timed(ctx, &launches, true)?;
-        let whole = super::kernel::run_timed(ctx, &launches, false)?;
+        let times = super::kernel::run_timed(ctx, &launches, true).await?;
+        let whole = super::kernel::run_timed(ctx, &launches, false).await?;
         Ok(StepProfile {
             launches: launches
                 .iter()

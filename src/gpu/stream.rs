@@ -6,13 +6,11 @@
 //! without waiting for anything else. At most [`IN_FLIGHT`] chunks are queued at once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use web_time::Instant;
 
-use super::context::GpuContext;
+use super::context::{GpuContext, MapFlag};
 use super::net::{Metrics, METRICS_WORDS};
 
 const METRICS_BYTES: u64 = 4 * METRICS_WORDS as u64;
@@ -22,32 +20,9 @@ pub const IN_FLIGHT: usize = 2;
 /// Upload buffers: one per chunk in flight, and one the host fills meanwhile.
 pub const SLOTS: usize = IN_FLIGHT + 1;
 
-const WAITING: u8 = 0;
-const MAPPED: u8 = 1;
-const FAILED: u8 = 2;
-
-/// The state of an asynchronous map, set by its callback.
-#[derive(Clone)]
-struct MapFlag(Arc<AtomicU8>);
-
-impl MapFlag {
-    fn new(state: u8) -> MapFlag {
-        MapFlag(Arc::new(AtomicU8::new(state)))
-    }
-
-    fn get(&self) -> u8 {
-        self.0.load(Ordering::Acquire)
-    }
-
-    /// Maps `buffer` whole for `mode` once the GPU is done with it; the flag says when.
-    fn map(&self, buffer: &wgpu::Buffer, mode: wgpu::MapMode) {
-        self.0.store(WAITING, Ordering::Release);
-        let flag = self.0.clone();
-        buffer
-            .slice(..)
-            .map_async(mode, move |r| flag.store(if r.is_ok() { MAPPED } else { FAILED }, Ordering::Release));
-    }
-}
+const WAITING: u8 = MapFlag::WAITING;
+const MAPPED: u8 = MapFlag::MAPPED;
+const FAILED: u8 = MapFlag::FAILED;
 
 struct Slot {
     upload: wgpu::Buffer,
@@ -117,7 +92,7 @@ impl Stream {
     /// chunk's `bytes` into the next upload buffer, lets `record` record its `batches` batches (reading
     /// from that buffer), copies `metrics` (the running loss and correct count) behind them, and submits.
     #[allow(clippy::too_many_arguments)]
-    pub fn submit(
+    pub async fn submit(
         &mut self,
         ctx: &GpuContext,
         kind: ChunkKind,
@@ -128,7 +103,7 @@ impl Stream {
         record: impl FnOnce(&mut wgpu::CommandEncoder, &wgpu::Buffer),
     ) -> Result<()> {
         while self.pending.len() >= IN_FLIGHT {
-            self.finish_oldest(ctx)?;
+            self.finish_oldest(ctx).await?;
         }
         if self.slots.len() < SLOTS {
             self.slots.push(Slot {
@@ -149,10 +124,9 @@ impl Stream {
         let slot = &mut self.slots[index];
         // The slot's last chunk has finished (at most IN_FLIGHT are queued), so its map is at most a
         // poll away.
-        if slot.upload_mapped.get() == WAITING {
-            if let Some(last) = slot.last_use.clone() {
-                ctx.poll(wgpu::PollType::Wait { submission_index: Some(last), timeout: None })?;
-            }
+        if let Some(last) = slot.last_use.clone() {
+            let mapped = &slot.upload_mapped;
+            ctx.wait_for(Some(last), || mapped.get() != WAITING).await?;
         }
         match slot.upload_mapped.get() {
             MAPPED => {}
@@ -204,18 +178,17 @@ impl Stream {
     }
 
     /// Waits for every chunk submitted so far and picks them up.
-    pub fn drain(&mut self, ctx: &GpuContext) -> Result<()> {
+    pub async fn drain(&mut self, ctx: &GpuContext) -> Result<()> {
         while !self.pending.is_empty() {
-            self.finish_oldest(ctx)?;
+            self.finish_oldest(ctx).await?;
         }
         Ok(())
     }
 
-    fn finish_oldest(&mut self, ctx: &GpuContext) -> Result<()> {
+    async fn finish_oldest(&mut self, ctx: &GpuContext) -> Result<()> {
         let Some(p) = self.pending.front() else { return Ok(()) };
-        if self.slots[p.slot].readback_mapped.get() == WAITING {
-            ctx.poll(wgpu::PollType::Wait { submission_index: Some(p.submission.clone()), timeout: None })?;
-        }
+        let mapped = &self.slots[p.slot].readback_mapped;
+        ctx.wait_for(Some(p.submission.clone()), || mapped.get() != WAITING).await?;
         self.take_oldest(ctx)
     }
 
@@ -241,8 +214,8 @@ impl Stream {
 
     /// Waits for everything in flight, then starts the running counts of both kinds over (the caller
     /// zeroes the metrics buffer).
-    pub fn reset(&mut self, ctx: &GpuContext) -> Result<()> {
-        self.drain(ctx)?;
+    pub async fn reset(&mut self, ctx: &GpuContext) -> Result<()> {
+        self.drain(ctx).await?;
         self.submitted = [0; 2];
         self.latest = None;
         Ok(())
