@@ -74,22 +74,24 @@ fn f32_bytes(v: &[f32]) -> &[u8] {
     bytemuck::cast_slice(v)
 }
 
-/// Serializes named f32 tensors (and extra i64 scalars) with metadata, and writes them atomically.
-fn write_atomic(
-    path: &Path,
-    tensors: Vec<(String, Vec<usize>, &[u8], Dtype)>,
-    meta: HashMap<String, String>,
-) -> Result<()> {
+type Tensors<'a> = Vec<(String, Vec<usize>, &'a [u8], Dtype)>;
+
+/// Serializes named f32 tensors (and extra i64 scalars) with metadata; `path` only names the file in
+/// errors.
+fn serialize(path: &Path, tensors: Tensors, meta: HashMap<String, String>) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(name, shape, bytes, dtype)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()
         .with_context(|| format!("{}: building tensors", path.display()))?;
-    let bytes = safetensors::tensor::serialize(views, Some(meta))
-        .with_context(|| format!("{}: serializing", path.display()))?;
+    safetensors::tensor::serialize(views, Some(meta)).with_context(|| format!("{}: serializing", path.display()))
+}
+
+/// Writes `bytes` to `path` atomically.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     let mut file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::io::Write::write_all(&mut file, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::io::Write::write_all(&mut file, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     // On disk before the rename makes it the checkpoint, so that a crash of the machine cannot leave a
     // renamed but empty file.
     file.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
@@ -104,16 +106,21 @@ fn previous_optim_path(path: &Path) -> PathBuf {
     path.with_file_name(format!("{stem}.optim.prev.safetensors"))
 }
 
-/// Writes `path` (the state_dict) and its companion with the momenta.
-pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
-    assert_eq!(state.len(), model.num_state);
-    assert_eq!(momenta.len(), model.num_trainable);
+/// The metadata of a checkpoint at `position`: the position and the network as a model file.
+fn metadata(model: &Model, position: &Position) -> HashMap<String, String> {
     let mut meta = position.to_map();
     // The network itself, as a model file: eval and resume rebuild it from there.
     meta.insert(MODEL_KEY.into(), model.to_toml());
+    meta
+}
+
+/// The state_dict file of `state` at `position`, as bytes (what `save` writes at `path`, and what the
+/// web page offers for download); `path` only names the file in errors.
+pub fn state_dict_bytes(path: &Path, model: &Model, state: &[f32], position: &Position) -> Result<Vec<u8>> {
+    assert_eq!(state.len(), model.num_state);
     // PyTorch's BatchNorm2d also keeps the number of batches it has seen, an int64 scalar.
     let batches = (position.global_step as i64).to_le_bytes();
-    let mut tensors: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
+    let mut tensors: Tensors = model
         .params
         .iter()
         .map(|p| (p.name.clone(), p.shape.clone(), f32_bytes(&state[p.offset..p.offset + p.len]), Dtype::F32))
@@ -122,7 +129,14 @@ pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position
         let module = p.name.trim_end_matches(".running_mean");
         tensors.push((format!("{module}.num_batches_tracked"), vec![], &batches[..], Dtype::I64));
     }
-    let optim: Vec<(String, Vec<usize>, &[u8], Dtype)> = model
+    serialize(path, tensors, metadata(model, position))
+}
+
+/// Writes `path` (the state_dict) and its companion with the momenta.
+pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
+    assert_eq!(momenta.len(), model.num_trainable);
+    let tensors = state_dict_bytes(path, model, state, position)?;
+    let optim: Tensors = model
         .params
         .iter()
         .filter(|p| p.trainable)
@@ -135,17 +149,18 @@ pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position
             )
         })
         .collect();
+    let companion = optim_path(path);
+    let optim = serialize(&companion, optim, metadata(model, position))?;
     // A process killed at any instant leaves a pair that loads: the old companion is set aside first,
     // then the new one is written, then the state_dict; until the state_dict is replaced, the set-aside
     // companion still matches it, and `load` falls back to it.
-    let companion = optim_path(path);
     if companion.exists() {
         let previous = previous_optim_path(path);
         std::fs::rename(&companion, &previous)
             .with_context(|| format!("renaming {} to {}", companion.display(), previous.display()))?;
     }
-    write_atomic(&companion, optim, meta.clone())?;
-    write_atomic(path, tensors, meta)
+    write_atomic(&companion, &optim)?;
+    write_atomic(path, &tensors)
 }
 
 /// A loaded checkpoint.

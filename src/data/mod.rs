@@ -98,8 +98,21 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
 
 /// Loads one images file and its labels file and checks that they agree.
 pub fn load_split(images_path: &Path, labels_path: &Path) -> Result<Split, DataError> {
-    let images = read_idx(images_path)?;
-    let labels = read_idx(labels_path)?;
+    split_of(images_path, read_idx(images_path)?, labels_path, read_idx(labels_path)?)
+}
+
+/// One images file and its labels file from their bytes (each gzipped or raw), checked as
+/// `load_split` checks them; the paths only name the files in errors.
+pub fn split_from_bytes(
+    images_path: &Path,
+    images: &[u8],
+    labels_path: &Path,
+    labels: &[u8],
+) -> Result<Split, DataError> {
+    split_of(images_path, idx::decode_idx(images_path, images)?, labels_path, idx::decode_idx(labels_path, labels)?)
+}
+
+fn split_of(images_path: &Path, images: IdxArray, labels_path: &Path, labels: IdxArray) -> Result<Split, DataError> {
     if images.dims.len() != 3 || images.dims[1] != IMAGE_SIDE || images.dims[2] != IMAGE_SIDE {
         return Err(DataError::new(
             images_path,

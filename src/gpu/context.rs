@@ -91,7 +91,8 @@ fn choose(adapters: &[wgpu::AdapterInfo], choice: &str) -> Option<usize> {
     })
 }
 
-/// An open device and its queue.
+/// An open device and its queue (a clone shares them).
+#[derive(Clone)]
 pub struct GpuContext {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
