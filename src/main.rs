@@ -69,6 +69,12 @@ struct TrainArgs {
     /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
     #[arg(long)]
     data: Option<PathBuf>,
+    /// Train on the first N training images only (default: all of them).
+    #[arg(long, value_name = "N")]
+    train_images: Option<usize>,
+    /// Evaluate after each epoch on the first N test images only (default: all of them).
+    #[arg(long, value_name = "N")]
+    test_images: Option<usize>,
     /// The run's folder (metrics.jsonl, last.safetensors, best.safetensors); default runs/<UTC time>/,
     /// or the checkpoint's folder with --resume.
     #[arg(long)]
@@ -131,6 +137,9 @@ enum Command {
         /// A folder with the four MNIST-format IDX files (.gz or raw); default: the bundled MNIST.
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Evaluate on the first N test images only (default: all of them).
+        #[arg(long, value_name = "N")]
+        test_images: Option<usize>,
         /// Test images per evaluation batch (the result does not depend on it).
         #[arg(long, default_value_t = 100)]
         batch_size: usize,
@@ -278,6 +287,18 @@ fn load_data(dir: Option<PathBuf>) -> Result<data::Mnist> {
     Ok(data::load_dir(&dir.unwrap_or_else(data::default_dir))?)
 }
 
+/// The first `train` training and `test` test images of `set` (`--train-images`, `--test-images`).
+fn first_images(mut set: data::Mnist, train: Option<usize>, test: Option<usize>) -> Result<data::Mnist> {
+    for (n, split, flag) in [(train, &mut set.train, "--train-images"), (test, &mut set.test, "--test-images")] {
+        match n {
+            Some(0) => bail!("{flag} must be at least 1"),
+            Some(n) => *split = split.first(n),
+            None => {}
+        }
+    }
+    Ok(set)
+}
+
 /// Builds the backend the flags ask for, holding `state`. `auto` takes a hardware GPU, or the adapter
 /// `--adapter` names; otherwise it falls back to the CPU and says why in one line.
 pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Result<Box<dyn Backend>> {
@@ -371,13 +392,13 @@ fn run(command: Command) -> Result<()> {
                 model.output_classes()
             );
         }
-        Command::Eval { checkpoint, model, data, batch_size, logits, device } => {
+        Command::Eval { checkpoint, model, data, test_images, batch_size, logits, device } => {
             if batch_size == 0 {
                 bail!("--batch-size must be at least 1");
             }
             let model = checkpoint_model(&checkpoint, model.as_deref())?;
             let ck = mnist_wgpu::checkpoint::load_weights(&checkpoint, &model)?;
-            let set = load_data(data)?;
+            let set = first_images(load_data(data)?, None, test_images)?;
             let mut backend = make_backend(&device, &model, ck.state)?;
             pollster::block_on(backend.check_batch(batch_size))?;
             println!("{} on {}", checkpoint.display(), backend.describe());
@@ -543,7 +564,7 @@ fn train_command(args: TrainArgs) -> Result<()> {
         Some(resume) => checkpoint_model(resume, args.model.as_deref())?,
         None => data::model(args.model.as_deref())?,
     };
-    let set = load_data(args.data.clone())?;
+    let set = first_images(load_data(args.data.clone())?, args.train_images, args.test_images)?;
     // A flag, else the model file's [train] table, else the recipe.
     let (spec, file) = (Recipe::default(), model.train);
     let recipe = Recipe {

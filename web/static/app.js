@@ -106,10 +106,10 @@ function drawChart(canvas, series, { title, yMin, yMax, format }) {
 }
 
 function redrawCharts() {
-  drawChart($('loss-chart'), [{ points: curves.loss, color: '#c0392b', label: 'training loss' }],
+  drawChart($('loss-chart'), [{ points: curves.loss, color: '#c0392b', label: 'training (epoch so far)' }],
     { title: 'loss', yMin: 0, format: (v) => v.toFixed(2) });
   drawChart($('accuracy-chart'), [
-    { points: curves.accuracy, color: '#2471a3', label: 'training accuracy' },
+    { points: curves.accuracy, color: '#2471a3', label: 'training (epoch so far)' },
     { points: curves.test, color: '#1e8449', label: 'test accuracy', dots: true }],
   { title: 'accuracy (%)', yMax: 100, format: (v) => v.toFixed(0) });
 }
@@ -170,13 +170,20 @@ async function train(p) {
 const pad = $('pad');
 const ink = pad.getContext('2d', { willReadFrequently: true });
 let drawing = false;
+let inked = false;
 let dirty = false;
 let predicting = false;
+
+function note(text) {
+  return Object.assign(document.createElement('li'), { textContent: text, className: 'note' });
+}
 
 function clearPad() {
   ink.fillStyle = '#fff';
   ink.fillRect(0, 0, pad.width, pad.height);
-  $('top3').replaceChildren(Object.assign(document.createElement('li'), { textContent: 'Draw a digit.' }));
+  inked = false;
+  dirty = false;
+  $('top3').replaceChildren(note('Draw a digit.'));
   $('seen').getContext('2d').clearRect(0, 0, 84, 84);
 }
 
@@ -208,6 +215,7 @@ function stroke() {
   ink.lineCap = 'round';
   ink.lineJoin = 'round';
   ink.stroke();
+  inked = true;
   dirty = true;
   predictDrawing();
 }
@@ -221,7 +229,7 @@ async function predictDrawing() {
   try {
     showPrediction(await call('predict', { rgba: pixels, width: pad.width, height: pad.height }, [pixels.buffer]));
   } catch (e) {
-    $('top3').replaceChildren(Object.assign(document.createElement('li'), { textContent: e.message }));
+    $('top3').replaceChildren(note(e.message));
   } finally {
     predicting = false;
     if (dirty) predictDrawing();
@@ -248,7 +256,8 @@ $('clear').onclick = clearPad;
 function showNetwork(n) {
   const acc = n.test_accuracy == null ? '' : `, test accuracy ${n.test_accuracy.toFixed(2)}% when saved`;
   $('network').textContent = `Network: ${n.origin}${acc}.`;
-  dirty = true;
+  // A drawing on the pad is predicted again with the new network.
+  dirty = inked;
   predictDrawing();
 }
 

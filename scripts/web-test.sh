@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The browser test: builds the page (scripts/web.sh) and the native binary, then drives the page in
+# headless Chromium with WebGPU on SwiftShader (web/test/browser.test.mjs): verify, 10 steps against
+# the CPU reference, training against the native CPU backend, a checkpoint's round trip through
+# native eval, drawn digits, an error shown. Needs Debian's chromium, Node.js and npm.
+#
+#   scripts/web-test.sh [--only verify,steps,train,draw,errors]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+page=target/web-test
+scripts/web.sh --out "$page" --no-serve
+cargo build --release
+(cd web/test && npm ci --no-audit --no-fund --loglevel=error)
+node web/test/browser.test.mjs --page "$page" --bin target/release/mnist-wgpu "$@"
