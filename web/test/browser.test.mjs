@@ -56,7 +56,7 @@ const WEBGPU_FLAGS = ['--enable-unsafe-webgpu', '--enable-features=Vulkan', '--u
 const browser = await chromium.launch({ executablePath: CHROMIUM, args: [...BASE_FLAGS, ...WEBGPU_FLAGS] });
 
 async function openPage(query = '') {
-  const page = await browser.newPage();
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
   page.on('pageerror', (e) => console.log(`  page error: ${e.message}`));
   page.on('console', (m) => m.type() === 'error' && console.log(`  console: ${m.text()}`));
   await page.goto(`${origin}/${query}`);
@@ -166,11 +166,13 @@ const cases = {
     const page = await openPage();
     await page.waitForFunction(() => document.getElementById('adapter').textContent.startsWith('WebGPU adapter'),
       null, { timeout: 120_000 });
-    const pad = await page.locator('#pad').boundingBox();
     const results = [];
     for (const [digit, path] of DRAWINGS) {
       await page.click('#clear');
       await page.evaluate(() => { window.mnistPrediction = null; });
+      // Where the pad is now that Clear's click has scrolled the page.
+      await page.locator('#pad').scrollIntoViewIfNeeded();
+      const pad = await page.locator('#pad').boundingBox();
       await page.mouse.move(pad.x + path[0][0], pad.y + path[0][1]);
       await page.mouse.down();
       for (const [x, y] of path.slice(1)) await page.mouse.move(pad.x + x, pad.y + y, { steps: 4 });
@@ -201,14 +203,15 @@ const cases = {
     await page.waitForFunction(() => !document.getElementById('error').hidden, null, { timeout: 60_000 });
     const noGpu = await page.locator('#error').textContent();
     await plain.close();
-    assert(/no WebGPU/.test(noGpu), `a browser without WebGPU shows "${noGpu}"`);
+    assert(/no WebGPU|offers no adapter/.test(noGpu), `a browser without WebGPU shows "${noGpu}"`);
     return `a bad checkpoint is shown as "${shown}"; no WebGPU as "${noGpu}"`;
   },
 };
 
 // The training run of the train case. The issue's `images=2000&epochs=3&batch=50&seed=1&test_images=1000`
-// takes about 14 minutes on SwiftShader with 2 cores (--train-run gives it); CI trains this smaller run.
-const TRAIN_RUN = args['train-run'] || 'images=500&epochs=2&batch=50&seed=1&test_images=500';
+// takes about 14 minutes on SwiftShader with 2 cores (--train-run gives it); CI trains this smaller run
+// (80 steps; the native CPU backend ends it at 65.8%, where the accuracy still climbs fast).
+const TRAIN_RUN = args['train-run'] || 'images=800&epochs=2&batch=20&seed=1&test_images=500';
 
 // Native eval runs on the CPU and the page on the GPU: at most this many of 1,000 predictions may
 // differ, where two classes' logits are within rounding of each other.
