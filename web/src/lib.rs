@@ -246,29 +246,27 @@ impl Sink for PageSink {
     }
 }
 
-/// Trains Net3 on the GPU with the recipe, on the first `images` training images (0: all), evaluating
-/// on the first `test_images` after each epoch; `report` gets each progress and epoch message. The
-/// trained network becomes the page's.
-#[wasm_bindgen]
-pub async fn train(
+/// What the page's Train asks for: the first `images` training images (0: all), evaluated on the
+/// first `test_images` after each epoch.
+#[derive(serde::Deserialize)]
+struct TrainParams {
     images: usize,
     test_images: usize,
     epochs: usize,
     batch: usize,
     seed: u64,
-    report: js_sys::Function,
-) -> Result<JsValue, JsValue> {
-    run_train(images, test_images, epochs, batch, seed, report).await.map(to_value).map_err(to_js)
 }
 
-async fn run_train(
-    images: usize,
-    test_images: usize,
-    epochs: usize,
-    batch: usize,
-    seed: u64,
-    report: js_sys::Function,
-) -> Result<serde_json::Value> {
+/// Trains Net3 on the GPU with the recipe as `params` (TrainParams as JSON) say; `report` gets each
+/// progress and epoch message. The trained network becomes the page's.
+#[wasm_bindgen]
+pub async fn train(params: String, report: js_sys::Function) -> Result<JsValue, JsValue> {
+    let params = serde_json::from_str(&params).map_err(|e| to_js(anyhow!("the training parameters: {e}")))?;
+    run_train(params, report).await.map(to_value).map_err(to_js)
+}
+
+async fn run_train(p: TrainParams, report: js_sys::Function) -> Result<serde_json::Value> {
+    let TrainParams { images, test_images, epochs, batch, seed } = p;
     let set = subset(images, test_images)?;
     if epochs == 0 || batch == 0 || batch > set.train.len() {
         bail!("epochs must be at least 1 and the batch size from 1 to the {} training images", set.train.len());

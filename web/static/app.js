@@ -329,6 +329,7 @@ async function runFromUrl(q, adapter) {
     case 'train': {
       const p = { images: num('images', 2000), epochs: num('epochs', 3), batch: num('batch', 50), seed: num('seed', 1),
         test_images: num('test_images', 1000) };
+      for (const [k, v] of Object.entries(p)) $('train-form')[k].value = v;
       const r = await train(p);
       const checkpoint = toBase64(await call('download'));
       return { adapter, steps: r.steps, final_loss: r.final_loss, test_accuracy: r.test_accuracy,

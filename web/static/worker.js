@@ -43,8 +43,7 @@ const commands = {
   start,
   verify: async ({ batch }) => JSON.parse(await wasm.verify(batch)),
   steps: async ({ n, batch }) => JSON.parse(await wasm.steps(n, batch)),
-  train: async ({ images, test_images, epochs, batch, seed }) =>
-    JSON.parse(await wasm.train(images, test_images, epochs, batch, BigInt(seed), report)),
+  train: async (params) => JSON.parse(await wasm.train(JSON.stringify(params), report)),
   stop: async () => wasm.stop(),
   evaluate: async ({ test_images, batch }) => JSON.parse(await wasm.evaluate(test_images, batch)),
   predict: async ({ rgba, width, height }) => JSON.parse(await wasm.predict_rgba(rgba, width, height)),
