@@ -281,7 +281,8 @@ async fn run_train(p: TrainParams, report: js_sys::Function) -> Result<serde_jso
     let outcome = train::run(&mut backend, &model, &set, &opts, &STOP, &mut sink).await?;
     let Some((state, position)) = sink.last else { bail!("the run kept no network") };
     let steps = position.global_step;
-    let origin = format!("trained here: {} epochs on {} images, seed {seed}", outcome.epochs.len(), set.train.len());
+    let done = outcome.epochs.len();
+    let origin = format!("trained here: {done} epoch(s) on {} images, seed {seed}", set.train.len());
     PAGE.with(|p| p.borrow_mut().set_network(Network { model, state, position: Some(position), origin }));
     let last = outcome.epochs.last();
     let seconds: f64 = outcome.epochs.iter().map(|e| (set.train.len() as f64) / e.train_images_per_sec).sum();
@@ -343,6 +344,7 @@ fn network() -> Result<(Model, Vec<f32>, Option<Position>)> {
 #[wasm_bindgen]
 pub fn checkpoint_bytes() -> Result<Vec<u8>, JsValue> {
     let (model, state, position) = network().map_err(to_js)?;
+    // A network without a position (a PyTorch state_dict loaded here) is written as at step 0.
     let position = position.unwrap_or(Position {
         epoch: 0,
         batch_in_epoch: 0,
@@ -362,6 +364,7 @@ pub async fn evaluate(test_images: usize, batch: usize) -> Result<JsValue, JsVal
 }
 
 async fn run_evaluate(test_images: usize, batch: usize) -> Result<serde_json::Value> {
+    // One training image: evaluation needs none, and copying all of them would cost 47 MB.
     let set = subset(1, test_images)?;
     let (model, state, _) = network()?;
     let batch = batch.clamp(1, set.test.len().max(1));

@@ -158,7 +158,7 @@ async function train(p) {
     const acc = r.test_accuracy === null ? 'no epoch finished' : `test accuracy ${r.test_accuracy.toFixed(2)}% on ${r.test_images} images`;
     $('train-status').textContent = `${r.stopped ? 'Stopped' : 'Done'}: ${r.steps} steps, ${acc}, ` +
       `${r.images_per_s.toFixed(1)} images/s. Draw and Download now use this network.`;
-    showNetwork({ origin: `trained here (${r.epochs} epochs)`, test_accuracy: r.test_accuracy });
+    showNetwork({ origin: `trained here (${r.epochs} epoch${r.epochs === 1 ? '' : 's'})`, test_accuracy: r.test_accuracy });
     return r;
   } finally {
     onReport = () => {};
