@@ -155,10 +155,13 @@ async function train(p) {
   try {
     const r = await call('train', p);
     $('progress').value = r.stopped ? $('progress').value : 1;
-    const acc = r.test_accuracy === null ? 'no epoch finished' : `test accuracy ${r.test_accuracy.toFixed(2)}% on ${r.test_images} images`;
-    $('train-status').textContent = `${r.stopped ? 'Stopped' : 'Done'}: ${r.steps} steps, ${acc}, ` +
-      `${r.images_per_s.toFixed(1)} images/s. Draw and Download now use this network.`;
-    showNetwork({ origin: `trained here (${r.epochs} epoch${r.epochs === 1 ? '' : 's'})`, test_accuracy: r.test_accuracy });
+    const acc = r.test_accuracy === null ? 'before the first epoch ended'
+      : `test accuracy ${r.test_accuracy.toFixed(2)}% on ${r.test_images} images, ${r.images_per_s.toFixed(1)} images/s`;
+    $('train-status').textContent = `${r.stopped ? 'Stopped' : 'Done'}: ${r.steps} steps, ${acc}. ` +
+      'Draw and Download now use this network.';
+    const origin = r.stopped ? `trained here, stopped after ${r.steps} steps`
+      : `trained here (${r.epochs} epoch${r.epochs === 1 ? '' : 's'})`;
+    showNetwork({ origin, test_accuracy: r.test_accuracy });
     return r;
   } finally {
     onReport = () => {};

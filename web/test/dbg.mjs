@@ -1,0 +1,22 @@
+import { chromium } from 'playwright-core';
+const browser = await chromium.launch({ executablePath: '/usr/bin/chromium', args: ['--no-sandbox', '--disable-gpu-sandbox', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync', '--enable-unsafe-webgpu', '--enable-features=Vulkan', '--use-webgpu-adapter=swiftshader'] });
+const page = await browser.newPage({ viewport: { width: 1280, height: 1000 } });
+page.on('pageerror', (e) => console.log('pageerror:', e.message));
+await page.goto('http://127.0.0.1:8765/');
+await page.waitForFunction(() => document.getElementById('adapter').textContent.startsWith('WebGPU adapter'), null, { timeout: 120000 });
+await page.fill('input[name=epochs]', '2'); await page.fill('input[name=images]', '500'); await page.fill('input[name=test_images]', '100');
+await page.click('#train');
+await page.waitForFunction(() => document.getElementById('train-status').textContent.startsWith('epoch'), null, { timeout: 120000 });
+console.log('training:', await page.locator('#train-status').textContent());
+// The main thread answers while the worker trains.
+const t = Date.now(); await page.evaluate(() => 1 + 1); console.log('main thread answered in', Date.now() - t, 'ms');
+await page.click('#stop');
+await page.waitForFunction(() => /^(Stopped|Done)/.test(document.getElementById('train-status').textContent), null, { timeout: 120000 });
+console.log('after stop:', await page.locator('#train-status').textContent());
+console.log('network:', await page.locator('#network').textContent());
+const [download] = await Promise.all([page.waitForEvent('download'), page.click('#download')]);
+await download.saveAs('/tmp/dl.safetensors'); console.log('downloaded', download.suggestedFilename());
+await page.setInputFiles('#load', '/work/main/docs/results/cpu-20-epochs/best.safetensors');
+await page.waitForFunction(() => document.getElementById('checkpoint-status').textContent.startsWith('Loaded'), null, { timeout: 60000 });
+console.log('loaded:', await page.locator('#network').textContent());
+await browser.close();
