@@ -89,7 +89,7 @@ pub async fn open_gpu() -> Result<JsValue, JsValue> {
     })))
 }
 
-/// A panic (a bug) reaches the page's error line through the console hook of `worker.js`.
+/// A panic (a bug) reaches the page's error line through `reportPanic` of `worker.js`.
 fn console_panics() {
     std::panic::set_hook(Box::new(|info| {
         web_error(&format!("the page's WebAssembly panicked (a bug): {info}"));
