@@ -2,9 +2,9 @@
 # The browser test: builds the page (scripts/web.sh) and the native binary, then drives the page in
 # headless Chromium with WebGPU on SwiftShader (web/test/browser.test.mjs): verify, 10 steps against
 # the CPU reference, training against the native CPU backend, a checkpoint's round trip through
-# native eval, drawn digits, Stop, errors shown. Needs Debian's chromium, Node.js and npm.
+# native eval, drawn digits, a picture file predicted, Stop, errors shown. Needs Debian's chromium, Node.js and npm.
 #
-#   scripts/web-test.sh [--only webgpu,verify,steps,train,draw,stop,errors] [--train-run QUERY]
+#   scripts/web-test.sh [--only webgpu,verify,steps,train,draw,predict,stop,errors] [--train-run QUERY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -3,6 +3,8 @@
 //
 //   node browser.test.mjs --page DIR --bin MNIST_WGPU [--only NAME,...] [--train-run QUERY]
 //
+// Cases: webgpu, verify, steps, train (with the checkpoints' round trips), draw, predict, stop, errors.
+//
 // DIR is the folder `scripts/web.sh --out DIR --no-serve` wrote (the test writes its own files into
 // DIR/test/); MNIST_WGPU the native binary, which trains and evaluates the same runs for comparison.
 // Fails, saying how to get them, when Chromium or its WebGPU is missing: it never skips.
@@ -11,6 +13,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, writeFileSync, createReadStream, statSync } from 'node:fs';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
+import { deflateSync, gunzipSync } from 'node:zlib';
 import { extname, join, normalize, resolve } from 'node:path';
 
 const args = Object.fromEntries(process.argv.slice(2).reduce((acc, a, i, all) =>
@@ -193,6 +196,33 @@ const cases = {
     return `drawn digits predicted: ${results.join(', ')}`;
   },
 
+  // ?run=predict with a picture file: a test digit, dark on light and 4x as large, as a user's
+  // photo would be; the page and native `predict` rank the classes alike.
+  async predict() {
+    const images = gunzipSync(readFileSync(join(pageDir, 'data', 't10k-images-idx3-ubyte.gz')));
+    const labels = gunzipSync(readFileSync(join(pageDir, 'data', 't10k-labels-idx1-ubyte.gz')));
+    const [index, scale] = [0, 4];
+    const side = 28 * scale;
+    const rows = [];
+    for (let y = 0; y < side; y++) {
+      const row = Buffer.alloc(side + 1);
+      for (let x = 0; x < side; x++) row[x + 1] = 255 - images[16 + 784 * index + 28 * Math.floor(y / scale) + Math.floor(x / scale)];
+      rows.push(row);
+    }
+    const file = join(testDir, 'digit.png');
+    writeFileSync(file, png(side, side, Buffer.concat(rows)));
+    const { title, result: r, shown } = await runPage('run=predict&checkpoint=net3.safetensors&image=test/digit.png', 2);
+    assert(title === 'done', `the page failed: ${shown}`);
+    const out = native('predict', join(pageDir, 'net3.safetensors'), file, '--backend', 'cpu');
+    const nativeTop = [...out.matchAll(/(\d) \(/g)].map((m) => Number(m[1]));
+    const pageTop = r.top.map((t) => t.class);
+    assert(pageTop[0] === labels[8 + index], `a test ${labels[8 + index]} was predicted ${JSON.stringify(r.top)}`);
+    // Only the first: the others hold probabilities near 1e-6, which rounding may reorder.
+    assert(pageTop[0] === nativeTop[0], `the page ranks ${pageTop}, native predict ${nativeTop}`);
+    return `a test ${labels[8 + index]} as a 112x112 PNG: the page ranks ${pageTop.join(', ')}, native predict ` +
+      `${nativeTop.join(', ')}`;
+  },
+
   // Train from the form, Stop, then Download: the main thread answers while the worker trains.
   async stop() {
     const page = await openPage();
@@ -251,6 +281,34 @@ const cases = {
 // 40 steps, about 6 s each there whatever the batch (SwiftShader pays per workgroup, and most launches
 // have a fixed grid), to about 51% on the native CPU backend, where the accuracy still climbs fast.
 const TRAIN_RUN = args['train-run'] || 'images=2000&epochs=1&batch=50&seed=1&test_images=500';
+
+/** A greyscale PNG of `width` x `height` from filtered scanlines (a 0 byte, then the row). */
+function png(width, height, scanlines) {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (bytes) => {
+    let c = 0xffffffff;
+    for (const b of bytes) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type, data) => {
+    const body = Buffer.concat([Buffer.from(type), data]);
+    const out = Buffer.alloc(8 + data.length + 4);
+    out.writeUInt32BE(data.length, 0);
+    body.copy(out, 4);
+    out.writeUInt32BE(crc(body), 8 + data.length);
+    return out;
+  };
+  const header = Buffer.alloc(13);
+  header.writeUInt32BE(width, 0);
+  header.writeUInt32BE(height, 4);
+  header[8] = 8; // bit depth; colour type 0 (grey), default compression, filter, no interlace
+  return Buffer.concat([Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a]), chunk('IHDR', header),
+    chunk('IDAT', deflateSync(scanlines)), chunk('IEND', Buffer.alloc(0))]);
+}
 
 // Native eval runs on the CPU and the page on the GPU: at most this many of 1,000 predictions may
 // differ, where two classes' logits are within rounding of each other.
