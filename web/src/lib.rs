@@ -77,16 +77,11 @@ fn ctx() -> Result<GpuContext> {
 /// Opens the browser's WebGPU device with the adapter's own limits; fails with a sentence when the
 /// browser has no WebGPU or the adapter lacks what the kernels need.
 #[wasm_bindgen]
-pub async fn open_gpu() -> Result<JsValue, JsValue> {
+pub async fn open_gpu() -> Result<(), JsValue> {
     console_panics();
     let ctx = GpuContext::browser().await.map_err(to_js)?;
-    let limits = ctx.device.limits();
     PAGE.with(|p| p.borrow_mut().ctx = Some(ctx));
-    Ok(to_value(json!({
-        "max_storage_buffers_per_shader_stage": limits.max_storage_buffers_per_shader_stage,
-        "max_compute_invocations_per_workgroup": limits.max_compute_invocations_per_workgroup,
-        "max_buffer_size": limits.max_buffer_size,
-    })))
+    Ok(())
 }
 
 /// A panic (a bug) reaches the page's error line through `reportPanic` of `worker.js`.

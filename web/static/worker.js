@@ -27,14 +27,14 @@ async function adapterInfo() {
 async function start() {
   await init();
   const adapter = await adapterInfo();
-  const limits = JSON.parse(await wasm.open_gpu());
+  await wasm.open_gpu();
   const files = ['train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz', 't10k-images-idx3-ubyte.gz',
     't10k-labels-idx1-ubyte.gz'];
   const bytes = await Promise.all(files.map((f) => fetchBytes(`data/${f}`)));
   const counts = JSON.parse(wasm.set_data(...bytes));
   const shipped = JSON.parse(wasm.load_checkpoint(await fetchBytes('net3.safetensors'), 'net3.safetensors',
     'the documented run (docs/recipe.md), shipped with the page'));
-  return { adapter, limits, counts, network: shipped };
+  return { adapter, counts, network: shipped };
 }
 
 const report = (message) => postMessage({ type: 'report', message: JSON.parse(message) });
