@@ -227,7 +227,7 @@ fn apply_train(
         let i = element(c, j);
         let v = normalize(i, c, mean, invstd);
         if (dropping()) {
-            out[i] = select(0.0, v * d.dropout_scale, dropout_hash(s.seed, s.step, d.dropout_layer, i) >= d.dropout_threshold);
+            out[i] = select(0.0, v * d.dropout_scale, dropout_hash(s.dropout_seed, s.dropout_step, d.dropout_layer, i) >= d.dropout_threshold);
         } else {
             out[i] = v;
         }

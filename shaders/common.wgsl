@@ -10,8 +10,8 @@ const WG: u32 = 256u;
 // What changes every training step (src/gpu/sgd.rs, StepUniform): the SGD hyper-parameters and the
 // dropout masks' seed, step and on/off switch. Used by sgd.wgsl and dropout.wgsl.
 struct Step {
-    lr: f32, momentum: f32, weight_decay: f32, seed: u32,
-    step: u32, dropout_on: u32, _p1: u32, _p2: u32,
+    lr: f32, momentum: f32, weight_decay: f32, dropout_seed: u32,
+    dropout_step: u32, dropout_on: u32, _p0: u32, _p1: u32,
 }
 
 fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {

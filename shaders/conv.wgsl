@@ -11,49 +11,57 @@
 // With d.pool == 1 the input is the 2x2 max pooling (stride 2, the first maximum on ties, as
 // pool.wgsl) of x, which holds planes of 2h x 2w: the pooling runs inside the patch reads.
 //
-// Entry points and dispatch shapes (workgroups of TW invocations, a flat grid; see flat_group):
-//   forward   y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p], p = (image, oy, ox):
-//             one workgroup per tile of TC output channels x TP positions and per split of the sum
-//             (ceil(cout / TC) * ceil(n * ho * wo / TP) * d.splits): with d.splits > 1, for layers of few
-//             tiles, split s sums its share of r (whole slabs, or for a sum shallower than d.splits slabs
-//             a share of the depth each) and writes y's part s, at s * len(y); the
-//             batchnorm's statistics kernel adds the parts in order. With d.bn == 1 (and one split)
-//             the evaluation-mode batchnorm that follows (running statistics at d.*_off) is applied to
-//             each result, and with d.relu == 1 its ReLU too: the batchnorm launch is skipped.
-//   backward  both gradients in one launch, as they depend on dy alone:
-//             first d.weight_groups workgroups: dw[co, r] = sum over positions p of dy[co, p] *
-//             x-patch[r, p], one per tile of TC output channels x TP of the cin * k * k columns and per
-//             slice of the positions (ceil(cout / TC) * ceil(cin k k / TP) * d.slices); slice s sums its
-//             contiguous share of the positions in order and writes its partial sums to slice s's
-//             place (slice 0 at the weights' own offset of grads, slice s > 0 at
-//             d.extra_off + (s - 1) * weights); sgd.wgsl adds the slices in order;
-//             then, with d.data == 1, dx[ci, q] = sum over r = (co, ky, kx) of w[co, ci, ky, kx] *
-//             dy-patch[r, q], tiles over input channels and input positions as forward's
-//             (ceil(cin / TC) * ceil(n * h * w / TP)).
-// With d.partials == 1 a tile's epilogue also writes the partial sums of the training batchnorm next
-// to it (batchnorm.wgsl reads them; it saves that batchnorm a launch), one partial per tile of
-// positions and channel, part = the tile's position index, into that batchnorm's `saved` from
-// d.part_off:
-//   forward (one split): the batchnorm after this layer: (count, mean, M2) of the tile's outputs;
-//   backward's dx: the batchnorm whose output (after its ReLU and dropout; with d.pool its 2x2 max
-//             pooling) this layer reads: (sum g, sum g * xhat), g = dx routed to the window's maximum,
-//             masked by that ReLU (d.bn_relu) and scaled by the dropout (d.bn_dropout, d.bn_scale),
-//             xhat from the batchnorm's input bn_x and its saved mean and 1/std (saved[c],
-//             saved[cin + c]): what batchnorm.wgsl's backward_reduce computes.
+// Entry points and dispatch shapes (workgroups of TW invocations, a flat grid; see flat_group). Each
+// fused variant is an entry point of its own, so each binds only what it uses:
+//   forward           y[co, p] = sum over r = (ci, ky, kx) of w[co, r] * x-patch[r, p],
+//                     p = (image, oy, ox): one workgroup per tile of TC output channels x TP positions
+//                     and per split of the sum (ceil(cout / TC) * ceil(n * ho * wo / TP) * d.splits):
+//                     with d.splits > 1, for layers of few tiles, split s sums its share of r (whole
+//                     slabs, or for a sum shallower than d.splits slabs a share of the depth each) and
+//                     writes y's part s, at s * len(y); the batchnorm's statistics kernel adds the
+//                     parts in order.
+//   forward_bn_stats  forward (one split), and the training batchnorm after this layer's forward
+//                     partials (below).
+//   forward_bn_eval   forward (one split) through the evaluation-mode batchnorm that follows (running
+//                     statistics at d.*_off), and its ReLU when d.bn_relu == 1: that launch is skipped.
+//   backward          both gradients in one launch, as they depend on dy alone:
+//                     first d.weight_groups workgroups: dw[co, r] = sum over positions p of
+//                     dy[co, p] * x-patch[r, p], one per tile of TC output channels x TP of the
+//                     cin * k * k columns and per slice of the positions
+//                     (ceil(cout / TC) * ceil(cin k k / TP) * d.slices); slice s sums its contiguous
+//                     share of the positions in order and writes its partial sums to slice s's place
+//                     (slice 0 at the weights' own offset of grads, slice s > 0 at
+//                     d.extra_off + (s - 1) * weights); sgd.wgsl adds the slices in order;
+//                     then dx[ci, q] = sum over r = (co, ky, kx) of w[co, ci, ky, kx] * dy-patch[r, q],
+//                     tiles over input channels and input positions as forward's
+//                     (ceil(cin / TC) * ceil(n * h * w / TP)).
+//   backward_weights  the weight gradient alone (the first layer: its input needs no gradient).
+//   backward_bn_sums  backward, and the backward partials of the batchnorm this layer reads (below).
+// The batchnorm partials (batchnorm.wgsl reads them; they save it a launch) are one per tile of
+// positions and channel, part = the tile's position index, written into that batchnorm's `saved`
+// from d.part_off:
+//   forward_bn_stats: (count, mean, M2) of the tile's outputs;
+//   backward_bn_sums: for the batchnorm whose output (after its ReLU and dropout; with d.pool its 2x2
+//             max pooling) this layer reads, (sum g, sum g * xhat) of the dx tile, g = dx routed to
+//             the window's maximum, masked by that ReLU (d.bn_relu) and scaled by the dropout
+//             (d.bn_dropout, d.bn_scale), xhat from the batchnorm's input bn_x and its saved mean and
+//             1/std (saved[c], saved[cin + c]): what batchnorm.wgsl's backward_reduce computes.
+// d.bn_relu and d.bn_dropout describe that batchnorm's own fused layers (as batchnorm.wgsl's d.relu
+// and d.dropout do), not which epilogue runs.
 // Every result is one invocation's sum in a fixed order, so the same inputs give the same bits.
 // Bindings: 0 dims (uniform), 1 x (input activation), 2 state (weights; batchnorm parameters),
-//           3 dy (output gradient), 4 out (forward: y; backward: dx), 5 grads, 6 saved (the next or
-//           previous batchnorm's), 7 bn_x (that batchnorm's input), 8 step (uniform). Forward binds x
+//           3 dy (output gradient), 4 out (forward: y; backward: dx; not in backward_weights),
+//           5 grads (backward entries), 6 saved (the next or previous batchnorm's; _bn_ entries),
+//           7 bn_x (that batchnorm's input) and 8 step (uniform; backward_bn_sums). Forward binds x
 //           as dy too: the patch reader serves both directions.
 
 struct Dims {
     n: u32, cin: u32, h: u32, w: u32,
     cout: u32, ho: u32, wo: u32, pad: u32,
     k: u32, w_off: u32, slices: u32, extra_off: u32,
-    bn: u32, relu: u32, gamma_off: u32, beta_off: u32,
-    mean_off: u32, var_off: u32, eps: f32, pool: u32,
-    weight_groups: u32, data: u32, splits: u32, bias: u32,
-    bias_off: u32, bias_extra: u32, partials: u32, part_off: u32,
+    gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
+    eps: f32, pool: u32, weight_groups: u32, splits: u32,
+    bias: u32, bias_off: u32, bias_extra: u32, part_off: u32,
     bn_relu: u32, bn_dropout: u32, bn_scale: f32, _p0: u32,
 }
 
@@ -208,39 +216,46 @@ fn patch_value(backward: bool, t: vec3<u32>, at: vec3<u32>) -> f32 {
     return input_value(at.x, t.x, u32(iy), u32(ix));
 }
 
-// One output tile of forward (backward == false) or of dx: TC channels and TP (image, row, column)
-// positions of the output, tile `group`.
-fn output_tile(lid: u32, group: u32, backward: bool) {
-    // Output channels and plane, and the sum's depth, for the direction.
+// Where tile `group` of forward (backward == false) or of dx lies: its first output channel and
+// position, its index among the tiles of positions, and its split of the sum. Depends on the group
+// alone, so it is uniform across the workgroup and the barriers after a test of `live` stay uniform.
+struct TileAt {
+    c0: u32, p0: u32, index: u32, split: u32, live: bool,
+}
+
+fn tile_at(group: u32, backward: bool) -> TileAt {
     let out_c = select(d.cout, d.cin, backward);
-    let out_h = select(d.ho, d.h, backward);
-    let out_w = select(d.wo, d.w, backward);
-    let depth = select(d.cin * d.k * d.k + d.bias, d.cout * d.k * d.k, backward);
-    let positions = d.n * out_h * out_w;
+    let positions = d.n * select(d.ho * d.wo, d.h * d.w, backward);
     let c_tiles = (out_c + TC - 1u) / TC;
     let tiles = c_tiles * ((positions + TP - 1u) / TP);
     // Forward may split the sum's depth (whole slabs each, where there are enough) over d.splits
     // groups of tiles; split s writes its part at s * (the output's length), and the batchnorm
-    // statistics add the parts.
+    // statistics add the parts. The grid may round the workgroup count up: those tiles are not live.
     let splits = select(d.splits, 1u, backward);
-    let split = group / tiles;
-    let c0 = ((group % tiles) % c_tiles) * TC;
-    let p0 = ((group % tiles) / c_tiles) * TP;
-    // The grid may round the workgroup count up; group is uniform, so the barriers stay uniform.
-    if (split >= splits) {
-        return;
-    }
+    let index = (group % tiles) / c_tiles;
+    return TileAt(((group % tiles) % c_tiles) * TC, index * TP, index, group / tiles, group / tiles < splits);
+}
+
+// The product of one output tile of forward (backward == false) or of dx: TC channels and TP
+// (image, row, column) positions of the output, as invocation `lid`'s register block.
+fn tile_product(lid: u32, at: TileAt, backward: bool) -> Block {
+    // Output plane and the sum's depth, for the direction.
+    let out_h = select(d.ho, d.h, backward);
+    let out_w = select(d.wo, d.w, backward);
+    let depth = select(d.cin * d.k * d.k + d.bias, d.cout * d.k * d.k, backward);
+    let positions = d.n * out_h * out_w;
+    let splits = select(d.splits, 1u, backward);
     let slabs = (depth + KT - 1u) / KT;
     var per_split = (slabs + splits - 1u) / splits * KT;
     if (splits > slabs) {
         // A shallow sum (Net3's 1x1 layer: 32 deep) in more parts than slabs: partly filled slabs.
         per_split = (depth + splits - 1u) / splits;
     }
-    let r_start = split * per_split;
+    let r_start = at.split * per_split;
     let r_end = min(depth, r_start + per_split);
     // Each invocation stages the patch of one position, the same for every slab.
-    let mine = p0 + lid;
-    let at = position(min(mine, positions - 1u), out_h, out_w);
+    let mine = at.p0 + lid;
+    let pos = position(min(mine, positions - 1u), out_h, out_w);
     var acc: Block;
     for (var r0 = r_start; r0 < r_end; r0 += KT) {
         // Taps advance by counting, not dividing: index arithmetic would outweigh the multiply-adds.
@@ -248,14 +263,14 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
         for (var row = 0u; row < KT; row++) {
             var v = 0.0;
             if (mine < positions && r0 + row < r_end) {
-                v = patch_value(backward, t, at);
+                v = patch_value(backward, t, pos);
             }
             slab_p[row * (TP / 4u) + lid / 4u][lid % 4u] = v;
             t = next_tap(t);
         }
         for (var e = lid; e < KT * TC; e += TW) {
             let r = r0 + e / TC;
-            let c = c0 + e % TC;
+            let c = at.c0 + e % TC;
             var v = 0.0;
             if (r < r_end) {
                 if (backward) {
@@ -271,28 +286,31 @@ fn output_tile(lid: u32, group: u32, backward: bool) {
         multiply_slabs(lid, &acc);
         workgroupBarrier();
     }
-    let plane = out_h * out_w;
-    let part = split * positions * out_c;
+    return acc;
+}
+
+// Writes invocation `lid`'s block of a tile into `out` (forward's y part, or dx); with `bn_eval`,
+// through the evaluation-mode batchnorm (and ReLU) that follows.
+fn write_tile(lid: u32, at: TileAt, acc: Block, backward: bool, bn_eval: bool) {
+    let out_c = select(d.cout, d.cin, backward);
+    let plane = select(d.ho * d.wo, d.h * d.w, backward);
+    let positions = d.n * plane;
+    let part = at.split * positions * out_c;
     for (var j = 0u; j < 4u; j++) {
-        let p = p0 + block_col(lid, j);
+        let p = at.p0 + block_col(lid, j);
         if (p >= positions) {
             break;
         }
         let row = block_row(acc, j);
         for (var t = 0u; t < 4u; t++) {
-            let c = c0 + block_channel(lid, t);
+            let c = at.c0 + block_channel(lid, t);
             if (c < out_c) {
-                out[part + ((p / plane) * out_c + c) * plane + p % plane] = epilogue(backward, c, row[t]);
+                var v = row[t];
+                if (bn_eval) {
+                    v = batchnorm_eval(c, v);
+                }
+                out[part + ((p / plane) * out_c + c) * plane + p % plane] = v;
             }
-        }
-    }
-    // Uniform: the barriers inside stay uniform.
-    if (d.partials == 1u) {
-        let tile = (group % tiles) / c_tiles;
-        if (backward) {
-            dx_partials(lid, acc, tile, p0, c0);
-        } else {
-            forward_partials(lid, acc, tile, p0, c0);
         }
     }
 }
@@ -416,15 +434,12 @@ fn dx_partials(lid: u32, acc: Block, tile: u32, p0: u32, c0: u32) {
     }
 }
 
-// Forward with d.bn == 1: the evaluation-mode batchnorm (and ReLU) of the next layer, computed as
-// batchnorm.wgsl's apply_eval computes it.
-fn epilogue(backward: bool, c: u32, v: f32) -> f32 {
-    if (backward || d.bn == 0u) {
-        return v;
-    }
+// The evaluation-mode batchnorm (and ReLU) of the next layer at channel c, computed as batchnorm.wgsl's
+// apply_eval computes it.
+fn batchnorm_eval(c: u32, v: f32) -> f32 {
     let invstd = 1.0 / sqrt(state[d.var_off + c] + d.eps);
     var y = (v - state[d.mean_off + c]) * invstd * state[d.gamma_off + c] + state[d.beta_off + c];
-    if (d.relu == 1u) {
+    if (d.bn_relu == 1u) {
         y = relu(y);
     }
     return y;
@@ -436,22 +451,92 @@ fn forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    output_tile(lid, flat_group(wid, nwg), false);
+    let at = tile_at(flat_group(wid, nwg), false);
+    if (!at.live) {
+        return;
+    }
+    write_tile(lid, at, tile_product(lid, at, false), false, false);
 }
 
+@compute @workgroup_size(TW)
+fn forward_bn_stats(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let at = tile_at(flat_group(wid, nwg), false);
+    if (!at.live) {
+        return;
+    }
+    let acc = tile_product(lid, at, false);
+    write_tile(lid, at, acc, false, false);
+    forward_partials(lid, acc, at.index, at.p0, at.c0);
+}
+
+@compute @workgroup_size(TW)
+fn forward_bn_eval(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let at = tile_at(flat_group(wid, nwg), false);
+    if (!at.live) {
+        return;
+    }
+    write_tile(lid, at, tile_product(lid, at, false), false, true);
+}
+
+// One dx tile, tile `group` of dx's.
+fn dx_tile(lid: u32, group: u32) {
+    let at = tile_at(group, true);
+    if (!at.live) {
+        return;
+    }
+    write_tile(lid, at, tile_product(lid, at, true), true, false);
+}
+
+// group is uniform across the workgroup, so every branch below keeps its barriers uniform.
 @compute @workgroup_size(TW)
 fn backward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    // group is uniform across the workgroup, so either branch keeps its barriers uniform.
     let group = flat_group(wid, nwg);
     if (group < d.weight_groups) {
         weight_tile(lid, group);
-    } else if (d.data == 1u) {
-        output_tile(lid, group - d.weight_groups, true);
+    } else {
+        dx_tile(lid, group - d.weight_groups);
     }
+}
+
+@compute @workgroup_size(TW)
+fn backward_weights(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    weight_tile(lid, flat_group(wid, nwg));
+}
+
+@compute @workgroup_size(TW)
+fn backward_bn_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = flat_group(wid, nwg);
+    if (group < d.weight_groups) {
+        weight_tile(lid, group);
+        return;
+    }
+    let at = tile_at(group - d.weight_groups, true);
+    if (!at.live) {
+        return;
+    }
+    let acc = tile_product(lid, at, true);
+    write_tile(lid, at, acc, true, false);
+    dx_partials(lid, acc, at.index, at.p0, at.c0);
 }
 
 // One tile of one slice of the weight gradient, tile `group`.

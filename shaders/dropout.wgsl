@@ -26,6 +26,6 @@ fn apply(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups)
         out[i] = x[i];
         return;
     }
-    let keep = dropout_hash(s.seed, s.step, d.layer, i) >= d.threshold;
+    let keep = dropout_hash(s.dropout_seed, s.dropout_step, d.layer, i) >= d.threshold;
     out[i] = select(0.0, x[i] * d.scale, keep);
 }

@@ -243,7 +243,8 @@ fn step_uniform(p: StepParams) -> StepUniform {
         dropout_seed: p.dropout_seed,
         dropout_step: p.step,
         dropout_on: p.dropout as u32,
-        _pad: [0; 2],
+        _p0: 0,
+        _p1: 0,
     }
 }
 

@@ -176,7 +176,8 @@ fn gpu_and_cpu_backends_train_alike() {
             dropout_seed: 4,
             dropout_step: step as u32,
             dropout_on: 1,
-            _pad: [0; 2],
+            _p0: 0,
+            _p1: 0,
         };
         net.reset_metrics(ctx);
         let got = net.train_step(ctx, &b.input, &b.labels, u, true).block_on().unwrap().unwrap().loss_sum as f64;

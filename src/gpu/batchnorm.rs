@@ -1,10 +1,10 @@
 //! Launches shaders/batchnorm.wgsl (batchnorm with the following ReLU optionally fused).
 
 use anyhow::Result;
-use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::uniform::uniform;
 use crate::model::dropout_threshold;
 
 /// Where one batchnorm layer's tensors live in the state (and gradient) buffer.
@@ -94,31 +94,33 @@ impl BnLayer {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Dims {
-    n: u32,
-    c: u32,
-    hw: u32,
-    relu: u32,
-    gamma_off: u32,
-    beta_off: u32,
-    mean_off: u32,
-    var_off: u32,
-    momentum: f32,
-    eps: f32,
-    slices: u32,
-    fparts: u32,
-    bparts: u32,
-    dy_pooled: u32,
-    dropout: u32,
-    dropout_threshold: u32,
-    dropout_scale: f32,
-    maxpool: u32,
-    width: u32,
-    parts: u32,
-    dropout_layer: u32,
-    _pad: [u32; 3],
+uniform! {
+    pub(super) struct Dims {
+        n: u32,
+        c: u32,
+        hw: u32,
+        relu: u32,
+        gamma_off: u32,
+        beta_off: u32,
+        mean_off: u32,
+        var_off: u32,
+        momentum: f32,
+        eps: f32,
+        slices: u32,
+        fparts: u32,
+        bparts: u32,
+        dy_pooled: u32,
+        dropout: u32,
+        dropout_threshold: u32,
+        dropout_scale: f32,
+        maxpool: u32,
+        width: u32,
+        parts: u32,
+        dropout_layer: u32,
+        _p0: u32,
+        _p1: u32,
+        _p2: u32,
+    }
 }
 
 fn dims(l: &BnLayer) -> Dims {
@@ -144,7 +146,9 @@ fn dims(l: &BnLayer) -> Dims {
         maxpool: l.maxpool as u32,
         width: l.width as u32,
         parts: l.parts as u32,
-        _pad: [0; 3],
+        _p0: 0,
+        _p1: 0,
+        _p2: 0,
     }
 }
 

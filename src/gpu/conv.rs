@@ -4,49 +4,46 @@
 //! into forward.
 
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
 use super::batchnorm::BnOffsets;
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
-use super::sgd::{SlicedGrad, StepUniform};
+use super::sgd::SlicedGrad;
+use super::uniform::uniform;
 use crate::model::ConvDims;
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable, Default)]
-struct Dims {
-    n: u32,
-    cin: u32,
-    h: u32,
-    w: u32,
-    cout: u32,
-    ho: u32,
-    wo: u32,
-    pad: u32,
-    k: u32,
-    w_off: u32,
-    slices: u32,
-    extra_off: u32,
-    bn: u32,
-    relu: u32,
-    gamma_off: u32,
-    beta_off: u32,
-    mean_off: u32,
-    var_off: u32,
-    eps: f32,
-    pool: u32,
-    weight_groups: u32,
-    data: u32,
-    splits: u32,
-    bias: u32,
-    bias_off: u32,
-    bias_extra: u32,
-    partials: u32,
-    part_off: u32,
-    bn_relu: u32,
-    bn_dropout: u32,
-    bn_scale: f32,
-    _pad: u32,
+uniform! {
+    #[derive(Default)]
+    pub(super) struct Dims {
+        n: u32,
+        cin: u32,
+        h: u32,
+        w: u32,
+        cout: u32,
+        ho: u32,
+        wo: u32,
+        pad: u32,
+        k: u32,
+        w_off: u32,
+        slices: u32,
+        extra_off: u32,
+        gamma_off: u32,
+        beta_off: u32,
+        mean_off: u32,
+        var_off: u32,
+        eps: f32,
+        pool: u32,
+        weight_groups: u32,
+        splits: u32,
+        bias: u32,
+        bias_off: u32,
+        bias_extra: u32,
+        part_off: u32,
+        bn_relu: u32,
+        bn_dropout: u32,
+        bn_scale: f32,
+        _p0: u32,
+    }
 }
 
 /// A workgroup's tile in conv.wgsl: TP positions (or weight columns) by TC channels.
@@ -88,6 +85,26 @@ pub fn forward_splits(d: &ConvDims) -> usize {
     FORWARD_GROUPS.div_ceil(tiles).min(MAX_FORWARD_SPLITS).clamp(1, d.col_rows())
 }
 
+/// One convolution (or linear) layer as its launches see it: its geometry, where its weights and bias
+/// lie in the state, and whether it reads its input through a 2x2 max pooling of x.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvLayer {
+    pub d: ConvDims,
+    pub w_off: usize,
+    pub bias: Option<usize>,
+    pub pool: bool,
+}
+
+/// Where a convolution's gradients go: its weights' and bias's slices (see `weight_grad_slices`), and
+/// whether it reads through a max pooling.
+#[derive(Debug, Clone, Copy)]
+pub struct ConvGrad {
+    pub d: ConvDims,
+    pub weights: SlicedGrad,
+    pub bias: Option<SlicedGrad>,
+    pub pool: bool,
+}
+
 /// The evaluation-mode batchnorm (and ReLU) fused into a forward launch.
 #[derive(Debug, Clone, Copy)]
 pub struct EvalBn {
@@ -119,21 +136,58 @@ pub struct BnSums<'a> {
     pub dropout: Option<f32>,
 }
 
-/// Bindings 6 to 8 for a launch that writes no partials.
-fn no_partials(ctx: &GpuContext) -> [wgpu::Buffer; 3] {
-    [ctx.zeros("no partials", 1), ctx.zeros("no batchnorm input", 1), ctx.uniform("no step", &StepUniform::default())]
+/// What a forward launch does after its tile product; each is an entry point of conv.wgsl.
+#[derive(Clone, Copy)]
+pub enum ForwardEpilogue<'a> {
+    /// `forward`: y in `splits` parts (added up by the batchnorm statistics that follow).
+    Plain { splits: usize },
+    /// `forward_bn_stats`: y, and the partial statistics of the training batchnorm that follows.
+    BnStats(BnStats<'a>),
+    /// `forward_bn_eval`: the evaluation-mode batchnorm (and ReLU) of the next layer applied to y.
+    BnEval(EvalBn),
 }
 
-/// The kernels of shaders/conv.wgsl.
+/// What a backward launch computes besides the weight gradient; each is an entry point of conv.wgsl.
+#[derive(Clone, Copy)]
+pub enum BackwardEpilogue<'a> {
+    /// `backward_weights`: nothing (the first layer's input needs no gradient).
+    WeightsOnly,
+    /// `backward`: dx into the buffer.
+    Dx(&'a wgpu::Buffer),
+    /// `backward_bn_sums`: dx, and the backward sums of the batchnorm whose output x is.
+    DxBnSums(&'a wgpu::Buffer, BnSums<'a>),
+}
+
+/// The buffers a backward launch reads and writes besides dx.
+#[derive(Clone, Copy)]
+pub struct GradBuffers<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub dy: &'a wgpu::Buffer,
+    pub state: &'a wgpu::Buffer,
+    pub grads: &'a wgpu::Buffer,
+}
+
+/// The kernels of shaders/conv.wgsl, one per fused variant.
 pub struct Conv {
     forward: Kernel,
+    forward_bn_stats: Kernel,
+    forward_bn_eval: Kernel,
     backward: Kernel,
+    backward_weights: Kernel,
+    backward_bn_sums: Kernel,
 }
 
 impl Conv {
     pub fn new(ctx: &GpuContext) -> Result<Conv> {
-        let mut kernels = compile(ctx, "conv")?;
-        Ok(Conv { forward: take(&mut kernels, "forward"), backward: take(&mut kernels, "backward") })
+        let mut k = compile(ctx, "conv")?;
+        Ok(Conv {
+            forward: take(&mut k, "forward"),
+            forward_bn_stats: take(&mut k, "forward_bn_stats"),
+            forward_bn_eval: take(&mut k, "forward_bn_eval"),
+            backward: take(&mut k, "backward"),
+            backward_weights: take(&mut k, "backward_weights"),
+            backward_bn_sums: take(&mut k, "backward_bn_sums"),
+        })
     }
 
     /// Every pass of a convolution does the same multiply-adds and touches input, weights and output;
@@ -178,144 +232,115 @@ impl Conv {
         positions.div_ceil(TILE_POSITIONS)
     }
 
-    /// y = conv(x, weights at state[w_off..]) (+ the bias at state[bias..], if any; with `pool`, of
-    /// the 2x2 max pooling of x), in `splits` parts (y holds that many outputs, added up by the
-    /// batchnorm statistics that follow); or, with `bn` (one part), followed by the evaluation-mode
-    /// batchnorm (and ReLU) of the next layer; with `stats` (one part, no `bn`), writing the partial
-    /// statistics of the training batchnorm that follows.
-    #[allow(clippy::too_many_arguments)]
+    /// y = conv(x, the layer's weights) (+ its bias; with `pool`, of the 2x2 max pooling of x), then
+    /// what `epilogue` says.
     pub fn forward(
         &self,
         ctx: &GpuContext,
-        d: &ConvDims,
-        w_off: usize,
-        bias: Option<usize>,
-        pool: bool,
-        splits: usize,
-        bn: Option<EvalBn>,
-        stats: Option<BnStats>,
+        l: &ConvLayer,
+        epilogue: ForwardEpilogue,
         x: &wgpu::Buffer,
         state: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Result<Dispatch> {
-        if splits == 0 || (splits > 1 && (bn.is_some() || stats.is_some())) {
-            bail!("a convolution's forward in {splits} parts cannot apply a batchnorm or write its statistics");
-        }
-        if bn.is_some() && stats.is_some() {
-            bail!("a convolution's forward applies an evaluation batchnorm or feeds a training one, not both");
-        }
-        let mut dims = Conv::dims(d, w_off, pool)?;
-        dims.splits = splits as u32;
-        if let Some(b) = bias {
+        let d = &l.d;
+        let mut dims = Conv::dims(d, l.w_off, l.pool)?;
+        if let Some(b) = l.bias {
             dims.bias = 1;
             dims.bias_off = b as u32;
         }
-        if let Some(bn) = bn {
-            dims.bn = 1;
-            dims.relu = bn.relu as u32;
-            dims.gamma_off = bn.offsets.gamma as u32;
-            dims.beta_off = bn.offsets.beta as u32;
-            dims.mean_off = bn.offsets.running_mean as u32;
-            dims.var_off = bn.offsets.running_var as u32;
-            dims.eps = bn.eps;
-        }
-        let unused = no_partials(ctx);
-        let saved = match stats {
-            Some(st) => {
-                dims.partials = 1;
-                dims.part_off = st.part_off as u32;
-                st.saved
+        let outputs = d.n * d.out_image();
+        let mut cost = Conv::cost(d, l.pool);
+        let (kernel, saved) = match epilogue {
+            ForwardEpilogue::Plain { splits } => {
+                if splits == 0 {
+                    bail!("a convolution's forward sums in one part at least");
+                }
+                dims.splits = splits as u32;
+                cost.bytes += 4.0 * ((splits - 1) * outputs) as f64;
+                (&self.forward, None)
             }
-            None => &unused[0],
+            ForwardEpilogue::BnStats(st) => {
+                dims.part_off = st.part_off as u32;
+                // Two passes over each output, three values per tile and channel.
+                cost.flops += 3.0 * outputs as f64;
+                cost.bytes += 12.0 * (d.cout * Conv::position_tiles(d.n * d.ho() * d.wo())) as f64;
+                (&self.forward_bn_stats, Some(st.saved))
+            }
+            ForwardEpilogue::BnEval(bn) => {
+                dims.bn_relu = bn.relu as u32;
+                dims.gamma_off = bn.offsets.gamma as u32;
+                dims.beta_off = bn.offsets.beta as u32;
+                dims.mean_off = bn.offsets.running_mean as u32;
+                dims.var_off = bn.offsets.running_var as u32;
+                dims.eps = bn.eps;
+                cost.flops += 4.0 * outputs as f64;
+                (&self.forward_bn_eval, None)
+            }
         };
         let u = ctx.uniform("conv dims", &dims);
-        let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) * splits as u32;
-        let mut cost = Conv::cost(d, pool);
-        cost.bytes += 4.0 * ((splits - 1) * d.n * d.out_image()) as f64;
-        if bn.is_some() {
-            cost.flops += 4.0 * (d.n * d.out_image()) as f64;
-        }
-        if stats.is_some() {
-            // Two passes over each output, three values per tile and channel.
-            cost.flops += 3.0 * (d.n * d.out_image()) as f64;
-            cost.bytes += 12.0 * (d.cout * Conv::position_tiles(d.n * d.ho() * d.wo())) as f64;
-        }
-        let buffers = [(0, &u), (1, x), (2, state), (3, x), (4, y), (6, saved), (7, &unused[1]), (8, &unused[2])];
-        Ok(self.forward.launch(ctx, groups, &buffers).with_cost(cost))
+        let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) * dims.splits;
+        let mut buffers = vec![(0, &u), (1, x), (2, state), (3, x), (4, y)];
+        buffers.extend(saved.map(|s| (6, s)));
+        Ok(kernel.launch(ctx, groups, &buffers).with_cost(cost))
     }
 
-    /// The weight gradient from x (with `pool`, its 2x2 max pooling) and dy, in `sliced.slices`
-    /// partial sums (see `weight_grad_slices`) placed as `sliced` says in `grads`, which the SGD kernel
-    /// (or `Sgd::sum_slices`) adds, and the bias's gradient, if any, as `bias` says (as many slices);
-    /// and in the same launch, when `dx` is given, the input's gradient (of the pooled input, with
-    /// `pool`), and with `sums` the partial sums of the backward of the batchnorm whose output x is.
-    #[allow(clippy::too_many_arguments)]
+    /// The weight gradient from x (with `pool`, its 2x2 max pooling) and dy, in `g.weights.slices`
+    /// partial sums (see `weight_grad_slices`) placed as `g.weights` says in `grads`, which the SGD
+    /// kernel (or `Sgd::sum_slices`) adds, and the bias's gradient, if any, as `g.bias` says (as many
+    /// slices); and in the same launch what `epilogue` says.
     pub fn backward(
         &self,
         ctx: &GpuContext,
-        d: &ConvDims,
-        sliced: &SlicedGrad,
-        bias: Option<&SlicedGrad>,
-        pool: bool,
-        x: &wgpu::Buffer,
-        dy: &wgpu::Buffer,
-        state: &wgpu::Buffer,
-        grads: &wgpu::Buffer,
-        dx: Option<&wgpu::Buffer>,
-        sums: Option<BnSums>,
+        g: &ConvGrad,
+        epilogue: BackwardEpilogue,
+        b: &GradBuffers,
     ) -> Result<Dispatch> {
-        if sums.is_some() && dx.is_none() {
-            bail!("a batchnorm's backward sums come from a convolution's dx, and this one computes none");
-        }
+        let (d, sliced, bias) = (&g.d, &g.weights, g.bias.as_ref());
         if bias.is_some_and(|b| b.slices != sliced.slices || b.len != d.cout) {
             bail!("a bias's gradient goes in as many slices as its weights', one value per output channel");
         }
         let weight_groups = weight_grad_tiles(d, bias.is_some()) * sliced.slices;
-        let data_groups = if dx.is_some() { Conv::output_tiles(d.cin, d.n * d.h * d.w) } else { 0 };
-        let dims = Dims {
+        let mut dims = Dims {
             slices: sliced.slices as u32,
             extra_off: sliced.extra as u32,
             weight_groups: weight_groups as u32,
-            data: dx.is_some() as u32,
             bias: bias.is_some() as u32,
             bias_off: bias.map_or(0, |b| b.start as u32),
             bias_extra: bias.map_or(0, |b| b.extra as u32),
-            partials: sums.is_some() as u32,
-            part_off: sums.map_or(0, |b| b.part_off as u32),
-            bn_relu: sums.is_some_and(|b| b.relu) as u32,
-            bn_dropout: sums.is_some_and(|b| b.dropout.is_some()) as u32,
-            bn_scale: sums.and_then(|b| b.dropout).map_or(1.0, |p| 1.0 / (1.0 - p)),
-            ..Conv::dims(d, sliced.start, pool)?
+            ..Conv::dims(d, sliced.start, g.pool)?
         };
-        let u = ctx.uniform("conv dims", &dims);
-        // The entry point names dx's binding even when it computes none.
-        let unused;
-        let dx = match dx {
-            Some(dx) => dx,
-            None => {
-                unused = ctx.zeros("no dx", 1);
-                &unused
+        let mut cost = Conv::cost(d, g.pool);
+        cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len + bias.map_or(0, |b| b.slices * b.len)) as f64;
+        let mut buffers = vec![(1, b.x), (2, b.state), (3, b.dy), (5, b.grads)];
+        let (kernel, dx) = match epilogue {
+            BackwardEpilogue::WeightsOnly => (&self.backward_weights, None),
+            BackwardEpilogue::Dx(dx) => (&self.backward, Some(dx)),
+            BackwardEpilogue::DxBnSums(dx, sums) => {
+                dims.part_off = sums.part_off as u32;
+                dims.bn_relu = sums.relu as u32;
+                dims.bn_dropout = sums.dropout.is_some() as u32;
+                dims.bn_scale = sums.dropout.map_or(1.0, |p| 1.0 / (1.0 - p));
+                buffers.extend([(6, sums.saved), (7, sums.bn_x), (8, sums.step)]);
+                // Per dx value: the mask and x-hat (reading y through the pooling, and the batchnorm's x).
+                let inputs = d.n * d.cin * d.h * d.w;
+                cost.flops += 6.0 * inputs as f64;
+                cost.bytes += 4.0 * (inputs * if g.pool { 5 } else { 2 }) as f64;
+                (&self.backward_bn_sums, Some(dx))
             }
         };
-        let unused_partials = no_partials(ctx);
-        let (saved, bn_x, step) = match sums {
-            Some(b) => (b.saved, b.bn_x, b.step),
-            None => (&unused_partials[0], &unused_partials[1], &unused_partials[2]),
+        let data_groups = match dx {
+            Some(dx) => {
+                buffers.push((4, dx));
+                let data = Conv::cost(d, false);
+                cost.flops += data.flops;
+                cost.bytes += data.bytes;
+                Conv::output_tiles(d.cin, d.n * d.h * d.w)
+            }
+            None => 0,
         };
-        let buffers = [(0, &u), (1, x), (2, state), (3, dy), (4, dx), (5, grads), (6, saved), (7, bn_x), (8, step)];
-        let mut cost = Conv::cost(d, pool);
-        cost.bytes += 4.0 * ((sliced.slices - 1) * sliced.len + bias.map_or(0, |b| b.slices * b.len)) as f64;
-        if data_groups > 0 {
-            let data = Conv::cost(d, false);
-            cost.flops += data.flops;
-            cost.bytes += data.bytes;
-        }
-        if sums.is_some() {
-            // Per dx value: the mask and x-hat (reading y through the pooling, and the batchnorm's x).
-            let inputs = d.n * d.cin * d.h * d.w;
-            cost.flops += 6.0 * inputs as f64;
-            cost.bytes += 4.0 * (inputs * if pool { 5 } else { 2 }) as f64;
-        }
-        Ok(self.backward.launch(ctx, weight_groups as u32 + data_groups, &buffers).with_cost(cost))
+        let u = ctx.uniform("conv dims", &dims);
+        buffers.push((0, &u));
+        Ok(kernel.launch(ctx, weight_groups as u32 + data_groups, &buffers).with_cost(cost))
     }
 }

@@ -1,18 +1,18 @@
 //! Launches shaders/dropout.wgsl.
 
 use anyhow::Result;
-use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::uniform::uniform;
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Dims {
-    len: u32,
-    threshold: u32,
-    scale: f32,
-    layer: u32,
+uniform! {
+    pub(super) struct Dims {
+        len: u32,
+        threshold: u32,
+        scale: f32,
+        layer: u32,
+    }
 }
 
 pub struct Dropout {

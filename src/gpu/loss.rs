@@ -1,18 +1,18 @@
 //! Launches shaders/loss.wgsl.
 
 use anyhow::Result;
-use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
+use super::uniform::uniform;
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Dims {
-    n: u32,
-    classes: u32,
-    accumulate: u32,
-    pool_hw: u32,
+uniform! {
+    pub(super) struct Dims {
+        n: u32,
+        classes: u32,
+        accumulate: u32,
+        pool_hw: u32,
+    }
 }
 
 /// The loss kernel's buffers. With `pooled` = (x, hw), the global average pooling of x (hw values per

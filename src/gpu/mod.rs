@@ -6,12 +6,14 @@ pub mod batchnorm;
 pub mod context;
 pub mod conv;
 pub mod dropout;
+pub mod fusion;
 pub mod kernel;
 pub mod loss;
 pub mod net;
 pub mod pool;
 pub mod sgd;
 pub mod stream;
+pub mod uniform;
 
 #[cfg(not(target_arch = "wasm32"))]
 pub use context::list_adapters;

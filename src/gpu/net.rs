@@ -6,17 +6,17 @@
 
 use anyhow::{bail, Result};
 
-use super::batchnorm::{bn_slices, BatchNorm, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use super::batchnorm::{BatchNorm, BnBuffers};
 use super::context::GpuContext;
-use super::conv::weight_grad_slices;
-use super::conv::{forward_splits, BnStats, BnSums, Conv, EvalBn};
+use super::conv::{BackwardEpilogue, BnStats, BnSums, Conv, EvalBn, ForwardEpilogue, GradBuffers};
 use super::dropout::Dropout;
+use super::fusion::{sliced_grads, DxFusion, ForwardFusion, Fusion, Launch};
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
-use super::sgd::{Sgd, SgdBuffers, SlicedGrad, StepUniform};
-use crate::model::plan::{Op, Plan};
-use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
+use super::sgd::{Sgd, SgdBuffers, StepUniform};
+use crate::model::plan::Plan;
+use crate::model::{Layer, Model};
 
 /// Every shader's kernels, compiled once per device.
 pub struct Kernels {
@@ -78,47 +78,6 @@ pub struct SharedBuffers {
     pub momenta: wgpu::Buffer,
     pub metrics: wgpu::Buffer,
     pub step: wgpu::Buffer,
-}
-
-/// Which weight gradients are summed in slices, and where their extra slices go (after the trainable
-/// prefix of the gradient buffer), in layer order; and the extra room they take.
-pub fn sliced_grads(model: &Model) -> (Vec<SlicedGrad>, usize) {
-    let mut sliced = Vec::new();
-    let mut extra = model.num_trainable;
-    let mut add = |start: usize, len: usize, slices: usize| {
-        if slices > 1 {
-            sliced.push(SlicedGrad { start, len, extra, slices });
-            extra += (slices - 1) * len;
-        }
-    };
-    for i in 0..model.layers.len() {
-        if let Some((d, w_off)) = model.conv(i, 1) {
-            let bias = model.conv_bias(i);
-            let slices = weight_grad_slices(&d, bias.is_some());
-            add(w_off, d.weight_len(), slices);
-            if let Some(b) = bias {
-                add(b, d.cout, slices);
-            }
-        }
-    }
-    (sliced, extra - model.num_trainable)
-}
-
-/// The convolution that reads batchnorm `i`'s output in the backward pass (after the ReLU, dropout
-/// and max pooling the batchnorm absorbs), whose dx epilogue then writes the batchnorm's backward sums.
-pub fn conv_reading(model: &Model, plan: &Plan, i: usize) -> Option<usize> {
-    let f = plan.norm[i];
-    if f.avgpool {
-        return None;
-    }
-    let next = i + 1 + f.relu as usize + f.dropout.is_some() as usize + f.maxpool as usize;
-    let conv = matches!(model.layers.get(next), Some(Layer::Conv { .. }));
-    (conv && plan.pooled_input[next] == f.maxpool).then_some(next)
-}
-
-/// The slices of the weight gradient at `w_off`: as `sliced_grads` planned, else one in place.
-fn slices_of(sliced: &[SlicedGrad], w_off: usize, len: usize) -> SlicedGrad {
-    sliced.iter().find(|t| t.start == w_off).copied().unwrap_or(SlicedGrad { start: w_off, len, extra: 0, slices: 1 })
 }
 
 impl SharedBuffers {
@@ -237,10 +196,236 @@ fn tag(launches: &mut [Dispatch], layer: &str) {
     }
 }
 
-/// The layer an op is named after: the convolution of a max pooling read through, else its first.
-fn op_name(model: &Model, plan: &Plan, op: &Op) -> String {
-    let main = if op.len() > 1 && plan.pooled_input[op.start + 1] { op.start + 1 } else { op.start };
-    model.layer_name(main)
+/// The buffers of one batch size's executor: the batch, one per activation of the plan, the two
+/// gradients that the backward pass alternates between, and per batchnorm its batch statistics and
+/// partials.
+struct Activations {
+    input: wgpu::Buffer,
+    labels: wgpu::Buffer,
+    activations: Vec<wgpu::Buffer>,
+    grad_a: wgpu::Buffer,
+    grad_b: wgpu::Buffer,
+    saved: Vec<Option<wgpu::Buffer>>,
+}
+
+impl Activations {
+    fn new(ctx: &GpuContext, model: &Model, f: &Fusion, largest: usize) -> Activations {
+        let n = f.n;
+        // The plan's buffers, each as large as the largest output it holds (a split forward's parts).
+        let mut sizes = vec![0; f.plan.buffers];
+        for (i, shape) in model.shapes.iter().enumerate() {
+            sizes[f.plan.buffer[i]] = sizes[f.plan.buffer[i]].max(f.splits[i] * n * shape.len());
+        }
+        let saved = (0..model.layers.len())
+            .map(|i| f.bn_layer(model, i).map(|l| ctx.zeros(&format!("layer {i} batch statistics"), l.saved_len())))
+            .collect();
+        Activations {
+            input: ctx.zeros("input", n * model.input.len()),
+            labels: ctx.zeros("labels", n),
+            activations: sizes.iter().enumerate().map(|(b, &len)| ctx.zeros(&format!("activation {b}"), len)).collect(),
+            grad_a: ctx.zeros("gradient A", n * largest),
+            grad_b: ctx.zeros("gradient B", n * largest),
+            saved,
+        }
+    }
+}
+
+/// Records the launches the fusion lowering lists, over one executor's buffers.
+struct Recorder<'a> {
+    ctx: &'a GpuContext,
+    k: &'a Kernels,
+    model: &'a Model,
+    f: &'a Fusion,
+    b: &'a Activations,
+    shared: &'a SharedBuffers,
+}
+
+impl Recorder<'_> {
+    /// Layer `i`'s training-mode input.
+    fn input_of(&self, i: usize) -> &wgpu::Buffer {
+        if i == 0 {
+            &self.b.input
+        } else {
+            &self.b.activations[self.f.plan.buffer[i - 1]]
+        }
+    }
+
+    /// An evaluation buffer (None: the input batch).
+    fn eval_buffer(&self, at: Option<usize>) -> &wgpu::Buffer {
+        at.map_or(&self.b.input, |a| &self.b.activations[a])
+    }
+
+    fn eval_input_of(&self, i: usize) -> &wgpu::Buffer {
+        if i == 0 {
+            &self.b.input
+        } else {
+            self.eval_buffer(self.f.plan.eval_buffer[i - 1])
+        }
+    }
+
+    fn saved(&self, i: usize) -> &wgpu::Buffer {
+        self.b.saved[i].as_ref().expect("a batchnorm's buffer")
+    }
+
+    fn bn_buffers<'b>(&'b self, i: usize, x: &'b wgpu::Buffer, y: &'b wgpu::Buffer) -> BnBuffers<'b> {
+        BnBuffers { x, y, state: &self.shared.state, saved: self.saved(i), step: &self.shared.step }
+    }
+
+    fn conv_forward(
+        &self,
+        layer: usize,
+        fusion: ForwardFusion,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Result<Dispatch> {
+        let (m, f) = (self.model, self.f);
+        let l = f.conv_layer(m, layer).expect("a convolution layer");
+        let bn = |i: usize| f.bn_layer(m, i).expect("a batchnorm layer");
+        let epilogue = match fusion {
+            ForwardFusion::Plain { splits } => ForwardEpilogue::Plain { splits },
+            ForwardFusion::BnStats { bn: i } => {
+                ForwardEpilogue::BnStats(BnStats { saved: self.saved(i), part_off: bn(i).forward_partials_at() })
+            }
+            ForwardFusion::BnEval { bn: i } => {
+                let l = bn(i);
+                ForwardEpilogue::BnEval(EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu })
+            }
+        };
+        self.k.conv.forward(self.ctx, &l, epilogue, x, &self.shared.state, y)
+    }
+
+    /// The training forward pass, one entry per op.
+    fn record_forward(&self) -> Result<Vec<Dispatch>> {
+        let (k, ctx, n) = (self.k, self.ctx, self.f.n);
+        let mut launches = Vec::new();
+        for (op, launch) in &self.f.forward {
+            let mark = launches.len();
+            let (x, y) = (self.input_of(op.start), &self.b.activations[self.f.plan.buffer[op.end - 1]]);
+            let s = self.model.input_of(op.start);
+            match *launch {
+                Launch::ConvForward { layer, fusion } => launches.push(self.conv_forward(layer, fusion, x, y)?),
+                Launch::BatchNormTrain { layer } => {
+                    let l = self.f.bn_layer(self.model, layer).expect("a batchnorm layer");
+                    launches.extend(k.batchnorm.forward_train(ctx, &l, &self.bn_buffers(layer, x, y)));
+                }
+                Launch::Dropout { layer } => {
+                    let Layer::Dropout { p } = self.model.layers[layer] else { unreachable!("a dropout layer") };
+                    launches.push(k.dropout.apply(ctx, n * s.len(), p, layer, &self.shared.step, x, y))
+                }
+                Launch::MaxPool { .. } => launches.push(k.pool.maxpool_forward(ctx, (n * s.c, s.h, s.w), x, y)),
+                Launch::Gap { .. } => launches.push(k.pool.gap_forward(ctx, n * s.c, s.h * s.w, x, y)),
+                other => unreachable!("{other:?} in the forward pass"),
+            }
+            tag(&mut launches[mark..], &self.f.op_name(self.model, op));
+        }
+        Ok(launches)
+    }
+
+    /// The evaluation forward pass, one launch per op.
+    fn record_eval(&self) -> Result<Vec<Dispatch>> {
+        let (k, ctx, n) = (self.k, self.ctx, self.f.n);
+        let mut launches = Vec::new();
+        for (op, launch) in &self.f.eval {
+            let (x, y) = (self.eval_input_of(op.start), self.eval_buffer(self.f.plan.eval_buffer[op.end - 1]));
+            let s = self.model.input_of(op.start);
+            let mut d = match *launch {
+                Launch::ConvForward { layer, fusion } => self.conv_forward(layer, fusion, x, y)?,
+                Launch::BatchNormEval { layer } => {
+                    let l = self.f.bn_layer(self.model, layer).expect("a batchnorm layer");
+                    k.batchnorm.forward_eval(ctx, &l, &self.bn_buffers(layer, x, y))
+                }
+                Launch::MaxPool { .. } => k.pool.maxpool_forward(ctx, (n * s.c, s.h, s.w), x, y),
+                Launch::Gap { .. } => k.pool.gap_forward(ctx, n * s.c, s.h * s.w, x, y),
+                other => unreachable!("{other:?} in the evaluation pass"),
+            };
+            tag(std::slice::from_mut(&mut d), &self.f.op_name(self.model, op));
+            launches.push(d);
+        }
+        Ok(launches)
+    }
+
+    /// The loss kernel of training and of evaluation, with the global average pooling that ends the
+    /// network inside. Both add batch after batch into the metrics (cleared by reset_metrics), so a
+    /// training loop reads running sums only when it shows them. Evaluation's dlogits go unused.
+    fn record_loss(&self) -> (Dispatch, Dispatch) {
+        let (m, plan) = (self.model, &self.f.plan);
+        let last = m.layers.len() - 1;
+        let pool_hw = m.input_of(last).h * m.input_of(last).w;
+        let buffers = |logits, pooled_input| LossBuffers {
+            logits,
+            labels: &self.b.labels,
+            dlogits: &self.b.grad_a,
+            metrics: &self.shared.metrics,
+            pooled: plan.pool_in_loss.is_some().then_some((pooled_input, pool_hw)),
+        };
+        let (n, classes) = (self.f.n, m.output_classes());
+        let train = buffers(&self.b.activations[plan.buffer[last]], self.input_of(last));
+        let eval = buffers(self.eval_buffer(plan.eval_buffer[last]), self.eval_input_of(last));
+        (
+            self.k.loss.softmax_cross_entropy(self.ctx, n, classes, true, &train),
+            self.k.loss.softmax_cross_entropy(self.ctx, n, classes, true, &eval),
+        )
+    }
+
+    /// A convolution's backward: its gradients from `dy`, and dx into `dx` as the lowering says.
+    fn conv_backward(&self, layer: usize, fusion: DxFusion, dy: &wgpu::Buffer, dx: &wgpu::Buffer) -> Result<Dispatch> {
+        let (m, f) = (self.model, self.f);
+        let g = f.conv_grad(m, layer).expect("a convolution layer");
+        // With a max pooling read through, x is the pooling's input.
+        let x = if g.pool { self.input_of(layer - 1) } else { self.input_of(layer) };
+        let epilogue = match fusion {
+            DxFusion::None => BackwardEpilogue::WeightsOnly,
+            DxFusion::Dx => BackwardEpilogue::Dx(dx),
+            DxFusion::BnSums { bn } => {
+                let l = f.bn_layer(m, bn).expect("a batchnorm layer");
+                let sums = BnSums {
+                    saved: self.saved(bn),
+                    part_off: l.backward_partials_at(),
+                    bn_x: self.input_of(bn),
+                    step: &self.shared.step,
+                    relu: l.relu,
+                    dropout: l.dropout.map(|f| f.p),
+                };
+                BackwardEpilogue::DxBnSums(dx, sums)
+            }
+        };
+        let b = GradBuffers { x, dy, state: &self.shared.state, grads: &self.shared.grads };
+        self.k.conv.backward(self.ctx, &g, epilogue, &b)
+    }
+
+    /// The backward pass, one entry per op: the gradient of the op's output is in `cur`; each writes
+    /// the gradient of its input into `other`.
+    fn record_backward(&self) -> Result<Vec<Dispatch>> {
+        let (k, ctx, n) = (self.k, self.ctx, self.f.n);
+        let mut launches = Vec::new();
+        let (mut cur, mut other) = (&self.b.grad_a, &self.b.grad_b);
+        for (op, launch) in &self.f.backward {
+            let mark = launches.len();
+            let i = op.start;
+            let (x, y) = (self.input_of(i), &self.b.activations[self.f.plan.buffer[i]]);
+            let s = self.model.input_of(i);
+            match *launch {
+                Launch::ConvBackward { layer, fusion } => launches.push(self.conv_backward(layer, fusion, cur, other)?),
+                Launch::BatchNormBackward { layer } => {
+                    let l = self.f.bn_layer(self.model, layer).expect("a batchnorm layer");
+                    let b = self.bn_buffers(layer, x, y);
+                    launches.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, &self.shared.grads));
+                }
+                Launch::Dropout { layer } => {
+                    let Layer::Dropout { p } = self.model.layers[layer] else { unreachable!("a dropout layer") };
+                    launches.push(k.dropout.apply(ctx, n * s.len(), p, layer, &self.shared.step, cur, other))
+                }
+                Launch::MaxPoolBackward { .. } => {
+                    launches.push(k.pool.maxpool_backward(ctx, (n * s.c, s.h, s.w), x, cur, other))
+                }
+                Launch::GapBackward { .. } => launches.push(k.pool.gap_backward(ctx, n * s.c, s.h * s.w, cur, other)),
+                other => unreachable!("{other:?} in the backward pass"),
+            }
+            tag(&mut launches[mark..], &self.model.layer_name(i));
+            std::mem::swap(&mut cur, &mut other);
+        }
+        Ok(launches)
+    }
 }
 
 impl GpuNet {
@@ -250,7 +435,8 @@ impl GpuNet {
     }
 
     /// Buffers and launches for batches of `batch` images over existing parameter buffers (so that
-    /// executors of several batch sizes train and evaluate one model).
+    /// executors of several batch sizes train and evaluate one model): every launch as the fusion
+    /// lowering lists it.
     pub fn with_shared(
         ctx: &GpuContext,
         k: &Kernels,
@@ -258,252 +444,24 @@ impl GpuNet {
         batch: usize,
         shared: SharedBuffers,
     ) -> Result<GpuNet> {
-        let n = batch;
-        let classes = model.output_classes();
-        let SharedBuffers { state: state_buf, grads, momenta, metrics, step } = &shared;
         check_runs_on_gpu(model)?;
-        let largest = check_batch_fits(ctx, model, n)?;
-        let input = ctx.zeros("input", n * model.input.len());
-        let labels = ctx.zeros("labels", n);
-
-        let plan = Plan::new(model);
-        // A training convolution followed by a batchnorm splits its sum when its tiles are few; its
-        // buffer holds the parts.
-        let splits: Vec<usize> = (0..model.layers.len())
-            .map(|i| match (model.conv(i, n), model.layers.get(i + 1)) {
-                (Some((d, _)), Some(Layer::BatchNorm { .. })) => forward_splits(&d),
-                _ => 1,
-            })
-            .collect();
-        // The plan's buffers, each as large as the largest output it holds.
-        let mut sizes = vec![0; plan.buffers];
-        for (i, shape) in model.shapes.iter().enumerate() {
-            sizes[plan.buffer[i]] = sizes[plan.buffer[i]].max(splits[i] * n * shape.len());
-        }
-        let activations: Vec<wgpu::Buffer> =
-            sizes.iter().enumerate().map(|(b, &len)| ctx.zeros(&format!("activation {b}"), len)).collect();
-        let grad_a = ctx.zeros("gradient A", n * largest);
-        let grad_b = ctx.zeros("gradient B", n * largest);
-
-        let input_of = |i: usize| if i == 0 { &input } else { &activations[plan.buffer[i - 1]] };
-        let (sliced, _) = sliced_grads(model);
-        // A training batchnorm right after a convolution of one part gets its statistics' partials
-        // from the convolution's epilogue, and one whose output a convolution reads gets its backward
-        // sums from that convolution's dx: one launch fewer each.
-        let forward_parts = |i: usize| -> Option<usize> {
-            let before =
-                i.checked_sub(1).filter(|&p| matches!(model.layers[p], Layer::Conv { .. }) && splits[p] == 1)?;
-            let (d, _) = model.conv(before, n)?;
-            Some(Conv::position_tiles(d.n * d.ho() * d.wo()))
+        let largest = check_batch_fits(ctx, model, batch)?;
+        let f = Fusion::new(model, batch);
+        let b = Activations::new(ctx, model, &f, largest);
+        let r = Recorder { ctx, k, model, f: &f, b: &b, shared: &shared };
+        let (loss_train, loss_eval) = r.record_loss();
+        let (forward_train, forward_eval, backward) = (r.record_forward()?, r.record_eval()?, r.record_backward()?);
+        let sgd_buffers = SgdBuffers {
+            step: &shared.step,
+            state: &shared.state,
+            grads: &shared.grads,
+            momenta: &shared.momenta,
+            metrics: &shared.metrics,
         };
-        let backward_parts = |i: usize| -> Option<usize> {
-            let (d, _) = model.conv(conv_reading(model, &plan, i)?, n)?;
-            Some(Conv::position_tiles(d.n * d.h * d.w))
-        };
-        let bn_layer = |i: usize, c: usize, p: LayerParams| -> BnLayer {
-            let LayerParams::BatchNorm { weight, bias, running_mean, running_var } = p else {
-                unreachable!("batchnorm without its parameters")
-            };
-            let s = model.input_of(i);
-            let fusion = plan.norm[i];
-            BnLayer {
-                n,
-                c,
-                hw: s.h * s.w,
-                relu: fusion.relu,
-                offsets: BnOffsets {
-                    gamma: model.params[weight].offset,
-                    beta: model.params[bias].offset,
-                    running_mean: model.params[running_mean].offset,
-                    running_var: model.params[running_var].offset,
-                },
-                momentum: BN_MOMENTUM,
-                eps: BN_EPS,
-                slices: bn_slices(c),
-                forward_parts: forward_parts(i),
-                backward_parts: backward_parts(i),
-                dy_pooled: false,
-                dropout: fusion.dropout.map(|(layer, p)| FusedDropout { p, layer }),
-                maxpool: fusion.maxpool,
-                width: s.w,
-                parts: if i > 0 { splits[i - 1] } else { 1 },
-            }
-        };
-        let bn_of = |i: usize| -> Option<BnLayer> {
-            match (model.layers.get(i)?, model.layer_params[i]) {
-                (&Layer::BatchNorm { c, .. }, p) => Some(bn_layer(i, c, p)),
-                _ => None,
-            }
-        };
-
-        // Per-layer extra buffers: batchnorm statistics and partial sums.
-        let saved: Vec<Option<wgpu::Buffer>> = (0..model.layers.len())
-            .map(|i| bn_of(i).map(|l| ctx.zeros(&format!("layer {i} batch statistics"), l.saved_len())))
-            .collect();
-        // Per convolution: the batchnorm whose backward sums its dx epilogue writes.
-        let mut sums_for = vec![None; model.layers.len()];
-        for i in 0..model.layers.len() {
-            if let Some(conv) = bn_of(i).and(conv_reading(model, &plan, i)) {
-                sums_for[conv] = Some(i);
-            }
-        }
-        let eval_buffer = |at: Option<usize>| at.map_or(&input, |a| &activations[a]);
-        let eval_input_of = |i: usize| if i == 0 { &input } else { eval_buffer(plan.eval_buffer[i - 1]) };
-
-        // The convolution (or linear layer) an op runs, and whether it reads through a max pooling.
-        let conv_of = |op: &Op| match model.layers[op.start] {
-            Layer::Conv { .. } | Layer::Linear { .. } => Some((op.start, false)),
-            Layer::MaxPool2 if op.len() > 1 => Some((op.start + 1, true)),
-            _ => None,
-        };
-        // One launch per op of the plan.
-        let mut forward_train = Vec::new();
-        for op in &plan.forward {
-            let mark = forward_train.len();
-            let i = op.start;
-            let (x, y) = (input_of(i), &activations[plan.buffer[op.end - 1]]);
-            let sin = model.input_of(i);
-            match (&model.layers[i], model.layer_params[i]) {
-                _ if conv_of(op).is_some() => {
-                    let (c, pool) = conv_of(op).expect("checked");
-                    let (d, w_off) = model.conv(c, n).expect("a convolution layer");
-                    let bias = model.conv_bias(c);
-                    let stats = bn_of(c + 1).filter(|l| l.forward_parts.is_some()).map(|l| BnStats {
-                        saved: saved[c + 1].as_ref().expect("a batchnorm's buffer"),
-                        part_off: l.forward_partials_at(),
-                    });
-                    let conv = &k.conv;
-                    forward_train
-                        .push(conv.forward(ctx, &d, w_off, bias, pool, splits[c], None, stats, x, state_buf, y)?);
-                }
-                (&Layer::BatchNorm { c, .. }, p) => {
-                    let l = bn_layer(i, c, p);
-                    let saved = saved[i].as_ref().unwrap();
-                    let b = BnBuffers { x, y, state: state_buf, saved, step };
-                    forward_train.extend(k.batchnorm.forward_train(ctx, &l, &b));
-                }
-                (&Layer::Dropout { p }, _) => forward_train.push(k.dropout.apply(ctx, n * sin.len(), p, i, step, x, y)),
-                (Layer::MaxPool2, _) => {
-                    forward_train.push(k.pool.maxpool_forward(ctx, (n * sin.c, sin.h, sin.w), x, y))
-                }
-                (Layer::GlobalAvgPool, _) => {
-                    forward_train.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y))
-                }
-                (layer, _) => unreachable!("{layer:?} alone (check_runs_on_gpu refuses it)"),
-            }
-            tag(&mut forward_train[mark..], &op_name(model, &plan, op));
-        }
-
-        // Evaluation: a batchnorm after a convolution is an affine map per channel, run in the
-        // convolution's epilogue (which writes the batchnorm's output).
-        let mut forward_eval = Vec::new();
-        for op in &plan.eval {
-            let mark = forward_eval.len();
-            let i = op.start;
-            let (x, y) = (eval_input_of(i), eval_buffer(plan.eval_buffer[op.end - 1]));
-            let sin = model.input_of(i);
-            match (&model.layers[i], model.layer_params[i]) {
-                _ if conv_of(op).is_some() => {
-                    let (c, pool) = conv_of(op).expect("checked");
-                    let (d, w_off) = model.conv(c, n).expect("a convolution layer");
-                    let bias = model.conv_bias(c);
-                    let bn = match (model.layers.get(c + 1), model.layer_params.get(c + 1)) {
-                        (Some(&Layer::BatchNorm { c: channels, .. }), Some(&p)) if op.end > c + 1 => {
-                            let l = bn_layer(c + 1, channels, p);
-                            Some(EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu })
-                        }
-                        _ => None,
-                    };
-                    forward_eval.push(k.conv.forward(ctx, &d, w_off, bias, pool, 1, bn, None, x, state_buf, y)?);
-                }
-                (&Layer::BatchNorm { c, .. }, p) => {
-                    let l = bn_layer(i, c, p);
-                    let saved = saved[i].as_ref().unwrap();
-                    forward_eval.push(k.batchnorm.forward_eval(
-                        ctx,
-                        &l,
-                        &BnBuffers { x, y, state: state_buf, saved, step },
-                    ));
-                }
-                (Layer::MaxPool2, _) => forward_eval.push(k.pool.maxpool_forward(ctx, (n * sin.c, sin.h, sin.w), x, y)),
-                (Layer::GlobalAvgPool, _) => forward_eval.push(k.pool.gap_forward(ctx, n * sin.c, sin.h * sin.w, x, y)),
-                (layer, _) => unreachable!("{layer:?} alone in evaluation"),
-            }
-            tag(&mut forward_eval[mark..], &op_name(model, &plan, op));
-        }
-
-        // The loss kernel, with the global average pooling that ends the network inside.
-        let last = model.layers.len() - 1;
-        let logits = &activations[plan.buffer[last]];
-        let eval_logits = plan.eval_buffer[last];
-        // Both add batch after batch into the metrics (cleared by reset_metrics), so a training loop
-        // reads running sums only when it shows them. Evaluation's dlogits go unused.
-        let pool_hw = model.input_of(last).h * model.input_of(last).w;
-        let loss_buffers = |logits, pooled_input| LossBuffers {
-            logits,
-            labels: &labels,
-            dlogits: &grad_a,
-            metrics,
-            pooled: plan.pool_in_loss.is_some().then_some((pooled_input, pool_hw)),
-        };
-        let loss_train = k.loss.softmax_cross_entropy(ctx, n, classes, true, &loss_buffers(logits, input_of(last)));
-        let eval_buffers = loss_buffers(eval_buffer(eval_logits), eval_input_of(last));
-        let loss_eval = k.loss.softmax_cross_entropy(ctx, n, classes, true, &eval_buffers);
-
-        // Backward, one launch per op: the gradient of the op's output is in `cur`; each writes the
-        // gradient of its input into `other`.
-        let mut backward = Vec::new();
-        let (mut cur, mut other) = (&grad_a, &grad_b);
-        for op in &plan.backward {
-            let mark = backward.len();
-            let i = op.start;
-            let (x, y) = (input_of(i), &activations[plan.buffer[i]]);
-            let sin = model.input_of(i);
-            match (&model.layers[i], model.layer_params[i]) {
-                (Layer::Conv { .. } | Layer::Linear { .. }, _) => {
-                    let (d, w_off) = model.conv(i, n).expect("a convolution layer");
-                    let slices = slices_of(&sliced, w_off, d.weight_len());
-                    let bias = model.conv_bias(i).map(|b| slices_of(&sliced, b, d.cout));
-                    let pool = plan.pooled_input[i];
-                    let x = if pool { input_of(i - 1) } else { x };
-                    // The input image needs no gradient.
-                    let dx = (i > 0).then_some(other);
-                    let bias = bias.as_ref();
-                    let sums = sums_for[i].and_then(|b| Some((b, bn_of(b)?))).map(|(b, l)| BnSums {
-                        saved: saved[b].as_ref().expect("a batchnorm's buffer"),
-                        part_off: l.backward_partials_at(),
-                        bn_x: input_of(b),
-                        step,
-                        relu: l.relu,
-                        dropout: l.dropout.map(|f| f.p),
-                    });
-                    let conv = &k.conv;
-                    backward.push(conv.backward(ctx, &d, &slices, bias, pool, x, cur, state_buf, grads, dx, sums)?);
-                }
-                (&Layer::BatchNorm { c, .. }, p) => {
-                    let l = BnLayer { dy_pooled: plan.norm[i].avgpool, ..bn_layer(i, c, p) };
-                    let saved = saved[i].as_ref().unwrap();
-                    let b = BnBuffers { x, y, state: state_buf, saved, step };
-                    backward.extend(k.batchnorm.backward(ctx, &l, &b, cur, other, grads));
-                }
-                (&Layer::Dropout { p }, _) => {
-                    backward.push(k.dropout.apply(ctx, n * sin.len(), p, i, step, cur, other))
-                }
-                (Layer::MaxPool2, _) => {
-                    backward.push(k.pool.maxpool_backward(ctx, (n * sin.c, sin.h, sin.w), x, cur, other));
-                }
-                (Layer::GlobalAvgPool, _) => {
-                    backward.push(k.pool.gap_backward(ctx, n * sin.c, sin.h * sin.w, cur, other))
-                }
-                (layer, _) => unreachable!("{layer:?} alone (check_runs_on_gpu refuses it)"),
-            }
-            tag(&mut backward[mark..], &model.layer_name(i));
-            std::mem::swap(&mut cur, &mut other);
-        }
-        let sgd_buffers = SgdBuffers { step, state: state_buf, grads, momenta, metrics };
-        let update = k.sgd.update(ctx, model.num_trainable, &sliced, &sgd_buffers);
-        let finish_grads = k.sgd.sum_slices(ctx, model.num_trainable, &sliced, grads);
-
+        let update = k.sgd.update(ctx, model.num_trainable, &f.sliced, &sgd_buffers);
+        let finish_grads = k.sgd.sum_slices(ctx, model.num_trainable, &f.sliced, &shared.grads);
+        let eval_logits = f.plan.eval_buffer[model.layers.len() - 1];
+        let Activations { input, labels, activations, .. } = b;
         Ok(GpuNet {
             model: model.clone(),
             batch,

@@ -1,18 +1,18 @@
 //! Launches shaders/pool.wgsl: max pooling 2x2 and global average pooling.
 
 use anyhow::Result;
-use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
+use super::uniform::uniform;
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Dims {
-    planes: u32,
-    h: u32,
-    w: u32,
-    _pad: u32,
+uniform! {
+    pub(super) struct Dims {
+        planes: u32,
+        h: u32,
+        w: u32,
+        _p0: u32,
+    }
 }
 
 pub struct Pool {
@@ -34,7 +34,7 @@ impl Pool {
     }
 
     fn dims(ctx: &GpuContext, planes: usize, h: usize, w: usize) -> wgpu::Buffer {
-        ctx.uniform("pool dims", &Dims { planes: planes as u32, h: h as u32, w: w as u32, _pad: 0 })
+        ctx.uniform("pool dims", &Dims { planes: planes as u32, h: h as u32, w: w as u32, _p0: 0 })
     }
 
     /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2.

@@ -1,23 +1,25 @@
 //! Launches shaders/sgd.wgsl, and defines the per-step uniform it shares with dropout.wgsl.
 
 use anyhow::Result;
-use bytemuck::{Pod, Zeroable};
 
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
+use super::uniform::uniform;
 
-/// What changes every step: written with one small queue write before the step is submitted.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, Pod, Zeroable)]
-pub struct StepUniform {
-    pub lr: f32,
-    pub momentum: f32,
-    pub weight_decay: f32,
-    pub dropout_seed: u32,
-    pub dropout_step: u32,
-    /// 0: dropout layers are the identity in this step; 1: masks from (dropout_seed, dropout_step).
-    pub dropout_on: u32,
-    pub _pad: [u32; 2],
+uniform! {
+    /// What changes every step: written with one small queue write before the step is submitted.
+    #[derive(Debug, Default)]
+    pub struct StepUniform {
+        pub lr: f32,
+        pub momentum: f32,
+        pub weight_decay: f32,
+        pub dropout_seed: u32,
+        pub dropout_step: u32,
+        /// 0: dropout layers are the identity in this step; 1: masks from (dropout_seed, dropout_step).
+        pub dropout_on: u32,
+        pub _p0: u32,
+        pub _p1: u32,
+    }
 }
 
 /// A tensor whose gradient arrives in `slices` partial sums: slice 0 at grads[start .. start + len],
@@ -30,11 +32,13 @@ pub struct SlicedGrad {
     pub slices: usize,
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Dims {
-    len: u32,
-    _pad: [u32; 3],
+uniform! {
+    pub(super) struct Dims {
+        len: u32,
+        _p0: u32,
+        _p1: u32,
+        _p2: u32,
+    }
 }
 
 /// The SGD kernel's bindings for `len` parameters: the uniform, the sliced tensors' table, and per
@@ -52,7 +56,7 @@ fn slice_buffers(ctx: &GpuContext, len: usize, sliced: &[SlicedGrad]) -> [wgpu::
         of[t.start..t.start + t.len].fill(k as u32 + 1);
     }
     [
-        ctx.uniform("sgd dims", &Dims { len: len as u32, _pad: [0; 3] }),
+        ctx.uniform("sgd dims", &Dims { len: len as u32, _p0: 0, _p1: 0, _p2: 0 }),
         ctx.upload("sgd sliced tensors", &table),
         ctx.upload("sgd sliced tensor of each parameter", &of),
     ]

@@ -1,0 +1,359 @@
+//! Convolution checks: forward (whole, in parts, through an evaluation batchnorm), backward
+//! (weights in slices, bias, dx), and the epilogues that write a training batchnorm's partials.
+
+use super::batchnorm::{BnCase, BnPooling};
+use crate::cpu::batchnorm::*;
+use crate::cpu::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
+use crate::cpu::dropout::{dropout_apply, dropout_mask};
+use crate::cpu::pool::*;
+use crate::cpu::relu::{relu_backward, relu_forward};
+use crate::gpu::batchnorm::{bn_slices, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use crate::gpu::conv::{
+    forward_splits, weight_grad_slices, BackwardEpilogue, BnStats, BnSums, Conv, ConvGrad, ConvLayer, EvalBn,
+    ForwardEpilogue, GradBuffers,
+};
+use crate::gpu::kernel::run;
+use crate::gpu::sgd::SlicedGrad;
+use crate::gpu::{GpuContext, Kernels, StepUniform};
+use crate::model::{ConvDims, BN_EPS, BN_MOMENTUM};
+use anyhow::Result;
+
+use super::{compare, nchw, random, read, Check, TOL_SUMS};
+
+/// A convolution's random input as given to the kernels, and as the layer sees it: with `pool`, the
+/// 2x2 max pooling of an x twice as high and wide.
+pub(super) fn conv_input(d: &ConvDims, pool: bool, seed: u64) -> (Vec<f32>, Vec<f32>) {
+    let x_given = random(seed, d.n * d.in_image() * if pool { 4 } else { 1 }, 1.0);
+    if !pool {
+        return (x_given.clone(), x_given);
+    }
+    let mut pooled = vec![0.0; d.n * d.in_image()];
+    let mut argmax = vec![0; pooled.len()];
+    maxpool2_forward(d.n * d.cin, 2 * d.h, 2 * d.w, &x_given, &mut pooled, &mut argmax);
+    (x_given, pooled)
+}
+
+/// A convolution's launches against the reference: forward, forward with an evaluation-mode batchnorm
+/// and ReLU, and backward (the weight gradient, and dx when `with_dx`). With `pool` the input is the
+/// 2x2 max pooling of an x twice as high and wide, read through by the kernels.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn conv_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: &ConvDims,
+    seed: u64,
+    with_dx: bool,
+    pool: bool,
+    with_bias: bool,
+) -> Result<Vec<Check>> {
+    let n = d.n;
+    // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
+    let w_off = 7;
+    let (x_given, x) = conv_input(d, pool, seed);
+    let w = random(seed + 100, d.weight_len(), 0.3);
+    let dy = random(seed + 200, n * d.out_image(), 1.0);
+    let mut state = vec![0.0; w_off];
+    state.extend_from_slice(&w);
+    let c = d.cout;
+    // The bias, if any, after the weights.
+    let bias = if with_bias { random(seed + 150, c, 0.5) } else { Vec::new() };
+    let b_off = state.len();
+    state.extend_from_slice(&bias);
+    // An evaluation-mode batchnorm's parameters after those, for the fused forward.
+    let gamma: Vec<f32> = random(seed + 300, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let (beta, rm) = (random(seed + 310, c, 0.5), random(seed + 320, c, 0.5));
+    let rv: Vec<f32> = random(seed + 330, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let bn_at = state.len();
+    for t in [&gamma, &beta, &rm, &rv] {
+        state.extend_from_slice(t);
+    }
+    let offsets = BnOffsets { gamma: bn_at, beta: bn_at + c, running_mean: bn_at + 2 * c, running_var: bn_at + 3 * c };
+    let bn = EvalBn { offsets, eps: BN_EPS, relu: true };
+    let (xb, sb, dyb) = (ctx.upload("x", &x_given), ctx.upload("state", &state), ctx.upload("dy", &dy));
+    // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
+    let slices = weight_grad_slices(d, with_bias);
+    let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
+    let bias_extra = state.len() + (slices - 1) * d.weight_len();
+    let bias_sliced = with_bias.then_some(SlicedGrad { start: b_off, len: c, extra: bias_extra, slices });
+    let bias_at = with_bias.then_some(b_off);
+    // The forward as training runs it when the layer's tiles are few: its sum split into parts
+    // (at least 2 here, so that the split path is always checked), added in order as the batchnorm
+    // statistics add them.
+    let splits = forward_splits(d).max(2).min(d.col_rows()).max(1);
+    let (yb, ysb, ybn, dxb, gb) = (
+        ctx.zeros("y", n * d.out_image()),
+        ctx.zeros("y (parts)", splits * n * d.out_image()),
+        ctx.zeros("y (batchnorm)", n * d.out_image()),
+        ctx.zeros("dx", n * d.in_image()),
+        ctx.zeros("grads", bias_extra + (slices - 1) * bias.len()),
+    );
+    let (conv, l) = (&k.conv, ConvLayer { d: *d, w_off, bias: bias_at, pool });
+    let mut launches = vec![
+        conv.forward(ctx, &l, ForwardEpilogue::Plain { splits: 1 }, &xb, &sb, &yb)?,
+        conv.forward(ctx, &l, ForwardEpilogue::Plain { splits }, &xb, &sb, &ysb)?,
+        conv.forward(ctx, &l, ForwardEpilogue::BnEval(bn), &xb, &sb, &ybn)?,
+    ];
+    let g = ConvGrad { d: *d, weights: sliced, bias: bias_sliced, pool };
+    let dx_out = if with_dx { BackwardEpilogue::Dx(&dxb) } else { BackwardEpilogue::WeightsOnly };
+    launches.push(conv.backward(ctx, &g, dx_out, &GradBuffers { x: &xb, dy: &dyb, state: &sb, grads: &gb })?);
+    let all_sliced: Vec<SlicedGrad> = [Some(sliced), bias_sliced].into_iter().flatten().collect();
+    launches.push(k.sgd.sum_slices(ctx, state.len(), &all_sliced, &gb));
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+
+    let mut y = vec![0.0; n * d.out_image()];
+    conv_forward(d, &x, &w, &mut y);
+    let (mut dx, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
+    conv_backward(d, &x, &w, &dy, Some(&mut dx), &mut dw);
+    let mut dbias = vec![0.0; bias.len()];
+    if with_bias {
+        bias_forward(d, &bias, &mut y);
+        bias_backward(d, &dy, &mut dbias);
+    }
+    let mut y_bn = vec![0.0; y.len()];
+    let bn_dims = BnDims { n, c, hw: d.ho() * d.wo() };
+    batchnorm_forward_eval(&bn_dims, &y, &gamma, &beta, &rm, &rv, BN_EPS, &mut y_bn);
+    relu_forward(&mut y_bn);
+    let name = if with_bias { "conv (bias)" } else { "conv" };
+    let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
+    let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
+    let parts = read(ctx, &ysb, splits * y.len()).await?;
+    let mut summed = parts[..y.len()].to_vec();
+    for part in parts.chunks(y.len()).skip(1) {
+        summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
+    let mut checks = vec![
+        compare(
+            &format!("{name}.forward"),
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &yb, y.len()).await?,
+            &y,
+            TOL_SUMS,
+        ),
+        compare(
+            &format!("{name}.forward (sum in {splits} part{})", if splits > 1 { "s" } else { "" }),
+            layer,
+            &format!("{input} -> {output}"),
+            &summed,
+            &y,
+            TOL_SUMS,
+        ),
+        compare(
+            &format!("{name}.forward + batchnorm eval + relu"),
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &ybn, y.len()).await?,
+            &y_bn,
+            TOL_SUMS,
+        ),
+    ];
+    if with_dx {
+        let got = read(ctx, &dxb, dx.len()).await?;
+        checks.push(compare(
+            &format!("{name}.backward (dx)"),
+            layer,
+            &format!("{output} -> {input}"),
+            &got,
+            &dx,
+            TOL_SUMS,
+        ));
+    }
+    let g = read(ctx, &gb, state.len()).await?;
+    let mut weight_check = compare(
+        &format!("{name}.backward (weights)"),
+        layer,
+        &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
+        &g[w_off..b_off],
+        &dw,
+        TOL_SUMS,
+    );
+    if g[..w_off].iter().chain(&g[bn_at..]).any(|&v| v != 0.0) {
+        weight_check.error = f64::INFINITY;
+        weight_check.detail = Some("wrote outside its weights and bias".into());
+    }
+    checks.push(weight_check);
+    if with_bias {
+        let shape = format!("{c} in {slices} slice{}", if slices > 1 { "s" } else { "" });
+        checks.push(compare(&format!("{name}.backward (bias)"), layer, &shape, &g[b_off..bn_at], &dbias, TOL_SUMS));
+    }
+    Ok(checks)
+}
+
+/// A convolution's forward writing the statistics partials of the training batchnorm (with ReLU) after
+/// it, as GpuNet runs a convolution of one part: the batchnorm's statistics and output from them.
+pub(super) async fn conv_stats_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: &ConvDims,
+    pool: bool,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let (n, c) = (d.n, d.cout);
+    let (x_given, x) = conv_input(d, pool, seed);
+    let w = random(seed + 1, d.weight_len(), 0.3);
+    let gamma: Vec<f32> = random(seed + 2, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let beta = random(seed + 3, c, 0.5);
+    let (rm, rv) = (vec![0.0; c], vec![1.0; c]);
+    // Weights, then gamma, beta, running mean and variance.
+    let state: Vec<f32> = [&w[..], &gamma, &beta, &rm, &rv].concat();
+    let at = d.weight_len();
+    let offsets = BnOffsets { gamma: at, beta: at + c, running_mean: at + 2 * c, running_var: at + 3 * c };
+    let hw = d.ho() * d.wo();
+    let positions = n * hw;
+    let l = BnLayer {
+        n,
+        c,
+        hw,
+        relu: true,
+        offsets,
+        momentum: BN_MOMENTUM,
+        eps: BN_EPS,
+        slices: bn_slices(c),
+        forward_parts: Some(Conv::position_tiles(positions)),
+        backward_parts: None,
+        dy_pooled: false,
+        dropout: None,
+        maxpool: false,
+        width: d.wo(),
+        parts: 1,
+    };
+    let (xb, sb) = (ctx.upload("x", &x_given), ctx.upload("state", &state));
+    let (yb, zb, savedb) =
+        (ctx.zeros("y", n * d.out_image()), ctx.zeros("z", n * d.out_image()), ctx.zeros("saved", l.saved_len()));
+    let stepb = ctx.uniform("step", &StepUniform::default());
+    let stats = BnStats { saved: &savedb, part_off: l.forward_partials_at() };
+    let conv = ConvLayer { d: *d, w_off: 0, bias: None, pool };
+    let mut launches = vec![k.conv.forward(ctx, &conv, ForwardEpilogue::BnStats(stats), &xb, &sb, &yb)?];
+    let b = BnBuffers { x: &yb, y: &zb, state: &sb, saved: &savedb, step: &stepb };
+    launches.extend(k.batchnorm.forward_train(ctx, &l, &b));
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+
+    let mut y = vec![0.0; n * d.out_image()];
+    conv_forward(d, &x, &w, &mut y);
+    let bn = BnDims { n, c, hw };
+    let mut z = vec![0.0; y.len()];
+    let saved = batchnorm_forward_train(&bn, &y, &gamma, &beta, BN_EPS, &mut z);
+    relu_forward(&mut z);
+    let sv = read(ctx, &savedb, 2 * c).await?;
+    let shape = format!("{} in {} tiles", nchw(n, c, d.ho(), d.wo()), l.forward_partials());
+    Ok(vec![
+        compare("conv.forward -> batchnorm.stats (mean)", layer, &shape, &sv[..c], &saved.mean, TOL_SUMS),
+        compare("conv.forward -> batchnorm.stats (1/std)", layer, &shape, &sv[c..], &saved.invstd, TOL_SUMS),
+        compare(
+            "conv.forward -> batchnorm.apply_train+relu",
+            layer,
+            &shape,
+            &read(ctx, &zb, z.len()).await?,
+            &z,
+            TOL_SUMS,
+        ),
+    ])
+}
+
+/// A convolution's backward writing, from its dx, the backward sums of the training batchnorm whose
+/// output it reads (`case`: with its ReLU, dropout and max pooling), as GpuNet runs it: the
+/// batchnorm's dgamma, dbeta and dx from them. `d` is the convolution (its input: the batchnorm's
+/// output, or with a max pooling that output's pooling).
+pub(super) async fn conv_sums_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    d: &ConvDims,
+    case: BnCase,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let pool = matches!(case.pooling, BnPooling::Max { .. });
+    let (n, c) = (d.n, d.cin);
+    let (h, w) = if pool { (2 * d.h, 2 * d.w) } else { (d.h, d.w) };
+    let bn = BnDims { n, c, hw: h * w };
+    let len = n * c * h * w;
+    let x = random(seed, len, 2.0);
+    let gamma: Vec<f32> = random(seed + 1, c, 0.5).iter().map(|v| v + 1.0).collect();
+    let beta = random(seed + 2, c, 0.5);
+    let state: Vec<f32> = [&gamma[..], &beta, &vec![0.0; c], &vec![1.0; c]].concat();
+    let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
+    let weights = random(seed + 3, d.weight_len(), 0.3);
+    let dy = random(seed + 4, n * d.out_image(), 1.0);
+    let step = StepUniform { dropout_seed: 99, dropout_step: 3, dropout_on: 1, ..Default::default() };
+    let l = BnLayer {
+        n,
+        c,
+        hw: h * w,
+        relu: case.relu,
+        offsets,
+        momentum: BN_MOMENTUM,
+        eps: BN_EPS,
+        slices: bn_slices(c),
+        forward_parts: None,
+        backward_parts: Some(Conv::position_tiles(n * d.h * d.w)),
+        dy_pooled: false,
+        dropout: case.dropout,
+        maxpool: pool,
+        width: w,
+        parts: 1,
+    };
+    let (xb, sb, wb, dyb) =
+        (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("weights", &weights), ctx.upload("dy", &dy));
+    let (yb, savedb, dyc, dxb, gb) = (
+        ctx.zeros("y", len),
+        ctx.zeros("saved", l.saved_len()),
+        ctx.zeros("conv dx", n * d.in_image()),
+        ctx.zeros("dx", len),
+        ctx.zeros("grads", 2 * c),
+    );
+    let slices = weight_grad_slices(d, false);
+    let sliced = SlicedGrad { start: 0, len: d.weight_len(), extra: d.weight_len(), slices };
+    let wgrads = ctx.zeros("weight grads", slices * d.weight_len());
+    let stepb = ctx.uniform("step", &step);
+    let b = BnBuffers { x: &xb, y: &yb, state: &sb, saved: &savedb, step: &stepb };
+    let sums = BnSums {
+        saved: &savedb,
+        part_off: l.backward_partials_at(),
+        bn_x: &xb,
+        step: &stepb,
+        relu: case.relu,
+        dropout: case.dropout.map(|f| f.p),
+    };
+    let mut launches = k.batchnorm.forward_train(ctx, &l, &b);
+    let g = ConvGrad { d: *d, weights: sliced, bias: None, pool };
+    let grad = GradBuffers { x: &yb, dy: &dyb, state: &wb, grads: &wgrads };
+    launches.push(k.conv.backward(ctx, &g, BackwardEpilogue::DxBnSums(&dyc, sums), &grad)?);
+    launches.extend(k.batchnorm.backward(ctx, &l, &b, &dyc, &dxb, &gb));
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+
+    // CPU, for the forward's decisions (the GPU's output y: its ReLU mask and pooling winners).
+    let y_gpu = read(ctx, &yb, len).await?;
+    let mut y = vec![0.0; len];
+    let saved = batchnorm_forward_train(&bn, &x, &gamma, &beta, BN_EPS, &mut y);
+    let mut conv_in = y_gpu.clone();
+    let mut argmax = vec![0u8; n * d.in_image()];
+    if pool {
+        conv_in = vec![0.0; n * d.in_image()];
+        maxpool2_forward(n * c, h, w, &y_gpu, &mut conv_in, &mut argmax);
+    }
+    let (mut dx_conv, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
+    conv_backward(d, &conv_in, &weights, &dy, Some(&mut dx_conv), &mut dw);
+    let mut g = dx_conv.clone();
+    if pool {
+        g = vec![0.0; len];
+        maxpool2_backward(n * c, h, w, &argmax, &dx_conv, &mut g);
+    }
+    if let Some(FusedDropout { p, layer }) = case.dropout {
+        dropout_apply(&dropout_mask(step.dropout_seed, step.dropout_step, layer as u32, p, len), &mut g);
+    }
+    if case.relu {
+        relu_backward(&y_gpu, &mut g);
+    }
+    let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
+    batchnorm_backward(&bn, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
+    let gr = read(ctx, &gb, 2 * c).await?;
+    let tiles = format!("{} in {} tiles", nchw(n, c, h, w), l.backward_partials());
+    let act = nchw(n, c, h, w);
+    Ok(vec![
+        compare("conv.backward -> batchnorm.backward (dgamma)", layer, &tiles, &gr[..c], &dgamma, TOL_SUMS),
+        compare("conv.backward -> batchnorm.backward (dbeta)", layer, &tiles, &gr[c..], &dbeta, TOL_SUMS),
+        compare("conv.backward -> batchnorm.backward_data", layer, &act, &read(ctx, &dxb, len).await?, &dx, TOL_SUMS),
+    ])
+}

@@ -1,0 +1,85 @@
+//! The standalone pooling kernels: 2x2 max pooling and global average pooling.
+
+use crate::cpu::pool::*;
+use crate::gpu::kernel::run;
+use crate::gpu::{GpuContext, Kernels};
+use crate::model::Shape;
+use anyhow::Result;
+
+use super::{compare, nchw, random, read, Check, TOL_ELEMENTWISE, TOL_EXACT};
+
+/// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
+/// hold equal maxima and the first-on-ties rule decides where the gradient goes.
+pub(super) async fn maxpool_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    n: usize,
+    s: Shape,
+    seed: u64,
+    ties: bool,
+) -> Result<Vec<Check>> {
+    let Shape { c, h, w } = s;
+    let planes = n * c;
+    let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
+    let mut x = random(seed, len, 1.0);
+    if ties {
+        x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+    }
+    let dy = random(seed + 1, out, 1.0);
+    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
+    let (yb, dxb) = (ctx.zeros("y", out), ctx.zeros("dx", len));
+    let f = k.pool.maxpool_forward(ctx, (planes, h, w), &xb, &yb);
+    let b = k.pool.maxpool_backward(ctx, (planes, h, w), &xb, &dyb, &dxb);
+    run(ctx, &[&f, &b]);
+    let mut y = vec![0.0; out];
+    let mut argmax = vec![0u8; out];
+    maxpool2_forward(planes, h, w, &x, &mut y, &mut argmax);
+    let mut dx = vec![0.0; len];
+    maxpool2_backward(planes, h, w, &argmax, &dy, &mut dx);
+    let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
+    let tag = if ties { " (ties)" } else { "" };
+    Ok(vec![
+        compare(
+            &format!("pool.maxpool_forward{tag}"),
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &yb, out).await?,
+            &y,
+            TOL_EXACT,
+        ),
+        compare(
+            &format!("pool.maxpool_backward{tag}"),
+            layer,
+            &format!("{output} -> {input}"),
+            &read(ctx, &dxb, len).await?,
+            &dx,
+            TOL_EXACT,
+        ),
+    ])
+}
+
+pub(super) async fn gap_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    n: usize,
+    c: usize,
+    hw: usize,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let planes = n * c;
+    let x = random(seed, planes * hw, 1.0);
+    let dy = random(seed + 1, planes, 1.0);
+    let (xb, dyb, yb, dxb) =
+        (ctx.upload("x", &x), ctx.upload("dy", &dy), ctx.zeros("y", planes), ctx.zeros("dx", planes * hw));
+    run(ctx, &[&k.pool.gap_forward(ctx, planes, hw, &xb, &yb), &k.pool.gap_backward(ctx, planes, hw, &dyb, &dxb)]);
+    let (mut y, mut dx) = (vec![0.0; planes], vec![0.0; planes * hw]);
+    global_avg_pool_forward(hw, &x, &mut y);
+    global_avg_pool_backward(hw, &dy, &mut dx);
+    let shape = format!("{n}x{c}x{hw} -> {n}x{c}");
+    Ok(vec![
+        compare("pool.gap_forward", layer, &shape, &read(ctx, &yb, planes).await?, &y, TOL_ELEMENTWISE),
+        compare("pool.gap_backward", layer, &shape, &read(ctx, &dxb, planes * hw).await?, &dx, TOL_ELEMENTWISE),
+    ])
+}
