@@ -11,7 +11,7 @@ use pollster::block_on;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use mnist_wgpu::backend::{Backend, GpuBackend, StepParams, MAX_CHUNK_BATCHES};
+use mnist_wgpu::backend::{Backend, StepParams, MAX_CHUNK_BATCHES};
 use mnist_wgpu::data::loader::{
     batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
@@ -19,6 +19,7 @@ use mnist_wgpu::data::{
     self,
     augment::{Augment, BatchAugment},
 };
+use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::net::StepProfile;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;

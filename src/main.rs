@@ -5,10 +5,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, Sums};
+use mnist_wgpu::backend::{Backend, Sums};
+use mnist_wgpu::cpu::backend::CpuBackend;
 use mnist_wgpu::data::augment::{Augment, BatchAugment};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
 use mnist_wgpu::data::{self, IMAGE_PIXELS, IMAGE_SIDE};
+use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::{GpuContext, INSTALL_HINT};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::{self, Recipe, TrainOptions};

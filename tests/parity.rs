@@ -6,7 +6,7 @@
 mod common;
 
 use common::gpu;
-use mnist_wgpu::backend::GpuBackend;
+use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::kernel::{validate, SHADERS};
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::plan::Plan;
@@ -75,7 +75,8 @@ fn whole_steps_match_the_reference() {
 /// shows in its loss instead of being cut to 0 by a max.
 #[test]
 fn a_nan_survives_the_relu_on_both_backends() {
-    use mnist_wgpu::backend::{Backend, CpuBackend, StepParams};
+    use mnist_wgpu::backend::{Backend, StepParams};
+    use mnist_wgpu::cpu::backend::CpuBackend;
     let model = Model::net3();
     let mut state = model.init_state(1);
     // bn1's first channel becomes NaN everywhere; every ReLU after it must pass that on.

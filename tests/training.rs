@@ -10,11 +10,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use common::gpu;
-use mnist_wgpu::backend::{Backend, CpuBackend, GpuBackend, StepParams};
+use mnist_wgpu::backend::{Backend, StepParams};
 use mnist_wgpu::checkpoint;
+use mnist_wgpu::cpu::backend::CpuBackend;
 use mnist_wgpu::data::augment::{Augment, BatchAugment};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
 use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS};
+use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::{self, Recipe, TrainOptions};

@@ -1,6 +1,7 @@
 //! The plain-Rust reference of every op, forward and backward, and the CPU executor built from them.
 //! One file per op family, named as its shader in `shaders/`.
 
+pub mod backend;
 pub mod batchnorm;
 pub mod conv;
 pub mod dropout;

@@ -2,6 +2,7 @@
 //! and the executor of the model description. Depends on `model`; nothing depends on it but the
 //! trainer and the CLI.
 
+pub mod backend;
 pub mod batchnorm;
 pub mod context;
 pub mod conv;

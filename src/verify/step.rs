@@ -1,7 +1,8 @@
 //! Whole training steps of a backend against the CPU backend, from the same state and batches.
 
 use super::TOL_GRADIENTS;
-use crate::backend::{Backend, CpuBackend, StepParams};
+use crate::backend::{Backend, StepParams};
+use crate::cpu::backend::CpuBackend;
 use crate::data::loader::Batch;
 use crate::model::Model;
 use crate::train::schedule::OneCycle;

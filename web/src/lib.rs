@@ -12,9 +12,10 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Result};
-use mnist_wgpu::backend::{Backend, GpuBackend};
+use mnist_wgpu::backend::Backend;
 use mnist_wgpu::checkpoint::{self, Position};
 use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS, IMAGE_SIDE};
+use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::{self, EpochRecord, Kept, Progress, Recipe, RunOptions, Sink};
