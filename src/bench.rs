@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 || args.batch_size == 0 {
         bail!("--steps, --repeats and --batch-size must be at least 1");
     }
-    let model = data::model(args.model.as_deref())?;
+    let model = mnist_wgpu::model::file::for_mnist(args.model.as_deref())?;
     let set = data::load_dir(&data::default_dir())?;
     if args.batch_size > set.train.len() {
         bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
@@ -357,7 +357,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 {
         bail!("--steps and --batch-size must be at least 1");
     }
-    let model = data::model(args.model.as_deref())?;
+    let model = mnist_wgpu::model::file::for_mnist(args.model.as_deref())?;
     let set = data::load_dir(&data::default_dir())?;
     let cfg = LoaderConfig {
         seed: 1,
@@ -498,7 +498,7 @@ pub fn verify(args: VerifyArgs) -> Result<()> {
     if n == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let model = data::model(args.model.as_deref())?;
+    let model = mnist_wgpu::model::file::for_mnist(args.model.as_deref())?;
     let ctx = GpuContext::new(args.adapter.as_deref())?;
     // Before any check allocates a buffer of that batch.
     mnist_wgpu::gpu::net::check_batch_fits(&ctx, &model, n)?;

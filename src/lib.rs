@@ -18,6 +18,8 @@
 
 #[cfg(feature = "engine")]
 pub mod backend;
+#[cfg(feature = "app")]
+pub mod bundle_summary;
 pub mod checkpoint;
 #[cfg(feature = "engine")]
 pub mod cpu;
@@ -29,8 +31,6 @@ pub mod model;
 pub mod onnx;
 #[cfg(feature = "app")]
 pub mod report;
-#[cfg(feature = "app")]
-pub mod summary;
 #[cfg(feature = "engine")]
 pub mod train;
 #[cfg(feature = "engine")]

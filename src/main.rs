@@ -336,7 +336,7 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Summary { model } => {
-            let model = data::model(model.as_deref())?;
+            let model = mnist_wgpu::model::file::for_mnist(model.as_deref())?;
             let plan = mnist_wgpu::model::plan::Plan::new(&model);
             print!("{}\n{}", model.summary(), plan.describe(&model));
         }
@@ -429,7 +429,7 @@ fn run(command: Command) -> Result<()> {
         Command::Verify(args) => bench::verify(args)?,
         Command::BundleSummary { dir, steps, baseline_profile, baseline_rev } => {
             let baseline = baseline_profile.as_deref().zip(baseline_rev.as_deref());
-            print!("{}", mnist_wgpu::summary::render(&dir, steps.as_deref(), baseline))
+            print!("{}", mnist_wgpu::bundle_summary::render(&dir, steps.as_deref(), baseline))
         }
     }
     Ok(())
@@ -522,13 +522,13 @@ fn write_report(
 fn checkpoint_model(path: &Path, arg: Option<&str>) -> Result<Model> {
     let stored = mnist_wgpu::checkpoint::stored_model(path)?;
     let Some(text) = stored else {
-        return data::model(arg);
+        return mnist_wgpu::model::file::for_mnist(arg);
     };
     let input = mnist_wgpu::model::Shape { c: 1, h: IMAGE_SIDE, w: IMAGE_SIDE };
     let origin = format!("{} (its model)", path.display());
     let model = mnist_wgpu::model::file::parse(&text, &origin, input, data::NUM_CLASSES)?;
     if let Some(arg) = arg {
-        let asked = data::model(Some(arg))?;
+        let asked = mnist_wgpu::model::file::for_mnist(Some(arg))?;
         if asked.layers != model.layers {
             bail!(
                 "{} holds another network ({} parameters) than --model {arg} ({} parameters); leave --model out to \
@@ -543,16 +543,57 @@ fn checkpoint_model(path: &Path, arg: Option<&str>) -> Result<Model> {
 }
 
 fn train_command(args: TrainArgs) -> Result<()> {
+    check_train_flags(&args)?;
+    let seeds = args.seeds.as_deref().map(mnist_wgpu::train::seeds::parse_seeds).transpose()?;
+    let model = match &args.resume {
+        Some(resume) => checkpoint_model(resume, args.model.as_deref())?,
+        None => mnist_wgpu::model::file::for_mnist(args.model.as_deref())?,
+    };
+    let set = first_images(load_data(args.data.clone())?, args.train_images, args.test_images)?;
+    let recipe = train_recipe(&args, &model)?;
+    if recipe.batch_size > set.train.len() {
+        bail!(
+            "--batch-size {} (or the model file's [train] batch_size) is larger than the {} training images",
+            recipe.batch_size,
+            set.train.len()
+        );
+    }
+    if let Some(resume) = &args.resume {
+        // Everything resuming needs, checked before a folder is created or a device opened.
+        train::resume_point(resume, &model, &recipe)?;
+    }
+    let out_dir = run_folder(&args)?;
+    if let Some(n) = args.save_augmented {
+        let path = out_dir.join("augmented.png");
+        save_augmented(&set.train, &recipe, n, &path)?;
+        println!("Wrote {n} augmented training images to {}", path.display());
+        return Ok(());
+    }
+    let name = args.model.as_deref().unwrap_or(if args.resume.is_some() { "the checkpoint's network" } else { "net3" });
+    let opts = TrainOptions {
+        recipe,
+        out_dir: out_dir.clone(),
+        resume: args.resume.clone(),
+        progress: true,
+        stop: ctrl_c_flag()?,
+        chunk_batches: args.steps_per_submit,
+        loader_threads: args.loader_threads.unwrap_or_else(data::loader::default_threads),
+    };
+    let run = TrainRun { name, device: &args.device, model: &model, set: &set };
+    match seeds {
+        None => run.one(&opts),
+        Some(seeds) => run.per_seed(&seeds, &opts),
+    }
+}
+
+/// The training flags' values that no run could use.
+fn check_train_flags(args: &TrainArgs) -> Result<()> {
     if args.epochs == Some(0) || args.batch_size == Some(0) {
         bail!("--epochs and --batch-size must be at least 1");
     }
     if args.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
         bail!("--max-lr must be a positive number");
     }
-    let seeds = match &args.seeds {
-        Some(list) => Some(mnist_wgpu::train::seeds::parse_seeds(list)?),
-        None => None,
-    };
     if args.save_augmented == Some(0) {
         bail!("--save-augmented must be at least 1 (the number of images in the grid)");
     }
@@ -562,12 +603,11 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if args.steps_per_submit.is_some_and(|n| n == 0 || n > mnist_wgpu::backend::MAX_CHUNK_BATCHES) {
         bail!("--steps-per-submit must be 1 to {}", mnist_wgpu::backend::MAX_CHUNK_BATCHES);
     }
-    let model = match &args.resume {
-        Some(resume) => checkpoint_model(resume, args.model.as_deref())?,
-        None => data::model(args.model.as_deref())?,
-    };
-    let set = first_images(load_data(args.data.clone())?, args.train_images, args.test_images)?;
-    // A flag, else the model file's [train] table, else the recipe.
+    Ok(())
+}
+
+/// The recipe a run follows: a flag, else the model file's [train] table, else the spec's.
+fn train_recipe(args: &TrainArgs, model: &Model) -> Result<Recipe> {
     let (spec, file) = (Recipe::default(), model.train);
     let recipe = Recipe {
         epochs: args.epochs.or(file.epochs).unwrap_or(spec.epochs),
@@ -590,17 +630,12 @@ fn train_command(args: TrainArgs) -> Result<()> {
     if let Some(fault) = recipe.augment.fault() {
         bail!("augmentation (--translate, --jitter, --rotate, --cutout or the model file's [train]): {fault}");
     }
-    if recipe.batch_size > set.train.len() {
-        bail!(
-            "--batch-size {} (or the model file's [train] batch_size) is larger than the {} training images",
-            recipe.batch_size,
-            set.train.len()
-        );
-    }
-    if let Some(resume) = &args.resume {
-        // Everything resuming needs, checked before a folder is created or a device opened.
-        train::resume_point(resume, &model, &recipe)?;
-    }
+    Ok(recipe)
+}
+
+/// The run's folder: --out, else the resumed checkpoint's, else a new timestamped one; a new run
+/// refuses a folder that holds one already.
+fn run_folder(args: &TrainArgs) -> Result<PathBuf> {
     let out_dir = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
         (None, Some(resume)) => resume.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -613,12 +648,12 @@ fn train_command(args: TrainArgs) -> Result<()> {
             out_dir.join("last.safetensors").display()
         );
     }
-    if let Some(n) = args.save_augmented {
-        let path = out_dir.join("augmented.png");
-        save_augmented(&set.train, &recipe, n, &path)?;
-        println!("Wrote {n} augmented training images to {}", path.display());
-        return Ok(());
-    }
+    Ok(out_dir)
+}
+
+/// Installs the Ctrl-C handler: the first sets the returned flag (the run saves and stops), a second
+/// exits at once.
+fn ctrl_c_flag() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     ctrlc::set_handler(move || {
@@ -629,68 +664,89 @@ fn train_command(args: TrainArgs) -> Result<()> {
         eprintln!("\nCtrl-C: finishing the steps already handed over, then saving (Ctrl-C again to quit at once).");
     })
     .context("installing the Ctrl-C handler")?;
-    let loader_threads = args.loader_threads.unwrap_or_else(data::loader::default_threads);
-    let name = args.model.as_deref().unwrap_or(if args.resume.is_some() { "the checkpoint's network" } else { "net3" });
-    let opts = TrainOptions {
-        recipe,
-        out_dir: out_dir.clone(),
-        resume: args.resume.clone(),
-        progress: true,
-        stop: stop.clone(),
-        chunk_batches: args.steps_per_submit,
-        loader_threads,
-    };
-    let Some(seeds) = seeds else {
-        let mut backend = make_backend(&args.device, &model, model.init_state(args.seed))?;
+    Ok(stop)
+}
+
+/// What every run of one `train` command shares.
+struct TrainRun<'a> {
+    name: &'a str,
+    device: &'a DeviceArgs,
+    model: &'a Model,
+    set: &'a data::Mnist,
+}
+
+impl TrainRun<'_> {
+    /// One run in `opts.out_dir`, from `opts.recipe.seed`'s initial weights, then its report.
+    fn train(&self, opts: &TrainOptions) -> Result<(train::Outcome, Box<dyn Backend>)> {
+        let (model, recipe) = (self.model, &opts.recipe);
+        let mut backend = make_backend(self.device, model, model.init_state(recipe.seed))?;
         pollster::block_on(backend.check_batch(recipe.batch_size))?;
-        describe_run(name, &model, backend.as_ref(), &set, &out_dir, &recipe);
-        record_run(&out_dir, name, backend.as_ref(), &recipe)?;
-        if train::train(backend.as_mut(), &model, &set, &opts)?.interrupted {
+        describe_run(self.name, model, backend.as_ref(), self.set, &opts.out_dir, recipe);
+        record_run(&opts.out_dir, self.name, backend.as_ref(), recipe)?;
+        let outcome = train::train(backend.as_mut(), model, self.set, opts)?;
+        Ok((outcome, backend))
+    }
+
+    fn one(&self, opts: &TrainOptions) -> Result<()> {
+        let (outcome, mut backend) = self.train(opts)?;
+        if outcome.interrupted {
             return Err(Interrupted.into());
         }
-        return write_report(&out_dir, &out_dir.join("last.safetensors"), backend.as_mut(), &model, &set);
-    };
-    // One run per seed, each in its own folder; every folder is checked before the first run starts.
-    let folder = |seed: u64| out_dir.join(format!("seed-{seed}"));
-    if let Some(taken) = seeds.iter().map(|&s| folder(s)).find(|f| f.join("last.safetensors").exists()) {
-        bail!("{} already holds a training run; choose another --out", taken.display());
+        write_report(&opts.out_dir, &opts.out_dir.join("last.safetensors"), backend.as_mut(), self.model, self.set)
     }
-    let mut runs = Vec::new();
-    let mut interrupted = false;
-    for &seed in &seeds {
-        let mut backend = make_backend(&args.device, &model, model.init_state(seed))?;
-        pollster::block_on(backend.check_batch(recipe.batch_size))?;
-        let opts = TrainOptions { recipe: Recipe { seed, ..recipe }, out_dir: folder(seed), ..opts.clone() };
-        println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
-        describe_run(name, &model, backend.as_ref(), &set, &opts.out_dir, &opts.recipe);
-        record_run(&opts.out_dir, name, backend.as_ref(), &opts.recipe)?;
-        let started = std::time::Instant::now();
-        let outcome = train::train(backend.as_mut(), &model, &set, &opts)?;
-        if outcome.interrupted {
-            println!("Interrupted: the table below has the {} seeds that finished.", runs.len());
-            interrupted = true;
-            break;
+
+    /// One run per seed, each in its own folder (every folder checked before the first run starts),
+    /// then the table of their accuracies, also written to seeds.json.
+    fn per_seed(&self, seeds: &[u64], opts: &TrainOptions) -> Result<()> {
+        let folder = |seed: u64| opts.out_dir.join(format!("seed-{seed}"));
+        if let Some(taken) = seeds.iter().map(|&s| folder(s)).find(|f| f.join("last.safetensors").exists()) {
+            bail!("{} already holds a training run; choose another --out", taken.display());
         }
-        write_report(&opts.out_dir, &opts.out_dir.join("last.safetensors"), backend.as_mut(), &model, &set)?;
-        let (Some(last), Some(best)) = (outcome.epochs.last(), outcome.best_accuracy) else { break };
-        runs.push(mnist_wgpu::train::seeds::SeedRun {
-            seed,
-            final_accuracy: last.test_accuracy,
-            best_accuracy: best,
-            seconds: started.elapsed().as_secs_f64(),
-        });
+        let mut runs = Vec::new();
+        let mut interrupted = false;
+        for &seed in seeds {
+            let opts = TrainOptions { recipe: Recipe { seed, ..opts.recipe }, out_dir: folder(seed), ..opts.clone() };
+            println!("\nSeed {seed} ({} of {}):", runs.len() + 1, seeds.len());
+            let started = std::time::Instant::now();
+            let (outcome, mut backend) = self.train(&opts)?;
+            if outcome.interrupted {
+                println!("Interrupted: the table below has the {} seeds that finished.", runs.len());
+                interrupted = true;
+                break;
+            }
+            write_report(
+                &opts.out_dir,
+                &opts.out_dir.join("last.safetensors"),
+                backend.as_mut(),
+                self.model,
+                self.set,
+            )?;
+            let (Some(last), Some(best)) = (outcome.epochs.last(), outcome.best_accuracy) else { break };
+            runs.push(mnist_wgpu::train::seeds::SeedRun {
+                seed,
+                final_accuracy: last.test_accuracy,
+                best_accuracy: best,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+        write_seeds(&opts.out_dir, &runs)?;
+        if interrupted {
+            return Err(Interrupted.into());
+        }
+        Ok(())
     }
+}
+
+/// The per-seed table, printed and written to seeds.json beside the command line.
+fn write_seeds(out_dir: &Path, runs: &[mnist_wgpu::train::seeds::SeedRun]) -> Result<()> {
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let json = mnist_wgpu::train::seeds::to_json(&runs, &command);
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let json = mnist_wgpu::train::seeds::to_json(runs, &command);
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let path = out_dir.join("seeds.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
-    println!("\n{}", mnist_wgpu::train::seeds::table(&runs));
+    println!("\n{}", mnist_wgpu::train::seeds::table(runs));
     println!("Wrote {}", path.display());
-    if interrupted {
-        return Err(Interrupted.into());
-    }
     Ok(())
 }
 

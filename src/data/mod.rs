@@ -13,12 +13,6 @@ pub const IMAGE_SIDE: usize = 28;
 pub const IMAGE_PIXELS: usize = IMAGE_SIDE * IMAGE_SIDE;
 pub const NUM_CLASSES: usize = 10;
 
-/// The network `--model` names (a model file or a preset; Net3 when None), for this data's images and
-/// classes.
-pub fn model(arg: Option<&str>) -> anyhow::Result<crate::model::Model> {
-    let input = crate::model::Shape { c: 1, h: IMAGE_SIDE, w: IMAGE_SIDE };
-    crate::model::file::resolve(arg.unwrap_or("net3"), input, NUM_CLASSES)
-}
 /// MNIST's mean and standard deviation of [0, 1] pixels (recipe step 5).
 pub const MEAN: f32 = 0.1307;
 pub const STD: f32 = 0.3081;

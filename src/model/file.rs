@@ -59,6 +59,12 @@ impl TrainDefaults {
     }
 }
 
+/// The network `--model` names (a model file or a preset; Net3 when None), for MNIST's images and
+/// classes.
+pub fn for_mnist(arg: Option<&str>) -> Result<Model> {
+    resolve(arg.unwrap_or("net3"), super::MNIST_INPUT, super::MNIST_CLASSES)
+}
+
 /// The network `--model` names: a model file, else a preset.
 pub fn resolve(arg: &str, input: Shape, classes: usize) -> Result<Model> {
     let path = std::path::Path::new(arg);

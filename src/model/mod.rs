@@ -101,6 +101,10 @@ pub enum Layer {
     GlobalAvgPool,
 }
 
+/// MNIST's images (one 28x28 channel) and classes, which every network of the program takes and gives.
+pub const MNIST_INPUT: Shape = Shape { c: 1, h: 28, w: 28 };
+pub const MNIST_CLASSES: usize = 10;
+
 pub const BN_EPS: f32 = 1e-5;
 /// The most parameters (trainable and running statistics) a network may have: 1 GiB of f32.
 pub const MAX_PARAMS: usize = 1 << 28;
@@ -219,7 +223,7 @@ impl Model {
             Relu,
             GlobalAvgPool,
         ];
-        Model::new(Shape { c: 1, h: 28, w: 28 }, layers)
+        Model::new(MNIST_INPUT, layers)
     }
 
     /// Builds the shapes and the parameter table of a layer list; panics on a list that does not fit

@@ -146,7 +146,7 @@ async fn run_verify(n: usize) -> Result<serde_json::Value> {
     if n == 0 {
         bail!("the batch size must be at least 1");
     }
-    let model = data::model(None)?;
+    let model = mnist_wgpu::model::file::for_mnist(None)?;
     let ctx = ctx()?;
     mnist_wgpu::gpu::net::check_batch_fits(&ctx, &model, n)?;
     let mut backend = GpuBackend::new(ctx, &model, &model.init_state(1))?;
@@ -178,7 +178,7 @@ async fn run_steps(n: usize, batch: usize) -> Result<serde_json::Value> {
     if n == 0 || batch == 0 {
         bail!("the steps and the batch size must be at least 1");
     }
-    let model = data::model(None)?;
+    let model = mnist_wgpu::model::file::for_mnist(None)?;
     let mut backend = GpuBackend::new(ctx()?, &model, &model.init_state(1))?;
     backend.check_batch(batch).await?;
     let started = web_time::Instant::now();
@@ -267,7 +267,7 @@ async fn run_train(p: TrainParams, report: js_sys::Function) -> Result<serde_jso
     if epochs == 0 || batch == 0 || batch > set.train.len() {
         bail!("epochs must be at least 1 and the batch size from 1 to the {} training images", set.train.len());
     }
-    let model = data::model(None)?;
+    let model = mnist_wgpu::model::file::for_mnist(None)?;
     let recipe = Recipe { epochs, batch_size: batch, seed, ..Recipe::default() };
     let mut backend = GpuBackend::new(ctx()?, &model, &model.init_state(seed))?;
     backend.check_batch(batch).await?;
@@ -309,7 +309,7 @@ pub fn load_checkpoint(bytes: &[u8], name: &str, origin: &str) -> Result<JsValue
         let input = mnist_wgpu::model::Shape { c: 1, h: IMAGE_SIDE, w: IMAGE_SIDE };
         let model = match checkpoint::stored_model_in(path, bytes)? {
             Some(text) => mnist_wgpu::model::file::parse(&text, &format!("{name} (its model)"), input, 10)?,
-            None => data::model(None)?,
+            None => mnist_wgpu::model::file::for_mnist(None)?,
         };
         let ck = checkpoint::weights_in(path, bytes, &model)?;
         Ok(Network { model, state: ck.state, position: ck.position, origin: origin.to_string() })

@@ -93,136 +93,165 @@ fn profile_figures(v: &Value) -> String {
 /// tab-separated: name, exit status, seconds, limit); `baseline`, the profile of an older build run
 /// beside this one (`gpu-bundle.sh --baseline`), and that build's revision.
 pub fn render(dir: &Path, steps: Option<&Path>, baseline: Option<(&Path, &str)>) -> String {
+    let log = StepLog::read(steps);
     let mut s = String::new();
-    let row = |s: &mut String, label: &str, text: &str| {
-        let _ = writeln!(s, "{label:<18}{text}");
-    };
     let _ = writeln!(s, "\n==== mnist-wgpu GPU run: summary ({}) ====", dir.display());
+    verify_rows(&mut s, dir, &log);
+    bench_rows(&mut s, dir, &log);
+    let profile = read_json(&dir.join("profile.json"));
+    profile_row(&mut s, &profile, &log);
+    if let Some((path, rev)) = baseline {
+        baseline_row(&mut s, &profile, path, rev, &log);
+    }
+    recipe_rows(&mut s, dir, &log);
+    let steps_line: Vec<String> =
+        log.0.iter().map(|(n, rc, secs)| format!("{n} {} {secs} s", if rc == "0" { "ok" } else { "FAILED" })).collect();
+    if !steps_line.is_empty() {
+        row(&mut s, "steps", &steps_line.join(", "));
+    }
+    s
+}
 
-    let step_log: Vec<(String, String, String)> = steps
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split('\t').collect();
-            (f.len() >= 3).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
-        })
-        .collect();
-    let status = |name: &str| -> String {
-        match step_log.iter().find(|(n, _, _)| n == name) {
+/// One row of the summary: its label, then the text.
+fn row(s: &mut String, label: &str, text: &str) {
+    let _ = writeln!(s, "{label:<18}{text}");
+}
+
+/// The runner's step log: per step its name, exit status and seconds.
+struct StepLog(Vec<(String, String, String)>);
+
+impl StepLog {
+    fn read(path: Option<&Path>) -> StepLog {
+        let lines = path.and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default();
+        StepLog(
+            lines
+                .lines()
+                .filter_map(|l| {
+                    let f: Vec<&str> = l.split('\t').collect();
+                    (f.len() >= 3).then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+                })
+                .collect(),
+        )
+    }
+
+    /// How step `name` ended, in brackets.
+    fn status(&self, name: &str) -> String {
+        match self.0.iter().find(|(n, _, _)| n == name) {
             Some((_, rc, secs)) if rc == "0" => format!("[ok, {secs} s]"),
             Some((_, rc, secs)) if rc == "124" => format!("[STOPPED at its time limit, {secs} s]"),
             Some((_, rc, secs)) => format!("[FAILED: exit {rc}, {secs} s]"),
             None => "[not run]".into(),
         }
+    }
+}
+
+/// The adapter and verify's outcome, with up to ten failed checks.
+fn verify_rows(s: &mut String, dir: &Path, log: &StepLog) {
+    let v = match read_json(&dir.join("verify.json")) {
+        Ok(v) => v,
+        Err(e) => return row(s, "verify", &format!("no result ({e}) {}", log.status("verify"))),
     };
-
-    match read_json(&dir.join("verify.json")) {
-        Ok(v) => {
-            row(
-                &mut s,
-                "adapter",
-                &format!("{}, driver {}", v["adapter"].as_str().unwrap_or("?"), v["driver"].as_str().unwrap_or("?")),
-            );
-            let checks = v["checks"].as_array().cloned().unwrap_or_default();
-            let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != Value::Bool(true)).collect();
-            let worst = checks
-                .iter()
-                .filter_map(|c| Some(c["error"].as_f64()? / c["tolerance"].as_f64().filter(|t| *t > 0.0)?))
-                .fold(0.0, f64::max);
-            let mut text = format!(
-                "{}/{} checks passed at batch {} (largest error {:.0}% of its tolerance) {}",
-                v["passed"],
-                v["total"],
-                v["batch_size"],
-                100.0 * worst,
-                status("verify")
-            );
-            for c in failed.iter().take(10) {
-                let _ = write!(
-                    text,
-                    "\n{:<18}FAIL {} {} {}: error {} (tolerance {})",
-                    "",
-                    c["kernel"].as_str().unwrap_or("?"),
-                    c["layer"].as_str().unwrap_or("?"),
-                    c["shape"].as_str().unwrap_or("?"),
-                    c["error"],
-                    c["tolerance"]
-                );
-            }
-            row(&mut s, "verify", &text);
-        }
-        Err(e) => row(&mut s, "verify", &format!("no result ({e}) {}", status("verify"))),
+    let adapter = format!("{}, driver {}", v["adapter"].as_str().unwrap_or("?"), v["driver"].as_str().unwrap_or("?"));
+    row(s, "adapter", &adapter);
+    let checks = v["checks"].as_array().cloned().unwrap_or_default();
+    let failed: Vec<&Value> = checks.iter().filter(|c| c["ok"] != Value::Bool(true)).collect();
+    let worst = checks
+        .iter()
+        .filter_map(|c| Some(c["error"].as_f64()? / c["tolerance"].as_f64().filter(|t| *t > 0.0)?))
+        .fold(0.0, f64::max);
+    let mut text = format!(
+        "{}/{} checks passed at batch {} (largest error {:.0}% of its tolerance) {}",
+        v["passed"],
+        v["total"],
+        v["batch_size"],
+        100.0 * worst,
+        log.status("verify")
+    );
+    for c in failed.iter().take(10) {
+        let _ = write!(
+            text,
+            "\n{:<18}FAIL {} {} {}: error {} (tolerance {})",
+            "",
+            c["kernel"].as_str().unwrap_or("?"),
+            c["layer"].as_str().unwrap_or("?"),
+            c["shape"].as_str().unwrap_or("?"),
+            c["error"],
+            c["tolerance"]
+        );
     }
+    row(s, "verify", &text);
+}
 
-    match read_json(&dir.join("bench.json")) {
-        Ok(v) => {
-            let results = v["results"].as_array().cloned().unwrap_or_default();
-            for (label, prefix) in
-                [("training step", "training step"), ("training loop", "training loop"), ("evaluation", "evaluation")]
-            {
-                let figures: Vec<String> = results
-                    .iter()
-                    .filter(|r| r["what"].as_str().is_some_and(|w| w.starts_with(prefix)))
-                    .map(|r| {
-                        format!(
-                            "{}: {} images/s",
-                            r["device"].as_str().unwrap_or("?"),
-                            thousands(r["images_per_sec_median"].as_f64().unwrap_or(0.0))
-                        )
-                    })
-                    .collect();
-                row(&mut s, label, &format!("{} {}", figures.join("; "), status("bench")));
-            }
-        }
-        Err(e) => row(&mut s, "bench", &format!("no result ({e}) {}", status("bench"))),
+/// bench's images/s per backend: training steps, the training loop, evaluation.
+fn bench_rows(s: &mut String, dir: &Path, log: &StepLog) {
+    let v = match read_json(&dir.join("bench.json")) {
+        Ok(v) => v,
+        Err(e) => return row(s, "bench", &format!("no result ({e}) {}", log.status("bench"))),
+    };
+    let results = v["results"].as_array().cloned().unwrap_or_default();
+    for (label, prefix) in
+        [("training step", "training step"), ("training loop", "training loop"), ("evaluation", "evaluation")]
+    {
+        let figures: Vec<String> = results
+            .iter()
+            .filter(|r| r["what"].as_str().is_some_and(|w| w.starts_with(prefix)))
+            .map(|r| {
+                format!(
+                    "{}: {} images/s",
+                    r["device"].as_str().unwrap_or("?"),
+                    thousands(r["images_per_sec_median"].as_f64().unwrap_or(0.0))
+                )
+            })
+            .collect();
+        row(s, label, &format!("{} {}", figures.join("; "), log.status("bench")));
     }
+}
 
-    let profile = read_json(&dir.join("profile.json"));
-    match &profile {
-        Ok(v) => {
-            let step_us = v["step_us"].as_f64().unwrap_or(0.0);
-            let top: Vec<String> = v["kernels"]
-                .as_array()
+/// profile's step time and the three kernels that take most of it.
+fn profile_row(s: &mut String, profile: &Result<Value, String>, log: &StepLog) {
+    let v = match profile {
+        Ok(v) => v,
+        Err(e) => return row(s, "profile", &format!("no result ({e}) {}", log.status("profile"))),
+    };
+    let step_us = v["step_us"].as_f64().unwrap_or(0.0);
+    let top: Vec<String> = v["kernels"]
+        .as_array()
+        .map(|k| {
+            k.iter()
+                .take(3)
                 .map(|k| {
-                    k.iter()
-                        .take(3)
-                        .map(|k| {
-                            let us = k["median_us"].as_f64().unwrap_or(0.0);
-                            format!("{} {:.0}%", k["kernel"].as_str().unwrap_or("?"), 100.0 * us / step_us.max(1e-9))
-                        })
-                        .collect()
+                    let us = k["median_us"].as_f64().unwrap_or(0.0);
+                    format!("{} {:.0}%", k["kernel"].as_str().unwrap_or("?"), 100.0 * us / step_us.max(1e-9))
                 })
-                .unwrap_or_default();
-            let text = format!("{}; most: {} {}", profile_figures(v), top.join(", "), status("profile"));
-            row(&mut s, "profile", &text);
-        }
-        Err(e) => row(&mut s, "profile", &format!("no result ({e}) {}", status("profile"))),
-    }
-    if let Some((path, rev)) = baseline {
-        let text = match read_json(path) {
-            Ok(b) => {
-                // The current build's times over the baseline's, from the same card in the same run.
-                let ratio = |key: &str| -> Option<String> {
-                    let (now, then) = (profile.as_ref().ok()?[key].as_f64()?, b[key].as_f64()?);
-                    (then > 0.0).then(|| format!("{:.2}x", now / then))
-                };
-                let ratios: Vec<String> = [("step_us", "kernels each alone"), ("one_pass_us", "one pass")]
-                    .iter()
-                    .filter_map(|(key, what)| Some(format!("{} ({what})", ratio(key)?)))
-                    .collect();
-                let against = if ratios.is_empty() {
-                    String::new()
-                } else {
-                    format!("; this build's time: {}", ratios.join(", "))
-                };
-                format!("{rev}: {}{against} {}", profile_figures(&b), status("profile-baseline"))
-            }
-            Err(e) => format!("{rev}: no result ({e}) {}", status("profile-baseline")),
-        };
-        row(&mut s, "profile, baseline", &text);
-    }
+                .collect()
+        })
+        .unwrap_or_default();
+    row(s, "profile", &format!("{}; most: {} {}", profile_figures(v), top.join(", "), log.status("profile")));
+}
 
+/// The baseline build's profile, and the current build's time over it (same card, same run).
+fn baseline_row(s: &mut String, profile: &Result<Value, String>, path: &Path, rev: &str, log: &StepLog) {
+    let text = match read_json(path) {
+        Ok(b) => {
+            let ratio = |key: &str| -> Option<String> {
+                let (now, then) = (profile.as_ref().ok()?[key].as_f64()?, b[key].as_f64()?);
+                (then > 0.0).then(|| format!("{:.2}x", now / then))
+            };
+            let ratios: Vec<String> = [("step_us", "kernels each alone"), ("one_pass_us", "one pass")]
+                .iter()
+                .filter_map(|(key, what)| Some(format!("{} ({what})", ratio(key)?)))
+                .collect();
+            let against =
+                if ratios.is_empty() { String::new() } else { format!("; this build's time: {}", ratios.join(", ")) };
+            format!("{rev}: {}{against} {}", profile_figures(&b), log.status("profile-baseline"))
+        }
+        Err(e) => format!("{rev}: no result ({e}) {}", log.status("profile-baseline")),
+    };
+    row(s, "profile, baseline", &text);
+}
+
+/// The recipe's run on the GPU beside PyTorch's: epochs, times, accuracies, throughput.
+fn recipe_rows(s: &mut String, dir: &Path, log: &StepLog) {
     let ours = read_jsonl(&dir.join("metrics.jsonl"));
     let torch = read_jsonl(&dir.join("torch.jsonl"));
     let torch_label = torch
@@ -233,8 +262,8 @@ pub fn render(dir: &Path, steps: Option<&Path>, baseline: Option<(&Path, &str)>)
         .unwrap_or_else(|| "PyTorch".into());
     let figures = |r: &Result<Vec<Value>, String>, step: &str| -> Result<RunFigures, String> {
         match r {
-            Ok(lines) => run_figures(lines).ok_or_else(|| format!("no epoch finished {}", status(step))),
-            Err(e) => Err(format!("{e} {}", status(step))),
+            Ok(lines) => run_figures(lines).ok_or_else(|| format!("no epoch finished {}", log.status(step))),
+            Err(e) => Err(format!("{e} {}", log.status(step))),
         }
     };
     let (a, b) = (figures(&ours, "train"), figures(&torch, "torch"));
@@ -257,20 +286,12 @@ pub fn render(dir: &Path, steps: Option<&Path>, baseline: Option<(&Path, &str)>)
     }
     for (who, r) in [("ours", &a), ("PyTorch", &b)] {
         if let Err(e) = r {
-            row(&mut s, "", &format!("{who}: {e}"));
+            row(s, "", &format!("{who}: {e}"));
         }
     }
     if let (Ok(x), Ok(y)) = (&a, &b) {
-        row(&mut s, "", &format!("wall time ratio PyTorch / ours: {:.2}", y.wall_seconds / x.wall_seconds.max(1e-9)));
+        row(s, "", &format!("wall time ratio PyTorch / ours: {:.2}", y.wall_seconds / x.wall_seconds.max(1e-9)));
     }
-    let steps_line: Vec<String> = step_log
-        .iter()
-        .map(|(n, rc, secs)| format!("{n} {} {secs} s", if rc == "0" { "ok" } else { "FAILED" }))
-        .collect();
-    if !steps_line.is_empty() {
-        row(&mut s, "steps", &steps_line.join(", "));
-    }
-    s
 }
 
 #[cfg(test)]
