@@ -5,7 +5,6 @@
 use std::path::Path;
 
 use mnist_wgpu::checkpoint;
-use mnist_wgpu::data;
 use mnist_wgpu::onnx::{export, read, Field};
 
 fn bytes_of(fields: &[(u32, Field)], number: u32) -> Vec<&[u8]> {
@@ -48,7 +47,7 @@ fn nodes(graph: &[(u32, Field)]) -> Vec<(String, Vec<String>, String, Vec<String
 #[test]
 fn net3_exports_its_graph_and_every_weight() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/results/cpu-20-epochs/best.safetensors");
-    let model = data::model(None).unwrap();
+    let model = mnist_wgpu::model::file::for_mnist(None).unwrap();
     let ck = checkpoint::load_weights(&path, &model).unwrap();
     let file = export(&model, &ck.state);
     let top = read(&file).unwrap();
@@ -90,7 +89,7 @@ fn net3_exports_its_graph_and_every_weight() {
 #[test]
 fn a_linear_layer_becomes_flatten_gemm_unsqueeze() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bias_linear.toml");
-    let model = data::model(Some(path.to_str().unwrap())).unwrap();
+    let model = mnist_wgpu::model::file::for_mnist(Some(path.to_str().unwrap())).unwrap();
     let graph = read(bytes_of(&read(&export(&model, &model.init_state(3))).unwrap(), 7)[0]).unwrap();
     let all = nodes(&graph);
     let fc1 = all.iter().position(|n| n.0 == "Gemm").unwrap();
