@@ -324,7 +324,7 @@ fn model_file_networks_train_alike_on_both_backends() {
                   [[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"maxpool\"\n\n\
                   [[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"batchnorm\"\n\n\
                   [[layer]]\ntype = \"dropout\"\np = 0.1\n\n[[layer]]\ntype = \"maxpool\"\n\n\
-                  [[layer]]\ntype = \"avgpool\"\n";
+                  [[layer]]\ntype = \"gap\"\n";
     trains_alike(pooled, 72 + 16 + 720 + 20, "file-pooled");
     let linear = "[[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\npadding = 1\nbias = true\n\n\
                   [[layer]]\ntype = \"batchnorm\"\n\n[[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"maxpool\"\n\n\
@@ -338,11 +338,11 @@ fn model_file_networks_train_alike_on_both_backends() {
     };
     let mut deep = block(4) + "[[layer]]\ntype = \"maxpool\"\n\n[[layer]]\ntype = \"maxpool\"\n\n";
     (0..10).for_each(|_| deep += &block(4));
-    deep += &(block(10) + "[[layer]]\ntype = \"avgpool\"\n");
+    deep += &(block(10) + "[[layer]]\ntype = \"gap\"\n");
     trains_alike(&deep, 36 + 8 + 10 * (144 + 8) + 360 + 20, "file-deep");
     // A ReLU the GPU kernels cannot run (not after a batchnorm) is refused up front, naming the layer.
     let bare_relu = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"relu\"\n\n\
-                     [[layer]]\ntype = \"avgpool\"\n";
+                     [[layer]]\ntype = \"gap\"\n";
     let input = mnist_wgpu::model::Shape { c: 1, h: 28, w: 28 };
     let model = mnist_wgpu::model::file::parse(bare_relu, "test model", input, 10).unwrap();
     let ctx = mnist_wgpu::gpu::GpuContext::new(common::adapter_choice().as_deref()).unwrap();

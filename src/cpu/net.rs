@@ -5,7 +5,7 @@ use super::batchnorm::*;
 use super::conv::*;
 use super::dropout::{dropout_apply, dropout_mask_into};
 use super::loss::{softmax_cross_entropy, LossOut};
-use super::pool::*;
+use super::pool;
 use super::relu::*;
 use super::sgd::{sgd_update, SgdStep};
 use crate::model::plan::Plan;
@@ -33,7 +33,8 @@ pub enum Mode {
 enum Saved {
     None,
     BatchNorm(BnSaved),
-    MaxPool(Vec<u8>),
+    /// A pooling's winners (empty for an average).
+    Pool(Vec<u8>),
     /// Dropout scale per element; `None` when dropout was the identity.
     Dropout(Option<Vec<f32>>),
 }
@@ -198,18 +199,13 @@ impl CpuNet {
                         _ => Saved::Dropout(None),
                     }
                 }
-                (Layer::MaxPool2, _) => {
-                    let mut argmax = match previous {
-                        Saved::MaxPool(argmax) => argmax,
+                (layer, _) if layer.is_pooling() => {
+                    let mut winners = match previous {
+                        Saved::Pool(winners) => winners,
                         _ => Vec::new(),
                     };
-                    argmax.resize(y.len(), 0);
-                    maxpool2_forward(n * sin.c, sin.h, sin.w, x, &mut y, &mut argmax);
-                    Saved::MaxPool(argmax)
-                }
-                (Layer::GlobalAvgPool, _) => {
-                    global_avg_pool_forward(sin.h * sin.w, x, &mut y);
-                    Saved::None
+                    pool::forward(layer, n * sin.c, sin, x, &mut y, &mut winners);
+                    Saved::Pool(winners)
                 }
                 (layer, params) => unreachable!("layer {layer:?} with parameters {params:?}"),
             };
@@ -264,10 +260,9 @@ impl CpuNet {
                     }
                     in_place = true;
                 }
-                (Layer::MaxPool2, _, Saved::MaxPool(argmax)) => {
-                    maxpool2_backward(n * sin.c, sin.h, sin.w, argmax, dy, dx)
+                (layer, _, Saved::Pool(winners)) if layer.is_pooling() => {
+                    pool::backward(layer, n * sin.c, sin, winners, dy, dx)
                 }
-                (Layer::GlobalAvgPool, _, _) => global_avg_pool_backward(sin.h * sin.w, dy, dx),
                 (layer, _, _) => {
                     panic!("backward of {layer:?} needs a training-mode forward pass first")
                 }

@@ -1,6 +1,31 @@
-//! Max pooling 2x2 with stride 2, and global average pooling; NCHW.
+//! The poolings, NCHW: 2x2 max pooling with stride 2, and global average pooling. `forward` and
+//! `backward` run any pooling layer, so the executor knows none by name.
 
 use rayon::prelude::*;
+
+use crate::model::{Layer, Shape};
+
+/// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y. `winners` keeps what its
+/// backward needs (the max pooling's winner per window; nothing for the average).
+pub fn forward(layer: &Layer, planes: usize, s: Shape, x: &[f32], y: &mut [f32], winners: &mut Vec<u8>) {
+    match layer {
+        Layer::MaxPool2 => {
+            winners.resize(y.len(), 0);
+            maxpool2_forward(planes, s.h, s.w, x, y, winners);
+        }
+        Layer::GlobalAvgPool => global_avg_pool_forward(s.h * s.w, x, y),
+        other => unreachable!("{other:?} is not a pooling"),
+    }
+}
+
+/// dx from dy for pooling layer `layer` (as `forward` ran it, leaving `winners`); dx is overwritten.
+pub fn backward(layer: &Layer, planes: usize, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+    match layer {
+        Layer::MaxPool2 => maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+        Layer::GlobalAvgPool => global_avg_pool_backward(s.h * s.w, dy, dx),
+        other => unreachable!("{other:?} is not a pooling"),
+    }
+}
 
 /// 2x2 max pooling of `planes` planes of h x w (h, w even). Writes, per output, the index within its
 /// window (0..4, row-major) of the maximum into `argmax`; on ties the first, as PyTorch does.

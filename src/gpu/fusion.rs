@@ -71,16 +71,12 @@ pub enum Launch {
     Dropout {
         layer: usize,
     },
-    MaxPool {
+    /// A pooling on its own (one that the batchnorm before, the convolution after or the loss does
+    /// not absorb).
+    Pool {
         layer: usize,
     },
-    MaxPoolBackward {
-        layer: usize,
-    },
-    Gap {
-        layer: usize,
-    },
-    GapBackward {
+    PoolBackward {
         layer: usize,
     },
 }
@@ -171,8 +167,7 @@ impl Fusion {
         match model.layers[layer] {
             Layer::BatchNorm { .. } => Launch::BatchNormTrain { layer },
             Layer::Dropout { .. } => Launch::Dropout { layer },
-            Layer::MaxPool2 => Launch::MaxPool { layer },
-            Layer::GlobalAvgPool => Launch::Gap { layer },
+            ref pooling if pooling.is_pooling() => Launch::Pool { layer },
             ref other => unreachable!("{other:?} alone (check_runs_on_gpu refuses it)"),
         }
     }
@@ -190,8 +185,7 @@ impl Fusion {
         }
         match model.layers[layer] {
             Layer::BatchNorm { .. } => Launch::BatchNormEval { layer },
-            Layer::MaxPool2 => Launch::MaxPool { layer },
-            Layer::GlobalAvgPool => Launch::Gap { layer },
+            ref pooling if pooling.is_pooling() => Launch::Pool { layer },
             ref other => unreachable!("{other:?} alone in evaluation"),
         }
     }
@@ -211,8 +205,7 @@ impl Fusion {
             }
             Layer::BatchNorm { .. } => Launch::BatchNormBackward { layer },
             Layer::Dropout { .. } => Launch::Dropout { layer },
-            Layer::MaxPool2 => Launch::MaxPoolBackward { layer },
-            Layer::GlobalAvgPool => Launch::GapBackward { layer },
+            ref pooling if pooling.is_pooling() => Launch::PoolBackward { layer },
             ref other => unreachable!("{other:?} alone (check_runs_on_gpu refuses it)"),
         }
     }

@@ -312,8 +312,9 @@ impl Recorder<'_> {
                     let Layer::Dropout { p } = self.model.layers[layer] else { unreachable!("a dropout layer") };
                     launches.push(k.dropout.apply(ctx, n * s.len(), p, layer, &self.shared.step, x, y))
                 }
-                Launch::MaxPool { .. } => launches.push(k.pool.maxpool_forward(ctx, (n * s.c, s.h, s.w), x, y)),
-                Launch::Gap { .. } => launches.push(k.pool.gap_forward(ctx, n * s.c, s.h * s.w, x, y)),
+                Launch::Pool { layer } => {
+                    launches.push(k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y))
+                }
                 other => unreachable!("{other:?} in the forward pass"),
             }
             tag(&mut launches[mark..], &self.f.op_name(self.model, op));
@@ -334,8 +335,7 @@ impl Recorder<'_> {
                     let l = self.f.bn_layer(self.model, layer).expect("a batchnorm layer");
                     k.batchnorm.forward_eval(ctx, &l, &self.bn_buffers(layer, x, y))
                 }
-                Launch::MaxPool { .. } => k.pool.maxpool_forward(ctx, (n * s.c, s.h, s.w), x, y),
-                Launch::Gap { .. } => k.pool.gap_forward(ctx, n * s.c, s.h * s.w, x, y),
+                Launch::Pool { layer } => k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y),
                 other => unreachable!("{other:?} in the evaluation pass"),
             };
             tag(std::slice::from_mut(&mut d), &self.f.op_name(self.model, op));
@@ -415,10 +415,10 @@ impl Recorder<'_> {
                     let Layer::Dropout { p } = self.model.layers[layer] else { unreachable!("a dropout layer") };
                     launches.push(k.dropout.apply(ctx, n * s.len(), p, layer, &self.shared.step, cur, other))
                 }
-                Launch::MaxPoolBackward { .. } => {
-                    launches.push(k.pool.maxpool_backward(ctx, (n * s.c, s.h, s.w), x, cur, other))
+                Launch::PoolBackward { layer } => {
+                    let layer = &self.model.layers[layer];
+                    launches.push(k.pool.backward(ctx, layer, n * s.c, s, x, cur, other))
                 }
-                Launch::GapBackward { .. } => launches.push(k.pool.gap_backward(ctx, n * s.c, s.h * s.w, cur, other)),
                 other => unreachable!("{other:?} in the backward pass"),
             }
             tag(&mut launches[mark..], &self.model.layer_name(i));

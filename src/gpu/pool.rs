@@ -1,6 +1,9 @@
-//! Launches shaders/pool.wgsl: max pooling 2x2 and global average pooling.
+//! Launches shaders/pool.wgsl: max pooling 2x2 and global average pooling. `forward` and `backward`
+//! launch any pooling layer, so the executor knows none by name.
 
 use anyhow::Result;
+
+use crate::model::{Layer, Shape};
 
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
@@ -31,6 +34,42 @@ impl Pool {
             gap_forward: take(&mut k, "gap_forward"),
             gap_backward: take(&mut k, "gap_backward"),
         })
+    }
+
+    /// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y.
+    pub fn forward(
+        &self,
+        ctx: &GpuContext,
+        layer: &Layer,
+        planes: usize,
+        s: Shape,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Dispatch {
+        match layer {
+            Layer::MaxPool2 => self.maxpool_forward(ctx, (planes, s.h, s.w), x, y),
+            Layer::GlobalAvgPool => self.gap_forward(ctx, planes, s.h * s.w, x, y),
+            other => unreachable!("{other:?} is not a pooling"),
+        }
+    }
+
+    /// dx from dy for pooling layer `layer`, whose forward input was x.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        ctx: &GpuContext,
+        layer: &Layer,
+        planes: usize,
+        s: Shape,
+        x: &wgpu::Buffer,
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+    ) -> Dispatch {
+        match layer {
+            Layer::MaxPool2 => self.maxpool_backward(ctx, (planes, s.h, s.w), x, dy, dx),
+            Layer::GlobalAvgPool => self.gap_backward(ctx, planes, s.h * s.w, dy, dx),
+            other => unreachable!("{other:?} is not a pooling"),
+        }
     }
 
     fn dims(ctx: &GpuContext, planes: usize, h: usize, w: usize) -> wgpu::Buffer {

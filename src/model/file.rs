@@ -8,6 +8,7 @@
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 
+use super::layer::{LayerSpec, Names};
 use super::{Layer, Model, Shape};
 
 /// The presets, by name: model files built into the program.
@@ -17,11 +18,6 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("small5k", include_str!("../../models/small5k.toml")),
     ("best20k", include_str!("../../models/best20k.toml")),
 ];
-
-/// The widest layer a model file may ask for (channels or outputs), and the largest kernel and
-/// padding: far beyond a small CNN, and small enough that no shape arithmetic can overflow.
-const MAX_WIDTH: usize = 65_536;
-const MAX_KERNEL: usize = 64;
 
 /// A model file's `[train]` table: what `train` uses where no flag is given (unset: the recipe's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
@@ -89,29 +85,6 @@ struct FileSpec {
     train: Option<toml::Spanned<TrainDefaults>>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LayerSpec {
-    #[serde(rename = "type")]
-    kind: String,
-    out: Option<usize>,
-    kernel: Option<usize>,
-    padding: Option<usize>,
-    bias: Option<bool>,
-    p: Option<f32>,
-}
-
-/// The layer types and the keys each takes besides `type`.
-const TYPES: &[(&str, &[&str])] = &[
-    ("conv", &["out", "kernel", "padding", "bias"]),
-    ("linear", &["out", "bias"]),
-    ("batchnorm", &[]),
-    ("relu", &[]),
-    ("dropout", &["p"]),
-    ("maxpool", &[]),
-    ("avgpool", &[]),
-];
-
 /// Builds the network a model file describes for `input` images and `classes` classes; `origin`
 /// (its path, or the preset's name) starts every error.
 pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<Model> {
@@ -120,83 +93,24 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
     if file.layer.is_empty() {
         bail!("{origin}: no [[layer]] tables: a model file lists its layers in order, as models/net3.toml does");
     }
-    let (mut convs, mut norms, mut linears) = (0, 0, 0);
+    let mut names = Names::default();
     let mut layers = Vec::new();
     let mut lines = Vec::new();
     for spanned in &file.layer {
         let line = line_of(spanned.span().start);
-        let spec = spanned.get_ref();
-        let at = |msg: String| anyhow!("{origin}, line {line}: {msg}");
-        let Some((_, keys)) = TYPES.iter().find(|(t, _)| *t == spec.kind) else {
-            let names: Vec<&str> = TYPES.iter().map(|t| t.0).collect();
-            return Err(at(format!("unknown layer type {:?} (the types: {})", spec.kind, names.join(", "))));
-        };
-        let given = [
-            ("out", spec.out.is_some()),
-            ("kernel", spec.kernel.is_some()),
-            ("padding", spec.padding.is_some()),
-            ("bias", spec.bias.is_some()),
-            ("p", spec.p.is_some()),
-        ];
-        if let Some((key, _)) = given.iter().find(|(key, set)| *set && !keys.contains(key)) {
-            return Err(at(format!("a {} layer takes no `{key}`", spec.kind)));
-        }
-        let layer = match spec.kind.as_str() {
-            "conv" => {
-                let need = |v: Option<usize>, key: &str| v.ok_or_else(|| at(format!("a conv layer needs `{key}`")));
-                let (out, k) = (need(spec.out, "out")?, need(spec.kernel, "kernel")?);
-                if out == 0 || k == 0 {
-                    return Err(at("a conv layer's `out` and `kernel` must be at least 1".into()));
-                }
-                if out > MAX_WIDTH || k > MAX_KERNEL || spec.padding.is_some_and(|p| p > MAX_KERNEL) {
-                    return Err(at(format!(
-                        "a conv layer's `out` is at most {MAX_WIDTH}, its `kernel` and `padding` at most {MAX_KERNEL}"
-                    )));
-                }
-                convs += 1;
-                // The input channels follow from the shapes, below. No bias unless asked (the recipe's
-                // convolutions have none).
-                let (pad, bias) = (spec.padding.unwrap_or(0), spec.bias.unwrap_or(false));
-                Layer::Conv { name: format!("conv{convs}"), cin: 0, cout: out, k, pad, bias }
-            }
-            "linear" => {
-                let out = spec.out.ok_or_else(|| at("a linear layer needs `out`".into()))?;
-                if out == 0 || out > MAX_WIDTH {
-                    return Err(at(format!("a linear layer's `out` must be 1 to {MAX_WIDTH}")));
-                }
-                linears += 1;
-                // A bias unless told otherwise, as PyTorch's nn.Linear.
-                Layer::Linear { name: format!("fc{linears}"), fin: 0, fout: out, bias: spec.bias.unwrap_or(true) }
-            }
-            "batchnorm" => {
-                norms += 1;
-                Layer::BatchNorm { name: format!("bn{norms}"), c: 0 }
-            }
-            "relu" => Layer::Relu,
-            "dropout" => Layer::Dropout { p: spec.p.ok_or_else(|| at("a dropout layer needs `p`".into()))? },
-            "maxpool" => Layer::MaxPool2,
-            _ => Layer::GlobalAvgPool,
-        };
+        let layer =
+            Layer::from_spec(spanned.get_ref(), &mut names).map_err(|e| anyhow!("{origin}, line {line}: {e}"))?;
         layers.push(layer);
         lines.push(line);
     }
-    // Channel counts follow from the shapes: build layer by layer, filling each input's channels in.
+    // Input sizes follow from the shapes, layer by layer; where a layer does not fit, `build` below
+    // says so, naming its line.
     let mut shape = input;
     for layer in layers.iter_mut() {
-        match layer {
-            Layer::Conv { cin, cout, k, pad, .. } => {
-                *cin = shape.c;
-                let side = |s: usize| (s + 2 * *pad + 1).saturating_sub(*k);
-                shape = Shape { c: *cout, h: side(shape.h), w: side(shape.w) };
-            }
-            Layer::Linear { fin, fout, .. } => {
-                *fin = shape.len();
-                shape = Shape { c: *fout, h: 1, w: 1 };
-            }
-            Layer::BatchNorm { c, .. } => *c = shape.c,
-            Layer::MaxPool2 => shape = Shape { c: shape.c, h: shape.h / 2, w: shape.w / 2 },
-            Layer::GlobalAvgPool => shape = Shape { c: shape.c, h: 1, w: 1 },
-            Layer::Relu | Layer::Dropout { .. } => {}
+        layer.take_input(shape);
+        match layer.output_shape(shape) {
+            Ok(next) => shape = next,
+            Err(_) => break,
         }
     }
     let mut model =
@@ -211,7 +125,7 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
     if end != (Shape { c: classes, h: 1, w: 1 }) {
         bail!(
             "{origin}, line {}: the network must end in {classes} class scores, but its last layer gives {}x{}x{}; \
-             end it with {classes} channels and a global average pooling (type = \"avgpool\")",
+             end it with {classes} channels and a global average pooling (type = \"gap\")",
             lines[lines.len() - 1],
             end.c,
             end.h,
@@ -227,17 +141,7 @@ impl Model {
         let mut out = String::from("# Written by mnist-wgpu: the network of this checkpoint.\n");
         for layer in &self.layers {
             out += "\n[[layer]]\n";
-            out += &match layer {
-                Layer::Conv { cout, k, pad, bias, .. } => {
-                    format!("type = \"conv\"\nout = {cout}\nkernel = {k}\npadding = {pad}\nbias = {bias}\n")
-                }
-                Layer::Linear { fout, bias, .. } => format!("type = \"linear\"\nout = {fout}\nbias = {bias}\n"),
-                Layer::BatchNorm { .. } => "type = \"batchnorm\"\n".into(),
-                Layer::Relu => "type = \"relu\"\n".into(),
-                Layer::Dropout { p } => format!("type = \"dropout\"\np = {p:?}\n"),
-                Layer::MaxPool2 => "type = \"maxpool\"\n".into(),
-                Layer::GlobalAvgPool => "type = \"avgpool\"\n".into(),
-            };
+            out += &layer.toml();
         }
         if self.train != TrainDefaults::default() {
             let t = &self.train;
@@ -332,6 +236,16 @@ mod tests {
     }
 
     #[test]
+    fn avgpool_the_old_name_of_gap_still_reads() {
+        // Model files and checkpoints written before the 2x2 average pooling name the global one so.
+        let old = PRESETS[0].1.replace("type = \"gap\"", "type = \"avgpool\"");
+        assert!(old.contains("type = \"avgpool\""));
+        let m = parse(&old, "old.toml", MNIST, 10).unwrap();
+        assert_eq!(m.layers, Model::net3().layers);
+        assert!(m.to_toml().contains("type = \"gap\"") && !m.to_toml().contains("avgpool"));
+    }
+
+    #[test]
     fn bias_and_linear_layers_read_and_write_back() {
         let text = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 5\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
                     [[layer]]\ntype = \"linear\"\nout = 32\n\n[[layer]]\ntype = \"relu\"\n\n\
@@ -356,7 +270,7 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_the_fault() {
         let conv = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\npadding = 1\n";
-        let tail = "\n[[layer]]\ntype = \"avgpool\"\n";
+        let tail = "\n[[layer]]\ntype = \"gap\"\n";
         let e = err(&format!("{conv}\n[[layer]]\ntype = \"dense\"\n{tail}"));
         assert!(e.contains("m.toml, line 7") && e.contains("unknown layer type \"dense\""), "{e}");
         let e = err(&format!("{conv}\n[[layer]]\ntype = \"dropout\"\n{tail}"));

@@ -2,8 +2,12 @@
 //! that carves one flat f32 buffer. Every backend executes this description. Knows nothing of wgpu.
 
 pub mod file;
+pub mod layer;
 pub mod plan;
 
+pub use layer::Layer;
+
+use layer::ParamSpec;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
@@ -66,39 +70,6 @@ impl ConvDims {
     pub fn is_pointwise(&self) -> bool {
         self.k == 1 && self.pad == 0
     }
-}
-
-/// One layer of the network. Parameterised layers name their PyTorch module.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Layer {
-    /// k x k convolution, stride 1, with a bias per output channel or none.
-    Conv {
-        name: String,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        pad: usize,
-        bias: bool,
-    },
-    /// A fully connected layer over the flattened input (fin = c * h * w values per image), output
-    /// fout x 1 x 1. Executed as a 1x1 convolution of an fin x 1 x 1 image, which is the same product.
-    Linear {
-        name: String,
-        fin: usize,
-        fout: usize,
-        bias: bool,
-    },
-    BatchNorm {
-        name: String,
-        c: usize,
-    },
-    Relu,
-    Dropout {
-        p: f32,
-    },
-    /// 2x2 max pooling with stride 2.
-    MaxPool2,
-    GlobalAvgPool,
 }
 
 /// MNIST's images (one 28x28 channel) and classes, which every network of the program takes and gives.
@@ -238,81 +209,30 @@ impl Model {
     pub fn build(input: Shape, layers: Vec<Layer>) -> Result<Model, LayerError> {
         let mut shapes = Vec::with_capacity(layers.len());
         let mut shape = input;
-        let mut trainable: Vec<(String, Vec<usize>, ParamKind)> = Vec::new();
-        let mut running: Vec<(String, Vec<usize>, ParamKind)> = Vec::new();
+        let mut trainable: Vec<ParamSpec> = Vec::new();
+        let mut running: Vec<ParamSpec> = Vec::new();
         // Per layer: the indices of its tensors within `trainable` / `running`, fixed up below.
         let mut slots: Vec<LayerParams> = Vec::with_capacity(layers.len());
         for (index, layer) in layers.iter().enumerate() {
             let fail = |message: String| LayerError { index, message };
-            let slot = match layer {
-                &Layer::Conv { ref name, cin, cout, k, pad, bias } => {
-                    if shape.c != cin {
-                        return Err(fail(format!("{name} takes {cin} channels, its input has {}", shape.c)));
-                    }
-                    if k == 0 || pad >= k || shape.h + 2 * pad < k || shape.w + 2 * pad < k {
-                        return Err(fail(format!(
-                            "{name}: a {k}x{k} kernel with padding {pad} does not fit its {}x{} input",
-                            shape.h, shape.w
-                        )));
-                    }
-                    shape = Shape { c: cout, h: shape.h + 2 * pad + 1 - k, w: shape.w + 2 * pad + 1 - k };
-                    let fan_in = cin * k * k;
-                    trainable.push((format!("{name}.weight"), vec![cout, cin, k, k], ParamKind::ConvWeight { fan_in }));
-                    let weight = trainable.len() - 1;
-                    if bias {
-                        trainable.push((format!("{name}.bias"), vec![cout], ParamKind::ConvBias { fan_in }));
-                    }
-                    LayerParams::Conv { weight, bias: bias.then_some(weight + 1) }
-                }
-                &Layer::Linear { ref name, fin, fout, bias } => {
-                    if shape.len() != fin {
-                        return Err(fail(format!("{name} takes {fin} values, its input has {}", shape.len())));
-                    }
-                    shape = Shape { c: fout, h: 1, w: 1 };
-                    trainable.push((format!("{name}.weight"), vec![fout, fin], ParamKind::ConvWeight { fan_in: fin }));
-                    let weight = trainable.len() - 1;
-                    if bias {
-                        trainable.push((format!("{name}.bias"), vec![fout], ParamKind::ConvBias { fan_in: fin }));
-                    }
-                    LayerParams::Conv { weight, bias: bias.then_some(weight + 1) }
-                }
-                &Layer::BatchNorm { ref name, c } => {
-                    if shape.c != c {
-                        return Err(fail(format!("{name} takes {c} channels, its input has {}", shape.c)));
-                    }
-                    trainable.push((format!("{name}.weight"), vec![c], ParamKind::BatchNormWeight));
-                    trainable.push((format!("{name}.bias"), vec![c], ParamKind::BatchNormBias));
-                    running.push((format!("{name}.running_mean"), vec![c], ParamKind::RunningMean));
-                    running.push((format!("{name}.running_var"), vec![c], ParamKind::RunningVar));
-                    LayerParams::BatchNorm {
-                        weight: trainable.len() - 2,
-                        bias: trainable.len() - 1,
-                        running_mean: running.len() - 2,
-                        running_var: running.len() - 1,
-                    }
-                }
-                Layer::MaxPool2 => {
-                    if !shape.h.is_multiple_of(2) || !shape.w.is_multiple_of(2) {
-                        return Err(fail(format!(
-                            "a 2x2 max pooling needs an even height and width, its input is {}x{}",
-                            shape.h, shape.w
-                        )));
-                    }
-                    shape = Shape { c: shape.c, h: shape.h / 2, w: shape.w / 2 };
-                    LayerParams::None
-                }
-                Layer::GlobalAvgPool => {
-                    shape = Shape { c: shape.c, h: 1, w: 1 };
-                    LayerParams::None
-                }
-                &Layer::Dropout { p } => {
-                    if !(0.0..1.0).contains(&p) {
-                        return Err(fail(format!("dropout probability {p} is not in [0, 1)")));
-                    }
-                    LayerParams::None
-                }
-                Layer::Relu => LayerParams::None,
+            shape = layer.output_shape(shape).map_err(fail)?;
+            let (t, r) = layer.params();
+            // Where its tensors land in the two lists, by kind.
+            let at = |list: &[ParamSpec], start: usize, kind: fn(&ParamKind) -> bool| {
+                list.iter().position(|p| kind(&p.2)).map(|i| start + i)
             };
+            let (ts, rs) = (trainable.len(), running.len());
+            let slot = match layer {
+                Layer::Conv { .. } | Layer::Linear { .. } => {
+                    LayerParams::Conv { weight: ts, bias: at(&t, ts, |k| matches!(k, ParamKind::ConvBias { .. })) }
+                }
+                Layer::BatchNorm { .. } => {
+                    LayerParams::BatchNorm { weight: ts, bias: ts + 1, running_mean: rs, running_var: rs + 1 }
+                }
+                _ => LayerParams::None,
+            };
+            trainable.extend(t);
+            running.extend(r);
             // Refused here rather than by an allocation that aborts the process.
             let values = trainable.iter().chain(&running).try_fold(0usize, |sum, (_, dims, _)| {
                 dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).and_then(|n| sum.checked_add(n))
@@ -395,13 +315,7 @@ impl Model {
 
     /// A short name for layer `i`: its module name (`conv2`, `bn2`), else its kind and index.
     pub fn layer_name(&self, i: usize) -> String {
-        match &self.layers[i] {
-            Layer::Conv { name, .. } | Layer::Linear { name, .. } | Layer::BatchNorm { name, .. } => name.clone(),
-            Layer::Relu => format!("relu#{i}"),
-            Layer::Dropout { .. } => format!("dropout#{i}"),
-            Layer::MaxPool2 => format!("maxpool#{i}"),
-            Layer::GlobalAvgPool => format!("avgpool#{i}"),
-        }
+        self.layers[i].name(i)
     }
 
     /// The input shape of layer `i`.
@@ -440,17 +354,7 @@ impl Model {
         rows.push(("input".into(), format!("[-1, {}, {}, {}]", input.c, input.h, input.w), "0".into()));
         for (i, layer) in self.layers.iter().enumerate() {
             let s = self.shapes[i];
-            let label = match layer {
-                Layer::Conv { name, k, pad, bias, .. } => {
-                    format!("{name} (Conv2d {k}x{k}, pad {pad}{})", if *bias { ", bias" } else { "" })
-                }
-                Layer::Linear { name, bias, .. } => format!("{name} (Linear{})", if *bias { ", bias" } else { "" }),
-                Layer::BatchNorm { name, .. } => format!("{name} (BatchNorm2d)"),
-                Layer::Relu => "ReLU".into(),
-                Layer::Dropout { p } => format!("Dropout (p={p})"),
-                Layer::MaxPool2 => "MaxPool2d (2x2)".into(),
-                Layer::GlobalAvgPool => "AdaptiveAvgPool2d (1)".into(),
-            };
+            let label = layer.summary_label();
             let count: usize = match self.layer_params[i] {
                 LayerParams::None => 0,
                 LayerParams::Conv { weight, bias } => self.params[weight].len + bias.map_or(0, |b| self.params[b].len),

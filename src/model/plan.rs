@@ -242,7 +242,7 @@ mod tests {
         let text = p.describe(&m);
         assert!(text.contains("(26 ops per training step") && text.contains("7 per evaluation batch"), "{text}");
         assert!(text.contains("| bn2+relu#5+dropout#6 | maxpool#7+conv3 |"), "{text}");
-        assert!(text.contains("backward: bn6+relu#20+avgpool#21 | conv6 |"), "{text}");
+        assert!(text.contains("backward: bn6+relu#20+gap#21 | conv6 |"), "{text}");
     }
 
     #[test]

@@ -204,12 +204,15 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
         Layer::Dropout { p } if launched(Launch::Dropout { layer: i }) => {
             dropout::dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed).await
         }
-        Layer::MaxPool2 if launched(Launch::MaxPool { layer: i }) || launched(Launch::MaxPoolBackward { layer: i }) => {
-            pool::maxpool_checks(ctx, k, &name, n, s, seed, false).await
+        // The global average pooling is checked at the layer's shape even where the loss and a
+        // batchnorm absorb it: no odd shape covers its standalone kernels.
+        ref layer
+            if launched(Launch::Pool { layer: i })
+                || launched(Launch::PoolBackward { layer: i })
+                || *layer == Layer::GlobalAvgPool =>
+        {
+            pool::checks(ctx, k, layer, &name, n, s, seed).await
         }
-        // Checked at the layer's shape even where the loss and a batchnorm absorb it: no odd shape
-        // covers its standalone kernels.
-        Layer::GlobalAvgPool => pool::gap_checks(ctx, k, &name, n, s.c, s.h * s.w, seed).await,
         _ => Ok(Vec::new()),
     }
 }

@@ -3,10 +3,27 @@
 use crate::cpu::pool::*;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels};
-use crate::model::Shape;
+use crate::model::{Layer, Shape};
 use anyhow::Result;
 
 use super::{compare, nchw, random, read, Check, TOL_ELEMENTWISE, TOL_EXACT};
+
+/// The standalone kernels of pooling layer `layer` at its input shape `s`, batch `n`.
+pub(super) async fn checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &Layer,
+    name: &str,
+    n: usize,
+    s: Shape,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    match layer {
+        Layer::MaxPool2 => maxpool_checks(ctx, k, name, n, s, seed, false).await,
+        Layer::GlobalAvgPool => gap_checks(ctx, k, name, n, s.c, s.h * s.w, seed).await,
+        other => unreachable!("{other:?} is not a pooling"),
+    }
+}
 
 /// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
 /// hold equal maxima and the first-on-ties rule decides where the gradient goes.
