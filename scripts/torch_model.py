@@ -7,7 +7,7 @@ strict=True, and evaluate it on the test set, printing mnist-wgpu eval's `Test s
 
 The model file format is mnist-wgpu's (see models/net3.toml): one [[layer]] table per layer, types conv
 (out, kernel, padding, bias), linear (out, bias; over the flattened input), batchnorm, relu, dropout
-(p), maxpool, avgpool; they are named conv1.., fc1.., bn1.. in order, as in the checkpoint's
+(p), maxpool, avgpool2 (2x2 average pooling), gap (global average pooling; avgpool in older files); they are named conv1.., fc1.., bn1.. in order, as in the checkpoint's
 state_dict. The input (1 x 28 x 28) and the 10 classes come from the data, as in mnist-wgpu. Activations
 stay N x C x H x W throughout (a linear layer's output is N x out x 1 x 1), so a batchnorm after a linear
 layer is BatchNorm2d over 1 x 1 planes, which normalizes as BatchNorm1d does, with the same state_dict
@@ -66,8 +66,11 @@ class FileNet(nn.Module):
             elif kind == "maxpool":
                 self.steps.append(("maxpool", None))
                 height, width = height // 2, width // 2
-            elif kind == "avgpool":
-                self.steps.append(("avgpool", None))
+            elif kind == "avgpool2":
+                self.steps.append(("avgpool2", None))
+                height, width = height // 2, width // 2
+            elif kind in ("gap", "avgpool"):
+                self.steps.append(("gap", None))
                 height, width = 1, 1
             else:
                 sys.exit(f"layer {i + 1}: unknown layer type {kind!r}")
@@ -84,6 +87,8 @@ class FileNet(nn.Module):
                 x = F.dropout(x, arg, self.training)
             elif kind == "maxpool":
                 x = F.max_pool2d(x, 2)
+            elif kind == "avgpool2":
+                x = F.avg_pool2d(x, 2)
             else:
                 x = F.adaptive_avg_pool2d(x, 1)
         return x.flatten(1)

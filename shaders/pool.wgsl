@@ -1,13 +1,17 @@
-// Max pooling 2x2 with stride 2 (even sizes), and global average pooling; NCHW, d.planes = n * c planes
-// of d.h x d.w inputs.
+// Max and average pooling 2x2 with stride 2 (even sizes), and global average pooling; NCHW,
+// d.planes = n * c planes of d.h x d.w inputs.
 //
 // Entry points and dispatch shapes:
 //   maxpool_forward   one invocation per output (planes * h/2 * w/2): the maximum of its window
 //   maxpool_backward  one invocation per output: finds its window's maximum in x again (the first on
 //                     ties, window_max_place) and writes the whole window of dx (windows do not overlap)
+//   avgpool2_forward  one invocation per output: its window's four values added in row-major order,
+//                     then divided by 4 (as the CPU reference and PyTorch)
+//   avgpool2_backward one invocation per output: dy / 4 into each place of its window of dx
 //   gap_forward       one invocation per plane: the mean of its h * w values, summed in order
 //   gap_backward      one invocation per input element: dx = dy[plane] / (h * w)
-// Bindings: 0 dims (uniform), 1 x (input; gap_backward: dy), 2 out (y or dx), 3 dy (maxpool_backward).
+// Bindings: 0 dims (uniform), 1 x (input; gap_backward: dy), 2 out (y or dx), 3 dy (maxpool_backward,
+//           avgpool2_backward).
 
 struct Dims {
     planes: u32, h: u32, w: u32, _p0: u32,
@@ -60,6 +64,29 @@ fn maxpool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     let at = window_max_place(window(i));
     for (var k = 0u; k < 4u; k++) {
         out[base + (k / 2u) * d.w + k % 2u] = select(0.0, dy[i], k == at);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn avgpool2_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let v = window(i);
+    out[i] = (((v.x + v.y) + v.z) + v.w) / 4.0;
+}
+
+@compute @workgroup_size(WG)
+fn avgpool2_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let base = window_base(i);
+    let g = dy[i] / 4.0;
+    for (var k = 0u; k < 4u; k++) {
+        out[base + (k / 2u) * d.w + k % 2u] = g;
     }
 }
 

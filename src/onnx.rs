@@ -1,6 +1,6 @@
 //! The evaluation-mode network as an ONNX model (opset 13): Conv, BatchNormalization, Relu, MaxPool,
-//! GlobalAveragePool, Flatten, Gemm and Unsqueeze nodes over NCHW tensors, the weights as initializers
-//! under their state_dict names, input `input` (N x 1 x 28 x 28, N free) and output `logits` (N x
+//! AveragePool, GlobalAveragePool, Flatten, Gemm and Unsqueeze nodes over NCHW tensors, the weights as
+//! initializers under their state_dict names, input `input` (N x 1 x 28 x 28, N free) and output `logits` (N x
 //! classes). Dropout is the identity in evaluation and writes no node. The protobuf is written by hand:
 //! the handful of ONNX messages used here need nothing more than varints and length-delimited fields,
 //! and `read` parses them back for the tests.
@@ -175,6 +175,10 @@ pub fn export(model: &Model, state: &[f32]) -> Vec<u8> {
             (Layer::MaxPool2, _) => {
                 let attrs = [("kernel_shape", Attr::Ints(vec![2, 2])), ("strides", Attr::Ints(vec![2, 2]))];
                 nodes.push(node("MaxPool", &name, &[&current], &out, &attrs));
+            }
+            (Layer::AvgPool2, _) => {
+                let attrs = [("kernel_shape", Attr::Ints(vec![2, 2])), ("strides", Attr::Ints(vec![2, 2]))];
+                nodes.push(node("AveragePool", &name, &[&current], &out, &attrs));
             }
             (Layer::GlobalAvgPool, _) => nodes.push(node("GlobalAveragePool", &name, &[&current], &out, &[])),
             (layer, params) => unreachable!("layer {layer:?} with parameters {params:?}"),

@@ -248,6 +248,25 @@ fn maxpool2() {
 }
 
 #[test]
+fn avgpool2() {
+    let (planes, h, w) = (3, 4, 6);
+    let mut g = rng(12);
+    let x = random(&mut g, planes * h * w, 1.0);
+    let r = random(&mut g, planes * h * w / 4, 1.0);
+    let mut dx = vec![0.0; x.len()];
+    avgpool2_backward(planes, h, w, &r, &mut dx);
+    check("avgpool2 dx", &x, &dx, |x| {
+        let mut y = vec![0.0; r.len()];
+        avgpool2_forward(planes, h, w, x, &mut y);
+        dot(&r, &y)
+    });
+    // The window's mean, as PyTorch's AvgPool2d: (1 + 2 + 3 + 6) / 4.
+    let mut y = [0.0];
+    avgpool2_forward(1, 2, 2, &[1.0, 2.0, 3.0, 6.0], &mut y);
+    assert_eq!(y, [3.0]);
+}
+
+#[test]
 fn global_avg_pool() {
     let mut g = rng(7);
     let x = random(&mut g, 2 * 3 * 25, 1.0);
@@ -331,6 +350,15 @@ fn bias_and_linear_parameter_gradients() {
     let model = mnist_wgpu::model::file::parse(text, "test model", input, 10).unwrap();
     assert!(model.param("conv2.bias").is_some() && model.param("fc1.bias").is_some());
     assert_eq!(model.param("fc1.weight").unwrap().shape, vec![10, 8 * 6 * 6]);
+    check_network_gradients(&model);
+}
+
+/// Net3 with 2x2 average poolings for its max poolings (models/net3-avgpool2.toml).
+#[test]
+fn average_pooling_network_parameter_gradients() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/net3-avgpool2.toml");
+    let model = mnist_wgpu::model::file::for_mnist(Some(path)).unwrap();
+    assert_eq!(model.layers.iter().filter(|l| **l == mnist_wgpu::model::Layer::AvgPool2).count(), 2);
     check_network_gradients(&model);
 }
 

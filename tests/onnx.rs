@@ -102,3 +102,15 @@ fn a_linear_layer_becomes_flatten_gemm_unsqueeze() {
     let names: Vec<String> = bytes_of(&graph, 5).iter().map(|t| text(bytes_of(&read(t).unwrap(), 8)[0])).collect();
     assert_eq!(names.last().map(String::as_str), Some("axes_2_3"));
 }
+
+#[test]
+fn a_2x2_average_pooling_becomes_average_pool() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/net3-avgpool2.toml");
+    let model = mnist_wgpu::model::file::for_mnist(Some(path.to_str().unwrap())).unwrap();
+    let graph = read(bytes_of(&read(&export(&model, &model.init_state(3))).unwrap(), 7)[0]).unwrap();
+    let pools: Vec<_> = nodes(&graph).into_iter().filter(|n| n.0.contains("Pool")).collect();
+    let ops: Vec<&str> = pools.iter().map(|n| n.0.as_str()).collect();
+    assert_eq!(ops, ["AveragePool", "AveragePool", "GlobalAveragePool"]);
+    assert_eq!(pools[0].3, vec!["kernel_shape", "strides"]);
+    assert_eq!((pools[0].1[0].as_str(), pools[0].2.as_str()), ("relu#5.out", "avgpool2#7.out"));
+}

@@ -1,6 +1,6 @@
 //! Each kernel against the CPU reference, forward and backward, at the model's real layer shapes with a
 //! batch of 4 (lavapipe is slow; the shapes, not the batch, exercise the indexing), and whole training
-//! steps against the CPU backend. Both run the code of `mnist-wgpu verify` (src/verify.rs), whose
+//! steps against the CPU backend. Both run the code of `mnist-wgpu verify` (src/verify/), whose
 //! header gives the tolerances and why.
 
 mod common;
@@ -49,6 +49,20 @@ fn every_kernel_matches_the_reference_at_every_layer_shape() {
     }
     assert!(checks.iter().any(|c| c.kernel.contains("+dropout")), "no check runs a fused dropout");
     assert!(checks.iter().any(|c| c.kernel.contains("(dy of max pool)")), "no check runs a fused max pooling");
+}
+
+/// A network with 2x2 average poolings (models/net3-avgpool2.toml): its kernels at its shapes.
+#[test]
+fn a_network_with_average_pooling_matches_at_its_shapes() {
+    let Some((ctx, k)) = gpu() else { return };
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/net3-avgpool2.toml");
+    let model = mnist_wgpu::model::file::for_mnist(Some(path)).unwrap();
+    let checks = kernel_checks(ctx, k, &model, N).block_on().unwrap();
+    assert_all_pass(&checks);
+    for layer in ["avgpool2#7", "avgpool2#14"] {
+        let rows = checks.iter().filter(|c| c.layer == layer && c.kernel.starts_with("pool.avgpool2_")).count();
+        assert_eq!(rows, 2, "the forward and backward of {layer}");
+    }
 }
 
 /// One step without dropout and three with it, on the GPU backend against the CPU backend: every

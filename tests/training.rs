@@ -331,6 +331,12 @@ fn model_file_networks_train_alike_on_both_backends() {
                   [[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\nbias = true\n\n[[layer]]\ntype = \"maxpool\"\n\n\
                   [[layer]]\ntype = \"linear\"\nout = 10\n";
     trains_alike(linear, 80 + 16 + 584 + 2890, "file-linear");
+    // 2x2 average poolings, after a batchnorm's ReLU and after a bare convolution.
+    let average = "[[layer]]\ntype = \"conv\"\nout = 8\nkernel = 3\npadding = 1\n\n[[layer]]\ntype = \"batchnorm\"\n\n\
+                   [[layer]]\ntype = \"relu\"\n\n[[layer]]\ntype = \"avgpool2\"\n\n\
+                   [[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"avgpool2\"\n\n\
+                   [[layer]]\ntype = \"batchnorm\"\n\n[[layer]]\ntype = \"gap\"\n";
+    trains_alike(average, 72 + 16 + 720 + 20, "file-avgpool2");
     // Deep: 12 convolutions and 12 batchnorms give 36 gradients summed in slices (the SGD kernel's
     // table once held 32 at most, and such a network panicked).
     let block = |out: usize| {

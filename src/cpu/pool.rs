@@ -1,4 +1,4 @@
-//! The poolings, NCHW: 2x2 max pooling with stride 2, and global average pooling. `forward` and
+//! The poolings, NCHW: 2x2 max and average pooling with stride 2, and global average pooling. `forward` and
 //! `backward` run any pooling layer, so the executor knows none by name.
 
 use rayon::prelude::*;
@@ -13,6 +13,7 @@ pub fn forward(layer: &Layer, planes: usize, s: Shape, x: &[f32], y: &mut [f32],
             winners.resize(y.len(), 0);
             maxpool2_forward(planes, s.h, s.w, x, y, winners);
         }
+        Layer::AvgPool2 => avgpool2_forward(planes, s.h, s.w, x, y),
         Layer::GlobalAvgPool => global_avg_pool_forward(s.h * s.w, x, y),
         other => unreachable!("{other:?} is not a pooling"),
     }
@@ -22,6 +23,7 @@ pub fn forward(layer: &Layer, planes: usize, s: Shape, x: &[f32], y: &mut [f32],
 pub fn backward(layer: &Layer, planes: usize, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
     match layer {
         Layer::MaxPool2 => maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+        Layer::AvgPool2 => avgpool2_backward(planes, s.h, s.w, dy, dx),
         Layer::GlobalAvgPool => global_avg_pool_backward(s.h * s.w, dy, dx),
         other => unreachable!("{other:?} is not a pooling"),
     }
@@ -70,6 +72,39 @@ pub fn maxpool2_backward(planes: usize, h: usize, w: usize, argmax: &[u8], dy: &
             }
         },
     );
+}
+
+/// 2x2 average pooling of `planes` planes of h x w (h, w even): each window's four values added in
+/// row-major order, then divided by 4, as PyTorch's AvgPool2d does.
+pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    assert_eq!(x.len(), planes * h * w);
+    assert_eq!(y.len(), planes * ho * wo);
+    y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let at = 2 * oy * w + 2 * ox;
+                yp[oy * wo + ox] = (((xp[at] + xp[at + 1]) + xp[at + w]) + xp[at + w + 1]) / 4.0;
+            }
+        }
+    });
+}
+
+/// Each output gradient divided by 4 into the four inputs of its window; dx is overwritten.
+pub fn avgpool2_backward(planes: usize, h: usize, w: usize, dy: &[f32], dx: &mut [f32]) {
+    let (ho, wo) = (h / 2, w / 2);
+    assert_eq!(dx.len(), planes * h * w);
+    assert_eq!(dy.len(), planes * ho * wo);
+    dx.par_chunks_mut(h * w).zip(dy.par_chunks(ho * wo)).for_each(|(dxp, dyp)| {
+        for oy in 0..ho {
+            for ox in 0..wo {
+                let (at, g) = (2 * oy * w + 2 * ox, dyp[oy * wo + ox] / 4.0);
+                for i in [at, at + 1, at + w, at + w + 1] {
+                    dxp[i] = g;
+                }
+            }
+        }
+    });
 }
 
 /// Mean of each plane of `hw` values.

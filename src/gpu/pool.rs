@@ -1,4 +1,4 @@
-//! Launches shaders/pool.wgsl: max pooling 2x2 and global average pooling. `forward` and `backward`
+//! Launches shaders/pool.wgsl: max and average pooling 2x2, and global average pooling. `forward` and `backward`
 //! launch any pooling layer, so the executor knows none by name.
 
 use anyhow::Result;
@@ -21,6 +21,8 @@ uniform! {
 pub struct Pool {
     maxpool_forward: Kernel,
     maxpool_backward: Kernel,
+    avgpool2_forward: Kernel,
+    avgpool2_backward: Kernel,
     gap_forward: Kernel,
     gap_backward: Kernel,
 }
@@ -31,6 +33,8 @@ impl Pool {
         Ok(Pool {
             maxpool_forward: take(&mut k, "maxpool_forward"),
             maxpool_backward: take(&mut k, "maxpool_backward"),
+            avgpool2_forward: take(&mut k, "avgpool2_forward"),
+            avgpool2_backward: take(&mut k, "avgpool2_backward"),
             gap_forward: take(&mut k, "gap_forward"),
             gap_backward: take(&mut k, "gap_backward"),
         })
@@ -48,6 +52,7 @@ impl Pool {
     ) -> Dispatch {
         match layer {
             Layer::MaxPool2 => self.maxpool_forward(ctx, (planes, s.h, s.w), x, y),
+            Layer::AvgPool2 => self.avgpool2_forward(ctx, (planes, s.h, s.w), x, y),
             Layer::GlobalAvgPool => self.gap_forward(ctx, planes, s.h * s.w, x, y),
             other => unreachable!("{other:?} is not a pooling"),
         }
@@ -67,6 +72,7 @@ impl Pool {
     ) -> Dispatch {
         match layer {
             Layer::MaxPool2 => self.maxpool_backward(ctx, (planes, s.h, s.w), x, dy, dx),
+            Layer::AvgPool2 => self.avgpool2_backward(ctx, (planes, s.h, s.w), dy, dx),
             Layer::GlobalAvgPool => self.gap_backward(ctx, planes, s.h * s.w, dy, dx),
             other => unreachable!("{other:?} is not a pooling"),
         }
@@ -106,6 +112,37 @@ impl Pool {
         self.maxpool_backward
             .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, dx), (3, dy)])
             .with_cost(Cost::new(3 * out, 2 * len + out))
+    }
+
+    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, each the mean of its window.
+    pub fn avgpool2_forward(
+        &self,
+        ctx: &GpuContext,
+        (planes, h, w): (usize, usize, usize),
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = Self::dims(ctx, planes, h, w);
+        let (len, out) = (planes * h * w, planes * h * w / 4);
+        // Three additions and a division per window.
+        self.avgpool2_forward
+            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, y)])
+            .with_cost(Cost::new(4 * out, len + out))
+    }
+
+    /// dx from dy: a quarter of each window's gradient to each of its places.
+    pub fn avgpool2_backward(
+        &self,
+        ctx: &GpuContext,
+        (planes, h, w): (usize, usize, usize),
+        dy: &wgpu::Buffer,
+        dx: &wgpu::Buffer,
+    ) -> Dispatch {
+        let u = Self::dims(ctx, planes, h, w);
+        let (len, out) = (planes * h * w, planes * h * w / 4);
+        self.avgpool2_backward
+            .launch(ctx, groups_for(out), &[(0, &u), (2, dx), (3, dy)])
+            .with_cost(Cost::new(out, len + out))
     }
 
     pub fn gap_forward(

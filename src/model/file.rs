@@ -284,6 +284,8 @@ mod tests {
                    [[layer]]\ntype = \"maxpool\"\n";
         let e = err(&format!("{odd}{tail}"));
         assert!(e.contains("line 9") && e.contains("even height and width, its input is 13x13"), "{e}");
+        let e = err(&format!("{}{tail}", odd.replace("maxpool", "avgpool2")));
+        assert!(e.contains("line 9") && e.contains("a 2x2 average pooling needs an even height"), "{e}");
         let e = err(&format!("{conv}{tail}").replace("out = 10", "out = 7"));
         assert!(e.contains("line 7") && e.contains("must end in 10 class scores") && e.contains("7x1x1"), "{e}");
         let e = err(&conv.replace("kernel = 3", "kernel = 31"));

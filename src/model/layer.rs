@@ -40,6 +40,8 @@ pub enum Layer {
     },
     /// 2x2 max pooling with stride 2.
     MaxPool2,
+    /// 2x2 average pooling with stride 2.
+    AvgPool2,
     /// The mean of each plane: one value per channel.
     GlobalAvgPool,
 }
@@ -57,11 +59,12 @@ pub const TYPES: &[(&str, &[&str])] = &[
     ("relu", &[]),
     ("dropout", &["p"]),
     ("maxpool", &[]),
+    ("avgpool2", &[]),
     ("gap", &[]),
 ];
 
-/// Older names a model file may still use: `avgpool` was the global average pooling's `type`, and
-/// checkpoints hold model files that say so.
+/// Older names a model file may still use: `avgpool` was the global average pooling's `type` before
+/// the 2x2 average pooling came, and checkpoints hold model files that say so.
 const ALIASES: &[(&str, &str)] = &[("avgpool", "gap")];
 
 /// A model file's `[[layer]]` table, as read.
@@ -145,6 +148,7 @@ impl Layer {
             "relu" => Layer::Relu,
             "dropout" => Layer::Dropout { p: spec.p.ok_or("a dropout layer needs `p`")? },
             "maxpool" => Layer::MaxPool2,
+            "avgpool2" => Layer::AvgPool2,
             _ => Layer::GlobalAvgPool,
         })
     }
@@ -160,6 +164,7 @@ impl Layer {
             Layer::Relu => "type = \"relu\"\n".into(),
             Layer::Dropout { p } => format!("type = \"dropout\"\np = {p:?}\n"),
             Layer::MaxPool2 => "type = \"maxpool\"\n".into(),
+            Layer::AvgPool2 => "type = \"avgpool2\"\n".into(),
             Layer::GlobalAvgPool => "type = \"gap\"\n".into(),
         }
     }
@@ -203,10 +208,11 @@ impl Layer {
                 }
                 Ok(s)
             }
-            Layer::MaxPool2 => {
+            Layer::MaxPool2 | Layer::AvgPool2 => {
                 if !s.h.is_multiple_of(2) || !s.w.is_multiple_of(2) {
+                    let what = if *self == Layer::MaxPool2 { "max" } else { "average" };
                     return Err(format!(
-                        "a 2x2 max pooling needs an even height and width, its input is {}x{}",
+                        "a 2x2 {what} pooling needs an even height and width, its input is {}x{}",
                         s.h, s.w
                     ));
                 }
@@ -255,6 +261,7 @@ impl Layer {
             Layer::Relu => format!("relu#{i}"),
             Layer::Dropout { .. } => format!("dropout#{i}"),
             Layer::MaxPool2 => format!("maxpool#{i}"),
+            Layer::AvgPool2 => format!("avgpool2#{i}"),
             Layer::GlobalAvgPool => format!("gap#{i}"),
         }
     }
@@ -270,13 +277,14 @@ impl Layer {
             Layer::Relu => "ReLU".into(),
             Layer::Dropout { p } => format!("Dropout (p={p})"),
             Layer::MaxPool2 => "MaxPool2d (2x2)".into(),
+            Layer::AvgPool2 => "AvgPool2d (2x2)".into(),
             Layer::GlobalAvgPool => "AdaptiveAvgPool2d (1)".into(),
         }
     }
 
     /// A pooling: a layer of no parameters that reduces planes (see `cpu::pool`, `gpu::pool`).
     pub fn is_pooling(&self) -> bool {
-        matches!(self, Layer::MaxPool2 | Layer::GlobalAvgPool)
+        matches!(self, Layer::MaxPool2 | Layer::AvgPool2 | Layer::GlobalAvgPool)
     }
 }
 

@@ -140,7 +140,7 @@ pub(super) async fn conv_checks(
             TOL_SUMS,
         ),
         compare(
-            &format!("{name}.forward + batchnorm eval + relu"),
+            &format!("{name}.forward_bn_eval (+relu)"),
             layer,
             &format!("{input} -> {output}"),
             &read(ctx, &ybn, y.len()).await?,
@@ -161,7 +161,7 @@ pub(super) async fn conv_checks(
     }
     let g = read(ctx, &gb, state.len()).await?;
     let mut weight_check = compare(
-        &format!("{name}.backward (weights)"),
+        &format!("{name}.{}", if with_dx { "backward (weights)" } else { "backward_weights" }),
         layer,
         &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
         &g[w_off..b_off],
@@ -239,10 +239,10 @@ pub(super) async fn conv_stats_checks(
     let sv = read(ctx, &savedb, 2 * c).await?;
     let shape = format!("{} in {} tiles", nchw(n, c, d.ho(), d.wo()), l.forward_partials());
     Ok(vec![
-        compare("conv.forward -> batchnorm.stats (mean)", layer, &shape, &sv[..c], &saved.mean, TOL_SUMS),
-        compare("conv.forward -> batchnorm.stats (1/std)", layer, &shape, &sv[c..], &saved.invstd, TOL_SUMS),
+        compare("conv.forward_bn_stats -> batchnorm (mean)", layer, &shape, &sv[..c], &saved.mean, TOL_SUMS),
+        compare("conv.forward_bn_stats -> batchnorm (1/std)", layer, &shape, &sv[c..], &saved.invstd, TOL_SUMS),
         compare(
-            "conv.forward -> batchnorm.apply_train+relu",
+            "conv.forward_bn_stats -> batchnorm.apply_train+relu",
             layer,
             &shape,
             &read(ctx, &zb, z.len()).await?,
@@ -352,8 +352,15 @@ pub(super) async fn conv_sums_checks(
     let tiles = format!("{} in {} tiles", nchw(n, c, h, w), l.backward_partials());
     let act = nchw(n, c, h, w);
     Ok(vec![
-        compare("conv.backward -> batchnorm.backward (dgamma)", layer, &tiles, &gr[..c], &dgamma, TOL_SUMS),
-        compare("conv.backward -> batchnorm.backward (dbeta)", layer, &tiles, &gr[c..], &dbeta, TOL_SUMS),
-        compare("conv.backward -> batchnorm.backward_data", layer, &act, &read(ctx, &dxb, len).await?, &dx, TOL_SUMS),
+        compare("conv.backward_bn_sums -> batchnorm (dgamma)", layer, &tiles, &gr[..c], &dgamma, TOL_SUMS),
+        compare("conv.backward_bn_sums -> batchnorm (dbeta)", layer, &tiles, &gr[c..], &dbeta, TOL_SUMS),
+        compare(
+            "conv.backward_bn_sums -> batchnorm.backward_data",
+            layer,
+            &act,
+            &read(ctx, &dxb, len).await?,
+            &dx,
+            TOL_SUMS,
+        ),
     ])
 }

@@ -1,4 +1,4 @@
-//! The standalone pooling kernels: 2x2 max pooling and global average pooling.
+//! The standalone pooling kernels: 2x2 max and average pooling, and global average pooling.
 
 use crate::cpu::pool::*;
 use crate::gpu::kernel::run;
@@ -20,6 +20,7 @@ pub(super) async fn checks(
 ) -> Result<Vec<Check>> {
     match layer {
         Layer::MaxPool2 => maxpool_checks(ctx, k, name, n, s, seed, false).await,
+        Layer::AvgPool2 => avgpool2_checks(ctx, k, name, n, s, seed).await,
         Layer::GlobalAvgPool => gap_checks(ctx, k, name, n, s.c, s.h * s.w, seed).await,
         other => unreachable!("{other:?} is not a pooling"),
     }
@@ -98,5 +99,47 @@ pub(super) async fn gap_checks(
     Ok(vec![
         compare("pool.gap_forward", layer, &shape, &read(ctx, &yb, planes).await?, &y, TOL_ELEMENTWISE),
         compare("pool.gap_backward", layer, &shape, &read(ctx, &dxb, planes * hw).await?, &dx, TOL_ELEMENTWISE),
+    ])
+}
+
+/// The 2x2 average-pooling kernels: the same additions and division as the reference.
+async fn avgpool2_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    layer: &str,
+    n: usize,
+    s: Shape,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let Shape { c, h, w } = s;
+    let planes = n * c;
+    let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
+    let (x, dy) = (random(seed, len, 1.0), random(seed + 1, out, 1.0));
+    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
+    let (yb, dxb) = (ctx.zeros("y", out), ctx.zeros("dx", len));
+    let f = k.pool.avgpool2_forward(ctx, (planes, h, w), &xb, &yb);
+    let b = k.pool.avgpool2_backward(ctx, (planes, h, w), &dyb, &dxb);
+    run(ctx, &[&f, &b]);
+    let (mut y, mut dx) = (vec![0.0; out], vec![0.0; len]);
+    avgpool2_forward(planes, h, w, &x, &mut y);
+    avgpool2_backward(planes, h, w, &dy, &mut dx);
+    let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
+    Ok(vec![
+        compare(
+            "pool.avgpool2_forward",
+            layer,
+            &format!("{input} -> {output}"),
+            &read(ctx, &yb, out).await?,
+            &y,
+            TOL_ELEMENTWISE,
+        ),
+        compare(
+            "pool.avgpool2_backward",
+            layer,
+            &format!("{output} -> {input}"),
+            &read(ctx, &dxb, len).await?,
+            &dx,
+            TOL_ELEMENTWISE,
+        ),
     ])
 }
