@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""PyTorch's CPU training speed for the spec's network, to compare with `mnist-wgpu bench` on the same machine.
+"""PyTorch's CPU speed for the spec's network, to compare with `mnist-wgpu bench` on the same machine.
 
-Times training steps (forward, cross-entropy, backward, SGD with momentum and weight decay) at batch 100
-on random normalized inputs, with torch's default thread count (all cores); prints the median images/s of
-5 repeats of 20 steps after a warm-up, as `mnist-wgpu bench` does. Needs `pip install torch`.
+Times training steps (forward, cross-entropy, backward, SGD with momentum and weight decay) and
+evaluation (eval() mode under no_grad: forward and cross-entropy) at batch 100 on random normalized
+inputs, with torch's default thread count (all cores); prints for each the median images/s of 5 repeats
+of 20 batches after a warm-up, as `mnist-wgpu bench` does. Needs `pip install torch`.
 
     python3 scripts/torch_speed.py
 """
@@ -35,14 +36,22 @@ def main():
             F.cross_entropy(model(x[i]), y[i]).backward()
             opt.step()
 
-    run()
-    rates = []
-    for _ in range(REPEATS):
-        t = time.perf_counter()
-        run()
-        rates.append(STEPS * BATCH / (time.perf_counter() - t))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: training step, batch {BATCH}: "
-          f"{statistics.median(rates):.0f} images/s (min {min(rates):.0f}, max {max(rates):.0f})")
+    def evaluate():
+        model.eval()
+        with torch.no_grad():
+            for i in range(STEPS):
+                F.cross_entropy(model(x[i]), y[i])
+        model.train()
+
+    for what, work in (("training step", run), ("evaluation", evaluate)):
+        work()
+        rates = []
+        for _ in range(REPEATS):
+            t = time.perf_counter()
+            work()
+            rates.append(STEPS * BATCH / (time.perf_counter() - t))
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: {what}, batch {BATCH}: "
+              f"{statistics.median(rates):.0f} images/s (min {min(rates):.0f}, max {max(rates):.0f})")
 
 
 if __name__ == "__main__":

@@ -445,17 +445,23 @@ fn batchnorm_eval(c: u32, v: f32) -> f32 {
     return y;
 }
 
+// Tile `group` of forward (backward == false) or of dx, written as it is or, with `bn_eval`, through the
+// evaluation-mode batchnorm after this layer.
+fn plain_tile(lid: u32, group: u32, backward: bool, bn_eval: bool) {
+    let at = tile_at(group, backward);
+    if (!at.live) {
+        return;
+    }
+    write_tile(lid, at, tile_product(lid, at, backward), backward, bn_eval);
+}
+
 @compute @workgroup_size(TW)
 fn forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let at = tile_at(flat_group(wid, nwg), false);
-    if (!at.live) {
-        return;
-    }
-    write_tile(lid, at, tile_product(lid, at, false), false, false);
+    plain_tile(lid, flat_group(wid, nwg), false, false);
 }
 
 @compute @workgroup_size(TW)
@@ -479,20 +485,7 @@ fn forward_bn_eval(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let at = tile_at(flat_group(wid, nwg), false);
-    if (!at.live) {
-        return;
-    }
-    write_tile(lid, at, tile_product(lid, at, false), false, true);
-}
-
-// One dx tile, tile `group` of dx's.
-fn dx_tile(lid: u32, group: u32) {
-    let at = tile_at(group, true);
-    if (!at.live) {
-        return;
-    }
-    write_tile(lid, at, tile_product(lid, at, true), true, false);
+    plain_tile(lid, flat_group(wid, nwg), false, true);
 }
 
 // group is uniform across the workgroup, so every branch below keeps its barriers uniform.
@@ -506,7 +499,7 @@ fn backward(
     if (group < d.weight_groups) {
         weight_tile(lid, group);
     } else {
-        dx_tile(lid, group - d.weight_groups);
+        plain_tile(lid, group - d.weight_groups, true, false);
     }
 }
 

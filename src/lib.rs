@@ -4,13 +4,17 @@
 //! Dependencies point one way, down this list:
 //! - `train`: the epoch loop over a `Backend`, the one-cycle schedule, metrics, checkpoints; beside it
 //!   `verify`: the GPU kernels and whole steps of a `Backend` against the CPU reference;
-//! - `backend`: the Backend trait and its CPU and GPU implementations;
-//! - `gpu` (wgpu, the shaders of `shaders/`) and `cpu` (the reference ops), side by side: neither
-//!   imports the other (the GPU tests use the CPU reference as their oracle);
+//! - `gpu` (wgpu, the shaders of `shaders/`, the fusion lowering, the GPU backend) and `cpu` (the
+//!   reference ops, the CPU backend), side by side: neither imports the other (the GPU tests use the
+//!   CPU reference as their oracle);
+//! - `backend`: the Backend trait both implement;
 //! - `checkpoint`: safetensors with PyTorch's state_dict names;
 //! - `onnx`: a network and its weights as an ONNX model; `report`: a run's pictures and page;
-//! - `model`: the network described once, no wgpu; `data`: IDX files, augmentation, the loader thread;
-//!   `summary`: the report of a GPU run (`dist/run.sh`) from the files it wrote.
+//! - `model`: the network described once (each layer type in `model/layer.rs`), no wgpu; `data`: IDX
+//!   files, augmentation, the loader threads; `bundle_summary`: the table that ends a GPU bundle's run
+//!   (`dist/run.sh`), from the files it wrote.
+//!
+//! `docs/architecture.md` is the map: a training step's flow, where each op lives, how to add a layer.
 //!
 //! `model`, `data` and `checkpoint` build without features (the fuzz targets of `fuzz/` use them so);
 //! the `engine` feature adds the executors, training and verify, which also build for a web page

@@ -1,7 +1,7 @@
 //! Launches shaders/conv.wgsl: convolutions of any kernel size as tiled implicit matrix products
 //! (forward; backward: the weight gradient and dx in one launch), reading through a 2x2 max pooling
-//! of their input when one precedes them, with an optional evaluation-mode batchnorm and ReLU fused
-//! into forward.
+//! of their input when one precedes them. What a launch fuses is its epilogue (`ForwardEpilogue`,
+//! `BackwardEpilogue`), and each epilogue is an entry point of its own.
 
 use anyhow::{bail, Result};
 

@@ -1,6 +1,8 @@
 //! The GPU backend: raw wgpu device setup, one launcher per shader of `shaders/` (named after it),
-//! and the executor of the model description. Depends on `model`; nothing depends on it but the
-//! trainer and the CLI.
+//! the uniforms they share with WGSL (`uniform`), the fusion lowering that lists a step's launches
+//! (`fusion`), the executor that records them (`net`), chunk streaming and the Backend over it.
+//! Depends on `model`, `data` and the `backend` trait; nothing depends on it but the trainer, verify
+//! and the CLI.
 
 pub mod backend;
 pub mod batchnorm;

@@ -82,67 +82,66 @@ impl Pool {
         ctx.uniform("pool dims", &Dims { planes: planes as u32, h: h as u32, w: w as u32, _p0: 0 })
     }
 
-    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2.
-    pub fn maxpool_forward(
+    /// One invocation per 2x2 window of `planes` planes of h x w, binding `buffers` besides the uniform;
+    /// its cost: `flops` per window, the input read (or dx written) `passes` times, one value per window.
+    fn windows(
         &self,
         ctx: &GpuContext,
+        kernel: &Kernel,
         (planes, h, w): (usize, usize, usize),
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
+        buffers: &[(u32, &wgpu::Buffer)],
+        (flops, passes): (usize, usize),
     ) -> Dispatch {
         let u = Self::dims(ctx, planes, h, w);
         let (len, out) = (planes * h * w, planes * h * w / 4);
-        // Three comparisons per window; the window read, its maximum written.
-        self.maxpool_forward
-            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, y)])
-            .with_cost(Cost::new(3 * out, len + out))
+        let all: Vec<(u32, &wgpu::Buffer)> = [(0, &u)].into_iter().chain(buffers.iter().copied()).collect();
+        kernel.launch(ctx, groups_for(out), &all).with_cost(Cost::new(flops * out, passes * len + out))
+    }
+
+    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2: three comparisons per window.
+    pub fn maxpool_forward(
+        &self,
+        ctx: &GpuContext,
+        dims: (usize, usize, usize),
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+    ) -> Dispatch {
+        self.windows(ctx, &self.maxpool_forward, dims, &[(1, x), (2, y)], (3, 1))
     }
 
     /// dx from dy, each window's gradient routed to its maximum in the forward input x.
     pub fn maxpool_backward(
         &self,
         ctx: &GpuContext,
-        (planes, h, w): (usize, usize, usize),
+        dims: (usize, usize, usize),
         x: &wgpu::Buffer,
         dy: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Dispatch {
-        let u = Self::dims(ctx, planes, h, w);
-        let (len, out) = (planes * h * w, planes * h * w / 4);
-        self.maxpool_backward
-            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, dx), (3, dy)])
-            .with_cost(Cost::new(3 * out, 2 * len + out))
+        self.windows(ctx, &self.maxpool_backward, dims, &[(1, x), (2, dx), (3, dy)], (3, 2))
     }
 
-    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, each the mean of its window.
+    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, each the mean of its window:
+    /// three additions and a division.
     pub fn avgpool2_forward(
         &self,
         ctx: &GpuContext,
-        (planes, h, w): (usize, usize, usize),
+        dims: (usize, usize, usize),
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Dispatch {
-        let u = Self::dims(ctx, planes, h, w);
-        let (len, out) = (planes * h * w, planes * h * w / 4);
-        // Three additions and a division per window.
-        self.avgpool2_forward
-            .launch(ctx, groups_for(out), &[(0, &u), (1, x), (2, y)])
-            .with_cost(Cost::new(4 * out, len + out))
+        self.windows(ctx, &self.avgpool2_forward, dims, &[(1, x), (2, y)], (4, 1))
     }
 
     /// dx from dy: a quarter of each window's gradient to each of its places.
     pub fn avgpool2_backward(
         &self,
         ctx: &GpuContext,
-        (planes, h, w): (usize, usize, usize),
+        dims: (usize, usize, usize),
         dy: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Dispatch {
-        let u = Self::dims(ctx, planes, h, w);
-        let (len, out) = (planes * h * w, planes * h * w / 4);
-        self.avgpool2_backward
-            .launch(ctx, groups_for(out), &[(0, &u), (2, dx), (3, dy)])
-            .with_cost(Cost::new(out, len + out))
+        self.windows(ctx, &self.avgpool2_backward, dims, &[(2, dx), (3, dy)], (1, 1))
     }
 
     pub fn gap_forward(

@@ -2,10 +2,9 @@
 //! the layers into ops (a batchnorm with the ReLU, dropout and pooling it absorbs; a convolution with
 //! the max pooling it reads through, and in evaluation with the batchnorm after it), separately for
 //! the training forward pass, the evaluation forward pass and the backward pass; and it says which
-//! buffer holds each layer's output and which layers run in place. The GPU runs each op as one launch
-//! (a training batchnorm's sums over the batch run in the epilogues of the convolutions next to it, or
-//! where there is none, in a launch of their own); the CPU runs an op's
-//! layers one after another with its reference functions, in the same buffers.
+//! buffer holds each layer's output and which layers run in place. The GPU's fusion lowering
+//! (`gpu::fusion`) turns each op into its launches; the CPU runs an op's layers one after another
+//! with its reference functions, in the same buffers.
 
 use std::ops::Range;
 

@@ -26,6 +26,33 @@ pub(super) async fn checks(
     }
 }
 
+/// A 2x2 pooling's seeded input x (with `ties`, rounded to a few levels) and output gradient dy over a
+/// batch of `n` of shape `s`, uploaded, and the buffers for y and dx.
+struct Windows {
+    planes: usize,
+    len: usize,
+    out: usize,
+    x: Vec<f32>,
+    dy: Vec<f32>,
+    xb: wgpu::Buffer,
+    dyb: wgpu::Buffer,
+    yb: wgpu::Buffer,
+    dxb: wgpu::Buffer,
+}
+
+fn windows(ctx: &GpuContext, n: usize, s: Shape, seed: u64, ties: bool) -> Windows {
+    let planes = n * s.c;
+    let (len, out) = (planes * s.h * s.w, planes * (s.h / 2) * (s.w / 2));
+    let mut x = random(seed, len, 1.0);
+    if ties {
+        x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
+    }
+    let dy = random(seed + 1, out, 1.0);
+    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
+    let (yb, dxb) = (ctx.zeros("y", out), ctx.zeros("dx", len));
+    Windows { planes, len, out, x, dy, xb, dyb, yb, dxb }
+}
+
 /// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
 /// hold equal maxima and the first-on-ties rule decides where the gradient goes.
 pub(super) async fn maxpool_checks(
@@ -38,15 +65,7 @@ pub(super) async fn maxpool_checks(
     ties: bool,
 ) -> Result<Vec<Check>> {
     let Shape { c, h, w } = s;
-    let planes = n * c;
-    let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
-    let mut x = random(seed, len, 1.0);
-    if ties {
-        x.iter_mut().for_each(|v| *v = (*v * 2.0).round() / 2.0);
-    }
-    let dy = random(seed + 1, out, 1.0);
-    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
-    let (yb, dxb) = (ctx.zeros("y", out), ctx.zeros("dx", len));
+    let Windows { planes, len, out, x, dy, xb, dyb, yb, dxb } = windows(ctx, n, s, seed, ties);
     let f = k.pool.maxpool_forward(ctx, (planes, h, w), &xb, &yb);
     let b = k.pool.maxpool_backward(ctx, (planes, h, w), &xb, &dyb, &dxb);
     run(ctx, &[&f, &b]);
@@ -112,11 +131,7 @@ async fn avgpool2_checks(
     seed: u64,
 ) -> Result<Vec<Check>> {
     let Shape { c, h, w } = s;
-    let planes = n * c;
-    let (len, out) = (planes * h * w, planes * (h / 2) * (w / 2));
-    let (x, dy) = (random(seed, len, 1.0), random(seed + 1, out, 1.0));
-    let (xb, dyb) = (ctx.upload("x", &x), ctx.upload("dy", &dy));
-    let (yb, dxb) = (ctx.zeros("y", out), ctx.zeros("dx", len));
+    let Windows { planes, len, out, x, dy, xb, dyb, yb, dxb } = windows(ctx, n, s, seed, false);
     let f = k.pool.avgpool2_forward(ctx, (planes, h, w), &xb, &yb);
     let b = k.pool.avgpool2_backward(ctx, (planes, h, w), &dyb, &dxb);
     run(ctx, &[&f, &b]);
