@@ -292,6 +292,66 @@ fn step_params(r: &Recipe, schedule: &OneCycle, total_steps: usize) -> Vec<StepP
         .collect()
 }
 
+/// The run's position at `global_step`, for a checkpoint.
+fn position(
+    r: &Recipe,
+    epoch: usize,
+    batch_in_epoch: usize,
+    global_step: usize,
+    test_accuracy: Option<f64>,
+) -> Position {
+    Position { epoch, batch_in_epoch, global_step, test_accuracy, seed: r.seed, recipe: r.to_json() }
+}
+
+/// An epoch whose steps all ran: its index, the global step after it, the images it trained on, when
+/// it started and its last step's learning rate.
+struct Trained {
+    epoch: usize,
+    global: usize,
+    images: usize,
+    started: Instant,
+    lr: f64,
+}
+
+/// The end of a trained epoch: the test set evaluated, its record, the last checkpoint kept (and the
+/// best, when it is), then the record reported: an epoch reported always has its checkpoint.
+async fn end_epoch(
+    backend: &mut dyn Backend,
+    model: &Model,
+    data: &Mnist,
+    r: &Recipe,
+    t: Trained,
+    best_accuracy: &mut Option<f64>,
+    sink: &mut dyn Sink,
+) -> Result<(EpochRecord, Position)> {
+    let train_sums = backend.train_sums().await?;
+    check_finite(train_sums, t.global, sink)?;
+    let train_seconds = t.started.elapsed().as_secs_f64();
+    let (test_loss, correct) = evaluate(backend, &data.test, r.batch_size).await?;
+    let seen = t.images.max(1) as f64;
+    let accuracy = 100.0 * correct as f64 / data.test.len() as f64;
+    let record = EpochRecord {
+        epoch: t.epoch + 1,
+        train_loss: train_sums.loss_sum / seen,
+        train_accuracy: 100.0 * train_sums.correct as f64 / seen,
+        test_loss,
+        test_correct: correct,
+        test_total: data.test.len(),
+        test_accuracy: accuracy,
+        seconds: t.started.elapsed().as_secs_f64(),
+        train_images_per_sec: t.images as f64 / train_seconds,
+        lr: t.lr,
+    };
+    let at = position(r, t.epoch + 1, 0, t.global, Some(accuracy));
+    keep(backend, model, Kept::Last, &at, sink).await?;
+    if best_accuracy.is_none_or(|b| accuracy > b) {
+        *best_accuracy = Some(accuracy);
+        keep(backend, model, Kept::Best, &at, sink).await?;
+    }
+    sink.epoch_finished(&record)?;
+    Ok((record, at))
+}
+
 /// Trains `backend` (holding `model`'s state) on `data` as `opts.recipe` says, from `opts.start`,
 /// evaluating on the test set after every epoch; `sink` gets the progress, the records and the
 /// checkpoints. Setting `stop` ends the run after the chunk of steps being handed over, with its
@@ -319,14 +379,6 @@ pub async fn run(
     let mut records: Vec<EpochRecord> = Vec::new();
     backend.set_schedule(&step_params(&r, &schedule, r.epochs * steps_per_epoch))?;
     let ahead = loader_ahead(r.batch_size, opts.loader_threads);
-    let position = |epoch, batch_in_epoch, global_step, test_accuracy| Position {
-        epoch,
-        batch_in_epoch,
-        global_step,
-        test_accuracy,
-        seed: r.seed,
-        recipe: r.to_json(),
-    };
 
     while epoch < r.epochs {
         let started = Instant::now();
@@ -354,7 +406,7 @@ pub async fn run(
         let done = first_batch + run.batches;
         if run.stopped {
             check_finite(backend.train_sums().await?, global, sink)?;
-            let at = position(epoch, done, global, records.last().map(|e| e.test_accuracy));
+            let at = position(&r, epoch, done, global, records.last().map(|e| e.test_accuracy));
             keep(backend, model, Kept::Last, &at, sink).await?;
             sink.stopped(&at);
             return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
@@ -367,33 +419,9 @@ pub async fn run(
                 sink.last_kept()
             );
         }
-        let train_sums = backend.train_sums().await?;
-        check_finite(train_sums, global, sink)?;
-        let train_seconds = started.elapsed().as_secs_f64();
-
-        let (test_loss, correct) = evaluate(backend, &data.test, r.batch_size).await?;
-        let seen = run.images.max(1) as f64;
-        let accuracy = 100.0 * correct as f64 / data.test.len() as f64;
-        let record = EpochRecord {
-            epoch: epoch + 1,
-            train_loss: train_sums.loss_sum / seen,
-            train_accuracy: 100.0 * train_sums.correct as f64 / seen,
-            test_loss,
-            test_correct: correct,
-            test_total: data.test.len(),
-            test_accuracy: accuracy,
-            seconds: started.elapsed().as_secs_f64(),
-            train_images_per_sec: run.images as f64 / train_seconds,
-            lr: schedule.at(global.saturating_sub(1)).0,
-        };
-        let at = position(epoch + 1, 0, global, Some(accuracy));
-        keep(backend, model, Kept::Last, &at, sink).await?;
-        if best_accuracy.is_none_or(|b| accuracy > b) {
-            best_accuracy = Some(accuracy);
-            keep(backend, model, Kept::Best, &at, sink).await?;
-        }
-        // Only now: an epoch reported always has its checkpoint.
-        sink.epoch_finished(&record)?;
+        let lr = schedule.at(global.saturating_sub(1)).0;
+        let trained = Trained { epoch, global, images: run.images, started, lr };
+        let (record, at) = end_epoch(backend, model, data, &r, trained, &mut best_accuracy, sink).await?;
         records.push(record);
         epoch += 1;
         first_batch = 0;
