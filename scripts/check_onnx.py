@@ -7,7 +7,14 @@ its logits against mnist-wgpu's own (`mnist-wgpu eval CHECKPOINT --logits FILE`)
     python3 scripts/check_onnx.py net.onnx logits.safetensors [--data data/mnist]
 
 Needs onnxruntime, onnx, numpy and safetensors (pip install onnxruntime onnx numpy safetensors). Exits
-non-zero when a logit differs by more than 1e-5 or the accuracy differs.
+non-zero when a logit differs by more than 1e-5 of the largest logit, or the accuracy differs.
+
+The tolerance is relative, as verify's are: both sides compute in float32 with their own summation
+orders, so their logits part by rounding in proportion to the logits' size. Measured against the
+float64 truth (PyTorch in float64) on the 10,000 test images, 2026-12-06: for Net3's documented
+checkpoint (largest logit 24.2) mnist-wgpu is off by 1.0e-5, onnxruntime by 6.2e-6, PyTorch's float32 by
+7.2e-6; for models/net3-avgpool2.toml's seed-1 run (largest 24.8), 1.9e-5, 7.7e-6 and 1.1e-5. That is
+under 1e-6 of the largest logit; a wrong node is off by far more than 1e-5 of it.
 """
 import argparse
 import gzip
@@ -52,12 +59,14 @@ def main():
     if got.shape != want.shape:
         sys.exit(f"shapes differ: onnxruntime {got.shape}, mnist-wgpu {want.shape}")
     diff = float(np.abs(got - want).max())
+    scale = max(float(np.abs(want).max()), 1e-6)
     # The first maximum on ties, as mnist-wgpu counts.
     ours, theirs = int((want.argmax(1) == labels).sum()), int((got.argmax(1) == labels).sum())
     print(f"onnxruntime {ort.__version__}, opset {onnx.load(args.model).opset_import[0].version}: "
-          f"largest logit difference {diff:.2e} (tolerance {TOLERANCE:.0e}); "
+          f"largest logit difference {diff:.2e}, {diff / scale:.1e} of the largest logit {scale:.1f} "
+          f"(tolerance {TOLERANCE:.0e} of it); "
           f"accuracy {theirs}/{len(labels)} (mnist-wgpu: {ours}/{len(labels)})")
-    if diff > TOLERANCE or ours != theirs:
+    if diff > TOLERANCE * scale or ours != theirs:
         sys.exit("FAIL")
     print("OK")
 
