@@ -8,7 +8,7 @@
 # dist/ then holds the stripped release binary, the Vulkan loader library (Debian's libvulkan1, unpacked,
 # with glvnd's dispatch libraries),
 # the bundled MNIST, the PyTorch baseline scripts and run.sh. Copy dist/ to the GPU machine and run
-# `dist/run.sh OUTDIR` there (`--quick` for one epoch of each); see run.sh's header and the README.
+# `dist/run.sh OUTDIR` there (`--quick` for one epoch of each); see run.sh's header and docs/gpu-bundle.md.
 #
 # --baseline REV also builds the commit REV (in a temporary git worktree, its own target folder
 # target/baseline) into dist/baseline/: run.sh then profiles it right after this build, on the same

@@ -15,7 +15,9 @@ use mnist_wgpu::gpu::{GpuContext, INSTALL_HINT};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::{self, Recipe, TrainOptions};
 
-mod bench;
+mod commands;
+
+use commands::{bench, verify};
 
 /// Train the recipe's 17,900-parameter CNN on MNIST with WGSL compute shaders.
 #[derive(Parser)]
@@ -198,7 +200,7 @@ enum Command {
     /// Time every kernel of a GPU training step (GPU timestamp queries).
     Profile(bench::ProfileArgs),
     /// Check every GPU kernel at every layer shape, and whole training steps, against the CPU reference.
-    Verify(bench::VerifyArgs),
+    Verify(verify::VerifyArgs),
     /// The summary table of a dist/run.sh output folder (run.sh prints it last).
     #[command(hide = true)]
     BundleSummary {
@@ -426,7 +428,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Bench(args) => bench::run(args)?,
         Command::Profile(args) => bench::profile(args)?,
-        Command::Verify(args) => bench::verify(args)?,
+        Command::Verify(args) => verify::run(args)?,
         Command::BundleSummary { dir, steps, baseline_profile, baseline_rev } => {
             let baseline = baseline_profile.as_deref().zip(baseline_rev.as_deref());
             print!("{}", mnist_wgpu::bundle_summary::render(&dir, steps.as_deref(), baseline))

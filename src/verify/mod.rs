@@ -14,7 +14,7 @@
 //! - [`TOL_ELEMENTWISE`] 1e-6: element-wise arithmetic (pooling, dropout scaling, SGD), a few ulps;
 //! - [`TOL_SUMS`] 1e-5: everything that sums (convolutions, batchnorm statistics and gradients, softmax
 //!   and the loss) and the state after a step. Measured on lavapipe at batch 4: at most 6.6e-7
-//!   (conv4 dx); at batch 100, see the README;
+//!   (conv4 dx); at batch 100, see the README's table of checks on software adapters;
 //! - [`TOL_GRADIENTS`] 2e-5: gradients of a whole step (momenta after the first step are gradients),
 //!   sums of sums through the whole network.
 
