@@ -1,6 +1,7 @@
-//! `mnist-wgpu bench` and `profile`: images/s of the training step on each backend, of augmentation and of evaluation;
-//! Each figure is the median over repeats after warm-up; a backend's step is first checked against the
-//! CPU reference on one batch, so a fast but wrong kernel cannot post a number.
+//! `mnist-wgpu bench` (images/s of the training step on each backend, of augmentation and of
+//! evaluation) and `profile` (every launch of a GPU training step timed). Each figure is the median
+//! over repeats after warm-up; a backend's step is first checked against the CPU reference on one
+//! batch, so a fast but wrong kernel cannot post a number.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
