@@ -391,3 +391,19 @@ fn a_hundred_epochs_keep_a_flat_memory() {
     assert!(last as f64 <= second as f64 * 1.05, "grew from {second} KiB to {last} KiB over 97 epochs");
     assert!(highest as f64 <= second as f64 * 1.05, "reached {highest} KiB after {second} KiB at epoch 2");
 }
+
+/// `profile --backend cpu`: one row per op of a CPU training step (each layer's forward and backward,
+/// the loss, the update), each with its FLOPs, and the machine's peak; GPU-only flags refused.
+#[test]
+fn the_cpu_profile_times_every_op_beside_the_peak() {
+    let out = run(&["profile", "--backend", "cpu", "--steps", "1", "--batch-size", "8", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ops = v["ops"].as_array().unwrap();
+    // Net3's 22 layers forward and backward, the loss and the update.
+    assert_eq!(ops.len(), 2 * 22 + 2, "{v}");
+    assert_eq!(ops[0]["op"], "conv.forward conv1");
+    assert!(ops.iter().all(|o| o["median_us"].as_f64().unwrap() > 0.0), "{v}");
+    assert!(v["peak_gflop_per_s"].as_f64().unwrap() > 0.0 && v["peak"].as_str().unwrap().contains("sgemm"));
+    fails_with(&["profile", "--backend", "cpu", "--trace", "t.json"], "--trace and --adapter are for --backend gpu");
+}

@@ -13,6 +13,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use mnist_wgpu::backend::{Backend, StepParams, MAX_CHUNK_BATCHES};
+use mnist_wgpu::cpu::profile::OpTime;
+use mnist_wgpu::cpu::sgd::SgdStep;
+use mnist_wgpu::cpu::{CpuNet, DropoutMode};
 use mnist_wgpu::data::loader::{
     batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
@@ -294,6 +297,10 @@ pub struct ProfileArgs {
     /// The GPU adapter: an index from `adapters`, or part of its name (software adapters allowed).
     #[arg(long)]
     adapter: Option<String>,
+    /// The executor to profile: the GPU's launches (GPU timestamps), or the CPU backend's ops (wall
+    /// time, beside the machine's peak: a large matrix product on every core).
+    #[arg(long, value_enum, default_value = "gpu")]
+    backend: ProfiledBackend,
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -302,6 +309,16 @@ pub struct ProfileArgs {
     #[arg(long, value_name = "FILE")]
     trace: Option<std::path::PathBuf>,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfiledBackend {
+    Gpu,
+    Cpu,
+}
+
+/// The peak row's matrix product: large enough that packing and threads' start are a small part of it.
+const PEAK_SIZE: usize = 1024;
+const PEAK_REPEATS: usize = 5;
 
 /// Workgroups below which a training launch leaves most of a big GPU idle (issue 9's floor).
 const FEW_WORKGROUPS: u32 = 256;
@@ -367,6 +384,13 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
         batch_augment: BatchAugment::default(),
     };
     let order = epoch_order(1, 0, set.train.len());
+    if args.backend == ProfiledBackend::Cpu {
+        if args.trace.is_some() || args.adapter.is_some() {
+            bail!("--trace and --adapter are for --backend gpu");
+        }
+        let batches: Vec<Batch> = (0..=args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
+        return profile_cpu(&args, &model, &batches);
+    }
     let mut backend = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
     let p = step_params;
     let first = train_batch(&set.train, &order, &cfg, 0, 0);
@@ -472,5 +496,68 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     if let Some(path) = &args.trace {
         println!("\ntrace of the {} timed steps: {} (open in Perfetto)", args.steps, path.display());
     }
+    Ok(())
+}
+
+/// `profile --backend cpu`: every op of a CPU training step timed (medians over the steps after one
+/// warm-up step), with its FLOPs and minimum bytes, beside the machine's peak, so that each op's share
+/// of it reads as the GPU profile's roofline does.
+fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<()> {
+    let mut net = CpuNet::new(model);
+    let (mut state, mut momenta) = (model.init_state(1), vec![0.0; model.num_trainable]);
+    let mut runs: Vec<Vec<OpTime>> = Vec::new();
+    for (i, b) in batches.iter().enumerate() {
+        let p = step_params(i);
+        let sgd = SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay };
+        let dropout = DropoutMode::Hash { seed: p.dropout_seed, step: p.step };
+        let (_, ops) = net.profile_step(&mut state, &mut momenta, (&b.input, &b.labels), sgd, dropout);
+        if i > 0 {
+            runs.push(ops);
+        }
+    }
+    let rows: Vec<LaunchRow> = (0..runs[0].len())
+        .map(|k| {
+            let op = &runs[0][k];
+            let ns = median(runs.iter().map(|r| r[k].ns).collect()).0;
+            LaunchRow { label: op.label.clone(), workgroups: 0, flops: op.flops, bytes: op.bytes, ns }
+        })
+        .collect();
+    let (peak, peak_what) = mnist_wgpu::cpu::profile::peak_gflops(PEAK_SIZE, PEAK_REPEATS);
+    let total: f64 = rows.iter().map(|r| r.ns).sum();
+    let flops: f64 = rows.iter().map(|r| r.flops).sum();
+    let device = format!("CPU backend, {} threads", rayon::current_num_threads());
+    if args.json {
+        let ops: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "op": r.label, "median_us": r.ns / 1e3, "flops": r.flops, "min_bytes": r.bytes,
+                    "gflop_per_s": r.gflops(), "share_of_peak": r.gflops() / peak, "gb_per_s": r.gbytes(),
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "device": device, "batch_size": args.batch_size, "steps": args.steps, "step_us": total / 1e3,
+            "images_per_s": args.batch_size as f64 / (total / 1e9), "gflop_per_s": flops / total,
+            "peak_gflop_per_s": peak, "peak": peak_what, "ops": ops,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{device} - training step at batch {}, medians of {} steps", args.batch_size, args.steps);
+    println!("{:<40}{:>11}{:>7}{:>10}{:>8}{:>9}", "op", "us", "%", "GFLOP/s", "peak", "GB/s");
+    for r in &rows {
+        let (us, share, gf) = (r.ns / 1e3, 100.0 * r.ns / total, r.gflops());
+        println!("{:<40}{us:>11.1}{share:>6.1}%{gf:>10.1}{:>7.1}%{:>9.1}", r.label, 100.0 * gf / peak, r.gbytes());
+    }
+    let (images, rate) = (args.batch_size as f64 / (total / 1e9), flops / total);
+    println!(
+        "{:<40}{:>11.1}{:>7}{rate:>10.1}{:>7.1}%  ({images:.0} images/s)",
+        "the whole step",
+        total / 1e3,
+        "",
+        100.0 * rate / peak
+    );
+    println!("{:<40}{:>11}{:>7}{peak:>10.1}{:>8}  ({peak_what})", "the machine's peak", "", "", "100%");
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod gemm;
 pub mod loss;
 pub mod net;
 pub mod pool;
+pub mod profile;
 pub mod relu;
 pub mod sgd;
 

@@ -6,6 +6,7 @@ use super::conv::*;
 use super::dropout::{dropout_apply, dropout_mask_into};
 use super::loss::{softmax_cross_entropy, LossOut};
 use super::pool;
+use super::profile::{self, OpTime};
 use super::relu::*;
 use super::sgd::{sgd_update, SgdStep};
 use crate::model::plan::Plan;
@@ -64,6 +65,8 @@ pub struct CpuNet {
     grad_out: Vec<f32>,
     grad_in: Vec<f32>,
     dlogits: Vec<f32>,
+    /// When profiling (`profile_step`), each op's time as it runs.
+    timing: Option<Vec<OpTime>>,
 }
 
 /// Split a state buffer into one parameter tensor, by table index.
@@ -87,6 +90,7 @@ impl CpuNet {
             grad_out: Vec::new(),
             grad_in: Vec::new(),
             dlogits: Vec::new(),
+            timing: None,
         }
     }
 
@@ -134,6 +138,7 @@ impl CpuNet {
             if mode == Mode::Eval && matches!(model.layers[i], Layer::Dropout { .. }) {
                 continue; // the identity
             }
+            let started = self.timing.is_some().then(web_time::Instant::now);
             let (sin, sout) = (model.input_of(i), model.shapes[i]);
             let from = if i == 0 { None } else { at(i - 1) };
             let to = at(i).expect("a layer that runs has a buffer");
@@ -210,6 +215,10 @@ impl CpuNet {
                 (layer, params) => unreachable!("layer {layer:?} with parameters {params:?}"),
             };
             self.buffers[to] = y;
+            if let (Some(t), Some(started)) = (&mut self.timing, started) {
+                let (flops, bytes) = profile::cost(model, i, n, false);
+                t.push(OpTime { label: profile::label(model, i, false), flops, bytes, ns: elapsed_ns(started) });
+            }
         }
         self.logits_at = at(model.layers.len() - 1);
         self.logits()
@@ -227,6 +236,7 @@ impl CpuNet {
         for i in plan.backward.iter().flat_map(|op| op.clone().rev()) {
             let x: &[f32] = if i == 0 { &self.input } else { &self.buffers[plan.buffer[i - 1]] };
             let sin = model.input_of(i);
+            let started = self.timing.is_some().then(web_time::Instant::now);
             self.grad_in.resize(n * sin.len(), 0.0);
             let (dy, dx) = (&mut self.grad_out, &mut self.grad_in);
             // Layers that transform the gradient in place leave it in `dy`; the others write `dx`.
@@ -270,6 +280,10 @@ impl CpuNet {
             if !in_place {
                 std::mem::swap(&mut self.grad_out, &mut self.grad_in);
             }
+            if let (Some(t), Some(started)) = (&mut self.timing, started) {
+                let (flops, bytes) = profile::cost(model, i, n, true);
+                t.push(OpTime { label: profile::label(model, i, true), flops, bytes, ns: elapsed_ns(started) });
+            }
         }
         &self.grads
     }
@@ -289,12 +303,38 @@ impl CpuNet {
         self.forward(state, input, labels.len(), Mode::Train(dropout));
         let mut dlogits = std::mem::take(&mut self.dlogits);
         dlogits.resize(labels.len() * classes, 0.0);
+        let started = web_time::Instant::now();
         let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
+        self.time("loss", profile::loss_cost(labels.len(), classes), started);
         self.backward(state, &dlogits);
         self.dlogits = dlogits;
         let trainable = self.model.num_trainable;
+        let started = web_time::Instant::now();
         let nonfinite = sgd_update(sgd, &mut state[..trainable], &self.grads, momenta);
+        self.time("sgd.update", profile::sgd_cost(trainable), started);
         StepOut { loss: out.loss, correct: out.correct, nonfinite }
+    }
+
+    /// One training step as `train_step` runs it, with each op's time: the forward and backward ops
+    /// layer by layer, the loss and the update.
+    pub fn profile_step(
+        &mut self,
+        state: &mut [f32],
+        momenta: &mut [f32],
+        batch: (&[f32], &[u8]),
+        sgd: SgdStep,
+        dropout: DropoutMode,
+    ) -> (StepOut, Vec<OpTime>) {
+        self.timing = Some(Vec::new());
+        let out = self.train_step(state, momenta, batch.0, batch.1, sgd, dropout);
+        (out, self.timing.take().unwrap_or_default())
+    }
+
+    /// Records an op's time when profiling.
+    fn time(&mut self, label: &str, (flops, bytes): (f64, f64), started: web_time::Instant) {
+        if let Some(t) = &mut self.timing {
+            t.push(OpTime { label: label.into(), flops, bytes, ns: elapsed_ns(started) });
+        }
     }
 
     /// Evaluation-mode loss and correct count of a batch (running statistics, no dropout).
@@ -303,4 +343,8 @@ impl CpuNet {
         self.forward(state, input, labels.len(), Mode::Eval);
         softmax_cross_entropy(self.logits(), labels, classes, None)
     }
+}
+
+fn elapsed_ns(started: web_time::Instant) -> f64 {
+    started.elapsed().as_secs_f64() * 1e9
 }
