@@ -7,28 +7,28 @@
 // forward partials, then the backward partials (below).
 //
 // The sums over a channel's n * hw elements arrive as partial results, written by the launch before:
-//   forward:  d.fparts partials per channel, (count, mean, M2) at saved[2c + 3 (part c + channel)],
+//   forward:  d.fpartials partials per channel, (count, mean, M2) at saved[2c + 3 (part c + channel)],
 //             from the `stats` entry below or, when a convolution comes before, from its epilogue
 //             (conv.wgsl, one per tile of positions), which saves a launch;
-//   backward: d.bparts partials per channel, (sum g, sum g * xhat) at
-//             saved[2c + 3 c fparts + 2 (part c + channel)], from `backward_reduce` or, when a
+//   backward: d.bpartials partials per channel, (sum g, sum g * xhat) at
+//             saved[2c + 3 c fpartials + 2 (part c + channel)], from `backward_reduce` or, when a
 //             convolution reads this layer's output, from the epilogue of its dx.
-// The kernels that need the totals run one workgroup per (channel, slice) of the channel's elements:
+// The kernels that need the totals run one workgroup per (channel, span) of the channel's elements:
 // each combines its channel's partials in a fixed order (each invocation a strided run in part order,
-// then a tree), so every workgroup and every run gets the same bits, then works through its slice.
+// then a tree), so every workgroup and every run gets the same bits, then works through its span.
 //
-// Entry points and dispatch shapes (c * d.slices workgroups each, slice s of channel c in workgroup
+// Entry points and dispatch shapes (c * d.spans workgroups each, span s of channel c in workgroup
 // s c + c):
-//   stats            the slice's (count, mean, M2) as forward partial s (two passes, fixed tree order);
+//   stats            the span's (count, mean, M2) as forward partial s (two passes, fixed tree order);
 //                    with d.parts > 1, x arrives as that many parts (a convolution's split sums, part p
 //                    at p * len(x)), which the first pass adds in order and writes back as x
-//   apply_train      combines the forward partials (Chan's parallel variance), then over the slice
-//                    y = (x - mean) * invstd * gamma + beta [, ReLU] [, dropout]; slice 0 also saves
+//   apply_train      combines the forward partials (Chan's parallel variance), then over the span
+//                    y = (x - mean) * invstd * gamma + beta [, ReLU] [, dropout]; span 0 also saves
 //                    the mean and 1/std and updates the running statistics (unbiased variance)
-//   backward_reduce  the slice's dbeta = sum g and dgamma = sum g * xhat (g: dy masked by the ReLU,
+//   backward_reduce  the span's dbeta = sum g and dgamma = sum g * xhat (g: dy masked by the ReLU,
 //                    y > 0) as backward partial s
-//   backward_data    adds the backward partials, then over the slice
-//                    dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m); slice 0 also writes
+//   backward_data    adds the backward partials, then over the span
+//                    dx = gamma * invstd * (g - dbeta / m - xhat * dgamma / m); span 0 also writes
 //                    dbeta and dgamma into grads at the beta and gamma offsets
 //   apply_eval       one invocation per element (a flat grid of WG-wide workgroups): the normalization
 //                    with the running statistics
@@ -43,8 +43,8 @@
 struct Dims {
     n: u32, c: u32, hw: u32, relu: u32,
     gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
-    momentum: f32, eps: f32, slices: u32, fparts: u32,
-    bparts: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
+    momentum: f32, eps: f32, spans: u32, fpartials: u32,
+    bpartials: u32, dy_pooled: u32, dropout: u32, dropout_threshold: u32,
     dropout_scale: f32, maxpool: u32, width: u32, parts: u32,
     dropout_layer: u32, _p0: u32, _p1: u32, _p2: u32,
 }
@@ -64,19 +64,19 @@ fn element(c: u32, j: u32) -> u32 {
     return ((j / d.hw) * d.c + c) * d.hw + j % d.hw;
 }
 
-// Slice s of a channel's n * hw elements: [start, end).
-fn slice_range(s: u32) -> vec2<u32> {
+// Span s of a channel's n * hw elements: [start, end).
+fn span_range(s: u32) -> vec2<u32> {
     let m = d.n * d.hw;
-    let share = (m + d.slices - 1u) / d.slices;
+    let share = (m + d.spans - 1u) / d.spans;
     return vec2<u32>(min(m, s * share), min(m, (s + 1u) * share));
 }
 
-// The workgroup's channel and slice; the second is d.slices past the end (nothing to do) for a
+// The workgroup's channel and span; the second is d.spans past the end (nothing to do) for a
 // workgroup the grid rounded up.
-fn channel_slice(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
+fn channel_span(wid: vec3<u32>, nwg: vec3<u32>) -> vec2<u32> {
     let group = flat_group(wid, nwg);
-    if (group >= d.c * d.slices) {
-        return vec2<u32>(0u, d.slices);
+    if (group >= d.c * d.spans) {
+        return vec2<u32>(0u, d.spans);
     }
     return vec2<u32>(group % d.c, group / d.c);
 }
@@ -86,7 +86,7 @@ fn forward_partial(part: u32, c: u32) -> u32 {
 }
 
 fn backward_partial(part: u32, c: u32) -> u32 {
-    return 2u * d.c + 3u * d.c * d.fparts + 2u * (part * d.c + c);
+    return 2u * d.c + 3u * d.c * d.fpartials + 2u * (part * d.c + c);
 }
 
 // Chan et al.'s combination of two (count, mean, M2) summaries.
@@ -108,7 +108,7 @@ var<workgroup> red_n: array<f32, WG>;
 // Call from uniform control flow.
 fn channel_stats(lid: u32, c: u32) -> vec3<f32> {
     var mine = vec3<f32>(0.0);
-    for (var p = lid; p < d.fparts; p += WG) {
+    for (var p = lid; p < d.fpartials; p += WG) {
         let at = forward_partial(p, c);
         mine = chan(mine, vec3<f32>(saved[at], saved[at + 1u], saved[at + 2u]));
     }
@@ -135,7 +135,7 @@ fn channel_stats(lid: u32, c: u32) -> vec3<f32> {
 fn channel_sums(lid: u32, c: u32) -> vec2<f32> {
     var sg = 0.0;
     var sgx = 0.0;
-    for (var p = lid; p < d.bparts; p += WG) {
+    for (var p = lid; p < d.bpartials; p += WG) {
         let at = backward_partial(p, c);
         sg += saved[at];
         sgx += saved[at + 1u];
@@ -149,13 +149,13 @@ fn stats(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let cs = channel_slice(wid, nwg);
+    let cs = channel_span(wid, nwg);
     // Uniform across the workgroup, so this early exit keeps the barriers below uniform.
-    if (cs.y >= d.slices) {
+    if (cs.y >= d.spans) {
         return;
     }
     let c = cs.x;
-    let r = slice_range(cs.y);
+    let r = span_range(cs.y);
     let count = f32(r.y - r.x);
     var sum = 0.0;
     for (var j = r.x + lid; j < r.y; j += WG) {
@@ -205,8 +205,8 @@ fn apply_train(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let cs = channel_slice(wid, nwg);
-    if (cs.y >= d.slices) {
+    let cs = channel_span(wid, nwg);
+    if (cs.y >= d.spans) {
         return;
     }
     let c = cs.x;
@@ -222,7 +222,7 @@ fn apply_train(
         state[d.mean_off + c] = (1.0 - d.momentum) * state[d.mean_off + c] + d.momentum * mean;
         state[d.var_off + c] = (1.0 - d.momentum) * state[d.var_off + c] + d.momentum * unbiased;
     }
-    let r = slice_range(cs.y);
+    let r = span_range(cs.y);
     for (var j = r.x + lid; j < r.y; j += WG) {
         let i = element(c, j);
         let v = normalize(i, c, mean, invstd);
@@ -292,12 +292,12 @@ fn backward_reduce(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let cs = channel_slice(wid, nwg);
-    if (cs.y >= d.slices) {
+    let cs = channel_span(wid, nwg);
+    if (cs.y >= d.spans) {
         return;
     }
     let c = cs.x;
-    let r = slice_range(cs.y);
+    let r = span_range(cs.y);
     let mean = saved[c];
     let invstd = saved[d.c + c];
     var sg = 0.0;
@@ -322,8 +322,8 @@ fn backward_data(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let cs = channel_slice(wid, nwg);
-    if (cs.y >= d.slices) {
+    let cs = channel_span(wid, nwg);
+    if (cs.y >= d.spans) {
         return;
     }
     let c = cs.x;
@@ -336,7 +336,7 @@ fn backward_data(
     let mean = saved[c];
     let invstd = saved[d.c + c];
     let scale = state[d.gamma_off + c] * invstd;
-    let r = slice_range(cs.y);
+    let r = span_range(cs.y);
     for (var j = r.x + lid; j < r.y; j += WG) {
         let i = element(c, j);
         let xhat = (x[i] - mean) * invstd;

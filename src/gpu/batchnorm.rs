@@ -29,13 +29,13 @@ pub struct BnLayer {
     pub offsets: BnOffsets,
     pub momentum: f32,
     pub eps: f32,
-    /// Slices of each channel's elements, one workgroup each (`bn_slices`).
-    pub slices: usize,
+    /// Spans of each channel's elements, one workgroup each (`bn_spans`).
+    pub spans: usize,
     /// Partials per channel of the forward sums when the convolution before writes them (its tiles
-    /// of positions), else None: the statistics kernel runs and writes one per slice.
-    pub forward_parts: Option<usize>,
+    /// of positions), else None: the statistics kernel runs and writes one per span.
+    pub conv_forward_partials: Option<usize>,
     /// The same for the backward sums, when the convolution after writes them from its dx.
-    pub backward_parts: Option<usize>,
+    pub conv_backward_partials: Option<usize>,
     /// In the backward pass, dy is the gradient of a global average pooling of this layer's output
     /// (one value per plane): the pooling's backward is fused in.
     pub dy_pooled: bool,
@@ -60,23 +60,23 @@ pub struct FusedDropout {
 
 /// Workgroups a batchnorm's kernels are spread over, at least, where there are few channels.
 const BN_GROUPS: usize = 512;
-/// Slices of a channel's elements, at most.
-const MAX_BN_SLICES: usize = 64;
+/// Spans of a channel's elements, at most.
+const MAX_BN_SPANS: usize = 64;
 
-/// How many slices a channel's elements are cut into, one workgroup each: enough for BN_GROUPS
+/// How many spans a channel's elements are cut into, one workgroup each: enough for BN_GROUPS
 /// workgroups.
-pub fn bn_slices(c: usize) -> usize {
-    BN_GROUPS.div_ceil(c).clamp(1, MAX_BN_SLICES)
+pub fn bn_spans(c: usize) -> usize {
+    BN_GROUPS.div_ceil(c).clamp(1, MAX_BN_SPANS)
 }
 
 impl BnLayer {
-    /// Forward partials per channel: the convolution's tiles, or the statistics kernel's slices.
+    /// Forward partials per channel: the convolution's tiles, or the statistics kernel's spans.
     pub fn forward_partials(&self) -> usize {
-        self.forward_parts.unwrap_or(self.slices)
+        self.conv_forward_partials.unwrap_or(self.spans)
     }
 
     pub fn backward_partials(&self) -> usize {
-        self.backward_parts.unwrap_or(self.slices)
+        self.conv_backward_partials.unwrap_or(self.spans)
     }
 
     /// Where the forward partials start in `saved` (after the mean and 1/std).
@@ -108,9 +108,9 @@ uniform! {
         var_off: u32,
         momentum: f32,
         eps: f32,
-        slices: u32,
-        fparts: u32,
-        bparts: u32,
+        spans: u32,
+        fpartials: u32,
+        bpartials: u32,
         dy_pooled: u32,
         dropout: u32,
         dropout_threshold: u32,
@@ -137,9 +137,9 @@ fn dims(l: &BnLayer) -> Dims {
         var_off: l.offsets.running_var as u32,
         momentum: l.momentum,
         eps: l.eps,
-        slices: l.slices as u32,
-        fparts: l.forward_partials() as u32,
-        bparts: l.backward_partials() as u32,
+        spans: l.spans as u32,
+        fpartials: l.forward_partials() as u32,
+        bpartials: l.backward_partials() as u32,
         dy_pooled: l.dy_pooled as u32,
         dropout: l.dropout.is_some() as u32,
         dropout_threshold: l.dropout.map_or(0, |d| dropout_threshold(d.p)),
@@ -193,11 +193,11 @@ impl BatchNorm {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, b.y), (8, b.step)];
         let len = l.n * l.c * l.hw;
-        let groups = (l.c * l.slices) as u32;
+        let groups = (l.c * l.spans) as u32;
         let partials = 3 * l.c * l.forward_partials();
         let mut launches = Vec::new();
-        if l.forward_parts.is_none() {
-            // Mean and M2 of x per slice (adding the parts of a split convolution's output).
+        if l.conv_forward_partials.is_none() {
+            // Mean and M2 of x per span (adding the parts of a split convolution's output).
             let stats = self.stats.launch(ctx, groups, &all);
             launches.push(stats.with_cost(Cost::new((2 + l.parts) * len, l.parts * len + partials)));
         }
@@ -230,11 +230,11 @@ impl BatchNorm {
         let u = ctx.uniform("batchnorm dims", &dims(l));
         let all = [(0, &u), (1, b.x), (2, b.state), (3, b.saved), (4, dx), (5, dy), (6, grads), (7, b.y), (8, b.step)];
         let len = l.n * l.c * l.hw;
-        let groups = (l.c * l.slices) as u32;
+        let groups = (l.c * l.spans) as u32;
         let partials = 2 * l.c * l.backward_partials();
         let mut launches = Vec::new();
-        if l.backward_parts.is_none() {
-            // The sums of dy and dy * x-hat per slice (reading x, dy and, for the masks, y).
+        if l.conv_backward_partials.is_none() {
+            // The sums of dy and dy * x-hat per span (reading x, dy and, for the masks, y).
             let reduce = self.backward_reduce.launch(ctx, groups, &all);
             launches.push(reduce.with_cost(Cost::new(4 * len, 3 * len + partials)));
         }

@@ -9,12 +9,13 @@
 //! - **parts**: a convolution's forward output written as several whole copies, each the sum over a
 //!   share of its depth (`splits` of them); the batchnorm statistics add the parts.
 //! - **partials**: a batchnorm's sums over a channel's elements, one per tile of positions (from a
-//!   convolution's epilogue) or one per slice of the channel (from its own reduction launch).
+//!   convolution's epilogue) or one per span of the channel (from its own reduction launch).
 //! - **slices**: a weight gradient's sum over positions cut into shares, each written apart
-//!   (`SlicedGrad`); the SGD kernel adds them. A batchnorm's workgroups also cut each channel into
-//!   slices (`bn_slices`), whose partials are the batchnorm's own.
+//!   (`SlicedGrad`); the SGD kernel adds them.
+//! - **spans**: the shares of a channel's elements that a batchnorm's workgroups take, one each
+//!   (`bn_spans`).
 
-use super::batchnorm::{bn_slices, BnLayer, BnOffsets, FusedDropout};
+use super::batchnorm::{bn_spans, BnLayer, BnOffsets, FusedDropout};
 use super::conv::{forward_splits, weight_grad_slices, Conv, ConvGrad, ConvLayer};
 use super::sgd::SlicedGrad;
 use crate::model::plan::{Op, Plan};
@@ -257,9 +258,9 @@ impl Fusion {
             },
             momentum: BN_MOMENTUM,
             eps: BN_EPS,
-            slices: bn_slices(c),
-            forward_parts: tiles_of(self.stats_from[i], true),
-            backward_parts: tiles_of(self.sums_from[i], false),
+            spans: bn_spans(c),
+            conv_forward_partials: tiles_of(self.stats_from[i], true),
+            conv_backward_partials: tiles_of(self.sums_from[i], false),
             dy_pooled: f.avgpool,
             dropout: f.dropout.map(|(layer, p)| FusedDropout { p, layer }),
             maxpool: f.maxpool,
@@ -342,7 +343,7 @@ mod tests {
         assert_eq!(f.sums_from[4], Some(8));
         assert_eq!(f.sums_from[19], None);
         let bn2 = f.bn_layer(&m, 4).unwrap();
-        assert!(bn2.relu && bn2.maxpool && bn2.dropout.is_some() && bn2.backward_parts.is_some());
+        assert!(bn2.relu && bn2.maxpool && bn2.dropout.is_some() && bn2.conv_backward_partials.is_some());
         assert!(f.bn_layer(&m, 0).is_none() && f.conv_layer(&m, 1).is_none());
     }
 }

@@ -4,7 +4,7 @@ use crate::cpu::batchnorm::*;
 use crate::cpu::dropout::{dropout_apply, dropout_mask};
 use crate::cpu::pool::*;
 use crate::cpu::relu::{relu_backward, relu_forward};
-use crate::gpu::batchnorm::{bn_slices, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use crate::gpu::batchnorm::{bn_spans, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
 use crate::model::{BN_EPS, BN_MOMENTUM};
@@ -70,9 +70,9 @@ pub(super) async fn batchnorm_checks(
     // State layout: gamma, beta, running mean, running var.
     let state: Vec<f32> = [&gamma[..], &beta, &rm, &rv].concat();
     let offsets = BnOffsets { gamma: 0, beta: c, running_mean: 2 * c, running_var: 3 * c };
-    // The sums in as many slices as training uses, by the batchnorm's own kernels (the partials
+    // The sums in as many spans as training uses, by the batchnorm's own kernels (the partials
     // written by a convolution's epilogues are checked in conv_stats_checks and conv_sums_checks).
-    let slices = bn_slices(c);
+    let spans = bn_spans(c);
     let l = BnLayer {
         n,
         c,
@@ -81,9 +81,9 @@ pub(super) async fn batchnorm_checks(
         offsets,
         momentum: BN_MOMENTUM,
         eps: BN_EPS,
-        slices,
-        forward_parts: None,
-        backward_parts: None,
+        spans,
+        conv_forward_partials: None,
+        conv_backward_partials: None,
         dy_pooled: case.pooling == BnPooling::Global,
         dropout: case.dropout,
         maxpool: matches!(case.pooling, BnPooling::Max { .. }),
@@ -145,20 +145,20 @@ pub(super) async fn batchnorm_checks(
         BnPooling::Max { .. } => " (dy of max pool)",
     };
     let act = format!("{n}x{c}x{}", d.hw);
-    let in_slices = format!("{act} in {slices} slice{}", if slices > 1 { "s" } else { "" });
+    let in_spans = format!("{act} in {spans} span{}", if spans > 1 { "s" } else { "" });
     let sv = read(ctx, &savedb, 2 * c).await?;
     let st = read(ctx, &sb, 4 * c).await?;
     let gr = read(ctx, &gb, 2 * c).await?;
     let dx_gpu = read(ctx, &dxb, len).await?;
     let per_channel = format!("{c}");
     let mut checks = vec![
-        compare(&format!("batchnorm.stats (mean){parts_tag}"), layer, &in_slices, &sv[..c], &saved.mean, TOL_SUMS),
-        compare("batchnorm.stats (1/std)", layer, &in_slices, &sv[c..], &saved.invstd, TOL_SUMS),
+        compare(&format!("batchnorm.stats (mean){parts_tag}"), layer, &in_spans, &sv[..c], &saved.mean, TOL_SUMS),
+        compare("batchnorm.stats (1/std)", layer, &in_spans, &sv[c..], &saved.invstd, TOL_SUMS),
         compare("batchnorm.stats (running mean)", layer, &per_channel, &st[2 * c..3 * c], &rm2, TOL_SUMS),
         compare("batchnorm.stats (running var)", layer, &per_channel, &st[3 * c..], &rv2, TOL_SUMS),
         compare(&format!("batchnorm.apply_train{relu_tag}"), layer, &act, &y_gpu, &y, TOL_SUMS),
-        compare(&format!("batchnorm.backward_reduce (dgamma){dy_tag}"), layer, &in_slices, &gr[..c], &dgamma, TOL_SUMS),
-        compare(&format!("batchnorm.backward_reduce (dbeta){dy_tag}"), layer, &in_slices, &gr[c..], &dbeta, TOL_SUMS),
+        compare(&format!("batchnorm.backward_reduce (dgamma){dy_tag}"), layer, &in_spans, &gr[..c], &dgamma, TOL_SUMS),
+        compare(&format!("batchnorm.backward_reduce (dbeta){dy_tag}"), layer, &in_spans, &gr[c..], &dbeta, TOL_SUMS),
         compare(&format!("batchnorm.backward_data{relu_tag}{dy_tag}"), layer, &act, &dx_gpu, &dx, TOL_SUMS),
     ];
 

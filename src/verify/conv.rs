@@ -7,7 +7,7 @@ use crate::cpu::conv::{bias_backward, bias_forward, conv_backward, conv_forward}
 use crate::cpu::dropout::{dropout_apply, dropout_mask};
 use crate::cpu::pool::*;
 use crate::cpu::relu::{relu_backward, relu_forward};
-use crate::gpu::batchnorm::{bn_slices, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use crate::gpu::batchnorm::{bn_spans, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::conv::{
     forward_splits, weight_grad_slices, BackwardEpilogue, BnStats, BnSums, Conv, ConvGrad, ConvLayer, EvalBn,
     ForwardEpilogue, GradBuffers,
@@ -210,9 +210,9 @@ pub(super) async fn conv_stats_checks(
         offsets,
         momentum: BN_MOMENTUM,
         eps: BN_EPS,
-        slices: bn_slices(c),
-        forward_parts: Some(Conv::position_tiles(positions)),
-        backward_parts: None,
+        spans: bn_spans(c),
+        conv_forward_partials: Some(Conv::position_tiles(positions)),
+        conv_backward_partials: None,
         dy_pooled: false,
         dropout: None,
         maxpool: false,
@@ -285,9 +285,9 @@ pub(super) async fn conv_sums_checks(
         offsets,
         momentum: BN_MOMENTUM,
         eps: BN_EPS,
-        slices: bn_slices(c),
-        forward_parts: None,
-        backward_parts: Some(Conv::position_tiles(n * d.h * d.w)),
+        spans: bn_spans(c),
+        conv_forward_partials: None,
+        conv_backward_partials: Some(Conv::position_tiles(n * d.h * d.w)),
         dy_pooled: false,
         dropout: case.dropout,
         maxpool: pool,

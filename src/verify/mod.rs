@@ -236,7 +236,7 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
     }
     checks.extend(loss::loss_checks(ctx, k, "odd shape", (300, 10, 0), 12).await?);
     checks.extend(loss::loss_checks(ctx, k, "odd shape", (300, 10, 7), 15).await?);
-    // A batchnorm whose 39 elements per channel leave its last slices short and empty, and whose
+    // A batchnorm whose 39 elements per channel leave its last spans short and empty, and whose
     // workgroups straddle many planes; with and without the ReLU.
     let odd = BnDims { n: 3, c: 5, hw: 13 };
     let relu = BnCase { relu: true, ..Default::default() };
