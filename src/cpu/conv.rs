@@ -6,10 +6,35 @@
 //! within each group and then over the groups in order, so the result does not depend on the number
 //! of threads.
 
+use std::cell::RefCell;
+
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
 pub use crate::model::ConvDims;
+
+thread_local! {
+    /// Each thread's scratch, kept between calls: its im2col matrix, and (on the calling thread) the
+    /// per-group weight gradients. Fresh buffers each call cost the kernel a page clearing each time.
+    static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on the first `len` values of this thread's `scratch` (grown as needed; what it held
+/// before is left in it: every user writes what it reads).
+fn with_scratch<R>(
+    scratch: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    scratch.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < len {
+            s.resize(len, 0.0);
+        }
+        f(&mut s[..len])
+    })
+}
 
 /// For a "same" convolution (output as large as the input), output pixel j of the plane reads input
 /// pixel j + offset of the plane, offset = (ky - pad) * w + (kx - pad), wherever that lies in the image.
@@ -119,18 +144,19 @@ pub fn conv_forward(d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), d.n * d.in_image());
     assert_eq!(weight.len(), d.weight_len());
     assert_eq!(y.len(), d.n * d.out_image());
-    y.par_chunks_mut(d.out_image()).zip(x.par_chunks(d.in_image())).for_each_init(
-        || vec![0.0f32; if d.is_pointwise() { 0 } else { d.col_rows() * d.col_cols() }],
-        |col, (y_img, x_img)| {
-            let col: &[f32] = if d.is_pointwise() {
-                x_img
-            } else {
+    let product = |col: &[f32], y_img: &mut [f32]| {
+        gemm(d.cout, d.col_rows(), d.col_cols(), weight, Layout::Normal, col, Layout::Normal, 0.0, y_img)
+    };
+    y.par_chunks_mut(d.out_image()).zip(x.par_chunks(d.in_image())).for_each(|(y_img, x_img)| {
+        if d.is_pointwise() {
+            product(x_img, y_img);
+        } else {
+            with_scratch(&COLUMNS, d.col_rows() * d.col_cols(), |col| {
                 im2col(d, x_img, col);
-                col
-            };
-            gemm(d.cout, d.col_rows(), d.col_cols(), weight, Layout::Normal, col, Layout::Normal, 0.0, y_img);
-        },
-    );
+                product(col, y_img);
+            });
+        }
+    });
 }
 
 /// Gradients of the convolution: `dweight` (overwritten) and, when asked, `dx` (overwritten).
@@ -161,7 +187,29 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
     // group adds up its images' weight gradients in order, then the groups' sums are added in order.
     let group = d.n.div_ceil(16).max(1);
     let groups = d.n.div_ceil(group);
-    let mut partial = vec![0.0f32; groups * d.weight_len()];
+    with_scratch(&PARTIALS, groups * d.weight_len(), |partial| {
+        weight_grads_in_groups(d, x, dy, dx, group, partial, &per_image);
+        sum_rows(partial, dweight);
+    });
+}
+
+/// One image's share of `conv_backward`: its weight gradient into `dw` (added with beta 1), its dx
+/// when asked, with `col` as its scratch.
+type PerImage<'a> = dyn Fn(&[f32], &[f32], Option<&mut [f32]>, &mut [f32], &mut [f32], f32) + Sync + 'a;
+
+/// The images in groups of `group` consecutive ones, in parallel: each group's weight gradient summed
+/// in order into its row of `partial`, its images' dx written.
+fn weight_grads_in_groups(
+    d: &ConvDims,
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    group: usize,
+    partial: &mut [f32],
+    per_image: &PerImage,
+) {
+    let groups = d.n.div_ceil(group);
+    let (rows, cols) = (d.col_rows(), d.col_cols());
     let dx_groups: Vec<Option<&mut [f32]>> = match dx {
         Some(dx) => {
             assert_eq!(dx.len(), d.n * d.in_image());
@@ -174,14 +222,16 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
         .zip(dx_groups)
         .zip(x.par_chunks(group * d.in_image()).zip(dy.par_chunks(group * d.out_image())))
         .for_each(|((dw, dx_group), (x_group, dy_group))| {
-            let mut col = vec![0.0f32; if d.is_pointwise() { 0 } else { rows * cols }];
-            let mut dx_images = dx_group.map(|dx| dx.chunks_mut(d.in_image()));
-            for (j, (x_img, dy_img)) in x_group.chunks(d.in_image()).zip(dy_group.chunks(d.out_image())).enumerate() {
-                let dx_img = dx_images.as_mut().and_then(|images| images.next());
-                per_image(x_img, dy_img, dx_img, &mut col, dw, if j == 0 { 0.0 } else { 1.0 });
-            }
+            let len = if d.is_pointwise() { 0 } else { rows * cols };
+            with_scratch(&COLUMNS, len, |col| {
+                let mut dx_images = dx_group.map(|dx| dx.chunks_mut(d.in_image()));
+                let images = x_group.chunks(d.in_image()).zip(dy_group.chunks(d.out_image()));
+                for (j, (x_img, dy_img)) in images.enumerate() {
+                    let dx_img = dx_images.as_mut().and_then(|images| images.next());
+                    per_image(x_img, dy_img, dx_img, col, dw, if j == 0 { 0.0 } else { 1.0 });
+                }
+            });
         });
-    sum_rows(&partial, dweight);
 }
 
 /// out[j] = sum over rows r of rows[r * out.len() + j], rows added in order.
