@@ -39,18 +39,19 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
     y.par_chunks_mut(ho * wo).zip(argmax.par_chunks_mut(ho * wo)).zip(x.par_chunks(h * w)).for_each(
         |((yp, ap), xp)| {
             for oy in 0..ho {
+                let (top, bottom) = (&xp[2 * oy * w..][..w], &xp[(2 * oy + 1) * w..][..w]);
+                let (y_row, a_row) = (&mut yp[oy * wo..][..wo], &mut ap[oy * wo..][..wo]);
                 for ox in 0..wo {
-                    let mut best = f32::NEG_INFINITY;
-                    let mut at = 0u8;
-                    for (i, (dy, dx)) in [(0, 0), (0, 1), (1, 0), (1, 1)].into_iter().enumerate() {
-                        let v = xp[(2 * oy + dy) * w + 2 * ox + dx];
-                        if v > best || v.is_nan() {
-                            best = v;
-                            at = i as u8;
-                        }
+                    // The window in row-major order; a later value wins when greater or NaN (selects,
+                    // not branches, so the row vectorizes).
+                    let (mut best, mut at) = (top[2 * ox], 0u8);
+                    for (i, v) in [(1, top[2 * ox + 1]), (2, bottom[2 * ox]), (3, bottom[2 * ox + 1])] {
+                        let wins = v > best || v.is_nan();
+                        best = if wins { v } else { best };
+                        at = if wins { i } else { at };
                     }
-                    yp[oy * wo + ox] = best;
-                    ap[oy * wo + ox] = at;
+                    y_row[ox] = best;
+                    a_row[ox] = at;
                 }
             }
         },
