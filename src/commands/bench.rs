@@ -106,6 +106,11 @@ fn validate(backend: &mut dyn Backend, model: &Model, batch_size: usize) -> Resu
 /// Batches the loader rows time per repeat (at least): long enough for the threads to start and settle.
 const LOADER_BATCHES: usize = 200;
 
+/// The loader of the timed batches: seed 1, the recipe's augmentation.
+fn timed_loader(batch_size: usize) -> LoaderConfig {
+    LoaderConfig { seed: 1, batch_size, augment: Some(Augment::default()), batch_augment: BatchAugment::default() }
+}
+
 /// The parameters of timed step `step` (dropout on, as in training).
 fn step_params(step: usize) -> StepParams {
     StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32, dropout: true }
@@ -163,12 +168,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.batch_size > set.train.len() {
         bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
     }
-    let cfg = LoaderConfig {
-        seed: 1,
-        batch_size: args.batch_size,
-        augment: Some(Augment::default()),
-        batch_augment: BatchAugment::default(),
-    };
+    let cfg = timed_loader(args.batch_size);
     let order = epoch_order(1, 0, set.train.len());
     let batches: Vec<Batch> = (0..args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
     let mut rows = Vec::new();
@@ -377,12 +377,10 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     }
     let model = mnist_wgpu::model::file::for_mnist(args.model.as_deref())?;
     let set = data::load_dir(&data::default_dir())?;
-    let cfg = LoaderConfig {
-        seed: 1,
-        batch_size: args.batch_size,
-        augment: Some(Augment::default()),
-        batch_augment: BatchAugment::default(),
-    };
+    if args.batch_size > set.train.len() {
+        bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
+    }
+    let cfg = timed_loader(args.batch_size);
     let order = epoch_order(1, 0, set.train.len());
     if args.backend == ProfiledBackend::Cpu {
         if args.trace.is_some() || args.adapter.is_some() {
