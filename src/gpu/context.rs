@@ -341,6 +341,14 @@ impl GpuContext {
         #[cfg(not(target_arch = "wasm32"))]
         if !ready() {
             self.poll(wgpu::PollType::Wait { submission_index: submission, timeout: None })?;
+            // Another thread polling the same device may have collected this work's callback and
+            // not run it yet (wgpu runs callbacks on the thread that polled, after its locks): it
+            // does so in a moment. Seen in the parity tests, which share one device.
+            let deadline = std::time::Instant::now() + CALLBACK_GRACE;
+            while !ready() && std::time::Instant::now() < deadline {
+                std::thread::yield_now();
+                self.poll(wgpu::PollType::Poll)?;
+            }
         }
         #[cfg(target_arch = "wasm32")]
         {
@@ -364,6 +372,10 @@ impl GpuContext {
         polled.map(|_| ()).map_err(|e| self.fault_or(e))
     }
 }
+
+/// How long a callback whose work has finished may take to run on another thread's poll.
+#[cfg(not(target_arch = "wasm32"))]
+const CALLBACK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What the kernels of `shaders/` need of an adapter (WebGPU's defaults cover it): storage buffers
 /// per kernel (7 at most, conv and batchnorm), invocations per workgroup, and workgroup memory (conv's
