@@ -106,6 +106,16 @@ fn validate(backend: &mut dyn Backend, model: &Model, batch_size: usize) -> Resu
 /// Batches the loader rows time per repeat (at least): long enough for the threads to start and settle.
 const LOADER_BATCHES: usize = 200;
 
+/// The network a bench or profile times, and the bundled MNIST, which must hold a batch.
+fn timed_inputs(model: Option<&str>, batch_size: usize) -> Result<(Model, data::Mnist)> {
+    let model = mnist_wgpu::model::file::for_mnist(model)?;
+    let set = data::load_dir(&data::default_dir())?;
+    if batch_size > set.train.len() {
+        bail!("--batch-size {batch_size} is larger than the training set ({} images)", set.train.len());
+    }
+    Ok((model, set))
+}
+
 /// The loader of the timed batches: seed 1, the recipe's augmentation.
 fn timed_loader(batch_size: usize) -> LoaderConfig {
     LoaderConfig { seed: 1, batch_size, augment: Some(Augment::default()), batch_augment: BatchAugment::default() }
@@ -163,11 +173,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.steps == 0 || args.repeats == 0 || args.batch_size == 0 {
         bail!("--steps, --repeats and --batch-size must be at least 1");
     }
-    let model = mnist_wgpu::model::file::for_mnist(args.model.as_deref())?;
-    let set = data::load_dir(&data::default_dir())?;
-    if args.batch_size > set.train.len() {
-        bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
-    }
+    let (model, set) = timed_inputs(args.model.as_deref(), args.batch_size)?;
     let cfg = timed_loader(args.batch_size);
     let order = epoch_order(1, 0, set.train.len());
     let batches: Vec<Batch> = (0..args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
@@ -375,11 +381,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     if args.steps == 0 || args.batch_size == 0 {
         bail!("--steps and --batch-size must be at least 1");
     }
-    let model = mnist_wgpu::model::file::for_mnist(args.model.as_deref())?;
-    let set = data::load_dir(&data::default_dir())?;
-    if args.batch_size > set.train.len() {
-        bail!("--batch-size {} is larger than the training set ({} images)", args.batch_size, set.train.len());
-    }
+    let (model, set) = timed_inputs(args.model.as_deref(), args.batch_size)?;
     let cfg = timed_loader(args.batch_size);
     let order = epoch_order(1, 0, set.train.len());
     if args.backend == ProfiledBackend::Cpu {

@@ -303,13 +303,13 @@ impl CpuNet {
         self.forward(state, input, labels.len(), Mode::Train(dropout));
         let mut dlogits = std::mem::take(&mut self.dlogits);
         dlogits.resize(labels.len() * classes, 0.0);
-        let started = web_time::Instant::now();
+        let started = self.timing.is_some().then(web_time::Instant::now);
         let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
         self.time("loss", profile::loss_cost(labels.len(), classes), started);
         self.backward(state, &dlogits);
         self.dlogits = dlogits;
         let trainable = self.model.num_trainable;
-        let started = web_time::Instant::now();
+        let started = self.timing.is_some().then(web_time::Instant::now);
         let nonfinite = sgd_update(sgd, &mut state[..trainable], &self.grads, momenta);
         self.time("sgd.update", profile::sgd_cost(trainable), started);
         StepOut { loss: out.loss, correct: out.correct, nonfinite }
@@ -331,8 +331,8 @@ impl CpuNet {
     }
 
     /// Records an op's time when profiling.
-    fn time(&mut self, label: &str, (flops, bytes): (f64, f64), started: web_time::Instant) {
-        if let Some(t) = &mut self.timing {
+    fn time(&mut self, label: &str, (flops, bytes): (f64, f64), started: Option<web_time::Instant>) {
+        if let (Some(t), Some(started)) = (&mut self.timing, started) {
             t.push(OpTime { label: label.into(), flops, bytes, ns: elapsed_ns(started) });
         }
     }
