@@ -15,7 +15,7 @@ use clap::Args;
 use mnist_wgpu::backend::{Backend, StepParams, MAX_CHUNK_BATCHES};
 use mnist_wgpu::cpu::profile::OpTime;
 use mnist_wgpu::cpu::sgd::SgdStep;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode};
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
 use mnist_wgpu::data::loader::{
     batches_per_epoch, default_threads, epoch_order, eval_batches, spawn_epoch, train_batch, Batch, LoaderConfig,
 };
@@ -303,8 +303,8 @@ pub struct ProfileArgs {
     /// The GPU adapter: an index from `adapters`, or part of its name (software adapters allowed).
     #[arg(long)]
     adapter: Option<String>,
-    /// The executor to profile: the GPU's launches (GPU timestamps), or the CPU backend's ops (wall
-    /// time, beside the machine's peak: a large matrix product on every core).
+    /// The executor to profile: the GPU's launches (GPU timestamps), the CPU backend's passes, or the
+    /// CPU reference's ops (wall time, beside the machine's peak: a large matrix product on every core).
     #[arg(long, value_enum, default_value = "gpu")]
     backend: ProfiledBackend,
     /// Print the results as JSON instead of a table.
@@ -319,7 +319,10 @@ pub struct ProfileArgs {
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ProfiledBackend {
     Gpu,
+    /// The CPU backend as it trains: the fused executor's passes.
     Cpu,
+    /// The CPU reference executor, op by op.
+    CpuReference,
 }
 
 /// The peak row's matrix product: large enough that packing and threads' start are a small part of it.
@@ -384,7 +387,7 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
     let (model, set) = timed_inputs(args.model.as_deref(), args.batch_size)?;
     let cfg = timed_loader(args.batch_size);
     let order = epoch_order(1, 0, set.train.len());
-    if args.backend == ProfiledBackend::Cpu {
+    if args.backend != ProfiledBackend::Gpu {
         if args.trace.is_some() || args.adapter.is_some() {
             bail!("--trace and --adapter are for --backend gpu");
         }
@@ -503,7 +506,10 @@ pub fn profile(args: ProfileArgs) -> Result<()> {
 /// warm-up step), with its FLOPs and minimum bytes, beside the machine's peak, so that each op's share
 /// of it reads as the GPU profile's roofline does.
 fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<()> {
-    let mut net = CpuNet::new(model);
+    let mut net: Box<dyn Executor> = match args.backend {
+        ProfiledBackend::CpuReference => Box::new(CpuNet::new(model)),
+        _ => Box::new(FusedNet::new(model)),
+    };
     let (mut state, mut momenta) = (model.init_state(1), vec![0.0; model.num_trainable]);
     let mut runs: Vec<Vec<OpTime>> = Vec::new();
     for (i, b) in batches.iter().enumerate() {
@@ -525,7 +531,8 @@ fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<(
     let (peak, peak_what) = mnist_wgpu::cpu::profile::peak_gflops(PEAK_SIZE, PEAK_REPEATS);
     let total: f64 = rows.iter().map(|r| r.ns).sum();
     let flops: f64 = rows.iter().map(|r| r.flops).sum();
-    let device = format!("CPU backend, {} threads", rayon::current_num_threads());
+    let executor = if args.backend == ProfiledBackend::Cpu { "fused executor" } else { "reference executor" };
+    let device = format!("CPU backend ({executor}), {} threads", rayon::current_num_threads());
     if args.json {
         let ops: Vec<serde_json::Value> = rows
             .iter()

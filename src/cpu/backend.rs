@@ -1,16 +1,17 @@
-//! The CPU reference executor as a Backend: training and evaluation one batch at a time, never waiting.
+//! The CPU backend: the fused executor (`FusedNet`, checked against the plain reference `CpuNet` in the
+//! tests) training and evaluating one batch at a time, never waiting.
 
 use anyhow::Result;
 use async_trait::async_trait;
 
 use crate::backend::{chunk_batch_size, schedule_span, Backend, StepParams, Sums, GIB};
 use crate::cpu::sgd::SgdStep;
-use crate::cpu::{CpuNet, DropoutMode};
+use crate::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
 use crate::data::loader::Batch;
 use crate::model::Model;
 
 pub struct CpuBackend {
-    net: CpuNet,
+    net: FusedNet,
     state: Vec<f32>,
     momenta: Vec<f32>,
     sums: Sums,
@@ -23,7 +24,7 @@ impl CpuBackend {
     pub fn new(model: &Model, state: Vec<f32>) -> CpuBackend {
         assert_eq!(state.len(), model.num_state);
         CpuBackend {
-            net: CpuNet::new(model),
+            net: FusedNet::new(model),
             state,
             momenta: vec![0.0; model.num_trainable],
             sums: Sums::default(),

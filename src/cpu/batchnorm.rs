@@ -14,7 +14,7 @@ pub struct BnDims {
 }
 
 impl BnDims {
-    fn count(&self) -> usize {
+    pub fn count(&self) -> usize {
         self.n * self.hw
     }
 }
@@ -46,6 +46,13 @@ fn add_lanes(acc: &mut [f64; LANES], a: &[f32], b: &[f32], f: impl Fn(f32, f32) 
     }
 }
 
+/// The f64 sum of f(a[i], b[i]) over one plane, in the fixed order of `add_lanes`.
+pub fn plane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    add_lanes(&mut acc, a, b, f);
+    acc.iter().sum()
+}
+
 /// Per channel, the f64 sums of f(channel, x, other) over (N, H, W) of `x` and `other` (tensors of
 /// the same shape), channels in parallel, each summed in a fixed order.
 fn channel_sums(d: &BnDims, x: &[f32], other: &[f32], f: impl Fn(usize, f32, f32) -> f64 + Sync) -> Vec<f64> {
@@ -62,16 +69,19 @@ fn channel_sums(d: &BnDims, x: &[f32], other: &[f32], f: impl Fn(usize, f32, f32
         .collect()
 }
 
+/// One image (channels of `hw` pixels): y = x * scale[c] + shift[c].
+pub fn affine_image(hw: usize, x_img: &[f32], scale: &[f32], shift: &[f32], y_img: &mut [f32]) {
+    for (c, (yp, xp)) in y_img.chunks_exact_mut(hw).zip(x_img.chunks_exact(hw)).enumerate() {
+        let (s, t) = (scale[c], shift[c]);
+        for (o, &v) in yp.iter_mut().zip(xp) {
+            *o = v * s + t;
+        }
+    }
+}
+
 /// Applies y = x * scale[c] + shift[c], images in parallel.
 fn affine(d: &BnDims, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)).for_each(|(yi, xi)| {
-        for c in 0..d.c {
-            let (s, t) = (scale[c], shift[c]);
-            for (o, &v) in yi[c * d.hw..][..d.hw].iter_mut().zip(&xi[c * d.hw..][..d.hw]) {
-                *o = v * s + t;
-            }
-        }
-    });
+    y.par_chunks_mut(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)).for_each(|(yi, xi)| affine_image(d.hw, xi, scale, shift, yi));
 }
 
 /// Training mode: normalize with the batch mean and biased batch variance.
@@ -81,11 +91,27 @@ pub fn batchnorm_forward_train(d: &BnDims, x: &[f32], gamma: &[f32], beta: &[f32
     let mean: Vec<f64> = channel_sums(d, x, x, |_, v, _| v as f64).into_iter().map(|s| s / m).collect();
     let var: Vec<f64> =
         channel_sums(d, x, x, |c, v, _| (v as f64 - mean[c]).powi(2)).into_iter().map(|s| s / m).collect();
-    let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32).collect();
-    let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] * invstd[c]).collect();
-    let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - mean[c] as f32 * scale[c]).collect();
+    let (saved, scale, shift) = normalization(&mean, &var, gamma, beta, eps);
     affine(d, x, &scale, &shift, y);
-    BnSaved { mean: mean.iter().map(|&v| v as f32).collect(), invstd, var: var.iter().map(|&v| v as f32).collect() }
+    saved
+}
+
+/// From the batch mean and biased variance per channel: what the backward pass keeps, and the
+/// normalization as y = x * scale + shift.
+pub fn normalization(mean: &[f64], var: &[f64], gamma: &[f32], beta: &[f32], eps: f32) -> (BnSaved, Vec<f32>, Vec<f32>) {
+    let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32).collect();
+    let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(s, g)| g * s).collect();
+    let shift: Vec<f32> = (0..mean.len()).map(|c| beta[c] - mean[c] as f32 * scale[c]).collect();
+    let saved =
+        BnSaved { mean: mean.iter().map(|&v| v as f32).collect(), invstd, var: var.iter().map(|&v| v as f32).collect() };
+    (saved, scale, shift)
+}
+
+/// The evaluation-mode normalization as y = x * scale + shift, from the running statistics.
+pub fn eval_normalization(gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let scale: Vec<f32> = (0..gamma.len()).map(|c| gamma[c] / (var[c] + eps).sqrt()).collect();
+    let shift: Vec<f32> = (0..gamma.len()).map(|c| beta[c] - mean[c] * scale[c]).collect();
+    (scale, shift)
 }
 
 /// running = (1 - momentum) * running + momentum * batch, with the unbiased variance, as PyTorch does.
@@ -116,8 +142,7 @@ pub fn batchnorm_forward_eval(
     eps: f32,
     y: &mut [f32],
 ) {
-    let scale: Vec<f32> = (0..d.c).map(|c| gamma[c] / (running_var[c] + eps).sqrt()).collect();
-    let shift: Vec<f32> = (0..d.c).map(|c| beta[c] - running_mean[c] * scale[c]).collect();
+    let (scale, shift) = eval_normalization(gamma, beta, running_mean, running_var, eps);
     affine(d, x, &scale, &shift, y);
 }
 
@@ -133,28 +158,45 @@ pub fn batchnorm_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
-    let m = d.count() as f64;
     // Sum over (N, H, W) of dy and of dy * xhat, channel by channel.
     let sum_dy = channel_sums(d, dy, dy, |_, g, _| g as f64);
-    let sum_dy_xhat = channel_sums(d, dy, x, |c, g, v| g as f64 * ((v - saved.mean[c]) * saved.invstd[c]) as f64);
+    let sum_dy_xhat = channel_sums(d, dy, x, |c, g, v| dy_xhat(saved, c)(g, v));
     let sums: Vec<(f64, f64)> = sum_dy.into_iter().zip(sum_dy_xhat).collect();
     for c in 0..d.c {
         dbeta[c] = sums[c].0 as f32;
         dgamma[c] = sums[c].1 as f32;
     }
-    // dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
     dx.par_chunks_mut(d.c * d.hw).zip(dy.par_chunks(d.c * d.hw).zip(x.par_chunks(d.c * d.hw))).for_each(
-        |(dxi, (dyi, xi))| {
-            for c in 0..d.c {
-                let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
-                let k = gamma[c] * invstd;
-                let mean_dy = (sums[c].0 / m) as f32;
-                let mean_dyx = (sums[c].1 / m) as f32;
-                let range = c * d.hw..(c + 1) * d.hw;
-                for ((o, &g), &v) in dxi[range.clone()].iter_mut().zip(&dyi[range.clone()]).zip(&xi[range]) {
-                    *o = k * (g - mean_dy - (v - mean) * invstd * mean_dyx);
-                }
-            }
-        },
+        |(dxi, (dyi, xi))| backward_dx_image(d, xi, dyi, gamma, saved, &sums, dxi),
     );
+}
+
+/// The term of the sum of dy * xhat for channel `c`, in f64.
+pub fn dy_xhat(saved: &BnSaved, c: usize) -> impl Fn(f32, f32) -> f64 {
+    let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
+    move |g, v| g as f64 * ((v - mean) * invstd) as f64
+}
+
+/// One image of `batchnorm_backward`'s dx, from the batch's per-channel (sum of dy, sum of dy * xhat):
+/// dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+pub fn backward_dx_image(
+    d: &BnDims,
+    x_img: &[f32],
+    dy_img: &[f32],
+    gamma: &[f32],
+    saved: &BnSaved,
+    sums: &[(f64, f64)],
+    dx_img: &mut [f32],
+) {
+    let m = d.count() as f64;
+    for c in 0..d.c {
+        let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
+        let k = gamma[c] * invstd;
+        let mean_dy = (sums[c].0 / m) as f32;
+        let mean_dyx = (sums[c].1 / m) as f32;
+        let range = c * d.hw..(c + 1) * d.hw;
+        for ((o, &g), &v) in dx_img[range.clone()].iter_mut().zip(&dy_img[range.clone()]).zip(&x_img[range]) {
+            *o = k * (g - mean_dy - (v - mean) * invstd * mean_dyx);
+        }
+    }
 }

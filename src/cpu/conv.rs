@@ -22,15 +22,15 @@ thread_local! {
 
 /// Runs `f` on the first `len` values of this thread's `scratch` (grown as needed; what it held
 /// before is left in it: every user writes what it reads).
-fn with_scratch<R>(
-    scratch: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+pub(crate) fn with_scratch<T: Clone + Default, R>(
+    scratch: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
     len: usize,
-    f: impl FnOnce(&mut [f32]) -> R,
+    f: impl FnOnce(&mut [T]) -> R,
 ) -> R {
     scratch.with(|s| {
         let mut s = s.borrow_mut();
         if s.len() < len {
-            s.resize(len, 0.0);
+            s.resize(len, T::default());
         }
         f(&mut s[..len])
     })
@@ -139,23 +139,62 @@ fn col2im(d: &ConvDims, col: &mut [f32], dx: &mut [f32]) {
     }
 }
 
+/// Runs `f` on this thread's im2col scratch for a convolution of dims `d` (empty for a 1x1 one).
+pub fn with_columns<R>(d: &ConvDims, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let len = if d.is_pointwise() { 0 } else { d.col_rows() * d.col_cols() };
+    with_scratch(&COLUMNS, len, f)
+}
+
+/// One image of `conv_forward`: y_img = weight x im2col(x_img), with `col` (from `with_columns`) as
+/// scratch.
+pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32]) {
+    let product = |col: &[f32], y_img: &mut [f32]| {
+        gemm(d.cout, d.col_rows(), d.col_cols(), weight, Layout::Normal, col, Layout::Normal, 0.0, y_img)
+    };
+    if d.is_pointwise() {
+        product(x_img, y_img);
+    } else {
+        im2col(d, x_img, col);
+        product(col, y_img);
+    }
+}
+
+/// One image of `conv_backward`: its weight gradient added into `dw` (beta 1) or written (beta 0),
+/// its input gradient written into `dx_img` when asked, with `col` (from `with_columns`) as scratch.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_image(
+    d: &ConvDims,
+    x_img: &[f32],
+    weight: &[f32],
+    dy_img: &[f32],
+    dx_img: Option<&mut [f32]>,
+    col: &mut [f32],
+    dw: &mut [f32],
+    beta: f32,
+) {
+    let (rows, cols) = (d.col_rows(), d.col_cols());
+    if d.is_pointwise() {
+        gemm(d.cout, cols, rows, dy_img, Layout::Normal, x_img, Layout::Transposed, beta, dw);
+        if let Some(dx_img) = dx_img {
+            gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, dx_img);
+        }
+        return;
+    }
+    im2col(d, x_img, col);
+    gemm(d.cout, cols, rows, dy_img, Layout::Normal, col, Layout::Transposed, beta, dw);
+    if let Some(dx_img) = dx_img {
+        gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, col);
+        col2im(d, col, dx_img);
+    }
+}
+
 /// y = conv(x, weight). x: n x cin x h x w; weight: cout x cin x k x k; y: n x cout x ho x wo.
 pub fn conv_forward(d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), d.n * d.in_image());
     assert_eq!(weight.len(), d.weight_len());
     assert_eq!(y.len(), d.n * d.out_image());
-    let product = |col: &[f32], y_img: &mut [f32]| {
-        gemm(d.cout, d.col_rows(), d.col_cols(), weight, Layout::Normal, col, Layout::Normal, 0.0, y_img)
-    };
     y.par_chunks_mut(d.out_image()).zip(x.par_chunks(d.in_image())).for_each(|(y_img, x_img)| {
-        if d.is_pointwise() {
-            product(x_img, y_img);
-        } else {
-            with_scratch(&COLUMNS, d.col_rows() * d.col_cols(), |col| {
-                im2col(d, x_img, col);
-                product(col, y_img);
-            });
-        }
+        with_columns(d, |col| forward_image(d, x_img, weight, y_img, col));
     });
 }
 
@@ -164,24 +203,9 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
     assert_eq!(x.len(), d.n * d.in_image());
     assert_eq!(dy.len(), d.n * d.out_image());
     assert_eq!(dweight.len(), d.weight_len());
-    let (rows, cols) = (d.col_rows(), d.col_cols());
-    // One image: its weight gradient added into `dw` (beta 1) or written (beta 0), its input gradient
-    // into `dx_img` when asked.
     let per_image =
         |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut [f32], dw: &mut [f32], beta: f32| {
-            if d.is_pointwise() {
-                gemm(d.cout, cols, rows, dy_img, Layout::Normal, x_img, Layout::Transposed, beta, dw);
-                if let Some(dx_img) = dx_img {
-                    gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, dx_img);
-                }
-                return;
-            }
-            im2col(d, x_img, col);
-            gemm(d.cout, cols, rows, dy_img, Layout::Normal, col, Layout::Transposed, beta, dw);
-            if let Some(dx_img) = dx_img {
-                gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, col);
-                col2im(d, col, dx_img);
-            }
+            backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta)
         };
     // The images go in at most 16 groups of consecutive images, a split that depends on n only: each
     // group adds up its images' weight gradients in order, then the groups' sums are added in order.
@@ -209,7 +233,6 @@ fn weight_grads_in_groups(
     per_image: &PerImage,
 ) {
     let groups = d.n.div_ceil(group);
-    let (rows, cols) = (d.col_rows(), d.col_cols());
     let dx_groups: Vec<Option<&mut [f32]>> = match dx {
         Some(dx) => {
             assert_eq!(dx.len(), d.n * d.in_image());
@@ -222,8 +245,7 @@ fn weight_grads_in_groups(
         .zip(dx_groups)
         .zip(x.par_chunks(group * d.in_image()).zip(dy.par_chunks(group * d.out_image())))
         .for_each(|((dw, dx_group), (x_group, dy_group))| {
-            let len = if d.is_pointwise() { 0 } else { rows * cols };
-            with_scratch(&COLUMNS, len, |col| {
+            with_columns(d, |col| {
                 let mut dx_images = dx_group.map(|dx| dx.chunks_mut(d.in_image()));
                 let images = x_group.chunks(d.in_image()).zip(dy_group.chunks(d.out_image()));
                 for (j, (x_img, dy_img)) in images.enumerate() {
@@ -247,10 +269,12 @@ pub(crate) fn sum_rows(rows: &[f32], out: &mut [f32]) {
 /// y += bias per output channel (a convolution's or a linear layer's bias).
 pub fn bias_forward(d: &ConvDims, bias: &[f32], y: &mut [f32]) {
     assert_eq!(bias.len(), d.cout);
-    let plane = d.ho() * d.wo();
-    y.par_chunks_mut(d.out_image()).for_each(|img| {
-        img.chunks_mut(plane).zip(bias).for_each(|(p, b)| p.iter_mut().for_each(|v| *v += b));
-    });
+    y.par_chunks_mut(d.out_image()).for_each(|img| bias_forward_image(d, bias, img));
+}
+
+/// One image of `bias_forward`.
+pub fn bias_forward_image(d: &ConvDims, bias: &[f32], y_img: &mut [f32]) {
+    y_img.chunks_mut(d.ho() * d.wo()).zip(bias).for_each(|(p, b)| p.iter_mut().for_each(|v| *v += b));
 }
 
 /// dbias = the sum of dy over images and positions, per output channel, in order (image by image).
@@ -259,11 +283,16 @@ pub fn bias_backward(d: &ConvDims, dy: &[f32], dbias: &mut [f32]) {
     assert_eq!(dy.len(), d.n * d.out_image());
     let plane = d.ho() * d.wo();
     dbias.par_iter_mut().enumerate().for_each(|(c, db)| {
-        // In f64, as the batchnorm sums: the result does not depend on how the sum is cut.
         let mut sum = 0.0f64;
         for img in dy.chunks(d.out_image()) {
-            sum += img[c * plane..(c + 1) * plane].iter().map(|&v| v as f64).sum::<f64>();
+            sum += plane_total(&img[c * plane..(c + 1) * plane]);
         }
         *db = sum as f32;
     });
+}
+
+/// A plane's sum in f64, as the bias gradient adds it up (in f64, as the batchnorm sums: the result
+/// does not depend on how the sum is cut).
+pub fn plane_total(plane: &[f32]) -> f64 {
+    plane.iter().map(|&v| v as f64).sum()
 }

@@ -38,13 +38,20 @@ pub fn dropout_mask(seed: u32, step: u32, layer: u32, p: f32, len: usize) -> Vec
 
 /// `dropout_mask` into an existing buffer (its length is the element count).
 pub fn dropout_mask_into(seed: u32, step: u32, layer: u32, p: f32, mask: &mut [f32]) {
-    let (key, threshold, keep) = (dropout_key(seed, step, layer), dropout_threshold(p), 1.0 / (1.0 - p));
     mask.par_chunks_mut(1 << 14).enumerate().for_each(|(chunk, m)| {
-        let first = (chunk << 14) as u32;
-        for (i, v) in m.iter_mut().enumerate() {
-            *v = if dropout_draw(key, first + i as u32) >= threshold { keep } else { 0.0 };
-        }
+        m.fill(1.0);
+        dropout_serial(seed, step, layer, p, chunk << 14, m);
     });
+}
+
+/// On this thread, in place: x *= the mask's elements `first`, `first + 1`, ... of layer `layer`'s
+/// mask at `step` (the product `dropout_apply` makes with `dropout_mask`'s, without the mask).
+pub fn dropout_serial(seed: u32, step: u32, layer: u32, p: f32, first: usize, x: &mut [f32]) {
+    let (key, threshold, keep) = (dropout_key(seed, step, layer), dropout_threshold(p), 1.0 / (1.0 - p));
+    for (i, v) in x.iter_mut().enumerate() {
+        let scale = if dropout_draw(key, (first + i) as u32) >= threshold { keep } else { 0.0 };
+        *v *= scale;
+    }
 }
 
 /// In place: x *= mask. The backward pass is the same product applied to the gradient.

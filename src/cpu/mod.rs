@@ -5,6 +5,7 @@ pub mod backend;
 pub mod batchnorm;
 pub mod conv;
 pub mod dropout;
+pub mod fused;
 pub mod gemm;
 pub mod loss;
 pub mod net;
@@ -13,7 +14,8 @@ pub mod profile;
 pub mod relu;
 pub mod sgd;
 
-pub use net::{CpuNet, DropoutMode, Mode};
+pub use fused::FusedNet;
+pub use net::{CpuNet, DropoutMode, Executor, Mode};
 
 /// The memory this process may still allocate, and what limits it: the smaller of the memory the
 /// system has available and what the address-space limit (`ulimit -v`) leaves. None where unknown.

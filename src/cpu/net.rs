@@ -288,9 +288,28 @@ impl CpuNet {
         &self.grads
     }
 
+}
+
+/// What runs a network on the CPU: `CpuNet`, the plain reference of every op, and `FusedNet`, the
+/// fast executor checked against it. A training step and an evaluation are the same for both.
+pub trait Executor {
+    fn model(&self) -> &Model;
+    /// Runs the network on `n` images (NCHW, normalized); training mode updates the batchnorms'
+    /// running statistics in `state`, as PyTorch's forward pass does. Returns the logits.
+    fn forward(&mut self, state: &mut [f32], input: &[f32], n: usize, mode: Mode) -> &[f32];
+    /// Backpropagates `dlogits` through the last training-mode forward pass; returns the gradients of
+    /// the trainable prefix of the state buffer.
+    fn backward(&mut self, state: &[f32], dlogits: &[f32]) -> &[f32];
+    /// The logits (n x classes) of the last forward pass.
+    fn logits(&self) -> &[f32];
+    /// The gradients of the last backward pass.
+    fn grads(&self) -> &[f32];
+    /// The dlogits buffer kept between steps, and the profile being taken (None: not profiling).
+    fn scratch(&mut self) -> (&mut Vec<f32>, &mut Option<Vec<OpTime>>);
+
     /// One SGD training step on a batch: forward (training mode), loss, backward, update.
     /// `state` holds the parameters and running statistics; `momenta` the trainable prefix's buffers.
-    pub fn train_step(
+    fn train_step(
         &mut self,
         state: &mut [f32],
         momenta: &mut [f32],
@@ -299,25 +318,24 @@ impl CpuNet {
         sgd: SgdStep,
         dropout: DropoutMode,
     ) -> StepOut {
-        let classes = self.model.output_classes();
+        let classes = self.model().output_classes();
         self.forward(state, input, labels.len(), Mode::Train(dropout));
-        let mut dlogits = std::mem::take(&mut self.dlogits);
+        let mut dlogits = std::mem::take(self.scratch().0);
         dlogits.resize(labels.len() * classes, 0.0);
-        let started = self.timing.is_some().then(web_time::Instant::now);
+        let started = self.scratch().1.is_some().then(web_time::Instant::now);
         let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
-        self.time("loss", profile::loss_cost(labels.len(), classes), started);
+        record(self.scratch().1, "loss", profile::loss_cost(labels.len(), classes), started);
         self.backward(state, &dlogits);
-        self.dlogits = dlogits;
-        let trainable = self.model.num_trainable;
-        let started = self.timing.is_some().then(web_time::Instant::now);
-        let nonfinite = sgd_update(sgd, &mut state[..trainable], &self.grads, momenta);
-        self.time("sgd.update", profile::sgd_cost(trainable), started);
+        *self.scratch().0 = dlogits;
+        let trainable = self.model().num_trainable;
+        let started = self.scratch().1.is_some().then(web_time::Instant::now);
+        let nonfinite = sgd_update(sgd, &mut state[..trainable], self.grads(), momenta);
+        record(self.scratch().1, "sgd.update", profile::sgd_cost(trainable), started);
         StepOut { loss: out.loss, correct: out.correct, nonfinite }
     }
 
-    /// One training step as `train_step` runs it, with each op's time: the forward and backward ops
-    /// layer by layer, the loss and the update.
-    pub fn profile_step(
+    /// One training step as `train_step` runs it, with each op's time.
+    fn profile_step(
         &mut self,
         state: &mut [f32],
         momenta: &mut [f32],
@@ -325,26 +343,47 @@ impl CpuNet {
         sgd: SgdStep,
         dropout: DropoutMode,
     ) -> (StepOut, Vec<OpTime>) {
-        self.timing = Some(Vec::new());
+        *self.scratch().1 = Some(Vec::new());
         let out = self.train_step(state, momenta, batch.0, batch.1, sgd, dropout);
-        (out, self.timing.take().unwrap_or_default())
-    }
-
-    /// Records an op's time when profiling.
-    fn time(&mut self, label: &str, (flops, bytes): (f64, f64), started: Option<web_time::Instant>) {
-        if let (Some(t), Some(started)) = (&mut self.timing, started) {
-            t.push(OpTime { label: label.into(), flops, bytes, ns: elapsed_ns(started) });
-        }
+        (out, self.scratch().1.take().unwrap_or_default())
     }
 
     /// Evaluation-mode loss and correct count of a batch (running statistics, no dropout).
-    pub fn evaluate(&mut self, state: &mut [f32], input: &[f32], labels: &[u8]) -> LossOut {
-        let classes = self.model.output_classes();
+    fn evaluate(&mut self, state: &mut [f32], input: &[f32], labels: &[u8]) -> LossOut {
+        let classes = self.model().output_classes();
         self.forward(state, input, labels.len(), Mode::Eval);
         softmax_cross_entropy(self.logits(), labels, classes, None)
     }
 }
 
-fn elapsed_ns(started: web_time::Instant) -> f64 {
+/// Records an op's time when profiling.
+pub(crate) fn record(timing: &mut Option<Vec<OpTime>>, label: &str, cost: (f64, f64), started: Option<web_time::Instant>) {
+    if let (Some(t), Some(started)) = (timing, started) {
+        t.push(OpTime { label: label.into(), flops: cost.0, bytes: cost.1, ns: elapsed_ns(started) });
+    }
+}
+
+impl Executor for CpuNet {
+    fn model(&self) -> &Model {
+        &self.model
+    }
+    fn forward(&mut self, state: &mut [f32], input: &[f32], n: usize, mode: Mode) -> &[f32] {
+        CpuNet::forward(self, state, input, n, mode)
+    }
+    fn backward(&mut self, state: &[f32], dlogits: &[f32]) -> &[f32] {
+        CpuNet::backward(self, state, dlogits)
+    }
+    fn logits(&self) -> &[f32] {
+        CpuNet::logits(self)
+    }
+    fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+    fn scratch(&mut self) -> (&mut Vec<f32>, &mut Option<Vec<OpTime>>) {
+        (&mut self.dlogits, &mut self.timing)
+    }
+}
+
+pub(crate) fn elapsed_ns(started: web_time::Instant) -> f64 {
     started.elapsed().as_secs_f64() * 1e9
 }

@@ -1,26 +1,59 @@
 //! The poolings, NCHW: 2x2 max and average pooling with stride 2, and global average pooling. `forward` and
-//! `backward` run any pooling layer, so the executor knows none by name.
+//! `backward` run any pooling layer over a batch, in parallel; `forward_serial` and `backward_serial`
+//! on one thread (the fused executor's per-image passes). The executors know no pooling by name.
 
 use rayon::prelude::*;
 
 use crate::model::{Layer, Shape};
 
+/// Planes per parallel task: enough work per task, and the same results however they are cut.
+const PLANES_PER_TASK: usize = 16;
+
 /// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y. `winners` keeps what its
 /// backward needs (the max pooling's winner per window; nothing for the average).
 pub fn forward(layer: &Layer, planes: usize, s: Shape, x: &[f32], y: &mut [f32], winners: &mut Vec<u8>) {
+    winners.resize(if matches!(layer, Layer::MaxPool2) { y.len() } else { 0 }, 0);
+    let (pin, pout) = (s.h * s.w, y.len() / planes.max(1));
+    let tasks = planes.div_ceil(PLANES_PER_TASK);
+    let chunk = |len: usize| (PLANES_PER_TASK * len).max(1);
+    let winners: Vec<&mut [u8]> = match winners.is_empty() {
+        true => (0..tasks).map(|_| &mut [][..]).collect(),
+        false => winners.chunks_mut(chunk(pout)).collect(),
+    };
+    y.par_chunks_mut(chunk(pout)).zip(x.par_chunks(chunk(pin))).zip(winners).for_each(|((y, x), winners)| {
+        forward_serial(layer, s, x, y, winners)
+    });
+}
+
+/// dx from dy for pooling layer `layer` (as `forward` ran it, leaving `winners`); dx is overwritten.
+pub fn backward(layer: &Layer, planes: usize, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+    let (pin, pout) = (s.h * s.w, dy.len() / planes.max(1));
+    let tasks = planes.div_ceil(PLANES_PER_TASK);
+    let chunk = |len: usize| (PLANES_PER_TASK * len).max(1);
+    let winners: Vec<&[u8]> = match winners.is_empty() {
+        true => (0..tasks).map(|_| &[][..]).collect(),
+        false => winners.chunks(chunk(pout)).collect(),
+    };
+    dx.par_chunks_mut(chunk(pin)).zip(dy.par_chunks(chunk(pout))).zip(winners).for_each(|((dx, dy), winners)| {
+        backward_serial(layer, s, winners, dy, dx)
+    });
+}
+
+/// `forward` on this thread, over as many planes as x holds; `winners` is y's length for a max
+/// pooling, else empty.
+pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners: &mut [u8]) {
+    let planes = x.len() / (s.h * s.w);
     match layer {
-        Layer::MaxPool2 => {
-            winners.resize(y.len(), 0);
-            maxpool2_forward(planes, s.h, s.w, x, y, winners);
-        }
+        Layer::MaxPool2 => maxpool2_forward(planes, s.h, s.w, x, y, winners),
         Layer::AvgPool2 => avgpool2_forward(planes, s.h, s.w, x, y),
         Layer::GlobalAvgPool => global_avg_pool_forward(s.h * s.w, x, y),
         other => unreachable!("{other:?} is not a pooling"),
     }
 }
 
-/// dx from dy for pooling layer `layer` (as `forward` ran it, leaving `winners`); dx is overwritten.
-pub fn backward(layer: &Layer, planes: usize, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+/// `backward` on this thread, over as many planes as dx holds.
+pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+    let planes = dx.len() / (s.h * s.w);
     match layer {
         Layer::MaxPool2 => maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
         Layer::AvgPool2 => avgpool2_backward(planes, s.h, s.w, dy, dx),
@@ -36,7 +69,7 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
     assert_eq!(x.len(), planes * h * w);
     assert_eq!(y.len(), planes * ho * wo);
     assert_eq!(argmax.len(), y.len());
-    y.par_chunks_mut(ho * wo).zip(argmax.par_chunks_mut(ho * wo)).zip(x.par_chunks(h * w)).for_each(
+    y.chunks_mut(ho * wo).zip(argmax.chunks_mut(ho * wo)).zip(x.chunks(h * w)).for_each(
         |((yp, ap), xp)| {
             for oy in 0..ho {
                 let (top, bottom) = (&xp[2 * oy * w..][..w], &xp[(2 * oy + 1) * w..][..w]);
@@ -62,7 +95,7 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
 pub fn maxpool2_backward(planes: usize, h: usize, w: usize, argmax: &[u8], dy: &[f32], dx: &mut [f32]) {
     let (ho, wo) = (h / 2, w / 2);
     assert_eq!(dx.len(), planes * h * w);
-    dx.par_chunks_mut(h * w).zip(dy.par_chunks(ho * wo).zip(argmax.par_chunks(ho * wo))).for_each(
+    dx.chunks_mut(h * w).zip(dy.chunks(ho * wo).zip(argmax.chunks(ho * wo))).for_each(
         |(dxp, (dyp, ap))| {
             dxp.fill(0.0);
             for oy in 0..ho {
@@ -81,7 +114,7 @@ pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
     let (ho, wo) = (h / 2, w / 2);
     assert_eq!(x.len(), planes * h * w);
     assert_eq!(y.len(), planes * ho * wo);
-    y.par_chunks_mut(ho * wo).zip(x.par_chunks(h * w)).for_each(|(yp, xp)| {
+    y.chunks_mut(ho * wo).zip(x.chunks(h * w)).for_each(|(yp, xp)| {
         for oy in 0..ho {
             for ox in 0..wo {
                 let at = 2 * oy * w + 2 * ox;
@@ -96,7 +129,7 @@ pub fn avgpool2_backward(planes: usize, h: usize, w: usize, dy: &[f32], dx: &mut
     let (ho, wo) = (h / 2, w / 2);
     assert_eq!(dx.len(), planes * h * w);
     assert_eq!(dy.len(), planes * ho * wo);
-    dx.par_chunks_mut(h * w).zip(dy.par_chunks(ho * wo)).for_each(|(dxp, dyp)| {
+    dx.chunks_mut(h * w).zip(dy.chunks(ho * wo)).for_each(|(dxp, dyp)| {
         for oy in 0..ho {
             for ox in 0..wo {
                 let (at, g) = (2 * oy * w + 2 * ox, dyp[oy * wo + ox] / 4.0);

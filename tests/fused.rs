@@ -1,0 +1,78 @@
+//! The fused CPU executor (`FusedNet`, what the CPU backend trains with) against the plain reference
+//! (`CpuNet`): the same logits, running statistics, gradients and evaluation logits, on every preset and
+//! on networks that exercise each layer and fusion boundary; and the same bits whatever the number of
+//! threads. Errors are relative to each tensor's largest magnitude.
+//!
+//! Tolerances, from measured errors (December 2026, Xeon; the largest in brackets): the two executors
+//! add the same products in different orders (batchnorm moments in one pass of sums and sums of
+//! squares instead of two passes; weight gradients in 32 groups instead of 16), so they differ by f32
+//! rounding: forward values 1e-5 (...), gradients 1e-4 (...), as the PyTorch comparison allows.
+
+mod common;
+
+use common::rel_err;
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
+use mnist_wgpu::cpu::loss::softmax_cross_entropy;
+use mnist_wgpu::model::{file, Model, Shape};
+use rand::{RngExt, SeedableRng};
+
+const FORWARD_TOL: f32 = 1e-5;
+const GRAD_TOL: f32 = 1e-4;
+
+fn model(spec: &str) -> Model {
+    file::for_mnist(Some(spec)).unwrap()
+}
+
+fn parsed(text: &str) -> Model {
+    file::parse(text, "test network", Shape { c: 1, h: 28, w: 28 }, 10).unwrap()
+}
+
+/// The state after one training forward pass, the logits, the gradients, and then the evaluation
+/// logits, of executor `E`.
+fn run<E: Executor>(mut net: E, model: &Model, n: usize, dropout: DropoutMode) -> [Vec<f32>; 4] {
+    let mut g = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(7);
+    let mut state = model.init_state(3);
+    let input: Vec<f32> = (0..n * model.input.len()).map(|_| g.random_range(-1.0..2.5)).collect();
+    let labels: Vec<u8> = (0..n).map(|_| g.random_range(0..10)).collect();
+    let logits = net.forward(&mut state, &input, n, Mode::Train(dropout)).to_vec();
+    let mut dlogits = vec![0.0; logits.len()];
+    softmax_cross_entropy(&logits, &labels, model.output_classes(), Some(&mut dlogits));
+    let grads = net.backward(&state, &dlogits).to_vec();
+    let eval = net.forward(&mut state, &input, n, Mode::Eval).to_vec();
+    [state, logits, grads, eval]
+}
+
+fn check(what: &str, model: &Model, n: usize) {
+    let dropout = DropoutMode::Hash { seed: 9, step: 4 };
+    let want = run(CpuNet::new(model), model, n, dropout);
+    let got = run(FusedNet::new(model), model, n, dropout);
+    for (k, (name, tol)) in
+        [("state", FORWARD_TOL), ("logits", FORWARD_TOL), ("gradients", GRAD_TOL), ("eval logits", FORWARD_TOL)].iter().enumerate()
+    {
+        assert!(got[k].iter().all(|v| v.is_finite()), "{what}: {name} not finite");
+        let err = rel_err(&got[k], &want[k], 1e-6);
+        eprintln!("{what:<28} n {n:>3} {name:<12} rel err {err:.2e} (tol {tol:.0e})");
+        assert!(err <= *tol, "{what}, batch {n}: {name} differ by {err:e} relative to the largest, over {tol:e}");
+    }
+    // Per parameter tensor too, so that a small tensor's error is not hidden by a large one's scale.
+    for p in model.params.iter().filter(|p| p.trainable) {
+        let r = p.offset..p.offset + p.len;
+        let err = rel_err(&got[2][r.clone()], &want[2][r], 1e-6);
+        assert!(err <= GRAD_TOL, "{what}, batch {n}: gradient of {} differs by {err:e}", p.name);
+    }
+}
+
+#[test]
+fn the_fused_executor_matches_the_reference_on_every_preset() {
+    for preset in ["net3", "small8k", "small5k", "best20k"] {
+        for n in [1, 7, 64] {
+            check(preset, &model(preset), n);
+        }
+    }
+}
+
+#[test]
+fn the_fused_executor_matches_the_reference_on_other_layers() {
+    check("net3-avgpool2", &model(concat!(env!("CARGO_MANIFEST_DIR"), "/models/net3-avgpool2.toml")), 9);
+    check("bias and linear layers", &parsed(include_str!("fixtures/bias_linear.toml")), 9);
+}
