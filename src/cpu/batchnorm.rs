@@ -3,6 +3,7 @@
 //! Channel sums are accumulated in f64 in a fixed order (image by image, in 8 interleaved lanes), so
 //! the statistics are as exact as f32 storage allows and identical on every run.
 
+use super::isa::vectorized;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +33,9 @@ pub struct BnSaved {
 /// Independent f64 accumulators per sum, so the summing loops vectorize; added in order at the end.
 const LANES: usize = 8;
 
-/// Adds f(a[i], b[i]) into lane i % LANES of `acc`.
+/// Adds f(a[i], b[i]) into lane i % LANES of `acc`. Inlined, so that it runs in the vector
+/// instructions of its caller's form (`vectorized!`).
+#[inline(always)]
 fn add_lanes(acc: &mut [f64; LANES], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) {
     let (a_main, a_rest) = a.split_at(a.len() / LANES * LANES);
     let (b_main, b_rest) = b.split_at(a_main.len());
@@ -46,11 +49,13 @@ fn add_lanes(acc: &mut [f64; LANES], a: &[f32], b: &[f32], f: impl Fn(f32, f32) 
     }
 }
 
-/// The f64 sum of f(a[i], b[i]) over one plane, in the fixed order of `add_lanes`.
-pub fn plane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    add_lanes(&mut acc, a, b, f);
-    acc.iter().sum()
+vectorized! {
+    /// The f64 sum of f(a[i], b[i]) over one plane, in the fixed order of `add_lanes`.
+    pub fn plane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
+        let mut acc = [0.0f64; LANES];
+        add_lanes(&mut acc, a, b, f);
+        acc.iter().sum()
+    }
 }
 
 /// Per channel, the f64 sums of f(channel, x, other) over (N, H, W) of `x` and `other` (tensors of
@@ -69,12 +74,14 @@ fn channel_sums(d: &BnDims, x: &[f32], other: &[f32], f: impl Fn(usize, f32, f32
         .collect()
 }
 
-/// One image (channels of `hw` pixels): y = x * scale[c] + shift[c].
-pub fn affine_image(hw: usize, x_img: &[f32], scale: &[f32], shift: &[f32], y_img: &mut [f32]) {
-    for (c, (yp, xp)) in y_img.chunks_exact_mut(hw).zip(x_img.chunks_exact(hw)).enumerate() {
-        let (s, t) = (scale[c], shift[c]);
-        for (o, &v) in yp.iter_mut().zip(xp) {
-            *o = v * s + t;
+vectorized! {
+    /// One image (channels of `hw` pixels): y = x * scale[c] + shift[c].
+    pub fn affine_image(hw: usize, x_img: &[f32], scale: &[f32], shift: &[f32], y_img: &mut [f32]) {
+        for (c, (yp, xp)) in y_img.chunks_exact_mut(hw).zip(x_img.chunks_exact(hw)).enumerate() {
+            let (s, t) = (scale[c], shift[c]);
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = v * s + t;
+            }
         }
     }
 }
@@ -177,26 +184,28 @@ pub fn dy_xhat(saved: &BnSaved, c: usize) -> impl Fn(f32, f32) -> f64 {
     move |g, v| g as f64 * ((v - mean) * invstd) as f64
 }
 
-/// One image of `batchnorm_backward`'s dx, from the batch's per-channel (sum of dy, sum of dy * xhat):
-/// dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
-pub fn backward_dx_image(
-    d: &BnDims,
-    x_img: &[f32],
-    dy_img: &[f32],
-    gamma: &[f32],
-    saved: &BnSaved,
-    sums: &[(f64, f64)],
-    dx_img: &mut [f32],
-) {
-    let m = d.count() as f64;
-    for c in 0..d.c {
-        let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
-        let k = gamma[c] * invstd;
-        let mean_dy = (sums[c].0 / m) as f32;
-        let mean_dyx = (sums[c].1 / m) as f32;
-        let range = c * d.hw..(c + 1) * d.hw;
-        for ((o, &g), &v) in dx_img[range.clone()].iter_mut().zip(&dy_img[range.clone()]).zip(&x_img[range]) {
-            *o = k * (g - mean_dy - (v - mean) * invstd * mean_dyx);
+vectorized! {
+    /// One image of `batchnorm_backward`'s dx, from the batch's per-channel (sum of dy, sum of dy * xhat):
+    /// dx = gamma * invstd * (dy - mean(dy) - xhat * mean(dy * xhat)).
+    pub fn backward_dx_image(
+        d: &BnDims,
+        x_img: &[f32],
+        dy_img: &[f32],
+        gamma: &[f32],
+        saved: &BnSaved,
+        sums: &[(f64, f64)],
+        dx_img: &mut [f32],
+    ) {
+        let m = d.count() as f64;
+        for c in 0..d.c {
+            let (mean, invstd) = (saved.mean[c], saved.invstd[c]);
+            let k = gamma[c] * invstd;
+            let mean_dy = (sums[c].0 / m) as f32;
+            let mean_dyx = (sums[c].1 / m) as f32;
+            let range = c * d.hw..(c + 1) * d.hw;
+            for ((o, &g), &v) in dx_img[range.clone()].iter_mut().zip(&dy_img[range.clone()]).zip(&x_img[range]) {
+                *o = k * (g - mean_dy - (v - mean) * invstd * mean_dyx);
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 //! arithmetic, wrapping), so that each dropout layer draws its own mask. The same function is written
 //! in `shaders/common.wgsl` (`dropout_hash`).
 
+use super::isa::vectorized;
 use rayon::prelude::*;
 
 pub use crate::model::dropout_threshold;
@@ -44,13 +45,15 @@ pub fn dropout_mask_into(seed: u32, step: u32, layer: u32, p: f32, mask: &mut [f
     });
 }
 
-/// On this thread, in place: x *= the mask's elements `first`, `first + 1`, ... of layer `layer`'s
-/// mask at `step` (the product `dropout_apply` makes with `dropout_mask`'s, without the mask).
-pub fn dropout_serial(seed: u32, step: u32, layer: u32, p: f32, first: usize, x: &mut [f32]) {
-    let (key, threshold, keep) = (dropout_key(seed, step, layer), dropout_threshold(p), 1.0 / (1.0 - p));
-    for (i, v) in x.iter_mut().enumerate() {
-        let scale = if dropout_draw(key, (first + i) as u32) >= threshold { keep } else { 0.0 };
-        *v *= scale;
+vectorized! {
+    /// On this thread, in place: x *= the mask's elements `first`, `first + 1`, ... of layer `layer`'s
+    /// mask at `step` (the product `dropout_apply` makes with `dropout_mask`'s, without the mask).
+    pub fn dropout_serial(seed: u32, step: u32, layer: u32, p: f32, first: usize, x: &mut [f32]) {
+        let (key, threshold, keep) = (dropout_key(seed, step, layer), dropout_threshold(p), 1.0 / (1.0 - p));
+        for (i, v) in x.iter_mut().enumerate() {
+            let scale = if dropout_draw(key, (first + i) as u32) >= threshold { keep } else { 0.0 };
+            *v *= scale;
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod conv;
 pub mod dropout;
 pub mod fused;
 pub mod gemm;
+pub mod isa;
 pub mod loss;
 pub mod net;
 pub mod pool;

@@ -2,6 +2,7 @@
 //! `backward` run any pooling layer over a batch, in parallel; `forward_serial` and `backward_serial`
 //! on one thread (the fused executor's per-image passes). The executors know no pooling by name.
 
+use super::isa::vectorized;
 use rayon::prelude::*;
 
 use crate::model::{Layer, Shape};
@@ -62,24 +63,26 @@ pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: 
     }
 }
 
-/// 2x2 max pooling of `planes` planes of h x w (h, w even). Writes, per output, the index within its
-/// window (0..4, row-major) of the maximum into `argmax`; on ties the first, as PyTorch does.
-pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32], argmax: &mut [u8]) {
-    let (ho, wo) = (h / 2, w / 2);
-    assert_eq!(x.len(), planes * h * w);
-    assert_eq!(y.len(), planes * ho * wo);
-    assert_eq!(argmax.len(), y.len());
-    y.chunks_mut(ho * wo).zip(argmax.chunks_mut(ho * wo)).zip(x.chunks(h * w)).for_each(
-        |((yp, ap), xp)| {
+vectorized! {
+    /// 2x2 max pooling of `planes` planes of h x w (h, w even). Writes, per output, the index within its
+    /// window (0..4, row-major) of the maximum into `argmax`; on ties the first, as PyTorch does.
+    pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32], argmax: &mut [u8]) {
+        let (ho, wo) = (h / 2, w / 2);
+        assert_eq!(x.len(), planes * h * w);
+        assert_eq!(y.len(), planes * ho * wo);
+        assert_eq!(argmax.len(), y.len());
+        for plane in 0..planes {
+            let xp = &x[plane * h * w..][..h * w];
             for oy in 0..ho {
                 let (top, bottom) = (&xp[2 * oy * w..][..w], &xp[(2 * oy + 1) * w..][..w]);
-                let (y_row, a_row) = (&mut yp[oy * wo..][..wo], &mut ap[oy * wo..][..wo]);
+                let at = (plane * ho + oy) * wo;
+                let (y_row, a_row) = (&mut y[at..at + wo], &mut argmax[at..at + wo]);
                 for ox in 0..wo {
                     // The window in row-major order; a later value wins when greater or NaN (selects,
                     // not branches, so the row vectorizes).
                     let (mut best, mut at) = (top[2 * ox], 0u8);
                     for (i, v) in [(1, top[2 * ox + 1]), (2, bottom[2 * ox]), (3, bottom[2 * ox + 1])] {
-                        let wins = v > best || v.is_nan();
+                        let wins = !(v <= best);
                         best = if wins { v } else { best };
                         at = if wins { i } else { at };
                     }
@@ -87,58 +90,71 @@ pub fn maxpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f
                     a_row[ox] = at;
                 }
             }
-        },
-    );
+        }
+    }
 }
 
-/// Routes each output gradient to the input that won its window; dx is overwritten.
-pub fn maxpool2_backward(planes: usize, h: usize, w: usize, argmax: &[u8], dy: &[f32], dx: &mut [f32]) {
-    let (ho, wo) = (h / 2, w / 2);
-    assert_eq!(dx.len(), planes * h * w);
-    dx.chunks_mut(h * w).zip(dy.chunks(ho * wo).zip(argmax.chunks(ho * wo))).for_each(
-        |(dxp, (dyp, ap))| {
-            dxp.fill(0.0);
+vectorized! {
+    /// Routes each output gradient to the input that won its window; dx is overwritten.
+    pub fn maxpool2_backward(planes: usize, h: usize, w: usize, argmax: &[u8], dy: &[f32], dx: &mut [f32]) {
+        let (ho, wo) = (h / 2, w / 2);
+        assert_eq!(dx.len(), planes * h * w);
+        for plane in 0..planes {
+            let dxp = &mut dx[plane * h * w..][..h * w];
+            for oy in 0..ho {
+                let at = (plane * ho + oy) * wo;
+                let (g_row, a_row) = (&dy[at..at + wo], &argmax[at..at + wo]);
+                let (top, bottom) = dxp[2 * oy * w..][..2 * w].split_at_mut(w);
+                // Every input of the window written: the gradient where it won, 0 elsewhere (selects).
+                for ox in 0..wo {
+                    let (g, a) = (g_row[ox], a_row[ox]);
+                    top[2 * ox] = if a == 0 { g } else { 0.0 };
+                    top[2 * ox + 1] = if a == 1 { g } else { 0.0 };
+                    bottom[2 * ox] = if a == 2 { g } else { 0.0 };
+                    bottom[2 * ox + 1] = if a == 3 { g } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+vectorized! {
+    /// 2x2 average pooling of `planes` planes of h x w (h, w even): each window's four values added in
+    /// row-major order, then divided by 4, as PyTorch's AvgPool2d does.
+    pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
+        let (ho, wo) = (h / 2, w / 2);
+        assert_eq!(x.len(), planes * h * w);
+        assert_eq!(y.len(), planes * ho * wo);
+        for plane in 0..planes {
+            let (xp, yp) = (&x[plane * h * w..][..h * w], &mut y[plane * ho * wo..][..ho * wo]);
             for oy in 0..ho {
                 for ox in 0..wo {
-                    let a = ap[oy * wo + ox] as usize;
-                    dxp[(2 * oy + a / 2) * w + 2 * ox + a % 2] = dyp[oy * wo + ox];
-                }
-            }
-        },
-    );
-}
-
-/// 2x2 average pooling of `planes` planes of h x w (h, w even): each window's four values added in
-/// row-major order, then divided by 4, as PyTorch's AvgPool2d does.
-pub fn avgpool2_forward(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32]) {
-    let (ho, wo) = (h / 2, w / 2);
-    assert_eq!(x.len(), planes * h * w);
-    assert_eq!(y.len(), planes * ho * wo);
-    y.chunks_mut(ho * wo).zip(x.chunks(h * w)).for_each(|(yp, xp)| {
-        for oy in 0..ho {
-            for ox in 0..wo {
-                let at = 2 * oy * w + 2 * ox;
-                yp[oy * wo + ox] = (((xp[at] + xp[at + 1]) + xp[at + w]) + xp[at + w + 1]) / 4.0;
-            }
-        }
-    });
-}
-
-/// Each output gradient divided by 4 into the four inputs of its window; dx is overwritten.
-pub fn avgpool2_backward(planes: usize, h: usize, w: usize, dy: &[f32], dx: &mut [f32]) {
-    let (ho, wo) = (h / 2, w / 2);
-    assert_eq!(dx.len(), planes * h * w);
-    assert_eq!(dy.len(), planes * ho * wo);
-    dx.chunks_mut(h * w).zip(dy.chunks(ho * wo)).for_each(|(dxp, dyp)| {
-        for oy in 0..ho {
-            for ox in 0..wo {
-                let (at, g) = (2 * oy * w + 2 * ox, dyp[oy * wo + ox] / 4.0);
-                for i in [at, at + 1, at + w, at + w + 1] {
-                    dxp[i] = g;
+                    let at = 2 * oy * w + 2 * ox;
+                    yp[oy * wo + ox] = (((xp[at] + xp[at + 1]) + xp[at + w]) + xp[at + w + 1]) / 4.0;
                 }
             }
         }
-    });
+    }
+}
+
+vectorized! {
+    /// Each output gradient divided by 4 into the four inputs of its window; dx is overwritten.
+    pub fn avgpool2_backward(planes: usize, h: usize, w: usize, dy: &[f32], dx: &mut [f32]) {
+        let (ho, wo) = (h / 2, w / 2);
+        assert_eq!(dx.len(), planes * h * w);
+        assert_eq!(dy.len(), planes * ho * wo);
+        for plane in 0..planes {
+            let (dxp, dyp) = (&mut dx[plane * h * w..][..h * w], &dy[plane * ho * wo..][..ho * wo]);
+            for oy in 0..ho {
+                for ox in 0..wo {
+                    let (at, g) = (2 * oy * w + 2 * ox, dyp[oy * wo + ox] / 4.0);
+                    for i in [at, at + 1, at + w, at + w + 1] {
+                        dxp[i] = g;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Mean of each plane of `hw` values.
