@@ -49,14 +49,18 @@ fn same_shift(d: &ConvDims, ky: usize, kx: usize) -> (isize, std::ops::Range<usi
 }
 
 /// Zeroes the pixels of a "same" im2col row whose input column fell outside the image: the first
-/// pad - kx columns of every row, or the last kx - pad.
+/// pad - kx columns of every row, or the last kx - pad (element by element: a call to memset for
+/// each row's one or two pixels costs more than the writes).
 fn zero_wrapped(d: &ConvDims, kx: usize, row: &mut [f32]) {
     let shift = kx as isize - d.pad as isize;
+    let columns = match shift {
+        s if s < 0 => 0..(-s) as usize,
+        s if s > 0 => d.w - s as usize..d.w,
+        _ => return,
+    };
     for line in row.chunks_exact_mut(d.w) {
-        match shift {
-            s if s < 0 => line[..(-s) as usize].fill(0.0),
-            s if s > 0 => line[d.w - s as usize..].fill(0.0),
-            _ => {}
+        for x in columns.clone() {
+            line[x] = 0.0;
         }
     }
 }
