@@ -17,7 +17,7 @@ mod common;
 
 use common::{assert_zero_gradient, rel_err, zero_bias_gradient_scale, Fixture};
 use mnist_wgpu::cpu::sgd::SgdStep;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode, Mode};
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::schedule::OneCycle;
 
@@ -84,8 +84,15 @@ fn one_pass_of_a_network_with_bias_and_linear_layers_matches_pytorch() {
     one_pass(&fx, setup);
 }
 
-fn one_pass(fx: &Fixture, (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
-    let mut net = CpuNet::new(&model);
+/// The reference executor and the CPU backend's fused one, each held to the same tolerances.
+fn one_pass(fx: &Fixture, setup: (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
+    eprintln!("reference executor (CpuNet):");
+    one_pass_of(fx, CpuNet::new(&setup.0), setup.clone());
+    eprintln!("fused executor (FusedNet):");
+    one_pass_of(fx, FusedNet::new(&setup.0), setup);
+}
+
+fn one_pass_of(fx: &Fixture, mut net: impl Executor, (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
     net.forward(&mut state, &input, labels.len(), Mode::Train(DropoutMode::Off));
     check(fx, "step0.logits", net.logits(), 1e-5);
 
@@ -125,8 +132,14 @@ fn ten_sgd_steps_of_a_network_with_bias_and_linear_layers_match_pytorch() {
     ten_steps(&fx, setup);
 }
 
-fn ten_steps(fx: &Fixture, (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
-    let mut net = CpuNet::new(&model);
+fn ten_steps(fx: &Fixture, setup: (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
+    eprintln!("reference executor (CpuNet):");
+    ten_steps_of(fx, CpuNet::new(&setup.0), setup.clone());
+    eprintln!("fused executor (FusedNet):");
+    ten_steps_of(fx, FusedNet::new(&setup.0), setup);
+}
+
+fn ten_steps_of(fx: &Fixture, mut net: impl Executor, (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
     let mut momenta = vec![0.0; model.num_trainable];
     let schedule = OneCycle::recipe(12_000, 0.1);
     let want_losses = fx.get("train.losses").f32s();
