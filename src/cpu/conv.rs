@@ -11,6 +11,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
+use super::kernel::{self, Operand};
+use super::isa::vectorized;
 pub use crate::model::ConvDims;
 
 thread_local! {
@@ -104,38 +106,40 @@ fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// The adjoint of im2col: adds each column entry back onto the input pixel it was read from
-/// (`col` is used as scratch).
-fn col2im(d: &ConvDims, col: &mut [f32], dx: &mut [f32]) {
-    let (ho, wo) = (d.ho(), d.wo());
-    let same = ho == d.h && wo == d.w;
-    dx.fill(0.0);
-    for ci in 0..d.cin {
-        let plane = &mut dx[ci * d.h * d.w..][..d.h * d.w];
-        for ky in 0..d.k {
-            for kx in 0..d.k {
-                let row = &mut col[((ci * d.k + ky) * d.k + kx) * ho * wo..][..ho * wo];
-                if same {
-                    // Entries read from the padding go nowhere: zero them, then add the rest at once.
-                    zero_wrapped(d, kx, row);
-                    let (offset, valid) = same_shift(d, ky, kx);
-                    let from = (valid.start as isize + offset) as usize;
-                    for (t, s) in plane[from..from + valid.len()].iter_mut().zip(&row[valid]) {
-                        *t += s;
-                    }
-                    continue;
-                }
-                for oy in 0..ho {
-                    let iy = (oy + ky) as isize - d.pad as isize;
-                    if iy < 0 || iy >= d.h as isize {
+vectorized! {
+    /// The adjoint of im2col: adds each column entry back onto the input pixel it was read from
+    /// (`col` is used as scratch).
+    fn col2im(d: &ConvDims, col: &mut [f32], dx: &mut [f32]) {
+        let (ho, wo) = (d.ho(), d.wo());
+        let same = ho == d.h && wo == d.w;
+        dx.fill(0.0);
+        for ci in 0..d.cin {
+            let plane = &mut dx[ci * d.h * d.w..][..d.h * d.w];
+            for ky in 0..d.k {
+                for kx in 0..d.k {
+                    let row = &mut col[((ci * d.k + ky) * d.k + kx) * ho * wo..][..ho * wo];
+                    if same {
+                        // Entries read from the padding go nowhere: zero them, then add the rest at once.
+                        zero_wrapped(d, kx, row);
+                        let (offset, valid) = same_shift(d, ky, kx);
+                        let from = (valid.start as isize + offset) as usize;
+                        for (t, s) in plane[from..from + valid.len()].iter_mut().zip(&row[valid]) {
+                            *t += s;
+                        }
                         continue;
                     }
-                    let dst = &mut plane[iy as usize * d.w..][..d.w];
-                    let lo = d.pad.saturating_sub(kx);
-                    let hi = (d.w + d.pad - kx).min(wo);
-                    for (t, s) in dst[lo + kx - d.pad..hi + kx - d.pad].iter_mut().zip(&row[oy * wo + lo..oy * wo + hi])
-                    {
-                        *t += s;
+                    for oy in 0..ho {
+                        let iy = (oy + ky) as isize - d.pad as isize;
+                        if iy < 0 || iy >= d.h as isize {
+                            continue;
+                        }
+                        let dst = &mut plane[iy as usize * d.w..][..d.w];
+                        let lo = d.pad.saturating_sub(kx);
+                        let hi = (d.w + d.pad - kx).min(wo);
+                        for (t, s) in dst[lo + kx - d.pad..hi + kx - d.pad].iter_mut().zip(&row[oy * wo + lo..oy * wo + hi])
+                        {
+                            *t += s;
+                        }
                     }
                 }
             }
@@ -149,17 +153,74 @@ pub fn with_columns<R>(d: &ConvDims, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_scratch(&COLUMNS, len, f)
 }
 
+/// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the fused
+/// executor's kernels (`kernel.rs`, on CPUs with FMA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    Gemm,
+    Kernel,
+}
+
+impl Products {
+    /// The kernel where this CPU runs it, else the GEMM.
+    pub fn fastest() -> Products {
+        if kernel::available() {
+            Products::Kernel
+        } else {
+            Products::Gemm
+        }
+    }
+
+    /// The kernels pay where a row of pixels fills several vectors; below that (a 5x5 output),
+    /// their partial vectors and lane sums cost more than the GEMM's packing.
+    const KERNEL_MIN_PIXELS: usize = 64;
+
+    fn for_pixels(self, cols: usize) -> Products {
+        if cols < Self::KERNEL_MIN_PIXELS {
+            Products::Gemm
+        } else {
+            self
+        }
+    }
+
+    /// dw = dy x col^T (cout x col_rows, summed over the pixels), added to dw when beta is 1.
+    fn weight_gradient(self, d: &ConvDims, dy: &[f32], col: &[f32], dw: &mut [f32], beta: f32) {
+        let (rows, cols) = (d.col_rows(), d.col_cols());
+        match self.for_pixels(cols) {
+            Products::Gemm => gemm(d.cout, cols, rows, dy, Layout::Normal, col, Layout::Transposed, beta, dw),
+            Products::Kernel => kernel::dots(d.cout, cols, rows, dy, cols, col, cols, dw, rows, beta == 1.0),
+        }
+    }
+
+    /// c = weight x b (cout x cols), or weight^T x b (col_rows x cols) when `transposed`, for a b of
+    /// col_rows (or cout) rows of `cols` pixels.
+    fn weights_times(self, d: &ConvDims, weight: &[f32], transposed: bool, b: &[f32], c: &mut [f32]) {
+        let (rows, cols) = (d.col_rows(), d.col_cols());
+        let (m, k) = if transposed { (rows, d.cout) } else { (d.cout, rows) };
+        match self.for_pixels(cols) {
+            Products::Gemm => {
+                let layout = if transposed { Layout::Transposed } else { Layout::Normal };
+                gemm(m, k, cols, weight, layout, b, Layout::Normal, 0.0, c)
+            }
+            Products::Kernel => {
+                let a = match transposed {
+                    true => Operand { data: weight, row: 1, col: rows },
+                    false => Operand { data: weight, row: rows, col: 1 },
+                };
+                kernel::product(m, k, cols, a, b, cols, c, cols, false)
+            }
+        }
+    }
+}
+
 /// One image of `conv_forward`: y_img = weight x im2col(x_img), with `col` (from `with_columns`) as
 /// scratch.
-pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32]) {
-    let product = |col: &[f32], y_img: &mut [f32]| {
-        gemm(d.cout, d.col_rows(), d.col_cols(), weight, Layout::Normal, col, Layout::Normal, 0.0, y_img)
-    };
+pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32], p: Products) {
     if d.is_pointwise() {
-        product(x_img, y_img);
+        p.weights_times(d, weight, false, x_img, y_img);
     } else {
         im2col(d, x_img, col);
-        product(col, y_img);
+        p.weights_times(d, weight, false, col, y_img);
     }
 }
 
@@ -175,19 +236,19 @@ pub fn backward_image(
     col: &mut [f32],
     dw: &mut [f32],
     beta: f32,
+    p: Products,
 ) {
-    let (rows, cols) = (d.col_rows(), d.col_cols());
     if d.is_pointwise() {
-        gemm(d.cout, cols, rows, dy_img, Layout::Normal, x_img, Layout::Transposed, beta, dw);
+        p.weight_gradient(d, dy_img, x_img, dw, beta);
         if let Some(dx_img) = dx_img {
-            gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, dx_img);
+            p.weights_times(d, weight, true, dy_img, dx_img);
         }
         return;
     }
     im2col(d, x_img, col);
-    gemm(d.cout, cols, rows, dy_img, Layout::Normal, col, Layout::Transposed, beta, dw);
+    p.weight_gradient(d, dy_img, col, dw, beta);
     if let Some(dx_img) = dx_img {
-        gemm(rows, d.cout, cols, weight, Layout::Transposed, dy_img, Layout::Normal, 0.0, col);
+        p.weights_times(d, weight, true, dy_img, col);
         col2im(d, col, dx_img);
     }
 }
@@ -198,7 +259,7 @@ pub fn conv_forward(d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
     assert_eq!(weight.len(), d.weight_len());
     assert_eq!(y.len(), d.n * d.out_image());
     y.par_chunks_mut(d.out_image()).zip(x.par_chunks(d.in_image())).for_each(|(y_img, x_img)| {
-        with_columns(d, |col| forward_image(d, x_img, weight, y_img, col));
+        with_columns(d, |col| forward_image(d, x_img, weight, y_img, col, Products::Gemm));
     });
 }
 
@@ -209,7 +270,7 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
     assert_eq!(dweight.len(), d.weight_len());
     let per_image =
         |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut [f32], dw: &mut [f32], beta: f32| {
-            backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta)
+            backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta, Products::Gemm)
         };
     // The images go in at most 16 groups of consecutive images, a split that depends on n only: each
     // group adds up its images' weight gradients in order, then the groups' sums are added in order.

@@ -20,7 +20,7 @@ use super::batchnorm::{
     BnDims, BnSaved,
 };
 use super::conv::{
-    backward_image, bias_forward_image, forward_image, plane_total, sum_rows, with_columns, with_scratch, ConvDims,
+    backward_image, bias_forward_image, forward_image, plane_total, Products, sum_rows, with_columns, with_scratch, ConvDims,
 };
 use super::dropout::dropout_serial;
 use super::net::{DropoutMode, Executor, Mode};
@@ -191,7 +191,7 @@ impl FusedNet {
                 self.batch_statistics(state, layers.start);
             }
             let stats_for = (layers.end < self.model.layers.len()).then_some(layers.end);
-            let ctx = Ctx { model: &self.model, plan: &self.plan, state, norms: &self.norms, dropout, n };
+            let ctx = Ctx { model: &self.model, plan: &self.plan, state, norms: &self.norms, dropout, n, products: Products::fastest() };
             let views = views(&mut self.store, &self.lens, n, (&[], &mut []));
             views.into_par_iter().for_each(|mut v| {
                 for j in 0..v.images {
@@ -241,7 +241,7 @@ impl FusedNet {
         }
         let classes = model.output_classes();
         self.eval_logits.resize(n * classes, 0.0);
-        let ctx = Ctx { model, plan: &self.plan, state, norms: &self.norms, dropout: DropoutMode::Off, n };
+        let ctx = Ctx { model, plan: &self.plan, state, norms: &self.norms, dropout: DropoutMode::Off, n, products: Products::fastest() };
         let image = model.input.len();
         self.eval_logits.par_chunks_mut(classes).zip(input.par_chunks(image)).enumerate().for_each(
             |(img, (logits, x))| ctx.eval_image(img, x, logits),
@@ -257,7 +257,7 @@ impl FusedNet {
         let n = self.n;
         for (k, pass) in self.backward_passes.clone().into_iter().enumerate() {
             let started = self.timing.is_some().then(web_time::Instant::now);
-            let ctx = Ctx { model: &self.model, plan: &self.plan, state, norms: &self.norms, dropout: self.dropout, n };
+            let ctx = Ctx { model: &self.model, plan: &self.plan, state, norms: &self.norms, dropout: self.dropout, n, products: Products::fastest() };
             // The gradient at the pass's top, and where its bottom's goes: the two stored ones in turn.
             let [g0, g1] = &mut self.grad;
             let (read, write) = if k % 2 == 0 { (g1, g0) } else { (g0, g1) };
@@ -287,6 +287,7 @@ struct Ctx<'a> {
     norms: &'a [Norm],
     dropout: DropoutMode,
     n: usize,
+    products: Products,
 }
 
 /// One parameter tensor of a state buffer, by table index.
@@ -442,7 +443,7 @@ impl Ctx<'_> {
         match layer {
             Layer::Conv { .. } | Layer::Linear { .. } => {
                 let (d, w) = model.conv(i, 1).expect("a convolution layer");
-                with_columns(&d, |col| forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col));
+                with_columns(&d, |col| forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products));
                 if let Some(b) = model.conv_bias(i) {
                     bias_forward_image(&d, &self.state[b..b + d.cout], y);
                 }
@@ -558,7 +559,7 @@ impl Ctx<'_> {
                 let beta = if j == 0 { 0.0 } else { 1.0 };
                 // The input image needs no gradient.
                 let dx = (i > 0).then_some(&mut *dx);
-                with_columns(&d, |col| backward_image(&d, x, weight, dy, dx, col, v.partials[i], beta));
+                with_columns(&d, |col| backward_image(&d, x, weight, dy, dx, col, v.partials[i], beta, self.products));
                 if model.conv_bias(i).is_some() {
                     let sums = &mut v.image_sums[i][j * d.cout..][..d.cout];
                     bias_image_sums(&d, dy, sums);

@@ -8,6 +8,7 @@ pub mod dropout;
 pub mod fused;
 pub mod gemm;
 pub mod isa;
+pub mod kernel;
 pub mod loss;
 pub mod net;
 pub mod pool;

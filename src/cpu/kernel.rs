@@ -1,0 +1,337 @@
+//! The fused executor's matrix product, for CPUs with FMA (AVX-512 or AVX2): c = a x b with b's rows
+//! contiguous, both operands read where they lie. A convolution's products have this shape: the
+//! weights (cout x K, or read transposed) times the im2col matrix or the output gradient, whose rows
+//! are pixels in a row. A general GEMM (matrixmultiply) copies both operands into panels on every
+//! call; here each output block of `MR` rows by `NR` columns keeps its sums in registers while the
+//! loop over k broadcasts one weight per row and loads `NR` contiguous values of b's row k. Each
+//! output sums its k products in order with fused multiply-adds, so the AVX-512 and AVX2 forms give
+//! the same bits.
+//!
+//! The plain reference (`conv.rs`, through `gemm.rs`) keeps matrixmultiply; `tests/fused.rs` holds the
+//! two together.
+
+use std::cell::RefCell;
+
+use super::conv::with_scratch;
+use super::isa::{isa, Isa};
+
+thread_local! {
+    /// The last columns of b and c when fewer than `NR` remain, zero-padded to a full block.
+    static TAIL_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static TAIL_C: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An operand read element (i, k) at `data[i * row + k * col]`.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    pub data: &'a [f32],
+    pub row: usize,
+    pub col: usize,
+}
+
+/// Whether this CPU runs `product` (it has FMA); otherwise the caller uses the reference's GEMM.
+pub fn available() -> bool {
+    isa() != Isa::Baseline
+}
+
+/// c (m x n, rows `ldc` apart) = a (m x k) x b (k x n, rows `ldb` apart, columns contiguous), plus c
+/// when `accumulate`. Panics if an operand is too short or the CPU lacks FMA (see `available`).
+#[allow(clippy::too_many_arguments)]
+pub fn product(m: usize, k: usize, n: usize, a: Operand, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k == 0 || (m - 1) * a.row + (k - 1) * a.col < a.data.len(), "product: a too short");
+    assert!(k == 0 || (k - 1) * ldb + n <= b.len(), "product: b too short");
+    assert!((m - 1) * ldc + n <= c.len(), "product: c too short");
+    assert!(available(), "product: this CPU has no FMA");
+    let nr = nr();
+    let full = n / nr * nr;
+    for n0 in (0..full).step_by(nr) {
+        // SAFETY: the checks above bound every index a block reads or writes.
+        unsafe { rows(m, k, a, b[n0..].as_ptr(), ldb, c[n0..].as_mut_ptr(), ldc, accumulate) };
+    }
+    if full < n {
+        tail(m, k, a, &b[full..], ldb, &mut c[full..], ldc, n - full, accumulate);
+    }
+}
+
+/// The last `width` (< NR) columns: b's and c's copied into zero-padded blocks, the product run on
+/// those, and c's columns copied back.
+#[allow(clippy::too_many_arguments)]
+fn tail(m: usize, k: usize, a: Operand, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, width: usize, accumulate: bool) {
+    let nr = nr();
+    with_scratch(&TAIL_B, k * nr, |tb| {
+        with_scratch(&TAIL_C, m * nr, |tc| {
+            for kk in 0..k {
+                tb[kk * nr..][..width].copy_from_slice(&b[kk * ldb..][..width]);
+                tb[kk * nr + width..(kk + 1) * nr].fill(0.0);
+            }
+            for i in 0..m {
+                if accumulate {
+                    tc[i * nr..][..width].copy_from_slice(&c[i * ldc..][..width]);
+                }
+            }
+            // SAFETY: tb holds k rows of nr, tc m rows of nr; a was checked by the caller.
+            unsafe { rows(m, k, a, tb.as_ptr(), nr, tc.as_mut_ptr(), nr, accumulate) };
+            for i in 0..m {
+                c[i * ldc..][..width].copy_from_slice(&tc[i * nr..][..width]);
+            }
+        })
+    })
+}
+
+/// Columns per block: two vectors.
+fn nr() -> usize {
+    match isa() {
+        Isa::Avx512 => 32,
+        _ => 16,
+    }
+}
+
+/// Every row block of one column block (NR columns at b and c).
+///
+/// # Safety
+/// b must hold k rows of NR values `ldb` apart, c m rows of NR values `ldc` apart, and a every (i, k)
+/// with i < m; the CPU must have the features of the form `isa()` picks.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows(m: usize, k: usize, a: Operand, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let a_at = |i: usize| a.data.as_ptr().add(i * a.row);
+        let mut i = 0;
+        macro_rules! blocks {
+            ($kernel:ident, $mr:literal) => {{
+                while i + $mr <= m {
+                    $kernel::<$mr>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate);
+                    i += $mr;
+                }
+                match m - i {
+                    0 => {}
+                    1 => $kernel::<1>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    2 => $kernel::<2>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    3 => $kernel::<3>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    4 => $kernel::<4>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    5 => $kernel::<5>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    6 => $kernel::<6>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    7 => $kernel::<7>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    r => unreachable!("{r} rows left of a block"),
+                }
+            }};
+        }
+        match isa() {
+            Isa::Avx512 => blocks!(block_avx512, 8),
+            Isa::Avx2 => blocks!(block_avx2, 6),
+            Isa::Baseline => unreachable!("checked by product"),
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (m, k, a, b, ldb, c, ldc, accumulate);
+        unreachable!("checked by product");
+    }
+}
+
+/// One block of MR rows by 32 columns, AVX-512: 2 vectors of sums per row.
+///
+/// # Safety
+/// As `rows`, for MR rows; the CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx512<const MR: usize>(
+    k: usize,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for kk in 0..k {
+        let row = b.add(kk * ldb);
+        let (b0, b1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
+        for (i, sums) in acc.iter_mut().enumerate() {
+            let w = _mm512_set1_ps(*a.add(i * rsa + kk * csa));
+            sums[0] = _mm512_fmadd_ps(w, b0, sums[0]);
+            sums[1] = _mm512_fmadd_ps(w, b1, sums[1]);
+        }
+    }
+    for (i, sums) in acc.iter().enumerate() {
+        let out = c.add(i * ldc);
+        for (j, &s) in sums.iter().enumerate() {
+            let s = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out.add(16 * j)), s) } else { s };
+            _mm512_storeu_ps(out.add(16 * j), s);
+        }
+    }
+}
+
+/// One block of MR rows by 16 columns, AVX2 with FMA: 2 vectors of sums per row.
+///
+/// # Safety
+/// As `rows`, for MR rows; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_avx2<const MR: usize>(
+    k: usize,
+    a: *const f32,
+    rsa: usize,
+    csa: usize,
+    b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    for kk in 0..k {
+        let row = b.add(kk * ldb);
+        let (b0, b1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
+        for (i, sums) in acc.iter_mut().enumerate() {
+            let w = _mm256_set1_ps(*a.add(i * rsa + kk * csa));
+            sums[0] = _mm256_fmadd_ps(w, b0, sums[0]);
+            sums[1] = _mm256_fmadd_ps(w, b1, sums[1]);
+        }
+    }
+    for (i, sums) in acc.iter().enumerate() {
+        let out = c.add(i * ldc);
+        for (j, &s) in sums.iter().enumerate() {
+            let s = if accumulate { _mm256_add_ps(_mm256_loadu_ps(out.add(8 * j)), s) } else { s };
+            _mm256_storeu_ps(out.add(8 * j), s);
+        }
+    }
+}
+
+/// c (m x n, rows `ldc` apart) = a x b^T, plus c when `accumulate`: a holds m rows and b n rows of k
+/// contiguous values (rows `lda` and `ldb` apart), so each output is the dot product of two rows. A
+/// convolution's weight gradient has this shape: output gradient rows times im2col rows, both along
+/// the pixels. Each dot product sums in vector lanes along k (the last partial vector through a
+/// masked load), then adds the lanes in a fixed order: the same bits on every run, different ones on
+/// AVX2 (8 lanes) and AVX-512 (16). Panics if an operand is too short or the CPU lacks FMA.
+#[allow(clippy::too_many_arguments)]
+pub fn dots(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((m - 1) * lda + k <= a.len() && (n - 1) * ldb + k <= b.len(), "dots: operand too short");
+    assert!((m - 1) * ldc + n <= c.len(), "dots: c too short");
+    assert!(available(), "dots: this CPU has no FMA");
+    let mut out = [[0.0f32; 4]; 4];
+    for i in (0..m).step_by(4) {
+        let rows = 4.min(m - i);
+        // A partial block repeats its first row of a (or of b below); those sums are not stored.
+        let a_rows: [*const f32; 4] = std::array::from_fn(|r| a[(i + r.min(rows - 1)) * lda..].as_ptr());
+        for j in (0..n).step_by(4) {
+            let cols = 4.min(n - j);
+            let b_rows: [*const f32; 4] = std::array::from_fn(|s| b[(j + s.min(cols - 1)) * ldb..].as_ptr());
+            // SAFETY: every row pointed at holds k values (checked above).
+            unsafe { dot_block(k, a_rows, b_rows, &mut out) };
+            store(&out, rows, cols, &mut c[i * ldc + j..], ldc, accumulate);
+        }
+    }
+}
+
+/// c's block of `rows` x `cols` from a 4 x 4 block of sums.
+fn store(out: &[[f32; 4]; 4], rows: usize, cols: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+    for (r, sums) in out.iter().enumerate().take(rows) {
+        for (v, &s) in c[r * ldc..][..cols].iter_mut().zip(sums) {
+            *v = if accumulate { *v + s } else { s };
+        }
+    }
+}
+
+/// The 4 x 4 dot products over k of 4 rows of a and 4 rows of b.
+///
+/// # Safety
+/// Each pointer must lead k values; the CPU must have FMA.
+unsafe fn dot_block(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa() {
+        Isa::Avx512 => return dots_avx512(k, a, b, out),
+        Isa::Avx2 => return dots_avx2(k, a, b, out),
+        Isa::Baseline => {}
+    }
+    let _ = (k, a, b, out);
+    unreachable!("checked by dots");
+}
+
+/// Four rows of an operand.
+type Rows = [*const f32; 4];
+
+/// `dot_block` on AVX-512: 16 sums of 16 lanes.
+///
+/// # Safety
+/// As `dot_block`; the CPU has AVX-512F and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+unsafe fn dots_avx512(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    // The last k % 16 values through a masked load (zeros beyond k).
+    let step = |p: usize, mask: __mmask16, acc: &mut [[__m512; 4]; 4]| {
+        let load = |r: *const f32| _mm512_maskz_loadu_ps(mask, r.add(p));
+        let bv = [load(b[0]), load(b[1]), load(b[2]), load(b[3])];
+        for (i, sums) in acc.iter_mut().enumerate() {
+            let av = load(a[i]);
+            for (s, &bj) in sums.iter_mut().zip(&bv) {
+                *s = _mm512_fmadd_ps(av, bj, *s);
+            }
+        }
+    };
+    let full = k / 16 * 16;
+    for p in (0..full).step_by(16) {
+        step(p, !0, &mut acc);
+    }
+    if full < k {
+        step(full, (1u16 << (k - full)) - 1, &mut acc);
+    }
+    for (sums, o) in acc.iter().zip(out.iter_mut()) {
+        for (&s, v) in sums.iter().zip(o.iter_mut()) {
+            *v = _mm512_reduce_add_ps(s);
+        }
+    }
+}
+
+/// `dot_block` on AVX2: 16 sums of 8 lanes.
+///
+/// # Safety
+/// As `dot_block`; the CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dots_avx2(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
+    // The last k % 8 values through a masked load (zeros beyond k).
+    let step = |p: usize, mask: __m256i, acc: &mut [[__m256; 4]; 4]| {
+        let load = |r: *const f32| _mm256_maskload_ps(r.add(p), mask);
+        let bv = [load(b[0]), load(b[1]), load(b[2]), load(b[3])];
+        for (i, sums) in acc.iter_mut().enumerate() {
+            let av = load(a[i]);
+            for (s, &bj) in sums.iter_mut().zip(&bv) {
+                *s = _mm256_fmadd_ps(av, bj, *s);
+            }
+        }
+    };
+    let full = k / 8 * 8;
+    for p in (0..full).step_by(8) {
+        step(p, _mm256_set1_epi32(-1), &mut acc);
+    }
+    if full < k {
+        let left = (k - full) as i32;
+        step(full, _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), &mut acc);
+    }
+    for (sums, o) in acc.iter().zip(out.iter_mut()) {
+        for (&s, v) in sums.iter().zip(o.iter_mut()) {
+            // The 8 lanes added in a fixed order: halves, then pairs, then the last two.
+            let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            *v = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+        }
+    }
+}
