@@ -11,7 +11,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
-use super::kernel::{self, Operand};
+use super::kernel::{self, Every, Operand};
+use super::shifted;
 use super::isa::vectorized;
 pub use crate::model::ConvDims;
 
@@ -183,12 +184,17 @@ impl Products {
         }
     }
 
+    /// Whether convolution `d` runs in the kernels' shifted form (no im2col).
+    fn shifted(self, d: &ConvDims) -> bool {
+        self.for_pixels(d.col_cols()) == Products::Kernel && shifted::runs(d)
+    }
+
     /// dw = dy x col^T (cout x col_rows, summed over the pixels), added to dw when beta is 1.
     fn weight_gradient(self, d: &ConvDims, dy: &[f32], col: &[f32], dw: &mut [f32], beta: f32) {
         let (rows, cols) = (d.col_rows(), d.col_cols());
         match self.for_pixels(cols) {
             Products::Gemm => gemm(d.cout, cols, rows, dy, Layout::Normal, col, Layout::Transposed, beta, dw),
-            Products::Kernel => kernel::dots(d.cout, cols, rows, dy, cols, col, cols, dw, rows, beta == 1.0),
+            Products::Kernel => kernel::dots(d.cout, cols, rows, dy, cols, col, Every(cols), dw, rows, beta == 1.0),
         }
     }
 
@@ -207,7 +213,7 @@ impl Products {
                     true => Operand { data: weight, row: 1, col: rows },
                     false => Operand { data: weight, row: rows, col: 1 },
                 };
-                kernel::product(m, k, cols, a, b, cols, c, cols, false)
+                kernel::product(m, k, cols, a, b, Every(cols), c, cols, false)
             }
         }
     }
@@ -216,7 +222,9 @@ impl Products {
 /// One image of `conv_forward`: y_img = weight x im2col(x_img), with `col` (from `with_columns`) as
 /// scratch.
 pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32], p: Products) {
-    if d.is_pointwise() {
+    if p.shifted(d) {
+        shifted::forward_image(d, x_img, weight, y_img);
+    } else if d.is_pointwise() {
         p.weights_times(d, weight, false, x_img, y_img);
     } else {
         im2col(d, x_img, col);
@@ -238,6 +246,9 @@ pub fn backward_image(
     beta: f32,
     p: Products,
 ) {
+    if p.shifted(d) {
+        return shifted::backward_image(d, x_img, weight, dy_img, dx_img, dw, beta);
+    }
     if d.is_pointwise() {
         p.weight_gradient(d, dy_img, x_img, dw, beta);
         if let Some(dx_img) = dx_img {

@@ -29,42 +29,78 @@ pub struct Operand<'a> {
     pub col: usize,
 }
 
+/// Where each row of b starts in its slice: rows `ldb` apart (`Every(ldb)`), or at a table of offsets
+/// (a convolution's taps over a padded image: row (ci, ky, kx) is plane ci shifted by ky rows and kx
+/// columns).
+pub trait Starts: Copy {
+    /// Row k's offset.
+    ///
+    /// # Safety
+    /// k must be below the row count the caller checked.
+    unsafe fn at(self, k: usize) -> usize;
+}
+
+/// Rows a fixed distance apart.
+#[derive(Debug, Clone, Copy)]
+pub struct Every(pub usize);
+
+impl Starts for Every {
+    #[inline(always)]
+    unsafe fn at(self, k: usize) -> usize {
+        k * self.0
+    }
+}
+
+impl Starts for &[usize] {
+    #[inline(always)]
+    unsafe fn at(self, k: usize) -> usize {
+        *self.get_unchecked(k)
+    }
+}
+
+/// The largest of the first k row offsets (each checked against the slice by the caller).
+fn last_start(starts: impl Starts, k: usize) -> usize {
+    // SAFETY: kk < k, the row count.
+    (0..k).map(|kk| unsafe { starts.at(kk) }).max().unwrap_or(0)
+}
+
 /// Whether this CPU runs `product` (it has FMA); otherwise the caller uses the reference's GEMM.
 pub fn available() -> bool {
     isa() != Isa::Baseline
 }
 
-/// c (m x n, rows `ldc` apart) = a (m x k) x b (k x n, rows `ldb` apart, columns contiguous), plus c
+/// c (m x n, rows `ldc` apart) = a (m x k) x b (k x n, rows at `starts`, columns contiguous), plus c
 /// when `accumulate`. Panics if an operand is too short or the CPU lacks FMA (see `available`).
 #[allow(clippy::too_many_arguments)]
-pub fn product(m: usize, k: usize, n: usize, a: Operand, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn product<S: Starts>(m: usize, k: usize, n: usize, a: Operand, b: &[f32], starts: S, c: &mut [f32], ldc: usize, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
     assert!(k == 0 || (m - 1) * a.row + (k - 1) * a.col < a.data.len(), "product: a too short");
-    assert!(k == 0 || (k - 1) * ldb + n <= b.len(), "product: b too short");
+    assert!(k == 0 || last_start(starts, k) + n <= b.len(), "product: b too short");
     assert!((m - 1) * ldc + n <= c.len(), "product: c too short");
     assert!(available(), "product: this CPU has no FMA");
     let nr = nr();
     let full = n / nr * nr;
     for n0 in (0..full).step_by(nr) {
         // SAFETY: the checks above bound every index a block reads or writes.
-        unsafe { rows(m, k, a, b[n0..].as_ptr(), ldb, c[n0..].as_mut_ptr(), ldc, accumulate) };
+        unsafe { rows(m, k, a, b[n0..].as_ptr(), starts, c[n0..].as_mut_ptr(), ldc, accumulate) };
     }
     if full < n {
-        tail(m, k, a, &b[full..], ldb, &mut c[full..], ldc, n - full, accumulate);
+        tail(m, k, a, &b[full..], starts, &mut c[full..], ldc, n - full, accumulate);
     }
 }
 
 /// The last `width` (< NR) columns: b's and c's copied into zero-padded blocks, the product run on
 /// those, and c's columns copied back.
 #[allow(clippy::too_many_arguments)]
-fn tail(m: usize, k: usize, a: Operand, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, width: usize, accumulate: bool) {
+fn tail<S: Starts>(m: usize, k: usize, a: Operand, b: &[f32], starts: S, c: &mut [f32], ldc: usize, width: usize, accumulate: bool) {
     let nr = nr();
     with_scratch(&TAIL_B, k * nr, |tb| {
         with_scratch(&TAIL_C, m * nr, |tc| {
             for kk in 0..k {
-                tb[kk * nr..][..width].copy_from_slice(&b[kk * ldb..][..width]);
+                // SAFETY: kk < k; the caller checked every start against b.
+                tb[kk * nr..][..width].copy_from_slice(&b[unsafe { starts.at(kk) }..][..width]);
                 tb[kk * nr + width..(kk + 1) * nr].fill(0.0);
             }
             for i in 0..m {
@@ -73,7 +109,7 @@ fn tail(m: usize, k: usize, a: Operand, b: &[f32], ldb: usize, c: &mut [f32], ld
                 }
             }
             // SAFETY: tb holds k rows of nr, tc m rows of nr; a was checked by the caller.
-            unsafe { rows(m, k, a, tb.as_ptr(), nr, tc.as_mut_ptr(), nr, accumulate) };
+            unsafe { rows(m, k, a, tb.as_ptr(), Every(nr), tc.as_mut_ptr(), nr, accumulate) };
             for i in 0..m {
                 c[i * ldc..][..width].copy_from_slice(&tc[i * nr..][..width]);
             }
@@ -92,10 +128,10 @@ fn nr() -> usize {
 /// Every row block of one column block (NR columns at b and c).
 ///
 /// # Safety
-/// b must hold k rows of NR values `ldb` apart, c m rows of NR values `ldc` apart, and a every (i, k)
+/// b must hold k rows of NR values at `starts`, c m rows of NR values `ldc` apart, and a every (i, k)
 /// with i < m; the CPU must have the features of the form `isa()` picks.
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows(m: usize, k: usize, a: Operand, b: *const f32, ldb: usize, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn rows<S: Starts>(m: usize, k: usize, a: Operand, b: *const f32, starts: S, c: *mut f32, ldc: usize, accumulate: bool) {
     #[cfg(target_arch = "x86_64")]
     {
         let a_at = |i: usize| a.data.as_ptr().add(i * a.row);
@@ -103,18 +139,18 @@ unsafe fn rows(m: usize, k: usize, a: Operand, b: *const f32, ldb: usize, c: *mu
         macro_rules! blocks {
             ($kernel:ident, $mr:literal) => {{
                 while i + $mr <= m {
-                    $kernel::<$mr>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate);
+                    $kernel::<$mr, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate);
                     i += $mr;
                 }
                 match m - i {
                     0 => {}
-                    1 => $kernel::<1>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
-                    2 => $kernel::<2>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
-                    3 => $kernel::<3>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
-                    4 => $kernel::<4>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
-                    5 => $kernel::<5>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
-                    6 => $kernel::<6>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
-                    7 => $kernel::<7>(k, a_at(i), a.row, a.col, b, ldb, c.add(i * ldc), ldc, accumulate),
+                    1 => $kernel::<1, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
+                    2 => $kernel::<2, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
+                    3 => $kernel::<3, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
+                    4 => $kernel::<4, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
+                    5 => $kernel::<5, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
+                    6 => $kernel::<6, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
+                    7 => $kernel::<7, S>(k, a_at(i), a.row, a.col, b, starts, c.add(i * ldc), ldc, accumulate),
                     r => unreachable!("{r} rows left of a block"),
                 }
             }};
@@ -127,7 +163,7 @@ unsafe fn rows(m: usize, k: usize, a: Operand, b: *const f32, ldb: usize, c: *mu
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (m, k, a, b, ldb, c, ldc, accumulate);
+        let _ = (m, k, a, b, starts, c, ldc, accumulate);
         unreachable!("checked by product");
     }
 }
@@ -139,13 +175,13 @@ unsafe fn rows(m: usize, k: usize, a: Operand, b: *const f32, ldb: usize, c: *mu
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512<const MR: usize>(
+unsafe fn block_avx512<const MR: usize, S: Starts>(
     k: usize,
     a: *const f32,
     rsa: usize,
     csa: usize,
     b: *const f32,
-    ldb: usize,
+    starts: S,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -153,7 +189,7 @@ unsafe fn block_avx512<const MR: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for kk in 0..k {
-        let row = b.add(kk * ldb);
+        let row = b.add(starts.at(kk));
         let (b0, b1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
         for (i, sums) in acc.iter_mut().enumerate() {
             let w = _mm512_set1_ps(*a.add(i * rsa + kk * csa));
@@ -177,13 +213,13 @@ unsafe fn block_avx512<const MR: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2<const MR: usize>(
+unsafe fn block_avx2<const MR: usize, S: Starts>(
     k: usize,
     a: *const f32,
     rsa: usize,
     csa: usize,
     b: *const f32,
-    ldb: usize,
+    starts: S,
     c: *mut f32,
     ldc: usize,
     accumulate: bool,
@@ -191,7 +227,7 @@ unsafe fn block_avx2<const MR: usize>(
     use std::arch::x86_64::*;
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     for kk in 0..k {
-        let row = b.add(kk * ldb);
+        let row = b.add(starts.at(kk));
         let (b0, b1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
         for (i, sums) in acc.iter_mut().enumerate() {
             let w = _mm256_set1_ps(*a.add(i * rsa + kk * csa));
@@ -208,18 +244,18 @@ unsafe fn block_avx2<const MR: usize>(
     }
 }
 
-/// c (m x n, rows `ldc` apart) = a x b^T, plus c when `accumulate`: a holds m rows and b n rows of k
-/// contiguous values (rows `lda` and `ldb` apart), so each output is the dot product of two rows. A
+/// c (m x n, rows `ldc` apart) = a x b^T, plus c when `accumulate`: a holds m rows of k contiguous
+/// values `lda` apart and b n rows of k at `starts`, so each output is the dot product of two rows. A
 /// convolution's weight gradient has this shape: output gradient rows times im2col rows, both along
 /// the pixels. Each dot product sums in vector lanes along k (the last partial vector through a
 /// masked load), then adds the lanes in a fixed order: the same bits on every run, different ones on
 /// AVX2 (8 lanes) and AVX-512 (16). Panics if an operand is too short or the CPU lacks FMA.
 #[allow(clippy::too_many_arguments)]
-pub fn dots(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn dots<S: Starts>(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], starts: S, c: &mut [f32], ldc: usize, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!((m - 1) * lda + k <= a.len() && (n - 1) * ldb + k <= b.len(), "dots: operand too short");
+    assert!((m - 1) * lda + k <= a.len() && last_start(starts, n) + k <= b.len(), "dots: operand too short");
     assert!((m - 1) * ldc + n <= c.len(), "dots: c too short");
     assert!(available(), "dots: this CPU has no FMA");
     let mut out = [[0.0f32; 4]; 4];
@@ -229,7 +265,8 @@ pub fn dots(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], ldb:
         let a_rows: [*const f32; 4] = std::array::from_fn(|r| a[(i + r.min(rows - 1)) * lda..].as_ptr());
         for j in (0..n).step_by(4) {
             let cols = 4.min(n - j);
-            let b_rows: [*const f32; 4] = std::array::from_fn(|s| b[(j + s.min(cols - 1)) * ldb..].as_ptr());
+            // SAFETY: j + s < n, the row count checked above.
+            let b_rows: [*const f32; 4] = std::array::from_fn(|s| b[unsafe { starts.at(j + s.min(cols - 1)) }..].as_ptr());
             // SAFETY: every row pointed at holds k values (checked above).
             unsafe { dot_block(k, a_rows, b_rows, &mut out) };
             store(&out, rows, cols, &mut c[i * ldc + j..], ldc, accumulate);

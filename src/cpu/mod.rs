@@ -15,6 +15,7 @@ pub mod pool;
 pub mod profile;
 pub mod relu;
 pub mod sgd;
+pub mod shifted;
 
 pub use fused::FusedNet;
 pub use net::{CpuNet, DropoutMode, Executor, Mode};

@@ -1,0 +1,148 @@
+//! The fused executor's k x k convolutions (k > 1) without im2col. Over an image padded by `pad` with
+//! rows `width` = w + 2 pad apart, output pixel (oy, ox) at oy * width + ox reads input pixel
+//! oy * width + ox + ky * width + kx of each padded plane: so the k * k * cin rows of im2col are the
+//! padded planes shifted by their tap, and the kernels (`kernel.rs`) read them there through a table
+//! of offsets instead of a copied matrix. The output comes on a grid `width` wide, whose last
+//! width - wo columns are dropped. The input gradient is the full convolution of the output gradient
+//! (padded by k - 1 - pad) with the weights flipped and transposed: the same product again.
+
+use std::cell::RefCell;
+
+use super::conv::{with_scratch, ConvDims};
+use super::kernel::{self, Operand};
+
+thread_local! {
+    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static FLIPPED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static TAPS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Whether the shifted form runs convolution `d`: a k x k one (k > 1) with pad < k.
+pub fn runs(d: &ConvDims) -> bool {
+    d.k > 1 && d.pad < d.k
+}
+
+/// Planes of h x w padded by `pad`: rows `width` apart, and one spare row, which the last taps of a
+/// grid row's junk columns read.
+struct Grid {
+    h: usize,
+    w: usize,
+    pad: usize,
+    width: usize,
+    plane: usize,
+}
+
+impl Grid {
+    fn new(h: usize, w: usize, pad: usize) -> Grid {
+        let width = w + 2 * pad;
+        Grid { h, w, pad, width, plane: width * (h + 2 * pad + 1) }
+    }
+
+    /// `x`'s planes into `out`, padded with zeros.
+    fn fill(&self, x: &[f32], out: &mut [f32]) {
+        out.fill(0.0);
+        for (p, xp) in out.chunks_exact_mut(self.plane).zip(x.chunks_exact(self.h * self.w)) {
+            for (y, row) in xp.chunks_exact(self.w).enumerate() {
+                p[(y + self.pad) * self.width + self.pad..][..self.w].copy_from_slice(row);
+            }
+        }
+    }
+
+    /// The offset of each tap (c, ky, kx) of a k x k convolution over these planes, in im2col's row
+    /// order.
+    fn taps(&self, k: usize, taps: &mut [usize]) {
+        for (t, at) in taps.iter_mut().enumerate() {
+            let (c, ky, kx) = (t / (k * k), t / k % k, t % k);
+            *at = c * self.plane + ky * self.width + kx;
+        }
+    }
+}
+
+/// From a grid of `rows` rows `width` wide per plane, the first `w` columns of each row into `out`.
+fn compact(wide: &[f32], rows: usize, width: usize, w: usize, out: &mut [f32]) {
+    for (o, g) in out.chunks_exact_mut(rows * w).zip(wide.chunks_exact(rows * width)) {
+        for (o_row, g_row) in o.chunks_exact_mut(w).zip(g.chunks_exact(width)) {
+            o_row.copy_from_slice(&g_row[..w]);
+        }
+    }
+}
+
+/// One image's forward convolution: y_img = weight x (the padded image's taps).
+pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32]) {
+    let g = Grid::new(d.h, d.w, d.pad);
+    let (rows, cols) = (d.col_rows(), d.ho() * g.width);
+    with_scratch(&PADDED, d.cin * g.plane, |padded| {
+        with_scratch(&WIDE, d.cout * cols, |wide| {
+            with_scratch(&TAPS, rows, |taps| {
+                g.fill(x_img, padded);
+                g.taps(d.k, taps);
+                let a = Operand { data: weight, row: rows, col: 1 };
+                kernel::product(d.cout, rows, cols, a, padded, &taps[..], wide, cols, false);
+                compact(wide, d.ho(), g.width, d.wo(), y_img);
+            })
+        })
+    })
+}
+
+/// One image's gradients: its weight gradient added into `dw` (beta 1) or written (beta 0), and its
+/// input gradient when asked.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_image(
+    d: &ConvDims,
+    x_img: &[f32],
+    weight: &[f32],
+    dy_img: &[f32],
+    dx_img: Option<&mut [f32]>,
+    dw: &mut [f32],
+    beta: f32,
+) {
+    let g = Grid::new(d.h, d.w, d.pad);
+    let (rows, cols) = (d.col_rows(), d.ho() * g.width);
+    // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with each tap.
+    with_scratch(&PADDED, d.cin * g.plane, |padded| {
+        with_scratch(&WIDE, d.cout * cols, |dy_wide| {
+            with_scratch(&TAPS, rows, |taps| {
+                g.fill(x_img, padded);
+                g.taps(d.k, taps);
+                dy_wide.fill(0.0);
+                for (wp, dp) in dy_wide.chunks_exact_mut(cols).zip(dy_img.chunks_exact(d.ho() * d.wo())) {
+                    for (w_row, d_row) in wp.chunks_exact_mut(g.width).zip(dp.chunks_exact(d.wo())) {
+                        w_row[..d.wo()].copy_from_slice(d_row);
+                    }
+                }
+                kernel::dots(d.cout, cols, rows, dy_wide, cols, padded, &taps[..], dw, rows, beta == 1.0);
+            })
+        })
+    });
+    if let Some(dx_img) = dx_img {
+        input_gradient(d, weight, dy_img, dx_img);
+    }
+}
+
+/// dx = the output gradient, padded by k - 1 - pad, convolved with the weights flipped in both
+/// directions and transposed (cin x cout x k x k).
+fn input_gradient(d: &ConvDims, weight: &[f32], dy_img: &[f32], dx_img: &mut [f32]) {
+    let g = Grid::new(d.ho(), d.wo(), d.k - 1 - d.pad);
+    let (rows, cols, taps_per) = (d.cout * d.k * d.k, d.h * g.width, d.k * d.k);
+    with_scratch(&PADDED, d.cout * g.plane, |padded| {
+        with_scratch(&WIDE, d.cin * cols, |wide| {
+            with_scratch(&TAPS, rows, |taps| {
+                with_scratch(&FLIPPED, d.cin * rows, |flipped| {
+                    for ci in 0..d.cin {
+                        for co in 0..d.cout {
+                            let from = &weight[(co * d.cin + ci) * taps_per..][..taps_per];
+                            let to = &mut flipped[(ci * d.cout + co) * taps_per..][..taps_per];
+                            to.iter_mut().zip(from.iter().rev()).for_each(|(t, f)| *t = *f);
+                        }
+                    }
+                    g.fill(dy_img, padded);
+                    g.taps(d.k, taps);
+                    let a = Operand { data: flipped, row: rows, col: 1 };
+                    kernel::product(d.cin, rows, cols, a, padded, &taps[..], wide, cols, false);
+                    compact(wide, d.h, g.width, d.w, dx_img);
+                })
+            })
+        })
+    })
+}
