@@ -14,8 +14,8 @@
 mod common;
 
 use common::rel_err;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
 use mnist_wgpu::cpu::loss::softmax_cross_entropy;
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
 use mnist_wgpu::model::{file, Model, Shape};
 use rand::{RngExt, SeedableRng};
 
@@ -50,7 +50,9 @@ fn check(what: &str, model: &Model, n: usize) {
     let want = run(CpuNet::new(model), model, n, dropout);
     let got = run(FusedNet::new(model), model, n, dropout);
     for (k, (name, tol)) in
-        [("state", FORWARD_TOL), ("logits", FORWARD_TOL), ("gradients", GRAD_TOL), ("eval logits", FORWARD_TOL)].iter().enumerate()
+        [("state", FORWARD_TOL), ("logits", FORWARD_TOL), ("gradients", GRAD_TOL), ("eval logits", FORWARD_TOL)]
+            .iter()
+            .enumerate()
     {
         assert!(got[k].iter().all(|v| v.is_finite()), "{what}: {name} not finite");
         let err = rel_err(&got[k], &want[k], 1e-6);

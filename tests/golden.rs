@@ -92,7 +92,11 @@ fn one_pass(fx: &Fixture, setup: (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
     one_pass_of(fx, FusedNet::new(&setup.0), setup);
 }
 
-fn one_pass_of(fx: &Fixture, mut net: impl Executor, (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
+fn one_pass_of(
+    fx: &Fixture,
+    mut net: impl Executor,
+    (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>),
+) {
     net.forward(&mut state, &input, labels.len(), Mode::Train(DropoutMode::Off));
     check(fx, "step0.logits", net.logits(), 1e-5);
 
@@ -139,7 +143,11 @@ fn ten_steps(fx: &Fixture, setup: (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
     ten_steps_of(fx, FusedNet::new(&setup.0), setup);
 }
 
-fn ten_steps_of(fx: &Fixture, mut net: impl Executor, (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>)) {
+fn ten_steps_of(
+    fx: &Fixture,
+    mut net: impl Executor,
+    (model, mut state, input, labels): (Model, Vec<f32>, Vec<f32>, Vec<u8>),
+) {
     let mut momenta = vec![0.0; model.num_trainable];
     let schedule = OneCycle::recipe(12_000, 0.1);
     let want_losses = fx.get("train.losses").f32s();

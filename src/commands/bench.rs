@@ -532,7 +532,8 @@ fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<(
     let total: f64 = rows.iter().map(|r| r.ns).sum();
     let flops: f64 = rows.iter().map(|r| r.flops).sum();
     let executor = if args.backend == ProfiledBackend::Cpu { "fused executor" } else { "reference executor" };
-    let device = format!("CPU backend ({executor}), {} threads", rayon::current_num_threads());
+    let isa = mnist_wgpu::cpu::isa::isa().name();
+    let device = format!("CPU backend ({executor}, {isa}), {} threads", rayon::current_num_threads());
     if args.json {
         let ops: Vec<serde_json::Value> = rows
             .iter()

@@ -49,6 +49,8 @@ impl Backend for CpuBackend {
         // Half as much again for what the estimate leaves out (a buffer growing while the old one is
         // held, the allocator's per-thread arenas), and 512 MiB for the data set, the loader's batches
         // and the threads' stacks: measured under `ulimit -v`, a run that passes this check fits.
+        // The reference's footprint bounds the fused executor's: the same buffers, winners and two
+        // gradient buffers, and no dropout masks (it draws them again).
         let need = CpuNet::bytes_for_batch(&self.net.model, batch) * 3 / 2 + (512 << 20);
         if let Some((free, what)) = crate::cpu::memory_limit() {
             if need > free {
@@ -64,7 +66,7 @@ impl Backend for CpuBackend {
     }
 
     fn describe(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        format!("cpu ({} threads, {})", rayon::current_num_threads(), crate::cpu::isa::isa().name())
     }
 
     async fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {

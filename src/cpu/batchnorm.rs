@@ -88,7 +88,9 @@ vectorized! {
 
 /// Applies y = x * scale[c] + shift[c], images in parallel.
 fn affine(d: &BnDims, x: &[f32], scale: &[f32], shift: &[f32], y: &mut [f32]) {
-    y.par_chunks_mut(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)).for_each(|(yi, xi)| affine_image(d.hw, xi, scale, shift, yi));
+    y.par_chunks_mut(d.c * d.hw)
+        .zip(x.par_chunks(d.c * d.hw))
+        .for_each(|(yi, xi)| affine_image(d.hw, xi, scale, shift, yi));
 }
 
 /// Training mode: normalize with the batch mean and biased batch variance.
@@ -105,12 +107,21 @@ pub fn batchnorm_forward_train(d: &BnDims, x: &[f32], gamma: &[f32], beta: &[f32
 
 /// From the batch mean and biased variance per channel: what the backward pass keeps, and the
 /// normalization as y = x * scale + shift.
-pub fn normalization(mean: &[f64], var: &[f64], gamma: &[f32], beta: &[f32], eps: f32) -> (BnSaved, Vec<f32>, Vec<f32>) {
+pub fn normalization(
+    mean: &[f64],
+    var: &[f64],
+    gamma: &[f32],
+    beta: &[f32],
+    eps: f32,
+) -> (BnSaved, Vec<f32>, Vec<f32>) {
     let invstd: Vec<f32> = var.iter().map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32).collect();
     let scale: Vec<f32> = invstd.iter().zip(gamma).map(|(s, g)| g * s).collect();
     let shift: Vec<f32> = (0..mean.len()).map(|c| beta[c] - mean[c] as f32 * scale[c]).collect();
-    let saved =
-        BnSaved { mean: mean.iter().map(|&v| v as f32).collect(), invstd, var: var.iter().map(|&v| v as f32).collect() };
+    let saved = BnSaved {
+        mean: mean.iter().map(|&v| v as f32).collect(),
+        invstd,
+        var: var.iter().map(|&v| v as f32).collect(),
+    };
     (saved, scale, shift)
 }
 
@@ -173,9 +184,9 @@ pub fn batchnorm_backward(
         dbeta[c] = sums[c].0 as f32;
         dgamma[c] = sums[c].1 as f32;
     }
-    dx.par_chunks_mut(d.c * d.hw).zip(dy.par_chunks(d.c * d.hw).zip(x.par_chunks(d.c * d.hw))).for_each(
-        |(dxi, (dyi, xi))| backward_dx_image(d, xi, dyi, gamma, saved, &sums, dxi),
-    );
+    dx.par_chunks_mut(d.c * d.hw)
+        .zip(dy.par_chunks(d.c * d.hw).zip(x.par_chunks(d.c * d.hw)))
+        .for_each(|(dxi, (dyi, xi))| backward_dx_image(d, xi, dyi, gamma, saved, &sums, dxi));
 }
 
 /// The term of the sum of dy * xhat for channel `c`, in f64.

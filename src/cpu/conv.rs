@@ -11,9 +11,9 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
+use super::isa::vectorized;
 use super::kernel::{self, Every, Operand};
 use super::shifted;
-use super::isa::vectorized;
 pub use crate::model::ConvDims;
 
 thread_local! {

@@ -20,7 +20,8 @@ use super::batchnorm::{
     BnDims, BnSaved,
 };
 use super::conv::{
-    backward_image, bias_forward_image, forward_image, plane_total, Products, sum_rows, with_columns, with_scratch, ConvDims,
+    backward_image, bias_forward_image, forward_image, plane_total, sum_rows, with_columns, with_scratch, ConvDims,
+    Products,
 };
 use super::dropout::dropout_serial;
 use super::net::{DropoutMode, Executor, Mode};
@@ -191,7 +192,15 @@ impl FusedNet {
                 self.batch_statistics(state, layers.start);
             }
             let stats_for = (layers.end < self.model.layers.len()).then_some(layers.end);
-            let ctx = Ctx { model: &self.model, plan: &self.plan, state, norms: &self.norms, dropout, n, products: Products::fastest() };
+            let ctx = Ctx {
+                model: &self.model,
+                plan: &self.plan,
+                state,
+                norms: &self.norms,
+                dropout,
+                n,
+                products: Products::fastest(),
+            };
             let views = views(&mut self.store, &self.lens, n, (&[], &mut []));
             views.into_par_iter().for_each(|mut v| {
                 for j in 0..v.images {
@@ -219,7 +228,8 @@ impl FusedNet {
         let LayerParams::BatchNorm { weight, bias, running_mean, running_var } = model.layer_params[b] else {
             unreachable!("layer {b} is a batchnorm")
         };
-        let (saved, scale, shift) = normalization(&mean, &var, tensor(model, state, weight), tensor(model, state, bias), BN_EPS);
+        let (saved, scale, shift) =
+            normalization(&mean, &var, tensor(model, state, weight), tensor(model, state, bias), BN_EPS);
         let (rm, rv) = (&model.params[running_mean], &model.params[running_var]);
         let (mean, var) = state[rm.offset..rv.offset + rv.len].split_at_mut(rm.len);
         batchnorm_update_running(&BnDims { n: self.n, c, hw: s.h * s.w }, &saved, BN_MOMENTUM, mean, var);
@@ -241,11 +251,21 @@ impl FusedNet {
         }
         let classes = model.output_classes();
         self.eval_logits.resize(n * classes, 0.0);
-        let ctx = Ctx { model, plan: &self.plan, state, norms: &self.norms, dropout: DropoutMode::Off, n, products: Products::fastest() };
+        let ctx = Ctx {
+            model,
+            plan: &self.plan,
+            state,
+            norms: &self.norms,
+            dropout: DropoutMode::Off,
+            n,
+            products: Products::fastest(),
+        };
         let image = model.input.len();
-        self.eval_logits.par_chunks_mut(classes).zip(input.par_chunks(image)).enumerate().for_each(
-            |(img, (logits, x))| ctx.eval_image(img, x, logits),
-        );
+        self.eval_logits
+            .par_chunks_mut(classes)
+            .zip(input.par_chunks(image))
+            .enumerate()
+            .for_each(|(img, (logits, x))| ctx.eval_image(img, x, logits));
         self.time_pass(0..self.model.layers.len(), false, started);
     }
 
@@ -257,7 +277,15 @@ impl FusedNet {
         let n = self.n;
         for (k, pass) in self.backward_passes.clone().into_iter().enumerate() {
             let started = self.timing.is_some().then(web_time::Instant::now);
-            let ctx = Ctx { model: &self.model, plan: &self.plan, state, norms: &self.norms, dropout: self.dropout, n, products: Products::fastest() };
+            let ctx = Ctx {
+                model: &self.model,
+                plan: &self.plan,
+                state,
+                norms: &self.norms,
+                dropout: self.dropout,
+                n,
+                products: Products::fastest(),
+            };
             // The gradient at the pass's top, and where its bottom's goes: the two stored ones in turn.
             let [g0, g1] = &mut self.grad;
             let (read, write) = if k % 2 == 0 { (g1, g0) } else { (g0, g1) };
@@ -393,7 +421,14 @@ fn read_write<'b>(buffers: &'b mut [&mut [f32]], x: usize, y: usize) -> (&'b [f3
 }
 
 /// Layer `b`'s input image `j` of a view: the batch's input, or the buffer of the layer before.
-fn input_image<'v>(plan: &Plan, model: &Model, input: &'v [f32], buffers: &'v [&mut [f32]], j: usize, b: usize) -> &'v [f32] {
+fn input_image<'v>(
+    plan: &Plan,
+    model: &Model,
+    input: &'v [f32],
+    buffers: &'v [&mut [f32]],
+    j: usize,
+    b: usize,
+) -> &'v [f32] {
     let len = model.input_of(b).len();
     match b {
         0 => &input[j * len..][..len],
@@ -443,12 +478,16 @@ impl Ctx<'_> {
         match layer {
             Layer::Conv { .. } | Layer::Linear { .. } => {
                 let (d, w) = model.conv(i, 1).expect("a convolution layer");
-                with_columns(&d, |col| forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products));
+                with_columns(&d, |col| {
+                    forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products)
+                });
                 if let Some(b) = model.conv_bias(i) {
                     bias_forward_image(&d, &self.state[b..b + d.cout], y);
                 }
             }
-            Layer::BatchNorm { .. } => affine_image(sin.h * sin.w, read(), &self.norms[i].scale, &self.norms[i].shift, y),
+            Layer::BatchNorm { .. } => {
+                affine_image(sin.h * sin.w, read(), &self.norms[i].scale, &self.norms[i].shift, y)
+            }
             Layer::Relu => {
                 if let Some(x) = x {
                     y.copy_from_slice(x);

@@ -72,7 +72,17 @@ pub fn available() -> bool {
 /// c (m x n, rows `ldc` apart) = a (m x k) x b (k x n, rows at `starts`, columns contiguous), plus c
 /// when `accumulate`. Panics if an operand is too short or the CPU lacks FMA (see `available`).
 #[allow(clippy::too_many_arguments)]
-pub fn product<S: Starts>(m: usize, k: usize, n: usize, a: Operand, b: &[f32], starts: S, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn product<S: Starts>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: Operand,
+    b: &[f32],
+    starts: S,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -94,7 +104,17 @@ pub fn product<S: Starts>(m: usize, k: usize, n: usize, a: Operand, b: &[f32], s
 /// The last `width` (< NR) columns: b's and c's copied into zero-padded blocks, the product run on
 /// those, and c's columns copied back.
 #[allow(clippy::too_many_arguments)]
-fn tail<S: Starts>(m: usize, k: usize, a: Operand, b: &[f32], starts: S, c: &mut [f32], ldc: usize, width: usize, accumulate: bool) {
+fn tail<S: Starts>(
+    m: usize,
+    k: usize,
+    a: Operand,
+    b: &[f32],
+    starts: S,
+    c: &mut [f32],
+    ldc: usize,
+    width: usize,
+    accumulate: bool,
+) {
     let nr = nr();
     with_scratch(&TAIL_B, k * nr, |tb| {
         with_scratch(&TAIL_C, m * nr, |tc| {
@@ -131,7 +151,16 @@ fn nr() -> usize {
 /// b must hold k rows of NR values at `starts`, c m rows of NR values `ldc` apart, and a every (i, k)
 /// with i < m; the CPU must have the features of the form `isa()` picks.
 #[allow(clippy::too_many_arguments)]
-unsafe fn rows<S: Starts>(m: usize, k: usize, a: Operand, b: *const f32, starts: S, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn rows<S: Starts>(
+    m: usize,
+    k: usize,
+    a: Operand,
+    b: *const f32,
+    starts: S,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         let a_at = |i: usize| a.data.as_ptr().add(i * a.row);
@@ -251,7 +280,18 @@ unsafe fn block_avx2<const MR: usize, S: Starts>(
 /// masked load), then adds the lanes in a fixed order: the same bits on every run, different ones on
 /// AVX2 (8 lanes) and AVX-512 (16). Panics if an operand is too short or the CPU lacks FMA.
 #[allow(clippy::too_many_arguments)]
-pub fn dots<S: Starts>(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &[f32], starts: S, c: &mut [f32], ldc: usize, accumulate: bool) {
+pub fn dots<S: Starts>(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    starts: S,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -266,7 +306,8 @@ pub fn dots<S: Starts>(m: usize, k: usize, n: usize, a: &[f32], lda: usize, b: &
         for j in (0..n).step_by(4) {
             let cols = 4.min(n - j);
             // SAFETY: j + s < n, the row count checked above.
-            let b_rows: [*const f32; 4] = std::array::from_fn(|s| b[unsafe { starts.at(j + s.min(cols - 1)) }..].as_ptr());
+            let b_rows: [*const f32; 4] =
+                std::array::from_fn(|s| b[unsafe { starts.at(j + s.min(cols - 1)) }..].as_ptr());
             // SAFETY: every row pointed at holds k values (checked above).
             unsafe { dot_block(k, a_rows, b_rows, &mut out) };
             store(&out, rows, cols, &mut c[i * ldc + j..], ldc, accumulate);
@@ -369,6 +410,95 @@ unsafe fn dots_avx2(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
             let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
             let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
             *v = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether to run: on a CPU without FMA (which the kernels never run on) only when told to skip
+    /// with MNIST_WGPU_CPU_ISA=baseline.
+    fn skip_without_fma() -> bool {
+        if available() {
+            return true;
+        }
+        let told = std::env::var(crate::cpu::isa::ISA_VAR).is_ok_and(|v| v == "baseline");
+        assert!(told, "this CPU has no AVX2 and FMA: set MNIST_WGPU_CPU_ISA=baseline to skip the kernels' tests");
+        eprintln!("skipped: MNIST_WGPU_CPU_ISA=baseline");
+        false
+    }
+
+    /// A fixed pseudo-random operand in [-1, 1).
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Largest |got - want| over the largest |want|: sums of up to 40 products of values below 1 in
+    /// f32 against f64 stay within a few units in the last place, far below 1e-5.
+    fn close(got: &[f32], want: &[f64], what: &str) {
+        let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| m.max((g as f64 - w).abs())) / scale;
+        assert!(err < 1e-5, "{what}: error {err:e}");
+    }
+
+    #[test]
+    fn the_product_matches_a_plain_sum_at_every_shape_and_row_layout() {
+        if !skip_without_fma() {
+            return;
+        }
+        for (m, k, n) in [(1, 1, 1), (5, 9, 15), (8, 9, 16), (13, 33, 31), (7, 40, 32), (9, 3, 100), (16, 17, 70)] {
+            let a = values(m * k, 1);
+            // b's rows at a table of offsets 3 apart beyond the row, as a padded image's taps are.
+            let starts: Vec<usize> = (0..k).map(|kk| kk * (n + 3) + kk % 2).collect();
+            let b = values(k * (n + 3) + 2, 2);
+            let c0 = values(m * (n + 1), 3);
+            for accumulate in [false, true] {
+                let mut want = vec![0.0f64; m * (n + 1)];
+                for i in 0..m {
+                    for j in 0..n {
+                        let sum: f64 = (0..k).map(|kk| a[i * k + kk] as f64 * b[starts[kk] + j] as f64).sum();
+                        want[i * (n + 1) + j] = sum + if accumulate { c0[i * (n + 1) + j] as f64 } else { 0.0 };
+                    }
+                }
+                let mut c = c0.clone();
+                product(m, k, n, Operand { data: &a, row: k, col: 1 }, &b, &starts[..], &mut c, n + 1, accumulate);
+                let got: Vec<f32> = (0..m).flat_map(|i| c[i * (n + 1)..][..n].to_vec()).collect();
+                let want: Vec<f64> = (0..m).flat_map(|i| want[i * (n + 1)..][..n].to_vec()).collect();
+                close(&got, &want, &format!("product {m}x{k}x{n}, accumulate {accumulate}"));
+                // The column past n is left alone.
+                assert!((0..m).all(|i| c[i * (n + 1) + n] == c0[i * (n + 1) + n]), "product wrote past n");
+            }
+        }
+    }
+
+    #[test]
+    fn the_dot_products_match_a_plain_sum_at_every_shape() {
+        if !skip_without_fma() {
+            return;
+        }
+        for (m, k, n) in [(1, 1, 1), (3, 7, 4), (4, 16, 4), (7, 17, 6), (5, 40, 9), (8, 100, 3)] {
+            let (a, b) = (values(m * k, 4), values(n * k + 5, 5));
+            let starts: Vec<usize> = (0..n).map(|j| j * k + j % 3).collect();
+            let mut c = values(m * n, 6);
+            let c0 = c.clone();
+            dots(m, k, n, &a, k, &b, &starts[..], &mut c, n, true);
+            let want: Vec<f64> = (0..m * n)
+                .map(|at| {
+                    let (i, j) = (at / n, at % n);
+                    c0[at] as f64 + (0..k).map(|p| a[i * k + p] as f64 * b[starts[j] + p] as f64).sum::<f64>()
+                })
+                .collect();
+            close(&c, &want, &format!("dots {m}x{k}x{n}"));
         }
     }
 }

@@ -287,7 +287,6 @@ impl CpuNet {
         }
         &self.grads
     }
-
 }
 
 /// What runs a network on the CPU: `CpuNet`, the plain reference of every op, and `FusedNet`, the
@@ -357,7 +356,12 @@ pub trait Executor {
 }
 
 /// Records an op's time when profiling.
-pub(crate) fn record(timing: &mut Option<Vec<OpTime>>, label: &str, cost: (f64, f64), started: Option<web_time::Instant>) {
+pub(crate) fn record(
+    timing: &mut Option<Vec<OpTime>>,
+    label: &str,
+    cost: (f64, f64),
+    started: Option<web_time::Instant>,
+) {
     if let (Some(t), Some(started)) = (timing, started) {
         t.push(OpTime { label: label.into(), flops: cost.0, bytes: cost.1, ns: elapsed_ns(started) });
     }

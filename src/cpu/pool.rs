@@ -21,9 +21,10 @@ pub fn forward(layer: &Layer, planes: usize, s: Shape, x: &[f32], y: &mut [f32],
         true => (0..tasks).map(|_| &mut [][..]).collect(),
         false => winners.chunks_mut(chunk(pout)).collect(),
     };
-    y.par_chunks_mut(chunk(pout)).zip(x.par_chunks(chunk(pin))).zip(winners).for_each(|((y, x), winners)| {
-        forward_serial(layer, s, x, y, winners)
-    });
+    y.par_chunks_mut(chunk(pout))
+        .zip(x.par_chunks(chunk(pin)))
+        .zip(winners)
+        .for_each(|((y, x), winners)| forward_serial(layer, s, x, y, winners));
 }
 
 /// dx from dy for pooling layer `layer` (as `forward` ran it, leaving `winners`); dx is overwritten.
@@ -35,9 +36,10 @@ pub fn backward(layer: &Layer, planes: usize, s: Shape, winners: &[u8], dy: &[f3
         true => (0..tasks).map(|_| &[][..]).collect(),
         false => winners.chunks(chunk(pout)).collect(),
     };
-    dx.par_chunks_mut(chunk(pin)).zip(dy.par_chunks(chunk(pout))).zip(winners).for_each(|((dx, dy), winners)| {
-        backward_serial(layer, s, winners, dy, dx)
-    });
+    dx.par_chunks_mut(chunk(pin))
+        .zip(dy.par_chunks(chunk(pout)))
+        .zip(winners)
+        .for_each(|((dx, dy), winners)| backward_serial(layer, s, winners, dy, dx));
 }
 
 /// `forward` on this thread, over as many planes as x holds; `winners` is y's length for a max
@@ -82,7 +84,7 @@ vectorized! {
                     // not branches, so the row vectorizes).
                     let (mut best, mut at) = (top[2 * ox], 0u8);
                     for (i, v) in [(1, top[2 * ox + 1]), (2, bottom[2 * ox]), (3, bottom[2 * ox + 1])] {
-                        let wins = !(v <= best);
+                        let wins = v > best || v.is_nan();
                         best = if wins { v } else { best };
                         at = if wins { i } else { at };
                     }
@@ -170,5 +172,23 @@ pub fn global_avg_pool_backward(hw: usize, dy: &[f32], dx: &mut [f32]) {
     assert_eq!(dx.len(), dy.len() * hw);
     for (&g, plane) in dy.iter().zip(dx.chunks_exact_mut(hw)) {
         plane.fill(g / hw as f32);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_pooling_keeps_the_first_maximum_and_lets_a_nan_win_as_pytorch_does() {
+        // One plane of 2 x 6, three windows (top row / bottom row): (1, 3 / 2, 3) a tie, the first
+        // wins; (3, NaN / 3, 1) a NaN after a larger value; (NaN, 0 / 5, 9) a NaN first.
+        let nan = f32::NAN;
+        let x = [1.0, 3.0, 3.0, nan, nan, 0.0, 2.0, 3.0, 3.0, 1.0, 5.0, 9.0];
+        let (mut y, mut winners) = ([0.0f32; 3], [0u8; 3]);
+        maxpool2_forward(1, 2, 6, &x, &mut y, &mut winners);
+        assert_eq!((y[0], winners[0]), (3.0, 1), "the first of two equal maxima wins");
+        assert!(y[1].is_nan() && winners[1] == 1, "a NaN wins over a larger value before it");
+        assert!(y[2].is_nan() && winners[2] == 0, "a NaN first stays the winner");
     }
 }
