@@ -570,17 +570,30 @@ impl Ctx<'_> {
                         len
                     }
                 };
+                // The pass's last layer that writes a new gradient writes it into the stored one (and
+                // any in-place layers after it work there), so that it needs no copy.
+                let last_writer = pass.to.and(pass.layers.clone().find(|&i| writes_dx(&model.layers[i])));
+                let stored = std::mem::take(&mut v.grad_out);
+                let mut in_stored = false;
                 for i in pass.layers.clone().rev() {
                     let xl = model.input_of(i).len();
-                    if self.layer_backward(v, j, i, &mut cur[..len], &mut other[..xl]) {
+                    if in_stored {
+                        self.layer_backward(v, j, i, &mut stored[j * len..][..len], &mut []);
+                    } else if Some(i) == last_writer {
+                        self.layer_backward(v, j, i, &mut cur[..len], &mut stored[j * xl..][..xl]);
+                        (in_stored, len) = (true, xl);
+                    } else if self.layer_backward(v, j, i, &mut cur[..len], &mut other[..xl]) {
                         std::mem::swap(&mut cur, &mut other);
                         len = xl;
                     }
                 }
                 if let Some(b) = pass.to {
-                    v.grad_out[j * len..][..len].copy_from_slice(&cur[..len]);
-                    self.image_gradient_sums(v, j, b, &cur[..len]);
+                    if !in_stored {
+                        stored[j * len..][..len].copy_from_slice(&cur[..len]);
+                    }
+                    self.image_gradient_sums(v, j, b, &stored[j * len..][..len]);
                 }
+                v.grad_out = stored;
             })
         })
     }
@@ -644,6 +657,12 @@ impl Ctx<'_> {
         };
         tensor(self.model, self.state, weight)
     }
+}
+
+/// Whether a layer's backward pass writes a new gradient (a convolution's or a pooling's), rather than
+/// transforming the one it gets in place (a ReLU's, a dropout's).
+fn writes_dx(layer: &Layer) -> bool {
+    matches!(layer, Layer::Conv { .. } | Layer::Linear { .. }) || layer.is_pooling()
 }
 
 /// One image's bias gradient per output channel, in f64 (added over the batch in image order).
