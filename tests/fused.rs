@@ -86,7 +86,46 @@ fn the_fused_executor_matches_the_reference_on_every_preset() {
 fn the_fused_executor_matches_the_reference_on_other_layers() {
     check("net3-avgpool2", &model(concat!(env!("CARGO_MANIFEST_DIR"), "/models/net3-avgpool2.toml")), 9);
     check("bias and linear layers", &parsed(include_str!("fixtures/bias_linear.toml")), 9);
+    check("unpadded 3x3 on 28x28", &parsed(UNPADDED), 5);
 }
+
+/// 3x3 convolutions without padding on planes large enough for the shifted form (its input gradient
+/// pads by 2), one with a bias and a ReLU but no batchnorm, then a 1x1 convolution and global pooling.
+const UNPADDED: &str = r#"
+[[layer]]
+type = "conv"
+out = 6
+kernel = 3
+padding = 0
+bias = true
+
+[[layer]]
+type = "relu"
+
+[[layer]]
+type = "conv"
+out = 8
+kernel = 3
+padding = 0
+
+[[layer]]
+type = "batchnorm"
+
+[[layer]]
+type = "relu"
+
+[[layer]]
+type = "maxpool"
+
+[[layer]]
+type = "conv"
+out = 10
+kernel = 1
+padding = 0
+
+[[layer]]
+type = "gap"
+"#;
 
 #[test]
 fn the_fused_executor_gives_the_same_bits_on_any_number_of_threads() {
