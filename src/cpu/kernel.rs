@@ -197,81 +197,61 @@ unsafe fn rows<S: Starts>(
     }
 }
 
-/// One block of MR rows by 32 columns, AVX-512: 2 vectors of sums per row.
-///
-/// # Safety
-/// As `rows`, for MR rows; the CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx512<const MR: usize, S: Starts>(
-    k: usize,
-    a: *const f32,
-    rsa: usize,
-    csa: usize,
-    b: *const f32,
-    starts: S,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for kk in 0..k {
-        let row = b.add(starts.at(kk));
-        let (b0, b1) = (_mm512_loadu_ps(row), _mm512_loadu_ps(row.add(16)));
-        for (i, sums) in acc.iter_mut().enumerate() {
-            let w = _mm512_set1_ps(*a.add(i * rsa + kk * csa));
-            sums[0] = _mm512_fmadd_ps(w, b0, sums[0]);
-            sums[1] = _mm512_fmadd_ps(w, b1, sums[1]);
+/// Defines one block kernel per instruction set: MR rows by two vectors of columns, each output's k
+/// products summed in order with fused multiply-adds in a register.
+macro_rules! block_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal, $zero:ident, $load:ident, $splat:ident, $fma:ident,
+     $add:ident, $store:ident) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As `rows`, for MR rows; the CPU has the features named.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name<const MR: usize, S: Starts>(
+            k: usize,
+            a: *const f32,
+            rsa: usize,
+            csa: usize,
+            b: *const f32,
+            starts: S,
+            c: *mut f32,
+            ldc: usize,
+            accumulate: bool,
+        ) {
+            use std::arch::x86_64::*;
+            let mut acc = [[$zero(); 2]; MR];
+            for kk in 0..k {
+                let row = b.add(starts.at(kk));
+                let (b0, b1) = ($load(row), $load(row.add($lanes)));
+                for (i, sums) in acc.iter_mut().enumerate() {
+                    let w = $splat(*a.add(i * rsa + kk * csa));
+                    sums[0] = $fma(w, b0, sums[0]);
+                    sums[1] = $fma(w, b1, sums[1]);
+                }
+            }
+            for (i, sums) in acc.iter().enumerate() {
+                let out = c.add(i * ldc);
+                for (j, &s) in sums.iter().enumerate() {
+                    let s = if accumulate { $add($load(out.add($lanes * j)), s) } else { s };
+                    $store(out.add($lanes * j), s);
+                }
+            }
         }
-    }
-    for (i, sums) in acc.iter().enumerate() {
-        let out = c.add(i * ldc);
-        for (j, &s) in sums.iter().enumerate() {
-            let s = if accumulate { _mm512_add_ps(_mm512_loadu_ps(out.add(16 * j)), s) } else { s };
-            _mm512_storeu_ps(out.add(16 * j), s);
-        }
-    }
+    };
 }
 
-/// One block of MR rows by 16 columns, AVX2 with FMA: 2 vectors of sums per row.
-///
-/// # Safety
-/// As `rows`, for MR rows; the CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn block_avx2<const MR: usize, S: Starts>(
-    k: usize,
-    a: *const f32,
-    rsa: usize,
-    csa: usize,
-    b: *const f32,
-    starts: S,
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for kk in 0..k {
-        let row = b.add(starts.at(kk));
-        let (b0, b1) = (_mm256_loadu_ps(row), _mm256_loadu_ps(row.add(8)));
-        for (i, sums) in acc.iter_mut().enumerate() {
-            let w = _mm256_set1_ps(*a.add(i * rsa + kk * csa));
-            sums[0] = _mm256_fmadd_ps(w, b0, sums[0]);
-            sums[1] = _mm256_fmadd_ps(w, b1, sums[1]);
-        }
-    }
-    for (i, sums) in acc.iter().enumerate() {
-        let out = c.add(i * ldc);
-        for (j, &s) in sums.iter().enumerate() {
-            let s = if accumulate { _mm256_add_ps(_mm256_loadu_ps(out.add(8 * j)), s) } else { s };
-            _mm256_storeu_ps(out.add(8 * j), s);
-        }
-    }
-}
+block_kernel!(
+    /// One block of MR rows by 32 columns, AVX-512.
+    block_avx512, "avx512f", 16, _mm512_setzero_ps, _mm512_loadu_ps, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_add_ps,
+    _mm512_storeu_ps
+);
+block_kernel!(
+    /// One block of MR rows by 16 columns, AVX2 with FMA.
+    block_avx2, "avx2,fma", 8, _mm256_setzero_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_add_ps,
+    _mm256_storeu_ps
+);
 
 /// c (m x n, rows `ldc` apart) = a x b^T, plus c when `accumulate`: a holds m rows of k contiguous
 /// values `lda` apart and b n rows of k at `starts`, so each output is the dot product of two rows. A
@@ -324,6 +304,9 @@ fn store(out: &[[f32; 4]; 4], rows: usize, cols: usize, c: &mut [f32], ldc: usiz
     }
 }
 
+/// Four rows of an operand.
+type Rows = [*const f32; 4];
+
 /// The 4 x 4 dot products over k of 4 rows of a and 4 rows of b.
 ///
 /// # Safety
@@ -339,80 +322,66 @@ unsafe fn dot_block(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
     unreachable!("checked by dots");
 }
 
-/// Four rows of an operand.
-type Rows = [*const f32; 4];
-
-/// `dot_block` on AVX-512: 16 sums of 16 lanes.
-///
-/// # Safety
-/// As `dot_block`; the CPU has AVX-512F and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-unsafe fn dots_avx512(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-    // The last k % 16 values through a masked load (zeros beyond k).
-    let step = |p: usize, mask: __mmask16, acc: &mut [[__m512; 4]; 4]| {
-        let load = |r: *const f32| _mm512_maskz_loadu_ps(mask, r.add(p));
-        let bv = [load(b[0]), load(b[1]), load(b[2]), load(b[3])];
-        for (i, sums) in acc.iter_mut().enumerate() {
-            let av = load(a[i]);
-            for (s, &bj) in sums.iter_mut().zip(&bv) {
-                *s = _mm512_fmadd_ps(av, bj, *s);
+/// Defines one dot-block kernel per instruction set: 16 sums of `$lanes` lanes along k, the last
+/// partial vector through a masked load, then each sum's lanes added in a fixed order.
+macro_rules! dots_kernel {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal, $vec:ty, $zero:ident, $fma:ident,
+     $all:expr, $mask_of:expr, $masked_load:expr, $lane_sum:expr) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As `dot_block`; the CPU has the features named.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
+            use std::arch::x86_64::*;
+            let mut acc = [[$zero(); 4]; 4];
+            let step = |p: usize, mask, acc: &mut [[$vec; 4]; 4]| {
+                let load = |r: *const f32| $masked_load(r.add(p), mask);
+                let bv = [load(b[0]), load(b[1]), load(b[2]), load(b[3])];
+                for (i, sums) in acc.iter_mut().enumerate() {
+                    let av = load(a[i]);
+                    for (s, &bj) in sums.iter_mut().zip(&bv) {
+                        *s = $fma(av, bj, *s);
+                    }
+                }
+            };
+            let full = k / $lanes * $lanes;
+            for p in (0..full).step_by($lanes) {
+                step(p, $all, &mut acc);
+            }
+            if full < k {
+                step(full, $mask_of(k - full), &mut acc);
+            }
+            for (sums, o) in acc.iter().zip(out.iter_mut()) {
+                for (&s, v) in sums.iter().zip(o.iter_mut()) {
+                    *v = $lane_sum(s);
+                }
             }
         }
     };
-    let full = k / 16 * 16;
-    for p in (0..full).step_by(16) {
-        step(p, !0, &mut acc);
-    }
-    if full < k {
-        step(full, (1u16 << (k - full)) - 1, &mut acc);
-    }
-    for (sums, o) in acc.iter().zip(out.iter_mut()) {
-        for (&s, v) in sums.iter().zip(o.iter_mut()) {
-            *v = _mm512_reduce_add_ps(s);
-        }
-    }
 }
 
-/// `dot_block` on AVX2: 16 sums of 8 lanes.
-///
-/// # Safety
-/// As `dot_block`; the CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm256_setzero_ps(); 4]; 4];
-    // The last k % 8 values through a masked load (zeros beyond k).
-    let step = |p: usize, mask: __m256i, acc: &mut [[__m256; 4]; 4]| {
-        let load = |r: *const f32| _mm256_maskload_ps(r.add(p), mask);
-        let bv = [load(b[0]), load(b[1]), load(b[2]), load(b[3])];
-        for (i, sums) in acc.iter_mut().enumerate() {
-            let av = load(a[i]);
-            for (s, &bj) in sums.iter_mut().zip(&bv) {
-                *s = _mm256_fmadd_ps(av, bj, *s);
-            }
-        }
-    };
-    let full = k / 8 * 8;
-    for p in (0..full).step_by(8) {
-        step(p, _mm256_set1_epi32(-1), &mut acc);
+dots_kernel!(
+    /// `dot_block` on AVX-512: 16 lanes, added by `_mm512_reduce_add_ps`.
+    dots_avx512, "avx512f,fma", 16, __m512, _mm512_setzero_ps, _mm512_fmadd_ps,
+    !0u16,
+    |left: usize| (1u16 << left) - 1,
+    |p: *const f32, mask: __mmask16| _mm512_maskz_loadu_ps(mask, p),
+    |s: __m512| _mm512_reduce_add_ps(s)
+);
+dots_kernel!(
+    /// `dot_block` on AVX2: 8 lanes, added as halves, then pairs, then the last two.
+    dots_avx2, "avx2,fma", 8, __m256, _mm256_setzero_ps, _mm256_fmadd_ps,
+    _mm256_set1_epi32(-1),
+    |left: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+    |p: *const f32, mask: __m256i| _mm256_maskload_ps(p, mask),
+    |s: __m256| {
+        let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
     }
-    if full < k {
-        let left = (k - full) as i32;
-        step(full, _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), &mut acc);
-    }
-    for (sums, o) in acc.iter().zip(out.iter_mut()) {
-        for (&s, v) in sums.iter().zip(o.iter_mut()) {
-            // The 8 lanes added in a fixed order: halves, then pairs, then the last two.
-            let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-            *v = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-        }
-    }
-}
+);
 
 #[cfg(test)]
 mod tests {
