@@ -392,18 +392,31 @@ fn a_hundred_epochs_keep_a_flat_memory() {
     assert!(highest as f64 <= second as f64 * 1.05, "reached {highest} KiB after {second} KiB at epoch 2");
 }
 
-/// `profile --backend cpu`: one row per op of a CPU training step (each layer's forward and backward,
-/// the loss, the update), each with its FLOPs, and the machine's peak; GPU-only flags refused.
+/// `profile --backend cpu` and `cpu-reference`: one row per pass of the CPU backend's step, or per op of
+/// the reference's (each layer's forward and backward, the loss, the update), each with its FLOPs, and
+/// the machine's peak; GPU-only flags refused.
 #[test]
 fn the_cpu_profile_times_every_op_beside_the_peak() {
-    let out = run(&["profile", "--backend", "cpu", "--steps", "1", "--batch-size", "8", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let ops = v["ops"].as_array().unwrap();
-    // Net3's 22 layers forward and backward, the loss and the update.
-    assert_eq!(ops.len(), 2 * 22 + 2, "{v}");
+    let profile = |backend: &str| {
+        let out = run(&["profile", "--backend", backend, "--steps", "1", "--batch-size", "8", "--json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v["ops"].as_array().unwrap().iter().all(|o| o["median_us"].as_f64().unwrap() > 0.0), "{v}");
+        assert!(v["peak_gflop_per_s"].as_f64().unwrap() > 0.0 && v["peak"].as_str().unwrap().contains("sgemm"));
+        v
+    };
+    // The reference: Net3's 22 layers forward and backward, the loss and the update.
+    let reference = profile("cpu-reference");
+    let ops = reference["ops"].as_array().unwrap();
+    assert_eq!(ops.len(), 2 * 22 + 2, "{reference}");
     assert_eq!(ops[0]["op"], "conv.forward conv1");
-    assert!(ops.iter().all(|o| o["median_us"].as_f64().unwrap() > 0.0), "{v}");
-    assert!(v["peak_gflop_per_s"].as_f64().unwrap() > 0.0 && v["peak"].as_str().unwrap().contains("sgemm"));
+    // The CPU backend: 7 passes each way (one per batchnorm, and the first), the loss and the update,
+    // counting the same FLOPs.
+    let fused = profile("cpu");
+    let passes = fused["ops"].as_array().unwrap();
+    assert_eq!(passes.len(), 7 + 7 + 2, "{fused}");
+    assert_eq!(passes[1]["op"], "fused.forward bn1+relu#2+conv2");
+    let flops = |ops: &[serde_json::Value]| ops.iter().map(|o| o["flops"].as_f64().unwrap()).sum::<f64>();
+    assert!((flops(passes) / flops(ops) - 1.0).abs() < 1e-9, "{} against {}", flops(passes), flops(ops));
     fails_with(&["profile", "--backend", "cpu", "--trace", "t.json"], "--trace and --adapter are for --backend gpu");
 }

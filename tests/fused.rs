@@ -87,6 +87,8 @@ fn the_fused_executor_matches_the_reference_on_other_layers() {
     check("net3-avgpool2", &model(concat!(env!("CARGO_MANIFEST_DIR"), "/models/net3-avgpool2.toml")), 9);
     check("bias and linear layers", &parsed(include_str!("fixtures/bias_linear.toml")), 9);
     check("unpadded 3x3 on 28x28", &parsed(UNPADDED), 5);
+    let batchnorm_first = format!("[[layer]]\ntype = \"batchnorm\"\n{}", include_str!("fixtures/bias_linear.toml"));
+    check("a batchnorm first", &parsed(&batchnorm_first), 6);
 }
 
 /// 3x3 convolutions without padding on planes large enough for the shifted form (its input gradient

@@ -129,8 +129,9 @@ impl FusedNet {
         let plan = Plan::new(model);
         let count = model.layers.len();
         let norms: Vec<usize> = (0..count).filter(|&i| matches!(model.layers[i], Layer::BatchNorm { .. })).collect();
+        // A batchnorm first (at 0) makes an empty first pass: its input's sums.
         let mut bounds = vec![0];
-        bounds.extend(norms.iter().copied().filter(|&b| b > 0));
+        bounds.extend(norms.iter().copied());
         bounds.push(count);
         let forward_passes = bounds.windows(2).map(|w| w[0]..w[1]).collect();
         let mut backward_passes = Vec::new();
@@ -188,7 +189,7 @@ impl FusedNet {
         for k in 0..self.forward_passes.len() {
             let layers = self.forward_passes[k].clone();
             let started = self.timing.is_some().then(web_time::Instant::now);
-            if matches!(self.model.layers[layers.start], Layer::BatchNorm { .. }) {
+            if !layers.is_empty() && matches!(self.model.layers[layers.start], Layer::BatchNorm { .. }) {
                 self.batch_statistics(state, layers.start);
             }
             let stats_for = (layers.end < self.model.layers.len()).then_some(layers.end);
@@ -737,7 +738,10 @@ impl FusedNet {
             flops += f;
             bytes += b;
         }
-        let names: Vec<String> = layers.map(|i| model.layer_name(i)).collect();
+        let mut names: Vec<String> = layers.map(|i| model.layer_name(i)).collect();
+        if names.is_empty() {
+            names.push("(the input's sums for the first batchnorm)".into());
+        }
         let label = format!("fused.{} {}", if backward { "backward" } else { "forward" }, names.join("+"));
         t.push(OpTime { label, flops, bytes, ns: started.elapsed().as_secs_f64() * 1e9 });
     }
