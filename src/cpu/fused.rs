@@ -24,7 +24,7 @@ use super::conv::{
     Products,
 };
 use super::dropout::dropout_serial;
-use super::net::{DropoutMode, Executor, Mode};
+use super::net::{tensor, DropoutMode, Executor, Mode};
 use super::pool;
 use super::profile::{self, OpTime};
 use super::relu::{relu_backward_serial, relu_forward_serial};
@@ -317,12 +317,6 @@ struct Ctx<'a> {
     dropout: DropoutMode,
     n: usize,
     products: Products,
-}
-
-/// One parameter tensor of a state buffer, by table index.
-fn tensor<'a>(model: &Model, state: &'a [f32], index: usize) -> &'a [f32] {
-    let p = &model.params[index];
-    &state[p.offset..p.offset + p.len]
 }
 
 /// Per-image lengths of the store's parts for `model` as `plan` buffers it.

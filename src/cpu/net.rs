@@ -70,7 +70,7 @@ pub struct CpuNet {
 }
 
 /// Split a state buffer into one parameter tensor, by table index.
-fn tensor<'a>(model: &Model, state: &'a [f32], index: usize) -> &'a [f32] {
+pub(crate) fn tensor<'a>(model: &Model, state: &'a [f32], index: usize) -> &'a [f32] {
     let p = &model.params[index];
     &state[p.offset..p.offset + p.len]
 }
