@@ -5,10 +5,12 @@
 //! while the image is in cache: a batchnorm's statistics in the forward pass, its gradient sums in
 //! the backward pass. Net3's training step is 7 passes forward and 7 backward (45 layer ops in
 //! `CpuNet`); evaluation, which needs no batch statistics, is one pass. Each layer runs the
-//! reference's own per-image functions; what differs from `CpuNet` is the order of the sums: a
-//! batchnorm's mean and variance come from one pass of sums and sums of squares (f64), and the
-//! weight gradients are summed in `GROUPS` groups. Every sum is kept per image or per group and
-//! added in image order, so the results do not depend on the number of threads.
+//! reference's own per-image functions, the convolutions with the products of `kernel.rs` over the
+//! padded image's taps (`shifted.rs`) where the CPU has FMA. What differs from `CpuNet` is the order
+//! of some sums: a batchnorm's mean and variance come from one pass of sums and sums of squares
+//! (f64), and the weight gradients are dot products summed in vector lanes, then in `GROUPS` groups
+//! of images. Every sum is kept per image or per group and added in image order, so the results do
+//! not depend on the number of threads.
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -369,7 +371,7 @@ fn views<'a>(store: &'a mut Store, lens: &Lens, n: usize, grads: (&'a [f32], &'a
         })
         .collect();
     let image = store.input.len() / n.max(1);
-    for (v, x) in views.iter_mut().zip(store.input.chunks(group * image)) {
+    for (v, x) in views.iter_mut().zip(store.input.chunks((group * image).max(1))) {
         v.input = x;
     }
     let (gin, gout) = (grad_in.len() / n.max(1), grad_out.len() / n.max(1));
