@@ -77,6 +77,8 @@ struct Lens {
     winners: Vec<usize>,
     image_sums: Vec<usize>,
     partials: Vec<usize>,
+    /// The largest image any layer reads or writes: the per-thread scratch's length.
+    largest: usize,
 }
 
 /// One group's share of the store: its images' slices of each part.
@@ -202,6 +204,7 @@ impl FusedNet {
                 norms: &self.norms,
                 dropout,
                 n,
+                lens: &self.lens,
                 products: Products::fastest(),
             };
             let views = views(&mut self.store, &self.lens, n, (&[], &mut []));
@@ -261,6 +264,7 @@ impl FusedNet {
             norms: &self.norms,
             dropout: DropoutMode::Off,
             n,
+            lens: &self.lens,
             products: Products::fastest(),
         };
         let image = model.input.len();
@@ -287,6 +291,7 @@ impl FusedNet {
                 norms: &self.norms,
                 dropout: self.dropout,
                 n,
+                lens: &self.lens,
                 products: Products::fastest(),
             };
             // The gradient at the pass's top, and where its bottom's goes: the two stored ones in turn.
@@ -318,6 +323,7 @@ struct Ctx<'a> {
     norms: &'a [Norm],
     dropout: DropoutMode,
     n: usize,
+    lens: &'a Lens,
     products: Products,
 }
 
@@ -337,6 +343,7 @@ fn lens(model: &Model, plan: &Plan) -> Lens {
             _ => model.conv_bias(i).map_or(0, |_| model.conv(i, 1).expect("a convolution").0.cout),
         }),
         partials: by_layer(&|i| model.conv(i, 1).map_or(0, |(d, _)| d.weight_len())),
+        largest: model.shapes.iter().map(|s| s.len()).chain([model.input.len()]).max().unwrap_or(0),
     }
 }
 
@@ -434,16 +441,11 @@ fn input_image<'v>(
 }
 
 impl Ctx<'_> {
-    /// The largest image any layer reads or writes.
-    fn largest(&self) -> usize {
-        self.model.shapes.iter().map(|s| s.len()).chain([self.model.input.len()]).max().unwrap_or(0)
-    }
-
     /// Layer `i` of a training pass on image `j` of view `v`, in the plan's buffers.
     fn train_layer(&self, v: &mut View, j: usize, i: usize) {
         let (xl, yl) = (self.model.input_of(i).len(), self.model.shapes[i].len());
         let out = self.plan.buffer[i];
-        let wl = self.lens_winners(i);
+        let wl = self.lens.winners[i];
         let winners = &mut v.winners[i][j * wl..][..wl];
         let img = v.first + j;
         if i == 0 {
@@ -453,15 +455,6 @@ impl Ctx<'_> {
         } else {
             let (x, y) = read_write(&mut v.buffers, self.plan.buffer[i - 1], out);
             self.layer_forward(i, img, Some(&x[j * xl..][..xl]), &mut y[j * yl..][..yl], winners);
-        }
-    }
-
-    /// A max pooling's winners per image (0 for any other layer).
-    fn lens_winners(&self, i: usize) -> usize {
-        if matches!(self.model.layers[i], Layer::MaxPool2) {
-            self.model.shapes[i].len()
-        } else {
-            0
         }
     }
 
@@ -517,7 +510,7 @@ impl Ctx<'_> {
 
     /// Image `img` through the whole network in evaluation mode, in this thread's scratch.
     fn eval_image(&self, img: usize, x: &[f32], logits: &mut [f32]) {
-        let largest = self.largest();
+        let largest = self.lens.largest;
         with_scratch(&PING, largest, |a| {
             with_scratch(&PONG, largest, |b| {
                 with_scratch(&WINNERS, largest, |winners| {
@@ -531,7 +524,7 @@ impl Ctx<'_> {
                             Layer::Relu => relu_forward_serial(&mut cur[..len]),
                             _ => {
                                 let yl = self.model.shapes[i].len();
-                                let wl = self.lens_winners(i);
+                                let wl = self.lens.winners[i];
                                 self.layer_forward(i, img, Some(&cur[..len]), &mut other[..yl], &mut winners[..wl]);
                                 std::mem::swap(&mut cur, &mut other);
                                 len = yl;
@@ -547,7 +540,7 @@ impl Ctx<'_> {
     /// Image `j` of view `v` through backward pass `pass`, in this thread's scratch.
     fn backward_image(&self, v: &mut View, j: usize, pass: &BackPass) {
         let model = self.model;
-        let largest = self.largest();
+        let largest = self.lens.largest;
         with_scratch(&PING, largest, |a| {
             with_scratch(&PONG, largest, |b| {
                 let (mut cur, mut other): (&mut [f32], &mut [f32]) = (a, b);
@@ -627,7 +620,7 @@ impl Ctx<'_> {
                 false
             }
             layer if layer.is_pooling() => {
-                let wl = self.lens_winners(i);
+                let wl = self.lens.winners[i];
                 pool::backward_serial(layer, model.input_of(i), &v.winners[i][j * wl..][..wl], dy, dx);
                 true
             }
