@@ -5,14 +5,14 @@
 //! - `train`: the epoch loop over a `Backend`, the one-cycle schedule, metrics, checkpoints; beside it
 //!   `verify`: the GPU kernels and whole steps of a `Backend` against the CPU reference;
 //! - `gpu` (wgpu, the shaders of `shaders/`, the fusion lowering, the GPU backend) and `cpu` (the
-//!   reference ops, the CPU backend), side by side: neither imports the other (the GPU tests use the
-//!   CPU reference as their oracle);
+//!   plain reference and its executor `CpuNet`, the fast executor `FusedNet`, the CPU backend), side by
+//!   side: neither imports the other (the GPU tests use the CPU reference as their oracle);
 //! - `backend`: the Backend trait both implement;
 //! - `checkpoint`: safetensors with PyTorch's state_dict names;
 //! - `onnx`: a network and its weights as an ONNX model; `report`: a run's pictures and page;
 //! - `model`: the network described once (each layer type in `model/layer.rs`), no wgpu; `data`: IDX
 //!   files, augmentation, the loader threads; `bundle_summary`: the table that ends a GPU bundle's run
-//!   (`dist/run.sh`), from the files it wrote.
+//!   (`dist/run.sh`), from the files it wrote; `memory`: what the process may still allocate.
 //!
 //! `docs/architecture.md` is the map: a training step's flow, where each op lives, how to add a layer.
 //!
@@ -30,6 +30,8 @@ pub mod cpu;
 pub mod data;
 #[cfg(feature = "engine")]
 pub mod gpu;
+#[cfg(feature = "engine")]
+pub mod memory;
 pub mod model;
 #[cfg(feature = "app")]
 pub mod onnx;

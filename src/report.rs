@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use base64::Engine as _;
 use plotters::prelude::*;
 
-use crate::cpu::loss::{argmax, softmax};
+use crate::cpu::reference::loss::{argmax, softmax};
 use crate::data::{Split, IMAGE_SIDE};
 
 /// Registered once for every picture: plotters draws text with it (the font ships in `assets/`).

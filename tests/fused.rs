@@ -15,7 +15,7 @@
 mod common;
 
 use common::rel_err;
-use mnist_wgpu::cpu::loss::softmax_cross_entropy;
+use mnist_wgpu::cpu::reference::loss::softmax_cross_entropy;
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
 use mnist_wgpu::model::{file, Model, Shape};
 use rand::{RngExt, SeedableRng};

@@ -16,7 +16,7 @@
 mod common;
 
 use common::{assert_zero_gradient, rel_err, zero_bias_gradient_scale, Fixture};
-use mnist_wgpu::cpu::sgd::SgdStep;
+use mnist_wgpu::cpu::reference::sgd::SgdStep;
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::schedule::OneCycle;
@@ -102,7 +102,8 @@ fn one_pass_of(
 
     let classes = model.output_classes();
     let mut dlogits = vec![0.0; net.logits().len()];
-    let out = mnist_wgpu::cpu::loss::softmax_cross_entropy(net.logits(), &labels, classes, Some(&mut dlogits));
+    let out =
+        mnist_wgpu::cpu::reference::loss::softmax_cross_entropy(net.logits(), &labels, classes, Some(&mut dlogits));
     check(fx, "step0.loss", &[out.loss], 1e-5);
 
     let grads = net.backward(&state, &dlogits).to_vec();

@@ -8,7 +8,7 @@
 mod common;
 
 use common::{assert_close as check, assert_zero_gradient, gpu, zero_bias_gradient_scale, Fixture};
-use mnist_wgpu::cpu::sgd::SgdStep;
+use mnist_wgpu::cpu::reference::sgd::SgdStep;
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, Mode};
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;

@@ -9,13 +9,13 @@
 //! magnitude (the worst seen is 3.8e-5), far below the O(1) error of any missing term or wrong index.
 //! ReLU and max pooling are checked on inputs kept at least 0.05 away from their kinks and ties.
 
-use mnist_wgpu::cpu::batchnorm::*;
-use mnist_wgpu::cpu::conv::*;
-use mnist_wgpu::cpu::dropout::*;
-use mnist_wgpu::cpu::loss::softmax_cross_entropy;
-use mnist_wgpu::cpu::pool::*;
-use mnist_wgpu::cpu::relu::*;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode, Mode};
+use mnist_wgpu::cpu::reference::batchnorm::*;
+use mnist_wgpu::cpu::reference::conv::*;
+use mnist_wgpu::cpu::reference::dropout::*;
+use mnist_wgpu::cpu::reference::loss::softmax_cross_entropy;
+use mnist_wgpu::cpu::reference::pool::*;
+use mnist_wgpu::cpu::reference::relu::*;
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, Mode};
 use mnist_wgpu::model::Model;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};

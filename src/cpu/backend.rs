@@ -5,7 +5,7 @@ use anyhow::Result;
 use async_trait::async_trait;
 
 use crate::backend::{chunk_batch_size, schedule_span, Backend, StepParams, Sums, GIB};
-use crate::cpu::sgd::SgdStep;
+use crate::cpu::reference::sgd::SgdStep;
 use crate::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
 use crate::data::loader::Batch;
 use crate::model::Model;
@@ -52,7 +52,7 @@ impl Backend for CpuBackend {
         // The reference's footprint bounds the fused executor's: the same buffers, winners and two
         // gradient buffers, and no dropout masks (it draws them again).
         let need = CpuNet::bytes_for_batch(&self.net.model, batch) * 3 / 2 + (512 << 20);
-        if let Some((free, what)) = crate::cpu::memory_limit() {
+        if let Some((free, what)) = crate::memory::memory_limit() {
             if need > free {
                 anyhow::bail!(
                     "batch size {batch} needs about {:.1} GiB on the CPU backend (activations, gradients and what \

@@ -1,55 +1,24 @@
-//! The plain-Rust reference of every op, forward and backward, and the CPU executor built from them.
-//! One file per op family, named as its shader in `shaders/`.
+//! The CPU side: two executors of the same plan behind one trait (`executor.rs`), and the backend.
+//!
+//! - `reference/`: the plain reference of every op and `CpuNet`, which runs them op by op: what
+//!   `verify`, the gradient checks and the GPU parity tests read against;
+//! - `fused/`: `FusedNet`, the fast executor the CPU backend trains with (per-image passes between the
+//!   batch's sync points, register-block products with FMA), held to the reference by the tests;
+//! - shared by both: `executor.rs` (the trait: a training step, an evaluation, a profiled step),
+//!   `isa.rs` (the instruction set the element-wise kernels run with), `scratch.rs` (per-thread
+//!   scratch buffers), `profile.rs` (each op's FLOPs and bytes, the machine's peak);
+//! - `backend.rs`: the CPU `Backend` over `FusedNet`.
+//!
+//! Dependencies point one way: `fused` reads `reference`, never the reverse.
 
 pub mod backend;
-pub mod batchnorm;
-pub mod conv;
-pub mod dropout;
+pub mod executor;
 pub mod fused;
-pub mod gemm;
 pub mod isa;
-pub mod kernel;
-pub mod loss;
-pub mod net;
-pub mod pool;
 pub mod profile;
-pub mod relu;
-pub mod sgd;
-pub mod shifted;
+pub mod reference;
+pub mod scratch;
 
+pub use executor::{DropoutMode, Executor, Mode, StepOut};
 pub use fused::FusedNet;
-pub use net::{CpuNet, DropoutMode, Executor, Mode};
-
-/// The memory this process may still allocate, and what limits it: the smaller of the memory the
-/// system has available and what the address-space limit (`ulimit -v`) leaves. None where unknown.
-#[cfg(all(target_os = "linux", feature = "app"))]
-pub fn memory_limit() -> Option<(u64, &'static str)> {
-    let kib = |text: &str, key: &str| -> Option<u64> {
-        let line = text.lines().find(|l| l.starts_with(key))?;
-        line[key.len()..].trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|k| k * 1024)
-    };
-    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|t| kib(&t, "MemAvailable:"));
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit writes into the struct it is given.
-    let ok = unsafe { libc::getrlimit(libc::RLIMIT_AS, &mut limit) } == 0;
-    let address_space = if ok && limit.rlim_cur != libc::RLIM_INFINITY {
-        let used = std::fs::read_to_string("/proc/self/status").ok().and_then(|t| kib(&t, "VmSize:")).unwrap_or(0);
-        // rlim_t is 32 bits wide on some 32-bit targets.
-        #[allow(clippy::unnecessary_cast)]
-        let limit = limit.rlim_cur as u64;
-        Some(limit.saturating_sub(used))
-    } else {
-        None
-    };
-    match (available, address_space) {
-        (Some(a), Some(s)) if s < a => Some((s, "the address-space limit (ulimit -v)")),
-        (Some(a), _) => Some((a, "the memory available")),
-        (None, Some(s)) => Some((s, "the address-space limit (ulimit -v)")),
-        (None, None) => None,
-    }
-}
-
-#[cfg(not(all(target_os = "linux", feature = "app")))]
-pub fn memory_limit() -> Option<(u64, &'static str)> {
-    None
-}
+pub use reference::net::CpuNet;

@@ -1,11 +1,11 @@
-//! The CPU executor's roofline: what each op of a training step must do at the least (FLOPs, and
+//! The CPU executors' roofline: what each op of a training step must do at the least (FLOPs, and
 //! bytes if every input were read once and every output written once, as the GPU's launches count
-//! them), and the machine's own peak to hold the measured rates against: a large matrix product with
-//! the same `sgemm` the ops use, on every core.
+//! them), how a step's ops are timed (`record`), and the machine's own peak to hold the measured rates
+//! against: a large matrix product with the reference's `sgemm`, on every core.
 
 use rayon::prelude::*;
 
-use super::gemm::{gemm, Layout};
+use super::reference::gemm::{gemm, Layout};
 use crate::model::{Layer, Model};
 
 /// One op of a profiled training step: its label (`conv.forward conv2`), what it must do, and its
@@ -16,6 +16,20 @@ pub struct OpTime {
     pub flops: f64,
     pub bytes: f64,
     pub ns: f64,
+}
+
+/// Records an op's time when profiling (`timing` is Some): its label, its cost (FLOPs, bytes) and the
+/// time since `started`.
+pub(crate) fn record(
+    timing: &mut Option<Vec<OpTime>>,
+    label: &str,
+    cost: (f64, f64),
+    started: Option<web_time::Instant>,
+) {
+    if let (Some(t), Some(started)) = (timing, started) {
+        let ns = started.elapsed().as_secs_f64() * 1e9;
+        t.push(OpTime { label: label.into(), flops: cost.0, bytes: cost.1, ns });
+    }
 }
 
 /// The label of layer `i`'s forward or backward op, in the GPU profile's style.

@@ -204,7 +204,7 @@ impl GpuContext {
     /// errors wgpu reports outside any call's result into [`GpuContext::check`].
     pub async fn open(adapter: &wgpu::Adapter) -> Result<GpuContext> {
         let info = adapter.get_info();
-        check_limits(&info, &adapter.limits())?;
+        super::limits::check_limits(&info, &adapter.limits())?;
         // Timestamp queries time each kernel (`profile`); they are optional.
         let features = adapter.features() & wgpu::Features::TIMESTAMP_QUERY;
         let desc = wgpu::DeviceDescriptor {
@@ -377,33 +377,6 @@ impl GpuContext {
 #[cfg(not(target_arch = "wasm32"))]
 const CALLBACK_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// What the kernels of `shaders/` need of an adapter (WebGPU's defaults cover it): storage buffers
-/// per kernel (7 at most, conv and batchnorm), invocations per workgroup, and workgroup memory (conv's
-/// slabs and the reduction arrays, 7 KiB).
-const NEEDED_LIMITS: [(&str, u32); 4] = [
-    ("storage buffers per shader stage", 7),
-    ("invocations per workgroup", super::kernel::WG),
-    ("workgroup size in x", super::kernel::WG),
-    ("bytes of workgroup memory", 8 << 10),
-];
-
-/// Refuses, naming the limit, an adapter that cannot run the kernels.
-fn check_limits(info: &wgpu::AdapterInfo, limits: &wgpu::Limits) -> Result<()> {
-    let has = [
-        limits.max_storage_buffers_per_shader_stage,
-        limits.max_compute_invocations_per_workgroup,
-        limits.max_compute_workgroup_size_x,
-        limits.max_compute_workgroup_storage_size,
-    ];
-    for ((what, needed), has) in NEEDED_LIMITS.iter().zip(has) {
-        if has < *needed {
-            let name = if info.name.is_empty() { "this GPU adapter" } else { info.name.as_str() };
-            bail!("{name} allows {has} {what}, and the kernels need {needed}: it cannot run them");
-        }
-    }
-    Ok(())
-}
-
 /// The state of an asynchronous map, set by its callback.
 #[derive(Clone)]
 pub struct MapFlag(Arc<AtomicU8>);
@@ -457,18 +430,6 @@ mod tests {
 
     fn info(name: &str, backend: wgpu::Backend) -> wgpu::AdapterInfo {
         wgpu::AdapterInfo { name: name.into(), ..wgpu::AdapterInfo::new(wgpu::DeviceType::Cpu, backend) }
-    }
-
-    #[test]
-    fn an_adapter_below_a_needed_limit_is_refused_naming_the_limit() {
-        let info = info("Tiny GPU", wgpu::Backend::Gl);
-        assert!(check_limits(&info, &wgpu::Limits::default()).is_ok());
-        let few = wgpu::Limits { max_storage_buffers_per_shader_stage: 4, ..wgpu::Limits::default() };
-        let err = check_limits(&info, &few).unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "Tiny GPU allows 4 storage buffers per shader stage, and the kernels need 7: it cannot run them"
-        );
     }
 
     #[test]

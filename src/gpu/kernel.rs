@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, Result};
 
 use super::context::GpuContext;
+use super::limits::WG;
 
 /// Prepended to every shader: the grid index helpers and the fixed-order workgroup reduction.
 pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
@@ -19,8 +20,6 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
 ];
 
-/// Invocations per workgroup of every kernel (WG in common.wgsl).
-pub const WG: u32 = 256;
 /// The most workgroups one dispatch dimension takes.
 const MAX_GROUPS: u32 = 65_535;
 

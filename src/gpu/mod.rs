@@ -1,4 +1,5 @@
-//! The GPU backend: raw wgpu device setup, one launcher per shader of `shaders/` (named after it),
+//! The GPU backend: raw wgpu device setup (`context`, with the limits the kernels need, `limits`),
+//! compute pipelines and launches (`kernel`), one launcher per shader of `shaders/` (named after it),
 //! the uniforms they share with WGSL (`uniform`), the fusion lowering that lists a step's launches
 //! (`fusion`), the executor that records them (`net`), chunk streaming and the Backend over it.
 //! Depends on `model`, `data` and the `backend` trait; nothing depends on it but the trainer, verify
@@ -11,6 +12,7 @@ pub mod conv;
 pub mod dropout;
 pub mod fusion;
 pub mod kernel;
+pub mod limits;
 pub mod loss;
 pub mod net;
 pub mod pool;

@@ -3,7 +3,7 @@
 //! kinds), its name and its summary line. The code that computes a type is named after it, op by op:
 //! its CPU reference in `cpu/`, its WGSL kernel in `shaders/`, that kernel's launcher in `gpu/`, its
 //! checks in `verify/`; its ONNX node is in `onnx.rs`, its PyTorch module in `scripts/torch_model.py`.
-//! Poolings run through one entry each (`cpu::pool::forward`, `gpu::pool::Pool::forward`,
+//! Poolings run through one entry each (`cpu::reference::pool::forward`, `gpu::pool::Pool::forward`,
 //! `verify::pool::checks`), so a new pooling touches no executor.
 
 use serde::Deserialize;
@@ -282,7 +282,7 @@ impl Layer {
         }
     }
 
-    /// A pooling: a layer of no parameters that reduces planes (see `cpu::pool`, `gpu::pool`).
+    /// A pooling: a layer of no parameters that reduces planes (see `cpu::reference::pool`, `gpu::pool`).
     pub fn is_pooling(&self) -> bool {
         matches!(self, Layer::MaxPool2 | Layer::AvgPool2 | Layer::GlobalAvgPool)
     }

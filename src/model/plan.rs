@@ -1,10 +1,12 @@
-//! The execution plan: the model description lowered once into what both executors run. It groups
+//! The execution plan: the model description lowered once into what every executor runs. It groups
 //! the layers into ops (a batchnorm with the ReLU, dropout and pooling it absorbs; a convolution with
 //! the max pooling it reads through, and in evaluation with the batchnorm after it), separately for
-//! the training forward pass, the evaluation forward pass and the backward pass; and it says which
-//! buffer holds each layer's output and which layers run in place. The GPU's fusion lowering
-//! (`gpu::fusion`) turns each op into its launches; the CPU runs an op's layers one after another
-//! with its reference functions, in the same buffers.
+//! the training forward pass, the evaluation forward pass and the backward pass; it says which
+//! buffer holds each layer's output and which layers run in place; and it cuts a training step into
+//! the passes that the fused CPU executor takes each image through, between the points where the
+//! whole batch must meet (`Passes`). The GPU's fusion lowering (`gpu::fusion`) turns each op into its
+//! launches; `CpuNet` runs an op's layers one after another with the reference functions, and
+//! `FusedNet` runs each pass image by image, both in the same buffers.
 
 use std::ops::Range;
 
@@ -29,6 +31,47 @@ pub struct NormFusion {
     pub avgpool: bool,
 }
 
+/// One backward pass of the fused CPU executor: the batchnorm whose dx starts it (from the stored
+/// gradient; None: the first pass, from dlogits), the layers below it down to the next batchnorm,
+/// and that batchnorm (whose output gradient and sums end the pass; None: the last pass, down to the
+/// input).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackwardPass {
+    pub from: Option<usize>,
+    pub layers: Range<usize>,
+    pub to: Option<usize>,
+}
+
+/// A training step cut at its batch-wide sync points: a batchnorm's statistics (forward) and its
+/// gradient sums (backward). Between two, each image goes through every layer on its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Passes {
+    /// Each a range of layers whose first (after the first pass) is a batchnorm, normalizing with the
+    /// statistics gathered at the end of the pass before. A batchnorm first (at 0) makes an empty first
+    /// pass: its input's sums.
+    pub forward: Vec<Range<usize>>,
+    pub backward: Vec<BackwardPass>,
+}
+
+impl Passes {
+    fn new(layers: &[Layer]) -> Passes {
+        let count = layers.len();
+        let norms: Vec<usize> = (0..count).filter(|&i| matches!(layers[i], Layer::BatchNorm { .. })).collect();
+        let mut bounds = vec![0];
+        bounds.extend(norms.iter().copied());
+        bounds.push(count);
+        let forward = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+        let mut backward = Vec::new();
+        let mut top: Option<usize> = None;
+        for &b in norms.iter().rev() {
+            backward.push(BackwardPass { from: top, layers: b + 1..top.unwrap_or(count), to: Some(b) });
+            top = Some(b);
+        }
+        backward.push(BackwardPass { from: top, layers: 0..top.unwrap_or(count), to: None });
+        Passes { forward, backward }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     /// The training forward pass, in order.
@@ -51,112 +94,26 @@ pub struct Plan {
     pub norm: Vec<NormFusion>,
     /// Per layer: a convolution that reads its input through the 2x2 max pooling before it.
     pub pooled_input: Vec<bool>,
+    /// The fused CPU executor's passes.
+    pub passes: Passes,
 }
 
 impl Plan {
     pub fn new(model: &Model) -> Plan {
         let layers = &model.layers;
         let count = layers.len();
+        let (norm, in_norm) = absorbed(layers);
         let is = |i: usize, f: fn(&Layer) -> bool| i < count && f(&layers[i]);
-        let last = count - 1;
-
-        // What each batchnorm absorbs: a ReLU, then (after a ReLU) a dropout, then a max pooling or
-        // the network's final global average pooling (this one only right after the batchnorm or its
-        // ReLU).
-        let mut norm = vec![NormFusion::default(); count];
-        // Per layer: the batchnorm whose ops it runs in (training forward: ReLU and dropout; backward:
-        // also the poolings).
-        let mut in_norm = vec![None; count];
-        for i in (0..count).filter(|&i| matches!(layers[i], Layer::BatchNorm { .. })) {
-            let mut j = i + 1;
-            if is(j, |l| matches!(l, Layer::Relu)) {
-                norm[i].relu = true;
-                in_norm[j] = Some(i);
-                j += 1;
-                if let Some(&Layer::Dropout { p }) = layers.get(j) {
-                    norm[i].dropout = Some((j, p));
-                    in_norm[j] = Some(i);
-                    j += 1;
-                }
-            }
-            if is(j, |l| matches!(l, Layer::MaxPool2)) {
-                norm[i].maxpool = true;
-                in_norm[j] = Some(i);
-            } else if j == last && norm[i].dropout.is_none() && is(j, |l| matches!(l, Layer::GlobalAvgPool)) {
-                norm[i].avgpool = true;
-                in_norm[j] = Some(i);
-            }
-        }
         let pooled_input: Vec<bool> = (0..count)
             .map(|i| i > 0 && is(i, |l| matches!(l, Layer::Conv { .. })) && is(i - 1, |l| matches!(l, Layer::MaxPool2)))
             .collect();
-        let pool_in_loss = is(last, |l| matches!(l, Layer::GlobalAvgPool)).then_some(last);
-
-        // Training forward: a batchnorm with its ReLU and dropout; a max pooling with the convolution
-        // that reads through it; the final global average pooling in the loss; the rest alone.
-        let mut forward = Vec::new();
-        let mut i = 0;
-        while i < count {
-            let end = match layers[i] {
-                Layer::BatchNorm { .. } => {
-                    let f = norm[i];
-                    i + 1 + f.relu as usize + f.dropout.is_some() as usize
-                }
-                Layer::MaxPool2 if pooled_input.get(i + 1) == Some(&true) => i + 2,
-                Layer::GlobalAvgPool if pool_in_loss == Some(i) => break,
-                _ => i + 1,
-            };
-            forward.push(i..end);
-            i = end;
-        }
-
-        // Evaluation: as training, with a batchnorm (and what it absorbs) inside the convolution before
-        // it, and no dropout op.
-        let mut eval: Vec<Op> = Vec::new();
-        for op in &forward {
-            let after_conv = matches!(layers[op.start], Layer::BatchNorm { .. })
-                && eval
-                    .last()
-                    .is_some_and(|prev| matches!(layers[prev.end - 1], Layer::Conv { .. } | Layer::Linear { .. }));
-            if after_conv {
-                eval.last_mut().expect("checked").end = op.end;
-            } else if !matches!(layers[op.start], Layer::Dropout { .. }) {
-                eval.push(op.clone());
-            }
-        }
-
-        // Backward: a batchnorm with everything it absorbs; the rest alone (a convolution reads
-        // through its max pooling, whose backward then runs in the batchnorm's or alone).
-        let mut backward = Vec::new();
-        let mut end = count;
-        while end > 0 {
-            let top = end - 1;
-            let start = in_norm[top].unwrap_or(top);
-            backward.push(start..end);
-            end = start;
-        }
-
-        // Buffers: ReLUs and a batchnorm's dropout run in place (only their own backward reads their
-        // output, and what they keep of it is enough); every other layer writes a buffer of its own.
-        let mut buffer = Vec::with_capacity(count);
-        let mut buffers = 0;
-        for i in 0..count {
-            let in_place = i > 0
-                && (matches!(layers[i], Layer::Relu)
-                    || (matches!(layers[i], Layer::Dropout { .. }) && in_norm[i].is_some()));
-            if in_place {
-                buffer.push(buffer[i - 1]);
-            } else {
-                buffer.push(buffers);
-                buffers += 1;
-            }
-        }
-        let mut eval_buffer: Vec<Option<usize>> = Vec::with_capacity(count);
-        for i in 0..count {
-            let through = matches!(layers[i], Layer::Dropout { .. });
-            eval_buffer.push(if through { i.checked_sub(1).and_then(|j| eval_buffer[j]) } else { Some(buffer[i]) });
-        }
-        Plan { forward, eval, backward, pool_in_loss, buffer, buffers, eval_buffer, norm, pooled_input }
+        let pool_in_loss = is(count - 1, |l| matches!(l, Layer::GlobalAvgPool)).then_some(count - 1);
+        let forward = forward_ops(layers, &norm, &pooled_input, pool_in_loss);
+        let eval = eval_ops(layers, &forward);
+        let backward = backward_ops(&in_norm);
+        let (buffer, buffers, eval_buffer) = buffers(layers, &in_norm);
+        let passes = Passes::new(layers);
+        Plan { forward, eval, backward, pool_in_loss, buffer, buffers, eval_buffer, norm, pooled_input, passes }
     }
 
     /// The layer that a backend without a kernel for it cannot run, and why: the GPU runs a ReLU only
@@ -212,6 +169,118 @@ impl Plan {
     }
 }
 
+/// What each batchnorm absorbs: a ReLU, then (after a ReLU) a dropout, then a max pooling or the
+/// network's final global average pooling (this one only right after the batchnorm or its ReLU).
+/// Also per layer, the batchnorm whose ops it runs in (training forward: ReLU and dropout; backward:
+/// also the poolings).
+fn absorbed(layers: &[Layer]) -> (Vec<NormFusion>, Vec<Option<usize>>) {
+    let count = layers.len();
+    let is = |i: usize, f: fn(&Layer) -> bool| i < count && f(&layers[i]);
+    let last = count - 1;
+    let mut norm = vec![NormFusion::default(); count];
+    let mut in_norm = vec![None; count];
+    for i in (0..count).filter(|&i| matches!(layers[i], Layer::BatchNorm { .. })) {
+        let mut j = i + 1;
+        if is(j, |l| matches!(l, Layer::Relu)) {
+            norm[i].relu = true;
+            in_norm[j] = Some(i);
+            j += 1;
+            if let Some(&Layer::Dropout { p }) = layers.get(j) {
+                norm[i].dropout = Some((j, p));
+                in_norm[j] = Some(i);
+                j += 1;
+            }
+        }
+        if is(j, |l| matches!(l, Layer::MaxPool2)) {
+            norm[i].maxpool = true;
+            in_norm[j] = Some(i);
+        } else if j == last && norm[i].dropout.is_none() && is(j, |l| matches!(l, Layer::GlobalAvgPool)) {
+            norm[i].avgpool = true;
+            in_norm[j] = Some(i);
+        }
+    }
+    (norm, in_norm)
+}
+
+/// Training forward: a batchnorm with its ReLU and dropout; a max pooling with the convolution that
+/// reads through it; the final global average pooling in the loss; the rest alone.
+fn forward_ops(layers: &[Layer], norm: &[NormFusion], pooled_input: &[bool], pool_in_loss: Option<usize>) -> Vec<Op> {
+    let mut forward = Vec::new();
+    let mut i = 0;
+    while i < layers.len() {
+        let end = match layers[i] {
+            Layer::BatchNorm { .. } => {
+                let f = norm[i];
+                i + 1 + f.relu as usize + f.dropout.is_some() as usize
+            }
+            Layer::MaxPool2 if pooled_input.get(i + 1) == Some(&true) => i + 2,
+            Layer::GlobalAvgPool if pool_in_loss == Some(i) => break,
+            _ => i + 1,
+        };
+        forward.push(i..end);
+        i = end;
+    }
+    forward
+}
+
+/// Evaluation: as training, with a batchnorm (and what it absorbs) inside the convolution before it,
+/// and no dropout op.
+fn eval_ops(layers: &[Layer], forward: &[Op]) -> Vec<Op> {
+    let mut eval: Vec<Op> = Vec::new();
+    for op in forward {
+        let after_conv = matches!(layers[op.start], Layer::BatchNorm { .. })
+            && eval
+                .last()
+                .is_some_and(|prev| matches!(layers[prev.end - 1], Layer::Conv { .. } | Layer::Linear { .. }));
+        if after_conv {
+            eval.last_mut().expect("checked").end = op.end;
+        } else if !matches!(layers[op.start], Layer::Dropout { .. }) {
+            eval.push(op.clone());
+        }
+    }
+    eval
+}
+
+/// Backward: a batchnorm with everything it absorbs; the rest alone (a convolution reads through its
+/// max pooling, whose backward then runs in the batchnorm's or alone).
+fn backward_ops(in_norm: &[Option<usize>]) -> Vec<Op> {
+    let mut backward = Vec::new();
+    let mut end = in_norm.len();
+    while end > 0 {
+        let top = end - 1;
+        let start = in_norm[top].unwrap_or(top);
+        backward.push(start..end);
+        end = start;
+    }
+    backward
+}
+
+/// Buffers: ReLUs and a batchnorm's dropout run in place (only their own backward reads their output,
+/// and what they keep of it is enough); every other layer writes a buffer of its own. Returns each
+/// layer's training buffer, their count, and each layer's evaluation buffer.
+fn buffers(layers: &[Layer], in_norm: &[Option<usize>]) -> (Vec<usize>, usize, Vec<Option<usize>>) {
+    let count = layers.len();
+    let mut buffer = Vec::with_capacity(count);
+    let mut buffers = 0;
+    for i in 0..count {
+        let in_place = i > 0
+            && (matches!(layers[i], Layer::Relu)
+                || (matches!(layers[i], Layer::Dropout { .. }) && in_norm[i].is_some()));
+        if in_place {
+            buffer.push(buffer[i - 1]);
+        } else {
+            buffer.push(buffers);
+            buffers += 1;
+        }
+    }
+    let mut eval_buffer: Vec<Option<usize>> = Vec::with_capacity(count);
+    for i in 0..count {
+        let through = matches!(layers[i], Layer::Dropout { .. });
+        eval_buffer.push(if through { i.checked_sub(1).and_then(|j| eval_buffer[j]) } else { Some(buffer[i]) });
+    }
+    (buffer, buffers, eval_buffer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +311,21 @@ mod tests {
         assert!(text.contains("(26 ops per training step") && text.contains("7 per evaluation batch"), "{text}");
         assert!(text.contains("| bn2+relu#5+dropout#6 | maxpool#7+conv3 |"), "{text}");
         assert!(text.contains("backward: bn6+relu#20+gap#21 | conv6 |"), "{text}");
+        // The fused CPU executor's passes: cut at the six batchnorms, 7 forward and 7 backward.
+        assert_eq!(p.passes.forward, vec![0..1, 1..4, 4..9, 9..12, 12..16, 16..19, 19..22]);
+        let backward: Vec<_> = p.passes.backward.iter().map(|b| (b.from, b.layers.clone(), b.to)).collect();
+        assert_eq!(
+            backward,
+            vec![
+                (None, 20..22, Some(19)),
+                (Some(19), 17..19, Some(16)),
+                (Some(16), 13..16, Some(12)),
+                (Some(12), 10..12, Some(9)),
+                (Some(9), 5..9, Some(4)),
+                (Some(4), 2..4, Some(1)),
+                (Some(1), 0..1, None),
+            ]
+        );
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Batchnorm checks, with what a batchnorm's launches absorb (ReLU, dropout, pooling backward).
 
-use crate::cpu::batchnorm::*;
-use crate::cpu::dropout::{dropout_apply, dropout_mask};
-use crate::cpu::pool::*;
-use crate::cpu::relu::{relu_backward, relu_forward};
+use crate::cpu::reference::batchnorm::*;
+use crate::cpu::reference::dropout::{dropout_apply, dropout_mask};
+use crate::cpu::reference::pool::*;
+use crate::cpu::reference::relu::{relu_backward, relu_forward};
 use crate::gpu::batchnorm::{bn_spans, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};

@@ -2,11 +2,11 @@
 //! (weights in slices, bias, dx), and the epilogues that write a training batchnorm's partials.
 
 use super::batchnorm::{BnCase, BnPooling};
-use crate::cpu::batchnorm::*;
-use crate::cpu::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
-use crate::cpu::dropout::{dropout_apply, dropout_mask};
-use crate::cpu::pool::*;
-use crate::cpu::relu::{relu_backward, relu_forward};
+use crate::cpu::reference::batchnorm::*;
+use crate::cpu::reference::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
+use crate::cpu::reference::dropout::{dropout_apply, dropout_mask};
+use crate::cpu::reference::pool::*;
+use crate::cpu::reference::relu::{relu_backward, relu_forward};
 use crate::gpu::batchnorm::{bn_spans, BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::conv::{
     forward_splits, weight_grad_slices, BackwardEpilogue, BnStats, BnSums, Conv, ConvGrad, ConvLayer, EvalBn,

@@ -1,6 +1,6 @@
 //! The standalone dropout kernel.
 
-use crate::cpu::dropout::dropout_mask;
+use crate::cpu::reference::dropout::dropout_mask;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
 use anyhow::Result;

@@ -1,7 +1,7 @@
 //! The softmax cross-entropy kernel, with a global average pooling fused in or not.
 
-use crate::cpu::loss::softmax_cross_entropy;
-use crate::cpu::pool::*;
+use crate::cpu::reference::loss::softmax_cross_entropy;
+use crate::cpu::reference::pool::*;
 use crate::gpu::kernel::run;
 use crate::gpu::loss::LossBuffers;
 use crate::gpu::{GpuContext, Kernels};

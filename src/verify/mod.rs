@@ -31,7 +31,7 @@ use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
 use self::batchnorm::{BnCase, BnPooling};
-use crate::cpu::batchnorm::BnDims;
+use crate::cpu::reference::batchnorm::BnDims;
 use crate::gpu::batchnorm::FusedDropout;
 use crate::gpu::fusion::{DxFusion, Fusion, Launch};
 use crate::gpu::{GpuContext, Kernels};

@@ -1,6 +1,6 @@
 //! The standalone pooling kernels: 2x2 max and average pooling, and global average pooling.
 
-use crate::cpu::pool::*;
+use crate::cpu::reference::pool::*;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels};
 use crate::model::{Layer, Shape};

@@ -1,6 +1,6 @@
 //! The SGD kernel, on whole gradients and on gradients in slices.
 
-use crate::cpu::sgd::{sgd_update, SgdStep};
+use crate::cpu::reference::sgd::{sgd_update, SgdStep};
 use crate::gpu::kernel::run;
 use crate::gpu::net::METRICS_WORDS;
 use crate::gpu::sgd::{SgdBuffers, SlicedGrad};

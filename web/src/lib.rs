@@ -409,7 +409,7 @@ async fn predict(picture: image::DynamicImage) -> Result<serde_json::Value> {
     };
     let logits = backend.eval_logits(&input, &[0]).await;
     PAGE.with(|p| p.borrow_mut().predictor = Some((backend, generation)));
-    let p = mnist_wgpu::cpu::loss::softmax(&logits?);
+    let p = mnist_wgpu::cpu::reference::loss::softmax(&logits?);
     let mut ranked: Vec<usize> = (0..p.len()).collect();
     ranked.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
     let top: Vec<_> = ranked.iter().take(3).map(|&c| json!({"class": c, "p": p[c]})).collect();

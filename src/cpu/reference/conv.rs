@@ -1,4 +1,5 @@
-//! Convolution k x k (3x3 with padding 0 or 1, and 1x1), stride 1, no bias; NCHW.
+//! Convolution k x k (any k, padding below k), stride 1, and its bias (`bias_forward`,
+//! `bias_backward`); a linear layer is the 1x1 convolution of its flattened input. NCHW.
 //!
 //! Each image is lowered to a column matrix (im2col: one row per (ci, ky, kx), one column per output
 //! pixel), so forward and both backward products are single matrix products over contiguous memory.
@@ -11,9 +12,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::gemm::{gemm, Layout};
-use super::isa::vectorized;
-use super::kernel::{self, Every, Operand};
-use super::shifted;
+use crate::cpu::isa::vectorized;
+use crate::cpu::scratch::with_scratch;
 pub use crate::model::ConvDims;
 
 thread_local! {
@@ -21,22 +21,6 @@ thread_local! {
     /// per-group weight gradients. Fresh buffers each call cost the kernel a page clearing each time.
     static COLUMNS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PARTIALS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` on the first `len` values of this thread's `scratch` (grown as needed; what it held
-/// before is left in it: every user writes what it reads).
-pub(crate) fn with_scratch<T: Clone + Default, R>(
-    scratch: &'static std::thread::LocalKey<RefCell<Vec<T>>>,
-    len: usize,
-    f: impl FnOnce(&mut [T]) -> R,
-) -> R {
-    scratch.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < len {
-            s.resize(len, T::default());
-        }
-        f(&mut s[..len])
-    })
 }
 
 /// For a "same" convolution (output as large as the input), output pixel j of the plane reads input
@@ -69,7 +53,7 @@ fn zero_wrapped(d: &ConvDims, kx: usize, row: &mut [f32]) {
 }
 
 /// im2col of one image into `col` (col_rows x col_cols); padding reads as 0.
-fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
+pub(crate) fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
     let (ho, wo) = (d.ho(), d.wo());
     let same = ho == d.h && wo == d.w;
     for ci in 0..d.cin {
@@ -110,7 +94,7 @@ fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32]) {
 vectorized! {
     /// The adjoint of im2col: adds each column entry back onto the input pixel it was read from
     /// (`col` is used as scratch).
-    fn col2im(d: &ConvDims, col: &mut [f32], dx: &mut [f32]) {
+    pub(crate) fn col2im(d: &ConvDims, col: &mut [f32], dx: &mut [f32]) {
         let (ho, wo) = (d.ho(), d.wo());
         let same = ho == d.h && wo == d.w;
         dx.fill(0.0);
@@ -154,81 +138,28 @@ pub fn with_columns<R>(d: &ConvDims, f: impl FnOnce(&mut [f32]) -> R) -> R {
     with_scratch(&COLUMNS, len, f)
 }
 
-/// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the fused
-/// executor's kernels (`kernel.rs`, on CPUs with FMA).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Products {
-    Gemm,
-    Kernel,
+/// dw = dy x col^T (cout x col_rows, summed over the pixels), added to dw when beta is 1.
+fn weight_gradient(d: &ConvDims, dy: &[f32], col: &[f32], dw: &mut [f32], beta: f32) {
+    gemm(d.cout, d.col_cols(), d.col_rows(), dy, Layout::Normal, col, Layout::Transposed, beta, dw)
 }
 
-impl Products {
-    /// The kernel where this CPU runs it, else the GEMM.
-    pub fn fastest() -> Products {
-        if kernel::available() {
-            Products::Kernel
-        } else {
-            Products::Gemm
-        }
-    }
-
-    /// The kernels pay where a row of pixels fills several vectors; below that (a 5x5 output),
-    /// their partial vectors and lane sums cost more than the GEMM's packing.
-    const KERNEL_MIN_PIXELS: usize = 64;
-
-    fn for_pixels(self, cols: usize) -> Products {
-        if cols < Self::KERNEL_MIN_PIXELS {
-            Products::Gemm
-        } else {
-            self
-        }
-    }
-
-    /// Whether convolution `d` runs in the kernels' shifted form (no im2col).
-    fn shifted(self, d: &ConvDims) -> bool {
-        self.for_pixels(d.col_cols()) == Products::Kernel && shifted::runs(d)
-    }
-
-    /// dw = dy x col^T (cout x col_rows, summed over the pixels), added to dw when beta is 1.
-    fn weight_gradient(self, d: &ConvDims, dy: &[f32], col: &[f32], dw: &mut [f32], beta: f32) {
-        let (rows, cols) = (d.col_rows(), d.col_cols());
-        match self.for_pixels(cols) {
-            Products::Gemm => gemm(d.cout, cols, rows, dy, Layout::Normal, col, Layout::Transposed, beta, dw),
-            Products::Kernel => kernel::dots(d.cout, cols, rows, dy, cols, col, Every(cols), dw, rows, beta == 1.0),
-        }
-    }
-
-    /// c = weight x b (cout x cols), or weight^T x b (col_rows x cols) when `transposed`, for a b of
-    /// col_rows (or cout) rows of `cols` pixels.
-    fn weights_times(self, d: &ConvDims, weight: &[f32], transposed: bool, b: &[f32], c: &mut [f32]) {
-        let (rows, cols) = (d.col_rows(), d.col_cols());
-        let (m, k) = if transposed { (rows, d.cout) } else { (d.cout, rows) };
-        match self.for_pixels(cols) {
-            Products::Gemm => {
-                let layout = if transposed { Layout::Transposed } else { Layout::Normal };
-                gemm(m, k, cols, weight, layout, b, Layout::Normal, 0.0, c)
-            }
-            Products::Kernel => {
-                let a = match transposed {
-                    true => Operand { data: weight, row: 1, col: rows },
-                    false => Operand { data: weight, row: rows, col: 1 },
-                };
-                kernel::product(m, k, cols, a, b, Every(cols), c, cols, false)
-            }
-        }
-    }
+/// c = weight x b (cout x cols), or weight^T x b (col_rows x cols) when `transposed`, for a b of
+/// col_rows (or cout) rows of `cols` pixels.
+fn weights_times(d: &ConvDims, weight: &[f32], transposed: bool, b: &[f32], c: &mut [f32]) {
+    let (rows, cols) = (d.col_rows(), d.col_cols());
+    let (m, k) = if transposed { (rows, d.cout) } else { (d.cout, rows) };
+    let layout = if transposed { Layout::Transposed } else { Layout::Normal };
+    gemm(m, k, cols, weight, layout, b, Layout::Normal, 0.0, c)
 }
 
 /// One image of `conv_forward`: y_img = weight x im2col(x_img), with `col` (from `with_columns`) as
 /// scratch.
-pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32], p: Products) {
-    if p.shifted(d) {
-        shifted::forward_image(d, x_img, weight, y_img);
-    } else if d.is_pointwise() {
-        p.weights_times(d, weight, false, x_img, y_img);
+pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32]) {
+    if d.is_pointwise() {
+        weights_times(d, weight, false, x_img, y_img);
     } else {
         im2col(d, x_img, col);
-        p.weights_times(d, weight, false, col, y_img);
+        weights_times(d, weight, false, col, y_img);
     }
 }
 
@@ -244,22 +175,18 @@ pub fn backward_image(
     col: &mut [f32],
     dw: &mut [f32],
     beta: f32,
-    p: Products,
 ) {
-    if p.shifted(d) {
-        return shifted::backward_image(d, x_img, weight, dy_img, dx_img, dw, beta);
-    }
     if d.is_pointwise() {
-        p.weight_gradient(d, dy_img, x_img, dw, beta);
+        weight_gradient(d, dy_img, x_img, dw, beta);
         if let Some(dx_img) = dx_img {
-            p.weights_times(d, weight, true, dy_img, dx_img);
+            weights_times(d, weight, true, dy_img, dx_img);
         }
         return;
     }
     im2col(d, x_img, col);
-    p.weight_gradient(d, dy_img, col, dw, beta);
+    weight_gradient(d, dy_img, col, dw, beta);
     if let Some(dx_img) = dx_img {
-        p.weights_times(d, weight, true, dy_img, col);
+        weights_times(d, weight, true, dy_img, col);
         col2im(d, col, dx_img);
     }
 }
@@ -270,7 +197,7 @@ pub fn conv_forward(d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
     assert_eq!(weight.len(), d.weight_len());
     assert_eq!(y.len(), d.n * d.out_image());
     y.par_chunks_mut(d.out_image()).zip(x.par_chunks(d.in_image())).for_each(|(y_img, x_img)| {
-        with_columns(d, |col| forward_image(d, x_img, weight, y_img, col, Products::Gemm));
+        with_columns(d, |col| forward_image(d, x_img, weight, y_img, col));
     });
 }
 
@@ -281,7 +208,7 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
     assert_eq!(dweight.len(), d.weight_len());
     let per_image =
         |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut [f32], dw: &mut [f32], beta: f32| {
-            backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta, Products::Gemm)
+            backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta)
         };
     // The images go in at most 16 groups of consecutive images, a split that depends on n only: each
     // group adds up its images' weight gradients in order, then the groups' sums are added in order.

@@ -1,15 +1,16 @@
 //! The fused executor's k x k convolutions (k > 1) without im2col. Over an image padded by `pad` with
 //! rows `width` = w + 2 pad apart, output pixel (oy, ox) at oy * width + ox reads input pixel
 //! oy * width + ox + ky * width + kx of each padded plane: so the k * k * cin rows of im2col are the
-//! padded planes shifted by their tap, and the kernels (`kernel.rs`) read them there through a table
+//! padded planes shifted by their tap, and the kernels (`fma.rs`) read them there through a table
 //! of offsets instead of a copied matrix. The output comes on a grid `width` wide, whose last
 //! width - wo columns are dropped. The input gradient is the full convolution of the output gradient
 //! (padded by k - 1 - pad) with the weights flipped and transposed: the same product again.
 
 use std::cell::RefCell;
 
-use super::conv::{with_scratch, ConvDims};
-use super::kernel::{self, Operand};
+use super::fma::{self, Operand};
+use crate::cpu::reference::conv::ConvDims;
+use crate::cpu::scratch::with_scratch;
 
 thread_local! {
     static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -78,7 +79,7 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
                 g.fill(x_img, padded);
                 g.taps(d.k, taps);
                 let a = Operand { data: weight, row: rows, col: 1 };
-                kernel::product(d.cout, rows, cols, a, padded, &taps[..], wide, cols, false);
+                fma::product(d.cout, rows, cols, a, padded, &taps[..], wide, cols, false);
                 compact(wide, d.ho(), g.width, d.wo(), y_img);
             })
         })
@@ -111,7 +112,7 @@ pub fn backward_image(
                         w_row[..d.wo()].copy_from_slice(d_row);
                     }
                 }
-                kernel::dots(d.cout, cols, rows, dy_wide, cols, padded, &taps[..], dw, rows, beta == 1.0);
+                fma::dots(d.cout, cols, rows, dy_wide, cols, padded, &taps[..], dw, rows, beta == 1.0);
             })
         })
     });
@@ -139,7 +140,7 @@ fn input_gradient(d: &ConvDims, weight: &[f32], dy_img: &[f32], dx_img: &mut [f3
                     g.fill(dy_img, padded);
                     g.taps(d.k, taps);
                     let a = Operand { data: flipped, row: rows, col: 1 };
-                    kernel::product(d.cin, rows, cols, a, padded, &taps[..], wide, cols, false);
+                    fma::product(d.cin, rows, cols, a, padded, &taps[..], wide, cols, false);
                     compact(wide, d.h, g.width, d.w, dx_img);
                 })
             })

@@ -5,7 +5,7 @@
 //! arithmetic, wrapping), so that each dropout layer draws its own mask. The same function is written
 //! in `shaders/common.wgsl` (`dropout_hash`).
 
-use super::isa::vectorized;
+use crate::cpu::isa::vectorized;
 use rayon::prelude::*;
 
 pub use crate::model::dropout_threshold;

@@ -3,7 +3,7 @@
 //! Channel sums are accumulated in f64 in a fixed order (image by image, in 8 interleaved lanes), so
 //! the statistics are as exact as f32 storage allows and identical on every run.
 
-use super::isa::vectorized;
+use crate::cpu::isa::vectorized;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

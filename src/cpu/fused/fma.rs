@@ -7,13 +7,13 @@
 //! output sums its k products in order with fused multiply-adds, so the AVX-512 and AVX2 forms give
 //! the same bits.
 //!
-//! The plain reference (`conv.rs`, through `gemm.rs`) keeps matrixmultiply; `tests/fused.rs` holds the
-//! two together.
+//! The plain reference (`reference/conv.rs`, through `reference/gemm.rs`) keeps matrixmultiply;
+//! `tests/fused.rs` holds the two together.
 
 use std::cell::RefCell;
 
-use super::conv::with_scratch;
-use super::isa::{isa, Isa};
+use crate::cpu::isa::{isa, Isa};
+use crate::cpu::scratch::with_scratch;
 
 thread_local! {
     /// The last columns of b and c when fewer than `NR` remain, zero-padded to a full block.
@@ -32,7 +32,11 @@ pub struct Operand<'a> {
 /// Where each row of b starts in its slice: rows `ldb` apart (`Every(ldb)`), or at a table of offsets
 /// (a convolution's taps over a padded image: row (ci, ky, kx) is plane ci shifted by ky rows and kx
 /// columns).
-pub trait Starts: Copy {
+///
+/// # Safety
+/// `product` and `dots` check every row's start against b once, then read b at the starts the kernels
+/// ask for again: an implementation must return the same offset for the same k on every call.
+pub unsafe trait Starts: Copy {
     /// Row k's offset.
     ///
     /// # Safety
@@ -44,14 +48,16 @@ pub trait Starts: Copy {
 #[derive(Debug, Clone, Copy)]
 pub struct Every(pub usize);
 
-impl Starts for Every {
+// SAFETY: a pure function of k.
+unsafe impl Starts for Every {
     #[inline(always)]
     unsafe fn at(self, k: usize) -> usize {
         k * self.0
     }
 }
 
-impl Starts for &[usize] {
+// SAFETY: a shared slice does not change while it is borrowed.
+unsafe impl Starts for &[usize] {
     #[inline(always)]
     unsafe fn at(self, k: usize) -> usize {
         *self.get_unchecked(k)

@@ -2,7 +2,7 @@
 //! `backward` run any pooling layer over a batch, in parallel; `forward_serial` and `backward_serial`
 //! on one thread (the fused executor's per-image passes). The executors know no pooling by name.
 
-use super::isa::vectorized;
+use crate::cpu::isa::vectorized;
 use rayon::prelude::*;
 
 use crate::model::{Layer, Shape};

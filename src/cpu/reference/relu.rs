@@ -1,6 +1,6 @@
 //! ReLU. The backward pass reads the forward output: y > 0 exactly where x > 0.
 
-use super::isa::vectorized;
+use crate::cpu::isa::vectorized;
 use rayon::prelude::*;
 
 const CHUNK: usize = 1 << 14;

@@ -1,0 +1,100 @@
+//! What runs a network on the CPU: the `Executor` trait that both executors implement (`CpuNet`, the
+//! plain reference of every op, and `FusedNet`, the fast executor checked against it), so that a
+//! training step, an evaluation and a profiled step are written once.
+
+use super::profile::{self, record, OpTime};
+use super::reference::loss::{softmax_cross_entropy, LossOut};
+use super::reference::sgd::{sgd_update, SgdStep};
+use crate::model::Model;
+
+/// How dropout layers behave in a training-mode pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropoutMode {
+    /// Identity (as for the PyTorch golden fixture).
+    Off,
+    /// Masks from the counter-based hash of (seed, step, element index), as the GPU draws them.
+    Hash { seed: u32, step: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Batch statistics (running statistics updated), dropout as given.
+    Train(DropoutMode),
+    /// Running statistics, no dropout.
+    Eval,
+}
+
+/// What a training step reports: the batch's mean loss and correct count, and whether the update
+/// left any parameter or momentum non-finite.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOut {
+    pub loss: f32,
+    pub correct: u32,
+    pub nonfinite: bool,
+}
+
+/// A network run on the CPU. The required methods are each executor's own; the provided ones (a
+/// training step, a profiled step, an evaluation) are the same for both.
+pub trait Executor {
+    fn model(&self) -> &Model;
+    /// Runs the network on `n` images (NCHW, normalized); training mode updates the batchnorms'
+    /// running statistics in `state`, as PyTorch's forward pass does. Returns the logits.
+    fn forward(&mut self, state: &mut [f32], input: &[f32], n: usize, mode: Mode) -> &[f32];
+    /// Backpropagates `dlogits` through the last training-mode forward pass; returns the gradients of
+    /// the trainable prefix of the state buffer.
+    fn backward(&mut self, state: &[f32], dlogits: &[f32]) -> &[f32];
+    /// The logits (n x classes) of the last forward pass.
+    fn logits(&self) -> &[f32];
+    /// The gradients of the last backward pass.
+    fn grads(&self) -> &[f32];
+    /// The dlogits buffer kept between steps, and the profile being taken (None: not profiling).
+    fn scratch(&mut self) -> (&mut Vec<f32>, &mut Option<Vec<OpTime>>);
+
+    /// One SGD training step on a batch: forward (training mode), loss, backward, update.
+    /// `state` holds the parameters and running statistics; `momenta` the trainable prefix's buffers.
+    fn train_step(
+        &mut self,
+        state: &mut [f32],
+        momenta: &mut [f32],
+        input: &[f32],
+        labels: &[u8],
+        sgd: SgdStep,
+        dropout: DropoutMode,
+    ) -> StepOut {
+        let classes = self.model().output_classes();
+        self.forward(state, input, labels.len(), Mode::Train(dropout));
+        let mut dlogits = std::mem::take(self.scratch().0);
+        dlogits.resize(labels.len() * classes, 0.0);
+        let started = self.scratch().1.is_some().then(web_time::Instant::now);
+        let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
+        record(self.scratch().1, "loss", profile::loss_cost(labels.len(), classes), started);
+        self.backward(state, &dlogits);
+        *self.scratch().0 = dlogits;
+        let trainable = self.model().num_trainable;
+        let started = self.scratch().1.is_some().then(web_time::Instant::now);
+        let nonfinite = sgd_update(sgd, &mut state[..trainable], self.grads(), momenta);
+        record(self.scratch().1, "sgd.update", profile::sgd_cost(trainable), started);
+        StepOut { loss: out.loss, correct: out.correct, nonfinite }
+    }
+
+    /// One training step as `train_step` runs it, with each op's time.
+    fn profile_step(
+        &mut self,
+        state: &mut [f32],
+        momenta: &mut [f32],
+        batch: (&[f32], &[u8]),
+        sgd: SgdStep,
+        dropout: DropoutMode,
+    ) -> (StepOut, Vec<OpTime>) {
+        *self.scratch().1 = Some(Vec::new());
+        let out = self.train_step(state, momenta, batch.0, batch.1, sgd, dropout);
+        (out, self.scratch().1.take().unwrap_or_default())
+    }
+
+    /// Evaluation-mode loss and correct count of a batch (running statistics, no dropout).
+    fn evaluate(&mut self, state: &mut [f32], input: &[f32], labels: &[u8]) -> LossOut {
+        let classes = self.model().output_classes();
+        self.forward(state, input, labels.len(), Mode::Eval);
+        softmax_cross_entropy(self.logits(), labels, classes, None)
+    }
+}

@@ -1,0 +1,270 @@
+//! One image's share of a fused pass (`Ctx`, what every image of a pass reads): a training pass's
+//! layers, the whole network in evaluation mode, a backward pass, and the per-image sums that the
+//! batch adds up in order where the pass ends.
+
+use std::cell::RefCell;
+
+use super::products::{backward_image, forward_image, Products};
+use super::store::{input_image, read_write, Lens, View};
+use crate::cpu::executor::DropoutMode;
+use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sum, BnDims, BnSaved};
+use crate::cpu::reference::conv::{bias_forward_image, plane_total, with_columns, ConvDims};
+use crate::cpu::reference::dropout::dropout_serial;
+use crate::cpu::reference::net::tensor;
+use crate::cpu::reference::pool;
+use crate::cpu::reference::relu::{relu_backward_serial, relu_forward_serial};
+use crate::cpu::scratch::with_scratch;
+use crate::model::plan::{BackwardPass, Plan};
+use crate::model::{Layer, LayerParams, Model};
+
+thread_local! {
+    /// Each thread's gradient of the image it is on (two: an op reads one and writes the other), and
+    /// the max poolings' winners of an evaluation pass, which nothing reads.
+    static PING: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PONG: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static WINNERS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A batchnorm layer's numbers for the current pass: its normalization as y = x * scale + shift,
+/// what its backward pass needs, and (backward) the batch's per-channel sums of dy and dy * xhat.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Norm {
+    pub scale: Vec<f32>,
+    pub shift: Vec<f32>,
+    pub saved: BnSaved,
+    pub sums: Vec<(f64, f64)>,
+}
+
+/// The shared state of a pass: what every image reads.
+pub(super) struct Ctx<'a> {
+    pub model: &'a Model,
+    pub plan: &'a Plan,
+    pub state: &'a [f32],
+    pub norms: &'a [Norm],
+    pub dropout: DropoutMode,
+    pub n: usize,
+    pub lens: &'a Lens,
+    pub products: Products,
+}
+
+impl Ctx<'_> {
+    /// Layer `i` of a training pass on image `j` of view `v`, in the plan's buffers.
+    pub fn train_layer(&self, v: &mut View, j: usize, i: usize) {
+        let (xl, yl) = (self.model.input_of(i).len(), self.model.shapes[i].len());
+        let out = self.plan.buffer[i];
+        let wl = self.lens.winners[i];
+        let winners = &mut v.winners[i][j * wl..][..wl];
+        let img = v.first + j;
+        if i == 0 {
+            self.layer_forward(i, img, Some(&v.input[j * xl..][..xl]), &mut v.buffers[out][j * yl..][..yl], winners);
+        } else if self.plan.buffer[i - 1] == out {
+            self.layer_forward(i, img, None, &mut v.buffers[out][j * yl..][..yl], winners);
+        } else {
+            let (x, y) = read_write(&mut v.buffers, self.plan.buffer[i - 1], out);
+            self.layer_forward(i, img, Some(&x[j * xl..][..xl]), &mut y[j * yl..][..yl], winners);
+        }
+    }
+
+    /// Layer `i`'s forward pass on image `img`: x into y, or y in place when x is None (a ReLU or a
+    /// dropout in its input's buffer). Dropout draws its mask as `CpuNet` does, by element index.
+    fn layer_forward(&self, i: usize, img: usize, x: Option<&[f32]>, y: &mut [f32], winners: &mut [u8]) {
+        let model = self.model;
+        let layer = &model.layers[i];
+        let sin = model.input_of(i);
+        let read = || x.unwrap_or_else(|| panic!("layer {i} ({layer:?}) reads another buffer"));
+        match layer {
+            Layer::Conv { .. } | Layer::Linear { .. } => {
+                let (d, w) = model.conv(i, 1).expect("a convolution layer");
+                with_columns(&d, |col| {
+                    forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products)
+                });
+                if let Some(b) = model.conv_bias(i) {
+                    bias_forward_image(&d, &self.state[b..b + d.cout], y);
+                }
+            }
+            Layer::BatchNorm { .. } => {
+                affine_image(sin.h * sin.w, read(), &self.norms[i].scale, &self.norms[i].shift, y)
+            }
+            Layer::Relu => {
+                if let Some(x) = x {
+                    y.copy_from_slice(x);
+                }
+                relu_forward_serial(y);
+            }
+            &Layer::Dropout { p } => {
+                if let Some(x) = x {
+                    y.copy_from_slice(x);
+                }
+                if let (DropoutMode::Hash { seed, step }, true) = (self.dropout, p > 0.0) {
+                    dropout_serial(seed, step, i as u32, p, img * y.len(), y);
+                }
+            }
+            layer if layer.is_pooling() => pool::forward_serial(layer, sin, read(), y, winners),
+            layer => unreachable!("layer {layer:?}"),
+        }
+    }
+
+    /// Image `j`'s sums of x and x^2 per channel, for batchnorm `b`'s statistics.
+    pub fn image_moments(&self, v: &mut View, j: usize, b: usize) {
+        let s = self.model.input_of(b);
+        let x = input_image(self.plan, self.model, v.input, &v.buffers, j, b);
+        let sums = &mut v.image_sums[b][j * 2 * s.c..][..2 * s.c];
+        for (ch, p) in x.chunks_exact(s.h * s.w).enumerate() {
+            sums[2 * ch] = plane_sum(p, p, |v, _| v as f64);
+            sums[2 * ch + 1] = plane_sum(p, p, |v, _| v as f64 * v as f64);
+        }
+    }
+
+    /// Image `img` through the whole network in evaluation mode, in this thread's scratch.
+    pub fn eval_image(&self, img: usize, x: &[f32], logits: &mut [f32]) {
+        let largest = self.lens.largest;
+        with_scratch(&PING, largest, |a| {
+            with_scratch(&PONG, largest, |b| {
+                with_scratch(&WINNERS, largest, |winners| {
+                    // Where the image is: the input, then a and b in turn.
+                    let (mut cur, mut other): (&mut [f32], &mut [f32]) = (a, b);
+                    let mut len = x.len();
+                    cur[..len].copy_from_slice(x);
+                    for (i, layer) in self.model.layers.iter().enumerate() {
+                        match layer {
+                            Layer::Dropout { .. } => continue,
+                            Layer::Relu => relu_forward_serial(&mut cur[..len]),
+                            _ => {
+                                let yl = self.model.shapes[i].len();
+                                let wl = self.lens.winners[i];
+                                self.layer_forward(i, img, Some(&cur[..len]), &mut other[..yl], &mut winners[..wl]);
+                                std::mem::swap(&mut cur, &mut other);
+                                len = yl;
+                            }
+                        }
+                    }
+                    logits.copy_from_slice(&cur[..len]);
+                })
+            })
+        })
+    }
+
+    /// Image `j` of view `v` through backward pass `pass`, in this thread's scratch.
+    pub fn backward_image(&self, v: &mut View, j: usize, pass: &BackwardPass) {
+        let model = self.model;
+        let largest = self.lens.largest;
+        with_scratch(&PING, largest, |a| {
+            with_scratch(&PONG, largest, |b| {
+                let (mut cur, mut other): (&mut [f32], &mut [f32]) = (a, b);
+                let mut len = match pass.from {
+                    Some(b) => {
+                        let s = model.shapes[b];
+                        let x = input_image(self.plan, model, v.input, &v.buffers, j, b);
+                        let (norm, gamma) = (&self.norms[b], self.gamma(b));
+                        let d = BnDims { n: self.n, c: s.c, hw: s.h * s.w };
+                        let dy = &v.grad_in[j * s.len()..][..s.len()];
+                        backward_dx_image(&d, x, dy, gamma, &norm.saved, &norm.sums, &mut cur[..s.len()]);
+                        s.len()
+                    }
+                    None => {
+                        let len = model.shapes[model.layers.len() - 1].len();
+                        cur[..len].copy_from_slice(&v.grad_in[j * len..][..len]);
+                        len
+                    }
+                };
+                // The pass's last layer that writes a new gradient writes it into the stored one (and
+                // any in-place layers after it work there), so that it needs no copy.
+                let last_writer = pass.to.and(pass.layers.clone().find(|&i| writes_dx(&model.layers[i])));
+                let stored = std::mem::take(&mut v.grad_out);
+                let mut in_stored = false;
+                for i in pass.layers.clone().rev() {
+                    let xl = model.input_of(i).len();
+                    if in_stored {
+                        self.layer_backward(v, j, i, &mut stored[j * len..][..len], &mut []);
+                    } else if Some(i) == last_writer {
+                        self.layer_backward(v, j, i, &mut cur[..len], &mut stored[j * xl..][..xl]);
+                        (in_stored, len) = (true, xl);
+                    } else if self.layer_backward(v, j, i, &mut cur[..len], &mut other[..xl]) {
+                        std::mem::swap(&mut cur, &mut other);
+                        len = xl;
+                    }
+                }
+                if let Some(b) = pass.to {
+                    if !in_stored {
+                        stored[j * len..][..len].copy_from_slice(&cur[..len]);
+                    }
+                    self.image_gradient_sums(v, j, b, &stored[j * len..][..len]);
+                }
+                v.grad_out = stored;
+            })
+        })
+    }
+
+    /// Layer `i`'s backward pass on image `j`: from dy in place (returns false), or into dx (returns
+    /// true). A convolution adds its weight gradient into its group's and keeps its bias sums.
+    fn layer_backward(&self, v: &mut View, j: usize, i: usize, dy: &mut [f32], dx: &mut [f32]) -> bool {
+        let model = self.model;
+        let img = v.first + j;
+        match &model.layers[i] {
+            Layer::Conv { .. } | Layer::Linear { .. } => {
+                let (d, w) = model.conv(i, 1).expect("a convolution layer");
+                let x = input_image(self.plan, model, v.input, &v.buffers, j, i);
+                let weight = &self.state[w..w + d.weight_len()];
+                let beta = if j == 0 { 0.0 } else { 1.0 };
+                // The input image needs no gradient.
+                let dx = (i > 0).then_some(&mut *dx);
+                with_columns(&d, |col| backward_image(&d, x, weight, dy, dx, col, v.partials[i], beta, self.products));
+                if model.conv_bias(i).is_some() {
+                    let sums = &mut v.image_sums[i][j * d.cout..][..d.cout];
+                    bias_image_sums(&d, dy, sums);
+                }
+                true
+            }
+            Layer::Relu => {
+                let y = &v.buffers[self.plan.buffer[i]][j * dy.len()..][..dy.len()];
+                relu_backward_serial(y, dy);
+                false
+            }
+            &Layer::Dropout { p } => {
+                if let (DropoutMode::Hash { seed, step }, true) = (self.dropout, p > 0.0) {
+                    dropout_serial(seed, step, i as u32, p, img * dy.len(), dy);
+                }
+                false
+            }
+            layer if layer.is_pooling() => {
+                let wl = self.lens.winners[i];
+                pool::backward_serial(layer, model.input_of(i), &v.winners[i][j * wl..][..wl], dy, dx);
+                true
+            }
+            layer => unreachable!("{layer:?} inside a backward pass"),
+        }
+    }
+
+    /// Image `j`'s sums of dy and dy * xhat per channel at batchnorm `b`'s output.
+    fn image_gradient_sums(&self, v: &mut View, j: usize, b: usize, dy: &[f32]) {
+        let s = self.model.shapes[b];
+        let x = input_image(self.plan, self.model, v.input, &v.buffers, j, b);
+        let sums = &mut v.image_sums[b][j * 2 * s.c..][..2 * s.c];
+        let planes = dy.chunks_exact(s.h * s.w).zip(x.chunks_exact(s.h * s.w));
+        for (ch, (g, x)) in planes.enumerate() {
+            sums[2 * ch] = plane_sum(g, g, |g, _| g as f64);
+            sums[2 * ch + 1] = plane_sum(g, x, dy_xhat(&self.norms[b].saved, ch));
+        }
+    }
+
+    /// Batchnorm `b`'s weight (gamma).
+    fn gamma(&self, b: usize) -> &[f32] {
+        let LayerParams::BatchNorm { weight, .. } = self.model.layer_params[b] else {
+            unreachable!("layer {b} is a batchnorm")
+        };
+        tensor(self.model, self.state, weight)
+    }
+}
+
+/// Whether a layer's backward pass writes a new gradient (a convolution's or a pooling's), rather than
+/// transforming the one it gets in place (a ReLU's, a dropout's).
+fn writes_dx(layer: &Layer) -> bool {
+    matches!(layer, Layer::Conv { .. } | Layer::Linear { .. }) || layer.is_pooling()
+}
+
+/// One image's bias gradient per output channel, in f64 (added over the batch in image order).
+fn bias_image_sums(d: &ConvDims, dy_img: &[f32], sums: &mut [f64]) {
+    for (s, plane) in sums.iter_mut().zip(dy_img.chunks_exact(d.ho() * d.wo())) {
+        *s = plane_total(plane);
+    }
+}

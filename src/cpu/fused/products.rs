@@ -1,0 +1,111 @@
+//! How the fused executor's convolutions run their matrix products: the register-block kernels of
+//! `fma.rs` where this CPU has FMA and a row of output pixels fills several vectors (over the padded
+//! image's taps, `shifted.rs`, for a k x k convolution; over the image itself for a 1x1 one), else the
+//! reference's own per-image functions (im2col and the GEMM).
+
+use super::fma::{self, Every, Operand};
+use super::shifted;
+use crate::cpu::reference::conv::{self, col2im, im2col, ConvDims};
+
+/// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the kernels of
+/// `fma.rs` (on CPUs with FMA).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Products {
+    Gemm,
+    Kernel,
+}
+
+impl Products {
+    /// The kernel where this CPU runs it, else the GEMM.
+    pub fn fastest() -> Products {
+        if fma::available() {
+            Products::Kernel
+        } else {
+            Products::Gemm
+        }
+    }
+
+    /// The kernels pay where a row of pixels fills several vectors; below that (a 5x5 output),
+    /// their partial vectors and lane sums cost more than the GEMM's packing.
+    const KERNEL_MIN_PIXELS: usize = 64;
+
+    /// What convolution `d` runs with.
+    fn for_conv(self, d: &ConvDims) -> Products {
+        if d.col_cols() < Self::KERNEL_MIN_PIXELS {
+            Products::Gemm
+        } else {
+            self
+        }
+    }
+
+    /// dw = dy x col^T (cout x col_rows, summed over the pixels) with the kernels, added to dw when
+    /// `accumulate`.
+    fn weight_gradient(d: &ConvDims, dy: &[f32], col: &[f32], dw: &mut [f32], accumulate: bool) {
+        let (rows, cols) = (d.col_rows(), d.col_cols());
+        fma::dots(d.cout, cols, rows, dy, cols, col, Every(cols), dw, rows, accumulate)
+    }
+
+    /// c = weight x b (cout x cols), or weight^T x b (col_rows x cols) when `transposed`, with the
+    /// kernels, for a b of col_rows (or cout) rows of `cols` pixels.
+    fn weights_times(d: &ConvDims, weight: &[f32], transposed: bool, b: &[f32], c: &mut [f32]) {
+        let (rows, cols) = (d.col_rows(), d.col_cols());
+        let (m, k, a) = match transposed {
+            true => (rows, d.cout, Operand { data: weight, row: 1, col: rows }),
+            false => (d.cout, rows, Operand { data: weight, row: rows, col: 1 }),
+        };
+        fma::product(m, k, cols, a, b, Every(cols), c, cols, false)
+    }
+}
+
+/// One image's forward convolution, y_img = weight x x_img's columns, with `col` (from
+/// `conv::with_columns`) as scratch where im2col runs.
+pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32], p: Products) {
+    if p.for_conv(d) == Products::Gemm {
+        conv::forward_image(d, x_img, weight, y_img, col);
+    } else if shifted::runs(d) {
+        shifted::forward_image(d, x_img, weight, y_img);
+    } else if d.is_pointwise() {
+        Products::weights_times(d, weight, false, x_img, y_img);
+    } else {
+        im2col(d, x_img, col);
+        Products::weights_times(d, weight, false, col, y_img);
+    }
+}
+
+/// One image's gradients: its weight gradient added into `dw` (beta 1) or written (beta 0), its input
+/// gradient written into `dx_img` when asked, with `col` as scratch where im2col runs.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_image(
+    d: &ConvDims,
+    x_img: &[f32],
+    weight: &[f32],
+    dy_img: &[f32],
+    dx_img: Option<&mut [f32]>,
+    col: &mut [f32],
+    dw: &mut [f32],
+    beta: f32,
+    p: Products,
+) {
+    if p.for_conv(d) == Products::Gemm {
+        return conv::backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta);
+    }
+    if shifted::runs(d) {
+        return shifted::backward_image(d, x_img, weight, dy_img, dx_img, dw, beta);
+    }
+    let accumulate = beta == 1.0;
+    let columns: &[f32] = match d.is_pointwise() {
+        true => x_img,
+        false => {
+            im2col(d, x_img, col);
+            col
+        }
+    };
+    Products::weight_gradient(d, dy_img, columns, dw, accumulate);
+    let Some(dx_img) = dx_img else { return };
+    if d.is_pointwise() {
+        Products::weights_times(d, weight, true, dy_img, dx_img);
+    } else {
+        Products::weights_times(d, weight, true, dy_img, col);
+        col2im(d, col, dx_img);
+    }
+}
