@@ -4,10 +4,9 @@
 use super::batchnorm::{BnCase, BnPooling};
 use crate::cpu::reference::batchnorm::*;
 use crate::cpu::reference::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
-use crate::cpu::reference::dropout::{dropout_apply, dropout_mask};
 use crate::cpu::reference::pool::*;
-use crate::cpu::reference::relu::{relu_backward, relu_forward};
-use crate::gpu::batchnorm::{bn_spans, BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use crate::cpu::reference::relu::relu_forward;
+use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
 use crate::gpu::conv::{
     forward_splits, weight_grad_slices, BackwardEpilogue, BnStats, BnSums, Conv, ConvGrad, ConvLayer, EvalBn,
     ForwardEpilogue, GradBuffers,
@@ -15,10 +14,10 @@ use crate::gpu::conv::{
 use crate::gpu::kernel::run;
 use crate::gpu::sgd::SlicedGrad;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
-use crate::model::{ConvDims, BN_EPS, BN_MOMENTUM};
+use crate::model::{ConvDims, BN_EPS};
 use anyhow::Result;
 
-use super::{compare, nchw, random, read, Check, TOL_SUMS};
+use super::check::{compare, nchw, random, read, Check, TOL_SUMS};
 
 /// A convolution's random input as given to the kernels, and as the layer sees it: with `pool`, the
 /// 2x2 max pooling of an x twice as high and wide.
@@ -33,9 +32,77 @@ pub(super) fn conv_input(d: &ConvDims, pool: bool, seed: u64) -> (Vec<f32>, Vec<
     (x_given, pooled)
 }
 
-/// A convolution's launches against the reference: forward, forward with an evaluation-mode batchnorm
-/// and ReLU, and backward (the weight gradient, and dx when `with_dx`). With `pool` the input is the
-/// 2x2 max pooling of an x twice as high and wide, read through by the kernels.
+/// A convolution's seeded inputs, laid out in one state buffer as the model's are: the weights at a
+/// non-zero offset, the bias (if any) after them, then an evaluation-mode batchnorm's parameters for
+/// the fused forward.
+struct ConvInputs {
+    /// The input as the kernels get it (with a max pooling read through: before it), and as the
+    /// convolution sees it.
+    x_given: Vec<f32>,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+    dy: Vec<f32>,
+    /// gamma, beta, running mean, running var.
+    bn: [Vec<f32>; 4],
+    state: Vec<f32>,
+    w_off: usize,
+    b_off: usize,
+    bn_at: usize,
+}
+
+impl ConvInputs {
+    fn new(d: &ConvDims, seed: u64, pool: bool, with_bias: bool) -> ConvInputs {
+        let c = d.cout;
+        let w_off = 7;
+        let (x_given, x) = conv_input(d, pool, seed);
+        let w = random(seed + 100, d.weight_len(), 0.3);
+        let dy = random(seed + 200, d.n * d.out_image(), 1.0);
+        let bias = if with_bias { random(seed + 150, c, 0.5) } else { Vec::new() };
+        let gamma: Vec<f32> = random(seed + 300, c, 0.5).iter().map(|v| v + 1.0).collect();
+        let (beta, rm) = (random(seed + 310, c, 0.5), random(seed + 320, c, 0.5));
+        let rv: Vec<f32> = random(seed + 330, c, 0.5).iter().map(|v| v + 1.0).collect();
+        let mut state = vec![0.0; w_off];
+        state.extend_from_slice(&w);
+        let b_off = state.len();
+        state.extend_from_slice(&bias);
+        let bn_at = state.len();
+        for t in [&gamma, &beta, &rm, &rv] {
+            state.extend_from_slice(t);
+        }
+        ConvInputs { x_given, x, w, bias, dy, bn: [gamma, beta, rm, rv], state, w_off, b_off, bn_at }
+    }
+
+    fn bn_offsets(&self, c: usize) -> BnOffsets {
+        let at = self.bn_at;
+        BnOffsets { gamma: at, beta: at + c, running_mean: at + 2 * c, running_var: at + 3 * c }
+    }
+}
+
+/// The reference's results for `conv_checks`: y, y through the evaluation batchnorm and ReLU, dx,
+/// and the weight and bias gradients.
+fn conv_reference(d: &ConvDims, t: &ConvInputs) -> [Vec<f32>; 5] {
+    let mut y = vec![0.0; d.n * d.out_image()];
+    conv_forward(d, &t.x, &t.w, &mut y);
+    let (mut dx, mut dw) = (vec![0.0; d.n * d.in_image()], vec![0.0; d.weight_len()]);
+    conv_backward(d, &t.x, &t.w, &t.dy, Some(&mut dx), &mut dw);
+    let mut dbias = vec![0.0; t.bias.len()];
+    if !t.bias.is_empty() {
+        bias_forward(d, &t.bias, &mut y);
+        bias_backward(d, &t.dy, &mut dbias);
+    }
+    let mut y_bn = vec![0.0; y.len()];
+    let [gamma, beta, rm, rv] = &t.bn;
+    let bn_dims = BnDims { n: d.n, c: d.cout, hw: d.ho() * d.wo() };
+    batchnorm_forward_eval(&bn_dims, &y, gamma, beta, rm, rv, BN_EPS, &mut y_bn);
+    relu_forward(&mut y_bn);
+    [y, y_bn, dx, dw, dbias]
+}
+
+/// A convolution's launches against the reference: forward (whole, and with its sum in parts),
+/// forward with an evaluation-mode batchnorm and ReLU, and backward (the weight gradient in slices,
+/// added as the SGD kernel adds them; the bias's; dx when `with_dx`). With `pool` the input is the 2x2
+/// max pooling of an x twice as high and wide, read through by the kernels.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn conv_checks(
     ctx: &GpuContext,
@@ -47,36 +114,14 @@ pub(super) async fn conv_checks(
     pool: bool,
     with_bias: bool,
 ) -> Result<Vec<Check>> {
-    let n = d.n;
-    // The weights sit at a non-zero offset of a larger buffer, as in the model's state.
-    let w_off = 7;
-    let (x_given, x) = conv_input(d, pool, seed);
-    let w = random(seed + 100, d.weight_len(), 0.3);
-    let dy = random(seed + 200, n * d.out_image(), 1.0);
-    let mut state = vec![0.0; w_off];
-    state.extend_from_slice(&w);
-    let c = d.cout;
-    // The bias, if any, after the weights.
-    let bias = if with_bias { random(seed + 150, c, 0.5) } else { Vec::new() };
-    let b_off = state.len();
-    state.extend_from_slice(&bias);
-    // An evaluation-mode batchnorm's parameters after those, for the fused forward.
-    let gamma: Vec<f32> = random(seed + 300, c, 0.5).iter().map(|v| v + 1.0).collect();
-    let (beta, rm) = (random(seed + 310, c, 0.5), random(seed + 320, c, 0.5));
-    let rv: Vec<f32> = random(seed + 330, c, 0.5).iter().map(|v| v + 1.0).collect();
-    let bn_at = state.len();
-    for t in [&gamma, &beta, &rm, &rv] {
-        state.extend_from_slice(t);
-    }
-    let offsets = BnOffsets { gamma: bn_at, beta: bn_at + c, running_mean: bn_at + 2 * c, running_var: bn_at + 3 * c };
-    let bn = EvalBn { offsets, eps: BN_EPS, relu: true };
-    let (xb, sb, dyb) = (ctx.upload("x", &x_given), ctx.upload("state", &state), ctx.upload("dy", &dy));
-    // The weight gradient in as many slices as training uses, added up as the SGD kernel does.
+    let (n, c) = (d.n, d.cout);
+    let t = ConvInputs::new(d, seed, pool, with_bias);
+    let bn = EvalBn { offsets: t.bn_offsets(c), eps: BN_EPS, relu: true };
+    let (xb, sb, dyb) = (ctx.upload("x", &t.x_given), ctx.upload("state", &t.state), ctx.upload("dy", &t.dy));
     let slices = weight_grad_slices(d, with_bias);
-    let sliced = SlicedGrad { start: w_off, len: d.weight_len(), extra: state.len(), slices };
-    let bias_extra = state.len() + (slices - 1) * d.weight_len();
-    let bias_sliced = with_bias.then_some(SlicedGrad { start: b_off, len: c, extra: bias_extra, slices });
-    let bias_at = with_bias.then_some(b_off);
+    let sliced = SlicedGrad { start: t.w_off, len: d.weight_len(), extra: t.state.len(), slices };
+    let bias_extra = t.state.len() + (slices - 1) * d.weight_len();
+    let bias_sliced = with_bias.then_some(SlicedGrad { start: t.b_off, len: c, extra: bias_extra, slices });
     // The forward as training runs it when the layer's tiles are few: its sum split into parts
     // (at least 2 here, so that the split path is always checked), added in order as the batchnorm
     // statistics add them.
@@ -86,9 +131,9 @@ pub(super) async fn conv_checks(
         ctx.zeros("y (parts)", splits * n * d.out_image()),
         ctx.zeros("y (batchnorm)", n * d.out_image()),
         ctx.zeros("dx", n * d.in_image()),
-        ctx.zeros("grads", bias_extra + (slices - 1) * bias.len()),
+        ctx.zeros("grads", bias_extra + (slices - 1) * t.bias.len()),
     );
-    let (conv, l) = (&k.conv, ConvLayer { d: *d, w_off, bias: bias_at, pool });
+    let (conv, l) = (&k.conv, ConvLayer { d: *d, w_off: t.w_off, bias: with_bias.then_some(t.b_off), pool });
     let mut launches = vec![
         conv.forward(ctx, &l, ForwardEpilogue::Plain { splits: 1 }, &xb, &sb, &yb)?,
         conv.forward(ctx, &l, ForwardEpilogue::Plain { splits }, &xb, &sb, &ysb)?,
@@ -98,22 +143,10 @@ pub(super) async fn conv_checks(
     let dx_out = if with_dx { BackwardEpilogue::Dx(&dxb) } else { BackwardEpilogue::WeightsOnly };
     launches.push(conv.backward(ctx, &g, dx_out, &GradBuffers { x: &xb, dy: &dyb, state: &sb, grads: &gb })?);
     let all_sliced: Vec<SlicedGrad> = [Some(sliced), bias_sliced].into_iter().flatten().collect();
-    launches.push(k.sgd.sum_slices(ctx, state.len(), &all_sliced, &gb));
+    launches.push(k.sgd.sum_slices(ctx, t.state.len(), &all_sliced, &gb));
     run(ctx, &launches.iter().collect::<Vec<_>>());
 
-    let mut y = vec![0.0; n * d.out_image()];
-    conv_forward(d, &x, &w, &mut y);
-    let (mut dx, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
-    conv_backward(d, &x, &w, &dy, Some(&mut dx), &mut dw);
-    let mut dbias = vec![0.0; bias.len()];
-    if with_bias {
-        bias_forward(d, &bias, &mut y);
-        bias_backward(d, &dy, &mut dbias);
-    }
-    let mut y_bn = vec![0.0; y.len()];
-    let bn_dims = BnDims { n, c, hw: d.ho() * d.wo() };
-    batchnorm_forward_eval(&bn_dims, &y, &gamma, &beta, &rm, &rv, BN_EPS, &mut y_bn);
-    relu_forward(&mut y_bn);
+    let [y, y_bn, dx, dw, dbias] = conv_reference(d, &t);
     let name = if with_bias { "conv (bias)" } else { "conv" };
     let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
     let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
@@ -122,60 +155,41 @@ pub(super) async fn conv_checks(
     for part in parts.chunks(y.len()).skip(1) {
         summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
     }
-    let mut checks = vec![
-        compare(
-            &format!("{name}.forward"),
-            layer,
-            &format!("{input} -> {output}"),
-            &read(ctx, &yb, y.len()).await?,
-            &y,
-            TOL_SUMS,
-        ),
-        compare(
-            &format!("{name}.forward (sum in {splits} part{})", if splits > 1 { "s" } else { "" }),
-            layer,
-            &format!("{input} -> {output}"),
-            &summed,
-            &y,
-            TOL_SUMS,
-        ),
-        compare(
-            &format!("{name}.forward_bn_eval (+relu)"),
-            layer,
-            &format!("{input} -> {output}"),
-            &read(ctx, &ybn, y.len()).await?,
-            &y_bn,
-            TOL_SUMS,
-        ),
+    let plural = |count: usize| if count > 1 { "s" } else { "" };
+    let forward = format!("{input} -> {output}");
+    let (y_gpu, ybn_gpu) = (read(ctx, &yb, y.len()).await?, read(ctx, &ybn, y.len()).await?);
+    let mut rows: Vec<(String, String, Vec<f32>, &[f32])> = vec![
+        (format!("{name}.forward"), forward.clone(), y_gpu, &y),
+        (format!("{name}.forward (sum in {splits} part{})", plural(splits)), forward.clone(), summed, &y),
+        (format!("{name}.forward_bn_eval (+relu)"), forward, ybn_gpu, &y_bn),
     ];
     if with_dx {
-        let got = read(ctx, &dxb, dx.len()).await?;
-        checks.push(compare(
-            &format!("{name}.backward (dx)"),
-            layer,
-            &format!("{output} -> {input}"),
-            &got,
+        rows.push((
+            format!("{name}.backward (dx)"),
+            format!("{output} -> {input}"),
+            read(ctx, &dxb, dx.len()).await?,
             &dx,
-            TOL_SUMS,
         ));
     }
-    let g = read(ctx, &gb, state.len()).await?;
+    let mut checks: Vec<Check> =
+        rows.iter().map(|(k, shape, got, want)| compare(k, layer, shape, got, want, TOL_SUMS)).collect();
+    let g = read(ctx, &gb, t.state.len()).await?;
     let mut weight_check = compare(
         &format!("{name}.{}", if with_dx { "backward (weights)" } else { "backward_weights" }),
         layer,
-        &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, if slices > 1 { "s" } else { "" }),
-        &g[w_off..b_off],
+        &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, plural(slices)),
+        &g[t.w_off..t.b_off],
         &dw,
         TOL_SUMS,
     );
-    if g[..w_off].iter().chain(&g[bn_at..]).any(|&v| v != 0.0) {
+    if g[..t.w_off].iter().chain(&g[t.bn_at..]).any(|&v| v != 0.0) {
         weight_check.error = f64::INFINITY;
         weight_check.detail = Some("wrote outside its weights and bias".into());
     }
     checks.push(weight_check);
     if with_bias {
-        let shape = format!("{c} in {slices} slice{}", if slices > 1 { "s" } else { "" });
-        checks.push(compare(&format!("{name}.backward (bias)"), layer, &shape, &g[b_off..bn_at], &dbias, TOL_SUMS));
+        let shape = format!("{c} in {slices} slice{}", plural(slices));
+        checks.push(compare(&format!("{name}.backward (bias)"), layer, &shape, &g[t.b_off..t.bn_at], &dbias, TOL_SUMS));
     }
     Ok(checks)
 }
@@ -201,24 +215,10 @@ pub(super) async fn conv_stats_checks(
     let at = d.weight_len();
     let offsets = BnOffsets { gamma: at, beta: at + c, running_mean: at + 2 * c, running_var: at + 3 * c };
     let hw = d.ho() * d.wo();
-    let positions = n * hw;
-    let l = BnLayer {
-        n,
-        c,
-        hw,
-        relu: true,
-        offsets,
-        momentum: BN_MOMENTUM,
-        eps: BN_EPS,
-        spans: bn_spans(c),
-        conv_forward_partials: Some(Conv::position_tiles(positions)),
-        conv_backward_partials: None,
-        dy_pooled: false,
-        dropout: None,
-        maxpool: false,
-        width: d.wo(),
-        parts: 1,
-    };
+    let bn = BnDims { n, c, hw };
+    let relu = BnCase { relu: true, ..BnCase::default() };
+    let l =
+        BnLayer { conv_forward_partials: Some(Conv::position_tiles(n * hw)), width: d.wo(), ..relu.layer(bn, offsets) };
     let (xb, sb) = (ctx.upload("x", &x_given), ctx.upload("state", &state));
     let (yb, zb, savedb) =
         (ctx.zeros("y", n * d.out_image()), ctx.zeros("z", n * d.out_image()), ctx.zeros("saved", l.saved_len()));
@@ -232,7 +232,6 @@ pub(super) async fn conv_stats_checks(
 
     let mut y = vec![0.0; n * d.out_image()];
     conv_forward(d, &x, &w, &mut y);
-    let bn = BnDims { n, c, hw };
     let mut z = vec![0.0; y.len()];
     let saved = batchnorm_forward_train(&bn, &y, &gamma, &beta, BN_EPS, &mut z);
     relu_forward(&mut z);
@@ -278,21 +277,11 @@ pub(super) async fn conv_sums_checks(
     let dy = random(seed + 4, n * d.out_image(), 1.0);
     let step = StepUniform { dropout_seed: 99, dropout_step: 3, dropout_on: 1, ..Default::default() };
     let l = BnLayer {
-        n,
-        c,
-        hw: h * w,
-        relu: case.relu,
-        offsets,
-        momentum: BN_MOMENTUM,
-        eps: BN_EPS,
-        spans: bn_spans(c),
-        conv_forward_partials: None,
         conv_backward_partials: Some(Conv::position_tiles(n * d.h * d.w)),
         dy_pooled: false,
-        dropout: case.dropout,
-        maxpool: pool,
         width: w,
         parts: 1,
+        ..case.layer(bn, offsets)
     };
     let (xb, sb, wb, dyb) =
         (ctx.upload("x", &x), ctx.upload("state", &state), ctx.upload("weights", &weights), ctx.upload("dy", &dy));
@@ -328,39 +317,23 @@ pub(super) async fn conv_sums_checks(
     let mut y = vec![0.0; len];
     let saved = batchnorm_forward_train(&bn, &x, &gamma, &beta, BN_EPS, &mut y);
     let mut conv_in = y_gpu.clone();
-    let mut argmax = vec![0u8; n * d.in_image()];
     if pool {
         conv_in = vec![0.0; n * d.in_image()];
+        let mut argmax = vec![0u8; n * d.in_image()];
         maxpool2_forward(n * c, h, w, &y_gpu, &mut conv_in, &mut argmax);
     }
     let (mut dx_conv, mut dw) = (vec![0.0; n * d.in_image()], vec![0.0; d.weight_len()]);
     conv_backward(d, &conv_in, &weights, &dy, Some(&mut dx_conv), &mut dw);
-    let mut g = dx_conv.clone();
-    if pool {
-        g = vec![0.0; len];
-        maxpool2_backward(n * c, h, w, &argmax, &dx_conv, &mut g);
-    }
-    if let Some(FusedDropout { p, layer }) = case.dropout {
-        dropout_apply(&dropout_mask(step.dropout_seed, step.dropout_step, layer as u32, p, len), &mut g);
-    }
-    if case.relu {
-        relu_backward(&y_gpu, &mut g);
-    }
+    let g = case.reference_gradient(&l, &step, &y_gpu, &dx_conv);
     let (mut dx, mut dgamma, mut dbeta) = (vec![0.0; len], vec![0.0; c], vec![0.0; c]);
     batchnorm_backward(&bn, &x, &g, &gamma, &saved, &mut dx, &mut dgamma, &mut dbeta);
-    let gr = read(ctx, &gb, 2 * c).await?;
+    let (gr, dx_gpu) = (read(ctx, &gb, 2 * c).await?, read(ctx, &dxb, len).await?);
     let tiles = format!("{} in {} tiles", nchw(n, c, h, w), l.backward_partials());
     let act = nchw(n, c, h, w);
-    Ok(vec![
-        compare("conv.backward_bn_sums -> batchnorm (dgamma)", layer, &tiles, &gr[..c], &dgamma, TOL_SUMS),
-        compare("conv.backward_bn_sums -> batchnorm (dbeta)", layer, &tiles, &gr[c..], &dbeta, TOL_SUMS),
-        compare(
-            "conv.backward_bn_sums -> batchnorm.backward_data",
-            layer,
-            &act,
-            &read(ctx, &dxb, len).await?,
-            &dx,
-            TOL_SUMS,
-        ),
-    ])
+    let rows: [(&str, &str, &[f32], &[f32]); 3] = [
+        ("conv.backward_bn_sums -> batchnorm (dgamma)", &tiles, &gr[..c], &dgamma),
+        ("conv.backward_bn_sums -> batchnorm (dbeta)", &tiles, &gr[c..], &dbeta),
+        ("conv.backward_bn_sums -> batchnorm.backward_data", &act, &dx_gpu, &dx),
+    ];
+    Ok(rows.iter().map(|(kernel, shape, got, want)| compare(kernel, layer, shape, got, want, TOL_SUMS)).collect())
 }

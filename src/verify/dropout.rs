@@ -5,7 +5,7 @@ use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
 use anyhow::Result;
 
-use super::{compare, compare_exact, random, read, Check, TOL_ELEMENTWISE};
+use super::check::{compare, compare_exact, random, read, Check, TOL_ELEMENTWISE};
 
 /// A dropout layer of probability p at index `index` of its model (which keys its mask).
 pub(super) async fn dropout_checks(

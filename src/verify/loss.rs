@@ -7,7 +7,7 @@ use crate::gpu::loss::LossBuffers;
 use crate::gpu::{GpuContext, Kernels};
 use anyhow::Result;
 
-use super::{compare, compare_exact, random, read, Check, TOL_SUMS};
+use super::check::{compare, compare_exact, random, read, Check, TOL_SUMS};
 
 /// The loss kernel on `n` images of `classes` logits; with `pool_hw` > 0, from a global average
 /// pooling of `pool_hw` values per logit fused in (its logits written out and checked too).

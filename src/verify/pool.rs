@@ -6,7 +6,7 @@ use crate::gpu::{GpuContext, Kernels};
 use crate::model::{Layer, Shape};
 use anyhow::Result;
 
-use super::{compare, nchw, random, read, Check, TOL_ELEMENTWISE, TOL_EXACT};
+use super::check::{compare, nchw, random, read, Check, TOL_ELEMENTWISE, TOL_EXACT};
 
 /// The standalone kernels of pooling layer `layer` at its input shape `s`, batch `n`.
 pub(super) async fn checks(

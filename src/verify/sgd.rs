@@ -7,7 +7,7 @@ use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
 use anyhow::Result;
 
-use super::{compare, compare_exact, random, read, Check, TOL_ELEMENTWISE};
+use super::check::{compare, compare_exact, random, read, Check, TOL_ELEMENTWISE};
 
 pub(super) async fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Result<Vec<Check>> {
     let (p, mut g, m) = (random(1, len, 0.5), random(2, len, 0.1), random(3, len, 0.1));

@@ -1,6 +1,6 @@
 //! Whole training steps of a backend against the CPU backend, from the same state and batches.
 
-use super::TOL_GRADIENTS;
+use super::check::TOL_GRADIENTS;
 use crate::backend::{Backend, StepParams};
 use crate::cpu::backend::CpuBackend;
 use crate::data::loader::Batch;
@@ -10,7 +10,7 @@ use anyhow::Result;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
-use super::{compare, Check, TOL_SUMS};
+use super::check::{compare, Check, TOL_SUMS};
 
 /// Per tensor of the model, the state and momenta of `backend` against `reference`.
 pub(super) async fn compare_tensors(
