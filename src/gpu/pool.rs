@@ -50,15 +50,18 @@ impl Pool {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
     ) -> Dispatch {
-        match layer {
-            Layer::MaxPool2 => self.maxpool_forward(ctx, (planes, s.h, s.w), x, y),
-            Layer::AvgPool2 => self.avgpool2_forward(ctx, (planes, s.h, s.w), x, y),
-            Layer::GlobalAvgPool => self.gap_forward(ctx, planes, s.h * s.w, x, y),
+        // Per window: three comparisons for the maximum; three additions and a division for the mean.
+        let (kernel, flops) = match layer {
+            Layer::MaxPool2 => (&self.maxpool_forward, 3),
+            Layer::AvgPool2 => (&self.avgpool2_forward, 4),
+            Layer::GlobalAvgPool => return self.gap_forward(ctx, planes, s.h * s.w, x, y),
             other => unreachable!("{other:?} is not a pooling"),
-        }
+        };
+        self.windows(ctx, kernel, (planes, s.h, s.w), &[(1, x), (2, y)], (flops, 1))
     }
 
-    /// dx from dy for pooling layer `layer`, whose forward input was x.
+    /// dx from dy for pooling layer `layer`, whose forward input was x: a max pooling routes each
+    /// window's gradient to its maximum in x, an average gives each place a quarter of it.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
@@ -70,9 +73,10 @@ impl Pool {
         dy: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Dispatch {
+        let dims = (planes, s.h, s.w);
         match layer {
-            Layer::MaxPool2 => self.maxpool_backward(ctx, (planes, s.h, s.w), x, dy, dx),
-            Layer::AvgPool2 => self.avgpool2_backward(ctx, (planes, s.h, s.w), dy, dx),
+            Layer::MaxPool2 => self.windows(ctx, &self.maxpool_backward, dims, &[(1, x), (2, dx), (3, dy)], (3, 2)),
+            Layer::AvgPool2 => self.windows(ctx, &self.avgpool2_backward, dims, &[(2, dx), (3, dy)], (1, 1)),
             Layer::GlobalAvgPool => self.gap_backward(ctx, planes, s.h * s.w, dy, dx),
             other => unreachable!("{other:?} is not a pooling"),
         }
@@ -98,52 +102,7 @@ impl Pool {
         kernel.launch(ctx, groups_for(out), &all).with_cost(Cost::new(flops * out, passes * len + out))
     }
 
-    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2: three comparisons per window.
-    pub fn maxpool_forward(
-        &self,
-        ctx: &GpuContext,
-        dims: (usize, usize, usize),
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-    ) -> Dispatch {
-        self.windows(ctx, &self.maxpool_forward, dims, &[(1, x), (2, y)], (3, 1))
-    }
-
-    /// dx from dy, each window's gradient routed to its maximum in the forward input x.
-    pub fn maxpool_backward(
-        &self,
-        ctx: &GpuContext,
-        dims: (usize, usize, usize),
-        x: &wgpu::Buffer,
-        dy: &wgpu::Buffer,
-        dx: &wgpu::Buffer,
-    ) -> Dispatch {
-        self.windows(ctx, &self.maxpool_backward, dims, &[(1, x), (2, dx), (3, dy)], (3, 2))
-    }
-
-    /// `planes` planes of h x w (given as (planes, h, w)) into h/2 x w/2, each the mean of its window:
-    /// three additions and a division.
-    pub fn avgpool2_forward(
-        &self,
-        ctx: &GpuContext,
-        dims: (usize, usize, usize),
-        x: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-    ) -> Dispatch {
-        self.windows(ctx, &self.avgpool2_forward, dims, &[(1, x), (2, y)], (4, 1))
-    }
-
-    /// dx from dy: a quarter of each window's gradient to each of its places.
-    pub fn avgpool2_backward(
-        &self,
-        ctx: &GpuContext,
-        dims: (usize, usize, usize),
-        dy: &wgpu::Buffer,
-        dx: &wgpu::Buffer,
-    ) -> Dispatch {
-        self.windows(ctx, &self.avgpool2_backward, dims, &[(2, dx), (3, dy)], (1, 1))
-    }
-
+    /// `planes` planes of hw values into one mean each.
     pub fn gap_forward(
         &self,
         ctx: &GpuContext,
@@ -158,6 +117,7 @@ impl Pool {
             .with_cost(Cost::new(planes * hw, planes * hw + planes))
     }
 
+    /// dx from dy: each plane's gradient over its hw places, divided by hw.
     pub fn gap_backward(
         &self,
         ctx: &GpuContext,

@@ -153,7 +153,8 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
     checks.extend(conv::conv_sums_checks(ctx, k, "odd shape", &ConvDims { h: 9, ..odd_conv }, relu, 20).await?);
     // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs
     // them, and of the average pooling, which Net3 has not.
-    checks.extend(pool::maxpool_checks(ctx, k, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 16, true).await?);
+    let odd_planes = Shape { c: 5, h: 6, w: 10 };
+    checks.extend(pool::window_checks(ctx, k, &Layer::MaxPool2, "odd shape", (3, odd_planes), 16, true).await?);
     checks.extend(pool::checks(ctx, k, &Layer::AvgPool2, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 22).await?);
     let shape = nchw(3, 5, 6, 10);
     checks.extend(dropout::dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &shape, 17).await?);

@@ -19,8 +19,7 @@ pub(super) async fn checks(
     seed: u64,
 ) -> Result<Vec<Check>> {
     match layer {
-        Layer::MaxPool2 => maxpool_checks(ctx, k, name, n, s, seed, false).await,
-        Layer::AvgPool2 => avgpool2_checks(ctx, k, name, n, s, seed).await,
+        Layer::MaxPool2 | Layer::AvgPool2 => window_checks(ctx, k, layer, name, (n, s), seed, false).await,
         Layer::GlobalAvgPool => gap_checks(ctx, k, name, n, s.c, s.h * s.w, seed).await,
         other => unreachable!("{other:?} is not a pooling"),
     }
@@ -53,45 +52,45 @@ fn windows(ctx: &GpuContext, n: usize, s: Shape, seed: u64, ties: bool) -> Windo
     Windows { planes, len, out, x, dy, xb, dyb, yb, dxb }
 }
 
-/// The standalone max-pooling kernels; with `ties`, on values from a few levels, so that most windows
-/// hold equal maxima and the first-on-ties rule decides where the gradient goes.
-pub(super) async fn maxpool_checks(
+/// The standalone kernels of a 2x2 pooling, forward and backward, at batch n of shape s; with
+/// `ties`, on values from a few levels, so that most windows of a max pooling hold equal maxima and
+/// the first-on-ties rule decides where the gradient goes. A max pooling selects, so it must agree
+/// exactly; an average's division may round differently.
+pub(super) async fn window_checks(
     ctx: &GpuContext,
     k: &Kernels,
-    layer: &str,
-    n: usize,
-    s: Shape,
+    layer: &Layer,
+    name: &str,
+    (n, s): (usize, Shape),
     seed: u64,
     ties: bool,
 ) -> Result<Vec<Check>> {
     let Shape { c, h, w } = s;
     let Windows { planes, len, out, x, dy, xb, dyb, yb, dxb } = windows(ctx, n, s, seed, ties);
-    let f = k.pool.maxpool_forward(ctx, (planes, h, w), &xb, &yb);
-    let b = k.pool.maxpool_backward(ctx, (planes, h, w), &xb, &dyb, &dxb);
-    run(ctx, &[&f, &b]);
-    let mut y = vec![0.0; out];
-    let mut argmax = vec![0u8; out];
-    maxpool2_forward(planes, h, w, &x, &mut y, &mut argmax);
-    let mut dx = vec![0.0; len];
-    maxpool2_backward(planes, h, w, &argmax, &dy, &mut dx);
+    run(
+        ctx,
+        &[&k.pool.forward(ctx, layer, planes, s, &xb, &yb), &k.pool.backward(ctx, layer, planes, s, &xb, &dyb, &dxb)],
+    );
+    let (mut y, mut dx) = (vec![0.0; out], vec![0.0; len]);
+    let mut winners = vec![0u8; if *layer == Layer::MaxPool2 { out } else { 0 }];
+    forward_serial(layer, s, &x, &mut y, &mut winners);
+    backward_serial(layer, s, &winners, &dy, &mut dx);
+    let (kernel, tolerance) = match layer {
+        Layer::MaxPool2 => ("maxpool", TOL_EXACT),
+        _ => ("avgpool2", TOL_ELEMENTWISE),
+    };
     let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
     let tag = if ties { " (ties)" } else { "" };
+    let (y_gpu, dx_gpu) = (read(ctx, &yb, out).await?, read(ctx, &dxb, len).await?);
     Ok(vec![
+        compare(&format!("pool.{kernel}_forward{tag}"), name, &format!("{input} -> {output}"), &y_gpu, &y, tolerance),
         compare(
-            &format!("pool.maxpool_forward{tag}"),
-            layer,
-            &format!("{input} -> {output}"),
-            &read(ctx, &yb, out).await?,
-            &y,
-            TOL_EXACT,
-        ),
-        compare(
-            &format!("pool.maxpool_backward{tag}"),
-            layer,
+            &format!("pool.{kernel}_backward{tag}"),
+            name,
             &format!("{output} -> {input}"),
-            &read(ctx, &dxb, len).await?,
+            &dx_gpu,
             &dx,
-            TOL_EXACT,
+            tolerance,
         ),
     ])
 }
@@ -118,43 +117,5 @@ pub(super) async fn gap_checks(
     Ok(vec![
         compare("pool.gap_forward", layer, &shape, &read(ctx, &yb, planes).await?, &y, TOL_ELEMENTWISE),
         compare("pool.gap_backward", layer, &shape, &read(ctx, &dxb, planes * hw).await?, &dx, TOL_ELEMENTWISE),
-    ])
-}
-
-/// The 2x2 average-pooling kernels: the same additions and division as the reference.
-async fn avgpool2_checks(
-    ctx: &GpuContext,
-    k: &Kernels,
-    layer: &str,
-    n: usize,
-    s: Shape,
-    seed: u64,
-) -> Result<Vec<Check>> {
-    let Shape { c, h, w } = s;
-    let Windows { planes, len, out, x, dy, xb, dyb, yb, dxb } = windows(ctx, n, s, seed, false);
-    let f = k.pool.avgpool2_forward(ctx, (planes, h, w), &xb, &yb);
-    let b = k.pool.avgpool2_backward(ctx, (planes, h, w), &dyb, &dxb);
-    run(ctx, &[&f, &b]);
-    let (mut y, mut dx) = (vec![0.0; out], vec![0.0; len]);
-    avgpool2_forward(planes, h, w, &x, &mut y);
-    avgpool2_backward(planes, h, w, &dy, &mut dx);
-    let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
-    Ok(vec![
-        compare(
-            "pool.avgpool2_forward",
-            layer,
-            &format!("{input} -> {output}"),
-            &read(ctx, &yb, out).await?,
-            &y,
-            TOL_ELEMENTWISE,
-        ),
-        compare(
-            "pool.avgpool2_backward",
-            layer,
-            &format!("{output} -> {input}"),
-            &read(ctx, &dxb, len).await?,
-            &dx,
-            TOL_ELEMENTWISE,
-        ),
     ])
 }
