@@ -1,4 +1,4 @@
-// Convolution k x k, stride 1, zero padding d.pad, no bias; NCHW activations, weights at
+// Convolution k x k, stride 1, zero padding d.pad, with or without bias; NCHW activations, weights at
 // state[d.w_off..] as cout x cin x k x k (their gradient at the same offset of grads). Every pass is a
 // tiled implicit matrix product: the image patches are never written out; a workgroup stages KT-deep
 // slabs of patch values and weights in workgroup memory and each of its TW invocations keeps a 4 x 4

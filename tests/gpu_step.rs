@@ -27,6 +27,17 @@ fn fixture_state(fx: &Fixture, model: &Model, prefix: &str) -> Vec<f32> {
     state
 }
 
+/// Net3's launches at the recipe's batch of 100, as `profile` counts them: 29 per training step
+/// (forward, the loss, backward, one update) and 7 per evaluation batch. A change that adds a launch
+/// to the recipe's network fails here.
+#[test]
+fn net3_runs_29_launches_per_training_step_and_7_per_evaluation_batch() {
+    let Some((ctx, k)) = gpu() else { return };
+    let model = Model::net3();
+    let net = GpuNet::new(ctx, k, &model, 100, &model.init_state(1)).unwrap();
+    assert_eq!((net.train_launches(), net.eval_launches()), (29, 7));
+}
+
 #[test]
 fn gpu_step_matches_pytorch() {
     steps_match_pytorch(&Fixture::load(), &Model::net3());

@@ -630,6 +630,11 @@ impl GpuNet {
         self.forward_eval.len() + 1
     }
 
+    /// Launches per training step: forward, loss, backward, the update.
+    pub fn train_launches(&self) -> usize {
+        self.train_dispatches().count()
+    }
+
     /// The launches of a training step up to its gradients: forward, loss, backward.
     fn gradient_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
         self.forward_train.iter().chain([&self.loss_train]).chain(&self.backward)

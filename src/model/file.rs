@@ -200,7 +200,7 @@ mod tests {
 
     #[test]
     fn presets_keep_their_budgets_and_write_themselves_back() {
-        // (preset, parameter budget, epochs) as issue 10 sets them.
+        // (preset, parameter budget, epochs): each preset stays within its budget (docs/results/presets/).
         for (name, budget, epochs) in [
             ("net3", 17_900, None),
             ("small8k", 8_000, Some(15)),

@@ -276,7 +276,7 @@ const cases = {
   },
 };
 
-// The training run of the train case. The issue's `images=2000&epochs=3&batch=50&seed=1&test_images=1000`
+// The training run of the train case. The page's full run, `images=2000&epochs=3&batch=50&seed=1&test_images=1000`,
 // takes about 14 minutes on SwiftShader with 2 cores (--train-run gives it); CI trains this smaller run:
 // 40 steps, about 6 s each there whatever the batch (SwiftShader pays per workgroup, and most launches
 // have a fixed grid), to about 51% on the native CPU backend, where the accuracy still climbs fast.

@@ -8,7 +8,7 @@ use super::products::{backward_image, forward_image, Products};
 use super::store::{input_image, read_write, Lens, View};
 use crate::cpu::executor::DropoutMode;
 use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sum, BnDims, BnSaved};
-use crate::cpu::reference::conv::{bias_forward_image, plane_total, with_columns, ConvDims};
+use crate::cpu::reference::conv::{bias_forward_image, plane_total, with_columns, ConvDims, ImageGrads};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::net::tensor;
 use crate::cpu::reference::pool;
@@ -208,7 +208,8 @@ impl Ctx<'_> {
                 let beta = if j == 0 { 0.0 } else { 1.0 };
                 // The input image needs no gradient.
                 let dx = (i > 0).then_some(&mut *dx);
-                with_columns(&d, |col| backward_image(&d, x, weight, dy, dx, col, v.partials[i], beta, self.products));
+                let g = ImageGrads { x, weight, dy, dx, dw: v.partials[i], beta };
+                with_columns(&d, |col| backward_image(&d, g, col, self.products));
                 if model.conv_bias(i).is_some() {
                     let sums = &mut v.image_sums[i][j * d.cout..][..d.cout];
                     bias_image_sums(&d, dy, sums);

@@ -5,7 +5,7 @@
 
 use super::fma::{self, Every, Operand};
 use super::shifted;
-use crate::cpu::reference::conv::{self, col2im, im2col, ConvDims};
+use crate::cpu::reference::conv::{self, col2im, im2col, ConvDims, ImageGrads};
 
 /// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the kernels of
 /// `fma.rs` (on CPUs with FMA).
@@ -72,40 +72,28 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
     }
 }
 
-/// One image's gradients: its weight gradient added into `dw` (beta 1) or written (beta 0), its input
-/// gradient written into `dx_img` when asked, with `col` as scratch where im2col runs.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_image(
-    d: &ConvDims,
-    x_img: &[f32],
-    weight: &[f32],
-    dy_img: &[f32],
-    dx_img: Option<&mut [f32]>,
-    col: &mut [f32],
-    dw: &mut [f32],
-    beta: f32,
-    p: Products,
-) {
+/// One image's gradients (see `ImageGrads`), with `col` as scratch where im2col runs.
+pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products) {
     if p.for_conv(d) == Products::Gemm {
-        return conv::backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta);
+        return conv::backward_image(d, g, col);
     }
     if shifted::runs(d) {
-        return shifted::backward_image(d, x_img, weight, dy_img, dx_img, dw, beta);
+        return shifted::backward_image(d, g);
     }
-    let accumulate = beta == 1.0;
+    let ImageGrads { x, weight, dy, dx, dw, beta } = g;
     let columns: &[f32] = match d.is_pointwise() {
-        true => x_img,
+        true => x,
         false => {
-            im2col(d, x_img, col);
+            im2col(d, x, col);
             col
         }
     };
-    Products::weight_gradient(d, dy_img, columns, dw, accumulate);
-    let Some(dx_img) = dx_img else { return };
+    Products::weight_gradient(d, dy, columns, dw, beta == 1.0);
+    let Some(dx) = dx else { return };
     if d.is_pointwise() {
-        Products::weights_times(d, weight, true, dy_img, dx_img);
+        Products::weights_times(d, weight, true, dy, dx);
     } else {
-        Products::weights_times(d, weight, true, dy_img, col);
-        col2im(d, col, dx_img);
+        Products::weights_times(d, weight, true, dy, col);
+        col2im(d, col, dx);
     }
 }

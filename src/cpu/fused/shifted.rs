@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 
 use super::fma::{self, Operand};
-use crate::cpu::reference::conv::ConvDims;
+use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
 
 thread_local! {
@@ -88,16 +88,8 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
 
 /// One image's gradients: its weight gradient added into `dw` (beta 1) or written (beta 0), and its
 /// input gradient when asked.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_image(
-    d: &ConvDims,
-    x_img: &[f32],
-    weight: &[f32],
-    dy_img: &[f32],
-    dx_img: Option<&mut [f32]>,
-    dw: &mut [f32],
-    beta: f32,
-) {
+pub fn backward_image(d: &ConvDims, g: ImageGrads) {
+    let ImageGrads { x: x_img, weight, dy: dy_img, dx: dx_img, dw, beta } = g;
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
     // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with each tap.

@@ -163,31 +163,33 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
     }
 }
 
-/// One image of `conv_backward`: its weight gradient added into `dw` (beta 1) or written (beta 0),
-/// its input gradient written into `dx_img` when asked, with `col` (from `with_columns`) as scratch.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_image(
-    d: &ConvDims,
-    x_img: &[f32],
-    weight: &[f32],
-    dy_img: &[f32],
-    dx_img: Option<&mut [f32]>,
-    col: &mut [f32],
-    dw: &mut [f32],
-    beta: f32,
-) {
+/// One image's share of a convolution's backward pass: what it reads (its input, the weights, its
+/// output gradient) and what it writes (its input gradient when asked; its weight gradient, added into
+/// `dw` when `beta` is 1, written when it is 0).
+pub struct ImageGrads<'a> {
+    pub x: &'a [f32],
+    pub weight: &'a [f32],
+    pub dy: &'a [f32],
+    pub dx: Option<&'a mut [f32]>,
+    pub dw: &'a mut [f32],
+    pub beta: f32,
+}
+
+/// One image of `conv_backward`, with `col` (from `with_columns`) as scratch.
+pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32]) {
+    let ImageGrads { x, weight, dy, dx, dw, beta } = g;
     if d.is_pointwise() {
-        weight_gradient(d, dy_img, x_img, dw, beta);
-        if let Some(dx_img) = dx_img {
-            weights_times(d, weight, true, dy_img, dx_img);
+        weight_gradient(d, dy, x, dw, beta);
+        if let Some(dx) = dx {
+            weights_times(d, weight, true, dy, dx);
         }
         return;
     }
-    im2col(d, x_img, col);
-    weight_gradient(d, dy_img, col, dw, beta);
-    if let Some(dx_img) = dx_img {
-        weights_times(d, weight, true, dy_img, col);
-        col2im(d, col, dx_img);
+    im2col(d, x, col);
+    weight_gradient(d, dy, col, dw, beta);
+    if let Some(dx) = dx {
+        weights_times(d, weight, true, dy, col);
+        col2im(d, col, dx);
     }
 }
 
@@ -208,7 +210,7 @@ pub fn conv_backward(d: &ConvDims, x: &[f32], weight: &[f32], dy: &[f32], dx: Op
     assert_eq!(dweight.len(), d.weight_len());
     let per_image =
         |x_img: &[f32], dy_img: &[f32], dx_img: Option<&mut [f32]>, col: &mut [f32], dw: &mut [f32], beta: f32| {
-            backward_image(d, x_img, weight, dy_img, dx_img, col, dw, beta)
+            backward_image(d, ImageGrads { x: x_img, weight, dy: dy_img, dx: dx_img, dw, beta }, col)
         };
     // The images go in at most 16 groups of consecutive images, a split that depends on n only: each
     // group adds up its images' weight gradients in order, then the groups' sums are added in order.
