@@ -19,7 +19,8 @@ use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS};
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;
-use mnist_wgpu::train::{self, Recipe, TrainOptions};
+use mnist_wgpu::train::files::{self, TrainOptions};
+use mnist_wgpu::train::{self, Recipe};
 
 fn subset(split: &Split, n: usize) -> Split {
     Split { images: split.images[..n * IMAGE_PIXELS].to_vec(), labels: split.labels[..n].to_vec() }
@@ -58,7 +59,7 @@ fn cpu_training_learns() {
     let recipe = Recipe { epochs: 1, batch_size: 32, ..Recipe::default() };
     let mut backend = CpuBackend::new(&model, model.init_state(recipe.seed));
     let out = scratch("learns");
-    let outcome = train::train(&mut backend, &model, &set, &options(recipe, out.clone())).unwrap();
+    let outcome = files::train(&mut backend, &model, &set, &options(recipe, out.clone())).unwrap();
     let acc = outcome.epochs[0].test_accuracy;
     eprintln!("test accuracy after 320 steps: {acc:.2}%");
     assert!(acc > 90.0, "test accuracy {acc}% after 320 steps");
@@ -80,14 +81,14 @@ fn interrupted_run_resumes_exactly() {
     let recipe = Recipe { epochs: 2, batch_size: 50, ..Recipe::default() };
 
     let mut straight = CpuBackend::new(&model, model.init_state(recipe.seed));
-    train::train(&mut straight, &model, &set, &options(recipe, scratch("straight"))).unwrap();
+    files::train(&mut straight, &model, &set, &options(recipe, scratch("straight"))).unwrap();
 
     let out = scratch("interrupted");
     let mut first = CpuBackend::new(&model, model.init_state(recipe.seed));
     let opts = options(recipe, out.clone());
     // Stop as soon as the first step is done (as Ctrl-C would).
     opts.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let outcome = train::train(&mut first, &model, &set, &opts).unwrap();
+    let outcome = files::train(&mut first, &model, &set, &opts).unwrap();
     assert!(outcome.interrupted && outcome.epochs.is_empty());
     let pos = checkpoint::load(&out.join("last.safetensors"), &model).unwrap().position.unwrap();
     assert_eq!((pos.epoch, pos.batch_in_epoch, pos.global_step), (0, 1, 1));
@@ -95,7 +96,7 @@ fn interrupted_run_resumes_exactly() {
     let mut resumed = CpuBackend::new(&model, model.init_state(999));
     let mut opts = options(recipe, out.clone());
     opts.resume = Some(out.join("last.safetensors"));
-    let outcome = train::train(&mut resumed, &model, &set, &opts).unwrap();
+    let outcome = files::train(&mut resumed, &model, &set, &opts).unwrap();
     assert!(!outcome.interrupted);
     assert_eq!(outcome.epochs.len(), 2);
     assert_eq!(resumed.state().block_on().unwrap(), straight.state().block_on().unwrap(), "resumed run ends elsewhere");
@@ -104,7 +105,7 @@ fn interrupted_run_resumes_exactly() {
     // Resuming with other flags than the run's is refused, naming the recipe.
     let mut other = options(Recipe { max_lr: 0.2, ..recipe }, out.clone());
     other.resume = Some(out.join("last.safetensors"));
-    let err = train::train(&mut resumed, &model, &set, &other).unwrap_err().to_string();
+    let err = files::train(&mut resumed, &model, &set, &other).unwrap_err().to_string();
     assert!(err.contains("recipe"), "{err}");
 }
 
@@ -116,13 +117,13 @@ fn divergence_stops_and_keeps_the_last_checkpoint() {
     let out = scratch("diverge");
     let sane = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
     let mut backend = CpuBackend::new(&model, model.init_state(1));
-    train::train(&mut backend, &model, &set, &options(sane, out.clone())).unwrap();
+    files::train(&mut backend, &model, &set, &options(sane, out.clone())).unwrap();
     let last = out.join("last.safetensors");
     let before = std::fs::read(&last).unwrap();
 
     // Continue from it with an absurd learning rate, as a fresh run into the same folder.
     let wild = Recipe { epochs: 1, batch_size: 50, max_lr: 1e9, ..Recipe::default() };
-    let err = train::train(&mut backend, &model, &set, &options(wild, out.clone())).unwrap_err().to_string();
+    let err = files::train(&mut backend, &model, &set, &options(wild, out.clone())).unwrap_err().to_string();
     assert!(err.contains("diverged") && err.contains("unchanged"), "{err}");
     assert_eq!(std::fs::read(&last).unwrap(), before, "the last good checkpoint was overwritten");
 }
@@ -230,9 +231,9 @@ fn both_loops_agree(
 ) -> (train::Outcome, train::Outcome, GpuBackend, CpuBackend) {
     let recipe = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
     let mut gpu = gpu_backend(model, recipe.seed);
-    let gpu_run = train::train(&mut gpu, model, set, &options(recipe, scratch(&format!("{name}-gpu")))).unwrap();
+    let gpu_run = files::train(&mut gpu, model, set, &options(recipe, scratch(&format!("{name}-gpu")))).unwrap();
     let mut cpu = CpuBackend::new(model, model.init_state(recipe.seed));
-    let cpu_run = train::train(&mut cpu, model, set, &options(recipe, scratch(&format!("{name}-cpu")))).unwrap();
+    let cpu_run = files::train(&mut cpu, model, set, &options(recipe, scratch(&format!("{name}-cpu")))).unwrap();
     let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
     eprintln!("gpu: train loss {} test loss {}; cpu: {} {}", g.train_loss, g.test_loss, c.train_loss, c.test_loss);
     assert!(
@@ -263,20 +264,20 @@ fn gpu_run_interrupted_mid_chunk_resumes_exactly() {
     let chunked = |out: PathBuf, k: usize| TrainOptions { chunk_batches: Some(k), ..options(recipe, out) };
 
     let mut straight = gpu_backend(&model, recipe.seed);
-    let straight_run = train::train(&mut straight, &model, &set, &chunked(scratch("gpu-straight"), 5)).unwrap();
+    let straight_run = files::train(&mut straight, &model, &set, &chunked(scratch("gpu-straight"), 5)).unwrap();
 
     let out = scratch("gpu-interrupted");
     let mut first = gpu_backend(&model, recipe.seed);
     let opts = chunked(out.clone(), 3);
     opts.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let outcome = train::train(&mut first, &model, &set, &opts).unwrap();
+    let outcome = files::train(&mut first, &model, &set, &opts).unwrap();
     assert!(outcome.interrupted && outcome.epochs.is_empty());
     let pos = checkpoint::load(&out.join("last.safetensors"), &model).unwrap().position.unwrap();
     assert_eq!((pos.epoch, pos.batch_in_epoch, pos.global_step), (0, 3, 3), "stopped after the first chunk");
 
     let mut resumed = gpu_backend(&model, 999);
     let opts = TrainOptions { resume: Some(out.join("last.safetensors")), ..chunked(out.clone(), 4) };
-    let resumed_run = train::train(&mut resumed, &model, &set, &opts).unwrap();
+    let resumed_run = files::train(&mut resumed, &model, &set, &opts).unwrap();
     assert!(!resumed_run.interrupted);
     assert!(
         resumed.state().block_on().unwrap() == straight.state().block_on().unwrap(),
@@ -301,7 +302,7 @@ fn gpu_divergence_stops_within_a_chunk() {
     let out = scratch("gpu-diverge");
     let mut backend = gpu_backend(&model, 1);
     let opts = TrainOptions { chunk_batches: Some(2), ..options(wild, out.clone()) };
-    let err = train::train(&mut backend, &model, &set, &opts).unwrap_err().to_string();
+    let err = files::train(&mut backend, &model, &set, &opts).unwrap_err().to_string();
     assert!(err.contains("diverged") && err.contains("no checkpoint"), "{err}");
     let step: usize = err.split("by step ").nth(1).and_then(|s| s.split(';').next()).unwrap().parse().unwrap();
     eprintln!("{err}");
@@ -435,7 +436,7 @@ fn a_lost_gpu_ends_the_run_with_its_message_and_keeps_the_checkpoint() {
         device.destroy();
     });
     let opts = TrainOptions { chunk_batches: Some(1), ..options(recipe, out.clone()) };
-    let result = train::train(&mut backend, &model, &set, &opts);
+    let result = files::train(&mut backend, &model, &set, &opts);
     saboteur.join().unwrap();
     let Err(err) = result else { panic!("the run went on without its GPU") };
     let err = format!("{err:#}");
@@ -449,7 +450,7 @@ fn a_lost_gpu_ends_the_run_with_its_message_and_keeps_the_checkpoint() {
 
     let mut fresh = gpu_backend(&model, 2);
     let opts = TrainOptions { resume: Some(last.clone()), ..options(recipe, out.clone()) };
-    let resumed = train::train(&mut fresh, &model, &set, &opts).unwrap();
+    let resumed = files::train(&mut fresh, &model, &set, &opts).unwrap();
     assert!(!resumed.interrupted && resumed.epochs.len() == 2, "the resumed run does epochs 2 and 3");
 }
 
@@ -465,7 +466,7 @@ fn a_dead_loader_thread_ends_the_run_with_its_error() {
     let mut backend = CpuBackend::new(&model, model.init_state(recipe.seed));
     let err = format!(
         "{:#}",
-        train::train(&mut backend, &model, &set, &options(recipe, scratch("dead-loader"))).unwrap_err()
+        files::train(&mut backend, &model, &set, &options(recipe, scratch("dead-loader"))).unwrap_err()
     );
     eprintln!("{err}");
     assert!(err.contains("loader thread") && err.contains("died") && err.contains("out of range"), "{err}");

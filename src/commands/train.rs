@@ -13,7 +13,8 @@ use mnist_wgpu::data::augment::{Augment, BatchAugment};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
 use mnist_wgpu::data::{self, IMAGE_PIXELS, IMAGE_SIDE};
 use mnist_wgpu::model::Model;
-use mnist_wgpu::train::{self, Recipe, TrainOptions};
+use mnist_wgpu::train::files::{self, TrainOptions};
+use mnist_wgpu::train::{self, Recipe};
 
 use super::report::write_report;
 use super::{checkpoint_model, first_images, load_data, make_backend, DeviceArgs, Interrupted};
@@ -118,7 +119,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     if let Some(resume) = &args.resume {
         // Everything resuming needs, checked before a folder is created or a device opened.
-        train::resume_point(resume, &model, &recipe)?;
+        files::resume_point(resume, &model, &recipe)?;
     }
     let out_dir = run_folder(&args)?;
     if let Some(n) = args.save_augmented {
@@ -197,7 +198,7 @@ fn run_folder(args: &TrainArgs) -> Result<PathBuf> {
     let out_dir = match (&args.out, &args.resume) {
         (Some(out), _) => out.clone(),
         (None, Some(resume)) => resume.parent().map(Path::to_path_buf).unwrap_or_default(),
-        (None, None) => train::timestamped_dir(Path::new("runs")),
+        (None, None) => files::timestamped_dir(Path::new("runs")),
     };
     if args.resume.is_none() && out_dir.join("last.safetensors").exists() {
         bail!(
@@ -241,7 +242,7 @@ impl TrainRun<'_> {
         pollster::block_on(backend.check_batch(recipe.batch_size))?;
         describe_run(self.name, model, backend.as_ref(), self.set, &opts.out_dir, recipe);
         record_run(&opts.out_dir, self.name, backend.as_ref(), recipe)?;
-        let outcome = train::train(backend.as_mut(), model, self.set, opts)?;
+        let outcome = files::train(backend.as_mut(), model, self.set, opts)?;
         Ok((outcome, backend))
     }
 

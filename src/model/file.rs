@@ -8,8 +8,9 @@
 use anyhow::{anyhow, bail, Result};
 use serde::Deserialize;
 
-use super::layer::{LayerSpec, Names};
-use super::{Layer, Model, Shape};
+use super::layer::{Layer, LayerSpec, Names};
+use super::shape::Shape;
+use super::{Model, TrainDefaults};
 
 /// The presets, by name: model files built into the program.
 pub const PRESETS: &[(&str, &str)] = &[
@@ -18,42 +19,6 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("small5k", include_str!("../../models/small5k.toml")),
     ("best20k", include_str!("../../models/best20k.toml")),
 ];
-
-/// A model file's `[train]` table: what `train` uses where no flag is given (unset: the recipe's).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainDefaults {
-    pub epochs: Option<usize>,
-    pub batch_size: Option<usize>,
-    pub max_lr: Option<f64>,
-    /// The per-image augmentation's strengths: the crop's shift (pixels), the brightness and contrast
-    /// jitter, the rotation (degrees) and the cutout probability.
-    pub translate: Option<usize>,
-    pub jitter: Option<f32>,
-    pub rotate: Option<f32>,
-    pub cutout: Option<f64>,
-    #[serde(default)]
-    pub swell: bool,
-    #[serde(default)]
-    pub darken: bool,
-    #[serde(default)]
-    pub squeeze: bool,
-}
-
-impl TrainDefaults {
-    /// What is wrong with these settings, if anything.
-    fn fault(&self) -> Option<&'static str> {
-        if self.epochs == Some(0) {
-            Some("`epochs` must be at least 1")
-        } else if self.batch_size == Some(0) {
-            Some("`batch_size` must be at least 1")
-        } else if self.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
-            Some("`max_lr` must be a positive number")
-        } else {
-            None
-        }
-    }
-}
 
 /// The network `--model` names (a model file or a preset; Net3 when None), for MNIST's images and
 /// classes.

@@ -8,7 +8,7 @@
 
 use serde::Deserialize;
 
-use super::{ParamKind, Shape};
+use super::shape::{ParamKind, Shape};
 
 /// One layer of the network. Parameterised layers name their PyTorch module.
 #[derive(Debug, Clone, PartialEq)]

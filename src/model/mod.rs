@@ -1,76 +1,21 @@
-//! Net3, described once as data: the layer list, every activation's shape, and the parameter table
-//! that carves one flat f32 buffer. Every backend executes this description. Knows nothing of wgpu.
+//! The network described once as data: the layer list (`layer.rs`, each layer type's model side),
+//! every activation's shape (`shape.rs`), and the parameter table that carves one flat f32 buffer;
+//! read from model files (`file.rs`) and lowered once into what the executors run (`plan.rs`). Every
+//! backend executes this description. Knows nothing of wgpu.
 
 pub mod file;
 pub mod layer;
 pub mod plan;
+pub mod shape;
 
-pub use layer::Layer;
+pub use self::layer::Layer;
+pub use self::shape::{ConvDims, ParamKind, Shape};
 
-use layer::ParamSpec;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
+use serde::Deserialize;
 
-/// The shape of one image's activation, channels x height x width.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Shape {
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-}
-
-impl Shape {
-    pub fn len(&self) -> usize {
-        self.c * self.h * self.w
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The geometry of one convolution over a batch: n images of cin x h x w, cout filters of k x k,
-/// stride 1, zero padding `pad`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvDims {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub pad: usize,
-}
-
-impl ConvDims {
-    pub fn ho(&self) -> usize {
-        self.h + 2 * self.pad + 1 - self.k
-    }
-    pub fn wo(&self) -> usize {
-        self.w + 2 * self.pad + 1 - self.k
-    }
-    /// Elements of one input image.
-    pub fn in_image(&self) -> usize {
-        self.cin * self.h * self.w
-    }
-    /// Elements of one output image.
-    pub fn out_image(&self) -> usize {
-        self.cout * self.ho() * self.wo()
-    }
-    pub fn weight_len(&self) -> usize {
-        self.cout * self.cin * self.k * self.k
-    }
-    pub fn col_rows(&self) -> usize {
-        self.cin * self.k * self.k
-    }
-    pub fn col_cols(&self) -> usize {
-        self.ho() * self.wo()
-    }
-    /// A 1x1 convolution without padding reads the image itself as its column matrix.
-    pub fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.pad == 0
-    }
-}
+use self::layer::ParamSpec;
 
 /// MNIST's images (one 28x28 channel) and classes, which every network of the program takes and gives.
 pub const MNIST_INPUT: Shape = Shape { c: 1, h: 28, w: 28 };
@@ -101,20 +46,40 @@ pub struct ParamEntry {
     pub kind: ParamKind,
 }
 
-/// What a parameter tensor is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ParamKind {
-    /// A convolution's or a linear layer's weight and bias (PyTorch draws both from +-1/sqrt(fan_in)).
-    ConvWeight {
-        fan_in: usize,
-    },
-    ConvBias {
-        fan_in: usize,
-    },
-    BatchNormWeight,
-    BatchNormBias,
-    RunningMean,
-    RunningVar,
+/// A model file's `[train]` table: what `train` uses where no flag is given (unset: the recipe's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainDefaults {
+    pub epochs: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub max_lr: Option<f64>,
+    /// The per-image augmentation's strengths: the crop's shift (pixels), the brightness and contrast
+    /// jitter, the rotation (degrees) and the cutout probability.
+    pub translate: Option<usize>,
+    pub jitter: Option<f32>,
+    pub rotate: Option<f32>,
+    pub cutout: Option<f64>,
+    #[serde(default)]
+    pub swell: bool,
+    #[serde(default)]
+    pub darken: bool,
+    #[serde(default)]
+    pub squeeze: bool,
+}
+
+impl TrainDefaults {
+    /// What is wrong with these settings, if anything.
+    pub(crate) fn fault(&self) -> Option<&'static str> {
+        if self.epochs == Some(0) {
+            Some("`epochs` must be at least 1")
+        } else if self.batch_size == Some(0) {
+            Some("`batch_size` must be at least 1")
+        } else if self.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
+            Some("`max_lr` must be a positive number")
+        } else {
+            None
+        }
+    }
 }
 
 /// A layer that does not fit the shape it receives: its index in the layer list and why.
@@ -163,7 +128,7 @@ pub struct Model {
     /// Length of the whole state buffer (trainable prefix + running statistics).
     pub num_state: usize,
     /// The training settings the model file recommends (its `[train]` table); flags override them.
-    pub train: file::TrainDefaults,
+    pub train: TrainDefaults,
 }
 
 impl Model {
@@ -277,7 +242,7 @@ impl Model {
             params,
             num_trainable,
             num_state: offset,
-            train: file::TrainDefaults::default(),
+            train: TrainDefaults::default(),
         })
     }
 

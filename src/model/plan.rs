@@ -10,7 +10,8 @@
 
 use std::ops::Range;
 
-use super::{Layer, Model};
+use super::layer::Layer;
+use super::Model;
 
 /// One op: the layers it computes, in order (the backward pass runs them in reverse).
 pub type Op = Range<usize>;

@@ -15,16 +15,13 @@ use std::sync::Arc;
 use anyhow::{bail, Result};
 use web_time::Instant;
 
+use self::schedule::OneCycle;
 use crate::backend::{Backend, StepParams, Sums, MAX_CHUNK_BATCHES};
 use crate::checkpoint::Position;
 use crate::data::augment::{Augment, BatchAugment};
 use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, Batch, LoaderConfig};
 use crate::data::{Mnist, Split};
 use crate::model::Model;
-use schedule::OneCycle;
-
-#[cfg(feature = "app")]
-pub use files::{resume_point, timestamped_dir, train, TrainOptions};
 
 /// The recipe's hyper-parameters; the defaults are the spec's.
 #[derive(Debug, Clone, Copy, PartialEq)]
