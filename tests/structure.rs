@@ -158,7 +158,7 @@ fn circle(g: &BTreeMap<Module, BTreeSet<Module>>, start: &Module) -> Option<Vec<
 #[test]
 fn no_file_of_the_library_imports_a_file_that_imports_it() {
     let g = graph();
-    assert!(g.len() > 60, "read only {} files of src/", g.len());
+    assert!(g.len() > 40, "read only {} files of src/", g.len());
     let circles: Vec<String> =
         g.keys().filter_map(|m| circle(&g, m)).map(|c| c.iter().map(name).collect::<Vec<_>>().join(" -> ")).collect();
     assert!(circles.is_empty(), "import circles:\n{}", circles.join("\n"));

@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 
-use super::products::{backward_image, forward_image, Products};
+use super::products::{self, Products};
 use super::store::{input_image, read_write, Lens, View};
 use crate::cpu::executor::DropoutMode;
 use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sum, BnDims, BnSaved};
@@ -76,7 +76,7 @@ impl Ctx<'_> {
             Layer::Conv { .. } | Layer::Linear { .. } => {
                 let (d, w) = model.conv(i, 1).expect("a convolution layer");
                 with_columns(&d, |col| {
-                    forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products)
+                    products::forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products)
                 });
                 if let Some(b) = model.conv_bias(i) {
                     bias_forward_image(&d, &self.state[b..b + d.cout], y);
@@ -209,7 +209,7 @@ impl Ctx<'_> {
                 // The input image needs no gradient.
                 let dx = (i > 0).then_some(&mut *dx);
                 let g = ImageGrads { x, weight, dy, dx, dw: v.partials[i], beta };
-                with_columns(&d, |col| backward_image(&d, g, col, self.products));
+                with_columns(&d, |col| products::backward_image(&d, g, col, self.products));
                 if model.conv_bias(i).is_some() {
                     let sums = &mut v.image_sums[i][j * d.cout..][..d.cout];
                     bias_image_sums(&d, dy, sums);
