@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# same-bits.sh BEFORE_BIN AFTER_BIN [OUT]: the proof a refactor owes that it changes no result. Runs
+# both builds of mnist-wgpu the same way, then compares what they wrote:
+#   - a short training run on the CPU backend and on lavapipe's Vulkan (2,000 images, 2 epochs,
+#     seed 1): every tensor of last.safetensors, best.safetensors and last.optim.safetensors must be
+#     byte-identical (the files themselves may differ: their metadata is written in no fixed order);
+#   - `verify --batch-size 16`: the same rows, with the same errors, in the same order.
+# Exits 1 on any difference, naming it. Build BEFORE_BIN from the old revision in a worktree, e.g.
+#   git worktree add /tmp/before REV && (cd /tmp/before && cargo build --release)
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 BEFORE_BIN AFTER_BIN [OUT]" >&2
+  exit 2
+fi
+before=$(realpath "$1")
+after=$(realpath "$2")
+out="${3:-$(mktemp -d -t same-bits.XXXXXX)}"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+for side in before after; do
+  bin=${!side}
+  dir="$out/$side"
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  echo "$side: $bin"
+  "$bin" train --backend cpu --train-images 2000 --test-images 500 --epochs 2 --seed 1 --out "$dir/cpu" >"$dir/cpu.log" 2>&1
+  "$bin" train --backend gpu --adapter llvmpipe:vulkan --train-images 2000 --test-images 500 --epochs 2 --seed 1 \
+    --out "$dir/gpu" >"$dir/gpu.log" 2>&1
+  "$bin" verify --batch-size 16 --adapter llvmpipe:vulkan --json >"$dir/verify.json" 2>"$dir/verify.err"
+done
+python3 - "$out/before" "$out/after" <<'PY'
+import json, struct, sys
+
+def tensors(path):
+    data = open(path, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    header, body = json.loads(data[8 : 8 + n]), data[8 + n :]
+    return {k: body[v["data_offsets"][0] : v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
+
+before, after = sys.argv[1:3]
+same = True
+for backend in ["cpu", "gpu"]:
+    for name in ["last.safetensors", "best.safetensors", "last.optim.safetensors"]:
+        a, b = tensors(f"{before}/{backend}/{name}"), tensors(f"{after}/{backend}/{name}")
+        differ = sorted(set(a) ^ set(b)) + [k for k in a if k in b and a[k] != b[k]]
+        same &= not differ
+        print(f"{backend} {name}: {len(a)} tensors, " + ("byte-identical" if not differ else "DIFFER: " + ", ".join(differ)))
+rows = [json.load(open(f"{side}/verify.json"))["checks"] for side in (before, after)]
+differ = [i for i, (x, y) in enumerate(zip(*rows)) if x != y]
+same &= not differ and len(rows[0]) == len(rows[1])
+print(f"verify --batch-size 16: {len(rows[0])} rows before, {len(rows[1])} after, {len(differ)} differ")
+for i in differ[:5]:
+    print("  before:", rows[0][i], "\n  after: ", rows[1][i])
+sys.exit(0 if same else 1)
+PY
+echo "outputs in $out"
