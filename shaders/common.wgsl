@@ -76,7 +76,7 @@ fn dropout_hash(seed: u32, step: u32, layer: u32, index: u32) -> u32 {
 
 // ReLU that keeps a NaN, as PyTorch's does (a max with 0 may turn it into 0 and hide a diverging run
 // from its loss). The test is on the bits: WGSL lets a compiler assume that no float is NaN.
-// Used by batchnorm.wgsl and conv.wgsl; src/cpu/relu.rs does the same.
+// Used by batchnorm.wgsl, conv.wgsl and relu.wgsl; src/cpu/reference/relu.rs does the same.
 fn relu(v: f32) -> f32 {
     let nan = (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u;
     return select(max(v, 0.0), v, nan);

@@ -65,6 +65,23 @@ fn a_network_with_average_pooling_matches_at_its_shapes() {
     }
 }
 
+/// The fast recipe's network (tests/fixtures/fast_recipe_net.toml): no batchnorm, so its ReLUs (after
+/// max poolings and a linear layer) run on their own; every layer has rows at its shapes.
+#[test]
+fn a_network_without_batchnorm_matches_at_its_shapes() {
+    let Some((ctx, k)) = gpu() else { return };
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fast_recipe_net.toml");
+    let model = mnist_wgpu::model::file::for_mnist(Some(path)).unwrap();
+    let checks = kernel_checks(ctx, k, &model, N).block_on().unwrap();
+    assert_all_pass(&checks);
+    for i in 0..model.layers.len() {
+        let layer = model.layer_name(i);
+        assert!(checks.iter().any(|c| c.layer == layer), "no check covers layer {layer}");
+    }
+    let relu_rows = checks.iter().filter(|c| c.kernel.starts_with("relu.") && c.layer != "odd shape").count();
+    assert_eq!(relu_rows, 3 * 3, "three rows for each of the three ReLUs");
+}
+
 /// One step without dropout and three with it, on the GPU backend against the CPU backend: every
 /// parameter, momentum and running statistic, and the losses.
 #[test]

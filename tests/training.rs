@@ -315,8 +315,8 @@ fn scratch_path(name: &str) -> PathBuf {
 
 /// Networks from model files whose layers do not line up for the GPU's fusions (a dropout after a
 /// batchnorm without ReLU, a max pooling before a global average pooling or a linear layer, a
-/// convolution without padding after a pooling), and with convolution bias and a linear layer, train
-/// with the training loop on both backends alike; a checkpoint holds its model file, from which the
+/// convolution without padding after a pooling, ReLUs with no batchnorm before them), and with
+/// convolution bias and linear layers, train with the training loop on both backends alike; a checkpoint holds its model file, from which the
 /// same network is rebuilt.
 #[test]
 fn model_file_networks_train_alike_on_both_backends() {
@@ -347,14 +347,12 @@ fn model_file_networks_train_alike_on_both_backends() {
     (0..10).for_each(|_| deep += &block(4));
     deep += &(block(10) + "[[layer]]\ntype = \"gap\"\n");
     trains_alike(&deep, 36 + 8 + 10 * (144 + 8) + 360 + 20, "file-deep");
-    // A ReLU the GPU kernels cannot run (not after a batchnorm) is refused up front, naming the layer.
+    // No batchnorm at all: a ReLU after a bare convolution (in place), then the global average pooling.
     let bare_relu = "[[layer]]\ntype = \"conv\"\nout = 10\nkernel = 3\n\n[[layer]]\ntype = \"relu\"\n\n\
                      [[layer]]\ntype = \"gap\"\n";
-    let input = mnist_wgpu::model::Shape { c: 1, h: 28, w: 28 };
-    let model = mnist_wgpu::model::file::parse(bare_relu, "test model", input, 10).unwrap();
-    let ctx = mnist_wgpu::gpu::GpuContext::new(common::adapter_choice().as_deref()).unwrap();
-    let err = GpuBackend::new(ctx, &model, &model.init_state(1)).err().expect("refused").to_string();
-    assert!(err.contains("layer 2 (relu#1)") && err.contains("--backend cpu"), "{err}");
+    trains_alike(bare_relu, 90, "file-bare-relu");
+    // The fast recipe's network: ReLUs after max poolings and after a linear layer, biases, no batchnorm.
+    trains_alike(include_str!("fixtures/fast_recipe_net.toml"), 215_194, "file-fast-recipe");
 }
 
 fn trains_alike(text: &str, params: usize, name: &str) {

@@ -49,7 +49,6 @@ pub struct GpuBackend {
 
 impl GpuBackend {
     pub fn new(ctx: GpuContext, model: &Model, state: &[f32]) -> Result<GpuBackend> {
-        crate::gpu::net::check_runs_on_gpu(model)?;
         let kernels = Kernels::new(&ctx)?;
         let shared = SharedBuffers::new(&ctx, model, state);
         // A pipeline or buffer the device refused (out of memory, say) is reported here, by name.

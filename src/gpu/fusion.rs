@@ -80,6 +80,13 @@ pub enum Launch {
     PoolBackward {
         layer: usize,
     },
+    /// A ReLU on its own (one that no batchnorm before it absorbs): in place in training.
+    Relu {
+        layer: usize,
+    },
+    ReluBackward {
+        layer: usize,
+    },
 }
 
 /// The GPU's launch lists for a model at batch size `n`.
@@ -168,8 +175,9 @@ impl Fusion {
         match model.layers[layer] {
             Layer::BatchNorm { .. } => Launch::BatchNormTrain { layer },
             Layer::Dropout { .. } => Launch::Dropout { layer },
+            Layer::Relu => Launch::Relu { layer },
             ref pooling if pooling.is_pooling() => Launch::Pool { layer },
-            ref other => unreachable!("{other:?} alone (check_runs_on_gpu refuses it)"),
+            ref other => unreachable!("{other:?} alone in the forward pass"),
         }
     }
 
@@ -186,6 +194,7 @@ impl Fusion {
         }
         match model.layers[layer] {
             Layer::BatchNorm { .. } => Launch::BatchNormEval { layer },
+            Layer::Relu => Launch::Relu { layer },
             ref pooling if pooling.is_pooling() => Launch::Pool { layer },
             ref other => unreachable!("{other:?} alone in evaluation"),
         }
@@ -206,8 +215,9 @@ impl Fusion {
             }
             Layer::BatchNorm { .. } => Launch::BatchNormBackward { layer },
             Layer::Dropout { .. } => Launch::Dropout { layer },
+            Layer::Relu => Launch::ReluBackward { layer },
             ref pooling if pooling.is_pooling() => Launch::PoolBackward { layer },
-            ref other => unreachable!("{other:?} alone (check_runs_on_gpu refuses it)"),
+            ref other => unreachable!("{other:?} alone in the backward pass"),
         }
     }
 

@@ -16,6 +16,7 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
     ("pool", include_str!("../../shaders/pool.wgsl")),
     ("dropout", include_str!("../../shaders/dropout.wgsl")),
+    ("relu", include_str!("../../shaders/relu.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
 ];

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod loss;
 pub mod net;
 pub mod pool;
+pub mod relu;
 pub mod sgd;
 pub mod stream;
 pub mod uniform;

@@ -14,8 +14,8 @@ use super::fusion::{sliced_grads, DxFusion, ForwardFusion, Fusion, Launch};
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
+use super::relu::Relu;
 use super::sgd::{Sgd, SgdBuffers, StepUniform};
-use crate::model::plan::Plan;
 use crate::model::{Layer, Model};
 
 /// Every shader's kernels, compiled once per device.
@@ -24,6 +24,7 @@ pub struct Kernels {
     pub batchnorm: BatchNorm,
     pub pool: Pool,
     pub dropout: Dropout,
+    pub relu: Relu,
     pub loss: Loss,
     pub sgd: Sgd,
 }
@@ -35,6 +36,7 @@ impl Kernels {
             batchnorm: BatchNorm::new(ctx)?,
             pool: Pool::new(ctx)?,
             dropout: Dropout::new(ctx)?,
+            relu: Relu::new(ctx)?,
             loss: Loss::new(ctx)?,
             sgd: Sgd::new(ctx)?,
         })
@@ -184,11 +186,6 @@ pub fn check_batch_fits(ctx: &GpuContext, model: &Model, n: usize) -> Result<usi
     Ok(largest)
 }
 
-/// Refuses, naming the layer, a network the GPU kernels cannot run (before anything is allocated).
-pub fn check_runs_on_gpu(model: &Model) -> Result<()> {
-    Plan::new(model).check_gpu(model).map_err(anyhow::Error::msg)
-}
-
 /// Names launches after the layer they belong to, e.g. `conv.forward conv2`.
 fn tag(launches: &mut [Dispatch], layer: &str) {
     for d in launches {
@@ -315,6 +312,10 @@ impl Recorder<'_> {
                 Launch::Pool { layer } => {
                     launches.push(k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y))
                 }
+                Launch::Relu { layer } => {
+                    let x = (!self.f.plan.in_place(layer)).then_some(x);
+                    launches.push(k.relu.forward(ctx, n * s.len(), x, y))
+                }
                 other => unreachable!("{other:?} in the forward pass"),
             }
             tag(&mut launches[mark..], &self.f.op_name(self.model, op));
@@ -336,6 +337,11 @@ impl Recorder<'_> {
                     k.batchnorm.forward_eval(ctx, &l, &self.bn_buffers(layer, x, y))
                 }
                 Launch::Pool { layer } => k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y),
+                Launch::Relu { layer } => {
+                    let eval = &self.f.plan.eval_buffer;
+                    let in_place = layer > 0 && eval[layer - 1] == eval[layer];
+                    k.relu.forward(ctx, n * s.len(), (!in_place).then_some(x), y)
+                }
                 other => unreachable!("{other:?} in the evaluation pass"),
             };
             tag(std::slice::from_mut(&mut d), &self.f.op_name(self.model, op));
@@ -419,6 +425,7 @@ impl Recorder<'_> {
                     let layer = &self.model.layers[layer];
                     launches.push(k.pool.backward(ctx, layer, n * s.c, s, x, cur, other))
                 }
+                Launch::ReluBackward { .. } => launches.push(k.relu.backward(ctx, n * s.len(), y, cur, other)),
                 other => unreachable!("{other:?} in the backward pass"),
             }
             tag(&mut launches[mark..], &self.model.layer_name(i));
@@ -444,7 +451,6 @@ impl GpuNet {
         batch: usize,
         shared: SharedBuffers,
     ) -> Result<GpuNet> {
-        check_runs_on_gpu(model)?;
         let largest = check_batch_fits(ctx, model, batch)?;
         let f = Fusion::new(model, batch);
         let b = Activations::new(ctx, model, &f, largest);

@@ -117,22 +117,6 @@ impl Plan {
         Plan { forward, eval, backward, pool_in_loss, buffer, buffers, eval_buffer, norm, pooled_input, passes }
     }
 
-    /// The layer that a backend without a kernel for it cannot run, and why: the GPU runs a ReLU only
-    /// inside a batchnorm's kernels.
-    pub fn check_gpu(&self, model: &Model) -> Result<(), String> {
-        for op in &self.forward {
-            if op.len() == 1 && matches!(model.layers[op.start], Layer::Relu) {
-                return Err(format!(
-                    "layer {} ({}): the GPU backend runs a ReLU only right after a batchnorm (inside its kernels); \
-                     put a batchnorm before it, or use --backend cpu",
-                    op.start + 1,
-                    model.layer_name(op.start)
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// The plan in a few lines: each pass's ops, each as its layers joined by `+`.
     pub fn describe(&self, model: &Model) -> String {
         let ops = |ops: &[Op]| -> String {
@@ -307,7 +291,6 @@ mod tests {
         // bn2's ReLU and dropout write its buffer; the pooling has one of its own.
         assert_eq!((p.buffer[4], p.buffer[5], p.buffer[6], p.buffer[7]), (3, 3, 3, 4));
         assert!(p.in_place(5) && p.in_place(6) && !p.in_place(7));
-        assert_eq!(p.check_gpu(&m), Ok(()));
         let text = p.describe(&m);
         assert!(text.contains("(26 ops per training step") && text.contains("7 per evaluation batch"), "{text}");
         assert!(text.contains("| bn2+relu#5+dropout#6 | maxpool#7+conv3 |"), "{text}");
@@ -330,7 +313,7 @@ mod tests {
     }
 
     #[test]
-    fn what_does_not_fuse_runs_alone_and_the_gpu_refuses_a_lone_relu() {
+    fn what_does_not_fuse_runs_alone() {
         let mnist = Shape { c: 1, h: 28, w: 28 };
         let text = "[[layer]]\ntype = \"dropout\"\np = 0.1\n[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n\
                     [[layer]]\ntype = \"relu\"\n[[layer]]\ntype = \"maxpool\"\n[[layer]]\ntype = \"linear\"\nout = 10\n";
@@ -342,7 +325,5 @@ mod tests {
         // The leading dropout is skipped in evaluation: the convolution reads the batch itself.
         assert_eq!(p.eval_buffer[0], None);
         assert!(p.in_place(2) && !p.in_place(0) && !p.pooled_input[4]);
-        let e = p.check_gpu(&m).unwrap_err();
-        assert!(e.contains("layer 3 (relu") && e.contains("--backend cpu"), "{e}");
     }
 }

@@ -24,6 +24,7 @@ mod conv;
 mod dropout;
 mod loss;
 mod pool;
+mod relu;
 mod sgd;
 mod step;
 
@@ -96,6 +97,9 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
         Layer::Dropout { p } if launched(Launch::Dropout { layer: i }) => {
             dropout::dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed).await
         }
+        Layer::Relu if launched(Launch::Relu { layer: i }) => {
+            relu::relu_checks(ctx, k, &name, n * s.len(), &nchw(n, s.c, s.h, s.w), seed).await
+        }
         // The global average pooling is checked at the layer's shape even where the loss and a
         // batchnorm absorb it: no odd shape covers its standalone kernels.
         ref layer
@@ -151,12 +155,13 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
     let odd_conv = ConvDims { n: 3, cin: 5, h: 5, w: 7, cout: 6, k: 3, pad: 1 };
     checks.extend(conv::conv_sums_checks(ctx, k, "odd shape", &odd_conv, fused, 19).await?);
     checks.extend(conv::conv_sums_checks(ctx, k, "odd shape", &ConvDims { h: 9, ..odd_conv }, relu, 20).await?);
-    // The standalone kernels of layers that fuse in Net3, as a network that cannot fuse them runs
-    // them, and of the average pooling, which Net3 has not.
+    // The standalone kernels of layers that fuse in Net3 (max pooling, dropout, ReLU), as a network
+    // that cannot fuse them runs them, and of the average pooling, which Net3 has not.
     let odd_planes = Shape { c: 5, h: 6, w: 10 };
     checks.extend(pool::window_checks(ctx, k, &Layer::MaxPool2, "odd shape", (3, odd_planes), 16, true).await?);
     checks.extend(pool::checks(ctx, k, &Layer::AvgPool2, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 22).await?);
     let shape = nchw(3, 5, 6, 10);
     checks.extend(dropout::dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &shape, 17).await?);
+    checks.extend(relu::relu_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, &shape, 23).await?);
     Ok(checks)
 }
