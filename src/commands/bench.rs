@@ -30,7 +30,7 @@ use super::{make_backend, BackendChoice, DeviceArgs};
 
 #[derive(Args)]
 pub struct BenchArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// Training steps (or evaluation batches) per timed repeat.

@@ -21,7 +21,7 @@ use super::{checkpoint_model, first_images, load_data, make_backend, DeviceArgs,
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k). With
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3). With
     /// --resume, the checkpoint's own network is used, and a different --model is refused.
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
@@ -167,24 +167,24 @@ fn check_train_flags(args: &TrainArgs) -> Result<()> {
 
 /// The recipe a run follows: a flag, else the model file's [train] table, else the spec's.
 fn train_recipe(args: &TrainArgs, model: &Model) -> Result<Recipe> {
-    let (spec, file) = (Recipe::default(), model.train);
+    let base = Recipe::for_model(model);
     let recipe = Recipe {
-        epochs: args.epochs.or(file.epochs).unwrap_or(spec.epochs),
-        batch_size: args.batch_size.or(file.batch_size).unwrap_or(spec.batch_size),
-        max_lr: args.max_lr.or(file.max_lr).unwrap_or(spec.max_lr),
+        epochs: args.epochs.unwrap_or(base.epochs),
+        batch_size: args.batch_size.unwrap_or(base.batch_size),
+        max_lr: args.max_lr.unwrap_or(base.max_lr),
         seed: args.seed,
         augment: Augment {
-            translate: args.translate.or(file.translate).unwrap_or(spec.augment.translate),
-            jitter: args.jitter.or(file.jitter).unwrap_or(spec.augment.jitter),
-            rotate: args.rotate.or(file.rotate).unwrap_or(spec.augment.rotate),
-            cutout: args.cutout.or(file.cutout).unwrap_or(spec.augment.cutout),
+            translate: args.translate.unwrap_or(base.augment.translate),
+            jitter: args.jitter.unwrap_or(base.augment.jitter),
+            rotate: args.rotate.unwrap_or(base.augment.rotate),
+            cutout: args.cutout.unwrap_or(base.augment.cutout),
         },
         batch_augment: BatchAugment {
-            swell: args.swell || file.swell,
-            darken: args.darken || file.darken,
-            squeeze: args.squeeze || file.squeeze,
+            swell: args.swell || base.batch_augment.swell,
+            darken: args.darken || base.batch_augment.darken,
+            squeeze: args.squeeze || base.batch_augment.squeeze,
         },
-        ..spec
+        ..base
     };
     if let Some(fault) = recipe.augment.fault() {
         bail!("augmentation (--translate, --jitter, --rotate, --cutout or the model file's [train]): {fault}");

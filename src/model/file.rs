@@ -12,12 +12,14 @@ use super::layer::{Layer, LayerSpec, Names};
 use super::shape::Shape;
 use super::{Model, TrainDefaults};
 
-/// The presets, by name: model files built into the program.
+/// The presets, by name: every model file of `models/`, built into the program.
 pub const PRESETS: &[(&str, &str)] = &[
     ("net3", include_str!("../../models/net3.toml")),
     ("small8k", include_str!("../../models/small8k.toml")),
     ("small5k", include_str!("../../models/small5k.toml")),
     ("best20k", include_str!("../../models/best20k.toml")),
+    ("net3-avgpool2", include_str!("../../models/net3-avgpool2.toml")),
+    ("mlp3", include_str!("../../models/mlp3.toml")),
 ];
 
 /// The network `--model` names (a model file or a preset; Net3 when None), for MNIST's images and
@@ -177,6 +179,26 @@ mod tests {
             assert_eq!(m.train.epochs, epochs, "{name}");
             let again = parse(&m.to_toml(), "written", MNIST, 10).unwrap();
             assert_eq!((again.layers, again.train), (m.layers, m.train), "{name}");
+        }
+    }
+
+    #[test]
+    fn every_shipped_model_file_is_a_preset() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+        let mut shipped: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
+        shipped.sort();
+        let mut presets: Vec<String> = PRESETS.iter().map(|(name, _)| name.to_string()).collect();
+        presets.sort();
+        assert_eq!(shipped, presets);
+        for (name, text) in PRESETS {
+            let file = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+            assert_eq!(&file, text, "{name}");
+            parse(text, name, MNIST, 10).unwrap();
         }
     }
 

@@ -51,6 +51,25 @@ impl Default for Recipe {
 }
 
 impl Recipe {
+    /// The recipe a network is meant for: the spec's, with its model file's `[train]` values where
+    /// the table has them (the command line's flags and the page's fields override these in turn).
+    pub fn for_model(model: &Model) -> Recipe {
+        let (spec, file) = (Recipe::default(), model.train);
+        Recipe {
+            epochs: file.epochs.unwrap_or(spec.epochs),
+            batch_size: file.batch_size.unwrap_or(spec.batch_size),
+            max_lr: file.max_lr.unwrap_or(spec.max_lr),
+            augment: Augment {
+                translate: file.translate.unwrap_or(spec.augment.translate),
+                jitter: file.jitter.unwrap_or(spec.augment.jitter),
+                rotate: file.rotate.unwrap_or(spec.augment.rotate),
+                cutout: file.cutout.unwrap_or(spec.augment.cutout),
+            },
+            batch_augment: BatchAugment { swell: file.swell, darken: file.darken, squeeze: file.squeeze },
+            ..spec
+        }
+    }
+
     pub fn to_json(&self) -> String {
         let mut json = serde_json::json!({
             "epochs": self.epochs,

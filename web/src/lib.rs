@@ -251,9 +251,13 @@ struct TrainParams {
     epochs: usize,
     batch: usize,
     seed: u64,
+    /// A preset: any model file of `models/` by its name (Net3 when absent).
+    #[serde(default)]
+    model: Option<String>,
 }
 
-/// Trains Net3 on the GPU with the recipe as `params` (TrainParams as JSON) say; `report` gets each
+/// Trains a preset network (Net3 by default) on the GPU with the recipe as `params` (TrainParams as
+/// JSON) and the network's model file say; `report` gets each
 /// progress and epoch message. The trained network becomes the page's.
 #[wasm_bindgen]
 pub async fn train(params: String, report: js_sys::Function) -> Result<JsValue, JsValue> {
@@ -262,13 +266,16 @@ pub async fn train(params: String, report: js_sys::Function) -> Result<JsValue, 
 }
 
 async fn run_train(p: TrainParams, report: js_sys::Function) -> Result<serde_json::Value> {
-    let TrainParams { images, test_images, epochs, batch, seed } = p;
+    let TrainParams { images, test_images, epochs, batch, seed, model } = p;
     let set = subset(images, test_images)?;
     if epochs == 0 || batch == 0 || batch > set.train.len() {
         bail!("epochs must be at least 1 and the batch size from 1 to the {} training images", set.train.len());
     }
-    let model = mnist_wgpu::model::file::for_mnist(None)?;
-    let recipe = Recipe { epochs, batch_size: batch, seed, ..Recipe::default() };
+    let name = model.unwrap_or_else(|| "net3".into());
+    let model = mnist_wgpu::model::file::for_mnist(Some(&name))?;
+    // The model file's [train] table (augmentation, max lr) as native `train` reads it; the page's
+    // fields say the rest.
+    let recipe = Recipe { epochs, batch_size: batch, seed, ..Recipe::for_model(&model) };
     let mut backend = GpuBackend::new(ctx()?, &model, &model.init_state(seed))?;
     backend.check_batch(batch).await?;
     let opts = RunOptions { recipe, start: (0, 0, 0), best_accuracy: None, chunk_batches: None, loader_threads: 0 };
@@ -278,7 +285,7 @@ async fn run_train(p: TrainParams, report: js_sys::Function) -> Result<serde_jso
     let Some((state, position)) = sink.last else { bail!("the run kept no network") };
     let steps = position.global_step;
     let done = outcome.epochs.len();
-    let origin = format!("trained here: {done} epoch(s) on {} images, seed {seed}", set.train.len());
+    let origin = format!("trained here: {name}, {done} epoch(s) on {} images, seed {seed}", set.train.len());
     PAGE.with(|p| p.borrow_mut().set_network(Network { model, state, position: Some(position), origin }));
     let last = outcome.epochs.last();
     let seconds: f64 = outcome.epochs.iter().map(|e| (set.train.len() as f64) / e.train_images_per_sec).sum();
@@ -293,6 +300,12 @@ async fn run_train(p: TrainParams, report: js_sys::Function) -> Result<serde_jso
         "records": outcome.epochs.iter().map(|e| serde_json::from_str::<serde_json::Value>(&e.to_json()).ok())
             .collect::<Vec<_>>(),
     }))
+}
+
+/// The networks Train offers: every model file of `models/`, by name, Net3's first.
+#[wasm_bindgen]
+pub fn models() -> String {
+    json!(mnist_wgpu::model::file::PRESETS.iter().map(|(name, _)| name).collect::<Vec<_>>()).to_string()
 }
 
 /// Stops the training run under way after its chunk of steps.

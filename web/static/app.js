@@ -132,7 +132,7 @@ async function train(p) {
   curves.loss = []; curves.accuracy = []; curves.test = [];
   $('epochs').tBodies[0].replaceChildren();
   redrawCharts();
-  $('train-status').textContent = `Training on ${p.images} images, ${p.epochs} epochs, batch ${p.batch}…`;
+  $('train-status').textContent = `Training ${p.model} on ${p.images} images, ${p.epochs} epochs, batch ${p.batch}…`;
   onReport = (m) => {
     if (m.type === 'progress' || m.type === 'epoch_started') {
       const at = m.epoch - 1 + m.done / m.batches;
@@ -307,7 +307,7 @@ $('train-form').onsubmit = guarded(async (e) => {
   e.preventDefault();
   const f = e.target;
   await train({ epochs: +f.epochs.value, batch: +f.batch.value, images: +f.images.value,
-    test_images: +f.test_images.value, seed: +f.seed.value });
+    test_images: +f.test_images.value, seed: +f.seed.value, model: f.model.value });
 });
 
 // ---- Without clicks: ?run=verify|steps|train|eval|predict ----
@@ -331,7 +331,7 @@ async function runFromUrl(q, adapter) {
     }
     case 'train': {
       const p = { images: num('images', 2000), epochs: num('epochs', 3), batch: num('batch', 50), seed: num('seed', 1),
-        test_images: num('test_images', 1000) };
+        test_images: num('test_images', 1000), model: q.get('model') || 'net3' };
       for (const [k, v] of Object.entries(p)) $('train-form')[k].value = v;
       const r = await train(p);
       const checkpoint = toBase64(await call('download'));
@@ -365,6 +365,8 @@ async function main() {
     $('adapter').textContent = `WebGPU adapter: ${[s.adapter.vendor, s.adapter.architecture, s.adapter.description]
       .filter(Boolean).join(', ') || 'unnamed'} · ${s.counts.train} training and ${s.counts.test} test images loaded`;
     showNetwork(s.network);
+    const select = $('train-form').model;
+    for (const name of s.models) select.add(new Option(name, name));
     setBusy(false);
     if (!q.has('run')) return;
     window.mnistResult = await runFromUrl(q, adapter);

@@ -34,7 +34,7 @@ async function start() {
   const counts = JSON.parse(wasm.set_data(...bytes));
   const shipped = JSON.parse(wasm.load_checkpoint(await fetchBytes('net3.safetensors'), 'net3.safetensors',
     'the documented run (docs/recipe.md), shipped with the page'));
-  return { adapter, counts, network: shipped };
+  return { adapter, counts, network: shipped, models: JSON.parse(wasm.models()) };
 }
 
 const report = (message) => postMessage({ type: 'report', message: JSON.parse(message) });

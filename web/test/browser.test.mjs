@@ -134,7 +134,7 @@ const cases = {
     assert(title === 'done', `the page failed: ${shown}`);
     const out = mkdtempSync(join(tmpdir(), 'mnist-web-native-'));
     native('train', '--backend', 'cpu', '--epochs', p.epochs, '--batch-size', p.batch, '--seed', p.seed,
-      '--train-images', p.images, '--test-images', p.test_images, '--out', out);
+      '--train-images', p.images, '--test-images', p.test_images, '--out', out, ...(p.model ? ['--model', p.model] : []));
     const records = readFileSync(join(out, 'metrics.jsonl'), 'utf8').trim().split('\n').map((l) => JSON.parse(l));
     const nativeAccuracy = records.at(-1).test_accuracy;
     const steps = epochs * Math.ceil(images / batch);
