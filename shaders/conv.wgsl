@@ -24,6 +24,8 @@
 //                     partials (below).
 //   forward_bn_eval   forward (one split) through the evaluation-mode batchnorm that follows (running
 //                     statistics at d.*_off), and its ReLU when d.bn_relu == 1: that launch is skipped.
+//   forward_relu      forward (one split) through the ReLU that follows (one no batchnorm absorbs):
+//                     that launch is skipped.
 //   backward          both gradients in one launch, as they depend on dy alone:
 //                     first d.weight_groups workgroups: dw[co, r] = sum over positions p of
 //                     dy[co, p] * x-patch[r, p], one per tile of TC output channels x TP of the
@@ -289,9 +291,15 @@ fn tile_product(lid: u32, at: TileAt, backward: bool) -> Block {
     return acc;
 }
 
-// Writes invocation `lid`'s block of a tile into `out` (forward's y part, or dx); with `bn_eval`,
-// through the evaluation-mode batchnorm (and ReLU) that follows.
-fn write_tile(lid: u32, at: TileAt, acc: Block, backward: bool, bn_eval: bool) {
+// What write_tile applies to each value before it stores it.
+const EPILOGUE_NONE: u32 = 0u;
+const EPILOGUE_BN_EVAL: u32 = 1u;
+const EPILOGUE_RELU: u32 = 2u;
+
+// Writes invocation `lid`'s block of a tile into `out` (forward's y part, or dx); with
+// EPILOGUE_BN_EVAL, through the evaluation-mode batchnorm (and ReLU) that follows; with EPILOGUE_RELU,
+// through the ReLU that follows.
+fn write_tile(lid: u32, at: TileAt, acc: Block, backward: bool, epilogue: u32) {
     let out_c = select(d.cout, d.cin, backward);
     let plane = select(d.ho * d.wo, d.h * d.w, backward);
     let positions = d.n * plane;
@@ -306,8 +314,10 @@ fn write_tile(lid: u32, at: TileAt, acc: Block, backward: bool, bn_eval: bool) {
             let c = at.c0 + block_channel(lid, t);
             if (c < out_c) {
                 var v = row[t];
-                if (bn_eval) {
+                if (epilogue == EPILOGUE_BN_EVAL) {
                     v = batchnorm_eval(c, v);
+                } else if (epilogue == EPILOGUE_RELU) {
+                    v = relu(v);
                 }
                 out[part + ((p / plane) * out_c + c) * plane + p % plane] = v;
             }
@@ -445,14 +455,13 @@ fn batchnorm_eval(c: u32, v: f32) -> f32 {
     return y;
 }
 
-// Tile `group` of forward (backward == false) or of dx, written as it is or, with `bn_eval`, through the
-// evaluation-mode batchnorm after this layer.
-fn plain_tile(lid: u32, group: u32, backward: bool, bn_eval: bool) {
+// Tile `group` of forward (backward == false) or of dx, written through `epilogue` (write_tile's).
+fn plain_tile(lid: u32, group: u32, backward: bool, epilogue: u32) {
     let at = tile_at(group, backward);
     if (!at.live) {
         return;
     }
-    write_tile(lid, at, tile_product(lid, at, backward), backward, bn_eval);
+    write_tile(lid, at, tile_product(lid, at, backward), backward, epilogue);
 }
 
 @compute @workgroup_size(TW)
@@ -461,7 +470,7 @@ fn forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    plain_tile(lid, flat_group(wid, nwg), false, false);
+    plain_tile(lid, flat_group(wid, nwg), false, EPILOGUE_NONE);
 }
 
 @compute @workgroup_size(TW)
@@ -475,7 +484,7 @@ fn forward_bn_stats(
         return;
     }
     let acc = tile_product(lid, at, false);
-    write_tile(lid, at, acc, false, false);
+    write_tile(lid, at, acc, false, EPILOGUE_NONE);
     forward_partials(lid, acc, at.index, at.p0, at.c0);
 }
 
@@ -485,7 +494,16 @@ fn forward_bn_eval(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    plain_tile(lid, flat_group(wid, nwg), false, true);
+    plain_tile(lid, flat_group(wid, nwg), false, EPILOGUE_BN_EVAL);
+}
+
+@compute @workgroup_size(TW)
+fn forward_relu(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    plain_tile(lid, flat_group(wid, nwg), false, EPILOGUE_RELU);
 }
 
 // group is uniform across the workgroup, so every branch below keeps its barriers uniform.
@@ -499,7 +517,7 @@ fn backward(
     if (group < d.weight_groups) {
         weight_tile(lid, group);
     } else {
-        plain_tile(lid, group - d.weight_groups, true, false);
+        plain_tile(lid, group - d.weight_groups, true, EPILOGUE_NONE);
     }
 }
 
@@ -528,7 +546,7 @@ fn backward_bn_sums(
         return;
     }
     let acc = tile_product(lid, at, true);
-    write_tile(lid, at, acc, true, false);
+    write_tile(lid, at, acc, true, EPILOGUE_NONE);
     dx_partials(lid, acc, at.index, at.p0, at.c0);
 }
 

@@ -65,8 +65,9 @@ fn a_network_with_average_pooling_matches_at_its_shapes() {
     }
 }
 
-/// The fast recipe's network (tests/fixtures/fast_recipe_net.toml): no batchnorm, so its ReLUs (after
-/// max poolings and a linear layer) run on their own; every layer has rows at its shapes.
+/// The fast recipe's network (tests/fixtures/fast_recipe_net.toml): no batchnorm, so its ReLUs after
+/// max poolings run on their own, and the one after its first linear layer in that layer's forward
+/// epilogue (its backward on its own); every layer has rows at its shapes.
 #[test]
 fn a_network_without_batchnorm_matches_at_its_shapes() {
     let Some((ctx, k)) = gpu() else { return };
@@ -80,6 +81,10 @@ fn a_network_without_batchnorm_matches_at_its_shapes() {
     }
     let relu_rows = checks.iter().filter(|c| c.kernel.starts_with("relu.") && c.layer != "odd shape").count();
     assert_eq!(relu_rows, 3 * 3, "three rows for each of the three ReLUs");
+    assert!(
+        checks.iter().any(|c| c.layer == "fc1" && c.kernel.ends_with(".forward_relu")),
+        "no forward_relu row for fc1"
+    );
 }
 
 /// One step without dropout and three with it, on the GPU backend against the CPU backend: every

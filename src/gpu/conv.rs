@@ -145,6 +145,8 @@ pub enum ForwardEpilogue<'a> {
     BnStats(BnStats<'a>),
     /// `forward_bn_eval`: the evaluation-mode batchnorm (and ReLU) of the next layer applied to y.
     BnEval(EvalBn),
+    /// `forward_relu`: the ReLU of the next layer (one no batchnorm absorbs) applied to y.
+    Relu,
 }
 
 /// What a backward launch computes besides the weight gradient; each is an entry point of conv.wgsl.
@@ -172,6 +174,7 @@ pub struct Conv {
     forward: Kernel,
     forward_bn_stats: Kernel,
     forward_bn_eval: Kernel,
+    forward_relu: Kernel,
     backward: Kernel,
     backward_weights: Kernel,
     backward_bn_sums: Kernel,
@@ -184,6 +187,7 @@ impl Conv {
             forward: take(&mut k, "forward"),
             forward_bn_stats: take(&mut k, "forward_bn_stats"),
             forward_bn_eval: take(&mut k, "forward_bn_eval"),
+            forward_relu: take(&mut k, "forward_relu"),
             backward: take(&mut k, "backward"),
             backward_weights: take(&mut k, "backward_weights"),
             backward_bn_sums: take(&mut k, "backward_bn_sums"),
@@ -276,6 +280,10 @@ impl Conv {
                 dims.eps = bn.eps;
                 cost.flops += 4.0 * outputs as f64;
                 (&self.forward_bn_eval, None)
+            }
+            ForwardEpilogue::Relu => {
+                cost.flops += outputs as f64;
+                (&self.forward_relu, None)
             }
         };
         let u = ctx.uniform("conv dims", &dims);

@@ -30,6 +30,8 @@ pub enum ForwardFusion {
     BnStats { bn: usize },
     /// `forward_bn_eval`: the evaluation-mode batchnorm at this layer (and its ReLU) applied.
     BnEval { bn: usize },
+    /// `forward_relu`: the ReLU after this layer (one no batchnorm absorbs) applied.
+    Relu,
 }
 
 /// What a convolution's backward launch computes besides its weight gradient.
@@ -87,6 +89,12 @@ pub enum Launch {
     ReluBackward {
         layer: usize,
     },
+}
+
+/// Whether the op of convolution `c` ends in the ReLU right after it (the plan puts a ReLU that no
+/// batchnorm absorbs into the op of the convolution or linear layer before it).
+fn ends_in_relu(model: &Model, op: &Op, c: usize) -> bool {
+    op.end == c + 2 && matches!(model.layers[c + 1], Layer::Relu)
 }
 
 /// The GPU's launch lists for a model at batch size `n`.
@@ -167,6 +175,7 @@ impl Fusion {
         if let Some(c) = self.conv_of(model, op) {
             let next = c + 1;
             let fusion = match self.stats_from.get(next) {
+                _ if ends_in_relu(model, op, c) => ForwardFusion::Relu,
                 Some(&Some(from)) if from == c => ForwardFusion::BnStats { bn: next },
                 _ => ForwardFusion::Plain { splits: self.splits[c] },
             };
@@ -187,6 +196,7 @@ impl Fusion {
         let layer = op.start;
         if let Some(c) = self.conv_of(model, op) {
             let fusion = match model.layers.get(c + 1) {
+                _ if ends_in_relu(model, op, c) => ForwardFusion::Relu,
                 Some(Layer::BatchNorm { .. }) if op.end > c + 1 => ForwardFusion::BnEval { bn: c + 1 },
                 _ => ForwardFusion::Plain { splits: 1 },
             };

@@ -287,6 +287,7 @@ impl Recorder<'_> {
                 let l = bn(i);
                 ForwardEpilogue::BnEval(EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu })
             }
+            ForwardFusion::Relu => ForwardEpilogue::Relu,
         };
         self.k.conv.forward(self.ctx, &l, epilogue, x, &self.shared.state, y)
     }

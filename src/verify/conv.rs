@@ -99,21 +99,30 @@ fn conv_reference(d: &ConvDims, t: &ConvInputs) -> [Vec<f32>; 5] {
     [y, y_bn, dx, dw, dbias]
 }
 
+/// What a convolution's checks cover besides its plain forward and weight gradient: dx (all layers
+/// but the first), reading through a 2x2 max pooling of an x twice as high and wide, a bias, and the
+/// ReLU after it in the forward's epilogue.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct ConvCase {
+    pub with_dx: bool,
+    pub pool: bool,
+    pub with_bias: bool,
+    pub relu: bool,
+}
+
 /// A convolution's launches against the reference: forward (whole, and with its sum in parts),
-/// forward with an evaluation-mode batchnorm and ReLU, and backward (the weight gradient in slices,
-/// added as the SGD kernel adds them; the bias's; dx when `with_dx`). With `pool` the input is the 2x2
-/// max pooling of an x twice as high and wide, read through by the kernels.
-#[allow(clippy::too_many_arguments)]
+/// forward with an evaluation-mode batchnorm and ReLU, forward with its own ReLU when `case.relu`,
+/// and backward (the weight gradient in slices, added as the SGD kernel adds them; the bias's; dx
+/// when `case.with_dx`).
 pub(super) async fn conv_checks(
     ctx: &GpuContext,
     k: &Kernels,
     layer: &str,
     d: &ConvDims,
     seed: u64,
-    with_dx: bool,
-    pool: bool,
-    with_bias: bool,
+    case: ConvCase,
 ) -> Result<Vec<Check>> {
+    let ConvCase { with_dx, pool, with_bias, relu } = case;
     let (n, c) = (d.n, d.cout);
     let t = ConvInputs::new(d, seed, pool, with_bias);
     let bn = EvalBn { offsets: t.bn_offsets(c), eps: BN_EPS, relu: true };
@@ -133,12 +142,16 @@ pub(super) async fn conv_checks(
         ctx.zeros("dx", n * d.in_image()),
         ctx.zeros("grads", bias_extra + (slices - 1) * t.bias.len()),
     );
+    let yr = ctx.zeros("y (relu)", if relu { n * d.out_image() } else { 1 });
     let (conv, l) = (&k.conv, ConvLayer { d: *d, w_off: t.w_off, bias: with_bias.then_some(t.b_off), pool });
     let mut launches = vec![
         conv.forward(ctx, &l, ForwardEpilogue::Plain { splits: 1 }, &xb, &sb, &yb)?,
         conv.forward(ctx, &l, ForwardEpilogue::Plain { splits }, &xb, &sb, &ysb)?,
         conv.forward(ctx, &l, ForwardEpilogue::BnEval(bn), &xb, &sb, &ybn)?,
     ];
+    if relu {
+        launches.push(conv.forward(ctx, &l, ForwardEpilogue::Relu, &xb, &sb, &yr)?);
+    }
     let g = ConvGrad { d: *d, weights: sliced, bias: bias_sliced, pool };
     let dx_out = if with_dx { BackwardEpilogue::Dx(&dxb) } else { BackwardEpilogue::WeightsOnly };
     launches.push(conv.backward(ctx, &g, dx_out, &GradBuffers { x: &xb, dy: &dyb, state: &sb, grads: &gb })?);
@@ -161,8 +174,13 @@ pub(super) async fn conv_checks(
     let mut rows: Vec<(String, String, Vec<f32>, &[f32])> = vec![
         (format!("{name}.forward"), forward.clone(), y_gpu, &y),
         (format!("{name}.forward (sum in {splits} part{})", plural(splits)), forward.clone(), summed, &y),
-        (format!("{name}.forward_bn_eval (+relu)"), forward, ybn_gpu, &y_bn),
+        (format!("{name}.forward_bn_eval (+relu)"), forward.clone(), ybn_gpu, &y_bn),
     ];
+    let mut y_relu = y.clone();
+    relu_forward(&mut y_relu);
+    if relu {
+        rows.push((format!("{name}.forward_relu"), forward, read(ctx, &yr, y.len()).await?, &y_relu));
+    }
     if with_dx {
         rows.push((
             format!("{name}.backward (dx)"),

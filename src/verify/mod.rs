@@ -39,7 +39,7 @@ pub use self::check::{
 pub use self::step::{random_batch, step_checks, StepChecks};
 use crate::cpu::reference::batchnorm::BnDims;
 use crate::gpu::batchnorm::FusedDropout;
-use crate::gpu::fusion::{DxFusion, Fusion, Launch};
+use crate::gpu::fusion::{DxFusion, ForwardFusion, Fusion, Launch};
 use crate::gpu::{GpuContext, Kernels};
 use crate::model::{ConvDims, Layer, Model, Shape};
 
@@ -73,8 +73,13 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
     let seed = 1000 * i as u64;
     let launched = |l: Launch| f.forward.iter().chain(&f.backward).any(|(_, x)| *x == l);
     if let Some(c) = f.conv_layer(model, i) {
-        let with_dx = !launched(Launch::ConvBackward { layer: i, fusion: DxFusion::None });
-        return conv::conv_checks(ctx, k, &name, &c.d, seed, with_dx, c.pool, c.bias.is_some()).await;
+        let case = conv::ConvCase {
+            with_dx: !launched(Launch::ConvBackward { layer: i, fusion: DxFusion::None }),
+            pool: c.pool,
+            with_bias: c.bias.is_some(),
+            relu: launched(Launch::ConvForward { layer: i, fusion: ForwardFusion::Relu }),
+        };
+        return conv::conv_checks(ctx, k, &name, &c.d, seed, case).await;
     }
     if let Some(l) = f.bn_layer(model, i) {
         let pooling = match (l.dy_pooled, l.maxpool) {
@@ -97,7 +102,7 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
         Layer::Dropout { p } if launched(Launch::Dropout { layer: i }) => {
             dropout::dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed).await
         }
-        Layer::Relu if launched(Launch::Relu { layer: i }) => {
+        Layer::Relu if launched(Launch::Relu { layer: i }) || launched(Launch::ReluBackward { layer: i }) => {
             relu::relu_checks(ctx, k, &name, n * s.len(), &nchw(n, s.c, s.h, s.w), seed).await
         }
         // The global average pooling is checked at the layer's shape even where the loss and a
@@ -126,9 +131,10 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
         (4, ConvDims { n: 7, cin: 9, h: 7, w: 9, cout: 33, k: 3, pad: 0 }),
         (5, ConvDims { n: 13, cin: 33, h: 5, w: 3, cout: 17, k: 1, pad: 0 }),
     ] {
-        // Odd seeds read through a max pooling; seeds 2 and 3 have a bias.
-        let (pool, bias) = (seed % 2 == 1, seed == 2 || seed == 3);
-        checks.extend(conv::conv_checks(ctx, k, "odd shape", &d, seed, true, pool, bias).await?);
+        // Odd seeds read through a max pooling; seeds 2 and 3 have a bias; 3 and 4 a ReLU after them.
+        let (pool, with_bias, relu) = (seed % 2 == 1, seed == 2 || seed == 3, seed == 3 || seed == 4);
+        let case = conv::ConvCase { with_dx: true, pool, with_bias, relu };
+        checks.extend(conv::conv_checks(ctx, k, "odd shape", &d, seed, case).await?);
     }
     checks.extend(loss::loss_checks(ctx, k, "odd shape", (300, 10, 0), 12).await?);
     checks.extend(loss::loss_checks(ctx, k, "odd shape", (300, 10, 7), 15).await?);
