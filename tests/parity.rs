@@ -51,14 +51,20 @@ fn every_kernel_matches_the_reference_at_every_layer_shape() {
     assert!(checks.iter().any(|c| c.kernel.contains("(dy of max pool)")), "no check runs a fused max pooling");
 }
 
+/// The kernel checks of the network of model file `path` (relative to the repository), all passed.
+fn model_file_checks(path: &str) -> Option<(Model, Vec<Check>)> {
+    let (ctx, k) = gpu()?;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    let model = mnist_wgpu::model::file::for_mnist(Some(path.to_str().unwrap())).unwrap();
+    let checks = kernel_checks(ctx, k, &model, N).block_on().unwrap();
+    assert_all_pass(&checks);
+    Some((model, checks))
+}
+
 /// A network with 2x2 average poolings (models/net3-avgpool2.toml): its kernels at its shapes.
 #[test]
 fn a_network_with_average_pooling_matches_at_its_shapes() {
-    let Some((ctx, k)) = gpu() else { return };
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/net3-avgpool2.toml");
-    let model = mnist_wgpu::model::file::for_mnist(Some(path)).unwrap();
-    let checks = kernel_checks(ctx, k, &model, N).block_on().unwrap();
-    assert_all_pass(&checks);
+    let Some((_, checks)) = model_file_checks("models/net3-avgpool2.toml") else { return };
     for layer in ["avgpool2#7", "avgpool2#14"] {
         let rows = checks.iter().filter(|c| c.layer == layer && c.kernel.starts_with("pool.avgpool2_")).count();
         assert_eq!(rows, 2, "the forward and backward of {layer}");
@@ -70,11 +76,7 @@ fn a_network_with_average_pooling_matches_at_its_shapes() {
 /// epilogue (its backward on its own); every layer has rows at its shapes.
 #[test]
 fn a_network_without_batchnorm_matches_at_its_shapes() {
-    let Some((ctx, k)) = gpu() else { return };
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fast_recipe_net.toml");
-    let model = mnist_wgpu::model::file::for_mnist(Some(path)).unwrap();
-    let checks = kernel_checks(ctx, k, &model, N).block_on().unwrap();
-    assert_all_pass(&checks);
+    let Some((model, checks)) = model_file_checks("tests/fixtures/fast_recipe_net.toml") else { return };
     for i in 0..model.layers.len() {
         let layer = model.layer_name(i);
         assert!(checks.iter().any(|c| c.layer == layer), "no check covers layer {layer}");

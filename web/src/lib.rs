@@ -138,15 +138,16 @@ fn check_rows(checks: &[verify::Check]) -> serde_json::Value {
 /// `verify`'s checks, in the page: every kernel of Net3 at batch `batch`, then whole training steps,
 /// against the CPU reference running here.
 #[wasm_bindgen]
-pub async fn verify(batch: usize) -> Result<JsValue, JsValue> {
-    run_verify(batch).await.map(to_value).map_err(to_js)
+pub async fn verify(batch: usize, model: String) -> Result<JsValue, JsValue> {
+    run_verify(batch, &model).await.map(to_value).map_err(to_js)
 }
 
-async fn run_verify(n: usize) -> Result<serde_json::Value> {
+/// `verify` of preset `model` (any network of `models/`) at batch `n`.
+async fn run_verify(n: usize, model: &str) -> Result<serde_json::Value> {
     if n == 0 {
         bail!("the batch size must be at least 1");
     }
-    let model = mnist_wgpu::model::file::for_mnist(None)?;
+    let model = mnist_wgpu::model::file::for_mnist(Some(model))?;
     let ctx = ctx()?;
     mnist_wgpu::gpu::net::check_batch_fits(&ctx, &model, n)?;
     let mut backend = GpuBackend::new(ctx, &model, &model.init_state(1))?;

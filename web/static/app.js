@@ -60,12 +60,12 @@ function showChecks(r, what) {
     `. ${r.set_aside}.`;
 }
 
-async function verify(batch) {
+async function verify(batch, model) {
   setBusy(true);
-  $('verify-summary').textContent = `Running every kernel at batch ${batch}, then whole training steps…`;
+  $('verify-summary').textContent = `Running every kernel of ${model} at batch ${batch}, then whole training steps…`;
   try {
-    const r = await call('verify', { batch });
-    showChecks(r, `verify at batch ${batch}`);
+    const r = await call('verify', { batch, model });
+    showChecks(r, `verify of ${model} at batch ${batch}`);
     return r;
   } finally {
     setBusy(false);
@@ -301,7 +301,7 @@ $('load').onchange = async (e) => {
 const guarded = (f) => async (...a) => { try { await f(...a); } catch (e) { showError(e.message); } };
 $('download').onclick = guarded(download);
 $('evaluate').onclick = guarded(() => evaluate(Number($('train-form').test_images.value)));
-$('verify').onclick = guarded(() => verify(Number($('verify-batch').value)));
+$('verify').onclick = guarded(() => verify(Number($('verify-batch').value), $('train-form').model.value));
 $('stop').onclick = () => call('stop');
 $('train-form').onsubmit = guarded(async (e) => {
   e.preventDefault();
@@ -321,7 +321,7 @@ async function runFromUrl(q, adapter) {
   const num = (k, d) => (q.has(k) ? Number(q.get(k)) : d);
   switch (q.get('run')) {
     case 'verify': {
-      const r = await verify(num('batch', 8));
+      const r = await verify(num('batch', 8), q.get('model') || 'net3');
       return { adapter, checks: r.checks, failed: r.failed, worst_ratio: r.worst_ratio, rows: r.rows };
     }
     case 'steps': {

@@ -41,7 +41,7 @@ const report = (message) => postMessage({ type: 'report', message: JSON.parse(me
 
 const commands = {
   start,
-  verify: async ({ batch }) => JSON.parse(await wasm.verify(batch)),
+  verify: async ({ batch, model }) => JSON.parse(await wasm.verify(batch, model)),
   steps: async ({ n, batch }) => JSON.parse(await wasm.steps(n, batch)),
   train: async (params) => JSON.parse(await wasm.train(JSON.stringify(params), report)),
   stop: async () => wasm.stop(),

@@ -112,7 +112,14 @@ const cases = {
     const failed = r.rows.filter((c) => !c.ok).map((c) => `${c.kernel} ${c.layer} ${c.error} (${c.detail})`);
     assert(r.failed === 0 && failed.length === 0, `${r.failed} of ${r.checks} checks failed:\n${failed.join('\n')}`);
     assert(r.checks >= 250, `only ${r.checks} checks ran`);
-    return `${r.checks}/${r.checks} checks passed, largest error ${(100 * r.worst_ratio).toFixed(0)}% of its tolerance`;
+    // A network without batchnorm: its ReLUs on their own and in a linear layer's epilogue.
+    const mlp = await runPage('run=verify&batch=8&model=mlp3', 10);
+    assert(mlp.title === 'done', `the page failed on mlp3: ${mlp.shown}`);
+    const mlpFailed = mlp.result.rows.filter((c) => !c.ok).map((c) => `${c.kernel} ${c.layer} ${c.error} (${c.detail})`);
+    assert(mlp.result.failed === 0, `mlp3: ${mlp.result.failed} checks failed:\n${mlpFailed.join('\n')}`);
+    assert(mlp.result.rows.some((c) => c.kernel.endsWith('forward_relu')), 'mlp3: no forward_relu row');
+    return `${r.checks}/${r.checks} checks passed, largest error ${(100 * r.worst_ratio).toFixed(0)}% of its tolerance; ` +
+      `mlp3: ${mlp.result.checks}/${mlp.result.checks}`;
   },
 
   async steps() {
