@@ -8,6 +8,9 @@
 //   avgpool2_forward  one invocation per output: its window's four values added in row-major order,
 //                     then divided by 4 (as the CPU reference and PyTorch)
 //   avgpool2_backward one invocation per output: dy / 4 into each place of its window of dx
+//   maxpool_forward_relu, avgpool2_forward_relu
+//                     the forward, then the ReLU that follows it (one no batchnorm absorbs): that
+//                     launch is skipped
 //   gap_forward       one invocation per plane: the mean of its h * w values, summed in order
 //   gap_backward      one invocation per input element: dx = dy[plane] / (h * w)
 // Bindings: 0 dims (uniform), 1 x (input; gap_backward: dy), 2 out (y or dx), 3 dy (maxpool_backward,
@@ -55,6 +58,16 @@ fn maxpool_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_w
 }
 
 @compute @workgroup_size(WG)
+fn maxpool_forward_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let v = window(i);
+    out[i] = relu(v[window_max_place(v)]);
+}
+
+@compute @workgroup_size(WG)
 fn maxpool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
     if (i >= pooled()) {
@@ -75,6 +88,16 @@ fn avgpool2_forward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_
     }
     let v = window(i);
     out[i] = (((v.x + v.y) + v.z) + v.w) / 4.0;
+}
+
+@compute @workgroup_size(WG)
+fn avgpool2_forward_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let v = window(i);
+    out[i] = relu((((v.x + v.y) + v.z) + v.w) / 4.0);
 }
 
 @compute @workgroup_size(WG)

@@ -71,9 +71,9 @@ fn a_network_with_average_pooling_matches_at_its_shapes() {
     }
 }
 
-/// The fast recipe's network (tests/fixtures/fast_recipe_net.toml): no batchnorm, so its ReLUs after
-/// max poolings run on their own, and the one after its first linear layer in that layer's forward
-/// epilogue (its backward on its own); every layer has rows at its shapes.
+/// The fast recipe's network (tests/fixtures/fast_recipe_net.toml): no batchnorm, so its ReLUs run in
+/// the forward epilogue of the max pooling or linear layer before them, and their backward on its
+/// own; every layer has rows at its shapes.
 #[test]
 fn a_network_without_batchnorm_matches_at_its_shapes() {
     let Some((model, checks)) = model_file_checks("tests/fixtures/fast_recipe_net.toml") else { return };

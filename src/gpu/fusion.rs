@@ -82,6 +82,10 @@ pub enum Launch {
     PoolBackward {
         layer: usize,
     },
+    /// A 2x2 pooling with the ReLU after it (one no batchnorm absorbs) in its epilogue.
+    PoolRelu {
+        layer: usize,
+    },
     /// A ReLU on its own (one that no batchnorm before it absorbs): in place in training.
     Relu {
         layer: usize,
@@ -95,6 +99,14 @@ pub enum Launch {
 /// batchnorm absorbs into the op of the convolution or linear layer before it).
 fn ends_in_relu(model: &Model, op: &Op, c: usize) -> bool {
     op.end == c + 2 && matches!(model.layers[c + 1], Layer::Relu)
+}
+
+/// A pooling's forward launch: with the ReLU after it when its op holds one.
+fn pool_launch(model: &Model, op: &Op) -> Launch {
+    match op.len() > 1 && matches!(model.layers[op.start + 1], Layer::Relu) {
+        true => Launch::PoolRelu { layer: op.start },
+        false => Launch::Pool { layer: op.start },
+    }
 }
 
 /// The GPU's launch lists for a model at batch size `n`.
@@ -165,7 +177,9 @@ impl Fusion {
     fn conv_of(&self, model: &Model, op: &Op) -> Option<usize> {
         match model.layers[op.start] {
             Layer::Conv { .. } | Layer::Linear { .. } => Some(op.start),
-            Layer::MaxPool2 if op.len() > 1 => Some(op.start + 1),
+            Layer::MaxPool2 if op.len() > 1 && matches!(model.layers[op.start + 1], Layer::Conv { .. }) => {
+                Some(op.start + 1)
+            }
             _ => None,
         }
     }
@@ -185,7 +199,7 @@ impl Fusion {
             Layer::BatchNorm { .. } => Launch::BatchNormTrain { layer },
             Layer::Dropout { .. } => Launch::Dropout { layer },
             Layer::Relu => Launch::Relu { layer },
-            ref pooling if pooling.is_pooling() => Launch::Pool { layer },
+            ref pooling if pooling.is_pooling() => pool_launch(model, op),
             ref other => unreachable!("{other:?} alone in the forward pass"),
         }
     }
@@ -205,7 +219,7 @@ impl Fusion {
         match model.layers[layer] {
             Layer::BatchNorm { .. } => Launch::BatchNormEval { layer },
             Layer::Relu => Launch::Relu { layer },
-            ref pooling if pooling.is_pooling() => Launch::Pool { layer },
+            ref pooling if pooling.is_pooling() => pool_launch(model, op),
             ref other => unreachable!("{other:?} alone in evaluation"),
         }
     }

@@ -310,8 +310,9 @@ impl Recorder<'_> {
                     let Layer::Dropout { p } = self.model.layers[layer] else { unreachable!("a dropout layer") };
                     launches.push(k.dropout.apply(ctx, n * s.len(), p, layer, &self.shared.step, x, y))
                 }
-                Launch::Pool { layer } => {
-                    launches.push(k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y))
+                Launch::Pool { layer } | Launch::PoolRelu { layer } => {
+                    let relu = matches!(launch, Launch::PoolRelu { .. });
+                    launches.push(k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y, relu))
                 }
                 Launch::Relu { layer } => {
                     let x = (!self.f.plan.in_place(layer)).then_some(x);
@@ -337,7 +338,10 @@ impl Recorder<'_> {
                     let l = self.f.bn_layer(self.model, layer).expect("a batchnorm layer");
                     k.batchnorm.forward_eval(ctx, &l, &self.bn_buffers(layer, x, y))
                 }
-                Launch::Pool { layer } => k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y),
+                Launch::Pool { layer } | Launch::PoolRelu { layer } => {
+                    let relu = matches!(launch, Launch::PoolRelu { .. });
+                    k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y, relu)
+                }
                 Launch::Relu { layer } => {
                     let eval = &self.f.plan.eval_buffer;
                     let in_place = layer > 0 && eval[layer - 1] == eval[layer];

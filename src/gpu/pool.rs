@@ -20,8 +20,10 @@ uniform! {
 
 pub struct Pool {
     maxpool_forward: Kernel,
+    maxpool_forward_relu: Kernel,
     maxpool_backward: Kernel,
     avgpool2_forward: Kernel,
+    avgpool2_forward_relu: Kernel,
     avgpool2_backward: Kernel,
     gap_forward: Kernel,
     gap_backward: Kernel,
@@ -32,15 +34,19 @@ impl Pool {
         let mut k = compile(ctx, "pool")?;
         Ok(Pool {
             maxpool_forward: take(&mut k, "maxpool_forward"),
+            maxpool_forward_relu: take(&mut k, "maxpool_forward_relu"),
             maxpool_backward: take(&mut k, "maxpool_backward"),
             avgpool2_forward: take(&mut k, "avgpool2_forward"),
+            avgpool2_forward_relu: take(&mut k, "avgpool2_forward_relu"),
             avgpool2_backward: take(&mut k, "avgpool2_backward"),
             gap_forward: take(&mut k, "gap_forward"),
             gap_backward: take(&mut k, "gap_backward"),
         })
     }
 
-    /// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y.
+    /// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y; with `relu`, the ReLU
+    /// after a 2x2 pooling in the same launch.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         ctx: &GpuContext,
@@ -49,13 +55,17 @@ impl Pool {
         s: Shape,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
+        relu: bool,
     ) -> Dispatch {
-        // Per window: three comparisons for the maximum; three additions and a division for the mean.
-        let (kernel, flops) = match layer {
-            Layer::MaxPool2 => (&self.maxpool_forward, 3),
-            Layer::AvgPool2 => (&self.avgpool2_forward, 4),
-            Layer::GlobalAvgPool => return self.gap_forward(ctx, planes, s.h * s.w, x, y),
-            other => unreachable!("{other:?} is not a pooling"),
+        // Per window: three comparisons for the maximum; three additions and a division for the mean;
+        // one more for the ReLU.
+        let (kernel, flops) = match (layer, relu) {
+            (Layer::MaxPool2, false) => (&self.maxpool_forward, 3),
+            (Layer::MaxPool2, true) => (&self.maxpool_forward_relu, 4),
+            (Layer::AvgPool2, false) => (&self.avgpool2_forward, 4),
+            (Layer::AvgPool2, true) => (&self.avgpool2_forward_relu, 5),
+            (Layer::GlobalAvgPool, false) => return self.gap_forward(ctx, planes, s.h * s.w, x, y),
+            (other, _) => unreachable!("{other:?} with relu {relu}: no such pooling kernel"),
         };
         self.windows(ctx, kernel, (planes, s.h, s.w), &[(1, x), (2, y)], (flops, 1))
     }

@@ -188,8 +188,8 @@ fn absorbed(layers: &[Layer]) -> (Vec<NormFusion>, Vec<Option<usize>>) {
 }
 
 /// Training forward: a batchnorm with its ReLU and dropout; a max pooling with the convolution that
-/// reads through it; a convolution or linear layer with the ReLU right after it (in its epilogue); the
-/// final global average pooling in the loss; the rest alone.
+/// reads through it; a convolution, linear layer or 2x2 pooling with the ReLU right after it (in its
+/// epilogue); the final global average pooling in the loss; the rest alone.
 fn forward_ops(layers: &[Layer], norm: &[NormFusion], pooled_input: &[bool], pool_in_loss: Option<usize>) -> Vec<Op> {
     let mut forward = Vec::new();
     let mut i = 0;
@@ -203,8 +203,9 @@ fn forward_ops(layers: &[Layer], norm: &[NormFusion], pooled_input: &[bool], poo
             Layer::GlobalAvgPool if pool_in_loss == Some(i) => break,
             _ => i + 1,
         };
-        let product = matches!(layers[end - 1], Layer::Conv { .. } | Layer::Linear { .. });
-        let end = if product && matches!(layers.get(end), Some(Layer::Relu)) { end + 1 } else { end };
+        let takes_relu =
+            matches!(layers[end - 1], Layer::Conv { .. } | Layer::Linear { .. } | Layer::MaxPool2 | Layer::AvgPool2);
+        let end = if takes_relu && matches!(layers.get(end), Some(Layer::Relu)) { end + 1 } else { end };
         forward.push(i..end);
         i = end;
     }
@@ -315,8 +316,11 @@ mod tests {
         );
     }
 
+    /// conv, max pooling, ReLU, conv, max pooling, ReLU, linear, ReLU, linear.
+    const FAST_RECIPE: &str = include_str!("../../tests/fixtures/fast_recipe_net.toml");
+
     #[test]
-    fn a_relu_joins_its_convolution_and_the_rest_runs_alone() {
+    fn a_relu_joins_its_convolution_or_pooling_and_the_rest_runs_alone() {
         let mnist = Shape { c: 1, h: 28, w: 28 };
         let text = "[[layer]]\ntype = \"dropout\"\np = 0.1\n[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n\
                     [[layer]]\ntype = \"relu\"\n[[layer]]\ntype = \"maxpool\"\n[[layer]]\ntype = \"linear\"\nout = 10\n";
@@ -324,6 +328,7 @@ mod tests {
         let p = Plan::new(&m);
         // The ReLU runs in the convolution's op (its epilogue on the GPU); backward, alone.
         assert_eq!(p.forward, vec![0..1, 1..3, 3..4, 4..5]);
+        assert_eq!(Plan::new(&parse(FAST_RECIPE, "f.toml", mnist, 10).unwrap()).forward[..4], [0..1, 1..3, 3..4, 4..6]);
         assert_eq!(p.eval, vec![1..3, 3..4, 4..5]);
         assert_eq!(p.backward, vec![4..5, 3..4, 2..3, 1..2, 0..1]);
         // The leading dropout is skipped in evaluation: the convolution reads the batch itself.

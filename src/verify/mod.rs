@@ -109,10 +109,12 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
         // batchnorm absorb it: no odd shape covers its standalone kernels.
         ref layer
             if launched(Launch::Pool { layer: i })
+                || launched(Launch::PoolRelu { layer: i })
                 || launched(Launch::PoolBackward { layer: i })
                 || *layer == Layer::GlobalAvgPool =>
         {
-            pool::checks(ctx, k, layer, &name, n, s, seed).await
+            let relu = launched(Launch::PoolRelu { layer: i });
+            pool::checks(ctx, k, layer, &name, n, s, seed, relu).await
         }
         _ => Ok(Vec::new()),
     }
@@ -164,8 +166,9 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
     // The standalone kernels of layers that fuse in Net3 (max pooling, dropout, ReLU), as a network
     // that cannot fuse them runs them, and of the average pooling, which Net3 has not.
     let odd_planes = Shape { c: 5, h: 6, w: 10 };
-    checks.extend(pool::window_checks(ctx, k, &Layer::MaxPool2, "odd shape", (3, odd_planes), 16, true).await?);
-    checks.extend(pool::checks(ctx, k, &Layer::AvgPool2, "odd shape", 3, Shape { c: 5, h: 6, w: 10 }, 22).await?);
+    let ties = pool::WindowCase { ties: true, relu: true };
+    checks.extend(pool::window_checks(ctx, k, &Layer::MaxPool2, "odd shape", (3, odd_planes), 16, ties).await?);
+    checks.extend(pool::checks(ctx, k, &Layer::AvgPool2, "odd shape", 3, odd_planes, 22, true).await?);
     let shape = nchw(3, 5, 6, 10);
     checks.extend(dropout::dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &shape, 17).await?);
     checks.extend(relu::relu_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, &shape, 23).await?);

@@ -1,6 +1,7 @@
 //! The standalone pooling kernels: 2x2 max and average pooling, and global average pooling.
 
 use crate::cpu::reference::pool::*;
+use crate::cpu::reference::relu::relu_forward;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels};
 use crate::model::{Layer, Shape};
@@ -8,7 +9,9 @@ use anyhow::Result;
 
 use super::check::{compare, nchw, random, read, Check, TOL_ELEMENTWISE, TOL_EXACT};
 
-/// The standalone kernels of pooling layer `layer` at its input shape `s`, batch `n`.
+/// The standalone kernels of pooling layer `layer` at its input shape `s`, batch `n`; with `relu`, also
+/// its forward with the ReLU after it.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn checks(
     ctx: &GpuContext,
     k: &Kernels,
@@ -17,9 +20,12 @@ pub(super) async fn checks(
     n: usize,
     s: Shape,
     seed: u64,
+    relu: bool,
 ) -> Result<Vec<Check>> {
     match layer {
-        Layer::MaxPool2 | Layer::AvgPool2 => window_checks(ctx, k, layer, name, (n, s), seed, false).await,
+        Layer::MaxPool2 | Layer::AvgPool2 => {
+            window_checks(ctx, k, layer, name, (n, s), seed, WindowCase { ties: false, relu }).await
+        }
         Layer::GlobalAvgPool => gap_checks(ctx, k, name, n, s.c, s.h * s.w, seed).await,
         other => unreachable!("{other:?} is not a pooling"),
     }
@@ -52,10 +58,17 @@ fn windows(ctx: &GpuContext, n: usize, s: Shape, seed: u64, ties: bool) -> Windo
     Windows { planes, len, out, x, dy, xb, dyb, yb, dxb }
 }
 
-/// The standalone kernels of a 2x2 pooling, forward and backward, at batch n of shape s; with
-/// `ties`, on values from a few levels, so that most windows of a max pooling hold equal maxima and
-/// the first-on-ties rule decides where the gradient goes. A max pooling selects, so it must agree
-/// exactly; an average's division may round differently.
+/// How a 2x2 pooling is checked: on values from a few levels (`ties`), so that most windows of a max
+/// pooling hold equal maxima and the first-on-ties rule decides where the gradient goes; and also its
+/// forward with the ReLU after it (`relu`).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WindowCase {
+    pub ties: bool,
+    pub relu: bool,
+}
+
+/// The standalone kernels of a 2x2 pooling, forward and backward, at batch n of shape s, as `case`
+/// says. A max pooling selects, so it must agree exactly; an average's division may round differently.
 pub(super) async fn window_checks(
     ctx: &GpuContext,
     k: &Kernels,
@@ -63,14 +76,19 @@ pub(super) async fn window_checks(
     name: &str,
     (n, s): (usize, Shape),
     seed: u64,
-    ties: bool,
+    case: WindowCase,
 ) -> Result<Vec<Check>> {
-    let Shape { c, h, w } = s;
+    let (Shape { c, h, w }, WindowCase { ties, relu }) = (s, case);
     let Windows { planes, len, out, x, dy, xb, dyb, yb, dxb } = windows(ctx, n, s, seed, ties);
-    run(
-        ctx,
-        &[&k.pool.forward(ctx, layer, planes, s, &xb, &yb), &k.pool.backward(ctx, layer, planes, s, &xb, &dyb, &dxb)],
-    );
+    let y_relu_b = ctx.zeros("y (relu)", if relu { out } else { 1 });
+    let mut launches = vec![
+        k.pool.forward(ctx, layer, planes, s, &xb, &yb, false),
+        k.pool.backward(ctx, layer, planes, s, &xb, &dyb, &dxb),
+    ];
+    if relu {
+        launches.push(k.pool.forward(ctx, layer, planes, s, &xb, &y_relu_b, true));
+    }
+    run(ctx, &launches.iter().collect::<Vec<_>>());
     let (mut y, mut dx) = (vec![0.0; out], vec![0.0; len]);
     let mut winners = vec![0u8; if *layer == Layer::MaxPool2 { out } else { 0 }];
     forward_serial(layer, s, &x, &mut y, &mut winners);
@@ -82,7 +100,7 @@ pub(super) async fn window_checks(
     let (input, output) = (nchw(n, c, h, w), nchw(n, c, h / 2, w / 2));
     let tag = if ties { " (ties)" } else { "" };
     let (y_gpu, dx_gpu) = (read(ctx, &yb, out).await?, read(ctx, &dxb, len).await?);
-    Ok(vec![
+    let mut checks = vec![
         compare(&format!("pool.{kernel}_forward{tag}"), name, &format!("{input} -> {output}"), &y_gpu, &y, tolerance),
         compare(
             &format!("pool.{kernel}_backward{tag}"),
@@ -92,7 +110,21 @@ pub(super) async fn window_checks(
             &dx,
             tolerance,
         ),
-    ])
+    ];
+    if relu {
+        let mut y_relu = y.clone();
+        relu_forward(&mut y_relu);
+        let got = read(ctx, &y_relu_b, out).await?;
+        checks.push(compare(
+            &format!("pool.{kernel}_forward_relu{tag}"),
+            name,
+            &format!("{input} -> {output}"),
+            &got,
+            &y_relu,
+            tolerance,
+        ));
+    }
+    Ok(checks)
 }
 
 pub(super) async fn gap_checks(
