@@ -1,8 +1,8 @@
 //! The plain reference: every op forward and backward, written for clarity over the whole batch, and
 //! `CpuNet`, which runs the plan op by op with them. `verify`, the gradient checks, the PyTorch golden
 //! tests, the fused executor's tests and the GPU parity tests all read against it. One file per op
-//! family, named as its shader in `shaders/`; `relu.rs` has none (the GPU runs a ReLU inside the
-//! batchnorm's kernels), nor have `gemm.rs` (the matrix product) and `net.rs` (the executor).
+//! family, named as its shader in `shaders/` (`gemm.rs`, the matrix product, and `net.rs`, the
+//! executor, have none).
 
 pub mod batchnorm;
 pub mod conv;
