@@ -1,8 +1,9 @@
 //! The fusion lowering: the plan of a model, at one batch size, turned into the GPU's launch lists.
 //! It is the one place that decides what runs inside what on the GPU: which convolutions split their
 //! forward sum, which write a training batchnorm's statistics from their forward epilogue or its
-//! backward sums from their dx epilogue, which weight gradients arrive in slices, and which launches
-//! (each an entry point named for what it fuses) a training step and an evaluation batch record.
+//! backward sums from their dx epilogue, which weight gradients arrive in slices, which convolutions
+//! and poolings apply the ReLU after them in their forward epilogue, and which launches (each an entry
+//! point named for what it fuses) a training step and an evaluation batch record.
 //! `GpuNet` records what it says; `verify` asks it what to check.
 //!
 //! Partial sums, one word each throughout the GPU code:
@@ -349,6 +350,30 @@ fn conv_reading(model: &Model, plan: &Plan, i: usize) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast recipe's network: each ReLU's forward in the epilogue of the pooling or linear layer
+    /// before it, its backward on its own.
+    #[test]
+    fn relus_without_a_batchnorm_run_in_the_forward_epilogue_before_them() {
+        let text = include_str!("../../tests/fixtures/fast_recipe_net.toml");
+        let m = crate::model::file::parse(text, "fast_recipe_net.toml", crate::model::MNIST_INPUT, 10).unwrap();
+        let f = Fusion::new(&m, 100);
+        let conv = |layer, fusion| Launch::ConvForward { layer, fusion };
+        let plain = ForwardFusion::Plain { splits: 1 };
+        let forward = vec![
+            conv(0, plain),
+            Launch::PoolRelu { layer: 1 },
+            conv(3, plain),
+            Launch::PoolRelu { layer: 4 },
+            conv(6, ForwardFusion::Relu),
+            conv(8, plain),
+        ];
+        assert_eq!(f.forward.iter().map(|(_, l)| *l).collect::<Vec<_>>(), forward);
+        assert_eq!(f.eval.iter().map(|(_, l)| *l).collect::<Vec<_>>(), forward);
+        let relus: Vec<Launch> =
+            f.backward.iter().map(|(_, l)| *l).filter(|l| matches!(l, Launch::ReluBackward { .. })).collect();
+        assert_eq!(relus, [7, 5, 2].map(|layer| Launch::ReluBackward { layer }));
+    }
 
     #[test]
     fn net3_fuses_every_batchnorm_into_its_convolutions() {
