@@ -32,6 +32,15 @@ pub(super) fn conv_input(d: &ConvDims, pool: bool, seed: u64) -> (Vec<f32>, Vec<
     (x_given, pooled)
 }
 
+/// The parts of a split forward (whole copies of `len` values), added in order.
+fn sum_parts(parts: &[f32], len: usize) -> Vec<f32> {
+    let mut summed = parts[..len].to_vec();
+    for part in parts.chunks(len).skip(1) {
+        summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
+    }
+    summed
+}
+
 /// A convolution's seeded inputs, laid out in one state buffer as the model's are: the weights at a
 /// non-zero offset, the bias (if any) after them, then an evaluation-mode batchnorm's parameters for
 /// the fused forward.
@@ -163,11 +172,7 @@ pub(super) async fn conv_checks(
     let name = if with_bias { "conv (bias)" } else { "conv" };
     let pooled = if pool { format!(" (max pool of {})", nchw(n, d.cin, 2 * d.h, 2 * d.w)) } else { String::new() };
     let (input, output) = (format!("{}{pooled}", nchw(n, d.cin, d.h, d.w)), nchw(n, d.cout, d.ho(), d.wo()));
-    let parts = read(ctx, &ysb, splits * y.len()).await?;
-    let mut summed = parts[..y.len()].to_vec();
-    for part in parts.chunks(y.len()).skip(1) {
-        summed.iter_mut().zip(part).for_each(|(s, p)| *s += p);
-    }
+    let summed = sum_parts(&read(ctx, &ysb, splits * y.len()).await?, y.len());
     let plural = |count: usize| if count > 1 { "s" } else { "" };
     let forward = format!("{input} -> {output}");
     let (y_gpu, ybn_gpu) = (read(ctx, &yb, y.len()).await?, read(ctx, &ybn, y.len()).await?);
@@ -192,24 +197,39 @@ pub(super) async fn conv_checks(
     let mut checks: Vec<Check> =
         rows.iter().map(|(k, shape, got, want)| compare(k, layer, shape, got, want, TOL_SUMS)).collect();
     let g = read(ctx, &gb, t.state.len()).await?;
+    checks.extend(gradient_checks(layer, name, (d, slices, with_dx), &t, &g, (&dw, &dbias)));
+    Ok(checks)
+}
+
+/// The weight gradient (summed from its slices; nothing written outside the weights and bias) and the
+/// bias gradient, from the gradient buffer `g` the launches wrote.
+fn gradient_checks(
+    layer: &str,
+    name: &str,
+    (d, slices, with_dx): (&ConvDims, usize, bool),
+    t: &ConvInputs,
+    g: &[f32],
+    (dw, dbias): (&[f32], &[f32]),
+) -> Vec<Check> {
+    let plural = if slices > 1 { "s" } else { "" };
     let mut weight_check = compare(
         &format!("{name}.{}", if with_dx { "backward (weights)" } else { "backward_weights" }),
         layer,
-        &format!("{}x{}x{}x{} in {slices} slice{}", d.cout, d.cin, d.k, d.k, plural(slices)),
+        &format!("{}x{}x{}x{} in {slices} slice{plural}", d.cout, d.cin, d.k, d.k),
         &g[t.w_off..t.b_off],
-        &dw,
+        dw,
         TOL_SUMS,
     );
     if g[..t.w_off].iter().chain(&g[t.bn_at..]).any(|&v| v != 0.0) {
         weight_check.error = f64::INFINITY;
         weight_check.detail = Some("wrote outside its weights and bias".into());
     }
-    checks.push(weight_check);
-    if with_bias {
-        let shape = format!("{c} in {slices} slice{}", plural(slices));
-        checks.push(compare(&format!("{name}.backward (bias)"), layer, &shape, &g[t.b_off..t.bn_at], &dbias, TOL_SUMS));
+    let mut checks = vec![weight_check];
+    if !dbias.is_empty() {
+        let shape = format!("{} in {slices} slice{plural}", d.cout);
+        checks.push(compare(&format!("{name}.backward (bias)"), layer, &shape, &g[t.b_off..t.bn_at], dbias, TOL_SUMS));
     }
-    Ok(checks)
+    checks
 }
 
 /// A convolution's forward writing the statistics partials of the training batchnorm (with ReLU) after
