@@ -7,11 +7,14 @@
 
 const WG: u32 = 256u;
 
-// What changes every training step (src/gpu/sgd.rs, StepUniform): the SGD hyper-parameters and the
-// dropout masks' seed, step and on/off switch. Used by sgd.wgsl and dropout.wgsl.
+// What changes every training step (src/gpu/update.rs, StepUniform): the SGD hyper-parameters, the
+// dropout masks' seed, step and on/off switch, and the Adam step's scalars (src/optim.rs, AdamScalars).
+// Used by sgd.wgsl, adam.wgsl and dropout.wgsl.
 struct Step {
     lr: f32, momentum: f32, weight_decay: f32, dropout_seed: u32,
-    dropout_step: u32, dropout_on: u32, _p0: u32, _p1: u32,
+    dropout_step: u32, dropout_on: u32, adam_one_minus_beta1: f32, adam_beta2: f32,
+    adam_one_minus_beta2: f32, adam_eps: f32, adam_step_size: f32, adam_bc2_sqrt: f32,
+    adam_l2: f32, adam_decay: f32, _p0: u32, _p1: u32,
 }
 
 fn flat_index(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {

@@ -9,6 +9,7 @@ use anyhow::{bail, Result};
 use async_trait::async_trait;
 
 use crate::data::loader::Batch;
+use crate::optim::Optimizer;
 
 /// What one training step needs besides the batch.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -21,6 +22,8 @@ pub struct StepParams {
     pub step: u32,
     /// Dropout layers drop (training); false makes them the identity (as in the PyTorch fixture).
     pub dropout: bool,
+    /// The run's optimizer (Adam's step count is `step + 1`).
+    pub optimizer: Optimizer,
 }
 
 /// Loss and correct-count sums over the batches since the last reset.
@@ -61,9 +64,11 @@ pub trait Backend {
     async fn reset_sums(&mut self) -> Result<()>;
     /// Parameters and running statistics (the model's flat state buffer).
     async fn state(&mut self) -> Result<Vec<f32>>;
-    /// SGD momentum buffers of the trainable prefix.
-    async fn momenta(&mut self) -> Result<Vec<f32>>;
-    async fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()>;
+    /// The optimizer's moment buffers of the trainable prefix, `MOMENT_SLOTS` x `num_trainable` values
+    /// (SGD's momenta or Adam's first moments, then Adam's second moments).
+    async fn moments(&mut self) -> Result<Vec<f32>>;
+    /// Sets the state buffer and the moments (as `moments` returns them).
+    async fn load(&mut self, state: &[f32], moments: &[f32]) -> Result<()>;
     /// Refuses, with the figure and the limit, a batch size whose buffers would not fit, before a run
     /// depends on them (so that it cannot abort on an allocation). The GPU backend makes the batch's
     /// buffers here: only the device can say whether its memory holds them.

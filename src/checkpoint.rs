@@ -1,7 +1,9 @@
 //! Checkpoints in safetensors with PyTorch's state_dict names, so the spec's PyTorch network loads them
 //! unchanged (`model.load_state_dict(safetensors.torch.load_file(path))`). What resuming needs beyond
-//! the state_dict (SGD momenta) goes in a companion file, `NAME.optim.safetensors`, and the run's
-//! position (epoch, step, accuracy, seed, recipe) in the metadata of both.
+//! the state_dict (the optimizer's state, named as PyTorch's: SGD's `momentum_buffer`s as
+//! `momentum.<param>`; Adam's and AdamW's `exp_avg.<param>`, `exp_avg_sq.<param>` and `step`) goes in a
+//! companion file, `NAME.optim.safetensors`, and the run's position (epoch, step, accuracy, seed,
+//! recipe) in the metadata of both.
 //! Files are written atomically: to a temporary name in the same folder, then renamed.
 
 use std::collections::HashMap;
@@ -11,6 +13,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::model::Model;
+use crate::optim::{OptimizerKind, MOMENT_SLOTS};
 
 /// The format of this file's metadata, checked on load.
 const FORMAT: &str = "mnist-wgpu/1";
@@ -132,25 +135,51 @@ pub fn state_dict_bytes(path: &Path, model: &Model, state: &[f32], position: &Po
     serialize(path, tensors, metadata(model, position))
 }
 
-/// Writes `path` (the state_dict) and its companion with the momenta.
-pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
-    assert_eq!(momenta.len(), model.num_trainable);
+/// The optimizer's state of a run: its kind, and its moments over the trainable prefix (SGD's momenta,
+/// or Adam's first then second moments: `MOMENT_SLOTS` x `num_trainable` values).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimState {
+    pub kind: OptimizerKind,
+    pub moments: Vec<f32>,
+}
+
+/// The metadata key of the optimizer in the companion file (absent: SGD, as before Adam existed).
+const OPTIMIZER_KEY: &str = "optimizer";
+
+/// The companion's tensors: per trainable tensor its moments, and Adam's step count.
+fn optim_tensors<'a>(model: &'a Model, optim: &'a OptimState, step: &'a [u8]) -> Tensors<'a> {
+    let n = model.num_trainable;
+    let names: &[&str] = match optim.kind {
+        OptimizerKind::Sgd => &["momentum"],
+        OptimizerKind::Adam | OptimizerKind::AdamW => &["exp_avg", "exp_avg_sq"],
+    };
+    let mut tensors: Tensors = Vec::new();
+    for (slot, prefix) in names.iter().enumerate() {
+        for p in model.params.iter().filter(|p| p.trainable) {
+            let values = &optim.moments[slot * n + p.offset..slot * n + p.offset + p.len];
+            tensors.push((format!("{prefix}.{}", p.name), p.shape.clone(), f32_bytes(values), Dtype::F32));
+        }
+    }
+    if optim.kind != OptimizerKind::Sgd {
+        tensors.push(("step".into(), vec![], step, Dtype::I64));
+    }
+    tensors
+}
+
+/// Writes `path` (the state_dict) and its companion with the optimizer's state (for SGD, `moments`
+/// may hold the momenta alone).
+pub fn save(path: &Path, model: &Model, state: &[f32], optim: &OptimState, position: &Position) -> Result<()> {
+    let n = model.num_trainable;
+    let slots = if optim.kind == OptimizerKind::Sgd { 1 } else { MOMENT_SLOTS };
+    assert!(optim.moments.len() == slots * n || optim.moments.len() == MOMENT_SLOTS * n, "moments length");
     let tensors = state_dict_bytes(path, model, state, position)?;
-    let optim: Tensors = model
-        .params
-        .iter()
-        .filter(|p| p.trainable)
-        .map(|p| {
-            (
-                format!("momentum.{}", p.name),
-                p.shape.clone(),
-                f32_bytes(&momenta[p.offset..p.offset + p.len]),
-                Dtype::F32,
-            )
-        })
-        .collect();
+    let step = (position.global_step as i64).to_le_bytes();
+    let mut meta = metadata(model, position);
+    if optim.kind != OptimizerKind::Sgd {
+        meta.insert(OPTIMIZER_KEY.into(), optim.kind.name().into());
+    }
     let companion = optim_path(path);
-    let optim = serialize(&companion, optim, metadata(model, position))?;
+    let optim = serialize(&companion, optim_tensors(model, optim, &step), meta)?;
     // A process killed at any instant leaves a pair that loads: the old companion is set aside first,
     // then the new one is written, then the state_dict; until the state_dict is replaced, the set-aside
     // companion still matches it, and `load` falls back to it.
@@ -167,8 +196,8 @@ pub fn save(path: &Path, model: &Model, state: &[f32], momenta: &[f32], position
 pub struct Checkpoint {
     pub state: Vec<f32>,
     /// None when the companion file is absent (a checkpoint from elsewhere): evaluation works,
-    /// resuming does not.
-    pub momenta: Option<Vec<f32>>,
+    /// resuming does not. Its moments are always `MOMENT_SLOTS` x `num_trainable` values.
+    pub optim: Option<OptimState>,
     /// None for a plain state_dict without our metadata (e.g. one saved by PyTorch).
     pub position: Option<Position>,
 }
@@ -204,18 +233,18 @@ pub fn stored_model_in(path: &Path, bytes: &[u8]) -> Result<Option<String>> {
     Ok(meta.metadata().as_ref().and_then(|m| m.get(MODEL_KEY).cloned()))
 }
 
-/// Loads `path` and, when present, its momenta companion, checking every name, shape and type. When
+/// Loads `path` and, when present, its optimizer companion, checking every name, shape and type. When
 /// a save was cut short (the companion is newer than the state_dict, or missing), the companion set
 /// aside for the state_dict is used, with a warning.
 pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
     let Checkpoint { state, position, .. } = load_weights(path, model)?;
     let (optim, previous) = (optim_path(path), previous_optim_path(path));
-    let momenta = match read_momenta(&optim, model)? {
+    let optim_state = match read_optim(&optim, model)? {
         Some((m, pos)) if pos == position => Some(m),
-        found => match read_momenta(&previous, model)? {
+        found => match read_optim(&previous, model)? {
             Some((m, pos)) if pos == position => {
                 log::warn!(
-                    "{}: its last save was cut short; using the momenta of {}, which match it",
+                    "{}: its last save was cut short; using the optimizer state of {}, which matches it",
                     path.display(),
                     previous.display()
                 );
@@ -229,34 +258,55 @@ pub fn load(path: &Path, model: &Model) -> Result<Checkpoint> {
             _ => None,
         },
     };
-    Ok(Checkpoint { state, momenta, position })
+    Ok(Checkpoint { state, optim: optim_state, position })
 }
 
-/// The momenta and the position of an optimizer file, if it exists.
-fn read_momenta(optim: &Path, model: &Model) -> Result<Option<(Vec<f32>, Option<Position>)>> {
+/// The optimizer state and the position of an optimizer file, if it exists.
+fn read_optim(optim: &Path, model: &Model) -> Result<Option<(OptimState, Option<Position>)>> {
     if !optim.exists() {
         return Ok(None);
     }
-    momenta_in(optim, &open(optim)?, model).map(Some)
+    optim_in(optim, &open(optim)?, model).map(Some)
 }
 
-/// The momenta and the position held in an optimizer file's bytes; `optim` only names the file in
-/// errors.
-pub fn momenta_in(optim: &Path, bytes: &[u8], model: &Model) -> Result<(Vec<f32>, Option<Position>)> {
+/// The optimizer state and the position held in an optimizer file's bytes; `optim` only names the
+/// file in errors. Adam's step count must be the position's global step.
+pub fn optim_in(optim: &Path, bytes: &[u8], model: &Model) -> Result<(OptimState, Option<Position>)> {
     let st =
         SafeTensors::deserialize(bytes).map_err(|e| anyhow!("{}: not a safetensors file ({e})", optim.display()))?;
-    let mut m = vec![0.0f32; model.num_trainable];
-    for p in model.params.iter().filter(|p| p.trainable) {
-        m[p.offset..p.offset + p.len].copy_from_slice(&read_f32(
-            optim,
-            &st,
-            &format!("momentum.{}", p.name),
-            &p.shape,
-        )?);
-    }
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("{}: {e}", optim.display()))?;
-    let pos = meta.metadata().as_ref().map(|m| Position::from_map(optim, m)).transpose()?;
-    Ok((m, pos))
+    let meta = meta.metadata().as_ref();
+    let pos = meta.map(|m| Position::from_map(optim, m)).transpose()?;
+    let kind = match meta.and_then(|m| m.get(OPTIMIZER_KEY)) {
+        Some(name) => OptimizerKind::parse(name).with_context(|| format!("{}: metadata {OPTIMIZER_KEY:?}", optim.display()))?,
+        None => OptimizerKind::Sgd,
+    };
+    let n = model.num_trainable;
+    let mut moments = vec![0.0f32; MOMENT_SLOTS * n];
+    let names: &[&str] = if kind == OptimizerKind::Sgd { &["momentum"] } else { &["exp_avg", "exp_avg_sq"] };
+    for (slot, prefix) in names.iter().enumerate() {
+        for p in model.params.iter().filter(|p| p.trainable) {
+            let values = read_f32(optim, &st, &format!("{prefix}.{}", p.name), &p.shape)?;
+            moments[slot * n + p.offset..slot * n + p.offset + p.len].copy_from_slice(&values);
+        }
+    }
+    if kind != OptimizerKind::Sgd {
+        let step = read_step(optim, &st)?;
+        if let Some(pos) = pos.as_ref().filter(|pos| pos.global_step as i64 != step) {
+            bail!("{}: Adam's step count {step} is not the checkpoint's global step {}", optim.display(), pos.global_step);
+        }
+    }
+    Ok((OptimState { kind, moments }, pos))
+}
+
+/// Adam's step count: the int64 scalar `step`.
+fn read_step(path: &Path, st: &SafeTensors) -> Result<i64> {
+    let t = st.tensor("step").map_err(|_| anyhow!("{}: no tensor \"step\" (Adam's step count)", path.display()))?;
+    if t.dtype() != Dtype::I64 || !t.shape().is_empty() {
+        bail!("{}: tensor \"step\" is {:?} of shape {:?}, expected an I64 scalar", path.display(), t.dtype(), t.shape());
+    }
+    let bytes: [u8; 8] = t.data().try_into().map_err(|_| anyhow!("{}: tensor \"step\" is not 8 bytes", path.display()))?;
+    Ok(i64::from_le_bytes(bytes))
 }
 
 /// The parameters, running statistics and position of a checkpoint, without its optimizer file (what
@@ -282,5 +332,5 @@ pub fn weights_in(path: &Path, bytes: &[u8], model: &Model) -> Result<Checkpoint
         Some(m) if m.contains_key("format") => Some(Position::from_map(path, m)?),
         _ => None,
     };
-    Ok(Checkpoint { state, momenta: None, position })
+    Ok(Checkpoint { state, optim: None, position })
 }

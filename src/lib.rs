@@ -33,6 +33,7 @@ pub mod gpu;
 #[cfg(feature = "engine")]
 pub mod memory;
 pub mod model;
+pub mod optim;
 #[cfg(feature = "app")]
 pub mod onnx;
 #[cfg(feature = "app")]

@@ -83,7 +83,7 @@ fn eval_refuses_nan_weights_and_needs_no_optimizer_file() {
     common::write_set(&data, 20, 30, false);
     let model = Model::net3();
     let mut state = model.init_state(1);
-    let momenta = vec![0.0; model.num_trainable];
+    let momenta = checkpoint::OptimState { kind: Default::default(), moments: vec![0.0; model.num_trainable] };
     let position =
         Position { epoch: 1, batch_in_epoch: 0, global_step: 1, test_accuracy: None, seed: 1, recipe: "{}".into() };
     let good = dir.join("good.safetensors");
@@ -307,7 +307,7 @@ fn twenty_kills_at_random_moments_lose_nothing() {
         kills += 1;
         if last.exists() {
             let ck = checkpoint::load(&last, &model).unwrap_or_else(|e| panic!("after kill {kills}: {e:#}"));
-            assert!(ck.momenta.is_some(), "after kill {kills}: no momenta");
+            assert!(ck.optim.is_some(), "after kill {kills}: no optimizer state");
         }
     }
     assert_eq!(kills, 20, "the run finished before 20 kills; give it more epochs");
@@ -316,7 +316,7 @@ fn twenty_kills_at_random_moments_lose_nothing() {
         checkpoint::load(&last, &model).unwrap(),
     );
     assert_eq!(got.position, want.position);
-    assert!(got.state == want.state && got.momenta == want.momenta, "the killed run ended elsewhere");
+    assert!(got.state == want.state && got.optim == want.optim, "the killed run ended elsewhere");
 }
 
 /// Under a lowered address-space limit, a batch size that cannot fit is refused with the figure and

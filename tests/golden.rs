@@ -17,7 +17,7 @@ mod common;
 
 use common::{assert_zero_gradient, rel_err, zero_bias_gradient_scale, Fixture};
 use mnist_wgpu::cpu::reference::sgd::SgdStep;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode, Update};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::schedule::OneCycle;
 
@@ -158,7 +158,7 @@ fn ten_steps_of(
         let (lr, momentum) = schedule.at(step);
         assert!((lr - want_lr[step]).abs() <= 1e-12 && (momentum - want_mom[step]).abs() <= 1e-12);
         let sgd = SgdStep { lr: lr as f32, momentum: momentum as f32, weight_decay: WEIGHT_DECAY };
-        losses.push(net.train_step(&mut state, &mut momenta, &input, &labels, sgd, DropoutMode::Off).loss);
+        losses.push(net.train_step(&mut state, &mut momenta, &input, &labels, Update::Sgd(sgd), DropoutMode::Off).loss);
     }
     check(fx, "train.losses", &losses, 1e-5);
     // The loss must actually have moved: ten steps on one batch lower it clearly.

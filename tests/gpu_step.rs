@@ -9,7 +9,7 @@ mod common;
 
 use common::{assert_close as check, assert_zero_gradient, gpu, zero_bias_gradient_scale, Fixture};
 use mnist_wgpu::cpu::reference::sgd::SgdStep;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, Mode};
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, Mode, Update};
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;
 use mnist_wgpu::train::schedule::OneCycle;
@@ -86,7 +86,7 @@ fn steps_match_pytorch(fx: &Fixture, model: &Model) {
 
     // Ten SGD steps with the recipe's schedule, from the initial weights.
     net.write_state(ctx, &state);
-    net.write_momenta(ctx, &vec![0.0; model.num_trainable]);
+    net.write_moments(ctx, &vec![0.0; model.num_trainable]);
     let schedule = OneCycle::recipe(12_000, 0.1);
     let mut losses = Vec::new();
     for step in 0..10 {
@@ -130,7 +130,7 @@ fn gpu_steps_with_dropout_match_cpu_reference() {
         let (input, labels) = random_batch(step as u64, n, &model);
         let sgd = SgdStep { lr: 0.05, momentum: 0.9, weight_decay: WEIGHT_DECAY };
         let dropout = DropoutMode::Hash { seed: 99, step };
-        let want = cpu.train_step(&mut cpu_state, &mut cpu_momenta, &input, &labels, sgd, dropout);
+        let want = cpu.train_step(&mut cpu_state, &mut cpu_momenta, &input, &labels, Update::Sgd(sgd), dropout);
         let u = StepUniform {
             lr: 0.05,
             momentum: 0.9,
@@ -176,13 +176,13 @@ fn gpu_step_is_deterministic() {
     let mut runs = Vec::new();
     for _ in 0..2 {
         net.write_state(ctx, &state);
-        net.write_momenta(ctx, &vec![0.0; model.num_trainable]);
+        net.write_moments(ctx, &vec![0.0; model.num_trainable]);
         net.reset_metrics(ctx);
         let m = net.train_step(ctx, &input, &labels, u, true).block_on().unwrap().unwrap();
         let bits = |v: Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
         runs.push((
             bits(net.read_state(ctx).block_on().unwrap()),
-            bits(net.read_momenta(ctx).block_on().unwrap()),
+            bits(net.read_moments(ctx).block_on().unwrap()),
             m.loss_sum.to_bits(),
             m.correct,
         ));

@@ -122,7 +122,15 @@ fn a_nan_survives_the_relu_on_both_backends() {
     let n = 4;
     let input: Vec<f32> = (0..n * model.input.len()).map(|i| (i % 7) as f32 * 0.3 - 0.5).collect();
     let labels: Vec<u8> = (0..n as u8).collect();
-    let params = StepParams { lr: 0.01, momentum: 0.9, weight_decay: 0.0, dropout_seed: 1, step: 0, dropout: false };
+    let params = StepParams {
+        lr: 0.01,
+        momentum: 0.9,
+        weight_decay: 0.0,
+        dropout_seed: 1,
+        step: 0,
+        dropout: false,
+        optimizer: Default::default(),
+    };
     let mut backends: Vec<Box<dyn Backend>> = vec![Box::new(CpuBackend::new(&model, state.clone()))];
     if gpu().is_some() {
         let ctx = GpuContext::new(common::adapter_choice().as_deref()).unwrap();

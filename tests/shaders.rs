@@ -1,7 +1,7 @@
 //! Every shader parses and validates with naga (no GPU needed), with the prelude it is compiled with,
 //! and every .wgsl file in shaders/ is one the host knows.
 
-use mnist_wgpu::gpu::kernel::{validate, SHADERS};
+use mnist_wgpu::gpu::kernel::{validate, PRELUDES, SHADERS};
 
 #[test]
 fn every_shader_validates() {
@@ -17,7 +17,7 @@ fn every_shader_file_is_loaded() {
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_string_lossy().to_string();
-        if path.extension().is_some_and(|e| e == "wgsl") && stem != "common" {
+        if path.extension().is_some_and(|e| e == "wgsl") && !PRELUDES.contains(&stem.as_str()) {
             let (_, body) = SHADERS
                 .iter()
                 .find(|(n, _)| *n == stem)
@@ -74,7 +74,7 @@ fn every_entry_point_translates_to_every_backend() {
     };
     let mut translated = 0;
     for (name, body) in SHADERS {
-        let source = mnist_wgpu::gpu::kernel::full_source(body);
+        let source = mnist_wgpu::gpu::kernel::full_source(name, body);
         let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| panic!("{name}: {e}"));
         let spv_info = validate_for(&module, spv::supported_capabilities(), "SPIR-V", name);
         let msl_info = validate_for(&module, msl::supported_capabilities(), "MSL", name);

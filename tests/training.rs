@@ -19,6 +19,7 @@ use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS};
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;
+use mnist_wgpu::optim::OptimizerKind;
 use mnist_wgpu::train::files::{self, TrainOptions};
 use mnist_wgpu::train::{self, Recipe};
 
@@ -69,7 +70,7 @@ fn cpu_training_learns() {
     assert!(metrics.contains("\"test_accuracy\""));
     let ck = checkpoint::load(&out.join("best.safetensors"), &model).unwrap();
     assert_eq!(ck.state, backend.state().block_on().unwrap());
-    assert_eq!(ck.momenta.unwrap(), backend.momenta().block_on().unwrap());
+    assert_eq!(ck.optim.unwrap().moments, backend.moments().block_on().unwrap());
     assert_eq!(ck.position.unwrap().global_step, 320);
 }
 
@@ -100,7 +101,7 @@ fn interrupted_run_resumes_exactly() {
     assert!(!outcome.interrupted);
     assert_eq!(outcome.epochs.len(), 2);
     assert_eq!(resumed.state().block_on().unwrap(), straight.state().block_on().unwrap(), "resumed run ends elsewhere");
-    assert_eq!(resumed.momenta().block_on().unwrap(), straight.momenta().block_on().unwrap());
+    assert_eq!(resumed.moments().block_on().unwrap(), straight.moments().block_on().unwrap());
 
     // Resuming with other flags than the run's is refused, naming the recipe.
     let mut other = options(Recipe { max_lr: 0.2, ..recipe }, out.clone());
@@ -166,9 +167,10 @@ fn gpu_and_cpu_backends_train_alike() {
             dropout_seed: 4,
             step: step as u32,
             dropout: true,
+            optimizer: Default::default(),
         };
         net.write_state(ctx, &cpu.state().block_on().unwrap());
-        net.write_momenta(ctx, &cpu.momenta().block_on().unwrap());
+        net.write_moments(ctx, &cpu.moments().block_on().unwrap());
         cpu.reset_sums().block_on().unwrap();
         cpu.train_step(&b.input, &b.labels, p).block_on().unwrap();
         let want = cpu.train_sums().block_on().unwrap().loss_sum;
@@ -179,8 +181,7 @@ fn gpu_and_cpu_backends_train_alike() {
             dropout_seed: 4,
             dropout_step: step as u32,
             dropout_on: 1,
-            _p0: 0,
-            _p1: 0,
+            ..Default::default()
         };
         net.reset_metrics(ctx);
         let got = net.train_step(ctx, &b.input, &b.labels, u, true).block_on().unwrap().unwrap().loss_sum as f64;
@@ -284,7 +285,7 @@ fn gpu_run_interrupted_mid_chunk_resumes_exactly() {
         "the resumed GPU run ends elsewhere"
     );
     assert!(
-        resumed.momenta().block_on().unwrap() == straight.momenta().block_on().unwrap(),
+        resumed.moments().block_on().unwrap() == straight.moments().block_on().unwrap(),
         "the resumed GPU run's momenta differ"
     );
     let (a, b) = (&straight_run.epochs[1], &resumed_run.epochs[1]);
@@ -387,24 +388,24 @@ fn a_checkpoint_save_cut_short_loads_the_last_complete_pair() {
         seed: 1,
         recipe: "{}".into(),
     };
-    let momenta = |v: f32| vec![v; model.num_trainable];
+    let momenta = |v: f32| checkpoint::OptimState { kind: OptimizerKind::Sgd, moments: vec![v; model.num_trainable] };
     let path = dir.join("last.safetensors");
     checkpoint::save(&path, &model, &state, &momenta(1.0), &at(1)).unwrap();
     checkpoint::save(&path, &model, &state, &momenta(2.0), &at(2)).unwrap();
     let ck = checkpoint::load(&path, &model).unwrap();
-    assert_eq!((ck.position.unwrap().global_step, ck.momenta.unwrap()[0]), (2, 2.0));
+    assert_eq!((ck.position.unwrap().global_step, ck.optim.unwrap().moments[0]), (2, 2.0));
 
     // Cut after the first step of the next save: the companion set aside, no new one yet.
     let (optim, previous) = (checkpoint::optim_path(&path), dir.join("last.optim.prev.safetensors"));
     std::fs::rename(&optim, &previous).unwrap();
     let ck = checkpoint::load(&path, &model).unwrap();
-    assert_eq!((ck.position.unwrap().global_step, ck.momenta.unwrap()[0]), (2, 2.0));
+    assert_eq!((ck.position.unwrap().global_step, ck.optim.unwrap().moments[0]), (2, 2.0));
     // Cut after the second: the new companion (step 3) beside the old state_dict (step 2).
     let other = dir.join("other.safetensors");
     checkpoint::save(&other, &model, &state, &momenta(3.0), &at(3)).unwrap();
     std::fs::copy(checkpoint::optim_path(&other), &optim).unwrap();
     let ck = checkpoint::load(&path, &model).unwrap();
-    assert_eq!((ck.position.unwrap().global_step, ck.momenta.unwrap()[0]), (2, 2.0));
+    assert_eq!((ck.position.unwrap().global_step, ck.optim.unwrap().moments[0]), (2, 2.0));
     // Without the set-aside file, the mismatch is an error naming both files.
     std::fs::remove_file(&previous).unwrap();
     let err = checkpoint::load(&path, &model).err().unwrap().to_string();
@@ -442,7 +443,7 @@ fn a_lost_gpu_ends_the_run_with_its_message_and_keeps_the_checkpoint() {
     assert!(err.contains("the GPU failed") && err.contains("lost"), "{err}");
     assert!(err.contains(&format!("continue with --resume {}", last.display())), "{err}");
     let kept = checkpoint::load(&last, &model).unwrap();
-    assert!(kept.momenta.is_some(), "the kept checkpoint has its momenta");
+    assert!(kept.optim.is_some(), "the kept checkpoint has its optimizer state");
     assert_eq!(kept.position.unwrap().epoch, 1, "the first epoch's checkpoint is the last good one");
     drop(backend);
 

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use mnist_wgpu::checkpoint::{momenta_in, stored_model_in, weights_in};
+use mnist_wgpu::checkpoint::{optim_in, stored_model_in, weights_in};
 use mnist_wgpu::model::{file, Model, Shape};
 
 fuzz_target!(|bytes: &[u8]| {
@@ -24,7 +24,7 @@ fuzz_target!(|bytes: &[u8]| {
         assert_eq!(ck.state.len(), model.num_state);
         assert!(ck.state.iter().all(|v| v.is_finite()));
     }
-    if let Ok((momenta, _)) = momenta_in(path, bytes, &model) {
-        assert_eq!(momenta.len(), model.num_trainable);
+    if let Ok((optim, _)) = optim_in(path, bytes, &model) {
+        assert_eq!(optim.moments.len(), 2 * model.num_trainable);
     }
 });

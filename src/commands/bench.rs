@@ -23,6 +23,7 @@ use mnist_wgpu::data::{
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
+use mnist_wgpu::optim::{Optimizer, OptimizerKind};
 use mnist_wgpu::train::{loader_ahead, run_chunks};
 use mnist_wgpu::verify;
 
@@ -33,6 +34,9 @@ pub struct BenchArgs {
     /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
+    /// The update that ends each training step: sgd, adam or adamw.
+    #[arg(long, value_name = "NAME", value_parser = OptimizerKind::parse, default_value = "sgd")]
+    optimizer: OptimizerKind,
     /// Training steps (or evaluation batches) per timed repeat.
     #[arg(long, default_value_t = 20)]
     steps: usize,
@@ -117,9 +121,17 @@ pub(super) fn timed_loader(batch_size: usize) -> LoaderConfig {
     LoaderConfig { seed: 1, batch_size, augment: Some(Augment::default()), batch_augment: BatchAugment::default() }
 }
 
-/// The parameters of timed step `step` (dropout on, as in training).
-pub(super) fn step_params(step: usize) -> StepParams {
-    StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 1, step: step as u32, dropout: true }
+/// The parameters of timed step `step` with `optimizer`'s update (dropout on, as in training).
+pub(super) fn step_params(step: usize, optimizer: OptimizerKind) -> StepParams {
+    StepParams {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-5,
+        dropout_seed: 1,
+        step: step as u32,
+        dropout: true,
+        optimizer: Optimizer { kind: optimizer, ..Optimizer::default() },
+    }
 }
 
 /// Chunks the training loop row runs per repeat, at least: the loader's start and the last chunk's
@@ -182,7 +194,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         cfg,
         threads: default_threads(),
     };
-    let schedule: Vec<StepParams> = (0..MAX_LOOP_STEPS.max(args.steps)).map(step_params).collect();
+    let schedule: Vec<StepParams> =
+        (0..MAX_LOOP_STEPS.max(args.steps)).map(|i| step_params(i, args.optimizer)).collect();
     // The asked-for backends, then the host-only GPU backend when asked.
     let runs =
         backends(&args).into_iter().map(|b| (b, false)).chain(args.host_only.then_some((BackendChoice::Gpu, true)));

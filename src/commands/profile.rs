@@ -9,7 +9,8 @@ use pollster::block_on;
 
 use mnist_wgpu::backend::Backend;
 use mnist_wgpu::cpu::profile::OpTime;
-use mnist_wgpu::cpu::reference::sgd::SgdStep;
+use mnist_wgpu::cpu::executor::Update;
+use mnist_wgpu::optim::{OptimizerKind, MOMENT_SLOTS};
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, Batch};
 use mnist_wgpu::gpu::backend::GpuBackend;
@@ -24,6 +25,9 @@ pub struct ProfileArgs {
     /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
+    /// The update that ends each training step: sgd, adam or adamw.
+    #[arg(long, value_name = "NAME", value_parser = OptimizerKind::parse, default_value = "sgd")]
+    optimizer: OptimizerKind,
     /// Timed training steps; each kernel's median over them is reported.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -127,7 +131,7 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         return profile_cpu(&args, &model, &batches);
     }
     let mut backend = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
-    let p = step_params;
+    let p = |i| step_params(i, args.optimizer);
     let first = train_batch(&set.train, &order, &cfg, 0, 0);
     validate(&mut backend, &model, args.batch_size)?;
     // Warm-up (pipeline compilation, first-use costs), then the timed steps.
@@ -279,13 +283,12 @@ fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<(
         ProfiledBackend::CpuReference => Box::new(CpuNet::new(model)),
         _ => Box::new(FusedNet::new(model)),
     };
-    let (mut state, mut momenta) = (model.init_state(1), vec![0.0; model.num_trainable]);
+    let (mut state, mut moments) = (model.init_state(1), vec![0.0; MOMENT_SLOTS * model.num_trainable]);
     let mut runs: Vec<Vec<OpTime>> = Vec::new();
     for (i, b) in batches.iter().enumerate() {
-        let p = step_params(i);
-        let sgd = SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay };
+        let p = step_params(i, args.optimizer);
         let dropout = DropoutMode::Hash { seed: p.dropout_seed, step: p.step };
-        let (_, ops) = net.profile_step(&mut state, &mut momenta, (&b.input, &b.labels), sgd, dropout);
+        let (_, ops) = net.profile_step(&mut state, &mut moments, (&b.input, &b.labels), Update::for_step(&p), dropout);
         if i > 0 {
             runs.push(ops);
         }

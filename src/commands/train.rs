@@ -13,6 +13,7 @@ use mnist_wgpu::data::augment::{Augment, BatchAugment};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, LoaderConfig};
 use mnist_wgpu::data::{self, IMAGE_PIXELS, IMAGE_SIDE};
 use mnist_wgpu::model::Model;
+use mnist_wgpu::optim::{parse_betas, Optimizer, OptimizerKind};
 use mnist_wgpu::train::files::{self, TrainOptions};
 use mnist_wgpu::train::{self, Recipe};
 
@@ -35,6 +36,22 @@ pub struct TrainArgs {
     /// recipe's 0.1).
     #[arg(long)]
     max_lr: Option<f64>,
+    /// The optimizer: sgd (with the one-cycle momentum), adam or adamw, as PyTorch's (default: the model
+    /// file's [train] optimizer, else sgd).
+    #[arg(long, value_name = "NAME", value_parser = OptimizerKind::parse)]
+    optimizer: Option<OptimizerKind>,
+    /// Adam's and AdamW's betas (default: the model file's [train] betas, else PyTorch's 0.9,0.999).
+    #[arg(long, value_name = "B1,B2", value_parser = parse_betas)]
+    betas: Option<(f64, f64)>,
+    /// Adam's and AdamW's eps, added after the square root (default: the model file's [train] eps,
+    /// else PyTorch's 1e-8).
+    #[arg(long)]
+    eps: Option<f64>,
+    /// Weight decay: added to the gradient for sgd and adam, decoupled for adamw (default: the model
+    /// file's [train] weight_decay, else the recipe's 1e-5 for sgd and PyTorch's 0 for adam, 0.01 for
+    /// adamw).
+    #[arg(long)]
+    weight_decay: Option<f32>,
     /// Seeds the initial weights, the shuffling, the augmentation and the dropout masks (the same
     /// seed gives the same run, bit for bit, on one backend).
     #[arg(long, default_value_t = 1)]
@@ -168,10 +185,18 @@ fn check_train_flags(args: &TrainArgs) -> Result<()> {
 /// The recipe a run follows: a flag, else the model file's [train] table, else the spec's.
 fn train_recipe(args: &TrainArgs, model: &Model) -> Result<Recipe> {
     let base = Recipe::for_model(model);
+    let kind = args.optimizer.unwrap_or(base.optimizer.kind);
     let recipe = Recipe {
         epochs: args.epochs.unwrap_or(base.epochs),
         batch_size: args.batch_size.unwrap_or(base.batch_size),
         max_lr: args.max_lr.unwrap_or(base.max_lr),
+        optimizer: Optimizer {
+            kind,
+            betas: args.betas.unwrap_or(base.optimizer.betas),
+            eps: args.eps.unwrap_or(base.optimizer.eps),
+        },
+        // The default follows the optimizer the flags chose, not the one the model file names.
+        weight_decay: args.weight_decay.or(model.train.weight_decay).unwrap_or(kind.default_weight_decay()),
         seed: args.seed,
         augment: Augment {
             translate: args.translate.unwrap_or(base.augment.translate),
@@ -188,6 +213,9 @@ fn train_recipe(args: &TrainArgs, model: &Model) -> Result<Recipe> {
     };
     if let Some(fault) = recipe.augment.fault() {
         bail!("augmentation (--translate, --jitter, --rotate, --cutout or the model file's [train]): {fault}");
+    }
+    if let Some(fault) = recipe.fault() {
+        bail!("--betas, --eps, --weight-decay or the model file's [train]: {fault}");
     }
     Ok(recipe)
 }
@@ -344,9 +372,14 @@ fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mn
         .collect();
     let extra = if extra.is_empty() { String::new() } else { format!(", batch augmentation: {}", extra.join(", ")) };
     let a = r.augment;
+    let o = r.optimizer;
+    let optimizer = match o.kind {
+        OptimizerKind::Sgd => format!("sgd, weight decay {}", r.weight_decay),
+        _ => format!("{}, betas ({}, {}), eps {}, weight decay {}", o.kind.name(), o.betas.0, o.betas.1, o.eps, r.weight_decay),
+    };
     println!(
-        "Recipe: {} epochs, batch {}, max lr {}; augmentation: shift {} px, jitter {}, rotation {} degrees, \
-         cutout {}{extra}",
+        "Recipe: {} epochs, batch {}, max lr {}, {optimizer}; augmentation: shift {} px, jitter {}, rotation {} \
+         degrees, cutout {}{extra}",
         r.epochs, r.batch_size, r.max_lr, a.translate, a.jitter, a.rotate, a.cutout
     );
     println!("Run folder: {}", out.display());

@@ -5,15 +5,16 @@ use anyhow::Result;
 use async_trait::async_trait;
 
 use crate::backend::{chunk_batch_size, schedule_span, Backend, StepParams, Sums, GIB};
-use crate::cpu::reference::sgd::SgdStep;
+use crate::cpu::executor::Update;
 use crate::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
 use crate::data::loader::Batch;
 use crate::model::Model;
+use crate::optim::MOMENT_SLOTS;
 
 pub struct CpuBackend {
     net: FusedNet,
     state: Vec<f32>,
-    momenta: Vec<f32>,
+    moments: Vec<f32>,
     sums: Sums,
     schedule: Vec<StepParams>,
     /// Training batches since the last reset.
@@ -26,7 +27,7 @@ impl CpuBackend {
         CpuBackend {
             net: FusedNet::new(model),
             state,
-            momenta: vec![0.0; model.num_trainable],
+            moments: vec![0.0; MOMENT_SLOTS * model.num_trainable],
             sums: Sums::default(),
             schedule: Vec::new(),
             trained: 0,
@@ -70,10 +71,9 @@ impl Backend for CpuBackend {
     }
 
     async fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
-        let sgd = SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay };
         let dropout =
             if p.dropout { DropoutMode::Hash { seed: p.dropout_seed, step: p.step } } else { DropoutMode::Off };
-        let out = self.net.train_step(&mut self.state, &mut self.momenta, input, labels, sgd, dropout);
+        let out = self.net.train_step(&mut self.state, &mut self.moments, input, labels, Update::for_step(&p), dropout);
         self.sums.loss_sum += out.loss as f64 * labels.len() as f64;
         self.sums.correct += out.correct as u64;
         self.sums.nonfinite |= out.nonfinite;
@@ -134,13 +134,13 @@ impl Backend for CpuBackend {
         Ok(self.state.clone())
     }
 
-    async fn momenta(&mut self) -> Result<Vec<f32>> {
-        Ok(self.momenta.clone())
+    async fn moments(&mut self) -> Result<Vec<f32>> {
+        Ok(self.moments.clone())
     }
 
-    async fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
+    async fn load(&mut self, state: &[f32], moments: &[f32]) -> Result<()> {
         self.state.copy_from_slice(state);
-        self.momenta.copy_from_slice(momenta);
+        self.moments.copy_from_slice(moments);
         Ok(())
     }
 }

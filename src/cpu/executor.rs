@@ -4,8 +4,11 @@
 
 use super::profile::{self, record, OpTime};
 use super::reference::loss::{softmax_cross_entropy, LossOut};
+use super::reference::adam::adam_update;
 use super::reference::sgd::{sgd_update, SgdStep};
+use crate::backend::StepParams;
 use crate::model::Model;
+use crate::optim::{AdamScalars, OptimizerKind};
 
 /// How dropout layers behave in a training-mode pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,57 @@ pub struct StepOut {
     pub nonfinite: bool,
 }
 
+/// The update that ends a training step, with its scalars for this step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Update {
+    Sgd(SgdStep),
+    /// Adam or AdamW (the scalars say which).
+    Adam(AdamScalars),
+}
+
+impl Update {
+    /// The update a step of the run's schedule asks for (Adam's step count: the global step plus one).
+    pub fn for_step(p: &StepParams) -> Update {
+        match p.optimizer.kind {
+            OptimizerKind::Sgd => Update::Sgd(SgdStep { lr: p.lr, momentum: p.momentum, weight_decay: p.weight_decay }),
+            OptimizerKind::Adam | OptimizerKind::AdamW => {
+                Update::Adam(p.optimizer.adam_scalars(p.lr as f64, p.weight_decay as f64, p.step as u64 + 1))
+            }
+        }
+    }
+
+    /// Updates `params` from `grads`; `moments` holds SGD's momenta (its first `params.len()` values)
+    /// or Adam's first and second moments, one after the other. Returns whether any updated value is
+    /// non-finite (the run diverged).
+    pub fn apply(&self, params: &mut [f32], grads: &[f32], moments: &mut [f32]) -> bool {
+        let n = params.len();
+        match self {
+            Update::Sgd(sgd) => sgd_update(*sgd, params, grads, &mut moments[..n]),
+            Update::Adam(s) => {
+                let (m, v) = moments[..2 * n].split_at_mut(n);
+                adam_update(s, params, grads, m, v)
+            }
+        }
+    }
+
+    /// FLOPs and bytes of the update of `params` values, as `profile` counts them.
+    fn cost(&self, params: usize) -> (f64, f64) {
+        match self {
+            Update::Sgd(_) => profile::sgd_cost(params),
+            // Reads parameter, gradient and two moments, writes parameter and moments.
+            Update::Adam(_) => ((13 * params) as f64, 4.0 * (7 * params) as f64),
+        }
+    }
+
+    /// The label of the update in CPU profiles, as the GPU's kernel is named.
+    fn label(&self) -> &'static str {
+        match self {
+            Update::Sgd(_) => "sgd.update",
+            Update::Adam(_) => "adam.update",
+        }
+    }
+}
+
 /// A network run on the CPU. The required methods are each executor's own; the provided ones (a
 /// training step, a profiled step, an evaluation) are the same for both.
 pub trait Executor {
@@ -50,15 +104,16 @@ pub trait Executor {
     /// The dlogits buffer kept between steps, and the profile being taken (None: not profiling).
     fn scratch(&mut self) -> (&mut Vec<f32>, &mut Option<Vec<OpTime>>);
 
-    /// One SGD training step on a batch: forward (training mode), loss, backward, update.
-    /// `state` holds the parameters and running statistics; `momenta` the trainable prefix's buffers.
+    /// One training step on a batch: forward (training mode), loss, backward, update.
+    /// `state` holds the parameters and running statistics; `moments` the optimizer's buffers of the
+    /// trainable prefix (see `Update::apply`).
     fn train_step(
         &mut self,
         state: &mut [f32],
-        momenta: &mut [f32],
+        moments: &mut [f32],
         input: &[f32],
         labels: &[u8],
-        sgd: SgdStep,
+        update: Update,
         dropout: DropoutMode,
     ) -> StepOut {
         let classes = self.model().output_classes();
@@ -72,8 +127,8 @@ pub trait Executor {
         *self.scratch().0 = dlogits;
         let trainable = self.model().num_trainable;
         let started = self.scratch().1.is_some().then(web_time::Instant::now);
-        let nonfinite = sgd_update(sgd, &mut state[..trainable], self.grads(), momenta);
-        record(self.scratch().1, "sgd.update", profile::sgd_cost(trainable), started);
+        let nonfinite = update.apply(&mut state[..trainable], self.grads(), moments);
+        record(self.scratch().1, update.label(), update.cost(trainable), started);
         StepOut { loss: out.loss, correct: out.correct, nonfinite }
     }
 
@@ -81,13 +136,13 @@ pub trait Executor {
     fn profile_step(
         &mut self,
         state: &mut [f32],
-        momenta: &mut [f32],
+        moments: &mut [f32],
         batch: (&[f32], &[u8]),
-        sgd: SgdStep,
+        update: Update,
         dropout: DropoutMode,
     ) -> (StepOut, Vec<OpTime>) {
         *self.scratch().1 = Some(Vec::new());
-        let out = self.train_step(state, momenta, batch.0, batch.1, sgd, dropout);
+        let out = self.train_step(state, moments, batch.0, batch.1, update, dropout);
         (out, self.scratch().1.take().unwrap_or_default())
     }
 

@@ -19,6 +19,6 @@ pub mod profile;
 pub mod reference;
 pub mod scratch;
 
-pub use executor::{DropoutMode, Executor, Mode, StepOut};
+pub use executor::{DropoutMode, Executor, Mode, StepOut, Update};
 pub use fused::FusedNet;
 pub use reference::net::CpuNet;

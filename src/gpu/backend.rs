@@ -13,9 +13,11 @@ use crate::gpu::net::{ChunkLayout, SharedBuffers, StepProfile};
 use crate::gpu::stream::{ChunkKind, Stream};
 use crate::gpu::{GpuContext, GpuNet, Kernels, Metrics, StepUniform};
 use crate::model::Model;
+use crate::optim::{OptimizerKind, MOMENT_SLOTS};
 
-/// A step's parameters as the shaders' per-step uniform.
+/// A step's parameters as the shaders' per-step uniform (Adam's scalars for step count `step + 1`).
 fn step_uniform(p: StepParams) -> StepUniform {
+    let adam = p.optimizer.adam_scalars(p.lr as f64, p.weight_decay as f64, p.step as u64 + 1);
     StepUniform {
         lr: p.lr,
         momentum: p.momentum,
@@ -23,9 +25,9 @@ fn step_uniform(p: StepParams) -> StepUniform {
         dropout_seed: p.dropout_seed,
         dropout_step: p.step,
         dropout_on: p.dropout as u32,
-        _p0: 0,
-        _p1: 0,
+        ..Default::default()
     }
+    .with_adam(&adam)
 }
 
 /// About how long a chunk should run: long enough that submits are rare, short enough that the
@@ -40,6 +42,8 @@ pub struct GpuBackend {
     model: Model,
     shared: SharedBuffers,
     nets: HashMap<usize, GpuNet>,
+    /// The update every executor's training steps end with.
+    optimizer: OptimizerKind,
     /// Every step's uniform for the run (`set_schedule`), copied into the step uniform step by step.
     schedule: Option<(wgpu::Buffer, usize)>,
     stream: Stream,
@@ -59,6 +63,7 @@ impl GpuBackend {
             model: model.clone(),
             shared,
             nets: HashMap::new(),
+            optimizer: OptimizerKind::Sgd,
             schedule: None,
             stream: Stream::default(),
             host_only: false,
@@ -74,7 +79,8 @@ impl GpuBackend {
     /// The executor for `batch` images (built on first use) and the context to run it with.
     fn net(&mut self, batch: usize) -> Result<(&GpuNet, &GpuContext)> {
         if !self.nets.contains_key(&batch) {
-            let net = GpuNet::with_shared(&self.ctx, &self.kernels, &self.model, batch, self.shared.clone())?;
+            let mut net = GpuNet::with_shared(&self.ctx, &self.kernels, &self.model, batch, self.shared.clone())?;
+            net.set_optimizer(self.optimizer);
             self.nets.insert(batch, net);
         }
         Ok((&self.nets[&batch], &self.ctx))
@@ -85,8 +91,17 @@ impl GpuBackend {
         (&self.ctx, &self.kernels)
     }
 
+    /// Makes every executor's training steps end with `kind`'s update.
+    fn set_optimizer(&mut self, kind: OptimizerKind) {
+        self.optimizer = kind;
+        for net in self.nets.values_mut() {
+            net.set_optimizer(kind);
+        }
+    }
+
     /// A training step with every kernel timed, and timed as one pass (see `GpuNet::profile_step`).
     pub async fn profile_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<StepProfile> {
+        self.set_optimizer(p.optimizer.kind);
         let (net, ctx) = self.net(labels.len())?;
         net.profile_step(ctx, input, labels, step_uniform(p)).await
     }
@@ -192,13 +207,22 @@ impl Backend for GpuBackend {
     }
 
     async fn train_step(&mut self, input: &[f32], labels: &[u8], p: StepParams) -> Result<()> {
+        self.set_optimizer(p.optimizer.kind);
         let (net, ctx) = self.net(labels.len())?;
         net.train_step(ctx, input, labels, step_uniform(p), false).await?;
         Ok(())
     }
 
     fn set_schedule(&mut self, schedule: &[StepParams]) -> Result<()> {
+        if let Some(first) = schedule.first() {
+            if schedule.iter().any(|p| p.optimizer != first.optimizer) {
+                bail!("a schedule whose steps use different optimizers");
+            }
+            self.set_optimizer(first.optimizer.kind);
+        }
         let uniforms: Vec<StepUniform> = schedule.iter().map(|&p| step_uniform(p)).collect();
+        // A binding holds at least one element.
+        let empty = [StepUniform::default()];
         let bytes = std::mem::size_of_val(uniforms.as_slice()) as u64;
         let limit = self.ctx.device.limits().max_buffer_size;
         if bytes > limit {
@@ -213,7 +237,7 @@ impl Backend for GpuBackend {
         }
         let buffer = self.ctx.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("schedule"),
-            contents: if uniforms.is_empty() { &[0; 32] } else { bytemuck::cast_slice(&uniforms) },
+            contents: bytemuck::cast_slice(if uniforms.is_empty() { &empty } else { &uniforms }),
             usage: wgpu::BufferUsages::COPY_SRC,
         });
         self.schedule = Some((buffer, schedule.len()));
@@ -263,17 +287,17 @@ impl Backend for GpuBackend {
         self.ctx.read(&self.shared.state, self.model.num_state).await
     }
 
-    async fn momenta(&mut self) -> Result<Vec<f32>> {
+    async fn moments(&mut self) -> Result<Vec<f32>> {
         self.stream.drain(&self.ctx).await?;
-        self.ctx.read(&self.shared.momenta, self.model.num_trainable).await
+        self.ctx.read(&self.shared.moments, MOMENT_SLOTS * self.model.num_trainable).await
     }
 
-    async fn load(&mut self, state: &[f32], momenta: &[f32]) -> Result<()> {
+    async fn load(&mut self, state: &[f32], moments: &[f32]) -> Result<()> {
         assert_eq!(state.len(), self.model.num_state);
-        assert_eq!(momenta.len(), self.model.num_trainable);
+        assert_eq!(moments.len(), MOMENT_SLOTS * self.model.num_trainable);
         self.stream.drain(&self.ctx).await?;
         self.ctx.write(&self.shared.state, state);
-        self.ctx.write(&self.shared.momenta, momenta);
+        self.ctx.write(&self.shared.moments, moments);
         Ok(())
     }
 }

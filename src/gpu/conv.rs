@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 use super::batchnorm::BnOffsets;
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
-use super::sgd::SlicedGrad;
+use super::update::SlicedGrad;
 use super::uniform::uniform;
 use crate::model::ConvDims;
 

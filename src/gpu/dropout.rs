@@ -24,7 +24,7 @@ impl Dropout {
         Ok(Dropout { apply: take(&mut compile(ctx, "dropout")?, "apply") })
     }
 
-    /// out = x * mask, the mask drawn from the seed and step in the `step` uniform (see sgd::StepUniform).
+    /// out = x * mask, the mask drawn from the seed and step in the `step` uniform (see update::StepUniform).
     /// Dropout layer `layer` (its index in the model, which keys its mask) of probability p.
     #[allow(clippy::too_many_arguments)]
     pub fn apply(

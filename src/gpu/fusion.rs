@@ -18,7 +18,7 @@
 
 use super::batchnorm::{bn_spans, BnLayer, BnOffsets, FusedDropout};
 use super::conv::{forward_splits, weight_grad_slices, Conv, ConvGrad, ConvLayer};
-use super::sgd::SlicedGrad;
+use super::update::SlicedGrad;
 use crate::model::plan::{Op, Plan};
 use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};
 

@@ -10,7 +10,11 @@ use super::limits::WG;
 /// Prepended to every shader: the grid index helpers and the fixed-order workgroup reduction.
 pub const COMMON: &str = include_str!("../../shaders/common.wgsl");
 
-/// Every shader file of `shaders/` except the prelude, by name.
+/// Prepended (after `COMMON`) to the parameter updates: their shared bindings and the gradients'
+/// slices.
+pub const UPDATE_COMMON: &str = include_str!("../../shaders/update_common.wgsl");
+
+/// Every shader file of `shaders/` except the preludes, by name.
 pub const SHADERS: &[(&str, &str)] = &[
     ("conv", include_str!("../../shaders/conv.wgsl")),
     ("batchnorm", include_str!("../../shaders/batchnorm.wgsl")),
@@ -19,20 +23,27 @@ pub const SHADERS: &[(&str, &str)] = &[
     ("relu", include_str!("../../shaders/relu.wgsl")),
     ("loss", include_str!("../../shaders/loss.wgsl")),
     ("sgd", include_str!("../../shaders/sgd.wgsl")),
+    ("adam", include_str!("../../shaders/adam.wgsl")),
 ];
+
+/// The preludes' files, which `full_source` puts before the shaders that need them.
+pub const PRELUDES: &[&str] = &["common", "update_common"];
 
 /// The most workgroups one dispatch dimension takes.
 const MAX_GROUPS: u32 = 65_535;
 
-/// The full source of a shader: the prelude, then the file.
-pub fn full_source(body: &str) -> String {
-    format!("{COMMON}\n{body}")
+/// The full source of shader `name`: the preludes it needs, then the file.
+pub fn full_source(name: &str, body: &str) -> String {
+    match name {
+        "sgd" | "adam" => format!("{COMMON}\n{UPDATE_COMMON}\n{body}"),
+        _ => format!("{COMMON}\n{body}"),
+    }
 }
 
 /// Parses and validates a shader with naga; the error names the file and the place.
 pub fn validate(name: &str, body: &str) -> Result<(naga::Module, naga::valid::ModuleInfo)> {
-    let source = full_source(body);
-    let path = format!("shaders/{name}.wgsl (after common.wgsl)");
+    let source = full_source(name, body);
+    let path = format!("shaders/{name}.wgsl (after its preludes)");
     let module =
         naga::front::wgsl::parse_str(&source).map_err(|e| anyhow!("{}", e.emit_to_string_with_path(&source, &path)))?;
     let info = naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::all())
@@ -55,7 +66,7 @@ pub fn compile(ctx: &GpuContext, name: &str) -> Result<BTreeMap<String, Kernel>>
     let (module, info) = validate(name, body)?;
     let shader = ctx.device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(name),
-        source: wgpu::ShaderSource::Wgsl(full_source(body).into()),
+        source: wgpu::ShaderSource::Wgsl(full_source(name, body).into()),
     });
     let mut kernels = BTreeMap::new();
     for (index, entry) in module.entry_points.iter().enumerate() {

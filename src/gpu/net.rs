@@ -1,6 +1,6 @@
 //! The GPU executor of the model description. For a batch size it allocates every buffer once
-//! (parameters and running statistics, gradients and momenta each in one buffer; one buffer per
-//! activation) and records the forward, loss, backward and SGD launches once; a training step then
+//! (parameters and running statistics, gradients and the optimizer's moments each in one buffer; one buffer per
+//! activation) and records the forward, loss, backward and update launches once; a training step then
 //! writes the batch and the step's uniform, and submits all of it in one compute pass of one encoder.
 //! Nothing is read back unless asked.
 
@@ -15,8 +15,11 @@ use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
 use super::relu::Relu;
-use super::sgd::{Sgd, SgdBuffers, StepUniform};
+use super::adam::Adam;
+use super::sgd::Sgd;
+use super::update::{StepUniform, UpdateBuffers};
 use crate::model::{Layer, Model};
+use crate::optim::{OptimizerKind, MOMENT_SLOTS};
 
 /// Every shader's kernels, compiled once per device.
 pub struct Kernels {
@@ -27,6 +30,7 @@ pub struct Kernels {
     pub relu: Relu,
     pub loss: Loss,
     pub sgd: Sgd,
+    pub adam: Adam,
 }
 
 impl Kernels {
@@ -39,6 +43,7 @@ impl Kernels {
             relu: Relu::new(ctx)?,
             loss: Loss::new(ctx)?,
             sgd: Sgd::new(ctx)?,
+            adam: Adam::new(ctx)?,
         })
     }
 }
@@ -77,7 +82,8 @@ impl Metrics {
 pub struct SharedBuffers {
     pub state: wgpu::Buffer,
     pub grads: wgpu::Buffer,
-    pub momenta: wgpu::Buffer,
+    /// The optimizer's moments (`optim::MOMENT_SLOTS` x the trainable parameters).
+    pub moments: wgpu::Buffer,
     pub metrics: wgpu::Buffer,
     pub step: wgpu::Buffer,
 }
@@ -88,7 +94,7 @@ impl SharedBuffers {
         SharedBuffers {
             state: ctx.upload("state", state),
             grads: ctx.zeros("grads", model.num_trainable + sliced_grads(model).1),
-            momenta: ctx.zeros("momenta", model.num_trainable),
+            moments: ctx.zeros("moments", MOMENT_SLOTS * model.num_trainable),
             metrics: ctx.zeros("metrics", METRICS_WORDS),
             step: ctx.uniform("step", &StepUniform::default()),
         }
@@ -162,7 +168,10 @@ pub struct GpuNet {
     loss_train: Dispatch,
     loss_eval: Dispatch,
     backward: Vec<Dispatch>,
-    update: Dispatch,
+    /// The two updates a step may end with, and which one it does.
+    sgd_update: Dispatch,
+    adam_update: Dispatch,
+    optimizer: OptimizerKind,
     /// The sliced weight gradients added up without an update (`gradients_only`).
     finish_grads: Dispatch,
 }
@@ -462,14 +471,15 @@ impl GpuNet {
         let r = Recorder { ctx, k, model, f: &f, b: &b, shared: &shared };
         let (loss_train, loss_eval) = r.record_loss();
         let (forward_train, forward_eval, backward) = (r.record_forward()?, r.record_eval()?, r.record_backward()?);
-        let sgd_buffers = SgdBuffers {
+        let update_buffers = UpdateBuffers {
             step: &shared.step,
             state: &shared.state,
             grads: &shared.grads,
-            momenta: &shared.momenta,
+            moments: &shared.moments,
             metrics: &shared.metrics,
         };
-        let update = k.sgd.update(ctx, model.num_trainable, &f.sliced, &sgd_buffers);
+        let sgd_update = k.sgd.update(ctx, model.num_trainable, &f.sliced, &update_buffers);
+        let adam_update = k.adam.update(ctx, model.num_trainable, &f.sliced, &update_buffers);
         let finish_grads = k.sgd.sum_slices(ctx, model.num_trainable, &f.sliced, &shared.grads);
         let eval_logits = f.plan.eval_buffer[model.layers.len() - 1];
         let Activations { input, labels, activations, .. } = b;
@@ -486,7 +496,9 @@ impl GpuNet {
             loss_train,
             loss_eval,
             backward,
-            update,
+            sgd_update,
+            adam_update,
+            optimizer: OptimizerKind::Sgd,
             finish_grads,
         })
     }
@@ -563,13 +575,22 @@ impl GpuNet {
         ctx.read(&self.shared.grads, self.model.num_trainable).await
     }
 
-    pub async fn read_momenta(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
-        ctx.read(&self.shared.momenta, self.model.num_trainable).await
+    /// The optimizer's moments (`optim::MOMENT_SLOTS` x the trainable parameters).
+    pub async fn read_moments(&self, ctx: &GpuContext) -> Result<Vec<f32>> {
+        ctx.read(&self.shared.moments, MOMENT_SLOTS * self.model.num_trainable).await
     }
 
-    pub fn write_momenta(&self, ctx: &GpuContext, momenta: &[f32]) {
-        assert_eq!(momenta.len(), self.model.num_trainable);
-        ctx.write(&self.shared.momenta, momenta);
+    /// Sets the moments: all of them, or SGD's momenta alone (the second moments are then left as
+    /// they are).
+    pub fn write_moments(&self, ctx: &GpuContext, moments: &[f32]) {
+        let n = self.model.num_trainable;
+        assert!(moments.len() == n || moments.len() == MOMENT_SLOTS * n, "moments length");
+        ctx.write(&self.shared.moments, moments);
+    }
+
+    /// Which update the training steps end with from now on (SGD until set).
+    pub fn set_optimizer(&mut self, kind: OptimizerKind) {
+        self.optimizer = kind;
     }
 
     /// The logits of the last evaluation pass (and of the last training pass, unless the network ends
@@ -653,7 +674,11 @@ impl GpuNet {
 
     /// Every launch of a training step, in order.
     fn train_dispatches(&self) -> impl Iterator<Item = &Dispatch> {
-        self.gradient_dispatches().chain([&self.update])
+        let update = match self.optimizer {
+            OptimizerKind::Sgd => &self.sgd_update,
+            OptimizerKind::Adam | OptimizerKind::AdamW => &self.adam_update,
+        };
+        self.gradient_dispatches().chain([update])
     }
 
     /// Every launch of an evaluation batch, in order.

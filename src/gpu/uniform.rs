@@ -114,7 +114,8 @@ mod tests {
             check::<crate::gpu::pool::Dims>("pool", "Dims", "gpu::pool::Dims"),
             check::<crate::gpu::dropout::Dims>("dropout", "Dims", "gpu::dropout::Dims"),
             check::<crate::gpu::loss::Dims>("loss", "Dims", "gpu::loss::Dims"),
-            check::<crate::gpu::sgd::Dims>("sgd", "Dims", "gpu::sgd::Dims"),
+            check::<crate::gpu::update::Dims>("sgd", "Dims", "gpu::update::Dims"),
+            check::<crate::gpu::update::Dims>("adam", "Dims", "gpu::update::Dims"),
             // common.wgsl's, in every shader that binds it.
             check::<crate::gpu::StepUniform>("sgd", "Step", "gpu::StepUniform"),
         ];

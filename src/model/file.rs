@@ -102,6 +102,35 @@ pub fn parse(text: &str, origin: &str, input: Shape, classes: usize) -> Result<M
     Ok(model)
 }
 
+impl TrainDefaults {
+    /// The table's keys that are set, one per line, in a fixed order.
+    fn toml(&self) -> String {
+        let t = self;
+        let optimizer = t.optimizer.map(|o| format!("{:?}", o.name()));
+        let betas = t.betas.map(|[b1, b2]| format!("[{b1:?}, {b2:?}]"));
+        let keys = [
+            ("epochs", t.epochs.map(|v| v.to_string())),
+            ("batch_size", t.batch_size.map(|v| v.to_string())),
+            ("max_lr", t.max_lr.map(|v| format!("{v:?}"))),
+            ("translate", t.translate.map(|v| v.to_string())),
+            ("jitter", t.jitter.map(|v| format!("{v:?}"))),
+            ("rotate", t.rotate.map(|v| format!("{v:?}"))),
+            ("cutout", t.cutout.map(|v| format!("{v:?}"))),
+            ("swell", t.swell.then(|| "true".into())),
+            ("darken", t.darken.then(|| "true".into())),
+            ("squeeze", t.squeeze.then(|| "true".into())),
+            ("pct_start", t.pct_start.map(|v| format!("{v:?}"))),
+            ("div_factor", t.div_factor.map(|v| format!("{v:?}"))),
+            ("final_div_factor", t.final_div_factor.map(|v| format!("{v:?}"))),
+            ("optimizer", optimizer),
+            ("betas", betas),
+            ("eps", t.eps.map(|v| format!("{v:?}"))),
+            ("weight_decay", t.weight_decay.map(|v| format!("{v:?}"))),
+        ];
+        keys.into_iter().filter_map(|(key, value)| Some(format!("{key} = {}\n", value?))).collect()
+    }
+}
+
 impl Model {
     /// The model file of this network (what `parse` reads back into the same layers).
     pub fn to_toml(&self) -> String {
@@ -111,34 +140,8 @@ impl Model {
             out += &layer.toml();
         }
         if self.train != TrainDefaults::default() {
-            let t = &self.train;
             out += "\n[train]\n";
-            if let Some(epochs) = t.epochs {
-                out += &format!("epochs = {epochs}\n");
-            }
-            if let Some(batch_size) = t.batch_size {
-                out += &format!("batch_size = {batch_size}\n");
-            }
-            if let Some(max_lr) = t.max_lr {
-                out += &format!("max_lr = {max_lr:?}\n");
-            }
-            if let Some(translate) = t.translate {
-                out += &format!("translate = {translate}\n");
-            }
-            if let Some(jitter) = t.jitter {
-                out += &format!("jitter = {jitter:?}\n");
-            }
-            if let Some(rotate) = t.rotate {
-                out += &format!("rotate = {rotate:?}\n");
-            }
-            if let Some(cutout) = t.cutout {
-                out += &format!("cutout = {cutout:?}\n");
-            }
-            for (key, on) in [("swell", t.swell), ("darken", t.darken), ("squeeze", t.squeeze)] {
-                if on {
-                    out += &format!("{key} = true\n");
-                }
-            }
+            out += &self.train.toml();
         }
         out
     }

@@ -16,6 +16,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Deserialize;
 
 use self::layer::ParamSpec;
+use crate::optim::OptimizerKind;
 
 /// MNIST's images (one 28x28 channel) and classes, which every network of the program takes and gives.
 pub const MNIST_INPUT: Shape = Shape { c: 1, h: 28, w: 28 };
@@ -53,6 +54,15 @@ pub struct TrainDefaults {
     pub epochs: Option<usize>,
     pub batch_size: Option<usize>,
     pub max_lr: Option<f64>,
+    /// The one-cycle schedule's shape, as PyTorch's `OneCycleLR` names it.
+    pub pct_start: Option<f64>,
+    pub div_factor: Option<f64>,
+    pub final_div_factor: Option<f64>,
+    /// The optimizer (`sgd`, `adam` or `adamw`), Adam's betas and eps, and the weight decay.
+    pub optimizer: Option<OptimizerKind>,
+    pub betas: Option<[f64; 2]>,
+    pub eps: Option<f64>,
+    pub weight_decay: Option<f32>,
     /// The per-image augmentation's strengths: the crop's shift (pixels), the brightness and contrast
     /// jitter, the rotation (degrees) and the cutout probability.
     pub translate: Option<usize>,
@@ -76,6 +86,16 @@ impl TrainDefaults {
             Some("`batch_size` must be at least 1")
         } else if self.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
             Some("`max_lr` must be a positive number")
+        } else if self.pct_start.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
+            Some("`pct_start` must be between 0 and 1")
+        } else if [self.div_factor, self.final_div_factor].iter().flatten().any(|d| !(d.is_finite() && *d >= 1.0)) {
+            Some("`div_factor` and `final_div_factor` must be numbers of at least 1")
+        } else if self.betas.is_some_and(|b| b.iter().any(|b| !(0.0..1.0).contains(b))) {
+            Some("`betas` must each be at least 0 and below 1")
+        } else if self.eps.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
+            Some("`eps` must be a number of at least 0")
+        } else if self.weight_decay.is_some_and(|w| !(w.is_finite() && w >= 0.0)) {
+            Some("`weight_decay` must be a number of at least 0")
         } else {
             None
         }

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{EpochRecord, Kept, Outcome, Progress, Recipe, RunOptions, Sink};
 use crate::backend::Backend;
-use crate::checkpoint::{self, Position};
+use crate::checkpoint::{self, OptimState, Position};
 use crate::data::Mnist;
 use crate::model::Model;
 
@@ -32,7 +32,8 @@ pub struct TrainOptions {
     pub loader_threads: usize,
 }
 
-/// Where checkpoint `path` lets a run of `recipe` resume: its state, its momenta and its position.
+/// Where checkpoint `path` lets a run of `recipe` resume: its state, its optimizer's moments (as
+/// `Backend::moments` holds them) and its position.
 /// Fails, saying why, for a checkpoint that cannot continue this run (no position, no optimizer file,
 /// another recipe). `train` calls it, and the command line before it creates or opens anything.
 pub fn resume_point(path: &Path, model: &Model, recipe: &Recipe) -> Result<(Vec<f32>, Vec<f32>, Position)> {
@@ -40,8 +41,11 @@ pub fn resume_point(path: &Path, model: &Model, recipe: &Recipe) -> Result<(Vec<
     let pos = ck
         .position
         .with_context(|| format!("{}: no training position in its metadata; cannot resume", path.display()))?;
-    let momenta = ck.momenta.with_context(|| {
-        format!("{} is missing: the momenta are needed to resume exactly", checkpoint::optim_path(path).display())
+    let optim = ck.optim.with_context(|| {
+        format!(
+            "{} is missing: the optimizer's state is needed to resume exactly",
+            checkpoint::optim_path(path).display()
+        )
     })?;
     if pos.recipe != recipe.to_json() {
         bail!(
@@ -51,7 +55,15 @@ pub fn resume_point(path: &Path, model: &Model, recipe: &Recipe) -> Result<(Vec<
             recipe.to_json()
         );
     }
-    Ok((ck.state, momenta, pos))
+    if optim.kind != recipe.optimizer.kind {
+        bail!(
+            "{} holds the state of {}, but this run uses {}; resume with the same --optimizer",
+            checkpoint::optim_path(path).display(),
+            optim.kind.name(),
+            recipe.optimizer.kind.name()
+        );
+    }
+    Ok((ck.state, optim.moments, pos))
 }
 
 /// The run's folder, its progress bar and its printed lines.
@@ -80,12 +92,12 @@ impl Sink for FileSink {
         self.bar.set_message(format!("loss {:.4} acc {:.2}% {:.0} img/s", p.loss, p.accuracy, p.images_per_sec));
     }
 
-    fn keep(&mut self, which: Kept, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()> {
+    fn keep(&mut self, which: Kept, model: &Model, state: &[f32], optim: &OptimState, position: &Position) -> Result<()> {
         let path = match which {
             Kept::Last => &self.last,
             Kept::Best => &self.best,
         };
-        checkpoint::save(path, model, state, momenta, position)
+        checkpoint::save(path, model, state, optim, position)
     }
 
     fn epoch_finished(&mut self, record: &EpochRecord) -> Result<()> {
@@ -158,8 +170,8 @@ async fn train_run(backend: &mut dyn Backend, model: &Model, data: &Mnist, opts:
         loader_threads: opts.loader_threads.max(1),
     };
     if let Some(path) = &opts.resume {
-        let (state, momenta, pos) = resume_point(path, model, &r)?;
-        backend.load(&state, &momenta).await?;
+        let (state, moments, pos) = resume_point(path, model, &r)?;
+        backend.load(&state, &moments).await?;
         run.start = (pos.epoch, pos.batch_in_epoch, pos.global_step);
         if best.exists() {
             run.best_accuracy = checkpoint::load(&best, model)?.position.and_then(|p| p.test_accuracy);

@@ -17,11 +17,12 @@ use web_time::Instant;
 
 use self::schedule::OneCycle;
 use crate::backend::{Backend, StepParams, Sums, MAX_CHUNK_BATCHES};
-use crate::checkpoint::Position;
+use crate::checkpoint::{OptimState, Position};
 use crate::data::augment::{Augment, BatchAugment};
 use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, Batch, LoaderConfig};
 use crate::data::{Mnist, Split};
 use crate::model::Model;
+use crate::optim::{Optimizer, OptimizerKind};
 
 /// The recipe's hyper-parameters; the defaults are the spec's.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -29,6 +30,11 @@ pub struct Recipe {
     pub epochs: usize,
     pub batch_size: usize,
     pub max_lr: f64,
+    /// The one-cycle schedule's shape (PyTorch's `OneCycleLR` arguments of the same names).
+    pub pct_start: f64,
+    pub div_factor: f64,
+    pub final_div_factor: f64,
+    pub optimizer: Optimizer,
     pub weight_decay: f32,
     pub seed: u64,
     /// The per-image augmentation's strength.
@@ -42,7 +48,11 @@ impl Default for Recipe {
             epochs: 20,
             batch_size: 100,
             max_lr: 0.1,
-            weight_decay: 1e-5,
+            pct_start: 0.3,
+            div_factor: 10.0,
+            final_div_factor: 100.0,
+            optimizer: Optimizer::default(),
+            weight_decay: OptimizerKind::Sgd.default_weight_decay(),
             seed: 1,
             augment: Augment::default(),
             batch_augment: BatchAugment::default(),
@@ -55,10 +65,21 @@ impl Recipe {
     /// the table has them (the command line's flags and the page's fields override these in turn).
     pub fn for_model(model: &Model) -> Recipe {
         let (spec, file) = (Recipe::default(), model.train);
+        let kind = file.optimizer.unwrap_or(spec.optimizer.kind);
+        let optimizer = Optimizer {
+            kind,
+            betas: file.betas.map_or(spec.optimizer.betas, |[b1, b2]| (b1, b2)),
+            eps: file.eps.unwrap_or(spec.optimizer.eps),
+        };
         Recipe {
             epochs: file.epochs.unwrap_or(spec.epochs),
             batch_size: file.batch_size.unwrap_or(spec.batch_size),
             max_lr: file.max_lr.unwrap_or(spec.max_lr),
+            pct_start: file.pct_start.unwrap_or(spec.pct_start),
+            div_factor: file.div_factor.unwrap_or(spec.div_factor),
+            final_div_factor: file.final_div_factor.unwrap_or(spec.final_div_factor),
+            optimizer,
+            weight_decay: file.weight_decay.unwrap_or(kind.default_weight_decay()),
             augment: Augment {
                 translate: file.translate.unwrap_or(spec.augment.translate),
                 jitter: file.jitter.unwrap_or(spec.augment.jitter),
@@ -67,6 +88,31 @@ impl Recipe {
             },
             batch_augment: BatchAugment { swell: file.swell, darken: file.darken, squeeze: file.squeeze },
             ..spec
+        }
+    }
+
+    /// The one-cycle schedule over `total_steps` steps (momentum cycled; only SGD uses it).
+    pub fn schedule(&self, total_steps: usize) -> OneCycle {
+        OneCycle {
+            pct_start: self.pct_start,
+            div_factor: self.div_factor,
+            final_div_factor: self.final_div_factor,
+            ..OneCycle::recipe(total_steps, self.max_lr)
+        }
+    }
+
+    /// What is wrong with this recipe, if anything: the checks no run could pass.
+    pub fn fault(&self) -> Option<String> {
+        if !(self.pct_start > 0.0 && self.pct_start < 1.0) {
+            Some(format!("pct_start must be between 0 and 1, not {}", self.pct_start))
+        } else if !(self.div_factor >= 1.0 && self.div_factor.is_finite()) {
+            Some(format!("div_factor must be a number of at least 1, not {}", self.div_factor))
+        } else if !(self.final_div_factor >= 1.0 && self.final_div_factor.is_finite()) {
+            Some(format!("final_div_factor must be a number of at least 1, not {}", self.final_div_factor))
+        } else if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            Some(format!("weight decay must be a number of at least 0, not {}", self.weight_decay))
+        } else {
+            self.optimizer.fault()
         }
     }
 
@@ -82,6 +128,18 @@ impl Recipe {
             "squeeze": self.batch_augment.squeeze,
         });
         // Only when not the recipe's, so that checkpoints of recipe-strength runs keep their recipe.
+        let spec = Recipe::default();
+        if (self.pct_start, self.div_factor, self.final_div_factor)
+            != (spec.pct_start, spec.div_factor, spec.final_div_factor)
+        {
+            json["schedule"] = serde_json::json!({
+                "pct_start": self.pct_start, "div_factor": self.div_factor, "final_div_factor": self.final_div_factor,
+            });
+        }
+        let o = self.optimizer;
+        if o.kind != OptimizerKind::Sgd {
+            json["optimizer"] = serde_json::json!({ "name": o.kind.name(), "betas": [o.betas.0, o.betas.1], "eps": o.eps });
+        }
         let a = self.augment;
         if a != Augment::default() {
             json["augment"] = serde_json::json!({
@@ -234,8 +292,9 @@ pub trait Sink {
     /// Epoch `epoch` (from 0) of `epochs` starts, at batch `first_batch` of `batches`.
     fn epoch_started(&mut self, epoch: usize, epochs: usize, first_batch: usize, batches: usize);
     fn progress(&mut self, p: &Progress);
-    /// Keeps a checkpoint of `state` and `momenta` (finite) at `position`.
-    fn keep(&mut self, which: Kept, model: &Model, state: &[f32], momenta: &[f32], position: &Position) -> Result<()>;
+    /// Keeps a checkpoint of `state` (finite) and the optimizer's state at `position`.
+    fn keep(&mut self, which: Kept, model: &Model, state: &[f32], optim: &OptimState, position: &Position)
+        -> Result<()>;
     /// An epoch's record, once its checkpoints are kept.
     fn epoch_finished(&mut self, record: &EpochRecord) -> Result<()>;
     /// The run stopped (the stop flag) at `position`, its last checkpoint kept there.
@@ -278,7 +337,7 @@ fn check_finite(sums: Sums, global_step: usize, sink: &dyn Sink) -> Result<()> {
 /// Keeps a checkpoint, unless the parameters have gone non-finite (then the run has diverged).
 async fn keep(
     backend: &mut dyn Backend,
-    model: &Model,
+    (model, optimizer): (&Model, OptimizerKind),
     which: Kept,
     position: &Position,
     sink: &mut dyn Sink,
@@ -287,8 +346,8 @@ async fn keep(
     if let Some(p) = model.params.iter().find(|p| state[p.offset..p.offset + p.len].iter().any(|v| !v.is_finite())) {
         return Err(diverged(format!("{} has non-finite values", p.name), position.global_step, sink));
     }
-    let momenta = backend.momenta().await?;
-    sink.keep(which, model, &state, &momenta, position)
+    let optim = OptimState { kind: optimizer, moments: backend.moments().await? };
+    sink.keep(which, model, &state, &optim, position)
 }
 
 /// Every step's parameters, computed once for the whole run (the GPU keeps them in one buffer).
@@ -303,6 +362,7 @@ fn step_params(r: &Recipe, schedule: &OneCycle, total_steps: usize) -> Vec<StepP
                 dropout_seed: r.seed as u32,
                 step: global as u32,
                 dropout: true,
+                optimizer: r.optimizer,
             }
         })
         .collect()
@@ -359,10 +419,10 @@ async fn end_epoch(
         lr: t.lr,
     };
     let at = position(r, t.epoch + 1, 0, t.global, Some(accuracy));
-    keep(backend, model, Kept::Last, &at, sink).await?;
+    keep(backend, (model, r.optimizer.kind), Kept::Last, &at, sink).await?;
     if best_accuracy.is_none_or(|b| accuracy > b) {
         *best_accuracy = Some(accuracy);
-        keep(backend, model, Kept::Best, &at, sink).await?;
+        keep(backend, (model, r.optimizer.kind), Kept::Best, &at, sink).await?;
     }
     sink.epoch_finished(&record)?;
     Ok((record, at))
@@ -383,7 +443,7 @@ pub async fn run(
     let r = opts.recipe;
     let train_split = Arc::new(data.train.clone());
     let steps_per_epoch = batches_per_epoch(train_split.len(), r.batch_size);
-    let schedule = OneCycle::recipe(r.epochs * steps_per_epoch, r.max_lr);
+    let schedule = r.schedule(r.epochs * steps_per_epoch);
     let loader = LoaderConfig {
         seed: r.seed,
         batch_size: r.batch_size,
@@ -423,7 +483,7 @@ pub async fn run(
         if run.stopped {
             check_finite(backend.train_sums().await?, global, sink)?;
             let at = position(&r, epoch, done, global, records.last().map(|e| e.test_accuracy));
-            keep(backend, model, Kept::Last, &at, sink).await?;
+            keep(backend, (model, r.optimizer.kind), Kept::Last, &at, sink).await?;
             sink.stopped(&at);
             return Ok(Outcome { epochs: records, interrupted: true, best_accuracy });
         }

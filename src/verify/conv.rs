@@ -12,7 +12,7 @@ use crate::gpu::conv::{
     ForwardEpilogue, GradBuffers,
 };
 use crate::gpu::kernel::run;
-use crate::gpu::sgd::SlicedGrad;
+use crate::gpu::update::SlicedGrad;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
 use crate::model::{ConvDims, BN_EPS};
 use anyhow::Result;

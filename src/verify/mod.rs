@@ -3,7 +3,8 @@
 //! - [`kernel_checks`]: every kernel at every layer shape of a model (forward and backward), on seeded
 //!   random inputs, plus a few odd shapes that exercise partial blocks;
 //! - [`step_checks`]: whole training steps of a backend against the CPU backend from the same state and
-//!   batches: parameters after SGD, momenta, running statistics and the loss, per tensor.
+//!   batches: parameters after the update (SGD, then Adam), the optimizer's moments, running
+//!   statistics and the loss, per tensor.
 //!
 //! Each comparison is one [`Check`]: the largest |got - want| relative to the largest |want| of the
 //! tensor, against a stated tolerance. A non-finite value on either side fails whatever the tolerance.
@@ -11,13 +12,15 @@
 //! Tolerances, relative to the tensor's largest value (f32 on both sides; the difference is summation
 //! order, and on GPUs fused multiply-adds and faster exp/log):
 //! - [`TOL_EXACT`]: results that select or copy (max-pool winners, dropout masks, the correct count);
-//! - [`TOL_ELEMENTWISE`] 1e-6: element-wise arithmetic (pooling, dropout scaling, SGD), a few ulps;
+//! - [`TOL_ELEMENTWISE`] 1e-6: element-wise arithmetic (pooling, dropout scaling, SGD, Adam), a few
+//!   ulps;
 //! - [`TOL_SUMS`] 1e-5: everything that sums (convolutions, batchnorm statistics and gradients, softmax
 //!   and the loss) and the state after a step. Measured on lavapipe at batch 4: at most 6.6e-7
 //!   (conv4 dx); at batch 100, see the README's table of checks on software adapters;
 //! - [`TOL_GRADIENTS`] 2e-5: gradients of a whole step (momenta after the first step are gradients),
 //!   sums of sums through the whole network.
 
+mod adam;
 mod batchnorm;
 mod check;
 mod conv;
@@ -62,6 +65,7 @@ pub async fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usiz
     };
     checks.extend(loss::loss_checks(ctx, k, "loss", (n, model.output_classes(), pool_hw), 11).await?);
     checks.extend(sgd::sgd_checks(ctx, k, model.num_trainable).await?);
+    checks.extend(adam::adam_checks(ctx, k, model.num_trainable).await?);
     checks.extend(odd_shape_checks(ctx, k).await?);
     Ok(checks)
 }

@@ -3,7 +3,7 @@
 use crate::cpu::reference::sgd::{sgd_update, SgdStep};
 use crate::gpu::kernel::run;
 use crate::gpu::net::METRICS_WORDS;
-use crate::gpu::sgd::{SgdBuffers, SlicedGrad};
+use crate::gpu::update::{SlicedGrad, UpdateBuffers};
 use crate::gpu::{GpuContext, Kernels, Metrics, StepUniform};
 use anyhow::Result;
 
@@ -23,7 +23,7 @@ pub(super) async fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Res
         let (pb, gb, mb, sb) =
             (ctx.upload("p", &p), ctx.upload("g", &g), ctx.upload("m", &m), ctx.uniform("step", &step));
         let metrics = ctx.zeros("metrics", METRICS_WORDS);
-        let buffers = SgdBuffers { step: &sb, state: &pb, grads: &gb, momenta: &mb, metrics: &metrics };
+        let buffers = UpdateBuffers { step: &sb, state: &pb, grads: &gb, moments: &mb, metrics: &metrics };
         run(ctx, &[&k.sgd.update(ctx, len, &[], &buffers)]);
         let (mut p2, mut m2) = (p.clone(), m.clone());
         let want = sgd_update(sgd, &mut p2, &g, &mut m2);
@@ -48,7 +48,7 @@ pub(super) async fn sgd_checks(ctx: &GpuContext, k: &Kernels, len: usize) -> Res
     let (pb, gb, mb, sb) =
         (ctx.upload("p", &p), ctx.upload("g", &parts), ctx.upload("m", &m), ctx.uniform("step", &step));
     let metrics = ctx.zeros("metrics", METRICS_WORDS);
-    let buffers = SgdBuffers { step: &sb, state: &pb, grads: &gb, momenta: &mb, metrics: &metrics };
+    let buffers = UpdateBuffers { step: &sb, state: &pb, grads: &gb, moments: &mb, metrics: &metrics };
     run(ctx, &[&k.sgd.update(ctx, len, &sliced, &buffers)]);
     let (mut p2, mut m2) = (p.clone(), m.clone());
     sgd_update(sgd, &mut p2, &whole, &mut m2);

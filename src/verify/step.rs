@@ -5,6 +5,7 @@ use crate::backend::{Backend, StepParams};
 use crate::cpu::backend::CpuBackend;
 use crate::data::loader::Batch;
 use crate::model::Model;
+use crate::optim::{Optimizer, OptimizerKind};
 use crate::train::schedule::OneCycle;
 use anyhow::Result;
 use rand::rngs::Xoshiro256PlusPlus;
@@ -12,16 +13,21 @@ use rand::{RngExt, SeedableRng};
 
 use super::check::{compare, Check, TOL_SUMS};
 
-/// Per tensor of the model, the state and momenta of `backend` against `reference`.
+/// Per tensor of the model, the state and the optimizer's moments of `backend` against `reference`
+/// (SGD's momenta, or Adam's two moments).
 pub(super) async fn compare_tensors(
     what: &str,
-    model: &Model,
+    (model, optimizer): (&Model, OptimizerKind),
     backend: &mut dyn Backend,
     reference: &mut CpuBackend,
 ) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     let (state, want_state) = (backend.state().await?, reference.state().await?);
-    let (momenta, want_momenta) = (backend.momenta().await?, reference.momenta().await?);
+    let (moments, want_moments) = (backend.moments().await?, reference.moments().await?);
+    let slots: &[&str] = match optimizer {
+        OptimizerKind::Sgd => &["momenta"],
+        OptimizerKind::Adam | OptimizerKind::AdamW => &["exp_avg", "exp_avg_sq"],
+    };
     for p in &model.params {
         let range = p.offset..p.offset + p.len;
         let shape = p.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
@@ -34,9 +40,10 @@ pub(super) async fn compare_tensors(
             &want_state[range.clone()],
             TOL_SUMS,
         ));
-        if p.trainable {
-            let m = &momenta[range.clone()];
-            checks.push(compare(&format!("{what} (momenta)"), &p.name, &shape, m, &want_momenta[range], TOL_GRADIENTS));
+        for (slot, name) in slots.iter().enumerate().filter(|_| p.trainable) {
+            let range = slot * model.num_trainable + p.offset..slot * model.num_trainable + p.offset + p.len;
+            let (got, want) = (&moments[range.clone()], &want_moments[range]);
+            checks.push(compare(&format!("{what} ({name})"), &p.name, &shape, got, want, TOL_GRADIENTS));
         }
     }
     Ok(checks)
@@ -54,6 +61,14 @@ pub fn random_batch(model: &Model, n: usize, seed: u64) -> Batch {
     let classes = model.output_classes() as u8;
     let labels = (0..n).map(|_| g.random_range(0..classes)).collect();
     Batch { epoch: 0, index: seed as usize, input, labels }
+}
+
+impl StepChecks {
+    fn add(&mut self, more: StepChecks) {
+        self.checks.extend(more.checks);
+        self.set_aside.extend(more.set_aside);
+        self.batches += more.batches;
+    }
 }
 
 /// Batches a whole-step comparison may set aside, one after another, for a decision at a near-tie.
@@ -106,19 +121,19 @@ pub(super) async fn run_steps(
     let mut set_aside = Vec::new();
     let mut batches = 0;
     for i in 0..steps {
-        let (state, momenta) = (reference.state().await?, reference.momenta().await?);
+        let (state, moments) = (reference.state().await?, reference.moments().await?);
         for attempt in 0..=NEAR_TIE_RETRIES {
             let batch = random_batch(model, n, 1000 * i as u64 + attempt as u64);
             batches += 1;
             let mut losses = [0.0f32; 2];
             for (b, loss) in [&mut *backend, &mut reference as &mut dyn Backend].into_iter().zip(&mut losses) {
-                b.load(&state, &momenta).await?;
+                b.load(&state, &moments).await?;
                 b.reset_sums().await?;
                 b.train_step(&batch.input, &batch.labels, params(i)).await?;
                 *loss = (b.train_sums().await?.loss_sum / n as f64) as f32;
             }
             let mut step = vec![compare(what, "loss", "", &[losses[0]], &[losses[1]], TOL_SUMS)];
-            step.extend(compare_tensors(what, model, backend, &mut reference).await?);
+            step.extend(compare_tensors(what, (model, params(i).optimizer.kind), backend, &mut reference).await?);
             let failed = step
                 .iter()
                 .filter(|c| !c.ok())
@@ -161,7 +176,16 @@ pub async fn step_checks(
     n: usize,
     dropout_steps: usize,
 ) -> Result<StepChecks> {
-    let one = |_| StepParams { lr: 0.05, momentum: 0.9, weight_decay: 1e-5, dropout_seed: 7, step: 0, dropout: false };
+    let sgd = Optimizer::default();
+    let one = |_| StepParams {
+        lr: 0.05,
+        momentum: 0.9,
+        weight_decay: 1e-5,
+        dropout_seed: 7,
+        step: 0,
+        dropout: false,
+        optimizer: sgd,
+    };
     let mut all = run_steps("train step", model, backend, n, 1, one).await?;
     if dropout_steps > 0 {
         // The recipe's schedule, as training runs it.
@@ -169,13 +193,20 @@ pub async fn step_checks(
         let recipe = |i: usize| {
             let (lr, momentum) = schedule.at(i);
             let (lr, momentum) = (lr as f32, momentum as f32);
-            StepParams { lr, momentum, weight_decay: 1e-5, dropout_seed: 7, step: i as u32, dropout: true }
+            StepParams { lr, momentum, weight_decay: 1e-5, dropout_seed: 7, step: i as u32, dropout: true, optimizer: sgd }
         };
         let what = format!("{dropout_steps} steps, dropout");
-        let more = run_steps(&what, model, backend, n, dropout_steps, recipe).await?;
-        all.checks.extend(more.checks);
-        all.set_aside.extend(more.set_aside);
-        all.batches += more.batches;
+        all.add(run_steps(&what, model, backend, n, dropout_steps, recipe).await?);
+        // The same steps with AdamW at the fast recipe's betas: the update's kernel in a whole step, its
+        // moments carried over from step to step. Adam divides by sqrt(v) + eps, so a gradient near 0
+        // moves its parameter by up to lr times its rounding over eps: at eps 1e-8 the last bit of a
+        // gradient that cancels to about 1e-9 (fc1 of the fast recipe's network, measured on lavapipe)
+        // moves the parameter by up to 5e-3 of lr either way. eps 1e-3 bounds that amplification, so
+        // these rows still see a wrong moment or scalar; the kernel's rows check eps 1e-8 itself.
+        let adamw = Optimizer { kind: OptimizerKind::AdamW, betas: (0.7, 0.9), eps: 1e-3 };
+        let adam = |i: usize| StepParams { lr: 0.01, weight_decay: 0.01, optimizer: adamw, ..recipe(i) };
+        let what = format!("{dropout_steps} steps, dropout, adamw");
+        all.add(run_steps(&what, model, backend, n, dropout_steps, adam).await?);
     }
     Ok(all)
 }

@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{anyhow, bail, Result};
 use mnist_wgpu::backend::Backend;
-use mnist_wgpu::checkpoint::{self, Position};
+use mnist_wgpu::checkpoint::{self, OptimState, Position};
 use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS, IMAGE_SIDE};
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
+use mnist_wgpu::optim::MOMENT_SLOTS;
 use mnist_wgpu::train::{self, EpochRecord, Kept, Progress, Recipe, RunOptions, Sink};
 use mnist_wgpu::verify;
 use serde_json::json;
@@ -217,7 +218,7 @@ impl Sink for PageSink {
                          "loss": p.loss, "accuracy": p.accuracy, "images_per_sec": p.images_per_sec}));
     }
 
-    fn keep(&mut self, which: Kept, _: &Model, state: &[f32], _: &[f32], position: &Position) -> Result<()> {
+    fn keep(&mut self, which: Kept, _: &Model, state: &[f32], _: &OptimState, position: &Position) -> Result<()> {
         if which == Kept::Last {
             self.last = Some((state.to_vec(), position.clone()));
         }
@@ -416,7 +417,7 @@ async fn predict(picture: image::DynamicImage) -> Result<serde_json::Value> {
     let mut backend = match held {
         Some((backend, g)) if g == generation => backend,
         Some((mut backend, _)) => {
-            backend.load(&state, &vec![0.0; model.num_trainable]).await?;
+            backend.load(&state, &vec![0.0; MOMENT_SLOTS * model.num_trainable]).await?;
             backend
         }
         None => GpuBackend::new(ctx()?, &model, &state)?,

@@ -4,6 +4,7 @@
 //! family, named as its shader in `shaders/` (`gemm.rs`, the matrix product, and `net.rs`, the
 //! executor, have none).
 
+pub mod adam;
 pub mod batchnorm;
 pub mod conv;
 pub mod dropout;
