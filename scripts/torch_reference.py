@@ -30,11 +30,19 @@ Run once, by a developer with `pip install torch safetensors numpy`, from the re
 
     python3 scripts/torch_reference.py
     python3 scripts/torch_reference.py --model tests/fixtures/bias_linear.toml
+    python3 scripts/torch_reference.py --optimizer adam      (and adamw)
 
 The first writes tests/fixtures/torch_reference.safetensors. The second builds the network of an
 mnist-wgpu model file instead (scripts/torch_model.py's FileNet, named as mnist-wgpu names it), with
 PyTorch's default initialization from the same seed, and writes the same records except the schedule to
 tests/fixtures/torch_reference_<file name>.safetensors. Both are committed: the tests never need Python.
+
+With --optimizer adam or adamw, Net3 takes ten steps of torch.optim.Adam / AdamW instead (foreach off:
+the single-tensor code, as our update is written), betas (0.7, 0.9), eps 1e-8, weight_decay 0.01, lr from
+OneCycleLR(max_lr 0.01, total_steps 10, cycle_momentum False, otherwise defaults: pct_start 0.3,
+div_factor 25, final_div_factor 1e4), and tests/fixtures/torch_reference_<optimizer>.safetensors holds
+weights., input, labels, train.losses, train.lr, final.<name> and the moments final.exp_avg.<name> and
+final.exp_avg_sq.<name> (each also in float64, behind f64.), and final.step.
 """
 import argparse
 import gzip
@@ -148,12 +156,49 @@ def run(make, initial, x, y, dtype):
     return out
 
 
+ADAM = dict(betas=(0.7, 0.9), eps=1e-8, weight_decay=0.01, max_lr=0.002)
+
+
+def adam_run(make, initial, x, y, dtype, kind):
+    """Ten Adam or AdamW steps on one batch from `initial` weights, computed in `dtype`."""
+    out = {}
+    model = make().to(dtype)
+    model.load_state_dict(initial, strict=False)
+    model.train()
+    x = x.to(dtype)
+    cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+    opt = cls(model.parameters(), lr=ADAM["max_lr"], betas=ADAM["betas"], eps=ADAM["eps"],
+              weight_decay=ADAM["weight_decay"], foreach=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ADAM["max_lr"], total_steps=STEPS, cycle_momentum=False)
+    losses, lrs = [], []
+    for _ in range(STEPS):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        sched.step()
+    out["train.losses"] = torch.tensor(losses, dtype=torch.float64)
+    out["train.lr"] = torch.tensor(lrs, dtype=torch.float64)
+    out.update(state(model, "final."))
+    for name, p in model.named_parameters():
+        st = opt.state[p]
+        out["final.exp_avg." + name] = st["exp_avg"].detach().clone()
+        out["final.exp_avg_sq." + name] = st["exp_avg_sq"].detach().clone()
+        out["final.step"] = torch.tensor([float(st["step"])], dtype=torch.float64)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="an mnist-wgpu model file (default: Net3, with the schedule)")
+    parser.add_argument("--optimizer", choices=["adam", "adamw"], help="Net3's ten steps with Adam or AdamW")
     args = parser.parse_args()
     make = lambda: Net3(dropout=0.0)
     path = os.path.join(ROOT, "tests/fixtures/torch_reference.safetensors")
+    if args.optimizer:
+        path = os.path.join(ROOT, f"tests/fixtures/torch_reference_{args.optimizer}.safetensors")
     if args.model:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from torch_model import FileNet
@@ -180,11 +225,16 @@ def main():
     # PyTorch's own float32 run, and the same computation in float64: the ground truth that tells
     # which part of a float32 difference is whose rounding.
     for dtype, prefix in [(torch.float32, ""), (torch.float64, "f64.")]:
-        for k, v in run(make, initial, x, y, dtype).items():
+        if args.optimizer:
+            results = adam_run(make, initial, x, y, dtype, args.optimizer)
+        else:
+            results = run(make, initial, x, y, dtype)
+        for k, v in results.items():
             out[prefix + k] = v
-    if args.model:
+    if args.model or args.optimizer:
         save_file({k: v.contiguous() for k, v in out.items()}, path, metadata={"torch": torch.__version__})
-        print(f"wrote {path} ({len(out)} tensors), torch {torch.__version__}, step-0 loss {out['step0.loss'].item():.6f}")
+        print(f"wrote {path} ({len(out)} tensors), torch {torch.__version__}, losses {out['train.losses'][0].item():.6f} "
+              f"-> {out['train.losses'][-1].item():.6f}")
         return
 
     # The full schedule at selected steps, straight from OneCycleLR.
