@@ -4,7 +4,8 @@
 #   - a short training run on the CPU backend and on lavapipe's Vulkan (2,000 images, 2 epochs,
 #     seed 1): every tensor of last.safetensors, best.safetensors and last.optim.safetensors must be
 #     byte-identical (the files themselves may differ: their metadata is written in no fixed order);
-#   - `verify --batch-size 16`: the same rows, with the same errors, in the same order.
+#   - `verify --batch-size 16`: every row of BEFORE, with the same error, in the same order, among
+#     AFTER's rows (a change that adds a kernel adds rows; those are listed).
 # Exits 1 on any difference, naming it. Build BEFORE_BIN from the old revision in a worktree, e.g.
 #   git worktree add /tmp/before REV && (cd /tmp/before && cargo build --release)
 set -euo pipefail
@@ -45,11 +46,20 @@ for backend in ["cpu", "gpu"]:
         same &= not differ
         print(f"{backend} {name}: {len(a)} tensors, " + ("byte-identical" if not differ else "DIFFER: " + ", ".join(differ)))
 rows = [json.load(open(f"{side}/verify.json"))["checks"] for side in (before, after)]
-differ = [i for i, (x, y) in enumerate(zip(*rows)) if x != y]
-same &= not differ and len(rows[0]) == len(rows[1])
-print(f"verify --batch-size 16: {len(rows[0])} rows before, {len(rows[1])} after, {len(differ)} differ")
-for i in differ[:5]:
-    print("  before:", rows[0][i], "\n  after: ", rows[1][i])
+# Walk AFTER's rows in order, taking each of BEFORE's rows where it comes; what is left over is new.
+found, added = 0, []
+for row in rows[1]:
+    if found < len(rows[0]) and row == rows[0][found]:
+        found += 1
+    else:
+        added.append(row)
+same &= found == len(rows[0])
+print(f"verify --batch-size 16: {len(rows[0])} rows before, {len(rows[1])} after; "
+      f"{found} of the before rows unchanged and in order, {len(added)} new")
+if found < len(rows[0]):
+    print("  first before row not found unchanged after it:", rows[0][found])
+for row in added:
+    print("  new:", row.get("kernel"), row.get("layer"), row.get("shape"))
 sys.exit(0 if same else 1)
 PY
 echo "outputs in $out"

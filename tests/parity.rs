@@ -71,12 +71,12 @@ fn a_network_with_average_pooling_matches_at_its_shapes() {
     }
 }
 
-/// The fast recipe's network (tests/fixtures/fast_recipe_net.toml): no batchnorm, so its ReLUs run in
+/// The fast recipe's network (models/fast-recipe.toml): no batchnorm, so its ReLUs run in
 /// the forward epilogue of the max pooling or linear layer before them, and their backward on its
 /// own; every layer has rows at its shapes.
 #[test]
 fn a_network_without_batchnorm_matches_at_its_shapes() {
-    let Some((model, checks)) = model_file_checks("tests/fixtures/fast_recipe_net.toml") else { return };
+    let Some((model, checks)) = model_file_checks("models/fast-recipe.toml") else { return };
     for i in 0..model.layers.len() {
         let layer = model.layer_name(i);
         assert!(checks.iter().any(|c| c.layer == layer), "no check covers layer {layer}");

@@ -19,7 +19,7 @@ use mnist_wgpu::data::{self, Mnist, Split, IMAGE_PIXELS};
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::{GpuNet, StepUniform};
 use mnist_wgpu::model::Model;
-use mnist_wgpu::optim::OptimizerKind;
+use mnist_wgpu::optim::{Optimizer, OptimizerKind};
 use mnist_wgpu::train::files::{self, TrainOptions};
 use mnist_wgpu::train::{self, Recipe};
 
@@ -77,27 +77,51 @@ fn cpu_training_learns() {
 /// An interrupted run resumed from its checkpoint ends bitwise where an uninterrupted one does.
 #[test]
 fn interrupted_run_resumes_exactly() {
-    let model = Model::net3();
-    let set = small_mnist(1_600, 500);
     let recipe = Recipe { epochs: 2, batch_size: 50, ..Recipe::default() };
+    resumes_exactly(&Model::net3(), recipe, "sgd");
+}
 
-    let mut straight = CpuBackend::new(&model, model.init_state(recipe.seed));
-    files::train(&mut straight, &model, &set, &options(recipe, scratch("straight"))).unwrap();
+/// The same with AdamW: its two moments and its step count come back from the checkpoint (a step count
+/// that is not the checkpoint's global step is refused), and a resume with another optimizer is refused.
+#[test]
+fn interrupted_adamw_run_resumes_exactly() {
+    let model = mnist_wgpu::model::file::for_mnist(Some("mlp3")).unwrap();
+    let adamw = Optimizer { kind: OptimizerKind::AdamW, betas: (0.7, 0.9), eps: 1e-8 };
+    let recipe = Recipe { epochs: 2, batch_size: 50, max_lr: 0.01, optimizer: adamw, weight_decay: 0.01, ..Recipe::default() };
+    let out = resumes_exactly(&model, recipe, "adamw");
+    let optim = checkpoint::optim_path(&out.join("last.safetensors"));
+    let bytes = std::fs::read(&optim).unwrap();
+    let ck = checkpoint::optim_in(&optim, &bytes, &model).unwrap().0;
+    assert_eq!(ck.kind, OptimizerKind::AdamW);
+    assert!(ck.moments[model.num_trainable..].iter().any(|&v| v > 0.0), "second moments stored");
+    let mut sgd = options(Recipe { optimizer: Optimizer::default(), ..recipe }, out.clone());
+    sgd.resume = Some(out.join("last.safetensors"));
+    let mut backend = CpuBackend::new(&model, model.init_state(1));
+    let err = files::train(&mut backend, &model, &small_mnist(1_600, 500), &sgd).unwrap_err().to_string();
+    assert!(err.contains("recipe"), "{err}");
+}
 
-    let out = scratch("interrupted");
-    let mut first = CpuBackend::new(&model, model.init_state(recipe.seed));
+/// Trains `recipe` straight, and again stopped after its first step and resumed from the checkpoint;
+/// asserts both end with the same bits. Returns the resumed run's folder.
+fn resumes_exactly(model: &Model, recipe: Recipe, name: &str) -> PathBuf {
+    let set = small_mnist(1_600, 500);
+    let mut straight = CpuBackend::new(model, model.init_state(recipe.seed));
+    files::train(&mut straight, model, &set, &options(recipe, scratch(&format!("{name}-straight")))).unwrap();
+
+    let out = scratch(&format!("{name}-interrupted"));
+    let mut first = CpuBackend::new(model, model.init_state(recipe.seed));
     let opts = options(recipe, out.clone());
     // Stop as soon as the first step is done (as Ctrl-C would).
     opts.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let outcome = files::train(&mut first, &model, &set, &opts).unwrap();
+    let outcome = files::train(&mut first, model, &set, &opts).unwrap();
     assert!(outcome.interrupted && outcome.epochs.is_empty());
-    let pos = checkpoint::load(&out.join("last.safetensors"), &model).unwrap().position.unwrap();
+    let pos = checkpoint::load(&out.join("last.safetensors"), model).unwrap().position.unwrap();
     assert_eq!((pos.epoch, pos.batch_in_epoch, pos.global_step), (0, 1, 1));
 
-    let mut resumed = CpuBackend::new(&model, model.init_state(999));
+    let mut resumed = CpuBackend::new(model, model.init_state(999));
     let mut opts = options(recipe, out.clone());
     opts.resume = Some(out.join("last.safetensors"));
-    let outcome = files::train(&mut resumed, &model, &set, &opts).unwrap();
+    let outcome = files::train(&mut resumed, model, &set, &opts).unwrap();
     assert!(!outcome.interrupted);
     assert_eq!(outcome.epochs.len(), 2);
     assert_eq!(resumed.state().block_on().unwrap(), straight.state().block_on().unwrap(), "resumed run ends elsewhere");
@@ -106,27 +130,9 @@ fn interrupted_run_resumes_exactly() {
     // Resuming with other flags than the run's is refused, naming the recipe.
     let mut other = options(Recipe { max_lr: 0.2, ..recipe }, out.clone());
     other.resume = Some(out.join("last.safetensors"));
-    let err = files::train(&mut resumed, &model, &set, &other).unwrap_err().to_string();
+    let err = files::train(&mut resumed, model, &set, &other).unwrap_err().to_string();
     assert!(err.contains("recipe"), "{err}");
-}
-
-/// A learning rate that blows up stops the run with an error and keeps the last good checkpoint.
-#[test]
-fn divergence_stops_and_keeps_the_last_checkpoint() {
-    let model = Model::net3();
-    let set = small_mnist(1_000, 200);
-    let out = scratch("diverge");
-    let sane = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
-    let mut backend = CpuBackend::new(&model, model.init_state(1));
-    files::train(&mut backend, &model, &set, &options(sane, out.clone())).unwrap();
-    let last = out.join("last.safetensors");
-    let before = std::fs::read(&last).unwrap();
-
-    // Continue from it with an absurd learning rate, as a fresh run into the same folder.
-    let wild = Recipe { epochs: 1, batch_size: 50, max_lr: 1e9, ..Recipe::default() };
-    let err = files::train(&mut backend, &model, &set, &options(wild, out.clone())).unwrap_err().to_string();
-    assert!(err.contains("diverged") && err.contains("unchanged"), "{err}");
-    assert_eq!(std::fs::read(&last).unwrap(), before, "the last good checkpoint was overwritten");
+    out
 }
 
 /// 20 training steps on real augmented batches (batch 16, dropout on, the one-cycle schedule) through
@@ -230,7 +236,16 @@ fn both_loops_agree(
     set: &Mnist,
     name: &str,
 ) -> (train::Outcome, train::Outcome, GpuBackend, CpuBackend) {
-    let recipe = Recipe { epochs: 1, batch_size: 50, ..Recipe::default() };
+    both_loops_agree_with(model, set, (Recipe { epochs: 1, batch_size: 50, ..Recipe::default() }, 1e-4), name)
+}
+
+/// Trains `recipe` on both backends; their train and test losses must agree to `tol` (relative).
+fn both_loops_agree_with(
+    model: &Model,
+    set: &Mnist,
+    (recipe, tol): (Recipe, f64),
+    name: &str,
+) -> (train::Outcome, train::Outcome, GpuBackend, CpuBackend) {
     let mut gpu = gpu_backend(model, recipe.seed);
     let gpu_run = files::train(&mut gpu, model, set, &options(recipe, scratch(&format!("{name}-gpu")))).unwrap();
     let mut cpu = CpuBackend::new(model, model.init_state(recipe.seed));
@@ -238,12 +253,12 @@ fn both_loops_agree(
     let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
     eprintln!("gpu: train loss {} test loss {}; cpu: {} {}", g.train_loss, g.test_loss, c.train_loss, c.test_loss);
     assert!(
-        (g.train_loss - c.train_loss).abs() <= 1e-4 * c.train_loss,
+        (g.train_loss - c.train_loss).abs() <= tol * c.train_loss,
         "train loss {} vs {}",
         g.train_loss,
         c.train_loss
     );
-    assert!((g.test_loss - c.test_loss).abs() <= 1e-4 * c.test_loss, "test loss {} vs {}", g.test_loss, c.test_loss);
+    assert!((g.test_loss - c.test_loss).abs() <= tol * c.test_loss, "test loss {} vs {}", g.test_loss, c.test_loss);
     (gpu_run, cpu_run, gpu, cpu)
 }
 
@@ -353,7 +368,32 @@ fn model_file_networks_train_alike_on_both_backends() {
                      [[layer]]\ntype = \"gap\"\n";
     trains_alike(bare_relu, 90, "file-bare-relu");
     // The fast recipe's network: ReLUs after max poolings and after a linear layer, biases, no batchnorm.
-    trains_alike(include_str!("fixtures/fast_recipe_net.toml"), 215_194, "file-fast-recipe");
+    trains_alike(include_str!("../models/fast-recipe.toml"), 215_194, "file-fast-recipe");
+    // Three linear layers in a row, nothing else.
+    trains_alike(include_str!("../models/mlp3.toml"), 235_146, "file-mlp3");
+}
+
+/// The shipped networks without batchnorm: 20 steps at batch 50 on 1,000 images with Adam at lr 0.01
+/// give the same test accuracy on 1,000 test images on the GPU backend and on the CPU backend, and
+/// losses within 2e-3 (relative). Adam divides each gradient by its root mean square, so a weight whose
+/// gradient cancels to near zero over the batch moves by a step of about lr whose sign and size the
+/// last bits of the sum decide, and the two backends sum in different orders: measured on lavapipe,
+/// mlp3 agrees to 5e-8, the fast recipe's network (204,800 weights in fc1) to 1.1e-4 in train loss and
+/// 1.1e-3 in test loss (0.4828 against 0.4822; the same 828 of 1,000 right). With SGD both agree to
+/// 1e-4 (`model_file_networks_train_alike_on_both_backends`).
+#[test]
+fn shipped_networks_without_batchnorm_train_alike_with_adam() {
+    let Some(_) = gpu() else { return };
+    let set = small_mnist(1_000, 1_000);
+    for name in ["mlp3", "fast-recipe"] {
+        let model = mnist_wgpu::model::file::for_mnist(Some(name)).unwrap();
+        let adam = Optimizer { kind: OptimizerKind::Adam, betas: (0.7, 0.9), eps: 1e-8 };
+        let base = Recipe::for_model(&model);
+        let recipe = Recipe { epochs: 1, batch_size: 50, max_lr: 0.01, optimizer: adam, weight_decay: 0.0, ..base };
+        let (gpu_run, cpu_run, _, _) = both_loops_agree_with(&model, &set, (recipe, 2e-3), &format!("adam-{name}"));
+        let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
+        assert_eq!(g.test_correct, c.test_correct, "{name}: test accuracy {}% on the GPU, {}% on the CPU", g.test_accuracy, c.test_accuracy);
+    }
 }
 
 fn trains_alike(text: &str, params: usize, name: &str) {

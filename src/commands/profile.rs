@@ -22,7 +22,7 @@ use super::bench::{median, step_params, timed_inputs, timed_loader, validate};
 
 #[derive(Args)]
 pub struct ProfileArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3, fast-recipe).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// The update that ends each training step: sgd, adam or adamw.

@@ -5,7 +5,7 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct SummaryArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3, fast-recipe).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
 }

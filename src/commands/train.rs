@@ -22,7 +22,7 @@ use super::{checkpoint_model, first_images, load_data, make_backend, DeviceArgs,
 
 #[derive(Args)]
 pub struct TrainArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3). With
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3, fast-recipe). With
     /// --resume, the checkpoint's own network is used, and a different --model is refused.
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
@@ -375,7 +375,7 @@ fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mn
     let o = r.optimizer;
     let optimizer = match o.kind {
         OptimizerKind::Sgd => format!("sgd, weight decay {}", r.weight_decay),
-        _ => format!("{}, betas ({}, {}), eps {}, weight decay {}", o.kind.name(), o.betas.0, o.betas.1, o.eps, r.weight_decay),
+        _ => format!("{}, betas ({}, {}), eps {:e}, weight decay {}", o.kind.name(), o.betas.0, o.betas.1, o.eps, r.weight_decay),
     };
     println!(
         "Recipe: {} epochs, batch {}, max lr {}, {optimizer}; augmentation: shift {} px, jitter {}, rotation {} \

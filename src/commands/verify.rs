@@ -11,7 +11,7 @@ use mnist_wgpu::verify;
 
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3).
+    /// The network: a model file, or a preset (net3, the default; small8k, small5k, best20k, net3-avgpool2, mlp3, fast-recipe).
     #[arg(long, value_name = "FILE|PRESET")]
     model: Option<String>,
     /// The GPU adapter: an index from `adapters`, part of its name, or NAME:BACKEND (llvmpipe:gl);

@@ -43,6 +43,11 @@ pub struct Augment {
     pub cutout: f64,
 }
 
+impl Augment {
+    /// No augmentation at all: every strength 0 (each image is then its own normalized pixels).
+    pub const NONE: Augment = Augment { translate: 0, jitter: 0.0, rotate: 0.0, cutout: 0.0 };
+}
+
 impl Default for Augment {
     fn default() -> Augment {
         Augment { translate: PAD, jitter: JITTER, rotate: MAX_ANGLE, cutout: CUTOUT_P }

@@ -355,8 +355,8 @@ mod tests {
     /// before it, its backward on its own.
     #[test]
     fn relus_without_a_batchnorm_run_in_the_forward_epilogue_before_them() {
-        let text = include_str!("../../tests/fixtures/fast_recipe_net.toml");
-        let m = crate::model::file::parse(text, "fast_recipe_net.toml", crate::model::MNIST_INPUT, 10).unwrap();
+        let text = include_str!("../../models/fast-recipe.toml");
+        let m = crate::model::file::parse(text, "models/fast-recipe.toml", crate::model::MNIST_INPUT, 10).unwrap();
         let f = Fusion::new(&m, 100);
         let conv = |layer, fusion| Launch::ConvForward { layer, fusion };
         let plain = ForwardFusion::Plain { splits: 1 };

@@ -20,6 +20,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("best20k", include_str!("../../models/best20k.toml")),
     ("net3-avgpool2", include_str!("../../models/net3-avgpool2.toml")),
     ("mlp3", include_str!("../../models/mlp3.toml")),
+    ("fast-recipe", include_str!("../../models/fast-recipe.toml")),
 ];
 
 /// The network `--model` names (a model file or a preset; Net3 when None), for MNIST's images and

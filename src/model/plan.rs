@@ -317,7 +317,7 @@ mod tests {
     }
 
     /// conv, max pooling, ReLU, conv, max pooling, ReLU, linear, ReLU, linear.
-    const FAST_RECIPE: &str = include_str!("../../tests/fixtures/fast_recipe_net.toml");
+    const FAST_RECIPE: &str = include_str!("../../models/fast-recipe.toml");
 
     #[test]
     fn a_relu_joins_its_convolution_or_pooling_and_the_rest_runs_alone() {

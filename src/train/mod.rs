@@ -447,7 +447,8 @@ pub async fn run(
     let loader = LoaderConfig {
         seed: r.seed,
         batch_size: r.batch_size,
-        augment: Some(r.augment),
+        // Strength 0 on every count is the identity: the loader skips it (the same pixels, sooner).
+        augment: (r.augment != Augment::NONE || r.batch_augment.any()).then_some(r.augment),
         batch_augment: r.batch_augment,
     };
     let (mut epoch, mut first_batch, mut global) = opts.start;

@@ -59,11 +59,11 @@ async fn adam_case(ctx: &GpuContext, k: &Kernels, len: usize, case: AdamCase) ->
     let (shape, what) = (len.to_string(), if case.sliced { "3 slices" } else { "whole gradients" });
     let got = Metrics::read(ctx, &metrics).await?.nonfinite;
     if case.planted {
-        return Ok(vec![compare_exact(&name, "non-finite flag", &shape, "one infinite gradient", &[got], &[want])]);
+        return Ok(vec![compare_exact(&name, "flag, one inf", &shape, "one infinite gradient", &[got], &[want])]);
     }
     let gm = read(ctx, &mb, 2 * len).await?;
     Ok(vec![
-        compare_exact(&name, "non-finite flag", &shape, what, &[got], &[want]),
+        compare_exact(&name, "flag, finite", &shape, what, &[got], &[want]),
         compare(&name, "parameters", &shape, &read(ctx, &pb, len).await?, &p2, TOL_ELEMENTWISE),
         compare(&name, "exp_avg", &shape, &gm[..len], &m2, TOL_ELEMENTWISE),
         compare(&name, "exp_avg_sq", &shape, &gm[len..], &v2, TOL_ELEMENTWISE),
