@@ -278,7 +278,9 @@ pub fn optim_in(optim: &Path, bytes: &[u8], model: &Model) -> Result<(OptimState
     let meta = meta.metadata().as_ref();
     let pos = meta.map(|m| Position::from_map(optim, m)).transpose()?;
     let kind = match meta.and_then(|m| m.get(OPTIMIZER_KEY)) {
-        Some(name) => OptimizerKind::parse(name).with_context(|| format!("{}: metadata {OPTIMIZER_KEY:?}", optim.display()))?,
+        Some(name) => {
+            OptimizerKind::parse(name).with_context(|| format!("{}: metadata {OPTIMIZER_KEY:?}", optim.display()))?
+        }
         None => OptimizerKind::Sgd,
     };
     let n = model.num_trainable;
@@ -293,7 +295,11 @@ pub fn optim_in(optim: &Path, bytes: &[u8], model: &Model) -> Result<(OptimState
     if kind != OptimizerKind::Sgd {
         let step = read_step(optim, &st)?;
         if let Some(pos) = pos.as_ref().filter(|pos| pos.global_step as i64 != step) {
-            bail!("{}: Adam's step count {step} is not the checkpoint's global step {}", optim.display(), pos.global_step);
+            bail!(
+                "{}: Adam's step count {step} is not the checkpoint's global step {}",
+                optim.display(),
+                pos.global_step
+            );
         }
     }
     Ok((OptimState { kind, moments }, pos))
@@ -303,9 +309,15 @@ pub fn optim_in(optim: &Path, bytes: &[u8], model: &Model) -> Result<(OptimState
 fn read_step(path: &Path, st: &SafeTensors) -> Result<i64> {
     let t = st.tensor("step").map_err(|_| anyhow!("{}: no tensor \"step\" (Adam's step count)", path.display()))?;
     if t.dtype() != Dtype::I64 || !t.shape().is_empty() {
-        bail!("{}: tensor \"step\" is {:?} of shape {:?}, expected an I64 scalar", path.display(), t.dtype(), t.shape());
+        bail!(
+            "{}: tensor \"step\" is {:?} of shape {:?}, expected an I64 scalar",
+            path.display(),
+            t.dtype(),
+            t.shape()
+        );
     }
-    let bytes: [u8; 8] = t.data().try_into().map_err(|_| anyhow!("{}: tensor \"step\" is not 8 bytes", path.display()))?;
+    let bytes: [u8; 8] =
+        t.data().try_into().map_err(|_| anyhow!("{}: tensor \"step\" is not 8 bytes", path.display()))?;
     Ok(i64::from_le_bytes(bytes))
 }
 

@@ -33,9 +33,9 @@ pub mod gpu;
 #[cfg(feature = "engine")]
 pub mod memory;
 pub mod model;
-pub mod optim;
 #[cfg(feature = "app")]
 pub mod onnx;
+pub mod optim;
 #[cfg(feature = "app")]
 pub mod report;
 #[cfg(feature = "engine")]

@@ -87,7 +87,8 @@ fn interrupted_run_resumes_exactly() {
 fn interrupted_adamw_run_resumes_exactly() {
     let model = mnist_wgpu::model::file::for_mnist(Some("mlp3")).unwrap();
     let adamw = Optimizer { kind: OptimizerKind::AdamW, betas: (0.7, 0.9), eps: 1e-8 };
-    let recipe = Recipe { epochs: 2, batch_size: 50, max_lr: 0.01, optimizer: adamw, weight_decay: 0.01, ..Recipe::default() };
+    let recipe =
+        Recipe { epochs: 2, batch_size: 50, max_lr: 0.01, optimizer: adamw, weight_decay: 0.01, ..Recipe::default() };
     let out = resumes_exactly(&model, recipe, "adamw");
     let optim = checkpoint::optim_path(&out.join("last.safetensors"));
     let bytes = std::fs::read(&optim).unwrap();
@@ -392,7 +393,11 @@ fn shipped_networks_without_batchnorm_train_alike_with_adam() {
         let recipe = Recipe { epochs: 1, batch_size: 50, max_lr: 0.01, optimizer: adam, weight_decay: 0.0, ..base };
         let (gpu_run, cpu_run, _, _) = both_loops_agree_with(&model, &set, (recipe, 2e-3), &format!("adam-{name}"));
         let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
-        assert_eq!(g.test_correct, c.test_correct, "{name}: test accuracy {}% on the GPU, {}% on the CPU", g.test_accuracy, c.test_accuracy);
+        assert_eq!(
+            g.test_correct, c.test_correct,
+            "{name}: test accuracy {}% on the GPU, {}% on the CPU",
+            g.test_accuracy, c.test_accuracy
+        );
     }
 }
 

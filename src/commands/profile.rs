@@ -8,15 +8,15 @@ use clap::Args;
 use pollster::block_on;
 
 use mnist_wgpu::backend::Backend;
-use mnist_wgpu::cpu::profile::OpTime;
 use mnist_wgpu::cpu::executor::Update;
-use mnist_wgpu::optim::{OptimizerKind, MOMENT_SLOTS};
+use mnist_wgpu::cpu::profile::OpTime;
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
 use mnist_wgpu::data::loader::{epoch_order, train_batch, Batch};
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::net::StepProfile;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
+use mnist_wgpu::optim::{OptimizerKind, MOMENT_SLOTS};
 
 use super::bench::{median, step_params, timed_inputs, timed_loader, validate};
 

@@ -375,7 +375,14 @@ fn describe_run(name: &str, model: &Model, backend: &dyn Backend, set: &data::Mn
     let o = r.optimizer;
     let optimizer = match o.kind {
         OptimizerKind::Sgd => format!("sgd, weight decay {}", r.weight_decay),
-        _ => format!("{}, betas ({}, {}), eps {:e}, weight decay {}", o.kind.name(), o.betas.0, o.betas.1, o.eps, r.weight_decay),
+        _ => format!(
+            "{}, betas ({}, {}), eps {:e}, weight decay {}",
+            o.kind.name(),
+            o.betas.0,
+            o.betas.1,
+            o.eps,
+            r.weight_decay
+        ),
     };
     println!(
         "Recipe: {} epochs, batch {}, max lr {}, {optimizer}; augmentation: shift {} px, jitter {}, rotation {} \

@@ -3,8 +3,8 @@
 //! training step, an evaluation and a profiled step are written once.
 
 use super::profile::{self, record, OpTime};
-use super::reference::loss::{softmax_cross_entropy, LossOut};
 use super::reference::adam::adam_update;
+use super::reference::loss::{softmax_cross_entropy, LossOut};
 use super::reference::sgd::{sgd_update, SgdStep};
 use crate::backend::StepParams;
 use crate::model::Model;

@@ -8,8 +8,8 @@ use anyhow::{bail, Result};
 use super::batchnorm::BnOffsets;
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
-use super::update::SlicedGrad;
 use super::uniform::uniform;
+use super::update::SlicedGrad;
 use crate::model::ConvDims;
 
 uniform! {

@@ -6,6 +6,7 @@
 
 use anyhow::{bail, Result};
 
+use super::adam::Adam;
 use super::batchnorm::{BatchNorm, BnBuffers};
 use super::context::GpuContext;
 use super::conv::{BackwardEpilogue, BnStats, BnSums, Conv, EvalBn, ForwardEpilogue, GradBuffers};
@@ -15,7 +16,6 @@ use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
 use super::pool::Pool;
 use super::relu::Relu;
-use super::adam::Adam;
 use super::sgd::Sgd;
 use super::update::{StepUniform, UpdateBuffers};
 use crate::model::{Layer, Model};

@@ -109,7 +109,16 @@ impl UpdateBuffers<'_> {
     /// The launch's bindings, with the slice tables of `slice_buffers`.
     pub(super) fn bindings<'a>(&'a self, tables: &'a [wgpu::Buffer; 3]) -> [(u32, &'a wgpu::Buffer); 8] {
         let [u, table, of] = tables;
-        [(0, u), (1, self.step), (2, self.state), (3, self.grads), (4, self.moments), (5, self.metrics), (6, table), (7, of)]
+        [
+            (0, u),
+            (1, self.step),
+            (2, self.state),
+            (3, self.grads),
+            (4, self.moments),
+            (5, self.metrics),
+            (6, table),
+            (7, of),
+        ]
     }
 }
 

@@ -92,7 +92,14 @@ impl Sink for FileSink {
         self.bar.set_message(format!("loss {:.4} acc {:.2}% {:.0} img/s", p.loss, p.accuracy, p.images_per_sec));
     }
 
-    fn keep(&mut self, which: Kept, model: &Model, state: &[f32], optim: &OptimState, position: &Position) -> Result<()> {
+    fn keep(
+        &mut self,
+        which: Kept,
+        model: &Model,
+        state: &[f32],
+        optim: &OptimState,
+        position: &Position,
+    ) -> Result<()> {
         let path = match which {
             Kept::Last => &self.last,
             Kept::Best => &self.best,

@@ -138,7 +138,8 @@ impl Recipe {
         }
         let o = self.optimizer;
         if o.kind != OptimizerKind::Sgd {
-            json["optimizer"] = serde_json::json!({ "name": o.kind.name(), "betas": [o.betas.0, o.betas.1], "eps": o.eps });
+            json["optimizer"] =
+                serde_json::json!({ "name": o.kind.name(), "betas": [o.betas.0, o.betas.1], "eps": o.eps });
         }
         let a = self.augment;
         if a != Augment::default() {
@@ -293,8 +294,14 @@ pub trait Sink {
     fn epoch_started(&mut self, epoch: usize, epochs: usize, first_batch: usize, batches: usize);
     fn progress(&mut self, p: &Progress);
     /// Keeps a checkpoint of `state` (finite) and the optimizer's state at `position`.
-    fn keep(&mut self, which: Kept, model: &Model, state: &[f32], optim: &OptimState, position: &Position)
-        -> Result<()>;
+    fn keep(
+        &mut self,
+        which: Kept,
+        model: &Model,
+        state: &[f32],
+        optim: &OptimState,
+        position: &Position,
+    ) -> Result<()>;
     /// An epoch's record, once its checkpoints are kept.
     fn epoch_finished(&mut self, record: &EpochRecord) -> Result<()>;
     /// The run stopped (the stop flag) at `position`, its last checkpoint kept there.

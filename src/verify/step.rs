@@ -193,7 +193,15 @@ pub async fn step_checks(
         let recipe = |i: usize| {
             let (lr, momentum) = schedule.at(i);
             let (lr, momentum) = (lr as f32, momentum as f32);
-            StepParams { lr, momentum, weight_decay: 1e-5, dropout_seed: 7, step: i as u32, dropout: true, optimizer: sgd }
+            StepParams {
+                lr,
+                momentum,
+                weight_decay: 1e-5,
+                dropout_seed: 7,
+                step: i as u32,
+                dropout: true,
+                optimizer: sgd,
+            }
         };
         let what = format!("{dropout_steps} steps, dropout");
         all.add(run_steps(&what, model, backend, n, dropout_steps, recipe).await?);

@@ -118,8 +118,14 @@ const cases = {
     const mlpFailed = mlp.result.rows.filter((c) => !c.ok).map((c) => `${c.kernel} ${c.layer} ${c.error} (${c.detail})`);
     assert(mlp.result.failed === 0, `mlp3: ${mlp.result.failed} checks failed:\n${mlpFailed.join('\n')}`);
     assert(mlp.result.rows.some((c) => c.kernel.endsWith('forward_relu')), 'mlp3: no forward_relu row');
+    // The fast recipe's network: ReLUs after max poolings, biases; every net's rows include Adam's.
+    const fast = await runPage('run=verify&batch=8&model=fast-recipe', 10);
+    assert(fast.title === 'done', `the page failed on fast-recipe: ${fast.shown}`);
+    const fastFailed = fast.result.rows.filter((c) => !c.ok).map((c) => `${c.kernel} ${c.layer} ${c.error} (${c.detail})`);
+    assert(fast.result.failed === 0, `fast-recipe: ${fast.result.failed} checks failed:\n${fastFailed.join('\n')}`);
+    assert(fast.result.rows.some((c) => c.kernel.startsWith('adam.update')), 'fast-recipe: no adam.update row');
     return `${r.checks}/${r.checks} checks passed, largest error ${(100 * r.worst_ratio).toFixed(0)}% of its tolerance; ` +
-      `mlp3: ${mlp.result.checks}/${mlp.result.checks}`;
+      `mlp3: ${mlp.result.checks}/${mlp.result.checks}; fast-recipe: ${fast.result.checks}/${fast.result.checks}`;
   },
 
   async steps() {
