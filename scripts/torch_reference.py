@@ -109,14 +109,42 @@ def state(model, prefix):
     }
 
 
+def fresh(make, initial, dtype):
+    """The network `make()` builds, in `dtype`, holding `initial`, in training mode."""
+    model = make().to(dtype)
+    model.load_state_dict(initial, strict=False)
+    model.train()
+    return model
+
+
+def ten_steps(model, opt, sched, x, y, hyper=None):
+    """STEPS steps of `opt` on one batch: each step's loss and lr (and the group's `hyper`, if named),
+    then the state after them."""
+    out, losses, lrs, hypers = {}, [], [], []
+    for _ in range(STEPS):
+        lrs.append(opt.param_groups[0]["lr"])
+        if hyper:
+            hypers.append(opt.param_groups[0][hyper])
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        sched.step()
+    out["train.losses"] = torch.tensor(losses, dtype=torch.float64)
+    out["train.lr"] = torch.tensor(lrs, dtype=torch.float64)
+    if hyper:
+        out["train." + hyper] = torch.tensor(hypers, dtype=torch.float64)
+    out.update(state(model, "final."))
+    return out
+
+
 def run(make, initial, x, y, dtype):
     """One forward/backward pass, then ten SGD steps, from `initial` weights, computed in `dtype`;
     `make()` builds the network."""
     out = {}
     x = x.to(dtype)
-    model = make().to(dtype)
-    model.load_state_dict(initial, strict=False)
-    model.train()
+    model = fresh(make, initial, dtype)
     logits = model(x)
     loss = F.cross_entropy(logits, y)
     loss.backward()
@@ -129,27 +157,12 @@ def run(make, initial, x, y, dtype):
             out["step0.running." + name] = b.detach().clone()
 
     # Ten SGD steps on the same batch, from the initial weights, with the spec's one-cycle schedule.
-    model = make().to(dtype)
-    model.load_state_dict(initial, strict=False)
-    model.train()
+    model = fresh(make, initial, dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=0.1, total_steps=TOTAL_STEPS, div_factor=10, final_div_factor=100
     )
-    losses, lrs, moms = [], [], []
-    for _ in range(STEPS):
-        lrs.append(opt.param_groups[0]["lr"])
-        moms.append(opt.param_groups[0]["momentum"])
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        sched.step()
-    out["train.losses"] = torch.tensor(losses, dtype=torch.float64)
-    out["train.lr"] = torch.tensor(lrs, dtype=torch.float64)
-    out["train.momentum"] = torch.tensor(moms, dtype=torch.float64)
-    out.update(state(model, "final."))
+    out.update(ten_steps(model, opt, sched, x, y, "momentum"))
     model.eval()
     with torch.no_grad():
         out["final.eval_logits"] = model(x).clone()
@@ -161,27 +174,12 @@ ADAM = dict(betas=(0.7, 0.9), eps=1e-8, weight_decay=0.01, max_lr=0.002)
 
 def adam_run(make, initial, x, y, dtype, kind):
     """Ten Adam or AdamW steps on one batch from `initial` weights, computed in `dtype`."""
-    out = {}
-    model = make().to(dtype)
-    model.load_state_dict(initial, strict=False)
-    model.train()
-    x = x.to(dtype)
+    model = fresh(make, initial, dtype)
     cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
     opt = cls(model.parameters(), lr=ADAM["max_lr"], betas=ADAM["betas"], eps=ADAM["eps"],
               weight_decay=ADAM["weight_decay"], foreach=False)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=ADAM["max_lr"], total_steps=STEPS, cycle_momentum=False)
-    losses, lrs = [], []
-    for _ in range(STEPS):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        losses.append(loss.item())
-        loss.backward()
-        opt.step()
-        sched.step()
-    out["train.losses"] = torch.tensor(losses, dtype=torch.float64)
-    out["train.lr"] = torch.tensor(lrs, dtype=torch.float64)
-    out.update(state(model, "final."))
+    out = ten_steps(model, opt, sched, x.to(dtype), y)
     for name, p in model.named_parameters():
         st = opt.state[p]
         out["final.exp_avg." + name] = st["exp_avg"].detach().clone()
