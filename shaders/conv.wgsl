@@ -26,6 +26,10 @@
 //                     statistics at d.*_off), and its ReLU when d.bn_relu == 1: that launch is skipped.
 //   forward_relu      forward (one split) through the ReLU that follows (one no batchnorm absorbs):
 //                     that launch is skipped.
+//   forward_relu_dropout  forward_relu, then the dropout right after that ReLU: element i of y kept
+//                     when dropout_hash(seed, step, d.drop_layer, i) >= d.drop_threshold, and scaled
+//                     by d.drop_scale (the identity when s.dropout_on == 0), as dropout.wgsl; y is the
+//                     dropout's output, and both launches after this one are skipped.
 //   backward          both gradients in one launch, as they depend on dy alone:
 //                     first d.weight_groups workgroups: dw[co, r] = sum over positions p of
 //                     dy[co, p] * x-patch[r, p], one per tile of TC output channels x TP of the
@@ -54,7 +58,8 @@
 // Bindings: 0 dims (uniform), 1 x (input activation), 2 state (weights; batchnorm parameters),
 //           3 dy (output gradient), 4 out (forward: y; backward: dx; not in backward_weights),
 //           5 grads (backward entries), 6 saved (the next or previous batchnorm's; _bn_ entries),
-//           7 bn_x (that batchnorm's input) and 8 step (uniform; backward_bn_sums). Forward binds x
+//           7 bn_x (that batchnorm's input) and 8 step (uniform; backward_bn_sums,
+//           forward_relu_dropout). Forward binds x
 //           as dy too: the patch reader serves both directions.
 
 struct Dims {
@@ -64,7 +69,8 @@ struct Dims {
     gamma_off: u32, beta_off: u32, mean_off: u32, var_off: u32,
     eps: f32, pool: u32, weight_groups: u32, splits: u32,
     bias: u32, bias_off: u32, bias_extra: u32, part_off: u32,
-    bn_relu: u32, bn_dropout: u32, bn_scale: f32, _p0: u32,
+    bn_relu: u32, bn_dropout: u32, bn_scale: f32, drop_layer: u32,
+    drop_threshold: u32, drop_scale: f32, _p0: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
@@ -296,14 +302,20 @@ const EPILOGUE_NONE: u32 = 0u;
 const EPILOGUE_BN_EVAL: u32 = 1u;
 const EPILOGUE_RELU: u32 = 2u;
 
+// Where output (position p, channel c) of a tile goes in `out` (forward's y part, or dx).
+fn out_index(at: TileAt, p: u32, c: u32, backward: bool) -> u32 {
+    let out_c = select(d.cout, d.cin, backward);
+    let plane = select(d.ho * d.wo, d.h * d.w, backward);
+    let part = at.split * d.n * plane * out_c;
+    return part + ((p / plane) * out_c + c) * plane + p % plane;
+}
+
 // Writes invocation `lid`'s block of a tile into `out` (forward's y part, or dx); with
 // EPILOGUE_BN_EVAL, through the evaluation-mode batchnorm (and ReLU) that follows; with EPILOGUE_RELU,
 // through the ReLU that follows.
 fn write_tile(lid: u32, at: TileAt, acc: Block, backward: bool, epilogue: u32) {
     let out_c = select(d.cout, d.cin, backward);
-    let plane = select(d.ho * d.wo, d.h * d.w, backward);
-    let positions = d.n * plane;
-    let part = at.split * positions * out_c;
+    let positions = d.n * select(d.ho * d.wo, d.h * d.w, backward);
     for (var j = 0u; j < 4u; j++) {
         let p = at.p0 + block_col(lid, j);
         if (p >= positions) {
@@ -319,7 +331,7 @@ fn write_tile(lid: u32, at: TileAt, acc: Block, backward: bool, epilogue: u32) {
                 } else if (epilogue == EPILOGUE_RELU) {
                     v = relu(v);
                 }
-                out[part + ((p / plane) * out_c + c) * plane + p % plane] = v;
+                out[out_index(at, p, c, backward)] = v;
             }
         }
     }
@@ -504,6 +516,41 @@ fn forward_relu(
     @builtin(local_invocation_index) lid: u32,
 ) {
     plain_tile(lid, flat_group(wid, nwg), false, EPILOGUE_RELU);
+}
+
+// The dropout after the ReLU, on the values invocation `lid` has just written of a forward tile (the
+// same invocation reads back its own writes): apart from write_tile, so that only this entry point
+// binds the step uniform.
+fn dropout_tile(lid: u32, at: TileAt) {
+    if (s.dropout_on == 0u) {
+        return;
+    }
+    let positions = d.n * d.ho * d.wo;
+    for (var j = 0u; j < 4u; j++) {
+        let p = at.p0 + block_col(lid, j);
+        for (var t = 0u; t < 4u; t++) {
+            let c = at.c0 + block_channel(lid, t);
+            if (p < positions && c < d.cout) {
+                let i = out_index(at, p, c, false);
+                let keep = dropout_hash(s.dropout_seed, s.dropout_step, d.drop_layer, i) >= d.drop_threshold;
+                out[i] = select(0.0, out[i] * d.drop_scale, keep);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(TW)
+fn forward_relu_dropout(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let at = tile_at(flat_group(wid, nwg), false);
+    if (!at.live) {
+        return;
+    }
+    write_tile(lid, at, tile_product(lid, at, false), false, EPILOGUE_RELU);
+    dropout_tile(lid, at);
 }
 
 // group is uniform across the workgroup, so every branch below keeps its barriers uniform.

@@ -11,19 +11,25 @@
 //   maxpool_forward_relu, avgpool2_forward_relu
 //                     the forward, then the ReLU that follows it (one no batchnorm absorbs): that
 //                     launch is skipped
+//   maxpool_forward_relu_dropout, avgpool2_forward_relu_dropout
+//                     the same, then the dropout right after that ReLU: output i kept when
+//                     dropout_hash(seed, step, d.drop_layer, i) >= d.drop_threshold and scaled by
+//                     d.drop_scale (the identity when s.dropout_on == 0), as dropout.wgsl
 //   gap_forward       one invocation per plane: the mean of its h * w values, summed in order
 //   gap_backward      one invocation per input element: dx = dy[plane] / (h * w)
 // Bindings: 0 dims (uniform), 1 x (input; gap_backward: dy), 2 out (y or dx), 3 dy (maxpool_backward,
-//           avgpool2_backward).
+//           avgpool2_backward), 4 step (uniform; the *_relu_dropout entry points).
 
 struct Dims {
-    planes: u32, h: u32, w: u32, _p0: u32,
+    planes: u32, h: u32, w: u32, drop_layer: u32,
+    drop_threshold: u32, drop_scale: f32, _p0: u32, _p1: u32,
 }
 
 @group(0) @binding(0) var<uniform> d: Dims;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 @group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<uniform> s: Step;
 
 // Number of max-pool outputs.
 fn pooled() -> u32 {
@@ -67,6 +73,25 @@ fn maxpool_forward_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(
     out[i] = relu(v[window_max_place(v)]);
 }
 
+// Output i of value v through the dropout that follows (after the ReLU).
+fn dropped(i: u32, v: f32) -> f32 {
+    if (s.dropout_on == 0u) {
+        return v;
+    }
+    let keep = dropout_hash(s.dropout_seed, s.dropout_step, d.drop_layer, i) >= d.drop_threshold;
+    return select(0.0, v * d.drop_scale, keep);
+}
+
+@compute @workgroup_size(WG)
+fn maxpool_forward_relu_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let v = window(i);
+    out[i] = dropped(i, relu(v[window_max_place(v)]));
+}
+
 @compute @workgroup_size(WG)
 fn maxpool_backward(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
     let i = flat_index(gid, nwg);
@@ -98,6 +123,16 @@ fn avgpool2_forward_relu(@builtin(global_invocation_id) gid: vec3<u32>, @builtin
     }
     let v = window(i);
     out[i] = relu((((v.x + v.y) + v.z) + v.w) / 4.0);
+}
+
+@compute @workgroup_size(WG)
+fn avgpool2_forward_relu_dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = flat_index(gid, nwg);
+    if (i >= pooled()) {
+        return;
+    }
+    let v = window(i);
+    out[i] = dropped(i, relu((((v.x + v.y) + v.z) + v.w) / 4.0));
 }
 
 @compute @workgroup_size(WG)

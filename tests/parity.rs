@@ -89,6 +89,18 @@ fn a_network_without_batchnorm_matches_at_its_shapes() {
     );
 }
 
+/// Dropout after ReLU epilogues of every kind (tests/fixtures/dropout_epilogues.toml): each such
+/// dropout runs in the forward epilogue before it and in its ReLU's backward, and has rows there; the
+/// dropout after a bare convolution runs (and is checked) alone.
+#[test]
+fn dropouts_in_epilogues_match_at_their_shapes() {
+    let Some((_, checks)) = model_file_checks("tests/fixtures/dropout_epilogues.toml") else { return };
+    let rows = |kernel: &str| checks.iter().filter(|c| c.kernel.ends_with(kernel) && c.layer != "odd shape").count();
+    assert_eq!(rows("forward_relu_dropout"), 4, "conv1, maxpool#3, avgpool2#8 and fc1");
+    assert_eq!(rows("relu.backward_dropout"), 4, "one for each ReLU with a dropout after it");
+    assert_eq!(rows("dropout.apply"), 1, "dropout#7 alone");
+}
+
 /// One step without dropout and three with it, on the GPU backend against the CPU backend: every
 /// parameter, momentum and running statistic, and the losses.
 #[test]

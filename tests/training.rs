@@ -372,6 +372,8 @@ fn model_file_networks_train_alike_on_both_backends() {
     trains_alike(include_str!("../models/fast-recipe.toml"), 215_194, "file-fast-recipe");
     // Three linear layers in a row, nothing else.
     trains_alike(include_str!("../models/mlp3.toml"), 235_146, "file-mlp3");
+    // Dropouts in the ReLU epilogues of a convolution, poolings and a linear layer, one alone.
+    trains_alike(include_str!("fixtures/dropout_epilogues.toml"), 19_802, "file-dropout-epilogues");
 }
 
 /// The shipped networks without batchnorm: 20 steps at batch 50 on 1,000 images with Adam at lr 0.01

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Result};
 
-use super::batchnorm::BnOffsets;
+use super::batchnorm::{BnOffsets, FusedDropout};
 use super::context::GpuContext;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
 use super::uniform::uniform;
@@ -42,7 +42,11 @@ uniform! {
         bn_relu: u32,
         bn_dropout: u32,
         bn_scale: f32,
+        drop_layer: u32,
+        drop_threshold: u32,
+        drop_scale: f32,
         _p0: u32,
+        _p1: u32,
     }
 }
 
@@ -147,6 +151,8 @@ pub enum ForwardEpilogue<'a> {
     BnEval(EvalBn),
     /// `forward_relu`: the ReLU of the next layer (one no batchnorm absorbs) applied to y.
     Relu,
+    /// `forward_relu_dropout`: that ReLU, then the dropout after it (masks from the step uniform).
+    ReluDropout(FusedDropout, &'a wgpu::Buffer),
 }
 
 /// What a backward launch computes besides the weight gradient; each is an entry point of conv.wgsl.
@@ -175,6 +181,7 @@ pub struct Conv {
     forward_bn_stats: Kernel,
     forward_bn_eval: Kernel,
     forward_relu: Kernel,
+    forward_relu_dropout: Kernel,
     backward: Kernel,
     backward_weights: Kernel,
     backward_bn_sums: Kernel,
@@ -188,6 +195,7 @@ impl Conv {
             forward_bn_stats: take(&mut k, "forward_bn_stats"),
             forward_bn_eval: take(&mut k, "forward_bn_eval"),
             forward_relu: take(&mut k, "forward_relu"),
+            forward_relu_dropout: take(&mut k, "forward_relu_dropout"),
             backward: take(&mut k, "backward"),
             backward_weights: take(&mut k, "backward_weights"),
             backward_bn_sums: take(&mut k, "backward_bn_sums"),
@@ -285,11 +293,22 @@ impl Conv {
                 cost.flops += outputs as f64;
                 (&self.forward_relu, None)
             }
+            ForwardEpilogue::ReluDropout(dropout, _) => {
+                (dims.drop_threshold, dims.drop_scale) = super::dropout::mask_params(dropout.p);
+                dims.drop_layer = dropout.layer as u32;
+                // The ReLU, the hash and the scaling; y read back and written again.
+                cost.flops += 3.0 * outputs as f64;
+                cost.bytes += 8.0 * outputs as f64;
+                (&self.forward_relu_dropout, None)
+            }
         };
         let u = ctx.uniform("conv dims", &dims);
         let groups = Conv::output_tiles(d.cout, d.n * d.ho() * d.wo()) * dims.splits;
         let mut buffers = vec![(0, &u), (1, x), (2, state), (3, x), (4, y)];
         buffers.extend(saved.map(|s| (6, s)));
+        if let ForwardEpilogue::ReluDropout(_, step) = epilogue {
+            buffers.push((8, step));
+        }
         Ok(kernel.launch(ctx, groups, &buffers).with_cost(cost))
     }
 

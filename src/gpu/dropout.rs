@@ -15,6 +15,12 @@ uniform! {
     }
 }
 
+/// A dropout of probability p as its kernels take it: the hash's keep threshold and the scale of a
+/// kept value (shared by dropout.wgsl and the epilogues that run a dropout).
+pub fn mask_params(p: f32) -> (u32, f32) {
+    (crate::model::dropout_threshold(p), 1.0 / (1.0 - p))
+}
+
 pub struct Dropout {
     apply: Kernel,
 }
@@ -37,8 +43,8 @@ impl Dropout {
         x: &wgpu::Buffer,
         out: &wgpu::Buffer,
     ) -> Dispatch {
-        let threshold = crate::model::dropout_threshold(p);
-        let dims = Dims { len: len as u32, threshold, scale: 1.0 / (1.0 - p), layer: layer as u32 };
+        let (threshold, scale) = mask_params(p);
+        let dims = Dims { len: len as u32, threshold, scale, layer: layer as u32 };
         let u = ctx.uniform("dropout dims", &dims);
         self.apply
             .launch(ctx, groups_for(len), &[(0, &u), (1, step), (2, x), (3, out)])

@@ -2,8 +2,9 @@
 //! It is the one place that decides what runs inside what on the GPU: which convolutions split their
 //! forward sum, which write a training batchnorm's statistics from their forward epilogue or its
 //! backward sums from their dx epilogue, which weight gradients arrive in slices, which convolutions
-//! and poolings apply the ReLU after them in their forward epilogue, and which launches (each an entry
-//! point named for what it fuses) a training step and an evaluation batch record.
+//! and poolings apply the ReLU after them (and a dropout after that) in their forward epilogue, and
+//! which launches (each an entry point named for what it fuses) a training step and an evaluation
+//! batch record.
 //! `GpuNet` records what it says; `verify` asks it what to check.
 //!
 //! Partial sums, one word each throughout the GPU code:
@@ -33,6 +34,8 @@ pub enum ForwardFusion {
     BnEval { bn: usize },
     /// `forward_relu`: the ReLU after this layer (one no batchnorm absorbs) applied.
     Relu,
+    /// `forward_relu_dropout`: that ReLU, then the dropout right after it (at this layer).
+    ReluDropout { dropout: usize },
 }
 
 /// What a convolution's backward launch computes besides its weight gradient.
@@ -87,6 +90,10 @@ pub enum Launch {
     PoolRelu {
         layer: usize,
     },
+    /// The same, and the dropout after that ReLU (at `layer + 2`).
+    PoolReluDropout {
+        layer: usize,
+    },
     /// A ReLU on its own (one that no batchnorm before it absorbs): in place in training.
     Relu {
         layer: usize,
@@ -94,19 +101,38 @@ pub enum Launch {
     ReluBackward {
         layer: usize,
     },
+    /// The backward of a ReLU and of the dropout after it (at `layer + 1`), which ran in the epilogue
+    /// before them.
+    ReluDropoutBackward {
+        layer: usize,
+    },
 }
 
-/// Whether the op of convolution `c` ends in the ReLU right after it (the plan puts a ReLU that no
-/// batchnorm absorbs into the op of the convolution or linear layer before it).
-fn ends_in_relu(model: &Model, op: &Op, c: usize) -> bool {
-    op.end == c + 2 && matches!(model.layers[c + 1], Layer::Relu)
+/// What the op of convolution (or pooling) `c` holds after it: the ReLU right after it, and the
+/// dropout after that ReLU (the plan puts a ReLU that no batchnorm absorbs, and such a dropout, into the
+/// op of the convolution, linear layer or pooling before them).
+fn epilogue_layers(model: &Model, op: &Op, c: usize) -> (bool, Option<usize>) {
+    let relu = op.end >= c + 2 && matches!(model.layers[c + 1], Layer::Relu);
+    let dropout = (relu && op.end == c + 3 && matches!(model.layers[c + 2], Layer::Dropout { .. })).then_some(c + 2);
+    (relu, dropout)
 }
 
-/// A pooling's forward launch: with the ReLU after it when its op holds one.
+/// A convolution's forward launch with no batchnorm after it: with the ReLU (and dropout) of its op.
+fn relu_fusion(model: &Model, op: &Op, c: usize) -> Option<ForwardFusion> {
+    match epilogue_layers(model, op, c) {
+        (true, Some(dropout)) => Some(ForwardFusion::ReluDropout { dropout }),
+        (true, None) => Some(ForwardFusion::Relu),
+        _ => None,
+    }
+}
+
+/// A pooling's forward launch: with the ReLU (and dropout) after it when its op holds them.
 fn pool_launch(model: &Model, op: &Op) -> Launch {
-    match op.len() > 1 && matches!(model.layers[op.start + 1], Layer::Relu) {
-        true => Launch::PoolRelu { layer: op.start },
-        false => Launch::Pool { layer: op.start },
+    let layer = op.start;
+    match epilogue_layers(model, op, layer) {
+        (true, Some(_)) => Launch::PoolReluDropout { layer },
+        (true, None) => Launch::PoolRelu { layer },
+        _ => Launch::Pool { layer },
     }
 }
 
@@ -189,9 +215,9 @@ impl Fusion {
         let layer = op.start;
         if let Some(c) = self.conv_of(model, op) {
             let next = c + 1;
-            let fusion = match self.stats_from.get(next) {
-                _ if ends_in_relu(model, op, c) => ForwardFusion::Relu,
-                Some(&Some(from)) if from == c => ForwardFusion::BnStats { bn: next },
+            let fusion = match (relu_fusion(model, op, c), self.stats_from.get(next)) {
+                (Some(fusion), _) => fusion,
+                (None, Some(&Some(from))) if from == c => ForwardFusion::BnStats { bn: next },
                 _ => ForwardFusion::Plain { splits: self.splits[c] },
             };
             return Launch::ConvForward { layer: c, fusion };
@@ -210,9 +236,9 @@ impl Fusion {
     fn eval_launch(&self, model: &Model, op: &Op) -> Launch {
         let layer = op.start;
         if let Some(c) = self.conv_of(model, op) {
-            let fusion = match model.layers.get(c + 1) {
-                _ if ends_in_relu(model, op, c) => ForwardFusion::Relu,
-                Some(Layer::BatchNorm { .. }) if op.end > c + 1 => ForwardFusion::BnEval { bn: c + 1 },
+            let fusion = match (relu_fusion(model, op, c), model.layers.get(c + 1)) {
+                (Some(fusion), _) => fusion,
+                (None, Some(Layer::BatchNorm { .. })) if op.end > c + 1 => ForwardFusion::BnEval { bn: c + 1 },
                 _ => ForwardFusion::Plain { splits: 1 },
             };
             return Launch::ConvForward { layer: c, fusion };
@@ -240,6 +266,7 @@ impl Fusion {
             }
             Layer::BatchNorm { .. } => Launch::BatchNormBackward { layer },
             Layer::Dropout { .. } => Launch::Dropout { layer },
+            Layer::Relu if op.len() == 2 => Launch::ReluDropoutBackward { layer },
             Layer::Relu => Launch::ReluBackward { layer },
             ref pooling if pooling.is_pooling() => Launch::PoolBackward { layer },
             ref other => unreachable!("{other:?} alone in the backward pass"),
@@ -373,6 +400,50 @@ mod tests {
         let relus: Vec<Launch> =
             f.backward.iter().map(|(_, l)| *l).filter(|l| matches!(l, Launch::ReluBackward { .. })).collect();
         assert_eq!(relus, [7, 5, 2].map(|layer| Launch::ReluBackward { layer }));
+    }
+
+    /// A dropout right after such a ReLU runs in the same epilogue (forward) and with the ReLU's
+    /// backward; evaluation leaves it out; one after a bare convolution runs alone.
+    #[test]
+    fn a_dropout_after_a_relu_epilogue_runs_in_it() {
+        let layer = |t: &str| format!("[[layer]]\ntype = \"{t}\"\n");
+        let drop = "[[layer]]\ntype = \"dropout\"\np = 0.2\n";
+        let conv = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n";
+        let text = format!(
+            "{conv}{}{}{drop}{conv}{drop}[[layer]]\ntype = \"linear\"\nout = 32\n{}{drop}[[layer]]\ntype = \"linear\"\nout = 10\n",
+            layer("maxpool"),
+            layer("relu"),
+            layer("relu")
+        );
+        let m = crate::model::file::parse(&text, "m.toml", crate::model::MNIST_INPUT, 10).unwrap();
+        let f = Fusion::new(&m, 8);
+        let conv = |layer, fusion| Launch::ConvForward { layer, fusion };
+        let plain = ForwardFusion::Plain { splits: 1 };
+        let launches = |pass: &[(Op, Launch)]| pass.iter().map(|(_, l)| *l).collect::<Vec<_>>();
+        let forward = vec![
+            conv(0, plain),
+            Launch::PoolReluDropout { layer: 1 },
+            conv(4, plain),
+            Launch::Dropout { layer: 5 },
+            conv(6, ForwardFusion::ReluDropout { dropout: 8 }),
+            conv(9, plain),
+        ];
+        assert_eq!(launches(&f.forward), forward);
+        let eval = vec![
+            conv(0, plain),
+            Launch::PoolRelu { layer: 1 },
+            conv(4, plain),
+            conv(6, ForwardFusion::Relu),
+            conv(9, plain),
+        ];
+        assert_eq!(launches(&f.eval), eval);
+        let backward = launches(&f.backward);
+        assert!(backward.contains(&Launch::ReluDropoutBackward { layer: 7 }), "{backward:?}");
+        assert!(backward.contains(&Launch::ReluDropoutBackward { layer: 2 }), "{backward:?}");
+        assert!(backward.contains(&Launch::Dropout { layer: 5 }), "{backward:?}");
+        // 6 forward, 8 backward (fc2, relu+dropout, fc1, dropout, conv2, relu+dropout, maxpool, conv1),
+        // where each dropout alone would have added 2 launches.
+        assert_eq!((f.forward.len(), f.backward.len()), (6, 8));
     }
 
     #[test]

@@ -7,14 +7,14 @@
 use anyhow::{bail, Result};
 
 use super::adam::Adam;
-use super::batchnorm::{BatchNorm, BnBuffers};
+use super::batchnorm::{BatchNorm, BnBuffers, FusedDropout};
 use super::context::GpuContext;
 use super::conv::{BackwardEpilogue, BnStats, BnSums, Conv, EvalBn, ForwardEpilogue, GradBuffers};
 use super::dropout::Dropout;
 use super::fusion::{sliced_grads, DxFusion, ForwardFusion, Fusion, Launch};
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};
-use super::pool::Pool;
+use super::pool::{Pool, PoolEpilogue};
 use super::relu::Relu;
 use super::sgd::Sgd;
 use super::update::{StepUniform, UpdateBuffers};
@@ -277,6 +277,21 @@ impl Recorder<'_> {
         BnBuffers { x, y, state: &self.shared.state, saved: self.saved(i), step: &self.shared.step }
     }
 
+    /// Dropout layer `i` as an epilogue runs it.
+    fn dropout(&self, i: usize) -> FusedDropout {
+        let Layer::Dropout { p } = self.model.layers[i] else { unreachable!("a dropout layer") };
+        FusedDropout { p, layer: i }
+    }
+
+    /// What runs after a 2x2 pooling in its forward launch.
+    fn pool_epilogue(&self, launch: &Launch) -> PoolEpilogue<'_> {
+        match *launch {
+            Launch::PoolRelu { .. } => PoolEpilogue::Relu,
+            Launch::PoolReluDropout { layer } => PoolEpilogue::ReluDropout(self.dropout(layer + 2), &self.shared.step),
+            _ => PoolEpilogue::None,
+        }
+    }
+
     fn conv_forward(
         &self,
         layer: usize,
@@ -297,6 +312,9 @@ impl Recorder<'_> {
                 ForwardEpilogue::BnEval(EvalBn { offsets: l.offsets, eps: l.eps, relu: l.relu })
             }
             ForwardFusion::Relu => ForwardEpilogue::Relu,
+            ForwardFusion::ReluDropout { dropout } => {
+                ForwardEpilogue::ReluDropout(self.dropout(dropout), &self.shared.step)
+            }
         };
         self.k.conv.forward(self.ctx, &l, epilogue, x, &self.shared.state, y)
     }
@@ -319,9 +337,9 @@ impl Recorder<'_> {
                     let Layer::Dropout { p } = self.model.layers[layer] else { unreachable!("a dropout layer") };
                     launches.push(k.dropout.apply(ctx, n * s.len(), p, layer, &self.shared.step, x, y))
                 }
-                Launch::Pool { layer } | Launch::PoolRelu { layer } => {
-                    let relu = matches!(launch, Launch::PoolRelu { .. });
-                    launches.push(k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y, relu))
+                Launch::Pool { layer } | Launch::PoolRelu { layer } | Launch::PoolReluDropout { layer } => {
+                    let epilogue = self.pool_epilogue(launch);
+                    launches.push(k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y, epilogue))
                 }
                 Launch::Relu { layer } => {
                     let x = (!self.f.plan.in_place(layer)).then_some(x);
@@ -348,8 +366,8 @@ impl Recorder<'_> {
                     k.batchnorm.forward_eval(ctx, &l, &self.bn_buffers(layer, x, y))
                 }
                 Launch::Pool { layer } | Launch::PoolRelu { layer } => {
-                    let relu = matches!(launch, Launch::PoolRelu { .. });
-                    k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y, relu)
+                    let epilogue = self.pool_epilogue(launch);
+                    k.pool.forward(ctx, &self.model.layers[layer], n * s.c, s, x, y, epilogue)
                 }
                 Launch::Relu { layer } => {
                     let eval = &self.f.plan.eval_buffer;
@@ -440,6 +458,12 @@ impl Recorder<'_> {
                     launches.push(k.pool.backward(ctx, layer, n * s.c, s, x, cur, other))
                 }
                 Launch::ReluBackward { .. } => launches.push(k.relu.backward(ctx, n * s.len(), y, cur, other)),
+                Launch::ReluDropoutBackward { layer } => {
+                    // The dropout's output: 0 wherever the ReLU or its mask cut.
+                    let y = &self.b.activations[self.f.plan.buffer[layer + 1]];
+                    let p = self.dropout(layer + 1).p;
+                    launches.push(k.relu.backward_dropout(ctx, n * s.len(), p, &self.shared.step, y, cur, other))
+                }
                 other => unreachable!("{other:?} in the backward pass"),
             }
             tag(&mut launches[mark..], &self.model.layer_name(i));

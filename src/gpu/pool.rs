@@ -5,6 +5,7 @@ use anyhow::Result;
 
 use crate::model::{Layer, Shape};
 
+use super::batchnorm::FusedDropout;
 use super::context::GpuContext;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 use super::uniform::uniform;
@@ -14,16 +15,32 @@ uniform! {
         planes: u32,
         h: u32,
         w: u32,
+        drop_layer: u32,
+        drop_threshold: u32,
+        drop_scale: f32,
         _p0: u32,
+        _p1: u32,
     }
+}
+
+/// What a 2x2 pooling's forward applies after it, each an entry point of pool.wgsl.
+#[derive(Clone, Copy)]
+pub enum PoolEpilogue<'a> {
+    None,
+    /// `*_forward_relu`: the ReLU after it.
+    Relu,
+    /// `*_forward_relu_dropout`: the ReLU, then the dropout after it (masks from `step`).
+    ReluDropout(FusedDropout, &'a wgpu::Buffer),
 }
 
 pub struct Pool {
     maxpool_forward: Kernel,
     maxpool_forward_relu: Kernel,
+    maxpool_forward_relu_dropout: Kernel,
     maxpool_backward: Kernel,
     avgpool2_forward: Kernel,
     avgpool2_forward_relu: Kernel,
+    avgpool2_forward_relu_dropout: Kernel,
     avgpool2_backward: Kernel,
     gap_forward: Kernel,
     gap_backward: Kernel,
@@ -35,17 +52,19 @@ impl Pool {
         Ok(Pool {
             maxpool_forward: take(&mut k, "maxpool_forward"),
             maxpool_forward_relu: take(&mut k, "maxpool_forward_relu"),
+            maxpool_forward_relu_dropout: take(&mut k, "maxpool_forward_relu_dropout"),
             maxpool_backward: take(&mut k, "maxpool_backward"),
             avgpool2_forward: take(&mut k, "avgpool2_forward"),
             avgpool2_forward_relu: take(&mut k, "avgpool2_forward_relu"),
+            avgpool2_forward_relu_dropout: take(&mut k, "avgpool2_forward_relu_dropout"),
             avgpool2_backward: take(&mut k, "avgpool2_backward"),
             gap_forward: take(&mut k, "gap_forward"),
             gap_backward: take(&mut k, "gap_backward"),
         })
     }
 
-    /// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y; with `relu`, the ReLU
-    /// after a 2x2 pooling in the same launch.
+    /// Pooling layer `layer` over `planes` planes of `s.h` x `s.w`: x into y, through what `epilogue`
+    /// says after a 2x2 pooling in the same launch.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
@@ -55,19 +74,29 @@ impl Pool {
         s: Shape,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        relu: bool,
+        epilogue: PoolEpilogue,
     ) -> Dispatch {
+        use PoolEpilogue as E;
         // Per window: three comparisons for the maximum; three additions and a division for the mean;
-        // one more for the ReLU.
-        let (kernel, flops) = match (layer, relu) {
-            (Layer::MaxPool2, false) => (&self.maxpool_forward, 3),
-            (Layer::MaxPool2, true) => (&self.maxpool_forward_relu, 4),
-            (Layer::AvgPool2, false) => (&self.avgpool2_forward, 4),
-            (Layer::AvgPool2, true) => (&self.avgpool2_forward_relu, 5),
-            (Layer::GlobalAvgPool, false) => return self.gap_forward(ctx, planes, s.h * s.w, x, y),
-            (other, _) => unreachable!("{other:?} with relu {relu}: no such pooling kernel"),
+        // one more for the ReLU, one for the dropout.
+        let (kernel, flops) = match (layer, epilogue) {
+            (Layer::MaxPool2, E::None) => (&self.maxpool_forward, 3),
+            (Layer::MaxPool2, E::Relu) => (&self.maxpool_forward_relu, 4),
+            (Layer::MaxPool2, E::ReluDropout(..)) => (&self.maxpool_forward_relu_dropout, 5),
+            (Layer::AvgPool2, E::None) => (&self.avgpool2_forward, 4),
+            (Layer::AvgPool2, E::Relu) => (&self.avgpool2_forward_relu, 5),
+            (Layer::AvgPool2, E::ReluDropout(..)) => (&self.avgpool2_forward_relu_dropout, 6),
+            (Layer::GlobalAvgPool, E::None) => return self.gap_forward(ctx, planes, s.h * s.w, x, y),
+            (other, _) => unreachable!("{other:?} with an epilogue: no such pooling kernel"),
         };
-        self.windows(ctx, kernel, (planes, s.h, s.w), &[(1, x), (2, y)], (flops, 1))
+        let mut dims = Self::plain_dims(planes, s.h, s.w);
+        let mut buffers = vec![(1, x), (2, y)];
+        if let E::ReluDropout(dropout, step) = epilogue {
+            (dims.drop_threshold, dims.drop_scale) = super::dropout::mask_params(dropout.p);
+            dims.drop_layer = dropout.layer as u32;
+            buffers.push((4, step));
+        }
+        self.windows(ctx, kernel, dims, &buffers, (flops, 1))
     }
 
     /// dx from dy for pooling layer `layer`, whose forward input was x: a max pooling routes each
@@ -83,7 +112,7 @@ impl Pool {
         dy: &wgpu::Buffer,
         dx: &wgpu::Buffer,
     ) -> Dispatch {
-        let dims = (planes, s.h, s.w);
+        let dims = Self::plain_dims(planes, s.h, s.w);
         match layer {
             Layer::MaxPool2 => self.windows(ctx, &self.maxpool_backward, dims, &[(1, x), (2, dx), (3, dy)], (3, 2)),
             Layer::AvgPool2 => self.windows(ctx, &self.avgpool2_backward, dims, &[(2, dx), (3, dy)], (1, 1)),
@@ -92,8 +121,13 @@ impl Pool {
         }
     }
 
+    fn plain_dims(planes: usize, h: usize, w: usize) -> Dims {
+        let (planes, h, w) = (planes as u32, h as u32, w as u32);
+        Dims { planes, h, w, drop_layer: 0, drop_threshold: 0, drop_scale: 1.0, _p0: 0, _p1: 0 }
+    }
+
     fn dims(ctx: &GpuContext, planes: usize, h: usize, w: usize) -> wgpu::Buffer {
-        ctx.uniform("pool dims", &Dims { planes: planes as u32, h: h as u32, w: w as u32, _p0: 0 })
+        ctx.uniform("pool dims", &Self::plain_dims(planes, h, w))
     }
 
     /// One invocation per 2x2 window of `planes` planes of h x w, binding `buffers` besides the uniform;
@@ -102,12 +136,13 @@ impl Pool {
         &self,
         ctx: &GpuContext,
         kernel: &Kernel,
-        (planes, h, w): (usize, usize, usize),
+        dims: Dims,
         buffers: &[(u32, &wgpu::Buffer)],
         (flops, passes): (usize, usize),
     ) -> Dispatch {
-        let u = Self::dims(ctx, planes, h, w);
-        let (len, out) = (planes * h * w, planes * h * w / 4);
+        let u = ctx.uniform("pool dims", &dims);
+        let len = (dims.planes * dims.h * dims.w) as usize;
+        let out = len / 4;
         let all: Vec<(u32, &wgpu::Buffer)> = [(0, &u)].into_iter().chain(buffers.iter().copied()).collect();
         kernel.launch(ctx, groups_for(out), &all).with_cost(Cost::new(flops * out, passes * len + out))
     }

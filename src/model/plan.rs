@@ -111,7 +111,7 @@ impl Plan {
         let pool_in_loss = is(count - 1, |l| matches!(l, Layer::GlobalAvgPool)).then_some(count - 1);
         let forward = forward_ops(layers, &norm, &pooled_input, pool_in_loss);
         let eval = eval_ops(layers, &forward);
-        let backward = backward_ops(&in_norm);
+        let backward = backward_ops(layers, &in_norm);
         let (buffer, buffers, eval_buffer) = buffers(layers, &in_norm);
         let passes = Passes::new(layers);
         Plan { forward, eval, backward, pool_in_loss, buffer, buffers, eval_buffer, norm, pooled_input, passes }
@@ -187,9 +187,20 @@ fn absorbed(layers: &[Layer]) -> (Vec<NormFusion>, Vec<Option<usize>>) {
     (norm, in_norm)
 }
 
+/// Whether layer `i` is a dropout right after a ReLU that runs in the epilogue of the convolution,
+/// linear layer or 2x2 pooling before it: the dropout then runs in that epilogue too (forward), and
+/// with the ReLU's backward (backward), its mask read back from its output as a batchnorm's is.
+fn relu_dropout(layers: &[Layer], i: usize) -> bool {
+    i >= 2
+        && matches!(layers.get(i), Some(Layer::Dropout { .. }))
+        && matches!(layers[i - 1], Layer::Relu)
+        && matches!(layers[i - 2], Layer::Conv { .. } | Layer::Linear { .. } | Layer::MaxPool2 | Layer::AvgPool2)
+}
+
 /// Training forward: a batchnorm with its ReLU and dropout; a max pooling with the convolution that
-/// reads through it; a convolution, linear layer or 2x2 pooling with the ReLU right after it (in its
-/// epilogue); the final global average pooling in the loss; the rest alone.
+/// reads through it; a convolution, linear layer or 2x2 pooling with the ReLU right after it, and a
+/// dropout right after that (in its epilogue); the final global average pooling in the loss; the rest
+/// alone.
 fn forward_ops(layers: &[Layer], norm: &[NormFusion], pooled_input: &[bool], pool_in_loss: Option<usize>) -> Vec<Op> {
     let mut forward = Vec::new();
     let mut i = 0;
@@ -206,6 +217,7 @@ fn forward_ops(layers: &[Layer], norm: &[NormFusion], pooled_input: &[bool], poo
         let takes_relu =
             matches!(layers[end - 1], Layer::Conv { .. } | Layer::Linear { .. } | Layer::MaxPool2 | Layer::AvgPool2);
         let end = if takes_relu && matches!(layers.get(end), Some(Layer::Relu)) { end + 1 } else { end };
+        let end = if relu_dropout(layers, end) { end + 1 } else { end };
         forward.push(i..end);
         i = end;
     }
@@ -217,6 +229,11 @@ fn forward_ops(layers: &[Layer], norm: &[NormFusion], pooled_input: &[bool], poo
 fn eval_ops(layers: &[Layer], forward: &[Op]) -> Vec<Op> {
     let mut eval: Vec<Op> = Vec::new();
     for op in forward {
+        // A dropout in a convolution's or pooling's epilogue is the identity here.
+        let op = &match relu_dropout(layers, op.end - 1) {
+            true => op.start..op.end - 1,
+            false => op.clone(),
+        };
         let after_conv = matches!(layers[op.start], Layer::BatchNorm { .. })
             && eval
                 .last()
@@ -230,14 +247,15 @@ fn eval_ops(layers: &[Layer], forward: &[Op]) -> Vec<Op> {
     eval
 }
 
-/// Backward: a batchnorm with everything it absorbs; the rest alone (a convolution reads through its
-/// max pooling, whose backward then runs in the batchnorm's or alone).
-fn backward_ops(in_norm: &[Option<usize>]) -> Vec<Op> {
+/// Backward: a batchnorm with everything it absorbs; a ReLU with the dropout of its epilogue; the rest
+/// alone (a convolution reads through its max pooling, whose backward then runs in the batchnorm's or
+/// alone).
+fn backward_ops(layers: &[Layer], in_norm: &[Option<usize>]) -> Vec<Op> {
     let mut backward = Vec::new();
     let mut end = in_norm.len();
     while end > 0 {
         let top = end - 1;
-        let start = in_norm[top].unwrap_or(top);
+        let start = if relu_dropout(layers, top) { top - 1 } else { in_norm[top].unwrap_or(top) };
         backward.push(start..end);
         end = start;
     }
@@ -334,5 +352,31 @@ mod tests {
         // The leading dropout is skipped in evaluation: the convolution reads the batch itself.
         assert_eq!(p.eval_buffer[0], None);
         assert!(p.in_place(2) && !p.in_place(0) && !p.pooled_input[4]);
+    }
+
+    #[test]
+    fn a_dropout_after_a_relu_epilogue_joins_it_and_its_backward() {
+        let mnist = Shape { c: 1, h: 28, w: 28 };
+        // linear, ReLU, dropout | maxpool... as an MLP: fc1 relu dropout fc2 relu dropout fc3; and a
+        // dropout after a pooling's ReLU, and one after a bare convolution (alone).
+        let layer = |t: &str| format!("[[layer]]\ntype = \"{t}\"\n");
+        let drop = "[[layer]]\ntype = \"dropout\"\np = 0.2\n";
+        let conv = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n";
+        let text = format!(
+            "{conv}{}{}{drop}{conv}{drop}[[layer]]\ntype = \"linear\"\nout = 32\n{}{drop}[[layer]]\ntype = \"linear\"\nout = 10\n",
+            layer("maxpool"),
+            layer("relu"),
+            layer("relu")
+        );
+        let m = parse(&text, "m.toml", mnist, 10).unwrap();
+        let p = Plan::new(&m);
+        // conv | maxpool relu dropout | conv | dropout | linear relu dropout | linear
+        assert_eq!(p.forward, vec![0..1, 1..4, 4..5, 5..6, 6..9, 9..10]);
+        // Evaluation leaves every dropout out.
+        assert_eq!(p.eval, vec![0..1, 1..3, 4..5, 6..8, 9..10]);
+        // Backward: each ReLU with the dropout after it; the lone dropout alone.
+        assert_eq!(p.backward, vec![9..10, 7..9, 6..7, 5..6, 4..5, 2..4, 1..2, 0..1]);
+        // The buffers are as before: a dropout writes one of its own.
+        assert!(p.in_place(2) && !p.in_place(3) && p.in_place(7) && !p.in_place(8));
     }
 }

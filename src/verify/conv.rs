@@ -6,7 +6,7 @@ use crate::cpu::reference::batchnorm::*;
 use crate::cpu::reference::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
 use crate::cpu::reference::pool::*;
 use crate::cpu::reference::relu::relu_forward;
-use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
+use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets, FusedDropout};
 use crate::gpu::conv::{
     forward_splits, weight_grad_slices, BackwardEpilogue, BnStats, BnSums, Conv, ConvGrad, ConvLayer, EvalBn,
     ForwardEpilogue, GradBuffers,
@@ -109,14 +109,15 @@ fn conv_reference(d: &ConvDims, t: &ConvInputs) -> [Vec<f32>; 5] {
 }
 
 /// What a convolution's checks cover besides its plain forward and weight gradient: dx (all layers
-/// but the first), reading through a 2x2 max pooling of an x twice as high and wide, a bias, and the
-/// ReLU after it in the forward's epilogue.
+/// but the first), reading through a 2x2 max pooling of an x twice as high and wide, a bias, the
+/// ReLU after it in the forward's epilogue, and the dropout after that ReLU.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct ConvCase {
     pub with_dx: bool,
     pub pool: bool,
     pub with_bias: bool,
     pub relu: bool,
+    pub dropout: Option<FusedDropout>,
 }
 
 /// A convolution's launches against the reference: forward (whole, and with its sum in parts),
@@ -131,7 +132,7 @@ pub(super) async fn conv_checks(
     seed: u64,
     case: ConvCase,
 ) -> Result<Vec<Check>> {
-    let ConvCase { with_dx, pool, with_bias, relu } = case;
+    let ConvCase { with_dx, pool, with_bias, relu, dropout } = case;
     let (n, c) = (d.n, d.cout);
     let t = ConvInputs::new(d, seed, pool, with_bias);
     let bn = EvalBn { offsets: t.bn_offsets(c), eps: BN_EPS, relu: true };
@@ -151,16 +152,12 @@ pub(super) async fn conv_checks(
         ctx.zeros("dx", n * d.in_image()),
         ctx.zeros("grads", bias_extra + (slices - 1) * t.bias.len()),
     );
-    let yr = ctx.zeros("y (relu)", if relu { n * d.out_image() } else { 1 });
     let (conv, l) = (&k.conv, ConvLayer { d: *d, w_off: t.w_off, bias: with_bias.then_some(t.b_off), pool });
     let mut launches = vec![
         conv.forward(ctx, &l, ForwardEpilogue::Plain { splits: 1 }, &xb, &sb, &yb)?,
         conv.forward(ctx, &l, ForwardEpilogue::Plain { splits }, &xb, &sb, &ysb)?,
         conv.forward(ctx, &l, ForwardEpilogue::BnEval(bn), &xb, &sb, &ybn)?,
     ];
-    if relu {
-        launches.push(conv.forward(ctx, &l, ForwardEpilogue::Relu, &xb, &sb, &yr)?);
-    }
     let g = ConvGrad { d: *d, weights: sliced, bias: bias_sliced, pool };
     let dx_out = if with_dx { BackwardEpilogue::Dx(&dxb) } else { BackwardEpilogue::WeightsOnly };
     launches.push(conv.backward(ctx, &g, dx_out, &GradBuffers { x: &xb, dy: &dyb, state: &sb, grads: &gb })?);
@@ -176,28 +173,71 @@ pub(super) async fn conv_checks(
     let plural = |count: usize| if count > 1 { "s" } else { "" };
     let forward = format!("{input} -> {output}");
     let (y_gpu, ybn_gpu) = (read(ctx, &yb, y.len()).await?, read(ctx, &ybn, y.len()).await?);
-    let mut rows: Vec<(String, String, Vec<f32>, &[f32])> = vec![
+    let rows: Vec<(String, String, Vec<f32>, &[f32])> = vec![
         (format!("{name}.forward"), forward.clone(), y_gpu, &y),
         (format!("{name}.forward (sum in {splits} part{})", plural(splits)), forward.clone(), summed, &y),
         (format!("{name}.forward_bn_eval (+relu)"), forward.clone(), ybn_gpu, &y_bn),
     ];
-    let mut y_relu = y.clone();
-    relu_forward(&mut y_relu);
-    if relu {
-        rows.push((format!("{name}.forward_relu"), forward, read(ctx, &yr, y.len()).await?, &y_relu));
-    }
-    if with_dx {
-        rows.push((
-            format!("{name}.backward (dx)"),
-            format!("{output} -> {input}"),
-            read(ctx, &dxb, dx.len()).await?,
-            &dx,
-        ));
-    }
     let mut checks: Vec<Check> =
         rows.iter().map(|(k, shape, got, want)| compare(k, layer, shape, got, want, TOL_SUMS)).collect();
+    let epilogues = ReluEpilogues { relu, dropout, what: (name, layer, &forward) };
+    checks.extend(relu_epilogue_checks(ctx, k, (&l, &xb, &sb), &y, epilogues).await?);
+    if with_dx {
+        let got = read(ctx, &dxb, dx.len()).await?;
+        checks.push(compare(
+            &format!("{name}.backward (dx)"),
+            layer,
+            &format!("{output} -> {input}"),
+            &got,
+            &dx,
+            TOL_SUMS,
+        ));
+    }
     let g = read(ctx, &gb, t.state.len()).await?;
     checks.extend(gradient_checks(layer, name, (d, slices, with_dx), &t, &g, (&dw, &dbias)));
+    Ok(checks)
+}
+
+/// Which ReLU epilogues of a convolution's forward to check, and the rows' names: the convolution's,
+/// the layer's, and the shapes.
+struct ReluEpilogues<'a> {
+    relu: bool,
+    dropout: Option<FusedDropout>,
+    what: (&'a str, &'a str, &'a str),
+}
+
+/// `forward_relu` and `forward_relu_dropout` of convolution `l` on the uploaded x and state, against
+/// the reference's forward output `y` through the ReLU (and the dropout).
+async fn relu_epilogue_checks(
+    ctx: &GpuContext,
+    k: &Kernels,
+    (l, xb, sb): (&ConvLayer, &wgpu::Buffer, &wgpu::Buffer),
+    y: &[f32],
+    e: ReluEpilogues<'_>,
+) -> Result<Vec<Check>> {
+    let (name, layer, shape) = e.what;
+    let yr = ctx.zeros("y (relu)", if e.relu { y.len() } else { 1 });
+    let yrd = ctx.zeros("y (relu, dropout)", if e.dropout.is_some() { y.len() } else { 1 });
+    let stepb = ctx.uniform("step", &super::dropout::epilogue_step());
+    let mut launches = Vec::new();
+    if e.relu {
+        launches.push(k.conv.forward(ctx, l, ForwardEpilogue::Relu, xb, sb, &yr)?);
+    }
+    if let Some(f) = e.dropout {
+        launches.push(k.conv.forward(ctx, l, ForwardEpilogue::ReluDropout(f, &stepb), xb, sb, &yrd)?);
+    }
+    run(ctx, &launches.iter().collect::<Vec<_>>());
+    let mut y_relu = y.to_vec();
+    relu_forward(&mut y_relu);
+    let mut checks = Vec::new();
+    if e.relu {
+        let got = read(ctx, &yr, y.len()).await?;
+        checks.push(compare(&format!("{name}.forward_relu"), layer, shape, &got, &y_relu, TOL_SUMS));
+    }
+    if let Some(f) = e.dropout {
+        let (got, want) = (read(ctx, &yrd, y.len()).await?, super::dropout::dropped(&y_relu, f));
+        checks.push(compare(&format!("{name}.forward_relu_dropout"), layer, shape, &got, &want, TOL_SUMS));
+    }
     Ok(checks)
 }
 

@@ -1,6 +1,7 @@
-//! The standalone dropout kernel.
+//! The standalone dropout kernel, and what the checks of the epilogues that run a dropout share.
 
 use crate::cpu::reference::dropout::dropout_mask;
+use crate::gpu::batchnorm::FusedDropout;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
 use anyhow::Result;
@@ -29,4 +30,16 @@ pub(super) async fn dropout_checks(
         compare_exact("dropout.apply (mask)", name, shape, "mask elements", &kept(&got), &kept(&want)),
         compare("dropout.apply", name, shape, &got, &want, TOL_ELEMENTWISE),
     ])
+}
+
+/// The step whose masks the epilogue checks draw (dropout on).
+pub(super) fn epilogue_step() -> StepUniform {
+    StepUniform { dropout_seed: 4242, dropout_step: 5, dropout_on: 1, ..Default::default() }
+}
+
+/// `y` through the dropout `d` with `epilogue_step`'s masks, as the reference applies it.
+pub(super) fn dropped(y: &[f32], d: FusedDropout) -> Vec<f32> {
+    let step = epilogue_step();
+    let mask = dropout_mask(step.dropout_seed, step.dropout_step, d.layer as u32, d.p, y.len());
+    y.iter().zip(&mask).map(|(a, m)| a * m).collect()
 }

@@ -18,7 +18,8 @@
 //!   and the loss) and the state after a step. Measured on lavapipe at batch 4: at most 6.6e-7
 //!   (conv4 dx); at batch 100, see the README's table of checks on software adapters;
 //! - [`TOL_GRADIENTS`] 2e-5: gradients of a whole step (momenta after the first step are gradients),
-//!   sums of sums through the whole network.
+//!   sums of sums through the whole network; and the parameters after Adam's whole steps, which are
+//!   those gradients over their root mean square.
 
 mod adam;
 mod batchnorm;
@@ -75,13 +76,25 @@ pub async fn kernel_checks(ctx: &GpuContext, k: &Kernels, model: &Model, n: usiz
 async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, i: usize) -> Result<Vec<Check>> {
     let (name, s, n) = (model.layer_name(i), model.input_of(i), f.n);
     let seed = 1000 * i as u64;
-    let launched = |l: Launch| f.forward.iter().chain(&f.backward).any(|(_, x)| *x == l);
+    let launched = |l: Launch| f.forward.iter().chain(&f.eval).chain(&f.backward).any(|(_, x)| *x == l);
+    // A dropout that runs in the epilogue of layer `at`'s forward, `after` layers on.
+    let epilogue_dropout = |at: usize, after: usize| match model.layers.get(at + after) {
+        Some(&Layer::Dropout { p }) => Some(FusedDropout { p, layer: at + after }),
+        _ => None,
+    };
     if let Some(c) = f.conv_layer(model, i) {
+        let dropout = f.forward.iter().find_map(|(_, l)| match *l {
+            Launch::ConvForward { layer, fusion: ForwardFusion::ReluDropout { dropout } } if layer == i => {
+                epilogue_dropout(dropout, 0)
+            }
+            _ => None,
+        });
         let case = conv::ConvCase {
             with_dx: !launched(Launch::ConvBackward { layer: i, fusion: DxFusion::None }),
             pool: c.pool,
             with_bias: c.bias.is_some(),
             relu: launched(Launch::ConvForward { layer: i, fusion: ForwardFusion::Relu }),
+            dropout,
         };
         return conv::conv_checks(ctx, k, &name, &c.d, seed, case).await;
     }
@@ -106,6 +119,15 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
         Layer::Dropout { p } if launched(Launch::Dropout { layer: i }) => {
             dropout::dropout_checks(ctx, k, &name, n * s.len(), (p, i), &nchw(n, s.c, s.h, s.w), seed).await
         }
+        Layer::Relu if launched(Launch::ReluDropoutBackward { layer: i }) => {
+            let shape = nchw(n, s.c, s.h, s.w);
+            let f = epilogue_dropout(i, 1).expect("a dropout after the ReLU");
+            let mut checks = relu::relu_dropout_checks(ctx, k, &name, (n * s.len(), &shape), f, seed).await?;
+            if launched(Launch::Relu { layer: i }) {
+                checks.extend(relu::relu_checks(ctx, k, &name, n * s.len(), &shape, seed).await?);
+            }
+            Ok(checks)
+        }
         Layer::Relu if launched(Launch::Relu { layer: i }) || launched(Launch::ReluBackward { layer: i }) => {
             relu::relu_checks(ctx, k, &name, n * s.len(), &nchw(n, s.c, s.h, s.w), seed).await
         }
@@ -114,11 +136,13 @@ async fn layer_checks(ctx: &GpuContext, k: &Kernels, model: &Model, f: &Fusion, 
         ref layer
             if launched(Launch::Pool { layer: i })
                 || launched(Launch::PoolRelu { layer: i })
+                || launched(Launch::PoolReluDropout { layer: i })
                 || launched(Launch::PoolBackward { layer: i })
                 || *layer == Layer::GlobalAvgPool =>
         {
             let relu = launched(Launch::PoolRelu { layer: i });
-            pool::checks(ctx, k, layer, &name, n, s, seed, relu).await
+            let dropout = launched(Launch::PoolReluDropout { layer: i }).then(|| epilogue_dropout(i, 2)).flatten();
+            pool::checks(ctx, k, layer, &name, n, s, seed, (relu, dropout)).await
         }
         _ => Ok(Vec::new()),
     }
@@ -138,8 +162,10 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
         (5, ConvDims { n: 13, cin: 33, h: 5, w: 3, cout: 17, k: 1, pad: 0 }),
     ] {
         // Odd seeds read through a max pooling; seeds 2 and 3 have a bias; 3 and 4 a ReLU after them.
+        // Seed 4 also has a dropout after its ReLU.
         let (pool, with_bias, relu) = (seed % 2 == 1, seed == 2 || seed == 3, seed == 3 || seed == 4);
-        let case = conv::ConvCase { with_dx: true, pool, with_bias, relu };
+        let dropout = (seed == 4).then_some(FusedDropout { p: 0.3, layer: 7 });
+        let case = conv::ConvCase { with_dx: true, pool, with_bias, relu, dropout };
         checks.extend(conv::conv_checks(ctx, k, "odd shape", &d, seed, case).await?);
     }
     checks.extend(loss::loss_checks(ctx, k, "odd shape", (300, 10, 0), 12).await?);
@@ -170,11 +196,15 @@ async fn odd_shape_checks(ctx: &GpuContext, k: &Kernels) -> Result<Vec<Check>> {
     // The standalone kernels of layers that fuse in Net3 (max pooling, dropout, ReLU), as a network
     // that cannot fuse them runs them, and of the average pooling, which Net3 has not.
     let odd_planes = Shape { c: 5, h: 6, w: 10 };
-    let ties = pool::WindowCase { ties: true, relu: true };
+    // Each with the ReLU after it, and with a dropout after that.
+    let dropout = Some(FusedDropout { p: 0.3, layer: 11 });
+    let ties = pool::WindowCase { ties: true, relu: true, dropout };
     checks.extend(pool::window_checks(ctx, k, &Layer::MaxPool2, "odd shape", (3, odd_planes), 16, ties).await?);
-    checks.extend(pool::checks(ctx, k, &Layer::AvgPool2, "odd shape", 3, odd_planes, 22, true).await?);
-    let shape = nchw(3, 5, 6, 10);
-    checks.extend(dropout::dropout_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, (0.3, 9), &shape, 17).await?);
-    checks.extend(relu::relu_checks(ctx, k, "odd shape", 3 * 5 * 6 * 10, &shape, 23).await?);
+    checks.extend(pool::checks(ctx, k, &Layer::AvgPool2, "odd shape", 3, odd_planes, 22, (true, dropout)).await?);
+    let (len, shape) = (3 * 5 * 6 * 10, nchw(3, 5, 6, 10));
+    checks.extend(dropout::dropout_checks(ctx, k, "odd shape", len, (0.3, 9), &shape, 17).await?);
+    checks.extend(relu::relu_checks(ctx, k, "odd shape", len, &shape, 23).await?);
+    let f = FusedDropout { p: 0.3, layer: 12 };
+    checks.extend(relu::relu_dropout_checks(ctx, k, "odd shape", (len, &shape), f, 24).await?);
     Ok(checks)
 }

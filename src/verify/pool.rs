@@ -2,7 +2,9 @@
 
 use crate::cpu::reference::pool::*;
 use crate::cpu::reference::relu::relu_forward;
+use crate::gpu::batchnorm::FusedDropout;
 use crate::gpu::kernel::run;
+use crate::gpu::pool::PoolEpilogue;
 use crate::gpu::{GpuContext, Kernels};
 use crate::model::{Layer, Shape};
 use anyhow::Result;
@@ -10,7 +12,7 @@ use anyhow::Result;
 use super::check::{compare, nchw, random, read, Check, TOL_ELEMENTWISE, TOL_EXACT};
 
 /// The standalone kernels of pooling layer `layer` at its input shape `s`, batch `n`; with `relu`, also
-/// its forward with the ReLU after it.
+/// its forward with the ReLU after it, and with `dropout` with the dropout after that.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn checks(
     ctx: &GpuContext,
@@ -20,11 +22,11 @@ pub(super) async fn checks(
     n: usize,
     s: Shape,
     seed: u64,
-    relu: bool,
+    (relu, dropout): (bool, Option<FusedDropout>),
 ) -> Result<Vec<Check>> {
     match layer {
         Layer::MaxPool2 | Layer::AvgPool2 => {
-            window_checks(ctx, k, layer, name, (n, s), seed, WindowCase { ties: false, relu }).await
+            window_checks(ctx, k, layer, name, (n, s), seed, WindowCase { ties: false, relu, dropout }).await
         }
         Layer::GlobalAvgPool => gap_checks(ctx, k, name, n, s.c, s.h * s.w, seed).await,
         other => unreachable!("{other:?} is not a pooling"),
@@ -60,11 +62,12 @@ fn windows(ctx: &GpuContext, n: usize, s: Shape, seed: u64, ties: bool) -> Windo
 
 /// How a 2x2 pooling is checked: on values from a few levels (`ties`), so that most windows of a max
 /// pooling hold equal maxima and the first-on-ties rule decides where the gradient goes; and also its
-/// forward with the ReLU after it (`relu`).
+/// forward with the ReLU after it (`relu`), and with the dropout after that ReLU (`dropout`).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WindowCase {
     pub ties: bool,
     pub relu: bool,
+    pub dropout: Option<FusedDropout>,
 }
 
 /// The standalone kernels of a 2x2 pooling, forward and backward, at batch n of shape s, as `case`
@@ -78,15 +81,20 @@ pub(super) async fn window_checks(
     seed: u64,
     case: WindowCase,
 ) -> Result<Vec<Check>> {
-    let (Shape { c, h, w }, WindowCase { ties, relu }) = (s, case);
+    let (Shape { c, h, w }, WindowCase { ties, relu, dropout }) = (s, case);
     let Windows { planes, len, out, x, dy, xb, dyb, yb, dxb } = windows(ctx, n, s, seed, ties);
     let y_relu_b = ctx.zeros("y (relu)", if relu { out } else { 1 });
+    let y_drop_b = ctx.zeros("y (relu, dropout)", if dropout.is_some() { out } else { 1 });
+    let stepb = ctx.uniform("step", &super::dropout::epilogue_step());
     let mut launches = vec![
-        k.pool.forward(ctx, layer, planes, s, &xb, &yb, false),
+        k.pool.forward(ctx, layer, planes, s, &xb, &yb, PoolEpilogue::None),
         k.pool.backward(ctx, layer, planes, s, &xb, &dyb, &dxb),
     ];
     if relu {
-        launches.push(k.pool.forward(ctx, layer, planes, s, &xb, &y_relu_b, true));
+        launches.push(k.pool.forward(ctx, layer, planes, s, &xb, &y_relu_b, PoolEpilogue::Relu));
+    }
+    if let Some(f) = dropout {
+        launches.push(k.pool.forward(ctx, layer, planes, s, &xb, &y_drop_b, PoolEpilogue::ReluDropout(f, &stepb)));
     }
     run(ctx, &launches.iter().collect::<Vec<_>>());
     let (mut y, mut dx) = (vec![0.0; out], vec![0.0; len]);
@@ -111,18 +119,16 @@ pub(super) async fn window_checks(
             tolerance,
         ),
     ];
+    let mut y_relu = y.clone();
+    relu_forward(&mut y_relu);
+    let shape = format!("{input} -> {output}");
     if relu {
-        let mut y_relu = y.clone();
-        relu_forward(&mut y_relu);
         let got = read(ctx, &y_relu_b, out).await?;
-        checks.push(compare(
-            &format!("pool.{kernel}_forward_relu{tag}"),
-            name,
-            &format!("{input} -> {output}"),
-            &got,
-            &y_relu,
-            tolerance,
-        ));
+        checks.push(compare(&format!("pool.{kernel}_forward_relu{tag}"), name, &shape, &got, &y_relu, tolerance));
+    }
+    if let Some(f) = dropout {
+        let (got, want) = (read(ctx, &y_drop_b, out).await?, super::dropout::dropped(&y_relu, f));
+        checks.push(compare(&format!("pool.{kernel}_forward_relu_dropout{tag}"), name, &shape, &got, &want, tolerance));
     }
     Ok(checks)
 }

@@ -32,13 +32,17 @@ pub(super) async fn compare_tensors(
         let range = p.offset..p.offset + p.len;
         let shape = p.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x");
         let kind = if p.trainable { "parameters" } else { "running statistics" };
+        // Adam's step is the gradient over its root mean square: the parameters it moves inherit the
+        // gradients' relative error (Net3's batchnorm biases, which start at 0: up to 7.4e-6 on
+        // lavapipe at batch 16), so they are held to the gradients' tolerance.
+        let tolerance = if p.trainable && optimizer != OptimizerKind::Sgd { TOL_GRADIENTS } else { TOL_SUMS };
         checks.push(compare(
             &format!("{what} ({kind})"),
             &p.name,
             &shape,
             &state[range.clone()],
             &want_state[range.clone()],
-            TOL_SUMS,
+            tolerance,
         ));
         for (slot, name) in slots.iter().enumerate().filter(|_| p.trainable) {
             let range = slot * model.num_trainable + p.offset..slot * model.num_trainable + p.offset + p.len;
