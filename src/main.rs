@@ -49,6 +49,8 @@ enum Command {
     Adapters,
     /// Load and check a data folder, and print what it holds.
     Data(data_info::DataArgs),
+    /// Time to accuracy: train the preset made for a target accuracy, once per seed, and time it.
+    Speedrun(speedrun::SpeedrunArgs),
 }
 
 fn main() {
@@ -89,6 +91,7 @@ fn run(command: Command) -> Result<()> {
         Command::Summary(args) => summary::run(args),
         Command::Adapters => adapters::run(),
         Command::Data(args) => data_info::run(args),
+        Command::Speedrun(args) => speedrun::run(args),
     }
 }
 

@@ -420,3 +420,48 @@ fn the_cpu_profile_times_every_op_beside_the_peak() {
     assert!((flops(passes) / flops(ops) - 1.0).abs() < 1e-9, "{} against {}", flops(passes), flops(ops));
     fails_with(&["profile", "--backend", "cpu", "--trace", "t.json"], "--trace and --adapter are for --backend gpu");
 }
+
+/// `speedrun` trains a network once per seed and reports the times and accuracies as JSON with the
+/// fields the issue names; a wrong target, a validation split larger than the data and a batch larger
+/// than the data are refused by name.
+#[test]
+fn speedrun_reports_each_seed_and_the_summary() {
+    let dir = scratch("speedrun");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    common::write_set(&data, 64, 40, false);
+    let model = dir.join("tiny.toml");
+    std::fs::write(&model, "[[layer]]\ntype = \"linear\"\nout = 10\n\n[train]\nepochs = 2\nbatch_size = 16\n").unwrap();
+    let (data_s, model_s) = (data.to_str().unwrap(), model.to_str().unwrap());
+    let args =
+        ["speedrun", "--target", "99.0", "--seeds", "3,5", "--backend", "cpu", "--data", data_s, "--model", model_s];
+    let out = run(&[&args[..], &["--json"]].concat());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(json["target"], 99.0);
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.iter().map(|r| r["seed"].as_u64().unwrap()).collect::<Vec<_>>(), [3, 5]);
+    for r in runs {
+        assert!(r["train_seconds"].as_f64().unwrap() > 0.0 && r["eval_seconds"].as_f64().unwrap() > 0.0, "{r}");
+        assert!((0.0..=100.0).contains(&r["accuracy"].as_f64().unwrap()), "{r}");
+    }
+    let mean = runs.iter().map(|r| r["accuracy"].as_f64().unwrap()).sum::<f64>() / 2.0;
+    assert!((json["mean_accuracy"].as_f64().unwrap() - mean).abs() < 1e-9);
+    assert!(json["median_train_seconds"].as_f64().unwrap() > 0.0);
+    // The table: a row per seed and the summary line.
+    let out = run(&args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("of 2 seeds reached 99.0%"), "{text}");
+    fails_with(&["speedrun", "--target", "98", "--data", data_s], "--target 98: the targets are 99.0 and 99.4");
+    fails_with(
+        &["speedrun", "--target", "99.4", "--validation", "--data", data_s, "--backend", "cpu"],
+        "--validation holds out",
+    );
+    let big = dir.join("big.toml");
+    std::fs::write(&big, "[[layer]]\ntype = \"linear\"\nout = 10\n\n[train]\nbatch_size = 100\n").unwrap();
+    fails_with(
+        &["speedrun", "--target", "99.0", "--data", data_s, "--model", big.to_str().unwrap(), "--backend", "cpu"],
+        "batch size 100 is larger than the 64 training images",
+    );
+}

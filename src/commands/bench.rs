@@ -70,9 +70,13 @@ struct Row {
     max: f64,
 }
 
+/// The median of `v`, its min and its max.
 pub(super) fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(|a, b| a.total_cmp(b));
-    (v[v.len() / 2], v[0], v[v.len() - 1])
+    let mid = v.len() / 2;
+    // An even count's median is the mean of the middle two.
+    let median = if v.len().is_multiple_of(2) { (v[mid - 1] + v[mid]) / 2.0 } else { v[mid] };
+    (median, v[0], v[v.len() - 1])
 }
 
 /// Runs `work` (which handles `images` images) `repeats` times after one warm-up; images/s per run.

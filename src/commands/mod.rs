@@ -22,6 +22,7 @@ pub mod export;
 pub mod predict;
 pub mod profile;
 pub mod report;
+pub mod speedrun;
 pub mod summary;
 pub mod train;
 pub mod verify;

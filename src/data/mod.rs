@@ -52,6 +52,12 @@ impl Split {
         let n = n.min(self.len());
         Split { images: self.images[..n * IMAGE_PIXELS].to_vec(), labels: self.labels[..n].to_vec() }
     }
+
+    /// The images after the first `from` (none when there are fewer).
+    pub fn skip(&self, from: usize) -> Split {
+        let from = from.min(self.len());
+        Split { images: self.images[from * IMAGE_PIXELS..].to_vec(), labels: self.labels[from..].to_vec() }
+    }
 }
 
 #[derive(Debug, Clone)]

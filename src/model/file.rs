@@ -21,6 +21,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("net3-avgpool2", include_str!("../../models/net3-avgpool2.toml")),
     ("mlp3", include_str!("../../models/mlp3.toml")),
     ("fast-recipe", include_str!("../../models/fast-recipe.toml")),
+    ("speed99", include_str!("../../models/speed99.toml")),
+    ("speed994", include_str!("../../models/speed994.toml")),
 ];
 
 /// The network `--model` names (a model file or a preset; Net3 when None), for MNIST's images and

@@ -101,6 +101,17 @@ impl Recipe {
         }
     }
 
+    /// The loader of the run's training batches.
+    pub fn loader(&self) -> LoaderConfig {
+        LoaderConfig {
+            seed: self.seed,
+            batch_size: self.batch_size,
+            // Strength 0 on every count is the identity: the loader skips it (the same pixels, sooner).
+            augment: (self.augment != Augment::NONE || self.batch_augment.any()).then_some(self.augment),
+            batch_augment: self.batch_augment,
+        }
+    }
+
     /// What is wrong with this recipe, if anything: the checks no run could pass.
     pub fn fault(&self) -> Option<String> {
         if !(self.pct_start > 0.0 && self.pct_start < 1.0) {
@@ -451,13 +462,7 @@ pub async fn run(
     let train_split = Arc::new(data.train.clone());
     let steps_per_epoch = batches_per_epoch(train_split.len(), r.batch_size);
     let schedule = r.schedule(r.epochs * steps_per_epoch);
-    let loader = LoaderConfig {
-        seed: r.seed,
-        batch_size: r.batch_size,
-        // Strength 0 on every count is the identity: the loader skips it (the same pixels, sooner).
-        augment: (r.augment != Augment::NONE || r.batch_augment.any()).then_some(r.augment),
-        batch_augment: r.batch_augment,
-    };
+    let loader = r.loader();
     let (mut epoch, mut first_batch, mut global) = opts.start;
     let mut best_accuracy = opts.best_accuracy;
     let mut records: Vec<EpochRecord> = Vec::new();
@@ -515,6 +520,67 @@ pub async fn run(
         }
     }
     Ok(Outcome { epochs: records, interrupted: false, best_accuracy })
+}
+
+/// A run timed for time to accuracy: the seconds from its first step to the end of its last (the
+/// loader's work included; the data were already in memory), the evaluation's seconds, and what it
+/// gave on the evaluation split.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TimedRun {
+    pub train_seconds: f64,
+    pub eval_seconds: f64,
+    pub loss: f64,
+    pub correct: u64,
+    pub total: usize,
+}
+
+impl TimedRun {
+    pub fn accuracy(&self) -> f64 {
+        100.0 * self.correct as f64 / self.total.max(1) as f64
+    }
+}
+
+/// Trains `backend` (holding `model`'s initial state) on `train` as `r` says, every epoch straight
+/// after the one before (no evaluation and no checkpoint between them), then evaluates on `eval`
+/// once: what `speedrun` times. Fails, saying when, if the run diverges.
+pub async fn timed_run(
+    backend: &mut dyn Backend,
+    (train, eval): (&Split, &Split),
+    r: &Recipe,
+    loader_threads: usize,
+) -> Result<TimedRun> {
+    let split = Arc::new(train.clone());
+    let steps_per_epoch = batches_per_epoch(split.len(), r.batch_size);
+    let total = r.epochs * steps_per_epoch;
+    backend.set_schedule(&step_params(r, &r.schedule(total), total))?;
+    let ahead = loader_ahead(r.batch_size, loader_threads);
+    let never = AtomicBool::new(false);
+    backend.reset_sums().await?;
+    let started = Instant::now();
+    let mut global = 0;
+    for epoch in 0..r.epochs {
+        let batches = spawn_epoch(split.clone(), r.loader(), epoch, 0, ahead, loader_threads);
+        let failure = batches.failure();
+        let run = run_chunks(backend, batches, global, None, &never, |done, sums| match sums.nonfinite {
+            true => bail!("training diverged: an update left parameters non-finite by step {}", global + done),
+            false => Ok(()),
+        })
+        .await?;
+        global += run.batches;
+        if run.batches < steps_per_epoch {
+            let why = failure.get().unwrap_or_else(|| "a loader thread died".into());
+            bail!("{why}: the loader stopped after batch {} of {steps_per_epoch} in epoch {}", run.batches, epoch + 1);
+        }
+    }
+    // Waits for the device: the last step has ended when its sums are back.
+    let sums = backend.train_sums().await?;
+    let train_seconds = started.elapsed().as_secs_f64();
+    if sums.nonfinite || !sums.loss_sum.is_finite() {
+        bail!("training diverged by step {global}: the loss is {}", sums.loss_sum);
+    }
+    let eval_started = Instant::now();
+    let (loss, correct) = evaluate(backend, eval, r.batch_size).await?;
+    Ok(TimedRun { train_seconds, eval_seconds: eval_started.elapsed().as_secs_f64(), loss, correct, total: eval.len() })
 }
 
 #[cfg(test)]
