@@ -121,11 +121,11 @@ step train "$(lim 140)" "$bin" train --backend gpu --epochs "$epochs" --out "$wo
 [ -f "$work/run/metrics.jsonl" ] && cp "$work/run/metrics.jsonl" "$out/metrics.jsonl"
 [ -f "$work/run/best.safetensors" ] && cp "$work/run/best.safetensors" "$out/best.safetensors"
 
-# Time to accuracy on the card: each target's preset on all 60,000 images, a few seeds (a software
-# adapter would take hours: quick runs leave them out).
+# Time to accuracy on the card: each target's preset on all 60,000 images, a few seeds, their tables
+# in run.log (a software adapter would take hours: quick runs leave them out).
 if [ $quick = 0 ]; then
-  step speedrun-99.0 "$(lim 35)" --into "$out/speedrun-99.0.json" "$bin" speedrun --target 99.0 --seeds 1-3 --backend gpu --json
-  step speedrun-99.4 "$(lim 40)" --into "$out/speedrun-99.4.json" "$bin" speedrun --target 99.4 --seeds 1-2 --backend gpu --json
+  step speedrun-99.0 "$(lim 35)" "$bin" speedrun --target 99.0 --seeds 1-3 --backend gpu
+  step speedrun-99.4 "$(lim 40)" "$bin" speedrun --target 99.4 --seeds 1-2 --backend gpu
 else
   echo "== speedrun: skipped in a quick run" | tee -a "$log"
 fi
