@@ -406,44 +406,38 @@ mod tests {
     /// backward; evaluation leaves it out; one after a bare convolution runs alone.
     #[test]
     fn a_dropout_after_a_relu_epilogue_runs_in_it() {
-        let layer = |t: &str| format!("[[layer]]\ntype = \"{t}\"\n");
-        let drop = "[[layer]]\ntype = \"dropout\"\np = 0.2\n";
-        let conv = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n";
-        let text = format!(
-            "{conv}{}{}{drop}{conv}{drop}[[layer]]\ntype = \"linear\"\nout = 32\n{}{drop}[[layer]]\ntype = \"linear\"\nout = 10\n",
-            layer("maxpool"),
-            layer("relu"),
-            layer("relu")
-        );
-        let m = crate::model::file::parse(&text, "m.toml", crate::model::MNIST_INPUT, 10).unwrap();
+        let text = include_str!("../../tests/fixtures/dropout_epilogues.toml");
+        let m = crate::model::file::parse(text, "dropout_epilogues.toml", crate::model::MNIST_INPUT, 10).unwrap();
         let f = Fusion::new(&m, 8);
         let conv = |layer, fusion| Launch::ConvForward { layer, fusion };
         let plain = ForwardFusion::Plain { splits: 1 };
         let launches = |pass: &[(Op, Launch)]| pass.iter().map(|(_, l)| *l).collect::<Vec<_>>();
         let forward = vec![
-            conv(0, plain),
-            Launch::PoolReluDropout { layer: 1 },
-            conv(4, plain),
-            Launch::Dropout { layer: 5 },
-            conv(6, ForwardFusion::ReluDropout { dropout: 8 }),
-            conv(9, plain),
+            conv(0, ForwardFusion::ReluDropout { dropout: 2 }),
+            Launch::PoolReluDropout { layer: 3 },
+            conv(6, plain),
+            Launch::Dropout { layer: 7 },
+            Launch::PoolReluDropout { layer: 8 },
+            conv(11, ForwardFusion::ReluDropout { dropout: 13 }),
+            conv(14, plain),
         ];
         assert_eq!(launches(&f.forward), forward);
-        let eval = vec![
-            conv(0, plain),
-            Launch::PoolRelu { layer: 1 },
-            conv(4, plain),
-            conv(6, ForwardFusion::Relu),
-            conv(9, plain),
+        let eval = [
+            conv(0, ForwardFusion::Relu),
+            Launch::PoolRelu { layer: 3 },
+            conv(6, plain),
+            Launch::PoolRelu { layer: 8 },
+            conv(11, ForwardFusion::Relu),
+            conv(14, plain),
         ];
         assert_eq!(launches(&f.eval), eval);
         let backward = launches(&f.backward);
-        assert!(backward.contains(&Launch::ReluDropoutBackward { layer: 7 }), "{backward:?}");
-        assert!(backward.contains(&Launch::ReluDropoutBackward { layer: 2 }), "{backward:?}");
-        assert!(backward.contains(&Launch::Dropout { layer: 5 }), "{backward:?}");
-        // 6 forward, 8 backward (fc2, relu+dropout, fc1, dropout, conv2, relu+dropout, maxpool, conv1),
-        // where each dropout alone would have added 2 launches.
-        assert_eq!((f.forward.len(), f.backward.len()), (6, 8));
+        for relu in [12, 9, 4, 1] {
+            assert!(backward.contains(&Launch::ReluDropoutBackward { layer: relu }), "{backward:?}");
+        }
+        assert!(backward.contains(&Launch::Dropout { layer: 7 }), "{backward:?}");
+        // 7 forward, 11 backward: each dropout alone would have added 2.
+        assert_eq!((f.forward.len(), f.backward.len()), (7, 11));
     }
 
     #[test]

@@ -356,27 +356,17 @@ mod tests {
 
     #[test]
     fn a_dropout_after_a_relu_epilogue_joins_it_and_its_backward() {
-        let mnist = Shape { c: 1, h: 28, w: 28 };
-        // linear, ReLU, dropout | maxpool... as an MLP: fc1 relu dropout fc2 relu dropout fc3; and a
-        // dropout after a pooling's ReLU, and one after a bare convolution (alone).
-        let layer = |t: &str| format!("[[layer]]\ntype = \"{t}\"\n");
-        let drop = "[[layer]]\ntype = \"dropout\"\np = 0.2\n";
-        let conv = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n";
-        let text = format!(
-            "{conv}{}{}{drop}{conv}{drop}[[layer]]\ntype = \"linear\"\nout = 32\n{}{drop}[[layer]]\ntype = \"linear\"\nout = 10\n",
-            layer("maxpool"),
-            layer("relu"),
-            layer("relu")
-        );
-        let m = parse(&text, "m.toml", mnist, 10).unwrap();
-        let p = Plan::new(&m);
-        // conv | maxpool relu dropout | conv | dropout | linear relu dropout | linear
-        assert_eq!(p.forward, vec![0..1, 1..4, 4..5, 5..6, 6..9, 9..10]);
+        let text = include_str!("../../tests/fixtures/dropout_epilogues.toml");
+        let p = Plan::new(&parse(text, "dropout_epilogues.toml", Shape { c: 1, h: 28, w: 28 }, 10).unwrap());
+        // conv1 relu dropout | maxpool relu dropout | conv2 | dropout | avgpool2 relu dropout |
+        // fc1 relu dropout | fc2
+        assert_eq!(p.forward, vec![0..3, 3..6, 6..7, 7..8, 8..11, 11..14, 14..15]);
         // Evaluation leaves every dropout out.
-        assert_eq!(p.eval, vec![0..1, 1..3, 4..5, 6..8, 9..10]);
+        assert_eq!(p.eval, vec![0..2, 3..5, 6..7, 8..10, 11..13, 14..15]);
         // Backward: each ReLU with the dropout after it; the lone dropout alone.
-        assert_eq!(p.backward, vec![9..10, 7..9, 6..7, 5..6, 4..5, 2..4, 1..2, 0..1]);
+        let backward = vec![14..15, 12..14, 11..12, 9..11, 8..9, 7..8, 6..7, 4..6, 3..4, 1..3, 0..1];
+        assert_eq!(p.backward, backward);
         // The buffers are as before: a dropout writes one of its own.
-        assert!(p.in_place(2) && !p.in_place(3) && p.in_place(7) && !p.in_place(8));
+        assert!(p.in_place(1) && !p.in_place(2) && p.in_place(12) && !p.in_place(13));
     }
 }
