@@ -83,8 +83,9 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
         BackendChoice::Auto => match GpuContext::new(device.adapter.as_deref()) {
             // An adapter named with --adapter is used whatever it is.
             Ok(ctx) if !ctx.is_software() || device.adapter.is_some() => gpu(ctx),
+            // Notes on stderr: stdout stays the command's results (JSON, for some).
             Ok(ctx) => {
-                println!(
+                eprintln!(
                     "Using the CPU backend: the only GPU adapter, {}, is a software renderer, slower than the \
                      CPU backend. Training on a GPU needs its Vulkan, Metal or DX12 driver installed; \
                      --backend gpu uses the software adapter anyway.",
@@ -94,7 +95,7 @@ pub fn make_backend(device: &DeviceArgs, model: &Model, state: Vec<f32>) -> Resu
             }
             Err(e) if device.adapter.is_some() => Err(e),
             Err(_) => {
-                println!(
+                eprintln!(
                     "Using the CPU backend: no GPU adapter found. Training on a GPU needs its Vulkan, Metal or \
                      DX12 driver installed (on Linux without a GPU, mesa-vulkan-drivers gives a software one, \
                      for tests); then pass --backend gpu."

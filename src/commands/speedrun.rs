@@ -60,11 +60,13 @@ struct SeedTime {
 }
 
 pub fn run(args: SpeedrunArgs) -> Result<()> {
-    let target: f64 = match TARGETS.iter().find(|(t, _)| *t == args.target) {
-        Some((t, _)) => t.parse()?,
-        None => bail!("--target {}: the targets are 99.0 and 99.4", args.target),
+    // 99 and 99.0 name the same target.
+    let wanted: Option<f64> = args.target.parse().ok();
+    let Some(&(target, preset)) = TARGETS.iter().find(|(t, _)| Some(t.parse::<f64>().expect("a number")) == wanted)
+    else {
+        bail!("--target {}: the targets are 99.0 and 99.4", args.target)
     };
-    let preset = TARGETS.iter().find(|(t, _)| *t == args.target).map(|(_, p)| *p).expect("found above");
+    let target: f64 = target.parse()?;
     let name = args.model.clone().unwrap_or_else(|| preset.to_string());
     let model = mnist_wgpu::model::file::for_mnist(Some(&name))?;
     let seeds = parse_seeds(&args.seeds)?;

@@ -77,7 +77,8 @@ impl Metrics {
 }
 
 /// The buffers every batch size's executor shares: parameters and running statistics, gradients and
-/// momenta (each one buffer), the metrics the loss kernel adds into, and the per-step uniform.
+/// the optimizer's moments (each one buffer), the metrics the loss kernel adds into, and the per-step
+/// uniform.
 #[derive(Clone)]
 pub struct SharedBuffers {
     pub state: wgpu::Buffer,

@@ -100,8 +100,8 @@ impl StepChecks {
 }
 
 /// Runs `steps` consecutive training steps on random batches of `n` on the CPU reference, from the
-/// model's seed-1 initialization and zero momenta, and each of them on `backend` too, from the state and
-/// momenta the reference had before it. Per step, the loss; per tensor, the worst error over the steps.
+/// model's seed-1 initialization and zero moments, and each of them on `backend` too, from the state and
+/// moments the reference had before it. Per step, the loss; per tensor, the worst error over the steps.
 ///
 /// Each step starts from the reference's state rather than the backend's own: a rounding difference
 /// grows with every update of an independent run, which would measure the network's sensitivity, not
@@ -172,8 +172,8 @@ pub(super) async fn run_steps(
 /// Whole training steps of `backend` against the CPU reference, on random batches of `n`: one step
 /// without dropout (every parameter after SGD, the momenta, the running statistics, the loss), then,
 /// when `dropout_steps` > 0, that many consecutive steps with dropout on (both draw the same masks;
-/// momenta carry over, as in training), each tensor's worst step reported. The backend is left holding
-/// the state of the last step.
+/// momenta carry over, as in training), and as many again with AdamW (its two moments compared too),
+/// each tensor's worst step reported. The backend is left holding the state of the last step.
 pub async fn step_checks(
     model: &Model,
     backend: &mut dyn Backend,
