@@ -79,6 +79,14 @@ impl Optimizer {
     }
 }
 
+/// What is wrong with a weight decay, if anything.
+pub fn weight_decay_fault(weight_decay: f32) -> Option<String> {
+    match weight_decay.is_finite() && weight_decay >= 0.0 {
+        true => None,
+        false => Some(format!("weight decay must be a number of at least 0, not {weight_decay}")),
+    }
+}
+
 /// One Adam or AdamW step's scalars. PyTorch computes them in Python (double precision) from the
 /// step count and hands them to its float kernels; here too, so that every backend takes the same f32s.
 #[derive(Debug, Clone, Copy, PartialEq)]

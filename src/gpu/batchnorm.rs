@@ -5,6 +5,7 @@
 use anyhow::Result;
 
 use super::context::GpuContext;
+use super::dropout::FusedDropout;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 use super::uniform::uniform;
 use crate::model::dropout_threshold;
@@ -48,14 +49,6 @@ pub struct BnLayer {
     pub width: usize,
     /// The input arrives in this many parts (a convolution's split sums), added by the statistics.
     pub parts: usize,
-}
-
-/// A dropout layer run inside a batchnorm's kernels: its probability, and its index in the model
-/// (which keys its mask).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FusedDropout {
-    pub p: f32,
-    pub layer: usize,
 }
 
 /// Workgroups a batchnorm's kernels are spread over, at least, where there are few channels.

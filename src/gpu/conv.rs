@@ -5,8 +5,9 @@
 
 use anyhow::{bail, Result};
 
-use super::batchnorm::{BnOffsets, FusedDropout};
+use super::batchnorm::BnOffsets;
 use super::context::GpuContext;
+use super::dropout::FusedDropout;
 use super::kernel::{compile, take, Cost, Dispatch, Kernel};
 use super::uniform::uniform;
 use super::update::SlicedGrad;

@@ -15,6 +15,14 @@ uniform! {
     }
 }
 
+/// A dropout layer run inside another layer's kernels (a batchnorm's, or a convolution's or pooling's
+/// ReLU epilogue): its probability, and its index in the model (which keys its mask).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FusedDropout {
+    pub p: f32,
+    pub layer: usize,
+}
+
 /// A dropout of probability p as its kernels take it: the hash's keep threshold and the scale of a
 /// kept value (shared by dropout.wgsl and the epilogues that run a dropout).
 pub fn mask_params(p: f32) -> (u32, f32) {

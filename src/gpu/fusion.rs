@@ -17,8 +17,9 @@
 //! - **spans**: the shares of a channel's elements that a batchnorm's workgroups take, one each
 //!   (`bn_spans`).
 
-use super::batchnorm::{bn_spans, BnLayer, BnOffsets, FusedDropout};
+use super::batchnorm::{bn_spans, BnLayer, BnOffsets};
 use super::conv::{forward_splits, weight_grad_slices, Conv, ConvGrad, ConvLayer};
+use super::dropout::FusedDropout;
 use super::update::SlicedGrad;
 use crate::model::plan::{Op, Plan};
 use crate::model::{Layer, LayerParams, Model, BN_EPS, BN_MOMENTUM};

@@ -7,10 +7,10 @@
 use anyhow::{bail, Result};
 
 use super::adam::Adam;
-use super::batchnorm::{BatchNorm, BnBuffers, FusedDropout};
+use super::batchnorm::{BatchNorm, BnBuffers};
 use super::context::GpuContext;
 use super::conv::{BackwardEpilogue, BnStats, BnSums, Conv, EvalBn, ForwardEpilogue, GradBuffers};
-use super::dropout::Dropout;
+use super::dropout::{Dropout, FusedDropout};
 use super::fusion::{sliced_grads, DxFusion, ForwardFusion, Fusion, Launch};
 use super::kernel::{Cost, Dispatch};
 use super::loss::{Loss, LossBuffers};

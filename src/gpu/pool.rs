@@ -5,8 +5,8 @@ use anyhow::Result;
 
 use crate::model::{Layer, Shape};
 
-use super::batchnorm::FusedDropout;
 use super::context::GpuContext;
+use super::dropout::FusedDropout;
 use super::kernel::{compile, groups_for, take, Cost, Dispatch, Kernel};
 use super::uniform::uniform;
 

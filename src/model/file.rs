@@ -153,6 +153,7 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::optim::OptimizerKind;
 
     const MNIST: Shape = Shape { c: 1, h: 28, w: 28 };
 
@@ -226,6 +227,25 @@ mod tests {
         assert!(e.contains("line 9") && e.contains("`max_lr` must be a positive number"), "{e}");
         let e = err(&format!("{net}\n[train]\nlr = 0.1\n"));
         assert!(e.contains("m.toml") && e.contains("line 10") && e.contains("lr"), "{e}");
+        // The schedule's and the optimizer's keys: bad values named, good ones written back.
+        for (bad, want) in [
+            ("pct_start = 1.0", "`pct_start` must be between 0 and 1"),
+            ("div_factor = 0.5", "`div_factor` and `final_div_factor` must be numbers of at least 1"),
+            ("optimizer = \"adam\"\nbetas = [0.9, 1.0]", "betas must each be at least 0 and below 1"),
+            ("eps = -1.0", "eps must be a number of at least 0"),
+            ("weight_decay = -0.1", "weight decay must be a number of at least 0"),
+            ("optimizer = \"lion\"", "unknown variant `lion`"),
+        ] {
+            let e = err(&format!("{net}\n[train]\n{bad}\n"));
+            assert!(e.contains("m.toml") && e.contains(want), "{bad}: {e}");
+        }
+        let adam = "optimizer = \"adamw\"\nbetas = [0.7, 0.9]\neps = 1e-6\nweight_decay = 0.05\ndiv_factor = 25.0\n";
+        let m = parse(&format!("{net}\n[train]\n{adam}"), "m.toml", MNIST, 10).unwrap();
+        assert_eq!(
+            (m.train.optimizer, m.train.betas, m.train.eps),
+            (Some(OptimizerKind::AdamW), Some([0.7, 0.9]), Some(1e-6))
+        );
+        assert_eq!(parse(&m.to_toml(), "written", MNIST, 10).unwrap().train, m.train);
     }
 
     #[test]

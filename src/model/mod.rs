@@ -16,7 +16,7 @@ use rand::{RngExt, SeedableRng};
 use serde::Deserialize;
 
 use self::layer::ParamSpec;
-use crate::optim::OptimizerKind;
+use crate::optim::{weight_decay_fault, Optimizer, OptimizerKind, ADAM_BETAS, ADAM_EPS};
 
 /// MNIST's images (one 28x28 channel) and classes, which every network of the program takes and gives.
 pub const MNIST_INPUT: Shape = Shape { c: 1, h: 28, w: 28 };
@@ -79,26 +79,27 @@ pub struct TrainDefaults {
 
 impl TrainDefaults {
     /// What is wrong with these settings, if anything.
-    pub(crate) fn fault(&self) -> Option<&'static str> {
-        if self.epochs == Some(0) {
-            Some("`epochs` must be at least 1")
+    pub(crate) fn fault(&self) -> Option<String> {
+        let fault = if self.epochs == Some(0) {
+            "`epochs` must be at least 1"
         } else if self.batch_size == Some(0) {
-            Some("`batch_size` must be at least 1")
+            "`batch_size` must be at least 1"
         } else if self.max_lr.is_some_and(|lr| !(lr.is_finite() && lr > 0.0)) {
-            Some("`max_lr` must be a positive number")
+            "`max_lr` must be a positive number"
         } else if self.pct_start.is_some_and(|p| !(p > 0.0 && p < 1.0)) {
-            Some("`pct_start` must be between 0 and 1")
+            "`pct_start` must be between 0 and 1"
         } else if [self.div_factor, self.final_div_factor].iter().flatten().any(|d| !(d.is_finite() && *d >= 1.0)) {
-            Some("`div_factor` and `final_div_factor` must be numbers of at least 1")
-        } else if self.betas.is_some_and(|b| b.iter().any(|b| !(0.0..1.0).contains(b))) {
-            Some("`betas` must each be at least 0 and below 1")
-        } else if self.eps.is_some_and(|e| !(e.is_finite() && e >= 0.0)) {
-            Some("`eps` must be a number of at least 0")
-        } else if self.weight_decay.is_some_and(|w| !(w.is_finite() && w >= 0.0)) {
-            Some("`weight_decay` must be a number of at least 0")
+            "`div_factor` and `final_div_factor` must be numbers of at least 1"
         } else {
-            None
-        }
+            // The optimizer's settings, checked as the command line's are.
+            let optimizer = Optimizer {
+                kind: self.optimizer.unwrap_or_default(),
+                betas: self.betas.map_or(ADAM_BETAS, |[b1, b2]| (b1, b2)),
+                eps: self.eps.unwrap_or(ADAM_EPS),
+            };
+            return optimizer.fault().or_else(|| self.weight_decay.and_then(weight_decay_fault));
+        };
+        Some(fault.to_string())
     }
 }
 

@@ -22,7 +22,7 @@ use crate::data::augment::{Augment, BatchAugment};
 use crate::data::loader::{batches_per_epoch, eval_batches, spawn_epoch, Batch, LoaderConfig};
 use crate::data::{Mnist, Split};
 use crate::model::Model;
-use crate::optim::{Optimizer, OptimizerKind};
+use crate::optim::{weight_decay_fault, Optimizer, OptimizerKind};
 
 /// The recipe's hyper-parameters; the defaults are the spec's.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -112,21 +112,11 @@ impl Recipe {
         }
     }
 
-    /// What is wrong with this recipe, if anything: the checks no run could pass.
+    /// What is wrong with this recipe's optimizer settings, if anything (the rest of a model file's
+    /// `[train]` table is checked where the file is read).
     pub fn fault(&self) -> Option<String> {
-        if !(self.pct_start > 0.0 && self.pct_start < 1.0) {
-            Some(format!("pct_start must be between 0 and 1, not {}", self.pct_start))
-        } else if !(self.div_factor >= 1.0 && self.div_factor.is_finite()) {
-            Some(format!("div_factor must be a number of at least 1, not {}", self.div_factor))
-        } else if !(self.final_div_factor >= 1.0 && self.final_div_factor.is_finite()) {
-            Some(format!("final_div_factor must be a number of at least 1, not {}", self.final_div_factor))
-        } else if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
-            Some(format!("weight decay must be a number of at least 0, not {}", self.weight_decay))
-        } else {
-            self.optimizer.fault()
-        }
+        weight_decay_fault(self.weight_decay).or_else(|| self.optimizer.fault())
     }
-
     pub fn to_json(&self) -> String {
         let mut json = serde_json::json!({
             "epochs": self.epochs,

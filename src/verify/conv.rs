@@ -6,11 +6,12 @@ use crate::cpu::reference::batchnorm::*;
 use crate::cpu::reference::conv::{bias_backward, bias_forward, conv_backward, conv_forward};
 use crate::cpu::reference::pool::*;
 use crate::cpu::reference::relu::relu_forward;
-use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets, FusedDropout};
+use crate::gpu::batchnorm::{BnBuffers, BnLayer, BnOffsets};
 use crate::gpu::conv::{
     forward_splits, weight_grad_slices, BackwardEpilogue, BnStats, BnSums, Conv, ConvGrad, ConvLayer, EvalBn,
     ForwardEpilogue, GradBuffers,
 };
+use crate::gpu::dropout::FusedDropout;
 use crate::gpu::kernel::run;
 use crate::gpu::update::SlicedGrad;
 use crate::gpu::{GpuContext, Kernels, StepUniform};

@@ -1,7 +1,7 @@
 //! The standalone dropout kernel, and what the checks of the epilogues that run a dropout share.
 
 use crate::cpu::reference::dropout::dropout_mask;
-use crate::gpu::batchnorm::FusedDropout;
+use crate::gpu::dropout::FusedDropout;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels, StepUniform};
 use anyhow::Result;

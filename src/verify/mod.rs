@@ -42,7 +42,7 @@ pub use self::check::{
 };
 pub use self::step::{random_batch, step_checks, StepChecks};
 use crate::cpu::reference::batchnorm::BnDims;
-use crate::gpu::batchnorm::FusedDropout;
+use crate::gpu::dropout::FusedDropout;
 use crate::gpu::fusion::{DxFusion, ForwardFusion, Fusion, Launch};
 use crate::gpu::{GpuContext, Kernels};
 use crate::model::{ConvDims, Layer, Model, Shape};

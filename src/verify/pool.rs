@@ -2,7 +2,7 @@
 
 use crate::cpu::reference::pool::*;
 use crate::cpu::reference::relu::relu_forward;
-use crate::gpu::batchnorm::FusedDropout;
+use crate::gpu::dropout::FusedDropout;
 use crate::gpu::kernel::run;
 use crate::gpu::pool::PoolEpilogue;
 use crate::gpu::{GpuContext, Kernels};

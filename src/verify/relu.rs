@@ -3,7 +3,7 @@
 
 use crate::cpu::reference::dropout::dropout_mask;
 use crate::cpu::reference::relu::{relu_backward, relu_forward};
-use crate::gpu::batchnorm::FusedDropout;
+use crate::gpu::dropout::FusedDropout;
 use crate::gpu::kernel::run;
 use crate::gpu::{GpuContext, Kernels};
 use anyhow::Result;
