@@ -44,24 +44,32 @@ pub struct BackwardPass {
 }
 
 /// A training step cut at its batch-wide sync points: a batchnorm's statistics (forward) and its
-/// gradient sums (backward). Between two, each image goes through every layer on its own.
+/// gradient sums (backward). Between two, each image goes through every layer on its own. The linear
+/// layers that end a network (with the ReLUs and dropouts between them) run after the forward passes
+/// and before the backward ones, layer by layer over the whole batch: a linear layer's weights are
+/// large next to an image's activations, so one product over the batch beats one per image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Passes {
     /// Each a range of layers whose first (after the first pass) is a batchnorm, normalizing with the
     /// statistics gathered at the end of the pass before. A batchnorm first (at 0) makes an empty first
     /// pass: its input's sums.
     pub forward: Vec<Range<usize>>,
+    /// The first starts from the gradient at the output of the last layer before `batched`.
     pub backward: Vec<BackwardPass>,
+    /// The layers run over the whole batch: the longest run of linear layers, ReLUs and dropouts that
+    /// ends the network and starts with a linear layer (empty when there is none).
+    pub batched: Range<usize>,
 }
 
 impl Passes {
     fn new(layers: &[Layer]) -> Passes {
-        let count = layers.len();
+        let batched = batched(layers);
+        let count = batched.start;
         let norms: Vec<usize> = (0..count).filter(|&i| matches!(layers[i], Layer::BatchNorm { .. })).collect();
         let mut bounds = vec![0];
         bounds.extend(norms.iter().copied());
         bounds.push(count);
-        let forward = bounds.windows(2).map(|w| w[0]..w[1]).collect();
+        let mut forward: Vec<Range<usize>> = bounds.windows(2).map(|w| w[0]..w[1]).collect();
         let mut backward = Vec::new();
         let mut top: Option<usize> = None;
         for &b in norms.iter().rev() {
@@ -69,8 +77,25 @@ impl Passes {
             top = Some(b);
         }
         backward.push(BackwardPass { from: top, layers: 0..top.unwrap_or(count), to: None });
-        Passes { forward, backward }
+        if count == 0 {
+            // The whole network is batched.
+            (forward, backward) = (Vec::new(), Vec::new());
+        }
+        Passes { forward, backward, batched }
     }
+}
+
+/// The layers that `Passes` runs over the whole batch.
+fn batched(layers: &[Layer]) -> Range<usize> {
+    let tail = |l: &Layer| matches!(l, Layer::Linear { .. } | Layer::Relu | Layer::Dropout { .. });
+    let mut start = layers.len();
+    while start > 0 && tail(&layers[start - 1]) {
+        start -= 1;
+    }
+    while start < layers.len() && !matches!(layers[start], Layer::Linear { .. }) {
+        start += 1;
+    }
+    start..layers.len()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -319,6 +344,7 @@ mod tests {
         assert!(text.contains("backward: bn6+relu#20+gap#21 | conv6 |"), "{text}");
         // The fused CPU executor's passes: cut at the six batchnorms, 7 forward and 7 backward.
         assert_eq!(p.passes.forward, vec![0..1, 1..4, 4..9, 9..12, 12..16, 16..19, 19..22]);
+        assert!(p.passes.batched.is_empty());
         let backward: Vec<_> = p.passes.backward.iter().map(|b| (b.from, b.layers.clone(), b.to)).collect();
         assert_eq!(
             backward,
@@ -352,6 +378,29 @@ mod tests {
         // The leading dropout is skipped in evaluation: the convolution reads the batch itself.
         assert_eq!(p.eval_buffer[0], None);
         assert!(p.in_place(2) && !p.in_place(0) && !p.pooled_input[4]);
+    }
+
+    #[test]
+    fn the_linear_layers_that_end_a_network_run_over_the_whole_batch() {
+        let mnist = Shape { c: 1, h: 28, w: 28 };
+        let p = Plan::new(&parse(FAST_RECIPE, "f.toml", mnist, 10).unwrap());
+        // conv1 maxpool relu conv2 maxpool relu, image by image; fc1 relu fc2 over the batch.
+        assert_eq!((p.passes.forward.len(), p.passes.forward[0].clone(), p.passes.batched.clone()), (1, 0..6, 6..9));
+        assert_eq!(p.passes.backward, vec![BackwardPass { from: None, layers: 0..6, to: None }]);
+        // A network of linear layers only: no per-image pass.
+        let mlp = Plan::new(&parse(include_str!("../../models/mlp3.toml"), "m.toml", mnist, 10).unwrap());
+        assert!(mlp.passes.forward.is_empty() && mlp.passes.backward.is_empty() && mlp.passes.batched == (0..5));
+        // A ReLU or a dropout before the first linear layer stays in the per-image pass.
+        let text = "[[layer]]\ntype = \"conv\"\nout = 4\nkernel = 3\n[[layer]]\ntype = \"batchnorm\"\n\
+                    [[layer]]\ntype = \"relu\"\n[[layer]]\ntype = \"dropout\"\np = 0.1\n\
+                    [[layer]]\ntype = \"linear\"\nout = 10\n";
+        let p = Plan::new(&parse(text, "m.toml", mnist, 10).unwrap());
+        assert_eq!((p.passes.forward.clone(), p.passes.batched.clone()), (vec![0..1, 1..4], 4..5));
+        let backward = vec![
+            BackwardPass { from: None, layers: 2..4, to: Some(1) },
+            BackwardPass { from: Some(1), layers: 0..1, to: None },
+        ];
+        assert_eq!(p.passes.backward, backward);
     }
 
     #[test]

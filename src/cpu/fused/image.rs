@@ -115,8 +115,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// Image `img` through the whole network in evaluation mode, in this thread's scratch.
-    pub fn eval_image(&self, img: usize, x: &[f32], logits: &mut [f32]) {
+    /// Image `img` through the network's layers before the batched ones in evaluation mode, in this
+    /// thread's scratch, into `out`.
+    pub fn eval_image(&self, img: usize, x: &[f32], out: &mut [f32]) {
         let largest = self.lens.largest;
         with_scratch(&PING, largest, |a| {
             with_scratch(&PONG, largest, |b| {
@@ -125,7 +126,8 @@ impl Ctx<'_> {
                     let (mut cur, mut other): (&mut [f32], &mut [f32]) = (a, b);
                     let mut len = x.len();
                     cur[..len].copy_from_slice(x);
-                    for (i, layer) in self.model.layers.iter().enumerate() {
+                    let layers = &self.model.layers[..self.plan.passes.batched.start];
+                    for (i, layer) in layers.iter().enumerate() {
                         match layer {
                             Layer::Dropout { .. } => continue,
                             Layer::Relu => relu_forward_serial(&mut cur[..len]),
@@ -138,7 +140,7 @@ impl Ctx<'_> {
                             }
                         }
                     }
-                    logits.copy_from_slice(&cur[..len]);
+                    out.copy_from_slice(&cur[..len]);
                 })
             })
         })
@@ -162,7 +164,7 @@ impl Ctx<'_> {
                         s.len()
                     }
                     None => {
-                        let len = model.shapes[model.layers.len() - 1].len();
+                        let len = model.shapes[pass.layers.end - 1].len();
                         cur[..len].copy_from_slice(&v.grad_in[j * len..][..len]);
                         len
                     }

@@ -5,13 +5,15 @@
 //! while the image is in cache: a batchnorm's statistics in the forward pass, its gradient sums in
 //! the backward pass. The plan decides the passes (`Plan::passes`); Net3's training step is 7 passes
 //! forward and 7 backward (45 layer ops in `CpuNet`); evaluation, which needs no batch statistics, is
-//! one pass. Each layer runs the reference's own per-image functions (`image.rs`), the convolutions
+//! one pass. The linear layers that end a network run after the forward passes, layer by layer over
+//! the whole batch (`batched.rs`), as one product each instead of one per image. Each layer runs the reference's own per-image functions (`image.rs`), the convolutions
 //! with the products of `fma.rs` over the padded image's taps (`shifted.rs`) where the CPU has FMA
 //! (`products.rs` decides). What differs from `CpuNet` is the order of some sums: a batchnorm's mean
 //! and variance come from one pass of sums and sums of squares (f64), and the weight gradients are dot
 //! products summed in vector lanes, then in groups of images (`store.rs`). Every sum is kept per image
 //! or per group and added in image order, so the results do not depend on the number of threads.
 
+mod batched;
 mod fma;
 mod image;
 mod products;
@@ -22,6 +24,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use self::batched::Batched;
 use self::image::{Ctx, Norm};
 use self::products::Products;
 use self::store::{group_size, image_order_sums, lens, views, Lens, Store};
@@ -43,6 +46,9 @@ pub struct FusedNet {
     store: Store,
     /// The gradient at a batchnorm's output between two backward passes (one read, one written).
     grad: [Vec<f32>; 2],
+    /// The batched layers' two batch-wide buffers: a backward pass's gradients (one read, one
+    /// written), an evaluation's activations.
+    batch: [Vec<f32>; 2],
     /// The logits of the last evaluation pass.
     eval_logits: Vec<f32>,
     dlogits: Vec<f32>,
@@ -65,6 +71,7 @@ impl FusedNet {
             norms: vec![Norm::default(); model.layers.len()],
             store: Store::default(),
             grad: [Vec::new(), Vec::new()],
+            batch: [Vec::new(), Vec::new()],
             eval_logits: Vec::new(),
             dlogits: Vec::new(),
             grads: vec![0.0; model.num_trainable],
@@ -100,7 +107,7 @@ impl FusedNet {
             if !layers.is_empty() && matches!(self.model.layers[layers.start], Layer::BatchNorm { .. }) {
                 self.batch_statistics(state, layers.start);
             }
-            let stats_for = (layers.end < self.model.layers.len()).then_some(layers.end);
+            let stats_for = (layers.end < self.plan.passes.batched.start).then_some(layers.end);
             let (ctx, store) = self.pass(state, dropout);
             let views = views(store, ctx.lens, n, (&[], &mut []));
             views.into_par_iter().for_each(|mut v| {
@@ -113,8 +120,95 @@ impl FusedNet {
                     }
                 }
             });
-            self.time_pass(layers, false, started);
+            self.time_pass("fused", layers, false, started);
         }
+        self.batched_forward_train(state, dropout);
+    }
+
+    /// What the batched layers read.
+    fn batched<'a>(model: &'a Model, state: &'a [f32], n: usize, dropout: DropoutMode) -> Batched<'a> {
+        Batched { model, state, n, dropout, products: Products::fastest() }
+    }
+
+    /// The batched layers of a training forward pass, each over the whole batch in the plan's buffers.
+    fn batched_forward_train(&mut self, state: &[f32], dropout: DropoutMode) {
+        for i in self.plan.passes.batched.clone() {
+            let started = self.timing.is_some().then(web_time::Instant::now);
+            let (plan, buffers) = (&self.plan, &mut self.store.buffers);
+            let batch = Self::batched(&self.model, state, self.n, dropout);
+            let out = plan.buffer[i];
+            if i == 0 {
+                batch.forward(i, Some(&self.store.input), &mut buffers[out]);
+            } else if plan.buffer[i - 1] == out {
+                batch.forward(i, None, &mut buffers[out]);
+            } else {
+                let (x, y) = two(buffers, plan.buffer[i - 1], out);
+                batch.forward(i, Some(x), y);
+            }
+            self.time_pass("batched", i..i + 1, false, started);
+        }
+    }
+
+    /// The batched layers of an evaluation pass, from the per-image pass's output in the first batch
+    /// buffer (or from the input, when every layer is batched) into the logits.
+    fn batched_eval(&mut self, state: &[f32], input: &[f32]) {
+        let n = self.n;
+        if self.plan.passes.batched.is_empty() {
+            return;
+        }
+        let mut buffers = std::mem::take(&mut self.batch);
+        // The activations are in buffers[cur].
+        let mut cur = 0;
+        for i in self.plan.passes.batched.clone() {
+            let started = self.timing.is_some().then(web_time::Instant::now);
+            let batch = Self::batched(&self.model, state, n, DropoutMode::Off);
+            let yl = n * self.model.shapes[i].len();
+            match self.model.layers[i] {
+                Layer::Dropout { .. } => continue,
+                Layer::Relu => batch.forward(i, None, &mut buffers[cur][..yl]),
+                _ => {
+                    let [a, b] = &mut buffers;
+                    let (x, y) = if cur == 0 { (a, b) } else { (b, a) };
+                    let x = if i == 0 { input } else { &x[..n * self.model.input_of(i).len()] };
+                    batch.forward(i, Some(x), &mut y[..yl]);
+                    cur = 1 - cur;
+                }
+            }
+            self.time_pass("batched", i..i + 1, false, started);
+        }
+        let logits = self.eval_logits.len();
+        self.eval_logits.copy_from_slice(&buffers[cur][..logits]);
+        self.batch = buffers;
+    }
+
+    /// The batched layers' backward pass, from dlogits, each over the whole batch; their weight
+    /// gradients into `grads`. Returns the batch buffer that holds the gradient at their input (None
+    /// when no layer is batched).
+    fn batched_backward(&mut self, state: &[f32], dlogits: &[f32]) -> Option<usize> {
+        let (n, tail) = (self.n, self.plan.passes.batched.clone());
+        if tail.is_empty() {
+            return None;
+        }
+        let mut buffers = std::mem::take(&mut self.batch);
+        buffers[0][..dlogits.len()].copy_from_slice(dlogits);
+        // The gradient is in buffers[cur].
+        let mut cur = 0;
+        for i in tail.rev() {
+            let started = self.timing.is_some().then(web_time::Instant::now);
+            let (plan, model) = (&self.plan, &self.model);
+            let batch = Self::batched(model, state, n, self.dropout);
+            let x: &[f32] = if i == 0 { &self.store.input } else { &self.store.buffers[plan.buffer[i - 1]] };
+            let y = &self.store.buffers[plan.buffer[i]];
+            let [a, b] = &mut buffers;
+            let (dy, dx) = if cur == 0 { (a, b) } else { (b, a) };
+            let dx = (i > 0).then(|| &mut dx[..x.len()]);
+            if batch.backward(i, x, y, &mut dy[..y.len()], dx, &mut self.grads) {
+                cur = 1 - cur;
+            }
+            self.time_pass("batched", i..i + 1, true, started);
+        }
+        self.batch = buffers;
+        Some(cur)
     }
 
     /// A batchnorm's statistics from its images' sums (added in image order): its normalization,
@@ -151,16 +245,23 @@ impl FusedNet {
             self.norms[b] = Norm { scale, shift, ..Norm::default() };
         }
         let (classes, image) = (model.output_classes(), model.input.len());
-        let mut logits = std::mem::take(&mut self.eval_logits);
-        logits.resize(n * classes, 0.0);
-        let (ctx, _) = self.pass(state, DropoutMode::Off);
-        logits
-            .par_chunks_mut(classes)
-            .zip(input.par_chunks(image))
-            .enumerate()
-            .for_each(|(img, (logits, x))| ctx.eval_image(img, x, logits));
-        self.eval_logits = logits;
-        self.time_pass(0..self.model.layers.len(), false, started);
+        self.eval_logits.resize(n * classes, 0.0);
+        self.size_batch(n);
+        let tail = self.plan.passes.batched.clone();
+        if tail.start > 0 {
+            // The per-image pass writes the logits, or the batched layers' input.
+            let mut out = std::mem::take(if tail.is_empty() { &mut self.eval_logits } else { &mut self.batch[0] });
+            let row = self.model.shapes[tail.start - 1].len();
+            let (ctx, _) = self.pass(state, DropoutMode::Off);
+            out[..n * row]
+                .par_chunks_mut(row)
+                .zip(input.par_chunks(image))
+                .enumerate()
+                .for_each(|(img, (out, x))| ctx.eval_image(img, x, out));
+            *(if tail.is_empty() { &mut self.eval_logits } else { &mut self.batch[0] }) = out;
+            self.time_pass("fused", 0..tail.start, false, started);
+        }
+        self.batched_eval(state, input);
     }
 
     /// Sizes the store and the stored gradients for a batch of `n` (allocating only when the batch
@@ -171,6 +272,18 @@ impl FusedNet {
         let widest = self.plan.passes.backward.iter().filter_map(|p| p.to).map(|b| model.shapes[b].len()).max();
         for g in &mut self.grad {
             g.resize(n * widest.unwrap_or(0), 0.0);
+        }
+        self.size_batch(n);
+    }
+
+    /// Sizes the batched layers' buffers for a batch of `n`: each as long as the longest of their
+    /// inputs and outputs.
+    fn size_batch(&mut self, n: usize) {
+        let model = &self.model;
+        let tail = self.plan.passes.batched.clone();
+        let widest = tail.map(|i| model.shapes[i].len().max(model.input_of(i).len())).max().unwrap_or(0);
+        for b in &mut self.batch {
+            b.resize(n * widest, 0.0);
         }
     }
 
@@ -196,7 +309,7 @@ impl FusedNet {
     fn weight_gradients(&mut self) {
         let n = self.n;
         let groups = n.div_ceil(group_size(n));
-        for i in 0..self.model.layers.len() {
+        for i in 0..self.plan.passes.batched.start {
             let Some((d, w)) = self.model.conv(i, 1) else { continue };
             let wl = d.weight_len();
             sum_rows(&self.store.partials[i][..groups * wl], &mut self.grads[w..w + wl]);
@@ -207,8 +320,9 @@ impl FusedNet {
         }
     }
 
-    /// Records a pass's time when profiling, with its layers' FLOPs and bytes.
-    fn time_pass(&mut self, layers: Range<usize>, backward: bool, started: Option<web_time::Instant>) {
+    /// Records a pass's time when profiling (`what`: fused or batched), with its layers' FLOPs and
+    /// bytes.
+    fn time_pass(&mut self, what: &str, layers: Range<usize>, backward: bool, started: Option<web_time::Instant>) {
         if self.timing.is_none() {
             return;
         }
@@ -223,7 +337,7 @@ impl FusedNet {
         if names.is_empty() {
             names.push("(the input's sums for the first batchnorm)".into());
         }
-        let label = format!("fused.{} {}", if backward { "backward" } else { "forward" }, names.join("+"));
+        let label = format!("{what}.{} {}", if backward { "backward" } else { "forward" }, names.join("+"));
         record(&mut self.timing, &label, (flops, bytes), started);
     }
 }
@@ -249,6 +363,8 @@ impl Executor for FusedNet {
         assert!(self.trained, "backward needs a training-mode forward pass first");
         assert_eq!(dlogits.len(), self.logits().len(), "dlogits length");
         let n = self.n;
+        let top = self.batched_backward(state, dlogits);
+        let batch = std::mem::take(&mut self.batch);
         for k in 0..self.plan.passes.backward.len() {
             let pass = self.plan.passes.backward[k].clone();
             let started = self.timing.is_some().then(web_time::Instant::now);
@@ -258,7 +374,11 @@ impl Executor for FusedNet {
             let (read, write) = if k % 2 == 0 { (g1, g0) } else { (g0, g1) };
             let len = |b: Option<usize>| b.map_or(0, |b| n * self.model.shapes[b].len());
             let (grad_in, grad_out) = (len(pass.from), len(pass.to));
-            let grad_in: &[f32] = if pass.from.is_none() { dlogits } else { &read[..grad_in] };
+            let grad_in: &[f32] = match (pass.from, top) {
+                (Some(_), _) => &read[..grad_in],
+                (None, Some(c)) => &batch[c][..n * self.model.shapes[pass.layers.end - 1].len()],
+                (None, None) => dlogits,
+            };
             let (ctx, store) = self.pass(state, self.dropout);
             let views = views(store, ctx.lens, n, (grad_in, &mut write[..grad_out]));
             views.into_par_iter().for_each(|mut v| {
@@ -270,8 +390,10 @@ impl Executor for FusedNet {
             if let Some(b) = pass.to {
                 self.gradient_sums(b);
             }
-            self.time_pass(pass.to.map_or(0, |b| b + 1)..pass.from.map_or(pass.layers.end, |b| b + 1), true, started);
+            let layers = pass.to.map_or(0, |b| b + 1)..pass.from.map_or(pass.layers.end, |b| b + 1);
+            self.time_pass("fused", layers, true, started);
         }
+        self.batch = batch;
         self.weight_gradients();
         &self.grads
     }
@@ -290,5 +412,17 @@ impl Executor for FusedNet {
 
     fn scratch(&mut self) -> (&mut Vec<f32>, &mut Option<Vec<OpTime>>) {
         (&mut self.dlogits, &mut self.timing)
+    }
+}
+
+/// Buffers x (read) and y (written), two different ones.
+fn two(buffers: &mut [Vec<f32>], x: usize, y: usize) -> (&[f32], &mut [f32]) {
+    assert_ne!(x, y);
+    if x < y {
+        let (lo, hi) = buffers.split_at_mut(y);
+        (&lo[x], &mut hi[0])
+    } else {
+        let (lo, hi) = buffers.split_at_mut(x);
+        (&hi[0], &mut lo[y])
     }
 }

@@ -1,0 +1,160 @@
+//! The fused executor's batched layers (`Passes::batched`): the linear layers at the end of a network,
+//! with the ReLUs and dropouts between them, run layer by layer over the whole batch. A linear layer's
+//! weights are large next to one image's activations, so it runs as one product over the batch, which
+//! reads its weights once per block of images instead of once per image: the forward pass as dot
+//! products of input rows and weight rows, the input gradient and the weight gradient as products
+//! whose every output sums over k in order (`fma.rs`). Each output is one sum in a fixed order, so the
+//! bits do not depend on how the rows are cut between threads.
+
+use rayon::prelude::*;
+
+use super::fma::{self, Every, Operand};
+use super::products::Products;
+use crate::cpu::executor::DropoutMode;
+use crate::cpu::reference::conv::{bias_forward, ConvDims};
+use crate::cpu::reference::dropout::dropout_serial;
+use crate::cpu::reference::gemm::{gemm, Layout};
+use crate::cpu::reference::relu::{relu_backward, relu_forward};
+use crate::model::{Layer, Model};
+
+/// Rows (images, or a weight gradient's output rows) per parallel task: enough for the product's
+/// register blocks, few enough to keep both cores busy at batch 32.
+const ROWS: usize = 16;
+
+/// Elements per parallel task of a dropout.
+const CHUNK: usize = 1 << 14;
+
+/// What every batched layer reads.
+pub(super) struct Batched<'a> {
+    pub model: &'a Model,
+    pub state: &'a [f32],
+    pub n: usize,
+    pub dropout: DropoutMode,
+    pub products: Products,
+}
+
+/// A linear layer's dims and its weights' offset.
+fn linear(model: &Model, i: usize, n: usize) -> (ConvDims, usize) {
+    let (d, w) = model.conv(i, n).expect("a linear layer");
+    (d, w)
+}
+
+impl Batched<'_> {
+    /// Layer `i` over the batch: x into y, or y in place when x is None (a ReLU, a dropout).
+    pub fn forward(&self, i: usize, x: Option<&[f32]>, y: &mut [f32]) {
+        match &self.model.layers[i] {
+            Layer::Linear { .. } => {
+                let x = x.expect("a linear layer reads another buffer");
+                let (d, w) = linear(self.model, i, self.n);
+                self.linear_forward(&d, x, &self.state[w..w + d.weight_len()], y);
+                if let Some(b) = self.model.conv_bias(i) {
+                    bias_forward(&d, &self.state[b..b + d.cout], y);
+                }
+            }
+            Layer::Relu => {
+                if let Some(x) = x {
+                    y.copy_from_slice(x);
+                }
+                relu_forward(y);
+            }
+            &Layer::Dropout { p } => {
+                if let Some(x) = x {
+                    y.copy_from_slice(x);
+                }
+                self.drop(i, p, y);
+            }
+            layer => unreachable!("{layer:?} is not a batched layer"),
+        }
+    }
+
+    /// Layer `i`'s backward pass over the batch: from dy into dx (returns true), or in place (returns
+    /// false). `x` is the layer's input, `y` its output; a linear layer writes its weight and bias
+    /// gradients into `grads` (the trainable prefix of the state) and no dx when `dx` is None.
+    pub fn backward(
+        &self,
+        i: usize,
+        x: &[f32],
+        y: &[f32],
+        dy: &mut [f32],
+        dx: Option<&mut [f32]>,
+        grads: &mut [f32],
+    ) -> bool {
+        match &self.model.layers[i] {
+            Layer::Linear { .. } => {
+                let (d, w) = linear(self.model, i, self.n);
+                let wl = d.weight_len();
+                self.weight_gradient(&d, dy, x, &mut grads[w..w + wl]);
+                if let Some(b) = self.model.conv_bias(i) {
+                    bias_gradient(dy, &mut grads[b..b + d.cout]);
+                }
+                if let Some(dx) = dx {
+                    self.input_gradient(&d, dy, &self.state[w..w + wl], dx);
+                }
+                true
+            }
+            Layer::Relu => {
+                relu_backward(y, dy);
+                false
+            }
+            &Layer::Dropout { p } => {
+                self.drop(i, p, dy);
+                false
+            }
+            layer => unreachable!("{layer:?} is not a batched layer"),
+        }
+    }
+
+    /// A dropout's mask applied in place, drawn by element index as `CpuNet` draws it.
+    fn drop(&self, i: usize, p: f32, x: &mut [f32]) {
+        if let (DropoutMode::Hash { seed, step }, true) = (self.dropout, p > 0.0) {
+            x.par_chunks_mut(CHUNK)
+                .enumerate()
+                .for_each(|(c, x)| dropout_serial(seed, step, i as u32, p, c * CHUNK, x));
+        }
+    }
+
+    /// y (n x cout) = x (n x cin) times the weights (cout x cin) transposed.
+    fn linear_forward(&self, d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
+        let (cin, cout) = (d.cin, d.cout);
+        if self.products == Products::Gemm {
+            return gemm(self.n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
+        }
+        y.par_chunks_mut(ROWS * cout).zip(x.par_chunks(ROWS * cin)).for_each(|(y, x)| {
+            fma::dots(y.len() / cout, cin, cout, x, cin, weight, Every(cin), y, cout, false);
+        });
+    }
+
+    /// dx (n x cin) = dy (n x cout) times the weights (cout x cin).
+    fn input_gradient(&self, d: &ConvDims, dy: &[f32], weight: &[f32], dx: &mut [f32]) {
+        let (cin, cout) = (d.cin, d.cout);
+        if self.products == Products::Gemm {
+            return gemm(self.n, cout, cin, dy, Layout::Normal, weight, Layout::Normal, 0.0, dx);
+        }
+        dx.par_chunks_mut(ROWS * cin).zip(dy.par_chunks(ROWS * cout)).for_each(|(dx, dy)| {
+            let a = Operand { data: dy, row: cout, col: 1 };
+            fma::product(dx.len() / cin, cout, cin, a, weight, Every(cin), dx, cin, false);
+        });
+    }
+
+    /// dw (cout x cin) = dy (n x cout) transposed times x (n x cin): each output sums over the images
+    /// in order.
+    fn weight_gradient(&self, d: &ConvDims, dy: &[f32], x: &[f32], dw: &mut [f32]) {
+        let (cin, cout, n) = (d.cin, d.cout, self.n);
+        if self.products == Products::Gemm {
+            return gemm(cout, n, cin, dy, Layout::Transposed, x, Layout::Normal, 0.0, dw);
+        }
+        dw.par_chunks_mut(ROWS * cin).enumerate().for_each(|(r, dw)| {
+            let a = Operand { data: &dy[r * ROWS..], row: 1, col: cout };
+            fma::product(dw.len() / cin, n, cin, a, x, Every(cin), dw, cin, false);
+        });
+    }
+}
+
+/// dbias = the sum of dy (n x cout) over the images, in image order in f64, as `bias_backward` adds
+/// a 1 x 1 plane's.
+fn bias_gradient(dy: &[f32], db: &mut [f32]) {
+    let cout = db.len();
+    for (o, g) in db.iter_mut().enumerate() {
+        *g = dy.iter().skip(o).step_by(cout).map(|&v| v as f64).sum::<f64>() as f32;
+    }
+}
