@@ -2,6 +2,8 @@
 //! plain reference of every op, and `FusedNet`, the fast executor checked against it), so that a
 //! training step, an evaluation and a profiled step are written once.
 
+use rayon::prelude::*;
+
 use super::profile::{self, record, OpTime};
 use super::reference::adam::adam_update;
 use super::reference::loss::{softmax_cross_entropy, LossOut};
@@ -58,13 +60,20 @@ impl Update {
     /// Updates `params` from `grads`; `moments` holds SGD's momenta (its first `params.len()` values)
     /// or Adam's first and second moments, one after the other. Returns whether any updated value is
     /// non-finite (the run diverged).
+    /// Each value's update is on its own, so the threads take a chunk each.
     pub fn apply(&self, params: &mut [f32], grads: &[f32], moments: &mut [f32]) -> bool {
+        const CHUNK: usize = 1 << 14;
         let n = params.len();
+        let chunks = params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK));
         match self {
-            Update::Sgd(sgd) => sgd_update(*sgd, params, grads, &mut moments[..n]),
+            Update::Sgd(sgd) => {
+                let momenta = moments[..n].par_chunks_mut(CHUNK);
+                chunks.zip(momenta).map(|((p, g), m)| sgd_update(*sgd, p, g, m)).reduce(|| false, |a, b| a || b)
+            }
             Update::Adam(s) => {
                 let (m, v) = moments[..2 * n].split_at_mut(n);
-                adam_update(s, params, grads, m, v)
+                let moments = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
+                chunks.zip(moments).map(|((p, g), (m, v))| adam_update(s, p, g, m, v)).reduce(|| false, |a, b| a || b)
             }
         }
     }
