@@ -7,8 +7,9 @@ use std::cell::RefCell;
 use super::products::{self, Products};
 use super::store::{input_image, read_write, Lens, View};
 use crate::cpu::executor::DropoutMode;
+use crate::cpu::isa::vectorized;
 use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sum, BnDims, BnSaved};
-use crate::cpu::reference::conv::{bias_forward_image, plane_total, with_columns, ConvDims, ImageGrads};
+use crate::cpu::reference::conv::{plane_total, with_columns, ConvDims, ImageGrads};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::net::tensor;
 use crate::cpu::reference::pool;
@@ -73,15 +74,7 @@ impl Ctx<'_> {
         let sin = model.input_of(i);
         let read = || x.unwrap_or_else(|| panic!("layer {i} ({layer:?}) reads another buffer"));
         match layer {
-            Layer::Conv { .. } | Layer::Linear { .. } => {
-                let (d, w) = model.conv(i, 1).expect("a convolution layer");
-                with_columns(&d, |col| {
-                    products::forward_image(&d, read(), &self.state[w..w + d.weight_len()], y, col, self.products)
-                });
-                if let Some(b) = model.conv_bias(i) {
-                    bias_forward_image(&d, &self.state[b..b + d.cout], y);
-                }
-            }
+            Layer::Conv { .. } | Layer::Linear { .. } => self.conv_forward(i, read(), y, &self.epilogue(i, i + 1)),
             Layer::BatchNorm { .. } => {
                 affine_image(sin.h * sin.w, read(), &self.norms[i].scale, &self.norms[i].shift, y)
             }
@@ -102,6 +95,44 @@ impl Ctx<'_> {
             layer if layer.is_pooling() => pool::forward_serial(layer, sin, read(), y, winners),
             layer => unreachable!("layer {layer:?}"),
         }
+    }
+
+    /// Convolution (or linear layer) `i`'s forward pass on one image, x into y, then its epilogue.
+    fn conv_forward(&self, i: usize, x: &[f32], y: &mut [f32], epilogue: &Epilogue) {
+        let (d, w) = self.model.conv(i, 1).expect("a convolution layer");
+        with_columns(&d, |col| {
+            products::forward_image(&d, x, &self.state[w..w + d.weight_len()], y, col, self.products)
+        });
+        for (c, plane) in y.chunks_exact_mut(d.ho() * d.wo()).enumerate() {
+            epilogue.apply(c, plane);
+        }
+    }
+
+    /// Convolution `i`'s epilogue: its bias, then what layers i + 1 .. `end` ask for (a batchnorm's
+    /// evaluation normalization, a ReLU; a dropout is the identity there).
+    fn epilogue(&self, i: usize, end: usize) -> Epilogue<'_> {
+        let mut e = Epilogue {
+            bias: self.model.conv_bias(i).map(|b| &self.state[b..b + self.model.shapes[i].c]),
+            norm: None,
+            relu: false,
+        };
+        for j in i + 1..end {
+            match self.model.layers[j] {
+                Layer::BatchNorm { .. } => e.norm = Some((&self.norms[j].scale[..], &self.norms[j].shift[..])),
+                Layer::Relu => e.relu = true,
+                Layer::Dropout { .. } => {}
+                ref layer => unreachable!("{layer:?} in a convolution's epilogue (see eval_op_end)"),
+            }
+        }
+        e
+    }
+
+    /// Where evaluation's op for convolution `i` ends: the batchnorm, ReLU and dropout after it that
+    /// the plan runs with it (`Plan::eval`).
+    fn eval_op_end(&self, i: usize) -> usize {
+        let op_end = self.plan.eval.iter().find(|op| op.contains(&i)).map_or(i + 1, |op| op.end);
+        let in_epilogue = |l: &Layer| matches!(l, Layer::BatchNorm { .. } | Layer::Relu | Layer::Dropout { .. });
+        (i + 1..op_end).find(|&j| !in_epilogue(&self.model.layers[j])).unwrap_or(op_end)
     }
 
     /// Image `j`'s sums of x and x^2 per channel, for batchnorm `b`'s statistics.
@@ -126,11 +157,18 @@ impl Ctx<'_> {
                     let (mut cur, mut other): (&mut [f32], &mut [f32]) = (a, b);
                     let mut len = x.len();
                     cur[..len].copy_from_slice(x);
-                    let layers = &self.model.layers[..self.plan.passes.batched.start];
-                    for (i, layer) in layers.iter().enumerate() {
-                        match layer {
-                            Layer::Dropout { .. } => continue,
+                    let mut i = 0;
+                    while i < self.plan.passes.batched.start {
+                        match self.model.layers[i] {
+                            Layer::Dropout { .. } => {}
                             Layer::Relu => relu_forward_serial(&mut cur[..len]),
+                            Layer::Conv { .. } | Layer::Linear { .. } => {
+                                let (yl, end) = (self.model.shapes[i].len(), self.eval_op_end(i));
+                                self.conv_forward(i, &cur[..len], &mut other[..yl], &self.epilogue(i, end));
+                                std::mem::swap(&mut cur, &mut other);
+                                (len, i) = (yl, end);
+                                continue;
+                            }
                             _ => {
                                 let yl = self.model.shapes[i].len();
                                 let wl = self.lens.winners[i];
@@ -139,6 +177,7 @@ impl Ctx<'_> {
                                 len = yl;
                             }
                         }
+                        i += 1;
                     }
                     out.copy_from_slice(&cur[..len]);
                 })
@@ -256,6 +295,44 @@ impl Ctx<'_> {
             unreachable!("layer {b} is a batchnorm")
         };
         tensor(self.model, self.state, weight)
+    }
+}
+
+/// What a convolution's forward pass applies to each output plane while it is in cache, in this order:
+/// its bias, a batchnorm's evaluation normalization (y = x * scale + shift), a ReLU. Each step is the
+/// reference's own, so the bits are those of the layers run one after another.
+pub(super) struct Epilogue<'a> {
+    bias: Option<&'a [f32]>,
+    norm: Option<(&'a [f32], &'a [f32])>,
+    relu: bool,
+}
+
+impl Epilogue<'_> {
+    /// The epilogue on output channel `c`'s plane.
+    fn apply(&self, c: usize, plane: &mut [f32]) {
+        if let Some(bias) = self.bias {
+            add_in_place(plane, bias[c]);
+        }
+        if let Some((scale, shift)) = self.norm {
+            affine_in_place(plane, scale[c], shift[c]);
+        }
+        if self.relu {
+            relu_forward_serial(plane);
+        }
+    }
+}
+
+vectorized! {
+    /// y += bias, as `bias_forward_image` adds it.
+    fn add_in_place(y: &mut [f32], bias: f32) {
+        y.iter_mut().for_each(|v| *v += bias);
+    }
+}
+
+vectorized! {
+    /// y = y * scale + shift, as `affine_image` computes it.
+    fn affine_in_place(y: &mut [f32], scale: f32, shift: f32) {
+        y.iter_mut().for_each(|v| *v = *v * scale + shift);
     }
 }
 

@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 
 use super::fma::{self, Operand};
+use super::products::{pixel_rows_product, Products};
 use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
 
@@ -92,12 +93,22 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads) {
     let ImageGrads { x: x_img, weight, dy: dy_img, dx: dx_img, dw, beta } = g;
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
-    // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with each tap.
     with_scratch(&PADDED, d.cin * g.plane, |padded| {
         with_scratch(&WIDE, d.cout * cols, |dy_wide| {
             with_scratch(&TAPS, rows, |taps| {
                 g.fill(x_img, padded);
                 g.taps(d.k, taps);
+                if d.ho() * d.wo() < Products::DOTS_MIN_PIXELS {
+                    // dw: dy times each valid pixel's taps, gathered into a row.
+                    return pixel_rows_product(d, dy_img, dw, beta == 1.0, |pixel_rows| {
+                        for (p, row) in pixel_rows.chunks_exact_mut(rows).enumerate() {
+                            let at = p / d.wo() * g.width + p % d.wo();
+                            row.iter_mut().zip(taps.iter()).for_each(|(v, &t)| *v = padded[t + at]);
+                        }
+                    });
+                }
+                // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with
+                // each tap.
                 dy_wide.fill(0.0);
                 for (wp, dp) in dy_wide.chunks_exact_mut(cols).zip(dy_img.chunks_exact(d.ho() * d.wo())) {
                     for (w_row, d_row) in wp.chunks_exact_mut(g.width).zip(dp.chunks_exact(d.wo())) {
