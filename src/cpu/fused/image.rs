@@ -46,6 +46,8 @@ pub(super) struct Ctx<'a> {
     pub n: usize,
     pub lens: &'a Lens,
     pub products: Products,
+    /// Per layer, the weights as a convolution's input gradient reads them (`products::flip`).
+    pub flipped: &'a [Vec<f32>],
 }
 
 impl Ctx<'_> {
@@ -92,7 +94,7 @@ impl Ctx<'_> {
                     dropout_serial(seed, step, i as u32, p, img * y.len(), y);
                 }
             }
-            layer if layer.is_pooling() => pool::forward_serial(layer, sin, read(), y, winners),
+            layer if layer.is_pooling() => super::pool::forward_serial(layer, sin, read(), y, winners),
             layer => unreachable!("layer {layer:?}"),
         }
     }
@@ -250,7 +252,8 @@ impl Ctx<'_> {
                 // The input image needs no gradient.
                 let dx = (i > 0).then_some(&mut *dx);
                 let g = ImageGrads { x, weight, dy, dx, dw: v.partials[i], beta };
-                with_columns(&d, |col| products::backward_image(&d, g, col, self.products));
+                let flipped = &self.flipped[i];
+                with_columns(&d, |col| products::backward_image(&d, g, col, self.products, flipped));
                 if model.conv_bias(i).is_some() {
                     let sums = &mut v.image_sums[i][j * d.cout..][..d.cout];
                     bias_image_sums(&d, dy, sums);

@@ -16,6 +16,7 @@
 mod batched;
 mod fma;
 mod image;
+mod pool;
 mod products;
 mod shifted;
 mod store;
@@ -49,6 +50,8 @@ pub struct FusedNet {
     /// The batched layers' two batch-wide buffers: a backward pass's gradients (one read, one
     /// written), an evaluation's activations.
     batch: [Vec<f32>; 2],
+    /// Per layer, the weights as a convolution's input gradient reads them, for a backward pass.
+    flipped: Vec<Vec<f32>>,
     /// The logits of the last evaluation pass.
     eval_logits: Vec<f32>,
     dlogits: Vec<f32>,
@@ -72,6 +75,7 @@ impl FusedNet {
             store: Store::default(),
             grad: [Vec::new(), Vec::new()],
             batch: [Vec::new(), Vec::new()],
+            flipped: vec![Vec::new(); model.layers.len()],
             eval_logits: Vec::new(),
             dlogits: Vec::new(),
             grads: vec![0.0; model.num_trainable],
@@ -91,6 +95,7 @@ impl FusedNet {
             n: self.n,
             lens: &self.lens,
             products: Products::fastest(),
+            flipped: &self.flipped,
         };
         (ctx, &mut self.store)
     }
@@ -363,6 +368,11 @@ impl Executor for FusedNet {
         assert!(self.trained, "backward needs a training-mode forward pass first");
         assert_eq!(dlogits.len(), self.logits().len(), "dlogits length");
         let n = self.n;
+        for i in 1..self.plan.passes.batched.start {
+            if let Some((d, w)) = self.model.conv(i, 1) {
+                products::flip(&d, &state[w..w + d.weight_len()], Products::fastest(), &mut self.flipped[i]);
+            }
+        }
         let top = self.batched_backward(state, dlogits);
         let batch = std::mem::take(&mut self.batch);
         for k in 0..self.plan.passes.backward.len() {

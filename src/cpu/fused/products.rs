@@ -64,6 +64,17 @@ impl Products {
     }
 }
 
+/// The weights as `backward_image` reads them for the input gradient (empty where that needs no
+/// copy of them).
+pub fn flip(d: &ConvDims, weight: &[f32], p: Products, flipped: &mut Vec<f32>) {
+    if p == Products::Kernel && shifted::runs(d) {
+        flipped.resize(weight.len(), 0.0);
+        shifted::flip(d, weight, flipped);
+    } else {
+        flipped.clear();
+    }
+}
+
 /// dw = dy (cout x pixels) times the pixel rows (pixels x col_rows: each output pixel's taps, which
 /// `fill` writes into this thread's scratch), added to dw when `accumulate`: each weight's gradient a
 /// sum over the pixels in order.
@@ -97,13 +108,14 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
     }
 }
 
-/// One image's gradients (see `ImageGrads`), with `col` as scratch where im2col runs.
-pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products) {
+/// One image's gradients (see `ImageGrads`), with `col` as scratch where im2col runs; `flipped` is
+/// what `flip` gave for these weights.
+pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products, flipped: &[f32]) {
     if p == Products::Gemm {
         return conv::backward_image(d, g, col);
     }
     if shifted::runs(d) {
-        return shifted::backward_image(d, g);
+        return shifted::backward_image(d, g, flipped);
     }
     let ImageGrads { x, weight, dy, dx, dw, beta } = g;
     let columns: &[f32] = match d.is_pointwise() {

@@ -16,7 +16,6 @@ use crate::cpu::scratch::with_scratch;
 thread_local! {
     static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static FLIPPED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static TAPS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -88,9 +87,9 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
 }
 
 /// One image's gradients: its weight gradient added into `dw` (beta 1) or written (beta 0), and its
-/// input gradient when asked.
-pub fn backward_image(d: &ConvDims, g: ImageGrads) {
-    let ImageGrads { x: x_img, weight, dy: dy_img, dx: dx_img, dw, beta } = g;
+/// input gradient when asked (from the weights as `flip` gives them).
+pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
+    let ImageGrads { x: x_img, dy: dy_img, dx: dx_img, dw, beta, .. } = g;
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
     with_scratch(&PADDED, d.cin * g.plane, |padded| {
@@ -120,32 +119,36 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads) {
         })
     });
     if let Some(dx_img) = dx_img {
-        input_gradient(d, weight, dy_img, dx_img);
+        input_gradient(d, flipped, dy_img, dx_img);
+    }
+}
+
+/// The weights as the input gradient reads them: flipped in both directions and transposed
+/// (cin x cout x k x k), once per backward pass.
+pub fn flip(d: &ConvDims, weight: &[f32], flipped: &mut [f32]) {
+    let taps = d.k * d.k;
+    for ci in 0..d.cin {
+        for co in 0..d.cout {
+            let from = &weight[(co * d.cin + ci) * taps..][..taps];
+            let to = &mut flipped[(ci * d.cout + co) * taps..][..taps];
+            to.iter_mut().zip(from.iter().rev()).for_each(|(t, f)| *t = *f);
+        }
     }
 }
 
 /// dx = the output gradient, padded by k - 1 - pad, convolved with the weights flipped in both
-/// directions and transposed (cin x cout x k x k).
-fn input_gradient(d: &ConvDims, weight: &[f32], dy_img: &[f32], dx_img: &mut [f32]) {
+/// directions and transposed (`flip`).
+fn input_gradient(d: &ConvDims, flipped: &[f32], dy_img: &[f32], dx_img: &mut [f32]) {
     let g = Grid::new(d.ho(), d.wo(), d.k - 1 - d.pad);
-    let (rows, cols, taps_per) = (d.cout * d.k * d.k, d.h * g.width, d.k * d.k);
+    let (rows, cols) = (d.cout * d.k * d.k, d.h * g.width);
     with_scratch(&PADDED, d.cout * g.plane, |padded| {
         with_scratch(&WIDE, d.cin * cols, |wide| {
             with_scratch(&TAPS, rows, |taps| {
-                with_scratch(&FLIPPED, d.cin * rows, |flipped| {
-                    for ci in 0..d.cin {
-                        for co in 0..d.cout {
-                            let from = &weight[(co * d.cin + ci) * taps_per..][..taps_per];
-                            let to = &mut flipped[(ci * d.cout + co) * taps_per..][..taps_per];
-                            to.iter_mut().zip(from.iter().rev()).for_each(|(t, f)| *t = *f);
-                        }
-                    }
-                    g.fill(dy_img, padded);
-                    g.taps(d.k, taps);
-                    let a = Operand { data: flipped, row: rows, col: 1 };
-                    fma::product(d.cin, rows, cols, a, padded, &taps[..], wide, cols, false);
-                    compact(wide, d.h, g.width, d.w, dx_img);
-                })
+                g.fill(dy_img, padded);
+                g.taps(d.k, taps);
+                let a = Operand { data: flipped, row: rows, col: 1 };
+                fma::product(d.cin, rows, cols, a, padded, &taps[..], wide, cols, false);
+                compact(wide, d.h, g.width, d.w, dx_img);
             })
         })
     })
