@@ -13,8 +13,8 @@ pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners
     if matches!(layer, Layer::MaxPool2 | Layer::AvgPool2)
         && crate::cpu::isa::isa() == crate::cpu::isa::Isa::Avx512
         && s.w <= 32
-        && s.w % 2 == 0
-        && s.h % 2 == 0
+        && s.w.is_multiple_of(2)
+        && s.h.is_multiple_of(2)
     {
         let planes = x.len() / (s.h * s.w);
         let outputs = planes * (s.h / 2) * (s.w / 2);
