@@ -4,6 +4,7 @@
 
 use std::cell::RefCell;
 
+use super::pool;
 use super::products::{self, Products};
 use super::store::{input_image, read_write, Lens, View};
 use crate::cpu::executor::DropoutMode;
@@ -12,7 +13,6 @@ use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat,
 use crate::cpu::reference::conv::{plane_total, with_columns, ConvDims, ImageGrads};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::net::tensor;
-use crate::cpu::reference::pool;
 use crate::cpu::reference::relu::{relu_backward_serial, relu_forward_serial};
 use crate::cpu::scratch::with_scratch;
 use crate::model::plan::{BackwardPass, Plan};
@@ -94,7 +94,7 @@ impl Ctx<'_> {
                     dropout_serial(seed, step, i as u32, p, img * y.len(), y);
                 }
             }
-            layer if layer.is_pooling() => super::pool::forward_serial(layer, sin, read(), y, winners),
+            layer if layer.is_pooling() => pool::forward_serial(layer, sin, read(), y, winners),
             layer => unreachable!("layer {layer:?}"),
         }
     }

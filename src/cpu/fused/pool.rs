@@ -1,24 +1,33 @@
-//! The fused executor's 2x2 poolings (forward) on AVX-512. A plain loop over a plane's outputs
-//! cannot use vectors on rows of 14 or 7 outputs; here each output row is one vector: the two input
-//! rows of its windows are loaded (masked) and split into their even and odd columns by a permute, and
-//! each output is computed with the reference's operations in the reference's order, so the bits are
-//! the reference's (the tests below). Other CPUs, and rows of more than 32 inputs, run the reference's.
+//! The fused executor's 2x2 poolings in vector registers. A plain loop over a plane's outputs cannot
+//! use vectors on rows of 14 or 7 outputs; here a row's outputs are a vector or two: the two input
+//! rows of their windows are loaded (masked) and split into their even and odd columns by permutes
+//! (forward), or the window's four gradients are interleaved back into the two rows (the max
+//! pooling's backward). Each value is computed with the reference's operations in the reference's
+//! order, so the bits are the reference's (the tests below). On AVX-512 a row of up to 32 inputs is
+//! one vector, on AVX2 a row is cut into vectors of 8 outputs; other CPUs run the reference's.
 
+use crate::cpu::isa::{isa, Isa};
 use crate::cpu::reference::pool;
 use crate::model::{Layer, Shape};
 
+/// Planes of s in x, and the output count, for a 2x2 pooling the vector forms run (h and w even);
+/// panics if x or y has the wrong length.
+fn pooled(s: Shape, x: usize, y: usize) -> Option<(usize, usize)> {
+    let runs = cfg!(target_arch = "x86_64") && isa() != Isa::Baseline;
+    if !runs || !s.w.is_multiple_of(2) || !s.h.is_multiple_of(2) {
+        return None;
+    }
+    let planes = x / (s.h * s.w);
+    let outputs = planes * (s.h / 2) * (s.w / 2);
+    assert!(x == planes * s.h * s.w && y == outputs, "pooling: the input or output has the wrong length");
+    Some((planes, outputs))
+}
+
 /// Pooling layer `layer` over as many planes of `s` as x holds, as `pool::forward_serial`.
 pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners: &mut [u8]) {
+    let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
-    if matches!(layer, Layer::MaxPool2 | Layer::AvgPool2)
-        && crate::cpu::isa::isa() == crate::cpu::isa::Isa::Avx512
-        && s.w <= 32
-        && s.w.is_multiple_of(2)
-        && s.h.is_multiple_of(2)
-    {
-        let planes = x.len() / (s.h * s.w);
-        let outputs = planes * (s.h / 2) * (s.w / 2);
-        assert!(x.len() == planes * s.h * s.w && y.len() == outputs, "pooling: x or y has the wrong length");
+    if let Some((planes, outputs)) = pooling.then(|| pooled(s, x.len(), y.len())).flatten() {
         let winners = match layer {
             Layer::MaxPool2 => {
                 assert_eq!(winners.len(), outputs, "max pooling: winners has the wrong length");
@@ -26,10 +35,121 @@ pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners
             }
             _ => None,
         };
-        // SAFETY: the CPU has AVX-512 (isa); the lengths are checked above.
-        return unsafe { avx512::pool2(planes, s.h, s.w, x, y, winners) };
+        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
+        unsafe {
+            match isa() {
+                Isa::Avx512 if s.w <= 32 => avx512::pool2(planes, s.h, s.w, x, y, winners),
+                _ => avx2::pool2(planes, s.h, s.w, x, y, winners),
+            }
+        }
+        return;
     }
+    let _ = pooling;
     pool::forward_serial(layer, s, x, y, winners)
+}
+
+/// dx from dy for pooling layer `layer`, as `pool::backward_serial`.
+pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+    let max = matches!(layer, Layer::MaxPool2);
+    #[cfg(target_arch = "x86_64")]
+    if let Some((planes, _)) = max.then(|| pooled(s, dx.len(), dy.len())).flatten() {
+        assert_eq!(winners.len(), dy.len(), "max pooling: winners has the wrong length");
+        // SAFETY: the CPU has AVX2 (isa() is not the baseline); the lengths are checked above.
+        return unsafe { avx2::maxpool2_backward(planes, s.h, s.w, winners, dy, dx) };
+    }
+    let _ = max;
+    pool::backward_serial(layer, s, winners, dy, dx)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// A mask of the first n (at most 8) lanes, for masked loads and stores.
+    #[inline(always)]
+    unsafe fn first(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// The even and odd values of the first `len` (at most 16) at p.
+    #[inline(always)]
+    unsafe fn split(p: *const f32, len: usize) -> (__m256, __m256) {
+        let lo = _mm256_maskload_ps(p, first(len.min(8)));
+        let hi = _mm256_maskload_ps(p.add(8), first(len.saturating_sub(8)));
+        let order = |v: __m256| _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(v), 0b11_01_10_00));
+        (order(_mm256_shuffle_ps(lo, hi, 0b10_00_10_00)), order(_mm256_shuffle_ps(lo, hi, 0b11_01_11_01)))
+    }
+
+    /// As `avx512::pool2`, for any even w, 8 outputs of a row at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; x holds planes * h * w values, y (and winners) a quarter.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pool2(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32], mut winners: Option<&mut [u8]>) {
+        let (ho, wo) = (h / 2, w / 2);
+        for r in 0..planes * ho {
+            let top = x.as_ptr().add(2 * r * w);
+            for ox in (0..wo).step_by(8) {
+                let n = (wo - ox).min(8);
+                let ((a, b), (c, d)) = (split(top.add(2 * ox), 2 * n), split(top.add(w + 2 * ox), 2 * n));
+                let at = r * wo + ox;
+                match winners.as_deref_mut() {
+                    None => {
+                        let sum = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(a, b), c), d);
+                        _mm256_maskstore_ps(y.as_mut_ptr().add(at), first(n), _mm256_div_ps(sum, _mm256_set1_ps(4.0)));
+                    }
+                    Some(winners) => {
+                        let (mut best, mut index) = (a, _mm256_setzero_ps());
+                        for (i, v) in [(1, b), (2, c), (3, d)] {
+                            let wins =
+                                _mm256_or_ps(_mm256_cmp_ps(v, best, _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                            best = _mm256_blendv_ps(best, v, wins);
+                            index = _mm256_blendv_ps(index, _mm256_castsi256_ps(_mm256_set1_epi32(i)), wins);
+                        }
+                        _mm256_maskstore_ps(y.as_mut_ptr().add(at), first(n), best);
+                        let mut lanes = [0i32; 8];
+                        _mm256_storeu_si256(lanes.as_mut_ptr().cast(), _mm256_castps_si256(index));
+                        winners[at..at + n].iter_mut().zip(lanes).for_each(|(w, l)| *w = l as u8);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The max pooling's backward pass: each output gradient to its window's winner, 0 to the other
+    /// three; dx is overwritten.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; dx holds planes * h * w values, dy and winners a quarter.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn maxpool2_backward(planes: usize, h: usize, w: usize, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+        let (ho, wo) = (h / 2, w / 2);
+        let zero = _mm256_setzero_ps();
+        for r in 0..planes * ho {
+            for ox in (0..wo).step_by(8) {
+                let (n, at) = ((wo - ox).min(8), r * wo + ox);
+                let g = _mm256_maskload_ps(dy.as_ptr().add(at), first(n));
+                let mut lanes = [0i32; 8];
+                lanes.iter_mut().zip(&winners[at..at + n]).for_each(|(l, &w)| *l = w as i32);
+                let index = _mm256_loadu_si256(lanes.as_ptr().cast());
+                let to = |i: i32| {
+                    _mm256_blendv_ps(zero, g, _mm256_castsi256_ps(_mm256_cmpeq_epi32(index, _mm256_set1_epi32(i))))
+                };
+                // The window's row of two back in order: even, odd, even, odd.
+                let rows = [(to(0), to(1), 2 * r * w), (to(2), to(3), (2 * r + 1) * w)];
+                for (even, odd, row) in rows {
+                    let (lo, hi) = (_mm256_unpacklo_ps(even, odd), _mm256_unpackhi_ps(even, odd));
+                    let out = dx.as_mut_ptr().add(row + 2 * ox);
+                    _mm256_maskstore_ps(out, first((2 * n).min(8)), _mm256_permute2f128_ps(lo, hi, 0x20));
+                    _mm256_maskstore_ps(
+                        out.add(8),
+                        first((2 * n).saturating_sub(8)),
+                        _mm256_permute2f128_ps(lo, hi, 0x31),
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -84,19 +204,21 @@ mod avx512 {
 mod tests {
     use super::*;
 
-    /// The AVX-512 form against the reference, bit for bit, at every even width up to 32 and with
-    /// ties and NaNs in the windows; on a CPU without AVX-512 both run the reference.
+    /// The vector forms against the reference, bit for bit, at every even width up to 40 and with
+    /// ties and NaNs in the windows (forward and the max pooling's backward). This runs the widest form
+    /// this CPU has; MNIST_WGPU_CPU_ISA=avx2 runs the AVX2 form.
     #[test]
     fn the_poolings_give_the_reference_bits() {
-        for w in (2..=32).step_by(2) {
+        for w in (2..=40).step_by(2) {
             let s = Shape { c: 3, h: 6, w };
             let mut x: Vec<f32> = (0..s.len()).map(|i| ((i * 7919) % 23) as f32 * 0.37 - 4.0).collect();
             // Ties (the first wins), and NaNs (a NaN wins over what is before it; a NaN first stays).
             x[1] = x[0];
             x[w + 2] = f32::NAN;
             x[2 * w + 4] = f32::NAN;
-            for layer in [Layer::MaxPool2, Layer::AvgPool2] {
-                let outputs = s.len() / 4;
+            // The global average pooling passes through to the reference.
+            for layer in [Layer::MaxPool2, Layer::AvgPool2, Layer::GlobalAvgPool] {
+                let outputs = if layer == Layer::GlobalAvgPool { s.c } else { s.len() / 4 };
                 let winners_len = if layer == Layer::MaxPool2 { outputs } else { 0 };
                 let (mut y, mut winners) = (vec![0.0; outputs], vec![0u8; winners_len]);
                 let (mut want, mut want_winners) = (vec![0.0; outputs], vec![0u8; winners_len]);
@@ -105,6 +227,11 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&y), bits(&want), "{layer:?} at width {w}");
                 assert_eq!(winners, want_winners, "{layer:?}'s winners at width {w}");
+                let dy: Vec<f32> = (0..outputs).map(|i| i as f32 - 7.5).collect();
+                let (mut dx, mut want_dx) = (vec![f32::NAN; s.len()], vec![f32::NAN; s.len()]);
+                backward_serial(&layer, s, &winners, &dy, &mut dx);
+                pool::backward_serial(&layer, s, &want_winners, &dy, &mut want_dx);
+                assert_eq!(bits(&dx), bits(&want_dx), "{layer:?}'s backward at width {w}");
             }
         }
     }
