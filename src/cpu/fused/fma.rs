@@ -126,21 +126,36 @@ fn tail<S: Starts>(
         with_scratch(&TAIL_C, m * nr, |tc| {
             for kk in 0..k {
                 // SAFETY: kk < k; the caller checked every start against b.
-                tb[kk * nr..][..width].copy_from_slice(&b[unsafe { starts.at(kk) }..][..width]);
-                tb[kk * nr + width..(kk + 1) * nr].fill(0.0);
+                copy_row(&mut tb[kk * nr..][..width], &b[unsafe { starts.at(kk) }..][..width]);
+                tb[kk * nr + width..(kk + 1) * nr].iter_mut().for_each(|v| *v = 0.0);
             }
             for i in 0..m {
                 if accumulate {
-                    tc[i * nr..][..width].copy_from_slice(&c[i * ldc..][..width]);
+                    copy_row(&mut tc[i * nr..][..width], &c[i * ldc..][..width]);
                 }
             }
             // SAFETY: tb holds k rows of nr, tc m rows of nr; a was checked by the caller.
             unsafe { rows(m, k, a, tb.as_ptr(), Every(nr), tc.as_mut_ptr(), nr, accumulate) };
             for i in 0..m {
-                c[i * ldc..][..width].copy_from_slice(&tc[i * nr..][..width]);
+                copy_row(&mut c[i * ldc..][..width], &tc[i * nr..][..width]);
             }
         })
     })
+}
+
+/// dst = src for a short row (an image row: a call to memcpy for each costs more than the copy):
+/// eight values at a time in registers.
+#[inline(always)]
+pub(super) fn copy_row(dst: &mut [f32], src: &[f32]) {
+    let mut to = dst.chunks_exact_mut(8);
+    let mut from = src.chunks_exact(8);
+    for (t, f) in (&mut to).zip(&mut from) {
+        let f: &[f32; 8] = f.try_into().expect("a chunk of 8");
+        <&mut [f32; 8]>::try_from(t).expect("a chunk of 8").clone_from(f);
+    }
+    for (t, f) in to.into_remainder().iter_mut().zip(from.remainder()) {
+        *t = *f;
+    }
 }
 
 /// Columns per block: two vectors.

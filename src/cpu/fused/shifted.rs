@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use super::fma::{self, Operand};
+use super::fma::{self, copy_row, Operand};
 use super::products::{pixel_rows_product, Products};
 use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
@@ -57,21 +57,6 @@ impl Grid {
             let (c, ky, kx) = (t / (k * k), t / k % k, t % k);
             *at = c * self.plane + ky * self.width + kx;
         }
-    }
-}
-
-/// dst = src for a short row (an image row: a call to memcpy for each costs more than the copy):
-/// eight values at a time in registers.
-#[inline(always)]
-fn copy_row(dst: &mut [f32], src: &[f32]) {
-    let mut to = dst.chunks_exact_mut(8);
-    let mut from = src.chunks_exact(8);
-    for (t, f) in (&mut to).zip(&mut from) {
-        let f: &[f32; 8] = f.try_into().expect("a chunk of 8");
-        <&mut [f32; 8]>::try_from(t).expect("a chunk of 8").clone_from(f);
-    }
-    for (t, f) in to.into_remainder().iter_mut().zip(from.remainder()) {
-        *t = *f;
     }
 }
 
@@ -126,7 +111,7 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
                 dy_wide.fill(0.0);
                 for (wp, dp) in dy_wide.chunks_exact_mut(cols).zip(dy_img.chunks_exact(d.ho() * d.wo())) {
                     for (w_row, d_row) in wp.chunks_exact_mut(g.width).zip(dp.chunks_exact(d.wo())) {
-                        w_row[..d.wo()].copy_from_slice(d_row);
+                        copy_row(&mut w_row[..d.wo()], d_row);
                     }
                 }
                 fma::dots(d.cout, cols, rows, dy_wide, cols, padded, &taps[..], dw, rows, beta == 1.0);
