@@ -344,10 +344,10 @@ unsafe fn dot_block(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
 }
 
 /// Defines one dot-block kernel per instruction set: 16 sums of `$lanes` lanes along k, the last
-/// partial vector through a masked load, then each sum's lanes added in a fixed order.
+/// partial vector through a masked load, then each sum's lanes added in a fixed order (`$block_sum`).
 macro_rules! dots_kernel {
     ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal, $vec:ty, $zero:ident, $fma:ident,
-     $all:expr, $mask_of:expr, $masked_load:expr, $lane_sum:expr) => {
+     $all:expr, $mask_of:expr, $masked_load:expr, $block_sum:expr) => {
         $(#[$doc])*
         ///
         /// # Safety
@@ -374,33 +374,70 @@ macro_rules! dots_kernel {
             if full < k {
                 step(full, $mask_of(k - full), &mut acc);
             }
-            for (sums, o) in acc.iter().zip(out.iter_mut()) {
-                for (&s, v) in sums.iter().zip(o.iter_mut()) {
-                    *v = $lane_sum(s);
-                }
-            }
+            $block_sum(&acc, out);
         }
     };
 }
 
 dots_kernel!(
-    /// `dot_block` on AVX-512: 16 lanes, added by `_mm512_reduce_add_ps`.
+    /// `dot_block` on AVX-512: 16 lanes, each sum's added in `_mm512_reduce_add_ps`'s order, the 16
+    /// sums at once (`lane_sums_avx512`).
     dots_avx512, "avx512f,fma", 16, __m512, _mm512_setzero_ps, _mm512_fmadd_ps,
     !0u16,
     |left: usize| (1u16 << left) - 1,
     |p: *const f32, mask: __mmask16| _mm512_maskz_loadu_ps(mask, p),
-    |s: __m512| _mm512_reduce_add_ps(s)
+    |acc: &[[__m512; 4]; 4], out: &mut [[f32; 4]; 4]| lane_sums_avx512(acc, out)
 );
+
+/// The lanes of each of 16 vectors added as `_mm512_reduce_add_ps` adds them (lane i with i + 8, then
+/// with i + 4, i + 2 and i + 1), the 16 at once: each step adds the halves of two vectors side by side
+/// in one, so four steps leave the 16 sums in one vector, in the order of `acc` transposed.
+///
+/// # Safety
+/// The CPU has AVX-512 F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn lane_sums_avx512(acc: &[[std::arch::x86_64::__m512; 4]; 4], out: &mut [[f32; 4]; 4]) {
+    use std::arch::x86_64::*;
+    let v: [__m512; 16] = std::array::from_fn(|t| acc[t / 4][t % 4]);
+    // Lane i with i + 8: the 256-bit halves of each pair of vectors.
+    let w: [__m512; 8] = std::array::from_fn(|p| {
+        let (a, b) = (v[2 * p], v[2 * p + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xee))
+    });
+    // With i + 4: the 128-bit quarters.
+    let z: [__m512; 4] = std::array::from_fn(|p| {
+        let (a, b) = (w[2 * p], w[2 * p + 1]);
+        _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xdd))
+    });
+    // With i + 2, then i + 1, inside each 128-bit quarter.
+    let s: [__m512; 2] = std::array::from_fn(|p| {
+        let (a, b) = (z[2 * p], z[2 * p + 1]);
+        _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee))
+    });
+    let r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xdd));
+    let mut sums = [0.0f32; 16];
+    _mm512_storeu_ps(sums.as_mut_ptr(), r);
+    for (i, row) in out.iter_mut().enumerate() {
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = sums[4 * j + i];
+        }
+    }
+}
 dots_kernel!(
     /// `dot_block` on AVX2: 8 lanes, added as halves, then pairs, then the last two.
     dots_avx2, "avx2,fma", 8, __m256, _mm256_setzero_ps, _mm256_fmadd_ps,
     _mm256_set1_epi32(-1),
     |left: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
     |p: *const f32, mask: __m256i| _mm256_maskload_ps(p, mask),
-    |s: __m256| {
-        let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)))
+    |acc: &[[__m256; 4]; 4], out: &mut [[f32; 4]; 4]| {
+        for (sums, o) in acc.iter().zip(out.iter_mut()) {
+            for (&s, v) in sums.iter().zip(o.iter_mut()) {
+                let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+                *v = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
+            }
+        }
     }
 );
 
@@ -467,6 +504,38 @@ mod tests {
                 close(&got, &want, &format!("product {m}x{k}x{n}, accumulate {accumulate}"));
                 // The column past n is left alone.
                 assert!((0..m).all(|i| c[i * (n + 1) + n] == c0[i * (n + 1) + n]), "product wrote past n");
+            }
+        }
+    }
+
+    /// The 16 sums at once give `_mm512_reduce_add_ps`'s bits for each vector (values of mixed signs
+    /// and magnitudes, where another order of additions rounds differently).
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn the_lane_sums_add_in_the_order_of_reduce_add() {
+        use std::arch::x86_64::*;
+        if isa() != Isa::Avx512 {
+            let told = std::env::var(crate::cpu::isa::ISA_VAR).is_ok_and(|v| v == "avx2" || v == "baseline");
+            assert!(told, "this CPU has no AVX-512: set MNIST_WGPU_CPU_ISA=avx2 to skip the AVX-512 lane sums' test");
+            eprintln!("skipped: MNIST_WGPU_CPU_ISA narrows the instruction set below AVX-512");
+            return;
+        }
+        for seed in 0..200 {
+            let data = values(256, seed);
+            let scaled: Vec<f32> = data.iter().enumerate().map(|(i, v)| v * [1.0, 1e4, 1e-3, 3e7][i % 4]).collect();
+            // SAFETY: the CPU has AVX-512 (checked above); each load reads 16 of the 256 values.
+            unsafe {
+                let acc: [[__m512; 4]; 4] = std::array::from_fn(|i| {
+                    std::array::from_fn(|j| _mm512_loadu_ps(scaled[(4 * i + j) * 16..].as_ptr()))
+                });
+                let mut out = [[0.0f32; 4]; 4];
+                lane_sums_avx512(&acc, &mut out);
+                for i in 0..4 {
+                    for j in 0..4 {
+                        let want = _mm512_reduce_add_ps(acc[i][j]);
+                        assert_eq!(out[i][j].to_bits(), want.to_bits(), "seed {seed}, sum ({i}, {j})");
+                    }
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use super::products::{self, Products};
 use super::store::{input_image, read_write, Lens, View};
 use crate::cpu::executor::DropoutMode;
 use crate::cpu::isa::vectorized;
-use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sum, BnDims, BnSaved};
+use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sums, BnDims, BnSaved};
 use crate::cpu::reference::conv::{plane_total, with_columns, ConvDims, ImageGrads};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::net::tensor;
@@ -143,8 +143,7 @@ impl Ctx<'_> {
         let x = input_image(self.plan, self.model, v.input, &v.buffers, j, b);
         let sums = &mut v.image_sums[b][j * 2 * s.c..][..2 * s.c];
         for (ch, p) in x.chunks_exact(s.h * s.w).enumerate() {
-            sums[2 * ch] = plane_sum(p, p, |v, _| v as f64);
-            sums[2 * ch + 1] = plane_sum(p, p, |v, _| v as f64 * v as f64);
+            (sums[2 * ch], sums[2 * ch + 1]) = plane_sums(p, p, |v, _| v as f64, |v, _| v as f64 * v as f64);
         }
     }
 
@@ -287,8 +286,7 @@ impl Ctx<'_> {
         let sums = &mut v.image_sums[b][j * 2 * s.c..][..2 * s.c];
         let planes = dy.chunks_exact(s.h * s.w).zip(x.chunks_exact(s.h * s.w));
         for (ch, (g, x)) in planes.enumerate() {
-            sums[2 * ch] = plane_sum(g, g, |g, _| g as f64);
-            sums[2 * ch + 1] = plane_sum(g, x, dy_xhat(&self.norms[b].saved, ch));
+            (sums[2 * ch], sums[2 * ch + 1]) = plane_sums(g, x, |g, _| g as f64, dy_xhat(&self.norms[b].saved, ch));
         }
     }
 

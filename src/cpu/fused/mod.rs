@@ -6,9 +6,11 @@
 //! the backward pass. The plan decides the passes (`Plan::passes`); Net3's training step is 7 passes
 //! forward and 7 backward (45 layer ops in `CpuNet`); evaluation, which needs no batch statistics, is
 //! one pass. The linear layers that end a network run after the forward passes, layer by layer over
-//! the whole batch (`batched.rs`), as one product each instead of one per image. Each layer runs the reference's own per-image functions (`image.rs`), the convolutions
-//! with the products of `fma.rs` over the padded image's taps (`shifted.rs`) where the CPU has FMA
-//! (`products.rs` decides). What differs from `CpuNet` is the order of some sums: a batchnorm's mean
+//! the whole batch (`batched.rs`), as one product each instead of one per image. Each layer runs the
+//! reference's own per-image functions (`image.rs`), the convolutions with the products of `fma.rs`
+//! over the padded image's taps (`shifted.rs`) where the CPU has FMA (`products.rs` decides), a
+//! convolution's bias (and in evaluation the batchnorm and ReLU after it) as its epilogue, and the 2x2
+//! poolings in vector registers (`pool.rs`). What differs from `CpuNet` is the order of some sums: a batchnorm's mean
 //! and variance come from one pass of sums and sums of squares (f64), and the weight gradients are dot
 //! products summed in vector lanes, then in groups of images (`store.rs`). Every sum is kept per image
 //! or per group and added in image order, so the results do not depend on the number of threads.
@@ -254,8 +256,7 @@ impl FusedNet {
         self.size_batch(n);
         let tail = self.plan.passes.batched.clone();
         if tail.start > 0 {
-            // The per-image pass writes the logits, or the batched layers' input.
-            let mut out = std::mem::take(if tail.is_empty() { &mut self.eval_logits } else { &mut self.batch[0] });
+            let mut out = std::mem::take(self.per_image_out());
             let row = self.model.shapes[tail.start - 1].len();
             let (ctx, _) = self.pass(state, DropoutMode::Off);
             out[..n * row]
@@ -263,10 +264,18 @@ impl FusedNet {
                 .zip(input.par_chunks(image))
                 .enumerate()
                 .for_each(|(img, (out, x))| ctx.eval_image(img, x, out));
-            *(if tail.is_empty() { &mut self.eval_logits } else { &mut self.batch[0] }) = out;
+            *self.per_image_out() = out;
             self.time_pass("fused", 0..tail.start, false, started);
         }
         self.batched_eval(state, input);
+    }
+
+    /// Where an evaluation's per-image pass writes: the logits, or the batched layers' input.
+    fn per_image_out(&mut self) -> &mut Vec<f32> {
+        match self.plan.passes.batched.is_empty() {
+            true => &mut self.eval_logits,
+            false => &mut self.batch[0],
+        }
     }
 
     /// Sizes the store and the stored gradients for a batch of `n` (allocating only when the batch

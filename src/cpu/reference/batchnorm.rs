@@ -50,11 +50,23 @@ fn add_lanes(acc: &mut [f64; LANES], a: &[f32], b: &[f32], f: impl Fn(f32, f32) 
 }
 
 vectorized! {
-    /// The f64 sum of f(a[i], b[i]) over one plane, in the fixed order of `add_lanes`.
-    pub fn plane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64) -> f64 {
-        let mut acc = [0.0f64; LANES];
-        add_lanes(&mut acc, a, b, f);
-        acc.iter().sum()
+    /// The f64 sums of f(a[i], b[i]) and of g(a[i], b[i]) over one plane, in one pass, each in the fixed
+    /// order of `add_lanes`.
+    pub fn plane_sums(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f64, g: impl Fn(f32, f32) -> f64) -> (f64, f64) {
+        let (mut acc_f, mut acc_g) = ([0.0f64; LANES], [0.0f64; LANES]);
+        let (a_main, a_rest) = a.split_at(a.len() / LANES * LANES);
+        let (b_main, b_rest) = b.split_at(a_main.len());
+        for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+            for k in 0..LANES {
+                acc_f[k] += f(ca[k], cb[k]);
+                acc_g[k] += g(ca[k], cb[k]);
+            }
+        }
+        for (k, (&va, &vb)) in a_rest.iter().zip(b_rest).enumerate() {
+            acc_f[k] += f(va, vb);
+            acc_g[k] += g(va, vb);
+        }
+        (acc_f.iter().sum(), acc_g.iter().sum())
     }
 }
 
