@@ -65,8 +65,8 @@ def main():
     parser.add_argument("--batch-sizes", default="100,256", help="comma-separated batch sizes")
     parser.add_argument("--pairs", type=int, default=3, help="alternated runs of each side (default 3)")
     parser.add_argument("--avx2", action="store_true",
-                        help="limit both sides to AVX2: MNIST_WGPU_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=avx2, "
-                             "ONEDNN_MAX_CPU_ISA=AVX2")
+                        help="limit both sides to AVX2: MNIST_WGPU_CPU_ISA=avx2; ATEN_CPU_CAPABILITY=avx2, "
+                             "ONEDNN_MAX_CPU_ISA=AVX2 and MKL_ENABLE_INSTRUCTIONS=AVX2 for PyTorch")
     parser.add_argument("--json", metavar="FILE", help="also write every run's figures to FILE")
     args = parser.parse_args()
     if args.pairs < 1:
@@ -79,7 +79,8 @@ def main():
         sys.exit(f"{BINARY} is missing: run `cargo build --release` first")
     env = dict(os.environ)
     if args.avx2:
-        env.update(MNIST_WGPU_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2")
+        env.update(MNIST_WGPU_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2",
+                   MKL_ENABLE_INSTRUCTIONS="AVX2")
     results = []
     print(f"| network | batch | training, ours / PyTorch images/s | ratio | evaluation, ours / PyTorch | ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
