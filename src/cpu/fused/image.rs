@@ -24,6 +24,9 @@ thread_local! {
     static PING: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static PONG: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
     static WINNERS: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// A convolution's whole output, and one plane of it, where a pooling runs in its epilogue.
+    static FULL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static PLANE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A batchnorm layer's numbers for the current pass: its normalization as y = x * scale + shift,
@@ -110,6 +113,44 @@ impl Ctx<'_> {
         }
     }
 
+    /// Convolution `i`'s forward pass on one image with its epilogue, then the 2x2 pooling layer
+    /// `pool` on each output plane while it is in cache, into y, the pooled image (evaluation: the
+    /// max pooling's `winners`, scratch as long as y, are not kept).
+    fn conv_pool_forward(
+        &self,
+        i: usize,
+        x: &[f32],
+        y: &mut [f32],
+        epilogue: &Epilogue,
+        pool: usize,
+        winners: &mut [u8],
+    ) {
+        let (d, w) = self.model.conv(i, 1).expect("a convolution layer");
+        let (ho, wo, layer) = (d.ho(), d.wo(), &self.model.layers[pool]);
+        let (out, max) = (ho / 2 * (wo / 2), matches!(layer, Layer::MaxPool2));
+        with_scratch(&FULL, d.cout * ho * wo, |full| {
+            with_scratch(&PLANE, ho * wo, |compact| {
+                with_columns(&d, |col| {
+                    let weight = &self.state[w..w + d.weight_len()];
+                    products::forward_planes(&d, x, weight, (full, col), self.products, |c, plane, ld| {
+                        epilogue.apply(c, plane);
+                        let won = if max { &mut winners[c * out..][..out] } else { &mut [][..] };
+                        pool::pool_plane(layer, (ho, wo, ld), plane, &mut y[c * out..][..out], won, compact);
+                    })
+                })
+            })
+        })
+    }
+
+    /// The 2x2 pooling that evaluation runs in the epilogue of convolution `i`, whose op ends at
+    /// `end`: one right after the op, on an output of even size, before the batched layers.
+    fn pool_in_epilogue(&self, i: usize, end: usize) -> Option<usize> {
+        let s = self.model.shapes[i];
+        let pooling = matches!(self.model.layers.get(end), Some(Layer::MaxPool2 | Layer::AvgPool2));
+        let conv = matches!(self.model.layers[i], Layer::Conv { .. });
+        (conv && pooling && end < self.plan.passes.batched.start && s.h % 2 == 0 && s.w % 2 == 0).then_some(end)
+    }
+
     /// Convolution `i`'s epilogue: its bias, then what layers i + 1 .. `end` ask for (a batchnorm's
     /// evaluation normalization, a ReLU; a dropout is the identity there).
     fn epilogue(&self, i: usize, end: usize) -> Epilogue<'_> {
@@ -164,10 +205,23 @@ impl Ctx<'_> {
                             Layer::Dropout { .. } => {}
                             Layer::Relu => relu_forward_serial(&mut cur[..len]),
                             Layer::Conv { .. } | Layer::Linear { .. } => {
-                                let (yl, end) = (self.model.shapes[i].len(), self.eval_op_end(i));
-                                self.conv_forward(i, &cur[..len], &mut other[..yl], &self.epilogue(i, end));
+                                let end = self.eval_op_end(i);
+                                let epilogue = self.epilogue(i, end);
+                                let (yl, next) = match self.pool_in_epilogue(i, end) {
+                                    Some(p) => {
+                                        let yl = self.model.shapes[p].len();
+                                        let won = &mut winners[..yl];
+                                        self.conv_pool_forward(i, &cur[..len], &mut other[..yl], &epilogue, p, won);
+                                        (yl, p + 1)
+                                    }
+                                    None => {
+                                        let yl = self.model.shapes[i].len();
+                                        self.conv_forward(i, &cur[..len], &mut other[..yl], &epilogue);
+                                        (yl, end)
+                                    }
+                                };
                                 std::mem::swap(&mut cur, &mut other);
-                                (len, i) = (yl, end);
+                                (len, i) = (yl, next);
                                 continue;
                             }
                             _ => {

@@ -38,14 +38,51 @@ pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners
         // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
         unsafe {
             match isa() {
-                Isa::Avx512 if s.w <= 32 => avx512::pool2(planes, s.h, s.w, x, y, winners),
-                _ => avx2::pool2(planes, s.h, s.w, x, y, winners),
+                Isa::Avx512 if s.w <= 32 => avx512::pool2(planes, s.h, s.w, s.w, x, y, winners),
+                _ => avx2::pool2(planes, s.h, s.w, s.w, x, y, winners),
             }
         }
         return;
     }
     let _ = pooling;
     pool::forward_serial(layer, s, x, y, winners)
+}
+
+/// 2x2 pooling layer `layer` of one plane of h rows of w values `ld` apart (a convolution's output
+/// on its grid, `products::forward_planes`), as `forward_serial` pools the plane compacted; `compact`
+/// is scratch of h * w values for a CPU the vector forms do not run on.
+pub fn pool_plane(
+    layer: &Layer,
+    (h, w, ld): (usize, usize, usize),
+    x: &[f32],
+    y: &mut [f32],
+    winners: &mut [u8],
+    compact: &mut [f32],
+) {
+    let s = Shape { c: 1, h, w };
+    assert!(h > 0 && x.len() >= (h - 1) * ld + w && ld >= w, "pool_plane: x holds fewer than {h} rows of {w}");
+    #[cfg(target_arch = "x86_64")]
+    if let Some((_, outputs)) = pooled(s, h * w, y.len()) {
+        let winners = match layer {
+            Layer::MaxPool2 => {
+                assert_eq!(winners.len(), outputs, "max pooling: winners has the wrong length");
+                Some(winners)
+            }
+            _ => None,
+        };
+        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
+        unsafe {
+            match isa() {
+                Isa::Avx512 if w <= 32 => avx512::pool2(1, h, w, ld, x, y, winners),
+                _ => avx2::pool2(1, h, w, ld, x, y, winners),
+            }
+        }
+        return;
+    }
+    for (row, from) in compact[..h * w].chunks_exact_mut(w).zip(x.chunks(ld)) {
+        row.copy_from_slice(&from[..w]);
+    }
+    pool::forward_serial(layer, s, &compact[..h * w], y, winners)
 }
 
 /// dx from dy for pooling layer `layer`, as `pool::backward_serial`.
@@ -83,15 +120,25 @@ mod avx2 {
     /// As `avx512::pool2`, for any even w, 8 outputs of a row at a time.
     ///
     /// # Safety
-    /// The CPU has AVX2; x holds planes * h * w values, y (and winners) a quarter.
+    /// The CPU has AVX2; x holds planes * h rows of w values `ld` apart, y (and winners) planes * h * w
+    /// / 4 values.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn pool2(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32], mut winners: Option<&mut [u8]>) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pool2(
+        planes: usize,
+        h: usize,
+        w: usize,
+        ld: usize,
+        x: &[f32],
+        y: &mut [f32],
+        mut winners: Option<&mut [u8]>,
+    ) {
         let (ho, wo) = (h / 2, w / 2);
         for r in 0..planes * ho {
-            let top = x.as_ptr().add(2 * r * w);
+            let top = x.as_ptr().add(2 * r * ld);
             for ox in (0..wo).step_by(8) {
                 let n = (wo - ox).min(8);
-                let ((a, b), (c, d)) = (split(top.add(2 * ox), 2 * n), split(top.add(w + 2 * ox), 2 * n));
+                let ((a, b), (c, d)) = (split(top.add(2 * ox), 2 * n), split(top.add(ld + 2 * ox), 2 * n));
                 let at = r * wo + ox;
                 match winners.as_deref_mut() {
                     None => {
@@ -156,13 +203,23 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// 2x2 max pooling (with `winners`) or average pooling (without) of `planes` planes of h x w,
-    /// w <= 32 and even.
+    /// 2x2 max pooling (with `winners`) or average pooling (without) of `planes` planes of h rows of w
+    /// values, `ld` apart (w <= 32 and even).
     ///
     /// # Safety
-    /// The CPU has AVX-512 F, BW, VL and DQ; x holds planes * h * w values, y (and winners) a quarter.
+    /// The CPU has AVX-512 F, BW, VL and DQ; x holds planes * h rows of w values `ld` apart, y (and
+    /// winners) planes * h * w / 4 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-    pub unsafe fn pool2(planes: usize, h: usize, w: usize, x: &[f32], y: &mut [f32], mut winners: Option<&mut [u8]>) {
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pool2(
+        planes: usize,
+        h: usize,
+        w: usize,
+        ld: usize,
+        x: &[f32],
+        y: &mut [f32],
+        mut winners: Option<&mut [u8]>,
+    ) {
         let (ho, wo) = (h / 2, w / 2);
         let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
         let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
@@ -175,8 +232,8 @@ mod avx512 {
             (_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b))
         };
         for r in 0..planes * ho {
-            let top = x.as_ptr().add(2 * r * w);
-            let ((a, b), (c, d)) = (split(top), split(top.add(w)));
+            let top = x.as_ptr().add(2 * r * ld);
+            let ((a, b), (c, d)) = (split(top), split(top.add(ld)));
             let at = y.as_mut_ptr().add(r * wo);
             match winners.as_deref_mut() {
                 None => {
@@ -227,6 +284,21 @@ mod tests {
                 let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&y), bits(&want), "{layer:?} at width {w}");
                 assert_eq!(winners, want_winners, "{layer:?}'s winners at width {w}");
+                if layer != Layer::GlobalAvgPool {
+                    // One plane read off a grid 3 wider than it.
+                    let plane = Shape { c: 1, ..s };
+                    let ld = w + 3;
+                    let grid: Vec<f32> =
+                        (0..plane.h * ld).map(|i| if i % ld < w { x[i / ld * w + i % ld] } else { 1e9 }).collect();
+                    let (mut py, mut pw) = (vec![0.0; plane.len() / 4], vec![0u8; winners_len / 3]);
+                    pool_plane(&layer, (plane.h, w, ld), &grid, &mut py, &mut pw, &mut vec![0.0; plane.len()]);
+                    assert_eq!(
+                        bits(&py),
+                        bits(&want[..plane.len() / 4]),
+                        "{layer:?} of one plane on a grid at width {w}"
+                    );
+                    assert_eq!(pw, want_winners[..winners_len / 3], "{layer:?}'s winners of one plane at width {w}");
+                }
                 let dy: Vec<f32> = (0..outputs).map(|i| i as f32 - 7.5).collect();
                 let (mut dx, mut want_dx) = (vec![f32::NAN; s.len()], vec![f32::NAN; s.len()]);
                 backward_serial(&layer, s, &winners, &dy, &mut dx);

@@ -108,6 +108,26 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
     }
 }
 
+/// One image's forward convolution, each output plane c handed to `each` with its rows' distance
+/// (ho rows, the first wo values of each the output's): on the shifted form's grid, where it runs,
+/// else from `y_img`, which `forward_image` fills first.
+pub fn forward_planes(
+    d: &ConvDims,
+    x_img: &[f32],
+    weight: &[f32],
+    (y_img, col): (&mut [f32], &mut [f32]),
+    p: Products,
+    mut each: impl FnMut(usize, &mut [f32], usize),
+) {
+    if p == Products::Kernel && shifted::runs(d) {
+        return shifted::forward_planes(d, x_img, weight, each);
+    }
+    forward_image(d, x_img, weight, y_img, col, p);
+    for (c, plane) in y_img.chunks_exact_mut(d.ho() * d.wo()).enumerate() {
+        each(c, plane, d.wo());
+    }
+}
+
 /// One image's gradients (see `ImageGrads`), with `col` as scratch where im2col runs; `flipped` is
 /// what `flip` gave for these weights.
 pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products, flipped: &[f32]) {

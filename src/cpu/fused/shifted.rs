@@ -71,6 +71,14 @@ fn compact(wide: &[f32], rows: usize, width: usize, w: usize, out: &mut [f32]) {
 
 /// One image's forward convolution: y_img = weight x (the padded image's taps).
 pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32]) {
+    forward_planes(d, x_img, weight, |c, plane, width| {
+        compact(plane, d.ho(), width, d.wo(), &mut y_img[c * d.ho() * d.wo()..][..d.ho() * d.wo()]);
+    })
+}
+
+/// One image's forward convolution, each output plane c handed to `each` on the grid the product
+/// writes: ho rows `width` apart, the first wo values of each the output's.
+pub fn forward_planes(d: &ConvDims, x_img: &[f32], weight: &[f32], mut each: impl FnMut(usize, &mut [f32], usize)) {
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
     with_scratch(&PADDED, d.cin * g.plane, |padded| {
@@ -80,7 +88,9 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
                 g.taps(d.k, taps);
                 let a = Operand { data: weight, row: rows, col: 1 };
                 fma::product(d.cout, rows, cols, a, padded, &taps[..], wide, cols, false);
-                compact(wide, d.ho(), g.width, d.wo(), y_img);
+                for (c, plane) in wide.chunks_exact_mut(cols).enumerate() {
+                    each(c, plane, g.width);
+                }
             })
         })
     })
