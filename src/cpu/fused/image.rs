@@ -148,7 +148,8 @@ impl Ctx<'_> {
         let s = self.model.shapes[i];
         let pooling = matches!(self.model.layers.get(end), Some(Layer::MaxPool2 | Layer::AvgPool2));
         let conv = matches!(self.model.layers[i], Layer::Conv { .. });
-        (conv && pooling && end < self.plan.passes.batched.start && s.h % 2 == 0 && s.w % 2 == 0).then_some(end)
+        (conv && pooling && end < self.plan.passes.batched.start && s.h.is_multiple_of(2) && s.w.is_multiple_of(2))
+            .then_some(end)
     }
 
     /// Convolution `i`'s epilogue: its bias, then what layers i + 1 .. `end` ask for (a batchnorm's
