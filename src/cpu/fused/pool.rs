@@ -6,14 +6,16 @@
 //! order, so the bits are the reference's (the tests below). On AVX-512 a row of up to 32 inputs is
 //! one vector, on AVX2 a row is cut into vectors of 8 outputs; other CPUs run the reference's.
 
+#[cfg(target_arch = "x86_64")]
 use crate::cpu::isa::{isa, Isa};
 use crate::cpu::reference::pool;
 use crate::model::{Layer, Shape};
 
 /// Planes of s in x, and the output count, for a 2x2 pooling the vector forms run (h and w even);
 /// panics if x or y has the wrong length.
+#[cfg(target_arch = "x86_64")]
 fn pooled(s: Shape, x: usize, y: usize) -> Option<(usize, usize)> {
-    let runs = cfg!(target_arch = "x86_64") && isa() != Isa::Baseline;
+    let runs = isa() != Isa::Baseline;
     if !runs || !s.w.is_multiple_of(2) || !s.h.is_multiple_of(2) {
         return None;
     }
@@ -28,24 +30,30 @@ pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners
     let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
     if let Some((planes, outputs)) = pooling.then(|| pooled(s, x.len(), y.len())).flatten() {
-        let winners = match layer {
-            Layer::MaxPool2 => {
-                assert_eq!(winners.len(), outputs, "max pooling: winners has the wrong length");
-                Some(winners)
-            }
-            _ => None,
-        };
-        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
-        unsafe {
-            match isa() {
-                Isa::Avx512 if s.w <= 32 => avx512::pool2(planes, s.h, s.w, s.w, x, y, winners),
-                _ => avx2::pool2(planes, s.h, s.w, s.w, x, y, winners),
-            }
-        }
-        return;
+        return in_vectors(layer, Rows { planes, h: s.h, w: s.w, ld: s.w }, outputs, (x, y, winners));
     }
     let _ = pooling;
     pool::forward_serial(layer, s, x, y, winners)
+}
+
+/// A 2x2 max or average pooling in the vector form this CPU runs, whose lengths `pooled` checked
+/// (`outputs`: y's).
+#[cfg(target_arch = "x86_64")]
+fn in_vectors(layer: &Layer, rows: Rows, outputs: usize, (x, y, winners): (&[f32], &mut [f32], &mut [u8])) {
+    let winners = match layer {
+        Layer::MaxPool2 => {
+            assert_eq!(winners.len(), outputs, "max pooling: winners has the wrong length");
+            Some(winners)
+        }
+        _ => None,
+    };
+    // SAFETY: the CPU has the features of the form isa() picks; the caller checked x's and y's lengths.
+    unsafe {
+        match isa() {
+            Isa::Avx512 if rows.w <= 32 => avx512::pool2(rows, x, y, winners),
+            _ => avx2::pool2(rows, x, y, winners),
+        }
+    }
 }
 
 /// 2x2 pooling layer `layer` of one plane of h rows of w values `ld` apart (a convolution's output
@@ -61,24 +69,12 @@ pub fn pool_plane(
 ) {
     let s = Shape { c: 1, h, w };
     assert!(h > 0 && x.len() >= (h - 1) * ld + w && ld >= w, "pool_plane: x holds fewer than {h} rows of {w}");
+    let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
-    if let Some((_, outputs)) = pooled(s, h * w, y.len()) {
-        let winners = match layer {
-            Layer::MaxPool2 => {
-                assert_eq!(winners.len(), outputs, "max pooling: winners has the wrong length");
-                Some(winners)
-            }
-            _ => None,
-        };
-        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
-        unsafe {
-            match isa() {
-                Isa::Avx512 if w <= 32 => avx512::pool2(1, h, w, ld, x, y, winners),
-                _ => avx2::pool2(1, h, w, ld, x, y, winners),
-            }
-        }
-        return;
+    if let Some((_, outputs)) = pooling.then(|| pooled(s, h * w, y.len())).flatten() {
+        return in_vectors(layer, Rows { planes: 1, h, w, ld }, outputs, (x, y, winners));
     }
+    let _ = pooling;
     for (row, from) in compact[..h * w].chunks_exact_mut(w).zip(x.chunks(ld)) {
         row.copy_from_slice(&from[..w]);
     }
@@ -98,8 +94,19 @@ pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: 
     pool::backward_serial(layer, s, winners, dy, dx)
 }
 
+/// Where a pooling's input lies: `planes` planes of h rows of w values, rows `ld` apart.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    planes: usize,
+    h: usize,
+    w: usize,
+    ld: usize,
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use super::Rows;
     use std::arch::x86_64::*;
 
     /// A mask of the first n (at most 8) lanes, for masked loads and stores.
@@ -123,16 +130,8 @@ mod avx2 {
     /// The CPU has AVX2; x holds planes * h rows of w values `ld` apart, y (and winners) planes * h * w
     /// / 4 values.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn pool2(
-        planes: usize,
-        h: usize,
-        w: usize,
-        ld: usize,
-        x: &[f32],
-        y: &mut [f32],
-        mut winners: Option<&mut [u8]>,
-    ) {
+    pub unsafe fn pool2(rows: Rows, x: &[f32], y: &mut [f32], mut winners: Option<&mut [u8]>) {
+        let Rows { planes, h, w, ld } = rows;
         let (ho, wo) = (h / 2, w / 2);
         for r in 0..planes * ho {
             let top = x.as_ptr().add(2 * r * ld);
@@ -201,6 +200,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::Rows;
     use std::arch::x86_64::*;
 
     /// 2x2 max pooling (with `winners`) or average pooling (without) of `planes` planes of h rows of w
@@ -210,16 +210,8 @@ mod avx512 {
     /// The CPU has AVX-512 F, BW, VL and DQ; x holds planes * h rows of w values `ld` apart, y (and
     /// winners) planes * h * w / 4 values.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn pool2(
-        planes: usize,
-        h: usize,
-        w: usize,
-        ld: usize,
-        x: &[f32],
-        y: &mut [f32],
-        mut winners: Option<&mut [u8]>,
-    ) {
+    pub unsafe fn pool2(rows: Rows, x: &[f32], y: &mut [f32], mut winners: Option<&mut [u8]>) {
+        let Rows { planes, h, w, ld } = rows;
         let (ho, wo) = (h / 2, w / 2);
         let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
         let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
