@@ -1,19 +1,11 @@
 //! How the fused executor's convolutions run their matrix products: the register-block kernels of
-//! `fma.rs` where this CPU has FMA (over the padded image's taps, `shifted.rs`, for a k x k convolution
-//! whose rows of output pixels fill several vectors; over the im2col matrix, or the image itself for a
-//! 1x1 one, otherwise), else the reference's own per-image functions (im2col and the GEMM).
-
-use std::cell::RefCell;
+//! `fma.rs` where this CPU has FMA and a row of output pixels fills several vectors (over the padded
+//! image's taps, `shifted.rs`, for a k x k convolution; over the image itself for a 1x1 one), else the
+//! reference's own per-image functions (im2col and the GEMM).
 
 use super::fma::{self, Every, Operand};
 use super::shifted;
 use crate::cpu::reference::conv::{self, col2im, im2col, ConvDims, ImageGrads};
-use crate::cpu::scratch::with_scratch;
-
-thread_local! {
-    /// A small convolution's columns transposed: each output pixel's taps in a row.
-    static PIXEL_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the kernels of
 /// `fma.rs` (on CPUs with FMA).
@@ -33,23 +25,27 @@ impl Products {
         }
     }
 
-    /// Below this many output pixels (a 5x5 or 7x7 output) the weight gradient's dot products along
-    /// the pixels are too short to pay for their lane sums: it runs as a product over the pixels
-    /// instead, from rows that hold each pixel's taps (`pixel_rows_product`).
-    pub(super) const DOTS_MIN_PIXELS: usize = 64;
+    /// The kernels pay where a row of pixels fills several vectors; below that (a 5x5 output),
+    /// their partial vectors and lane sums cost more than the GEMM's packing, and the weight
+    /// gradient summed over the pixels in another order than the reference's drifts further from
+    /// float64 in the golden Adam steps (a product over each pixel's taps was tried: 2.9e-4 on
+    /// conv1's weights after ten steps, against PyTorch's 4e-6).
+    const KERNEL_MIN_PIXELS: usize = 64;
+
+    /// What convolution `d` runs with.
+    fn for_conv(self, d: &ConvDims) -> Products {
+        if d.col_cols() < Self::KERNEL_MIN_PIXELS {
+            Products::Gemm
+        } else {
+            self
+        }
+    }
 
     /// dw = dy x col^T (cout x col_rows, summed over the pixels) with the kernels, added to dw when
     /// `accumulate`.
     fn weight_gradient(d: &ConvDims, dy: &[f32], col: &[f32], dw: &mut [f32], accumulate: bool) {
         let (rows, cols) = (d.col_rows(), d.col_cols());
-        if cols >= Self::DOTS_MIN_PIXELS {
-            return fma::dots(d.cout, cols, rows, dy, cols, col, Every(cols), dw, rows, accumulate);
-        }
-        pixel_rows_product(d, dy, dw, accumulate, |pixels| {
-            for (r, row) in col.chunks_exact(cols).enumerate() {
-                row.iter().enumerate().for_each(|(p, &v)| pixels[p * rows + r] = v);
-            }
-        })
+        fma::dots(d.cout, cols, rows, dy, cols, col, Every(cols), dw, rows, accumulate)
     }
 
     /// c = weight x b (cout x cols), or weight^T x b (col_rows x cols) when `transposed`, with the
@@ -67,7 +63,7 @@ impl Products {
 /// The weights as `backward_image` reads them for the input gradient (empty where that needs no
 /// copy of them).
 pub fn flip(d: &ConvDims, weight: &[f32], p: Products, flipped: &mut Vec<f32>) {
-    if p == Products::Kernel && shifted::runs(d) {
+    if p.for_conv(d) == Products::Kernel && shifted::runs(d) {
         flipped.resize(weight.len(), 0.0);
         shifted::flip(d, weight, flipped);
     } else {
@@ -75,28 +71,10 @@ pub fn flip(d: &ConvDims, weight: &[f32], p: Products, flipped: &mut Vec<f32>) {
     }
 }
 
-/// dw = dy (cout x pixels) times the pixel rows (pixels x col_rows: each output pixel's taps, which
-/// `fill` writes into this thread's scratch), added to dw when `accumulate`: each weight's gradient a
-/// sum over the pixels in order.
-pub(super) fn pixel_rows_product(
-    d: &ConvDims,
-    dy: &[f32],
-    dw: &mut [f32],
-    accumulate: bool,
-    fill: impl FnOnce(&mut [f32]),
-) {
-    let (rows, pixels) = (d.col_rows(), d.col_cols());
-    with_scratch(&PIXEL_ROWS, pixels * rows, |pixel_rows| {
-        fill(pixel_rows);
-        let a = Operand { data: dy, row: pixels, col: 1 };
-        fma::product(d.cout, pixels, rows, a, pixel_rows, Every(rows), dw, rows, accumulate)
-    })
-}
-
 /// One image's forward convolution, y_img = weight x x_img's columns, with `col` (from
 /// `conv::with_columns`) as scratch where im2col runs.
 pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32], p: Products) {
-    if p == Products::Gemm {
+    if p.for_conv(d) == Products::Gemm {
         conv::forward_image(d, x_img, weight, y_img, col);
     } else if shifted::runs(d) {
         shifted::forward_image(d, x_img, weight, y_img);
@@ -119,7 +97,7 @@ pub fn forward_planes(
     p: Products,
     mut each: impl FnMut(usize, &mut [f32], usize),
 ) {
-    if p == Products::Kernel && shifted::runs(d) {
+    if p.for_conv(d) == Products::Kernel && shifted::runs(d) {
         return shifted::forward_planes(d, x_img, weight, each);
     }
     forward_image(d, x_img, weight, y_img, col, p);
@@ -131,7 +109,7 @@ pub fn forward_planes(
 /// One image's gradients (see `ImageGrads`), with `col` as scratch where im2col runs; `flipped` is
 /// what `flip` gave for these weights.
 pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products, flipped: &[f32]) {
-    if p == Products::Gemm {
+    if p.for_conv(d) == Products::Gemm {
         return conv::backward_image(d, g, col);
     }
     if shifted::runs(d) {

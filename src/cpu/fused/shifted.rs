@@ -9,7 +9,6 @@
 use std::cell::RefCell;
 
 use super::fma::{self, copy_row, Operand};
-use super::products::{pixel_rows_product, Products};
 use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
 
@@ -107,15 +106,6 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
             with_scratch(&TAPS, rows, |taps| {
                 g.fill(x_img, padded);
                 g.taps(d.k, taps);
-                if d.ho() * d.wo() < Products::DOTS_MIN_PIXELS {
-                    // dw: dy times each valid pixel's taps, gathered into a row.
-                    return pixel_rows_product(d, dy_img, dw, beta == 1.0, |pixel_rows| {
-                        for (p, row) in pixel_rows.chunks_exact_mut(rows).enumerate() {
-                            let at = p / d.wo() * g.width + p % d.wo();
-                            row.iter_mut().zip(taps.iter()).for_each(|(v, &t)| *v = padded[t + at]);
-                        }
-                    });
-                }
                 // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with
                 // each tap.
                 dy_wide.fill(0.0);
