@@ -106,7 +106,7 @@ struct Rows {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Rows;
+    use crate::cpu::fused::pool::Rows;
     use std::arch::x86_64::*;
 
     /// A mask of the first n (at most 8) lanes, for masked loads and stores.
@@ -200,7 +200,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::Rows;
+    use crate::cpu::fused::pool::Rows;
     use std::arch::x86_64::*;
 
     /// 2x2 max pooling (with `winners`) or average pooling (without) of `planes` planes of h rows of w
