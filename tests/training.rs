@@ -377,13 +377,14 @@ fn model_file_networks_train_alike_on_both_backends() {
 }
 
 /// The shipped networks without batchnorm: 20 steps at batch 50 on 1,000 images with Adam at lr 0.01
-/// give the same test accuracy on 1,000 test images on the GPU backend and on the CPU backend, and
-/// losses within 2e-3 (relative). Adam divides each gradient by its root mean square, so a weight whose
-/// gradient cancels to near zero over the batch moves by a step of about lr whose sign and size the
-/// last bits of the sum decide, and the two backends sum in different orders: measured on lavapipe,
-/// mlp3 agrees to 5e-8, the fast recipe's network (204,800 weights in fc1) to 1.1e-4 in train loss and
-/// 1.1e-3 in test loss (0.4828 against 0.4822; the same 828 of 1,000 right). With SGD both agree to
-/// 1e-4 (`model_file_networks_train_alike_on_both_backends`).
+/// give test accuracies on 1,000 test images within 3 images of each other on the GPU backend and on
+/// the CPU backend, and losses within 2e-3 (relative). Adam divides each gradient by its root mean
+/// square, so a weight whose gradient cancels to near zero over the batch moves by a step of about lr
+/// whose sign and size the last bits of the sum decide, and the two backends sum in different orders:
+/// measured on lavapipe, mlp3 agrees to 5e-8, the fast recipe's network (204,800 weights in fc1) to
+/// 1.1e-4 in train loss and 1.1e-3 in test loss (0.4828 against 0.4822), and 828 against 826 of 1,000
+/// right since the CPU backend runs its linear layers as one product over the batch (the same 828
+/// before). With SGD both agree to 1e-4 (`model_file_networks_train_alike_on_both_backends`).
 #[test]
 fn shipped_networks_without_batchnorm_train_alike_with_adam() {
     let Some(_) = gpu() else { return };
@@ -395,10 +396,11 @@ fn shipped_networks_without_batchnorm_train_alike_with_adam() {
         let recipe = Recipe { epochs: 1, batch_size: 50, max_lr: 0.01, optimizer: adam, weight_decay: 0.0, ..base };
         let (gpu_run, cpu_run, _, _) = both_loops_agree_with(&model, &set, (recipe, 2e-3), &format!("adam-{name}"));
         let (g, c) = (&gpu_run.epochs[0], &cpu_run.epochs[0]);
-        assert_eq!(
-            g.test_correct, c.test_correct,
+        assert!(
+            g.test_correct.abs_diff(c.test_correct) <= 3,
             "{name}: test accuracy {}% on the GPU, {}% on the CPU",
-            g.test_accuracy, c.test_accuracy
+            g.test_accuracy,
+            c.test_accuracy
         );
     }
 }
