@@ -33,19 +33,13 @@ pub(super) struct Batched<'a> {
     pub products: Products,
 }
 
-/// A linear layer's dims and its weights' offset.
-fn linear(model: &Model, i: usize, n: usize) -> (ConvDims, usize) {
-    let (d, w) = model.conv(i, n).expect("a linear layer");
-    (d, w)
-}
-
 impl Batched<'_> {
     /// Layer `i` over the batch: x into y, or y in place when x is None (a ReLU, a dropout).
     pub fn forward(&self, i: usize, x: Option<&[f32]>, y: &mut [f32]) {
         match &self.model.layers[i] {
             Layer::Linear { .. } => {
                 let x = x.expect("a linear layer reads another buffer");
-                let (d, w) = linear(self.model, i, self.n);
+                let (d, w) = self.model.conv(i, self.n).expect("a linear layer");
                 self.linear_forward(&d, x, &self.state[w..w + d.weight_len()], y);
                 if let Some(b) = self.model.conv_bias(i) {
                     bias_forward(&d, &self.state[b..b + d.cout], y);
@@ -81,7 +75,7 @@ impl Batched<'_> {
     ) -> bool {
         match &self.model.layers[i] {
             Layer::Linear { .. } => {
-                let (d, w) = linear(self.model, i, self.n);
+                let (d, w) = self.model.conv(i, self.n).expect("a linear layer");
                 let wl = d.weight_len();
                 self.weight_gradient(&d, dy, x, &mut grads[w..w + wl]);
                 if let Some(b) = self.model.conv_bias(i) {
