@@ -10,7 +10,7 @@ use super::store::{input_image, read_write, Lens, View};
 use crate::cpu::executor::DropoutMode;
 use crate::cpu::isa::vectorized;
 use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sums, BnDims, BnSaved};
-use crate::cpu::reference::conv::{plane_total, with_columns, ConvDims, ImageGrads};
+use crate::cpu::reference::conv::{plane_totals, with_columns, ConvDims, ImageGrads};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::net::tensor;
 use crate::cpu::reference::relu::{relu_backward_serial, relu_forward_serial};
@@ -54,8 +54,31 @@ pub(super) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// The op of a training pass that starts at layer `i` (the pass's layers end at `end`) on image
+    /// `j` of view `v`, in the plan's buffers; returns the layer after it. A convolution with a 2x2
+    /// pooling right after it in the pass pools each output plane in its epilogue (into the pooling's
+    /// buffer and winners; nothing reads the convolution's own output, which stays unwritten).
+    pub fn train_op(&self, v: &mut View, j: usize, i: usize, end: usize) -> usize {
+        let Some(p) = self.pool_in_epilogue(i, i + 1).filter(|&p| p < end) else {
+            self.train_layer(v, j, i);
+            return i + 1;
+        };
+        let (xl, yl, wl) = (self.model.input_of(i).len(), self.model.shapes[p].len(), self.lens.winners[p]);
+        let winners = &mut v.winners[p][j * wl..][..wl];
+        let out = self.plan.buffer[p];
+        let epilogue = self.epilogue(i, i + 1);
+        if i == 0 {
+            let (x, y) = (&v.input[j * xl..][..xl], &mut v.buffers[out][j * yl..][..yl]);
+            self.conv_pool_forward(i, x, y, &epilogue, p, winners);
+        } else {
+            let (x, y) = read_write(&mut v.buffers, self.plan.buffer[i - 1], out);
+            self.conv_pool_forward(i, &x[j * xl..][..xl], &mut y[j * yl..][..yl], &epilogue, p, winners);
+        }
+        p + 1
+    }
+
     /// Layer `i` of a training pass on image `j` of view `v`, in the plan's buffers.
-    pub fn train_layer(&self, v: &mut View, j: usize, i: usize) {
+    fn train_layer(&self, v: &mut View, j: usize, i: usize) {
         let (xl, yl) = (self.model.input_of(i).len(), self.model.shapes[i].len());
         let out = self.plan.buffer[i];
         let wl = self.lens.winners[i];
@@ -114,8 +137,8 @@ impl Ctx<'_> {
     }
 
     /// Convolution `i`'s forward pass on one image with its epilogue, then the 2x2 pooling layer
-    /// `pool` on each output plane while it is in cache, into y, the pooled image (evaluation: the
-    /// max pooling's `winners`, scratch as long as y, are not kept).
+    /// `pool` on each output plane while it is in cache, into y, the pooled image, and the max
+    /// pooling's `winners` (as long as y).
     fn conv_pool_forward(
         &self,
         i: usize,
@@ -142,8 +165,8 @@ impl Ctx<'_> {
         })
     }
 
-    /// The 2x2 pooling that evaluation runs in the epilogue of convolution `i`, whose op ends at
-    /// `end`: one right after the op, on an output of even size, before the batched layers.
+    /// The 2x2 pooling that runs in the epilogue of convolution `i`, whose op ends at `end`: one right
+    /// after the op, on an output of even size, before the batched layers.
     fn pool_in_epilogue(&self, i: usize, end: usize) -> Option<usize> {
         let s = self.model.shapes[i];
         let pooling = matches!(self.model.layers.get(end), Some(Layer::MaxPool2 | Layer::AvgPool2));
@@ -400,7 +423,5 @@ fn writes_dx(layer: &Layer) -> bool {
 
 /// One image's bias gradient per output channel, in f64 (added over the batch in image order).
 fn bias_image_sums(d: &ConvDims, dy_img: &[f32], sums: &mut [f64]) {
-    for (s, plane) in sums.iter_mut().zip(dy_img.chunks_exact(d.ho() * d.wo())) {
-        *s = plane_total(plane);
-    }
+    plane_totals(dy_img, d.ho() * d.wo(), sums);
 }

@@ -119,8 +119,9 @@ impl FusedNet {
             let views = views(store, ctx.lens, n, (&[], &mut []));
             views.into_par_iter().for_each(|mut v| {
                 for j in 0..v.images {
-                    for i in layers.clone() {
-                        ctx.train_layer(&mut v, j, i);
+                    let mut i = layers.start;
+                    while i < layers.end {
+                        i = ctx.train_op(&mut v, j, i, layers.end);
                     }
                     if let Some(b) = stats_for {
                         ctx.image_moments(&mut v, j, b);

@@ -301,3 +301,53 @@ pub fn bias_backward(d: &ConvDims, dy: &[f32], dbias: &mut [f32]) {
 pub fn plane_total(plane: &[f32]) -> f64 {
     plane.iter().map(|&v| v as f64).sum()
 }
+
+/// `plane_total` of each of the planes of `len` values in `planes`, into `totals`: the same sums in
+/// the same order (bit for bit), eight channels at a time so that their chains of f64 additions
+/// overlap instead of each waiting on its last addition.
+pub fn plane_totals(planes: &[f32], len: usize, totals: &mut [f64]) {
+    const GROUP: usize = 8;
+    let done = totals.len() / GROUP * GROUP;
+    let mut groups = totals.chunks_exact_mut(GROUP);
+    for (t, p) in (&mut groups).zip(planes.chunks_exact(GROUP * len)) {
+        // -0.0 is the sum of no values, as `Sum` starts it: a plane of -0.0 sums to -0.0.
+        let mut acc = [-0.0f64; GROUP];
+        for i in 0..len {
+            for (c, a) in acc.iter_mut().enumerate() {
+                *a += p[c * len + i] as f64;
+            }
+        }
+        t.copy_from_slice(&acc);
+    }
+    for (t, p) in groups.into_remainder().iter_mut().zip(planes[done * len..].chunks_exact(len)) {
+        *t = plane_total(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plane_totals_are_plane_total_bit_for_bit() {
+        let mut seed = 7u32;
+        let mut next = move || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
+        };
+        for (channels, len) in [(1, 5), (8, 3), (11, 100), (24, 576), (32, 25)] {
+            let mut planes: Vec<f32> = (0..channels * len).map(|i| next() * 10f32.powi(i as i32 % 7 - 3)).collect();
+            // A plane of negative zeros, whose sum is -0.0.
+            planes[..len].fill(-0.0);
+            let mut totals = vec![0.0; channels];
+            plane_totals(&planes, len, &mut totals);
+            for (c, t) in totals.iter().enumerate() {
+                assert_eq!(
+                    t.to_bits(),
+                    plane_total(&planes[c * len..][..len]).to_bits(),
+                    "{channels}x{len}, channel {c}"
+                );
+            }
+        }
+    }
+}
