@@ -22,6 +22,7 @@ mod pool;
 mod products;
 mod shifted;
 mod store;
+mod totals;
 
 use std::ops::Range;
 
