@@ -87,8 +87,13 @@ pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: 
     #[cfg(target_arch = "x86_64")]
     if let Some((planes, _)) = max.then(|| pooled(s, dx.len(), dy.len())).flatten() {
         assert_eq!(winners.len(), dy.len(), "max pooling: winners has the wrong length");
-        // SAFETY: the CPU has AVX2 (isa() is not the baseline); the lengths are checked above.
-        return unsafe { avx2::maxpool2_backward(planes, s.h, s.w, winners, dy, dx) };
+        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
+        return unsafe {
+            match isa() {
+                Isa::Avx512 if s.w <= 32 => avx512::maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+                _ => avx2::maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+            }
+        };
     }
     let _ = max;
     pool::backward_serial(layer, s, winners, dy, dx)
@@ -244,6 +249,33 @@ mod avx512 {
                     _mm512_mask_storeu_ps(at, out, best);
                     _mm512_mask_cvtepi32_storeu_epi8(winners.as_mut_ptr().add(r * wo).cast(), out, index);
                 }
+            }
+        }
+    }
+
+    /// As `avx2::maxpool2_backward` for w <= 32: a row of outputs is one vector, its window's two rows
+    /// two vectors each.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, BW and VL; dx holds planes * h * w values, dy and winners a quarter;
+    /// w <= 32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub unsafe fn maxpool2_backward(planes: usize, h: usize, w: usize, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
+        let (ho, wo) = (h / 2, w / 2);
+        let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+        let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let out: __mmask16 = ((1u32 << wo) - 1) as u16;
+        // Even and odd columns back into a row: the first 16 values, then the rest.
+        let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let rest = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        for r in 0..planes * ho {
+            let g = _mm512_maskz_loadu_ps(out, dy.as_ptr().add(r * wo));
+            let index = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(out, winners.as_ptr().add(r * wo).cast()));
+            let to = |i: i32| _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(i)), g);
+            for (even, odd, row) in [(to(0), to(1), 2 * r), (to(2), to(3), 2 * r + 1)] {
+                let at = dx.as_mut_ptr().add(row * w);
+                _mm512_mask_storeu_ps(at, low, _mm512_permutex2var_ps(even, first, odd));
+                _mm512_mask_storeu_ps(at.add(16), high, _mm512_permutex2var_ps(even, rest, odd));
             }
         }
     }
