@@ -39,22 +39,32 @@ impl Grid {
         Grid { h, w, pad, width, plane: width * (h + 2 * pad + 1) }
     }
 
-    /// `x`'s planes into `out`, padded with zeros.
+    /// `x`'s planes into `out`, padded with zeros (only the padding is zeroed: this runs for every
+    /// image).
     fn fill(&self, x: &[f32], out: &mut [f32]) {
-        out.fill(0.0);
-        for (p, xp) in out.chunks_exact_mut(self.plane).zip(x.chunks_exact(self.h * self.w)) {
-            for (y, row) in xp.chunks_exact(self.w).enumerate() {
-                copy_row(&mut p[(y + self.pad) * self.width + self.pad..][..self.w], row);
+        let (pad, width, w) = (self.pad, self.width, self.w);
+        for (p, xp) in out.chunks_exact_mut(self.plane).zip(x.chunks_exact(self.h * w)) {
+            p[..pad * width].fill(0.0);
+            for (row, from) in p[pad * width..].chunks_exact_mut(width).zip(xp.chunks_exact(w)) {
+                row[..pad].fill(0.0);
+                copy_row(&mut row[pad..pad + w], from);
+                row[pad + w..].fill(0.0);
             }
+            // The padding below and the spare row.
+            p[(self.h + pad) * width..].fill(0.0);
         }
     }
 
     /// The offset of each tap (c, ky, kx) of a k x k convolution over these planes, in im2col's row
     /// order.
     fn taps(&self, k: usize, taps: &mut [usize]) {
-        for (t, at) in taps.iter_mut().enumerate() {
-            let (c, ky, kx) = (t / (k * k), t / k % k, t % k);
-            *at = c * self.plane + ky * self.width + kx;
+        // Nested loops, not a division per tap: this runs for every image.
+        for (c, channel) in taps.chunks_exact_mut(k * k).enumerate() {
+            for (ky, row) in channel.chunks_exact_mut(k).enumerate() {
+                for (kx, at) in row.iter_mut().enumerate() {
+                    *at = c * self.plane + ky * self.width + kx;
+                }
+            }
         }
     }
 }
@@ -108,10 +118,10 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
                 g.taps(d.k, taps);
                 // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with
                 // each tap.
-                dy_wide.fill(0.0);
                 for (wp, dp) in dy_wide.chunks_exact_mut(cols).zip(dy_img.chunks_exact(d.ho() * d.wo())) {
                     for (w_row, d_row) in wp.chunks_exact_mut(g.width).zip(dp.chunks_exact(d.wo())) {
                         copy_row(&mut w_row[..d.wo()], d_row);
+                        w_row[d.wo()..].fill(0.0);
                     }
                 }
                 fma::dots(d.cout, cols, rows, dy_wide, cols, padded, &taps[..], dw, rows, beta == 1.0);
