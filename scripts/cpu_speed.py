@@ -19,7 +19,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NETWORKS = ["net3", "small8k", "small5k", "best20k", "net3-avgpool2", "fast-recipe", "mlp3"]
+NETWORKS = ["net3", "small8k", "small5k", "best20k", "net3-avgpool2", "fast-recipe", "speed99", "mlp3"]
 BINARY = os.path.join(ROOT, "target", "release", "mnist-wgpu")
 
 

@@ -12,7 +12,11 @@ The default model file is the best-known fast MNIST recipe (tuomaso/train_mnist_
 its network, Adam (lr 0.01, betas 0.7, 0.9), one-cycle without momentum cycling, batch 256, one epoch,
 no augmentation. The recipe keys read: epochs, batch_size, max_lr, pct_start, div_factor,
 final_div_factor, optimizer (sgd with momentum cycling 0.85-0.95, as mnist-wgpu; adam; adamw), betas,
-eps, weight_decay; a recipe with augmentation is refused (this script has none). Needs torch and numpy.
+eps, weight_decay, and the augmentation's translate (a random shift of whole pixels, up to that many each
+way, zeros coming in) and rotate (a random turn of up to that many degrees either way, nearest pixel):
+both as mnist-wgpu's loader draws them per image, here on each batch at once (`affine_grid` and
+`grid_sample` on the [0, 1] pixels, then normalized), inside the timed training. A recipe with other
+augmentations (jitter, cutout, swell, darken, squeeze) is refused. Needs torch and numpy.
 """
 import argparse
 import json
@@ -39,18 +43,37 @@ def seeds_of(text):
 
 
 def load(data_dir, images, labels):
+    """The [0, 1] pixels (N x 1 x 28 x 28) and the labels."""
     x = read_idx(find(data_dir, images)).astype(np.float32) / 255.0
     y = read_idx(find(data_dir, labels)).astype(np.int64)
-    return (torch.from_numpy(x).unsqueeze(1) - MEAN) / STD, torch.from_numpy(y)
+    return torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)
+
+
+def normalized(x):
+    return (x - MEAN) / STD
+
+
+def augmented(x, translate, rotate):
+    """Each image of the batch x ([0, 1] pixels) shifted by whole pixels (up to `translate` each way)
+    and turned (up to `rotate` degrees either way) about its centre, nearest pixel, zeros coming in."""
+    n, side = len(x), x.shape[-1]
+    angle = (torch.rand(n) * 2 - 1) * (rotate * torch.pi / 180)
+    shift = torch.randint(-translate, translate + 1, (n, 2)).float() * (2 / side)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 def recipe_of(train):
-    for key in ("translate", "rotate", "jitter", "cutout"):
-        if train.get(key, 0):
-            sys.exit(f"the model file's [train] has {key} = {train[key]}: this script runs no augmentation")
+    # mnist-wgpu's strengths where the file leaves them out are its recipe's (`Augment::default`).
+    for key, default in (("jitter", 0.4), ("cutout", 0.3)):
+        if train.get(key, default):
+            sys.exit(f"the model file's [train] has {key} = {train.get(key, default)} (a missing key is mnist-wgpu's "
+                     f"default): this script runs translate and rotate only")
     for key in ("swell", "darken", "squeeze"):
         if train.get(key):
-            sys.exit(f"the model file's [train] has {key}: this script runs no augmentation")
+            sys.exit(f"the model file's [train] has {key}: this script runs translate and rotate only")
     kind = train.get("optimizer", "sgd")
     defaults = {"sgd": 1e-5, "adam": 0.0, "adamw": 0.01}
     return {
@@ -64,6 +87,8 @@ def recipe_of(train):
         "betas": tuple(train.get("betas", (0.9, 0.999))),
         "eps": train.get("eps", 1e-8),
         "weight_decay": train.get("weight_decay", defaults[kind]),
+        "translate": train.get("translate", 4),
+        "rotate": train.get("rotate", 15.0),
     }
 
 
@@ -90,8 +115,11 @@ def one_seed(layers, r, seed, train, test):
         order = torch.randperm(n)
         for i in range(0, n, r["batch"]):
             take = order[i : i + r["batch"]]
+            batch = x[take]
+            if r["translate"] or r["rotate"]:
+                batch = augmented(batch, r["translate"], r["rotate"])
             opt.zero_grad()
-            F.cross_entropy(net(x[take]), y[take]).backward()
+            F.cross_entropy(net(normalized(batch)), y[take]).backward()
             opt.step()
             sched.step()
     train_seconds = time.perf_counter() - started
@@ -100,7 +128,7 @@ def one_seed(layers, r, seed, train, test):
     correct = 0
     with torch.no_grad():
         for i in range(0, len(test[1]), 1000):
-            correct += (net(test[0][i : i + 1000]).argmax(1) == test[1][i : i + 1000]).sum().item()
+            correct += (net(normalized(test[0][i : i + 1000])).argmax(1) == test[1][i : i + 1000]).sum().item()
     eval_seconds = time.perf_counter() - started
     return {"seed": seed, "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "accuracy": 100.0 * correct / len(test[1])}

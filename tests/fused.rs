@@ -78,7 +78,7 @@ fn check(what: &str, model: &Model, n: usize) {
 
 #[test]
 fn the_fused_executor_matches_the_reference_on_every_preset() {
-    for preset in ["net3", "small8k", "small5k", "best20k", "net3-avgpool2", "fast-recipe", "mlp3"] {
+    for preset in ["net3", "small8k", "small5k", "best20k", "net3-avgpool2", "fast-recipe", "speed99", "mlp3"] {
         for n in [1, 7, 64] {
             check(preset, &model(preset), n);
         }
