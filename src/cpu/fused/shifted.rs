@@ -7,15 +7,20 @@
 //! (padded by k - 1 - pad) with the weights flipped and transposed: the same product again.
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
 use super::fma::{self, copy_row, Operand};
 use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
 
 thread_local! {
-    static PADDED: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// The padded inputs (forward pass and weight gradient), one per grid shape.
+    static INPUTS: RefCell<Vec<Planes>> = const { RefCell::new(Vec::new()) };
+    /// The output gradients on the output's grid (weight gradient), one per grid shape.
+    static GRADIENTS: RefCell<Vec<Planes>> = const { RefCell::new(Vec::new()) };
+    /// The padded output gradients (input gradient), one per grid shape.
+    static PADDED_GRADIENTS: RefCell<Vec<Planes>> = const { RefCell::new(Vec::new()) };
     static WIDE: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-    static TAPS: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Whether the shifted form runs convolution `d`: a k x k one (k > 1) with pad < k.
@@ -23,8 +28,10 @@ pub fn runs(d: &ConvDims) -> bool {
     d.k > 1 && d.pad < d.k
 }
 
-/// Planes of h x w padded by `pad`: rows `width` apart, and one spare row, which the last taps of a
-/// grid row's junk columns read.
+/// Planes of h x w, `pad` rows above and columns left of them, in rows `width` apart; zeros around
+/// them (the padding, the columns right of them, and one spare row, which the last taps of a grid
+/// row's junk columns read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Grid {
     h: usize,
     w: usize,
@@ -34,31 +41,31 @@ struct Grid {
 }
 
 impl Grid {
+    /// Padded by `pad` on every side: rows w + 2 pad wide.
     fn new(h: usize, w: usize, pad: usize) -> Grid {
         let width = w + 2 * pad;
         Grid { h, w, pad, width, plane: width * (h + 2 * pad + 1) }
     }
 
-    /// `x`'s planes into `out`, padded with zeros (only the padding is zeroed: this runs for every
-    /// image).
+    /// On the output grid of a convolution over rows `width` wide: h rows of w, then zeros.
+    fn output(h: usize, w: usize, width: usize) -> Grid {
+        Grid { h, w, pad: 0, width, plane: h * width }
+    }
+
+    /// `x`'s planes into `out`'s insides (the zeros around them are the buffer's since `with_planes`
+    /// made it).
     fn fill(&self, x: &[f32], out: &mut [f32]) {
         let (pad, width, w) = (self.pad, self.width, self.w);
         for (p, xp) in out.chunks_exact_mut(self.plane).zip(x.chunks_exact(self.h * w)) {
-            p[..pad * width].fill(0.0);
             for (row, from) in p[pad * width..].chunks_exact_mut(width).zip(xp.chunks_exact(w)) {
-                row[..pad].fill(0.0);
                 copy_row(&mut row[pad..pad + w], from);
-                row[pad + w..].fill(0.0);
             }
-            // The padding below and the spare row.
-            p[(self.h + pad) * width..].fill(0.0);
         }
     }
 
     /// The offset of each tap (c, ky, kx) of a k x k convolution over these planes, in im2col's row
     /// order.
     fn taps(&self, k: usize, taps: &mut [usize]) {
-        // Nested loops, not a division per tap: this runs for every image.
         for (c, channel) in taps.chunks_exact_mut(k * k).enumerate() {
             for (ky, row) in channel.chunks_exact_mut(k).enumerate() {
                 for (kx, at) in row.iter_mut().enumerate() {
@@ -67,6 +74,48 @@ impl Grid {
             }
         }
     }
+}
+
+/// A thread's planes of one grid shape: zeros where the grid has them from the start, since each
+/// image writes only the insides (zeroing the padding for every image cost more than the copy), and
+/// the offsets of a k x k convolution's taps over them.
+struct Planes {
+    grid: Grid,
+    k: usize,
+    values: Vec<f32>,
+    taps: Vec<usize>,
+}
+
+/// The grid shapes a thread keeps (a network has a few; the oldest goes first).
+const KEPT_GRIDS: usize = 32;
+
+/// Runs `f` on this thread's `count` planes of `grid` from `kept` (made, zeroed, the first time)
+/// and their taps for a k x k convolution (none for k = 0).
+fn with_planes<R>(
+    kept: &'static LocalKey<RefCell<Vec<Planes>>>,
+    (grid, count, k): (Grid, usize, usize),
+    f: impl FnOnce(&mut [f32], &[usize]) -> R,
+) -> R {
+    kept.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        let len = count * grid.plane;
+        let at = match kept.iter().position(|p| p.grid == grid && p.k == k && p.values.len() == len) {
+            Some(at) => at,
+            None => {
+                if kept.len() == KEPT_GRIDS {
+                    kept.remove(0);
+                }
+                let mut taps = vec![0; count * k * k];
+                if k > 0 {
+                    grid.taps(k, &mut taps);
+                }
+                kept.push(Planes { grid, k, values: vec![0.0; len], taps });
+                kept.len() - 1
+            }
+        };
+        let Planes { values, taps, .. } = &mut kept[at];
+        f(values, taps)
+    })
 }
 
 /// From a grid of `rows` rows `width` wide per plane, the first `w` columns of each row into `out`.
@@ -90,17 +139,14 @@ pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f
 pub fn forward_planes(d: &ConvDims, x_img: &[f32], weight: &[f32], mut each: impl FnMut(usize, &mut [f32], usize)) {
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
-    with_scratch(&PADDED, d.cin * g.plane, |padded| {
+    with_planes(&INPUTS, (g, d.cin, d.k), |padded, taps| {
         with_scratch(&WIDE, d.cout * cols, |wide| {
-            with_scratch(&TAPS, rows, |taps| {
-                g.fill(x_img, padded);
-                g.taps(d.k, taps);
-                let a = Operand { data: weight, row: rows, col: 1 };
-                fma::product(d.cout, rows, cols, a, padded, &taps[..], wide, cols, false);
-                for (c, plane) in wide.chunks_exact_mut(cols).enumerate() {
-                    each(c, plane, g.width);
-                }
-            })
+            g.fill(x_img, padded);
+            let a = Operand { data: weight, row: rows, col: 1 };
+            fma::product(d.cout, rows, cols, a, padded, taps, wide, cols, false);
+            for (c, plane) in wide.chunks_exact_mut(cols).enumerate() {
+                each(c, plane, g.width);
+            }
         })
     })
 }
@@ -111,21 +157,14 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
     let ImageGrads { x: x_img, dy: dy_img, dx: dx_img, dw, beta, .. } = g;
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
-    with_scratch(&PADDED, d.cin * g.plane, |padded| {
-        with_scratch(&WIDE, d.cout * cols, |dy_wide| {
-            with_scratch(&TAPS, rows, |taps| {
-                g.fill(x_img, padded);
-                g.taps(d.k, taps);
-                // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with
-                // each tap.
-                for (wp, dp) in dy_wide.chunks_exact_mut(cols).zip(dy_img.chunks_exact(d.ho() * d.wo())) {
-                    for (w_row, d_row) in wp.chunks_exact_mut(g.width).zip(dp.chunks_exact(d.wo())) {
-                        copy_row(&mut w_row[..d.wo()], d_row);
-                        w_row[d.wo()..].fill(0.0);
-                    }
-                }
-                fma::dots(d.cout, cols, rows, dy_wide, cols, padded, &taps[..], dw, rows, beta == 1.0);
-            })
+    let on_grid = Grid::output(d.ho(), d.wo(), g.width);
+    with_planes(&INPUTS, (g, d.cin, d.k), |padded, taps| {
+        with_planes(&GRADIENTS, (on_grid, d.cout, 0), |dy_wide, _| {
+            g.fill(x_img, padded);
+            // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with
+            // each tap.
+            on_grid.fill(dy_img, dy_wide);
+            fma::dots(d.cout, cols, rows, dy_wide, cols, padded, taps, dw, rows, beta == 1.0);
         })
     });
     if let Some(dx_img) = dx_img {
@@ -151,15 +190,12 @@ pub fn flip(d: &ConvDims, weight: &[f32], flipped: &mut [f32]) {
 fn input_gradient(d: &ConvDims, flipped: &[f32], dy_img: &[f32], dx_img: &mut [f32]) {
     let g = Grid::new(d.ho(), d.wo(), d.k - 1 - d.pad);
     let (rows, cols) = (d.cout * d.k * d.k, d.h * g.width);
-    with_scratch(&PADDED, d.cout * g.plane, |padded| {
+    with_planes(&PADDED_GRADIENTS, (g, d.cout, d.k), |padded, taps| {
         with_scratch(&WIDE, d.cin * cols, |wide| {
-            with_scratch(&TAPS, rows, |taps| {
-                g.fill(dy_img, padded);
-                g.taps(d.k, taps);
-                let a = Operand { data: flipped, row: rows, col: 1 };
-                fma::product(d.cin, rows, cols, a, padded, &taps[..], wide, cols, false);
-                compact(wide, d.h, g.width, d.w, dx_img);
-            })
+            g.fill(dy_img, padded);
+            let a = Operand { data: flipped, row: rows, col: 1 };
+            fma::product(d.cin, rows, cols, a, padded, taps, wide, cols, false);
+            compact(wide, d.h, g.width, d.w, dx_img);
         })
     })
 }
