@@ -1,7 +1,7 @@
 //! A convolution's bias gradient per image: the f64 sum of each output plane, in the reference's
 //! order (`plane_total`: value after value), bit for bit. One plane's sum is a chain of additions,
-//! each waiting on the last; here eight planes are summed side by side in vector lanes (eight rows
-//! of eight values transposed in registers, so that each vector holds one position of the eight
+//! each waiting on the last; here up to eight planes are summed side by side in vector lanes (eight
+//! rows of eight values transposed in registers, so that each vector holds one position of the eight
 //! planes), which keeps each plane's order and overlaps the chains.
 
 #[cfg(target_arch = "x86_64")]
@@ -14,24 +14,16 @@ const GROUP: usize = 8;
 /// `plane_total` of each plane of `len` values in `planes`, into `totals`.
 pub fn plane_totals(planes: &[f32], len: usize, totals: &mut [f64]) {
     assert_eq!(planes.len(), len * totals.len(), "plane_totals: planes holds other than totals.len() planes");
-    let grouped = {
-        #[cfg(target_arch = "x86_64")]
-        {
-            match isa() {
-                Isa::Baseline => 0,
-                _ => totals.len() / GROUP * GROUP,
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        0
-    };
     #[cfg(target_arch = "x86_64")]
-    for (t, p) in totals[..grouped].chunks_exact_mut(GROUP).zip(planes.chunks_exact(GROUP * len)) {
-        // SAFETY: the CPU has AVX2 (isa() is not the baseline); p holds eight planes of len values.
-        unsafe { avx2::eight_totals(p, len, t.try_into().expect("eight totals")) };
+    if isa() != Isa::Baseline && len > 0 {
+        for (t, p) in totals.chunks_mut(GROUP).zip(planes.chunks(GROUP * len)) {
+            // SAFETY: the CPU has AVX2 (isa() is not the baseline); p holds t.len() planes of len values.
+            unsafe { avx2::group_totals(p, len, t) };
+        }
+        return;
     }
-    for (t, p) in totals[grouped..].iter_mut().zip(planes[grouped * len..].chunks_exact(len.max(1))) {
-        *t = plane_total(p);
+    for (c, t) in totals.iter_mut().enumerate() {
+        *t = plane_total(&planes[c * len..][..len]);
     }
 }
 
@@ -39,30 +31,38 @@ pub fn plane_totals(planes: &[f32], len: usize, totals: &mut [f64]) {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// The sums of eight planes of `len` values in `p`, each value after value, into `totals`.
+    /// The sums of up to eight planes of `len` values in `p` (as many as `totals` has), each value
+    /// after value, into `totals`.
     ///
     /// # Safety
-    /// The CPU has AVX2; p holds 8 * len values.
+    /// The CPU has AVX2; p holds totals.len() * len values, totals.len() <= 8.
     #[target_feature(enable = "avx2")]
-    pub unsafe fn eight_totals(p: &[f32], len: usize, totals: &mut [f64; 8]) {
-        assert_eq!(p.len(), 8 * len);
+    pub unsafe fn group_totals(p: &[f32], len: usize, totals: &mut [f64]) {
+        let planes = totals.len();
+        assert!(planes <= 8 && p.len() == planes * len);
         // -0.0 is the sum of no values, as `Sum` starts it: a plane of -0.0 sums to -0.0.
         let (mut lo, mut hi) = (_mm256_set1_pd(-0.0), _mm256_set1_pd(-0.0));
         let main = len / 8 * 8;
         for i in (0..main).step_by(8) {
-            let rows: [__m256; 8] = std::array::from_fn(|c| _mm256_loadu_ps(p.as_ptr().add(c * len + i)));
+            // Missing planes read as zeros; their sums are not kept.
+            let rows: [__m256; 8] = std::array::from_fn(|c| match c < planes {
+                true => _mm256_loadu_ps(p.as_ptr().add(c * len + i)),
+                false => _mm256_setzero_ps(),
+            });
             for position in transpose(rows) {
                 lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(position)));
                 hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(position, 1)));
             }
         }
-        _mm256_storeu_pd(totals.as_mut_ptr(), lo);
-        _mm256_storeu_pd(totals.as_mut_ptr().add(4), hi);
+        let mut sums = [0.0f64; 8];
+        _mm256_storeu_pd(sums.as_mut_ptr(), lo);
+        _mm256_storeu_pd(sums.as_mut_ptr().add(4), hi);
         for i in main..len {
-            for (c, t) in totals.iter_mut().enumerate() {
+            for (c, t) in sums[..planes].iter_mut().enumerate() {
                 *t += p[c * len + i] as f64;
             }
         }
+        totals.copy_from_slice(&sums[..planes]);
     }
 
     /// Eight rows of eight values as eight columns: column k holds value k of each row, in row order.
@@ -104,7 +104,9 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1 << 24) as f32 * 2.0 - 1.0
         };
-        for (channels, len) in [(1, 5), (8, 3), (8, 8), (11, 100), (24, 576), (32, 25), (16, 13)] {
+        for (channels, len) in
+            [(1, 5), (8, 3), (8, 8), (11, 100), (24, 576), (32, 25), (16, 13), (10, 576), (20, 100), (3, 0)]
+        {
             let mut planes: Vec<f32> = (0..channels * len).map(|i| next() * 10f32.powi(i as i32 % 9 - 4)).collect();
             // A plane of negative zeros, whose sum is -0.0.
             planes[..len].fill(-0.0);
