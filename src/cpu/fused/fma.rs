@@ -158,6 +158,42 @@ pub(super) fn copy_row(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// `rows` rows of `w` values from `src` (rows `src_ld` apart) into `dst` (rows `dst_ld` apart): on
+/// AVX-512 a row of up to 32 values is one or two masked moves, else `copy_row` each.
+pub(super) fn copy_rows(dst: &mut [f32], dst_ld: usize, src: &[f32], src_ld: usize, rows: usize, w: usize) {
+    if rows == 0 || w == 0 {
+        return;
+    }
+    assert!(dst.len() >= (rows - 1) * dst_ld + w && src.len() >= (rows - 1) * src_ld + w, "copy_rows: short slices");
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 && w <= 32 {
+        // SAFETY: the CPU has AVX-512 F; every row read and written lies in the slices (checked above).
+        return unsafe { copy_rows_avx512(dst.as_mut_ptr(), dst_ld, src.as_ptr(), src_ld, rows, w) };
+    }
+    for r in 0..rows {
+        copy_row(&mut dst[r * dst_ld..][..w], &src[r * src_ld..][..w]);
+    }
+}
+
+/// `copy_rows` for w <= 32.
+///
+/// # Safety
+/// The CPU has AVX-512 F; dst and src hold `rows` rows of w values `dst_ld` and `src_ld` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn copy_rows_avx512(dst: *mut f32, dst_ld: usize, src: *const f32, src_ld: usize, rows: usize, w: usize) {
+    use std::arch::x86_64::*;
+    let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+    let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+    for r in 0..rows {
+        let (from, to) = (src.add(r * src_ld), dst.add(r * dst_ld));
+        _mm512_mask_storeu_ps(to, low, _mm512_maskz_loadu_ps(low, from));
+        if high != 0 {
+            _mm512_mask_storeu_ps(to.add(16), high, _mm512_maskz_loadu_ps(high, from.add(16)));
+        }
+    }
+}
+
 /// Columns per block: two vectors.
 fn nr() -> usize {
     match isa() {

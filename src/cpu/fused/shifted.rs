@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
-use super::fma::{self, copy_row, Operand};
+use super::fma::{self, copy_rows, Operand};
 use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
 
@@ -57,9 +57,7 @@ impl Grid {
     fn fill(&self, x: &[f32], out: &mut [f32]) {
         let (pad, width, w) = (self.pad, self.width, self.w);
         for (p, xp) in out.chunks_exact_mut(self.plane).zip(x.chunks_exact(self.h * w)) {
-            for (row, from) in p[pad * width..].chunks_exact_mut(width).zip(xp.chunks_exact(w)) {
-                copy_row(&mut row[pad..pad + w], from);
-            }
+            copy_rows(&mut p[pad * width + pad..], width, xp, w, self.h, w);
         }
     }
 
@@ -121,9 +119,7 @@ fn with_planes<R>(
 /// From a grid of `rows` rows `width` wide per plane, the first `w` columns of each row into `out`.
 fn compact(wide: &[f32], rows: usize, width: usize, w: usize, out: &mut [f32]) {
     for (o, g) in out.chunks_exact_mut(rows * w).zip(wide.chunks_exact(rows * width)) {
-        for (o_row, g_row) in o.chunks_exact_mut(w).zip(g.chunks_exact(width)) {
-            copy_row(o_row, &g_row[..w]);
-        }
+        copy_rows(o, w, g, width, rows, w);
     }
 }
 
