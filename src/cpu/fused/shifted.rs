@@ -57,7 +57,11 @@ impl Grid {
     fn fill(&self, x: &[f32], out: &mut [f32]) {
         let (pad, width, w) = (self.pad, self.width, self.w);
         for (p, xp) in out.chunks_exact_mut(self.plane).zip(x.chunks_exact(self.h * w)) {
-            copy_rows(&mut p[pad * width + pad..], width, xp, w, self.h, w);
+            match width == w {
+                // Rows as wide as the grid's: one block.
+                true => p[..xp.len()].copy_from_slice(xp),
+                false => copy_rows(&mut p[pad * width + pad..], width, xp, w, self.h, w),
+            }
         }
     }
 

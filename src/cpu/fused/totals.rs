@@ -24,12 +24,14 @@ pub fn plane_totals(planes: &[f32], len: usize, totals: &mut [f64]) {
             // SAFETY: the CPU has AVX2 (isa() is not the baseline); p holds t.len() planes of len
             // values, at most as many as the groups hold.
             unsafe {
+                // AVX-512's 32 registers keep the sums and the transposes' values in registers.
                 match (t.len().div_ceil(GROUP), isa() == Isa::Avx512) {
-                    (1, _) => avx2::group_totals::<1>(p, len, t),
-                    (2, _) => avx2::group_totals::<2>(p, len, t),
+                    (1, false) => avx2::group_totals::<1>(p, len, t),
+                    (2, false) => avx2::group_totals::<2>(p, len, t),
                     (3, false) => avx2::group_totals::<3>(p, len, t),
                     (_, false) => avx2::group_totals::<GROUPS>(p, len, t),
-                    // Three or four groups keep their sums in registers with AVX-512's 32.
+                    (1, true) => avx2::group_totals_avx512::<1>(p, len, t),
+                    (2, true) => avx2::group_totals_avx512::<2>(p, len, t),
                     (3, true) => avx2::group_totals_avx512::<3>(p, len, t),
                     (_, true) => avx2::group_totals_avx512::<GROUPS>(p, len, t),
                 }
