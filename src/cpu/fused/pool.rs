@@ -83,19 +83,28 @@ pub fn pool_plane(
 
 /// dx from dy for pooling layer `layer`, as `pool::backward_serial`.
 pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
-    let max = matches!(layer, Layer::MaxPool2);
+    let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
-    if let Some((planes, _)) = max.then(|| pooled(s, dx.len(), dy.len())).flatten() {
-        assert_eq!(winners.len(), dy.len(), "max pooling: winners has the wrong length");
-        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked above.
-        return unsafe {
-            match isa() {
-                Isa::Avx512 if s.w <= 32 => avx512::maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
-                _ => avx2::maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+    if let Some((planes, _)) = pooling.then(|| pooled(s, dx.len(), dy.len())).flatten() {
+        // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked (pooled
+        // and below).
+        match (layer, isa()) {
+            (Layer::MaxPool2, isa) => {
+                assert_eq!(winners.len(), dy.len(), "max pooling: winners has the wrong length");
+                return unsafe {
+                    match isa {
+                        Isa::Avx512 if s.w <= 32 => avx512::maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+                        _ => avx2::maxpool2_backward(planes, s.h, s.w, winners, dy, dx),
+                    }
+                };
             }
-        };
+            (Layer::AvgPool2, Isa::Avx512) if s.w <= 32 => {
+                return unsafe { avx512::avgpool2_backward(planes, s.h, s.w, dy, dx) };
+            }
+            _ => {}
+        }
     }
-    let _ = max;
+    let _ = pooling;
     pool::backward_serial(layer, s, winners, dy, dx)
 }
 
@@ -249,6 +258,31 @@ mod avx512 {
                     _mm512_mask_storeu_ps(at, out, best);
                     _mm512_mask_cvtepi32_storeu_epi8(winners.as_mut_ptr().add(r * wo).cast(), out, index);
                 }
+            }
+        }
+    }
+
+    /// As `pool::avgpool2_backward` for w <= 32: each output gradient / 4 into its window's four
+    /// inputs, a row of outputs per vector.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; dx holds planes * h * w values, dy a quarter; w <= 32.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn avgpool2_backward(planes: usize, h: usize, w: usize, dy: &[f32], dx: &mut [f32]) {
+        let (ho, wo) = (h / 2, w / 2);
+        let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+        let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let out: __mmask16 = ((1u32 << wo) - 1) as u16;
+        // Each value twice, in order: the first 16 of a row, then the rest.
+        let first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let rest = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+        for r in 0..planes * ho {
+            let g = _mm512_div_ps(_mm512_maskz_loadu_ps(out, dy.as_ptr().add(r * wo)), _mm512_set1_ps(4.0));
+            let (a, b) = (_mm512_permutexvar_ps(first, g), _mm512_permutexvar_ps(rest, g));
+            for row in [2 * r, 2 * r + 1] {
+                let at = dx.as_mut_ptr().add(row * w);
+                _mm512_mask_storeu_ps(at, low, a);
+                _mm512_mask_storeu_ps(at.add(16), high, b);
             }
         }
     }
