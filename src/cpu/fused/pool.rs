@@ -217,6 +217,15 @@ mod avx512 {
     use crate::cpu::fused::pool::Rows;
     use std::arch::x86_64::*;
 
+    /// For a row of w <= 32 inputs: the masks of its first 16 values and of the rest, and of its w / 2
+    /// outputs.
+    #[inline(always)]
+    fn row_masks(w: usize) -> (__mmask16, __mmask16, __mmask16) {
+        let low = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+        let high = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        (low, high, ((1u32 << (w / 2)) - 1) as u16)
+    }
+
     /// 2x2 max pooling (with `winners`) or average pooling (without) of `planes` planes of h rows of w
     /// values, `ld` apart (w <= 32 and even).
     ///
@@ -227,9 +236,7 @@ mod avx512 {
     pub unsafe fn pool2(rows: Rows, x: &[f32], y: &mut [f32], mut winners: Option<&mut [u8]>) {
         let Rows { planes, h, w, ld } = rows;
         let (ho, wo) = (h / 2, w / 2);
-        let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
-        let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
-        let out: __mmask16 = ((1u32 << wo) - 1) as u16;
+        let (low, high, out) = row_masks(w);
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
         // A row's even and odd columns.
@@ -270,9 +277,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn avgpool2_backward(planes: usize, h: usize, w: usize, dy: &[f32], dx: &mut [f32]) {
         let (ho, wo) = (h / 2, w / 2);
-        let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
-        let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
-        let out: __mmask16 = ((1u32 << wo) - 1) as u16;
+        let (low, high, out) = row_masks(w);
         // Each value twice, in order: the first 16 of a row, then the rest.
         let first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
         let rest = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
@@ -296,9 +301,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     pub unsafe fn maxpool2_backward(planes: usize, h: usize, w: usize, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
         let (ho, wo) = (h / 2, w / 2);
-        let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
-        let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
-        let out: __mmask16 = ((1u32 << wo) - 1) as u16;
+        let (low, high, out) = row_masks(w);
         // Even and odd columns back into a row: the first 16 values, then the rest.
         let first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
         let rest = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
