@@ -10,9 +10,11 @@ use crate::cpu::isa::{isa, Isa};
 use crate::cpu::reference::conv::plane_total;
 
 /// The planes of a group, summed in one vector's lanes.
+#[cfg(target_arch = "x86_64")]
 const GROUP: usize = 8;
 
 /// The groups whose chains of additions run side by side.
+#[cfg(target_arch = "x86_64")]
 const GROUPS: usize = 4;
 
 /// `plane_total` of each plane of `len` values in `planes`, into `totals`.
