@@ -175,6 +175,14 @@ pub(super) fn copy_rows(dst: &mut [f32], dst_ld: usize, src: &[f32], src_ld: usi
     }
 }
 
+/// For a row of w <= 32 values: the AVX-512 masks of its first 16 and of the rest.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn row_masks(w: usize) -> (u16, u16) {
+    let low = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
+    let high = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+    (low, high)
+}
+
 /// `copy_rows` for w <= 32.
 ///
 /// # Safety
@@ -183,8 +191,7 @@ pub(super) fn copy_rows(dst: &mut [f32], dst_ld: usize, src: &[f32], src_ld: usi
 #[target_feature(enable = "avx512f")]
 unsafe fn copy_rows_avx512(dst: *mut f32, dst_ld: usize, src: *const f32, src_ld: usize, rows: usize, w: usize) {
     use std::arch::x86_64::*;
-    let low: __mmask16 = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
-    let high: __mmask16 = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+    let (low, high) = row_masks(w);
     for r in 0..rows {
         let (from, to) = (src.add(r * src_ld), dst.add(r * dst_ld));
         _mm512_mask_storeu_ps(to, low, _mm512_maskz_loadu_ps(low, from));

@@ -11,11 +11,11 @@ use crate::cpu::isa::{isa, Isa};
 use crate::cpu::reference::pool;
 use crate::model::{Layer, Shape};
 
-/// Planes of s in x, and the output count, for a 2x2 pooling the vector forms run (h and w even);
-/// panics if x or y has the wrong length.
+/// Planes of s in x, and the output count, for a 2x2 max or average pooling `layer` the vector
+/// forms run (h and w even; None for any other layer); panics if x or y has the wrong length.
 #[cfg(target_arch = "x86_64")]
-fn pooled(s: Shape, x: usize, y: usize) -> Option<(usize, usize)> {
-    let runs = isa() != Isa::Baseline;
+fn pooled(layer: &Layer, s: Shape, x: usize, y: usize) -> Option<(usize, usize)> {
+    let runs = isa() != Isa::Baseline && matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     if !runs || !s.w.is_multiple_of(2) || !s.h.is_multiple_of(2) {
         return None;
     }
@@ -27,12 +27,10 @@ fn pooled(s: Shape, x: usize, y: usize) -> Option<(usize, usize)> {
 
 /// Pooling layer `layer` over as many planes of `s` as x holds, as `pool::forward_serial`.
 pub fn forward_serial(layer: &Layer, s: Shape, x: &[f32], y: &mut [f32], winners: &mut [u8]) {
-    let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
-    if let Some((planes, outputs)) = pooling.then(|| pooled(s, x.len(), y.len())).flatten() {
+    if let Some((planes, outputs)) = pooled(layer, s, x.len(), y.len()) {
         return in_vectors(layer, Rows { planes, h: s.h, w: s.w, ld: s.w }, outputs, (x, y, winners));
     }
-    let _ = pooling;
     pool::forward_serial(layer, s, x, y, winners)
 }
 
@@ -69,12 +67,10 @@ pub fn pool_plane(
 ) {
     let s = Shape { c: 1, h, w };
     assert!(h > 0 && x.len() >= (h - 1) * ld + w && ld >= w, "pool_plane: x holds fewer than {h} rows of {w}");
-    let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
-    if let Some((_, outputs)) = pooling.then(|| pooled(s, h * w, y.len())).flatten() {
+    if let Some((_, outputs)) = pooled(layer, s, h * w, y.len()) {
         return in_vectors(layer, Rows { planes: 1, h, w, ld }, outputs, (x, y, winners));
     }
-    let _ = pooling;
     for (row, from) in compact[..h * w].chunks_exact_mut(w).zip(x.chunks(ld)) {
         row.copy_from_slice(&from[..w]);
     }
@@ -83,9 +79,8 @@ pub fn pool_plane(
 
 /// dx from dy for pooling layer `layer`, as `pool::backward_serial`.
 pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: &mut [f32]) {
-    let pooling = matches!(layer, Layer::MaxPool2 | Layer::AvgPool2);
     #[cfg(target_arch = "x86_64")]
-    if let Some((planes, _)) = pooling.then(|| pooled(s, dx.len(), dy.len())).flatten() {
+    if let Some((planes, _)) = pooled(layer, s, dx.len(), dy.len()) {
         // SAFETY: the CPU has the features of the form isa() picks; the lengths are checked (pooled
         // and below).
         match (layer, isa()) {
@@ -104,7 +99,6 @@ pub fn backward_serial(layer: &Layer, s: Shape, winners: &[u8], dy: &[f32], dx: 
             _ => {}
         }
     }
-    let _ = pooling;
     pool::backward_serial(layer, s, winners, dy, dx)
 }
 
@@ -221,8 +215,7 @@ mod avx512 {
     /// outputs.
     #[inline(always)]
     fn row_masks(w: usize) -> (__mmask16, __mmask16, __mmask16) {
-        let low = if w >= 16 { 0xffff } else { (1u16 << w) - 1 };
-        let high = if w > 16 { ((1u32 << (w - 16)) - 1) as u16 } else { 0 };
+        let (low, high) = crate::cpu::fused::fma::row_masks(w);
         (low, high, ((1u32 << (w / 2)) - 1) as u16)
     }
 
