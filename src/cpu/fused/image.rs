@@ -4,13 +4,14 @@
 
 use std::cell::RefCell;
 
+use super::moments::{image_plane_sums, Terms};
 use super::pool;
 use super::products::{self, Products};
 use super::store::{input_image, read_write, Lens, View};
 use super::totals::plane_totals;
 use crate::cpu::executor::DropoutMode;
 use crate::cpu::isa::vectorized;
-use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, dy_xhat, plane_sums, BnDims, BnSaved};
+use crate::cpu::reference::batchnorm::{affine_image, backward_dx_image, BnDims, BnSaved};
 use crate::cpu::reference::conv::{with_columns, ConvDims, ImageGrads};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::net::tensor;
@@ -208,9 +209,7 @@ impl Ctx<'_> {
         let s = self.model.input_of(b);
         let x = input_image(self.plan, self.model, v.input, &v.buffers, j, b);
         let sums = &mut v.image_sums[b][j * 2 * s.c..][..2 * s.c];
-        for (ch, p) in x.chunks_exact(s.h * s.w).enumerate() {
-            (sums[2 * ch], sums[2 * ch + 1]) = plane_sums(p, p, |v, _| v as f64, |v, _| v as f64 * v as f64);
-        }
+        image_plane_sums(x, x, s.h * s.w, Terms::Moments, sums);
     }
 
     /// Image `img` through the network's layers before the batched ones in evaluation mode, in this
@@ -363,10 +362,7 @@ impl Ctx<'_> {
         let s = self.model.shapes[b];
         let x = input_image(self.plan, self.model, v.input, &v.buffers, j, b);
         let sums = &mut v.image_sums[b][j * 2 * s.c..][..2 * s.c];
-        let planes = dy.chunks_exact(s.h * s.w).zip(x.chunks_exact(s.h * s.w));
-        for (ch, (g, x)) in planes.enumerate() {
-            (sums[2 * ch], sums[2 * ch + 1]) = plane_sums(g, x, |g, _| g as f64, dy_xhat(&self.norms[b].saved, ch));
-        }
+        image_plane_sums(dy, x, s.h * s.w, Terms::DyXhat(&self.norms[b].saved), sums);
     }
 
     /// Batchnorm `b`'s weight (gamma).

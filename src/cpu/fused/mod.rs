@@ -18,6 +18,7 @@
 mod batched;
 mod fma;
 mod image;
+mod moments;
 mod pool;
 mod products;
 mod shifted;
