@@ -22,6 +22,7 @@ mod moments;
 mod pool;
 mod products;
 mod shifted;
+mod small;
 mod store;
 mod totals;
 
@@ -61,6 +62,8 @@ pub struct FusedNet {
     dlogits: Vec<f32>,
     /// Gradients of the trainable prefix of the state buffer, from the last backward pass.
     pub grads: Vec<f32>,
+    /// A convolution's groups' weight gradients summed, as the groups keep them.
+    summed: Vec<f32>,
     /// Whether the last forward pass trained (its logits are in the plan's last buffer).
     trained: bool,
     timing: Option<Vec<OpTime>>,
@@ -83,6 +86,7 @@ impl FusedNet {
             eval_logits: Vec::new(),
             dlogits: Vec::new(),
             grads: vec![0.0; model.num_trainable],
+            summed: Vec::new(),
             trained: false,
             timing: None,
         }
@@ -328,8 +332,10 @@ impl FusedNet {
         let groups = n.div_ceil(group_size(n));
         for i in 0..self.plan.passes.batched.start {
             let Some((d, w)) = self.model.conv(i, 1) else { continue };
-            let wl = d.weight_len();
-            sum_rows(&self.store.partials[i][..groups * wl], &mut self.grads[w..w + wl]);
+            let (wl, pl) = (d.weight_len(), self.lens.partials[i]);
+            self.summed.resize(pl, 0.0);
+            sum_rows(&self.store.partials[i][..groups * pl], &mut self.summed);
+            products::gradient_from_partial(&d, Products::fastest(), &self.summed, &mut self.grads[w..w + wl]);
             if let Some(b) = self.model.conv_bias(i) {
                 let totals = image_order_sums(&self.store.image_sums[i][..n * d.cout], d.cout);
                 self.grads[b..b + d.cout].iter_mut().zip(totals).for_each(|(g, t)| *g = t as f32);

@@ -1,18 +1,20 @@
 //! How the fused executor's convolutions run their matrix products: the register-block kernels of
 //! `fma.rs` where this CPU has FMA and a row of output pixels fills several vectors (over the padded
-//! image's taps, `shifted.rs`, for a k x k convolution; over the image itself for a 1x1 one), else the
-//! reference's own per-image functions (im2col and the GEMM).
+//! image's taps, `shifted.rs`, for a k x k convolution; over the image itself for a 1x1 one), the
+//! reference's products computed as it sums them where the output plane is small (`small.rs`), else
+//! the reference's own per-image functions (im2col and the GEMM).
 
 use super::fma::{self, Every, Operand};
-use super::shifted;
+use super::{shifted, small};
 use crate::cpu::reference::conv::{self, col2im, im2col, ConvDims, ImageGrads};
 
 /// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the kernels of
-/// `fma.rs` (on CPUs with FMA).
+/// `fma.rs` (on CPUs with FMA), over whole rows of pixels or (`Small`) as the reference sums them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Products {
     Gemm,
     Kernel,
+    Small,
 }
 
 impl Products {
@@ -25,19 +27,19 @@ impl Products {
         }
     }
 
-    /// The kernels pay where a row of pixels fills several vectors; below that (a 5x5 output),
-    /// their partial vectors and lane sums cost more than the GEMM's packing, and the weight
+    /// The kernels over rows of pixels pay where a row fills several vectors; below that (a 5x5
+    /// output), their partial vectors and lane sums cost more than the GEMM's packing, and the weight
     /// gradient summed over the pixels in another order than the reference's drifts further from
-    /// float64 in the golden Adam steps (a product over each pixel's taps was tried: 2.9e-4 on
-    /// conv1's weights after ten steps, against PyTorch's 4e-6).
+    /// float64 in the golden Adam steps (2.9e-4 on conv1's weights after ten steps, against
+    /// PyTorch's 4e-6): there `small.rs` keeps the reference's order.
     const KERNEL_MIN_PIXELS: usize = 64;
 
     /// What convolution `d` runs with.
     fn for_conv(self, d: &ConvDims) -> Products {
-        if d.col_cols() < Self::KERNEL_MIN_PIXELS {
-            Products::Gemm
-        } else {
-            self
+        match self {
+            Products::Kernel if d.col_cols() < Self::KERNEL_MIN_PIXELS && small::runs(d) => Products::Small,
+            Products::Kernel if d.col_cols() < Self::KERNEL_MIN_PIXELS => Products::Gemm,
+            p => p,
         }
     }
 
@@ -74,8 +76,11 @@ pub fn flip(d: &ConvDims, weight: &[f32], p: Products, flipped: &mut Vec<f32>) {
 /// One image's forward convolution, y_img = weight x x_img's columns, with `col` (from
 /// `conv::with_columns`) as scratch where im2col runs.
 pub fn forward_image(d: &ConvDims, x_img: &[f32], weight: &[f32], y_img: &mut [f32], col: &mut [f32], p: Products) {
-    if p.for_conv(d) == Products::Gemm {
+    let p = p.for_conv(d);
+    if p == Products::Gemm {
         conv::forward_image(d, x_img, weight, y_img, col);
+    } else if p == Products::Small {
+        small::forward_image(d, x_img, weight, y_img);
     } else if shifted::runs(d) {
         shifted::forward_image(d, x_img, weight, y_img);
     } else if d.is_pointwise() {
@@ -97,8 +102,10 @@ pub fn forward_planes(
     p: Products,
     mut each: impl FnMut(usize, &mut [f32], usize),
 ) {
-    if p.for_conv(d) == Products::Kernel && shifted::runs(d) {
-        return shifted::forward_planes(d, x_img, weight, each);
+    match p.for_conv(d) {
+        Products::Kernel if shifted::runs(d) => return shifted::forward_planes(d, x_img, weight, each),
+        Products::Small => return small::forward_planes(d, x_img, weight, each),
+        _ => {}
     }
     forward_image(d, x_img, weight, y_img, col, p);
     for (c, plane) in y_img.chunks_exact_mut(d.ho() * d.wo()).enumerate() {
@@ -109,8 +116,10 @@ pub fn forward_planes(
 /// One image's gradients (see `ImageGrads`), with `col` as scratch where im2col runs; `flipped` is
 /// what `flip` gave for these weights.
 pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products, flipped: &[f32]) {
-    if p.for_conv(d) == Products::Gemm {
-        return conv::backward_image(d, g, col);
+    match p.for_conv(d) {
+        Products::Gemm => return conv::backward_image(d, g, col),
+        Products::Small => return small::backward_image(d, g),
+        _ => {}
     }
     if shifted::runs(d) {
         return shifted::backward_image(d, g, flipped);
@@ -130,5 +139,22 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, col: &mut [f32], p: Products,
     } else {
         Products::weights_times(d, weight, true, dy, col);
         col2im(d, col, dx);
+    }
+}
+
+/// The length of a group's weight gradient for convolution `d` (see `gradient_from_partial`).
+pub fn partial_len(d: &ConvDims, p: Products) -> usize {
+    match p.for_conv(d) {
+        Products::Small => small::partial_len(d),
+        _ => d.weight_len(),
+    }
+}
+
+/// The weight gradient from the sum of the groups' (as `backward_image` keeps them: transposed
+/// where `small.rs` runs).
+pub fn gradient_from_partial(d: &ConvDims, p: Products, summed: &[f32], dw: &mut [f32]) {
+    match p.for_conv(d) {
+        Products::Small => small::untranspose(d, summed, dw),
+        _ => dw.copy_from_slice(summed),
     }
 }

@@ -1,6 +1,7 @@
 //! What the fused executor keeps of the whole batch between its passes (`Store`), and each group of
 //! images' share of it (`View`), which one thread works on during a pass.
 
+use super::products::{partial_len, Products};
 use crate::model::plan::Plan;
 use crate::model::{Layer, Model};
 
@@ -19,7 +20,7 @@ pub(super) struct Store {
     /// Per layer, per image: a batchnorm's two sums per channel (forward: of x and x^2; backward: of
     /// dy and dy * xhat), a convolution's bias gradient per channel.
     pub image_sums: Vec<Vec<f64>>,
-    /// Per convolution layer, per group: the group's weight gradient.
+    /// Per convolution layer, per group: the group's weight gradient (`products::partial_len`).
     pub partials: Vec<Vec<f32>>,
 }
 
@@ -62,7 +63,7 @@ pub(super) fn lens(model: &Model, plan: &Plan) -> Lens {
             Layer::BatchNorm { c, .. } => 2 * c,
             _ => model.conv_bias(i).map_or(0, |_| model.conv(i, 1).expect("a convolution").0.cout),
         }),
-        partials: by_layer(&|i| model.conv(i, 1).map_or(0, |(d, _)| d.weight_len())),
+        partials: by_layer(&|i| model.conv(i, 1).map_or(0, |(d, _)| partial_len(&d, Products::fastest()))),
         largest: model.shapes.iter().map(|s| s.len()).chain([model.input.len()]).max().unwrap_or(0),
     }
 }
