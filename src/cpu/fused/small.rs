@@ -138,55 +138,36 @@ fn transpose(a: &[f32], len: usize, t: &mut [f32], ld: usize) {
     }
 }
 
-/// Defines `$name`, which runs `$body` (generic over `RowOps`) with AVX-512's masked moves where
-/// this CPU has them, else value by value.
-macro_rules! with_rows {
-    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:ident) => {
-        $(#[$doc])*
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if isa() == Isa::Avx512 {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn masked($($arg: $ty),*) {
-                    $body(masked::Masked, $($arg),*)
-                }
-                // SAFETY: the CPU has AVX-512 F.
-                return unsafe { masked($($arg),*) };
-            }
-            $body(Plain, $($arg),*)
-        }
-    };
-}
-
-with_rows!(
-    /// im2col of an unpadded convolution's image into `col`, rows `width` apart.
-    fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32], width: usize) im2col_rows
-);
-
-#[inline(always)]
-fn im2col_rows(ops: impl RowOps, d: &ConvDims, x: &[f32], col: &mut [f32], width: usize) {
+/// im2col of an unpadded convolution's image into `col`, rows `width` apart.
+fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32], width: usize) {
+    assert!(x.len() == d.in_image() && col.len() >= d.col_rows() * width && width.is_multiple_of(16) && width <= 64);
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 F; the slices' lengths are checked above.
+        return unsafe { avx512::im2col(d, x, col, width) };
+    }
     let (k, wo) = (d.k, d.wo());
     for (ci, plane) in x.chunks_exact(d.h * d.w).enumerate() {
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * width..][..d.col_cols()];
-                let from = &plane[(ky * d.w + kx)..][..(d.ho() - 1) * d.w + wo];
-                for oy in 0..d.ho() {
-                    ops.copy(&mut row[oy * wo..][..wo], &from[oy * d.w..][..wo]);
+                for (oy, to) in row.chunks_exact_mut(wo).enumerate() {
+                    to.copy_from_slice(&plane[(oy + ky) * d.w + kx..][..wo]);
                 }
             }
         }
     }
 }
 
-with_rows!(
-    /// The adjoint of `im2col` as the reference's `col2im` runs it: dx zeroed, then each column row
-    /// added back onto the pixels it was read from, rows in order.
-    fn col2im(d: &ConvDims, col: &[f32], width: usize, dx: &mut [f32]) col2im_rows
-);
-
-#[inline(always)]
-fn col2im_rows(ops: impl RowOps, d: &ConvDims, col: &[f32], width: usize, dx: &mut [f32]) {
+/// The adjoint of `im2col` as the reference's `col2im` runs it: dx zeroed, then each column row added
+/// back onto the pixels it was read from, rows in order (so each pixel adds its taps in order).
+fn col2im(d: &ConvDims, col: &[f32], width: usize, dx: &mut [f32]) {
+    assert!(dx.len() == d.in_image() && col.len() >= d.col_rows() * width);
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 && d.w <= 16 {
+        // SAFETY: the CPU has AVX-512 F; the slices' lengths are checked above, a row fits a vector.
+        return unsafe { avx512::col2im(d, col, width, dx) };
+    }
     let (k, wo) = (d.k, d.wo());
     dx.fill(0.0);
     for (ci, plane) in dx.chunks_exact_mut(d.h * d.w).enumerate() {
@@ -194,79 +175,86 @@ fn col2im_rows(ops: impl RowOps, d: &ConvDims, col: &[f32], width: usize, dx: &m
             for kx in 0..k {
                 let row = &col[((ci * k + ky) * k + kx) * width..][..d.col_cols()];
                 for (oy, from) in row.chunks_exact(wo).enumerate() {
-                    ops.add(&mut plane[(oy + ky) * d.w + kx..][..wo], from);
+                    let to = &mut plane[(oy + ky) * d.w + kx..][..wo];
+                    to.iter_mut().zip(from).for_each(|(t, f)| *t += f);
                 }
             }
         }
-    }
-}
-
-/// Copies and adds of short rows (a plane's row, a window's).
-trait RowOps: Copy {
-    /// to = from (as long).
-    fn copy(self, to: &mut [f32], from: &[f32]);
-    /// to += from (as long), value by value.
-    fn add(self, to: &mut [f32], from: &[f32]);
-}
-
-#[derive(Clone, Copy)]
-struct Plain;
-
-impl RowOps for Plain {
-    #[inline(always)]
-    fn copy(self, to: &mut [f32], from: &[f32]) {
-        to.iter_mut().zip(from).for_each(|(t, f)| *t = *f);
-    }
-    #[inline(always)]
-    fn add(self, to: &mut [f32], from: &[f32]) {
-        to.iter_mut().zip(from).for_each(|(t, f)| *t += f);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-mod masked {
+mod avx512 {
     use std::arch::x86_64::*;
 
-    /// Sixteen values at a time, the last ones under a mask. Only inlined into functions compiled for
-    /// AVX-512 F (`with_rows!`).
-    #[derive(Clone, Copy)]
-    pub struct Masked;
+    use crate::cpu::reference::conv::ConvDims;
 
-    #[inline(always)]
-    fn mask(left: usize) -> u16 {
-        if left >= 16 {
-            0xffff
-        } else {
-            (1u16 << left) - 1
+    /// The lanes first..end of a vector (end - first <= 16).
+    fn lanes(first: usize, end: usize) -> u16 {
+        (((1u32 << (end - first)) - 1) << first) as u16
+    }
+
+    /// `im2col`: each vector of a column row gathered from the plane's rows by masked loads (a 5x5
+    /// output's row is two vectors, six loads), its lanes past the pixels zero.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; x holds an image, col d.col_rows() rows of `width` (a multiple of 16,
+    /// at most 64).
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32], width: usize) {
+        let (k, ho, wo) = (d.k, d.ho(), d.wo());
+        // Per vector of a column row, the output rows it holds: their lanes, and where lane 0 would
+        // read (relative to the tap's window) for lane l to read its pixel.
+        let mut parts = [[(0u16, 0isize); 17]; 4];
+        let mut counts = [0usize; 4];
+        for (v, first) in (0..width).step_by(16).enumerate() {
+            for oy in first / wo..ho.min((first + 16).div_ceil(wo)) {
+                let (a, b) = ((oy * wo).max(first), (oy * wo + wo).min(first + 16));
+                // Lane l holds pixel first + l: column first + l - oy * wo of row oy.
+                parts[v][counts[v]] = (lanes(a - first, b - first), (oy * d.w + first) as isize - (oy * wo) as isize);
+                counts[v] += 1;
+            }
+        }
+        for ci in 0..d.cin {
+            for ky in 0..k {
+                for kx in 0..k {
+                    let window = x.as_ptr().add(ci * d.h * d.w + ky * d.w + kx);
+                    let row = col.as_mut_ptr().add(((ci * k + ky) * k + kx) * width);
+                    for (v, parts) in parts.iter().enumerate().take(width / 16) {
+                        // Each row's lanes loaded on their own (no load waits on another), then joined.
+                        let mut joined = _mm512_setzero_si512();
+                        for &(m, at) in &parts[..counts[v]] {
+                            let part = _mm512_maskz_loadu_ps(m, window.wrapping_offset(at));
+                            joined = _mm512_or_si512(joined, _mm512_castps_si512(part));
+                        }
+                        _mm512_storeu_ps(row.add(16 * v), _mm512_castsi512_ps(joined));
+                    }
+                }
+            }
         }
     }
 
-    impl super::RowOps for Masked {
-        #[inline(always)]
-        fn copy(self, to: &mut [f32], from: &[f32]) {
-            assert_eq!(to.len(), from.len());
-            for i in (0..to.len()).step_by(16) {
-                let m = mask(to.len() - i);
-                // SAFETY: the mask covers only values inside both slices; the caller runs on AVX-512 F.
-                unsafe {
-                    _mm512_mask_storeu_ps(to.as_mut_ptr().add(i), m, _mm512_maskz_loadu_ps(m, from.as_ptr().add(i)))
-                };
-            }
-        }
-        #[inline(always)]
-        fn add(self, to: &mut [f32], from: &[f32]) {
-            assert_eq!(to.len(), from.len());
-            for i in (0..to.len()).step_by(16) {
-                let m = mask(to.len() - i);
-                // SAFETY: as in copy.
-                unsafe {
-                    let (t, f) = (to.as_mut_ptr().add(i), from.as_ptr().add(i));
-                    _mm512_mask_storeu_ps(
-                        t,
-                        m,
-                        _mm512_add_ps(_mm512_maskz_loadu_ps(m, t), _mm512_maskz_loadu_ps(m, f)),
-                    );
+    /// `col2im`, a row of dx in a register while its taps' column rows are added onto it under masks,
+    /// taps in order (no pixel is stored and read back between two of its additions).
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F; d.w <= 16; dx holds an image, col d.col_rows() rows of `width`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn col2im(d: &ConvDims, col: &[f32], width: usize, dx: &mut [f32]) {
+        let (k, ho, wo) = (d.k, d.ho(), d.wo());
+        for ci in 0..d.cin {
+            for iy in 0..d.h {
+                let mut sums = _mm512_setzero_ps();
+                for ky in (0..k).filter(|&ky| iy >= ky && iy - ky < ho) {
+                    for kx in 0..k {
+                        // Column row (ci, ky, kx)'s output row iy - ky lands on columns kx..kx + wo.
+                        let from = col.as_ptr().add(((ci * k + ky) * k + kx) * width + (iy - ky) * wo);
+                        let m = lanes(kx, kx + wo);
+                        let v = _mm512_maskz_loadu_ps(m, from.wrapping_sub(kx));
+                        sums = _mm512_mask_add_ps(sums, m, sums, v);
+                    }
                 }
+                _mm512_mask_storeu_ps(dx.as_mut_ptr().add((ci * d.h + iy) * d.w), lanes(0, d.w), sums);
             }
         }
     }
