@@ -151,9 +151,7 @@ fn im2col(d: &ConvDims, x: &[f32], col: &mut [f32], width: usize) {
         for ky in 0..k {
             for kx in 0..k {
                 let row = &mut col[((ci * k + ky) * k + kx) * width..][..d.col_cols()];
-                for (oy, to) in row.chunks_exact_mut(wo).enumerate() {
-                    to.copy_from_slice(&plane[(oy + ky) * d.w + kx..][..wo]);
-                }
+                copy_rows(row, wo, &plane[ky * d.w + kx..], d.w, d.ho(), wo);
             }
         }
     }
