@@ -65,7 +65,7 @@ pub fn image_plane_sums(a: &[f32], b: &[f32], len: usize, terms: Terms, sums: &m
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Terms;
+    use crate::cpu::fused::moments::{Terms, SIDE};
     use crate::cpu::isa::{isa, Isa};
 
     /// Eight f64 lanes: one AVX-512 register, or two AVX2 ones.
@@ -163,12 +163,12 @@ mod x86 {
         match (side, isa() == Isa::Avx512, matches!(terms, Terms::Moments)) {
             (1, true, true) => avx512::<1, false>(a, b, len, terms, c, out),
             (1, true, false) => avx512::<1, true>(a, b, len, terms, c, out),
-            (_, true, true) => avx512::<{ super::SIDE }, false>(a, b, len, terms, c, out),
-            (_, true, false) => avx512::<{ super::SIDE }, true>(a, b, len, terms, c, out),
+            (_, true, true) => avx512::<SIDE, false>(a, b, len, terms, c, out),
+            (_, true, false) => avx512::<SIDE, true>(a, b, len, terms, c, out),
             (1, false, true) => avx2::<1, false>(a, b, len, terms, c, out),
             (1, false, false) => avx2::<1, true>(a, b, len, terms, c, out),
-            (_, false, true) => avx2::<{ super::SIDE }, false>(a, b, len, terms, c, out),
-            (_, false, false) => avx2::<{ super::SIDE }, true>(a, b, len, terms, c, out),
+            (_, false, true) => avx2::<SIDE, false>(a, b, len, terms, c, out),
+            (_, false, false) => avx2::<SIDE, true>(a, b, len, terms, c, out),
         }
     }
 

@@ -5,7 +5,8 @@
 //! the reference's own per-image functions (im2col and the GEMM).
 
 use super::fma::{self, Every, Operand};
-use super::{shifted, small};
+use super::shifted;
+use super::small;
 use crate::cpu::reference::conv::{self, col2im, im2col, ConvDims, ImageGrads};
 
 /// How a convolution's matrix products run: the reference's GEMM (matrixmultiply), or the kernels of

@@ -35,10 +35,15 @@ pub fn runs(d: &ConvDims) -> bool {
     d.pad == 0 && fma::available()
 }
 
-/// A column row's width: the pixels rounded up to whole blocks of `fma::product`'s columns.
-fn row_width(d: &ConvDims) -> usize {
+/// `n` rounded up to whole blocks of `fma::product`'s columns.
+fn whole_blocks(n: usize) -> usize {
     let block = if isa() == Isa::Avx512 { 32 } else { 16 };
-    d.col_cols().div_ceil(block) * block
+    n.div_ceil(block) * block
+}
+
+/// A column row's width: the pixels in whole blocks.
+fn row_width(d: &ConvDims) -> usize {
+    whole_blocks(d.col_cols())
 }
 
 /// c (m x n, rows `ldc` apart) = a (m x k) x b (k rows of n, `ldb` apart), plus c when `accumulate`,
@@ -108,11 +113,9 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads) {
     });
 }
 
-/// The output channels of a weight gradient's transposed rows: rounded up to whole blocks of
-/// `fma::product`'s columns.
+/// The width of a weight gradient's transposed rows: the output channels in whole blocks.
 fn padded_cout(d: &ConvDims) -> usize {
-    let block = if isa() == Isa::Avx512 { 32 } else { 16 };
-    d.cout.div_ceil(block) * block
+    whole_blocks(d.cout)
 }
 
 /// The length of a group's weight gradient as `backward_image` keeps it, transposed.
