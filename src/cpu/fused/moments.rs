@@ -49,7 +49,7 @@ pub fn image_plane_sums(a: &[f32], b: &[f32], len: usize, terms: Terms, sums: &m
                 let out = &mut sums[2 * c..][..2 * side];
                 // SAFETY: the CPU has AVX2 (isa() is not the baseline), AVX-512 where isa() says so;
                 // a, b and out hold `side` planes.
-                unsafe { x86::side_by_side(side, a, b, len, terms, c, out) };
+                unsafe { x86::side_by_side(side, x86::Planes { a, b, len, terms, c }, out) };
                 c += side;
             }
         }
@@ -154,59 +154,49 @@ mod x86 {
         }
     }
 
-    /// `image_plane_sums` of `side` (1 or SIDE) planes from channel `c` on.
+    /// What `planes` reads: planes of `len` values in `a` and `b` from channel `c` on, and their terms.
+    #[derive(Clone, Copy)]
+    pub struct Planes<'a> {
+        pub a: &'a [f32],
+        pub b: &'a [f32],
+        pub len: usize,
+        pub terms: Terms<'a>,
+        pub c: usize,
+    }
+
+    /// `image_plane_sums` of `side` (1 or SIDE) planes.
     ///
     /// # Safety
-    /// The CPU has AVX2, and AVX-512 where `isa()` says so; a and b hold `side` planes of len values,
-    /// out 2 * side sums.
-    pub unsafe fn side_by_side(side: usize, a: &[f32], b: &[f32], len: usize, terms: Terms, c: usize, out: &mut [f64]) {
-        match (side, isa() == Isa::Avx512, matches!(terms, Terms::Moments)) {
-            (1, true, true) => avx512::<1, false>(a, b, len, terms, c, out),
-            (1, true, false) => avx512::<1, true>(a, b, len, terms, c, out),
-            (_, true, true) => avx512::<SIDE, false>(a, b, len, terms, c, out),
-            (_, true, false) => avx512::<SIDE, true>(a, b, len, terms, c, out),
-            (1, false, true) => avx2::<1, false>(a, b, len, terms, c, out),
-            (1, false, false) => avx2::<1, true>(a, b, len, terms, c, out),
-            (_, false, true) => avx2::<SIDE, false>(a, b, len, terms, c, out),
-            (_, false, false) => avx2::<SIDE, true>(a, b, len, terms, c, out),
+    /// The CPU has AVX2, and AVX-512 where `isa()` says so; p.a and p.b hold `side` planes of p.len
+    /// values, out 2 * side sums.
+    pub unsafe fn side_by_side(side: usize, p: Planes, out: &mut [f64]) {
+        match (side, isa() == Isa::Avx512, matches!(p.terms, Terms::Moments)) {
+            (1, true, true) => avx512::<1, false>(p, out),
+            (1, true, false) => avx512::<1, true>(p, out),
+            (_, true, true) => avx512::<SIDE, false>(p, out),
+            (_, true, false) => avx512::<SIDE, true>(p, out),
+            (1, false, true) => avx2::<1, false>(p, out),
+            (1, false, false) => avx2::<1, true>(p, out),
+            (_, false, true) => avx2::<SIDE, false>(p, out),
+            (_, false, false) => avx2::<SIDE, true>(p, out),
         }
     }
 
     #[target_feature(enable = "avx2,avx512f,avx512vl")]
-    unsafe fn avx512<const P: usize, const XHAT: bool>(
-        a: &[f32],
-        b: &[f32],
-        len: usize,
-        t: Terms,
-        c: usize,
-        out: &mut [f64],
-    ) {
-        planes::<Zmm, P, XHAT>(a, b, len, t, c, out)
+    unsafe fn avx512<const P: usize, const XHAT: bool>(p: Planes, out: &mut [f64]) {
+        planes::<Zmm, P, XHAT>(p, out)
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn avx2<const P: usize, const XHAT: bool>(
-        a: &[f32],
-        b: &[f32],
-        len: usize,
-        t: Terms,
-        c: usize,
-        out: &mut [f64],
-    ) {
-        planes::<Ymm2, P, XHAT>(a, b, len, t, c, out)
+    unsafe fn avx2<const P: usize, const XHAT: bool>(p: Planes, out: &mut [f64]) {
+        planes::<Ymm2, P, XHAT>(p, out)
     }
 
     /// P planes' sums, each in its eight lanes: value i into lane i % 8 in order (the last len % 8
     /// values one by one), then the lanes added in order, as `plane_sums` does.
     #[inline(always)]
-    unsafe fn planes<L: Lanes, const P: usize, const XHAT: bool>(
-        a: &[f32],
-        b: &[f32],
-        len: usize,
-        terms: Terms,
-        c: usize,
-        out: &mut [f64],
-    ) {
+    unsafe fn planes<L: Lanes, const P: usize, const XHAT: bool>(planes: Planes, out: &mut [f64]) {
+        let Planes { a, b, len, terms, c } = planes;
         assert!(a.len() == P * len && b.len() == P * len && out.len() == 2 * P);
         let (mut mean, mut invstd) = ([0.0f32; P], [0.0f32; P]);
         if let Terms::DyXhat(saved) = terms {
