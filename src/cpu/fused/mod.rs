@@ -8,12 +8,14 @@
 //! one pass. The linear layers that end a network run after the forward passes, layer by layer over
 //! the whole batch (`batched.rs`), as one product each instead of one per image. Each layer runs the
 //! reference's own per-image functions (`image.rs`), the convolutions with the products of `fma.rs`
-//! over the padded image's taps (`shifted.rs`) where the CPU has FMA (`products.rs` decides), a
-//! convolution's bias (and in evaluation the batchnorm and ReLU after it) as its epilogue, and the 2x2
-//! poolings in vector registers (`pool.rs`). What differs from `CpuNet` is the order of some sums: a batchnorm's mean
-//! and variance come from one pass of sums and sums of squares (f64), and the weight gradients are dot
-//! products summed in vector lanes, then in groups of images (`store.rs`). Every sum is kept per image
-//! or per group and added in image order, so the results do not depend on the number of threads.
+//! where the CPU has FMA (`products.rs` decides): over the padded image's taps (`shifted.rs`), or in
+//! the reference's order where the output plane is small (`small.rs`). A batchnorm's per-image sums
+//! run in vector lanes (`moments.rs`), a convolution's bias (and in evaluation the batchnorm and ReLU
+//! after it) as its epilogue, the 2x2 poolings in vector registers (`pool.rs`). What differs from
+//! `CpuNet` is the order of some sums: a batchnorm's mean and variance come from one pass of sums and
+//! sums of squares (f64), and the larger convolutions' weight gradients are dot products summed in
+//! vector lanes, then in groups of images (`store.rs`). Every sum is kept per image or per group and
+//! added in image order, so the results do not depend on the number of threads.
 
 mod batched;
 mod fma;

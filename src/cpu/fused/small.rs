@@ -282,11 +282,14 @@ mod tests {
 
     /// Forward pass, weight gradient (written, then added) and input gradient, bit for bit the
     /// reference's, on shapes with more taps than a block of k (`KC`), fewer channels than a vector,
-    /// and a 1x1 convolution.
+    /// 1x1 convolutions, rows of two blocks of pixels and outputs one pixel wide.
     #[test]
     fn small_products_are_the_references_bit_for_bit() {
-        for (cin, hw, k, cout) in [(32, 7, 3, 32), (16, 7, 3, 12), (30, 7, 3, 10), (32, 5, 1, 10), (3, 6, 2, 40)] {
-            let d = ConvDims { n: 2, cin, h: hw, w: hw, cout, k, pad: 0 };
+        let shapes = [(32, 7, 7, 3, 32), (16, 7, 7, 3, 12), (30, 7, 7, 3, 10), (32, 5, 5, 1, 10), (3, 6, 6, 2, 40)];
+        // Rows of more than one block of pixels (7x7 outputs), and outputs one pixel wide.
+        let others = [(8, 9, 9, 3, 16), (4, 9, 3, 3, 5), (2, 20, 1, 1, 3)];
+        for (cin, h, w, k, cout) in shapes.into_iter().chain(others) {
+            let d = ConvDims { n: 2, cin, h, w, cout, k, pad: 0 };
             // Without FMA (MNIST_WGPU_CPU_ISA=baseline) the reference's GEMM runs instead.
             assert_eq!(runs(&d), fma::available());
             if !runs(&d) {
@@ -294,7 +297,7 @@ mod tests {
             }
             let (x, weight) = (values(2 * d.in_image(), 1), values(d.weight_len(), 2));
             let dy = values(2 * d.out_image(), 3);
-            let what = format!("cin {cin}, {hw}x{hw}, k {k}, cout {cout}");
+            let what = format!("cin {cin}, {h}x{w}, k {k}, cout {cout}");
             let (mut y, mut y_ref) = (vec![0.0; d.out_image()], vec![0.0; d.out_image()]);
             forward_image(&d, &x[..d.in_image()], &weight, &mut y);
             conv::with_columns(&d, |col| conv::forward_image(&d, &x[..d.in_image()], &weight, &mut y_ref, col));
