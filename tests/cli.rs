@@ -262,8 +262,10 @@ fn twenty_kills_at_random_moments_lose_nothing() {
     let dir = scratch("kill");
     let data = dir.join("data");
     write_mnist_subset(&data, 200, 50);
+    // Enough epochs that the 20 kills (about 3 s of running) come well before the end on the CPU
+    // backend (100 epochs once finished after 18).
     let flags = |out: &Path| -> Vec<String> {
-        let args = ["train", "--backend", "cpu", "--epochs", "100", "--batch-size", "20", "--loader-threads", "1"];
+        let args = ["train", "--backend", "cpu", "--epochs", "300", "--batch-size", "20", "--loader-threads", "1"];
         let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         v.extend(["--data".into(), data.to_str().unwrap().into(), "--out".into(), out.to_str().unwrap().into()]);
         v
