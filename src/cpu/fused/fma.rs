@@ -202,7 +202,7 @@ unsafe fn copy_rows_avx512(dst: *mut f32, dst_ld: usize, src: *const f32, src_ld
 }
 
 /// Columns per block: two vectors.
-fn nr() -> usize {
+pub(super) fn nr() -> usize {
     match isa() {
         Isa::Avx512 => 32,
         _ => 16,

@@ -16,6 +16,7 @@
 use std::cell::RefCell;
 
 use super::fma::{self, copy_rows, Every, Operand};
+#[cfg(target_arch = "x86_64")]
 use crate::cpu::isa::{isa, Isa};
 use crate::cpu::reference::conv::{ConvDims, ImageGrads};
 use crate::cpu::scratch::with_scratch;
@@ -37,8 +38,7 @@ pub fn runs(d: &ConvDims) -> bool {
 
 /// `n` rounded up to whole blocks of `fma::product`'s columns.
 fn whole_blocks(n: usize) -> usize {
-    let block = if isa() == Isa::Avx512 { 32 } else { 16 };
-    n.div_ceil(block) * block
+    n.div_ceil(fma::nr()) * fma::nr()
 }
 
 /// A column row's width: the pixels in whole blocks.
