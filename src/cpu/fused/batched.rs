@@ -17,9 +17,10 @@ use crate::cpu::reference::gemm::{gemm, Layout};
 use crate::cpu::reference::relu::{relu_backward, relu_forward};
 use crate::model::{Layer, Model};
 
-/// Rows (images, or a weight gradient's output rows) per parallel task: enough for the product's
-/// register blocks, few enough to keep both cores busy at batch 32.
-const ROWS: usize = 16;
+/// Rows (images, or a weight gradient's output rows) per parallel task: one of `dots`'s register
+/// blocks on AVX-512, two of `product`'s on AVX2; tasks this small keep the two cores' shares of
+/// a batch of 100 within one task of each other.
+const ROWS: usize = 8;
 
 /// Elements per parallel task of a dropout.
 const CHUNK: usize = 1 << 14;
@@ -40,10 +41,8 @@ impl Batched<'_> {
             Layer::Linear { .. } => {
                 let x = x.expect("a linear layer reads another buffer");
                 let (d, w) = self.model.conv(i, self.n).expect("a linear layer");
-                self.linear_forward(&d, x, &self.state[w..w + d.weight_len()], y);
-                if let Some(b) = self.model.conv_bias(i) {
-                    bias_forward(&d, &self.state[b..b + d.cout], y);
-                }
+                let bias = self.model.conv_bias(i).map(|b| &self.state[b..b + d.cout]);
+                self.linear_forward(&d, x, &self.state[w..w + d.weight_len()], bias, y);
             }
             Layer::Relu => {
                 if let Some(x) = x {
@@ -107,14 +106,21 @@ impl Batched<'_> {
         }
     }
 
-    /// y (n x cout) = x (n x cin) times the weights (cout x cin) transposed.
-    fn linear_forward(&self, d: &ConvDims, x: &[f32], weight: &[f32], y: &mut [f32]) {
+    /// y (n x cout) = x (n x cin) times the weights (cout x cin) transposed, plus the bias (added to
+    /// each product as `bias_forward` adds it, while the task's rows are in cache).
+    fn linear_forward(&self, d: &ConvDims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
         let (cin, cout) = (d.cin, d.cout);
         if self.products == Products::Gemm {
-            return gemm(self.n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
+            gemm(self.n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
+            return if let Some(b) = bias {
+                bias_forward(d, b, y)
+            };
         }
         y.par_chunks_mut(ROWS * cout).zip(x.par_chunks(ROWS * cin)).for_each(|(y, x)| {
             fma::dots(y.len() / cout, cin, cout, x, cin, weight, Every(cin), y, cout, false);
+            if let Some(b) = bias {
+                y.chunks_exact_mut(cout).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+            }
         });
     }
 

@@ -342,67 +342,82 @@ pub fn dots<S: Starts>(
     assert!((m - 1) * lda + k <= a.len() && last_start(starts, n) + k <= b.len(), "dots: operand too short");
     assert!((m - 1) * ldc + n <= c.len(), "dots: c too short");
     assert!(available(), "dots: this CPU has no FMA");
-    let mut out = [[0.0f32; 4]; 4];
-    for i in (0..m).step_by(4) {
-        let rows = 4.min(m - i);
-        // A partial block repeats its first row of a (or of b below); those sums are not stored.
-        let a_rows: [*const f32; 4] = std::array::from_fn(|r| a[(i + r.min(rows - 1)) * lda..].as_ptr());
-        for j in (0..n).step_by(4) {
-            let cols = 4.min(n - j);
-            // SAFETY: j + s < n, the row count checked above.
-            let b_rows: [*const f32; 4] =
-                std::array::from_fn(|s| b[unsafe { starts.at(j + s.min(cols - 1)) }..].as_ptr());
-            // SAFETY: every row pointed at holds k values (checked above).
-            unsafe { dot_block(k, a_rows, b_rows, &mut out) };
-            store(&out, rows, cols, &mut c[i * ldc + j..], ldc, accumulate);
-        }
-    }
-}
-
-/// c's block of `rows` x `cols` from a 4 x 4 block of sums.
-fn store(out: &[[f32; 4]; 4], rows: usize, cols: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
-    for (r, sums) in out.iter().enumerate().take(rows) {
-        for (v, &s) in c[r * ldc..][..cols].iter_mut().zip(sums) {
-            *v = if accumulate { *v + s } else { s };
-        }
-    }
-}
-
-/// Four rows of an operand.
-type Rows = [*const f32; 4];
-
-/// The 4 x 4 dot products over k of 4 rows of a and 4 rows of b.
-///
-/// # Safety
-/// Each pointer must lead k values; the CPU must have FMA.
-unsafe fn dot_block(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
     #[cfg(target_arch = "x86_64")]
     match isa() {
-        Isa::Avx512 => return dots_avx512(k, a, b, out),
-        Isa::Avx2 => return dots_avx2(k, a, b, out),
+        // SAFETY (both): the CPU has the kernel's features; `dot_blocks` hands it rows of k values.
+        Isa::Avx512 => {
+            let kernel = |k, a, b, out: &mut _| unsafe { dots_avx512::<DOTS_MR, DOTS_NR>(k, a, b, out) };
+            return dot_blocks((m, k, n), (a, lda), (b, starts), (c, ldc, accumulate), kernel);
+        }
+        Isa::Avx2 => {
+            let kernel = |k, a, b, out: &mut _| unsafe { dots_avx2::<4, 4>(k, a, b, out) };
+            return dot_blocks((m, k, n), (a, lda), (b, starts), (c, ldc, accumulate), kernel);
+        }
         Isa::Baseline => {}
     }
-    let _ = (k, a, b, out);
-    unreachable!("checked by dots");
+    let _ = (k, a, lda, b, starts, c, ldc, accumulate);
+    unreachable!("checked above");
 }
 
-/// Defines one dot-block kernel per instruction set: 16 sums of `$lanes` lanes along k, the last
-/// partial vector through a masked load, then each sum's lanes added in a fixed order (`$block_sum`).
+/// `dots`'s block on AVX-512: 8 rows of a by 3 of b, 24 sums, so that each vector loaded from a
+/// serves three products and each from b eight (a 4 x 4 block loads one vector for every two).
+#[cfg(target_arch = "x86_64")]
+const DOTS_MR: usize = 8;
+#[cfg(target_arch = "x86_64")]
+const DOTS_NR: usize = 3;
+
+/// `dots` block by block: MR rows of a by NR rows of b, each block's sums from `kernel`. A partial
+/// block repeats its last row of a (or of b); those sums are not stored.
+#[cfg(target_arch = "x86_64")]
+fn dot_blocks<const MR: usize, const NR: usize, S: Starts>(
+    (m, k, n): (usize, usize, usize),
+    (a, lda): (&[f32], usize),
+    (b, starts): (&[f32], S),
+    (c, ldc, accumulate): (&mut [f32], usize, bool),
+    kernel: impl Fn(usize, [*const f32; MR], [*const f32; NR], &mut [[f32; NR]; MR]),
+) {
+    let mut out = [[0.0f32; NR]; MR];
+    for i in (0..m).step_by(MR) {
+        let rows = MR.min(m - i);
+        let a_rows: [*const f32; MR] = std::array::from_fn(|r| a[(i + r.min(rows - 1)) * lda..].as_ptr());
+        for j in (0..n).step_by(NR) {
+            let cols = NR.min(n - j);
+            // SAFETY: j + s < n, the row count `dots` checked.
+            let b_rows: [*const f32; NR] =
+                std::array::from_fn(|s| b[unsafe { starts.at(j + s.min(cols - 1)) }..].as_ptr());
+            kernel(k, a_rows, b_rows, &mut out);
+            for (r, sums) in out.iter().enumerate().take(rows) {
+                for (v, &s) in c[(i + r) * ldc + j..][..cols].iter_mut().zip(sums) {
+                    *v = if accumulate { *v + s } else { s };
+                }
+            }
+        }
+    }
+}
+
+/// Defines one dot-block kernel per instruction set: MR x NR sums of `$lanes` lanes along k (a's row
+/// i with b's row j), the last partial vector through a masked load, then each sum's lanes added in a
+/// fixed order (`$block_sum`).
 macro_rules! dots_kernel {
     ($(#[$doc:meta])* $name:ident, $features:literal, $lanes:literal, $vec:ty, $zero:ident, $fma:ident,
      $all:expr, $mask_of:expr, $masked_load:expr, $block_sum:expr) => {
         $(#[$doc])*
         ///
         /// # Safety
-        /// As `dot_block`; the CPU has the features named.
+        /// Each pointer leads k values; the CPU has the features named.
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name(k: usize, a: Rows, b: Rows, out: &mut [[f32; 4]; 4]) {
+        unsafe fn $name<const MR: usize, const NR: usize>(
+            k: usize,
+            a: [*const f32; MR],
+            b: [*const f32; NR],
+            out: &mut [[f32; NR]; MR],
+        ) {
             use std::arch::x86_64::*;
-            let mut acc = [[$zero(); 4]; 4];
-            let step = |p: usize, mask, acc: &mut [[$vec; 4]; 4]| {
+            let mut acc = [[$zero(); NR]; MR];
+            let step = |p: usize, mask, acc: &mut [[$vec; NR]; MR]| {
                 let load = |r: *const f32| $masked_load(r.add(p), mask);
-                let bv = [load(b[0]), load(b[1]), load(b[2]), load(b[3])];
+                let bv: [$vec; NR] = std::array::from_fn(|j| load(b[j]));
                 for (i, sums) in acc.iter_mut().enumerate() {
                     let av = load(a[i]);
                     for (s, &bj) in sums.iter_mut().zip(&bv) {
@@ -417,32 +432,38 @@ macro_rules! dots_kernel {
             if full < k {
                 step(full, $mask_of(k - full), &mut acc);
             }
-            $block_sum(&acc, out);
+            $block_sum(acc.as_flattened(), out.as_flattened_mut());
         }
     };
 }
 
 dots_kernel!(
-    /// `dot_block` on AVX-512: 16 lanes, each sum's added in `_mm512_reduce_add_ps`'s order, the 16
+    /// `dots`'s block on AVX-512: 16 lanes, each sum's added in `_mm512_reduce_add_ps`'s order, 16
     /// sums at once (`lane_sums_avx512`).
     dots_avx512, "avx512f,fma", 16, __m512, _mm512_setzero_ps, _mm512_fmadd_ps,
     !0u16,
     |left: usize| (1u16 << left) - 1,
     |p: *const f32, mask: __mmask16| _mm512_maskz_loadu_ps(mask, p),
-    |acc: &[[__m512; 4]; 4], out: &mut [[f32; 4]; 4]| lane_sums_avx512(acc, out)
+    |acc: &[__m512], out: &mut [f32]| {
+        for (vectors, sums) in acc.chunks(16).zip(out.chunks_mut(16)) {
+            // Zero vectors fill the last group: each sum adds one vector's own lanes only.
+            let v: [__m512; 16] = std::array::from_fn(|t| vectors.get(t).copied().unwrap_or(_mm512_setzero_ps()));
+            let all = lane_sums_avx512(&v);
+            sums.iter_mut().enumerate().for_each(|(t, s)| *s = all[t]);
+        }
+    }
 );
 
 /// The lanes of each of 16 vectors added as `_mm512_reduce_add_ps` adds them (lane i with i + 8, then
 /// with i + 4, i + 2 and i + 1), the 16 at once: each step adds the halves of two vectors side by side
-/// in one, so four steps leave the 16 sums in one vector, in the order of `acc` transposed.
+/// in one, so four steps leave the 16 sums in one vector. Sum t is vector t's.
 ///
 /// # Safety
 /// The CPU has AVX-512 F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn lane_sums_avx512(acc: &[[std::arch::x86_64::__m512; 4]; 4], out: &mut [[f32; 4]; 4]) {
+unsafe fn lane_sums_avx512(v: &[std::arch::x86_64::__m512; 16]) -> [f32; 16] {
     use std::arch::x86_64::*;
-    let v: [__m512; 16] = std::array::from_fn(|t| acc[t / 4][t % 4]);
     // Lane i with i + 8: the 256-bit halves of each pair of vectors.
     let w: [__m512; 8] = std::array::from_fn(|p| {
         let (a, b) = (v[2 * p], v[2 * p + 1]);
@@ -461,25 +482,20 @@ unsafe fn lane_sums_avx512(acc: &[[std::arch::x86_64::__m512; 4]; 4], out: &mut 
     let r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xdd));
     let mut sums = [0.0f32; 16];
     _mm512_storeu_ps(sums.as_mut_ptr(), r);
-    for (i, row) in out.iter_mut().enumerate() {
-        for (j, o) in row.iter_mut().enumerate() {
-            *o = sums[4 * j + i];
-        }
-    }
+    // The steps leave vector t's sum at lane 4 (t % 4) + t / 4.
+    std::array::from_fn(|t| sums[4 * (t % 4) + t / 4])
 }
 dots_kernel!(
-    /// `dot_block` on AVX2: 8 lanes, added as halves, then pairs, then the last two.
+    /// `dots`'s block on AVX2: 8 lanes, added as halves, then pairs, then the last two.
     dots_avx2, "avx2,fma", 8, __m256, _mm256_setzero_ps, _mm256_fmadd_ps,
     _mm256_set1_epi32(-1),
     |left: usize| _mm256_cmpgt_epi32(_mm256_set1_epi32(left as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
     |p: *const f32, mask: __m256i| _mm256_maskload_ps(p, mask),
-    |acc: &[[__m256; 4]; 4], out: &mut [[f32; 4]; 4]| {
-        for (sums, o) in acc.iter().zip(out.iter_mut()) {
-            for (&s, v) in sums.iter().zip(o.iter_mut()) {
-                let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-                let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
-                *v = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
-            }
+    |acc: &[__m256], out: &mut [f32]| {
+        for (&s, v) in acc.iter().zip(out.iter_mut()) {
+            let half = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+            let pairs = _mm_add_ps(half, _mm_movehl_ps(half, half));
+            *v = _mm_cvtss_f32(_mm_add_ss(pairs, _mm_shuffle_ps(pairs, pairs, 1)));
         }
     }
 );
@@ -568,16 +584,10 @@ mod tests {
             let scaled: Vec<f32> = data.iter().enumerate().map(|(i, v)| v * [1.0, 1e4, 1e-3, 3e7][i % 4]).collect();
             // SAFETY: the CPU has AVX-512 (checked above); each load reads 16 of the 256 values.
             unsafe {
-                let acc: [[__m512; 4]; 4] = std::array::from_fn(|i| {
-                    std::array::from_fn(|j| _mm512_loadu_ps(scaled[(4 * i + j) * 16..].as_ptr()))
-                });
-                let mut out = [[0.0f32; 4]; 4];
-                lane_sums_avx512(&acc, &mut out);
-                for i in 0..4 {
-                    for j in 0..4 {
-                        let want = _mm512_reduce_add_ps(acc[i][j]);
-                        assert_eq!(out[i][j].to_bits(), want.to_bits(), "seed {seed}, sum ({i}, {j})");
-                    }
+                let acc: [__m512; 16] = std::array::from_fn(|t| _mm512_loadu_ps(scaled[t * 16..].as_ptr()));
+                let sums = lane_sums_avx512(&acc);
+                for (t, &v) in acc.iter().enumerate() {
+                    assert_eq!(sums[t].to_bits(), _mm512_reduce_add_ps(v).to_bits(), "seed {seed}, sum {t}");
                 }
             }
         }
