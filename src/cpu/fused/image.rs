@@ -61,8 +61,12 @@ impl Ctx<'_> {
     /// pooling right after it in the pass pools each output plane in its epilogue (into the pooling's
     /// buffer and winners; nothing reads the convolution's own output, which stays unwritten).
     pub fn train_op(&self, v: &mut View, j: usize, i: usize, end: usize) -> usize {
+        if self.relu_joins(i, end) {
+            self.train_layer(v, j, i, true);
+            return i + 2;
+        }
         let Some(p) = self.pool_in_epilogue(i, i + 1).filter(|&p| p < end) else {
-            self.train_layer(v, j, i);
+            self.train_layer(v, j, i, false);
             return i + 1;
         };
         let (xl, yl, wl) = (self.model.input_of(i).len(), self.model.shapes[p].len(), self.lens.winners[p]);
@@ -79,26 +83,46 @@ impl Ctx<'_> {
         p + 1
     }
 
-    /// Layer `i` of a training pass on image `j` of view `v`, in the plan's buffers.
-    fn train_layer(&self, v: &mut View, j: usize, i: usize) {
+    /// Whether layer `i` is a batchnorm whose ReLU (in its buffer, inside the pass that ends at `end`)
+    /// runs in the same loop over the image.
+    fn relu_joins(&self, i: usize, end: usize) -> bool {
+        let layers = &self.model.layers;
+        matches!(layers[i], Layer::BatchNorm { .. })
+            && i + 1 < end
+            && matches!(layers[i + 1], Layer::Relu)
+            && self.plan.buffer[i + 1] == self.plan.buffer[i]
+    }
+
+    /// Layer `i` of a training pass on image `j` of view `v`, in the plan's buffers (a batchnorm with
+    /// the ReLU after it when `relu`).
+    fn train_layer(&self, v: &mut View, j: usize, i: usize, relu: bool) {
         let (xl, yl) = (self.model.input_of(i).len(), self.model.shapes[i].len());
         let out = self.plan.buffer[i];
         let wl = self.lens.winners[i];
         let winners = &mut v.winners[i][j * wl..][..wl];
         let img = v.first + j;
-        if i == 0 {
-            self.layer_forward(i, img, Some(&v.input[j * xl..][..xl]), &mut v.buffers[out][j * yl..][..yl], winners);
+        let (x, y) = if i == 0 {
+            (Some(&v.input[j * xl..][..xl]), &mut v.buffers[out][j * yl..][..yl])
         } else if self.plan.buffer[i - 1] == out {
-            self.layer_forward(i, img, None, &mut v.buffers[out][j * yl..][..yl], winners);
+            (None, &mut v.buffers[out][j * yl..][..yl])
         } else {
             let (x, y) = read_write(&mut v.buffers, self.plan.buffer[i - 1], out);
-            self.layer_forward(i, img, Some(&x[j * xl..][..xl]), &mut y[j * yl..][..yl], winners);
-        }
+            (Some(&x[j * xl..][..xl]), &mut y[j * yl..][..yl])
+        };
+        self.layer_forward(i, (img, relu), x, y, winners);
     }
 
     /// Layer `i`'s forward pass on image `img`: x into y, or y in place when x is None (a ReLU or a
-    /// dropout in its input's buffer). Dropout draws its mask as `CpuNet` does, by element index.
-    fn layer_forward(&self, i: usize, img: usize, x: Option<&[f32]>, y: &mut [f32], winners: &mut [u8]) {
+    /// dropout in its input's buffer); a batchnorm's with the ReLU after it when `relu`. Dropout draws
+    /// its mask as `CpuNet` does, by element index.
+    fn layer_forward(
+        &self,
+        i: usize,
+        (img, relu): (usize, bool),
+        x: Option<&[f32]>,
+        y: &mut [f32],
+        winners: &mut [u8],
+    ) {
         let model = self.model;
         let layer = &model.layers[i];
         let sin = model.input_of(i);
@@ -106,7 +130,11 @@ impl Ctx<'_> {
         match layer {
             Layer::Conv { .. } | Layer::Linear { .. } => self.conv_forward(i, read(), y, &self.epilogue(i, i + 1)),
             Layer::BatchNorm { .. } => {
-                affine_image(sin.h * sin.w, read(), &self.norms[i].scale, &self.norms[i].shift, y)
+                let (hw, scale, shift) = (sin.h * sin.w, &self.norms[i].scale[..], &self.norms[i].shift[..]);
+                match relu {
+                    true => affine_relu_image(hw, read(), scale, shift, y),
+                    false => affine_image(hw, read(), scale, shift, y),
+                }
             }
             Layer::Relu => {
                 if let Some(x) = x {
@@ -251,7 +279,8 @@ impl Ctx<'_> {
                             _ => {
                                 let yl = self.model.shapes[i].len();
                                 let wl = self.lens.winners[i];
-                                self.layer_forward(i, img, Some(&cur[..len]), &mut other[..yl], &mut winners[..wl]);
+                                let x = Some(&cur[..len]);
+                                self.layer_forward(i, (img, false), x, &mut other[..yl], &mut winners[..wl]);
                                 std::mem::swap(&mut cur, &mut other);
                                 len = yl;
                             }
@@ -402,6 +431,20 @@ vectorized! {
     /// y += bias, as `bias_forward_image` adds it.
     fn add_in_place(y: &mut [f32], bias: f32) {
         y.iter_mut().for_each(|v| *v += bias);
+    }
+}
+
+vectorized! {
+    /// One image's batchnorm and the ReLU after it in one loop: y = x * scale[c] + shift[c], then
+    /// max(y, 0), as `affine_image` and `relu_forward_serial` compute them one after the other.
+    fn affine_relu_image(hw: usize, x_img: &[f32], scale: &[f32], shift: &[f32], y_img: &mut [f32]) {
+        for (c, (yp, xp)) in y_img.chunks_exact_mut(hw).zip(x_img.chunks_exact(hw)).enumerate() {
+            let (s, t) = (scale[c], shift[c]);
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                let y = v * s + t;
+                *o = if y.is_nan() { y } else { y.max(0.0) };
+            }
+        }
     }
 }
 

@@ -157,19 +157,34 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
     let ImageGrads { x: x_img, dy: dy_img, dx: dx_img, dw, beta, .. } = g;
     let g = Grid::new(d.h, d.w, d.pad);
     let (rows, cols) = (d.col_rows(), d.ho() * g.width);
-    let on_grid = Grid::output(d.ho(), d.wo(), g.width);
+    let accumulate = beta == 1.0;
+    let dy_grid = Grid::new(d.ho(), d.wo(), d.k - 1 - d.pad);
     with_planes(&INPUTS, (g, d.cin, d.k), |padded, taps| {
-        with_planes(&GRADIENTS, (on_grid, d.cout, 0), |dy_wide, _| {
-            g.fill(x_img, padded);
-            // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with
-            // each tap.
-            on_grid.fill(dy_img, dy_wide);
-            fma::dots(d.cout, cols, rows, dy_wide, cols, padded, taps, dw, rows, beta == 1.0);
-        })
+        g.fill(x_img, padded);
+        // dw: each output gradient row (on the grid, zero in the dropped columns) dotted with each
+        // tap. Where the input gradient's padded grid has the input's rows (k - 1 = 2 pad), the output
+        // gradient padded for it is such a grid from its first inside value on: one copy serves both.
+        match dx_img {
+            Some(dx_img) if dy_grid.width == g.width => {
+                with_planes(&PADDED_GRADIENTS, (dy_grid, d.cout, d.k), |padded_dy, dy_taps| {
+                    dy_grid.fill(dy_img, padded_dy);
+                    let dy_wide = &padded_dy[dy_grid.pad * (dy_grid.width + 1)..];
+                    fma::dots(d.cout, cols, rows, dy_wide, dy_grid.plane, padded, taps, dw, rows, accumulate);
+                    input_gradient_from(d, flipped, (dy_grid, padded_dy, dy_taps), dx_img);
+                })
+            }
+            dx_img => {
+                let on_grid = Grid::output(d.ho(), d.wo(), g.width);
+                with_planes(&GRADIENTS, (on_grid, d.cout, 0), |dy_wide, _| {
+                    on_grid.fill(dy_img, dy_wide);
+                    fma::dots(d.cout, cols, rows, dy_wide, cols, padded, taps, dw, rows, accumulate);
+                });
+                if let Some(dx_img) = dx_img {
+                    input_gradient(d, flipped, dy_img, dx_img);
+                }
+            }
+        }
     });
-    if let Some(dx_img) = dx_img {
-        input_gradient(d, flipped, dy_img, dx_img);
-    }
 }
 
 /// The weights as the input gradient reads them: flipped in both directions and transposed
@@ -189,13 +204,18 @@ pub fn flip(d: &ConvDims, weight: &[f32], flipped: &mut [f32]) {
 /// directions and transposed (`flip`).
 fn input_gradient(d: &ConvDims, flipped: &[f32], dy_img: &[f32], dx_img: &mut [f32]) {
     let g = Grid::new(d.ho(), d.wo(), d.k - 1 - d.pad);
-    let (rows, cols) = (d.cout * d.k * d.k, d.h * g.width);
     with_planes(&PADDED_GRADIENTS, (g, d.cout, d.k), |padded, taps| {
-        with_scratch(&WIDE, d.cin * cols, |wide| {
-            g.fill(dy_img, padded);
-            let a = Operand { data: flipped, row: rows, col: 1 };
-            fma::product(d.cin, rows, cols, a, padded, taps, wide, cols, false);
-            compact(wide, d.h, g.width, d.w, dx_img);
-        })
+        g.fill(dy_img, padded);
+        input_gradient_from(d, flipped, (g, padded, taps), dx_img);
+    })
+}
+
+/// `input_gradient` from the output gradient already on its padded grid (with its taps).
+fn input_gradient_from(d: &ConvDims, flipped: &[f32], (g, padded, taps): (Grid, &[f32], &[usize]), dx_img: &mut [f32]) {
+    let (rows, cols) = (d.cout * d.k * d.k, d.h * g.width);
+    with_scratch(&WIDE, d.cin * cols, |wide| {
+        let a = Operand { data: flipped, row: rows, col: 1 };
+        fma::product(d.cin, rows, cols, a, padded, taps, wide, cols, false);
+        compact(wide, d.h, g.width, d.w, dx_img);
     })
 }
