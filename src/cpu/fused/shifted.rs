@@ -30,7 +30,10 @@ pub fn runs(d: &ConvDims) -> bool {
 
 /// Planes of h x w, `pad` rows above and columns left of them, in rows `width` apart; zeros around
 /// them (the padding, the columns right of them, and one spare row, which the last taps of a grid
-/// row's junk columns read).
+/// row's junk columns read). A plane's length is a whole number of AVX-512 vectors and `with_planes`
+/// puts the first plane's first inside value on a cache line, so every plane's is: the weight
+/// gradient's kernel (`fma::dots`) loads an output gradient's rows without splitting a load across
+/// two lines.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Grid {
     h: usize,
@@ -44,12 +47,12 @@ impl Grid {
     /// Padded by `pad` on every side: rows w + 2 pad wide.
     fn new(h: usize, w: usize, pad: usize) -> Grid {
         let width = w + 2 * pad;
-        Grid { h, w, pad, width, plane: width * (h + 2 * pad + 1) }
+        Grid { h, w, pad, width, plane: (width * (h + 2 * pad + 1)).next_multiple_of(16) }
     }
 
     /// On the output grid of a convolution over rows `width` wide: h rows of w, then zeros.
     fn output(h: usize, w: usize, width: usize) -> Grid {
-        Grid { h, w, pad: 0, width, plane: h * width }
+        Grid { h, w, pad: 0, width, plane: (h * width).next_multiple_of(16) }
     }
 
     /// `x`'s planes into `out`'s insides (the zeros around them are the buffer's since `with_planes`
@@ -91,8 +94,12 @@ struct Planes {
 /// The grid shapes a thread keeps (a network has a few; the oldest goes first).
 const KEPT_GRIDS: usize = 32;
 
-/// Runs `f` on this thread's `count` planes of `grid` from `kept` (made, zeroed, the first time)
-/// and their taps for a k x k convolution (none for k = 0).
+/// Values a kept buffer has beyond its planes, so that they can start where `with_planes` aligns them.
+const SLACK: usize = 16;
+
+/// Runs `f` on this thread's `count` planes of `grid` from `kept` (made, zeroed, the first time),
+/// the first inside value on a 64-byte boundary, and their taps for a k x k convolution (none for
+/// k = 0).
 fn with_planes<R>(
     kept: &'static LocalKey<RefCell<Vec<Planes>>>,
     (grid, count, k): (Grid, usize, usize),
@@ -101,7 +108,7 @@ fn with_planes<R>(
     kept.with(|cell| {
         let mut kept = cell.borrow_mut();
         let len = count * grid.plane;
-        let at = match kept.iter().position(|p| p.grid == grid && p.k == k && p.values.len() == len) {
+        let at = match kept.iter().position(|p| p.grid == grid && p.k == k && p.values.len() == len + SLACK) {
             Some(at) => at,
             None => {
                 if kept.len() == KEPT_GRIDS {
@@ -111,12 +118,14 @@ fn with_planes<R>(
                 if k > 0 {
                     grid.taps(k, &mut taps);
                 }
-                kept.push(Planes { grid, k, values: vec![0.0; len], taps });
+                kept.push(Planes { grid, k, values: vec![0.0; len + SLACK], taps });
                 kept.len() - 1
             }
         };
         let Planes { values, taps, .. } = &mut kept[at];
-        f(values, taps)
+        // At most SLACK (align_offset may give up, which costs speed only).
+        let start = values.as_ptr().wrapping_add(grid.pad * (grid.width + 1)).align_offset(64).min(SLACK);
+        f(&mut values[start..start + len], taps)
     })
 }
 
@@ -177,7 +186,7 @@ pub fn backward_image(d: &ConvDims, g: ImageGrads, flipped: &[f32]) {
                 let on_grid = Grid::output(d.ho(), d.wo(), g.width);
                 with_planes(&GRADIENTS, (on_grid, d.cout, 0), |dy_wide, _| {
                     on_grid.fill(dy_img, dy_wide);
-                    fma::dots(d.cout, cols, rows, dy_wide, cols, padded, taps, dw, rows, accumulate);
+                    fma::dots(d.cout, cols, rows, dy_wide, on_grid.plane, padded, taps, dw, rows, accumulate);
                 });
                 if let Some(dx_img) = dx_img {
                     input_gradient(d, flipped, dy_img, dx_img);
