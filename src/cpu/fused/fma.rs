@@ -386,9 +386,26 @@ fn dot_blocks<const MR: usize, const NR: usize, S: Starts>(
             let b_rows: [*const f32; NR] =
                 std::array::from_fn(|s| b[unsafe { starts.at(j + s.min(cols - 1)) }..].as_ptr());
             kernel(k, a_rows, b_rows, &mut out);
-            for (r, sums) in out.iter().enumerate().take(rows) {
-                for (v, &s) in c[(i + r) * ldc + j..][..cols].iter_mut().zip(sums) {
-                    *v = if accumulate { *v + s } else { s };
+            let c = &mut c[i * ldc + j..][..(rows - 1) * ldc + cols];
+            match (accumulate, rows == MR && cols == NR) {
+                // A whole block: each row's NR sums at once.
+                (true, true) => {
+                    for (r, sums) in out.iter().enumerate() {
+                        let row: &mut [f32; NR] = (&mut c[r * ldc..][..NR]).try_into().expect("NR values");
+                        row.iter_mut().zip(sums).for_each(|(v, s)| *v += s);
+                    }
+                }
+                (false, true) => {
+                    for (r, sums) in out.iter().enumerate() {
+                        c[r * ldc..][..NR].copy_from_slice(sums);
+                    }
+                }
+                _ => {
+                    for (r, sums) in out.iter().enumerate().take(rows) {
+                        for (v, &s) in c[r * ldc..][..cols].iter_mut().zip(sums) {
+                            *v = if accumulate { *v + s } else { s };
+                        }
+                    }
                 }
             }
         }
@@ -480,10 +497,11 @@ unsafe fn lane_sums_avx512(v: &[std::arch::x86_64::__m512; 16]) -> [f32; 16] {
         _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xee))
     });
     let r = _mm512_add_ps(_mm512_shuffle_ps(s[0], s[1], 0x88), _mm512_shuffle_ps(s[0], s[1], 0xdd));
-    let mut sums = [0.0f32; 16];
-    _mm512_storeu_ps(sums.as_mut_ptr(), r);
     // The steps leave vector t's sum at lane 4 (t % 4) + t / 4.
-    std::array::from_fn(|t| sums[4 * (t % 4) + t / 4])
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    let mut sums = [0.0f32; 16];
+    _mm512_storeu_ps(sums.as_mut_ptr(), _mm512_permutexvar_ps(order, r));
+    sums
 }
 dots_kernel!(
     /// `dots`'s block on AVX2: 8 lanes, added as halves, then pairs, then the last two.
