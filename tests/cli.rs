@@ -405,6 +405,8 @@ fn the_cpu_profile_times_every_op_beside_the_peak() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert!(v["ops"].as_array().unwrap().iter().all(|o| o["median_us"].as_f64().unwrap() > 0.0), "{v}");
         assert!(v["peak_gflop_per_s"].as_f64().unwrap() > 0.0 && v["peak"].as_str().unwrap().contains("sgemm"));
+        // The FMA ceiling: on a CPU with FMA (every x86-64 CI machine), above nothing but zero.
+        assert!(v["fma_ceiling_gflop_per_s"].as_f64().is_some_and(|g| g > 0.0), "{v}");
         v
     };
     // The reference: Net3's 22 layers forward and backward, the loss and the update.

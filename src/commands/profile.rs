@@ -301,6 +301,7 @@ fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<(
         })
         .collect();
     let (peak, peak_what) = mnist_wgpu::cpu::profile::peak_gflops(PEAK_SIZE, PEAK_REPEATS);
+    let ceiling = mnist_wgpu::cpu::profile::fma_ceiling_gflops();
     let total: f64 = rows.iter().map(|r| r.ns).sum();
     let flops: f64 = rows.iter().map(|r| r.flops).sum();
     let executor = if args.backend == ProfiledBackend::Cpu { "fused executor" } else { "reference executor" };
@@ -319,7 +320,9 @@ fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<(
         let out = serde_json::json!({
             "device": device, "batch_size": args.batch_size, "steps": args.steps, "step_us": total / 1e3,
             "images_per_s": args.batch_size as f64 / (total / 1e9), "gflop_per_s": flops / total,
-            "peak_gflop_per_s": peak, "peak": peak_what, "ops": ops,
+            "peak_gflop_per_s": peak, "peak": peak_what,
+            "fma_ceiling_gflop_per_s": ceiling.as_ref().map(|c| c.0), "fma_ceiling": ceiling.as_ref().map(|c| &c.1),
+            "ops": ops,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
@@ -339,5 +342,12 @@ fn profile_cpu(args: &ProfileArgs, model: &Model, batches: &[Batch]) -> Result<(
         100.0 * rate / peak
     );
     println!("{:<40}{:>11}{:>7}{peak:>10.1}{:>8}  ({peak_what})", "the machine's peak", "", "", "100%");
+    if let Some((gflops, what)) = ceiling {
+        let share = format!("{:.0}%", 100.0 * gflops / peak);
+        println!(
+            "{:<40}{:>11}{:>7}{gflops:>10.1}{share:>8}  ({what}: no product goes faster)",
+            "the FMA ceiling", "", ""
+        );
+    }
     Ok(())
 }

@@ -1,7 +1,8 @@
 //! The CPU executors' roofline: what each op of a training step must do at the least (FLOPs, and
 //! bytes if every input were read once and every output written once, as the GPU's launches count
 //! them), how a step's ops are timed (`record`), and the machine's own peak to hold the measured rates
-//! against: a large matrix product with the reference's `sgemm`, on every core.
+//! against: a large matrix product with the reference's `sgemm`, on every core; above it, the most
+//! fused multiply-adds the cores do at all (`fma_ceiling_gflops`).
 
 use rayon::prelude::*;
 
@@ -110,6 +111,69 @@ pub fn peak_gflops(size: usize, repeats: usize) -> (f64, String) {
     (gflops, format!("sgemm {size}x{size}x{size} on {threads} threads, best of {repeats}"))
 }
 
+/// The ceiling over any product's rate: every thread at once running independent chains of fused
+/// multiply-adds in registers of the widest instruction set `isa()` allows, reading and writing
+/// nothing, in GFLOP/s (the best of three), with a line saying what ran; None on a CPU without FMA.
+/// The chains outnumber an FMA's latency times the ports that run it (4 cycles x 2 on current x86
+/// cores) and fit the registers with the two operands: 16 of AVX-512's 32, 12 of AVX2's 16.
+pub fn fma_ceiling_gflops() -> Option<(f64, String)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::cpu::isa::{isa, Isa};
+        const ROUNDS: usize = 1 << 21;
+        // SAFETY (both): isa() picks a form only when the CPU reports its features.
+        let (chains, lanes, run): (usize, usize, fn(usize) -> f32) = match isa() {
+            Isa::Avx512 => (16, 16, |rounds| unsafe { fma_chains_avx512(rounds) }),
+            Isa::Avx2 => (12, 8, |rounds| unsafe { fma_chains_avx2(rounds) }),
+            Isa::Baseline => return None,
+        };
+        let threads = rayon::current_num_threads();
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            let started = web_time::Instant::now();
+            std::hint::black_box(rayon::broadcast(|_| run(ROUNDS)));
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+        let flops = (2 * threads * ROUNDS * chains * lanes) as f64;
+        let what = format!("{chains} chains of {} FMAs in registers on {threads} threads", isa().name());
+        Some((flops / best / 1e9, what))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    None
+}
+
+/// Defines `fma_ceiling_gflops`'s loop for one instruction set: `rounds` times, each chain's value
+/// times x plus y; returns the chains' sum, so that nothing is left out.
+macro_rules! fma_chains {
+    ($name:ident, $features:literal, $chains:literal, $set1:ident, $fma:ident, $store:ident, $lanes:literal) => {
+        /// # Safety
+        /// The CPU has the features named.
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(rounds: usize) -> f32 {
+            use std::arch::x86_64::*;
+            let (x, y) = ($set1(0.999_999), $set1(1e-7));
+            let mut chains = [$set1(1.0); $chains];
+            for _ in 0..rounds {
+                for c in chains.iter_mut() {
+                    *c = $fma(*c, x, y);
+                }
+            }
+            let mut lanes = [0.0f32; $lanes];
+            chains
+                .iter()
+                .map(|&c| {
+                    $store(lanes.as_mut_ptr(), c);
+                    lanes.iter().sum::<f32>()
+                })
+                .sum()
+        }
+    };
+}
+
+fma_chains!(fma_chains_avx512, "avx512f", 16, _mm512_set1_ps, _mm512_fmadd_ps, _mm512_storeu_ps, 16);
+fma_chains!(fma_chains_avx2, "avx2,fma", 12, _mm256_set1_ps, _mm256_fmadd_ps, _mm256_storeu_ps, 8);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +192,9 @@ mod tests {
         assert_eq!(label(&m, 21, false), "pool.gap_forward gap#21");
         let (peak, what) = peak_gflops(64, 2);
         assert!(peak > 0.0 && what.contains("sgemm 64x64x64"), "{what}");
+        // Without FMA (or told to use none) there is no ceiling to measure.
+        let ceiling = fma_ceiling_gflops();
+        assert_eq!(ceiling.is_some(), crate::cpu::isa::isa() != crate::cpu::isa::Isa::Baseline);
+        assert!(ceiling.is_none_or(|(g, what)| g > 0.0 && what.contains("FMAs in registers")));
     }
 }
