@@ -346,11 +346,12 @@ pub fn dots<S: Starts>(
     match isa() {
         // SAFETY (both): the CPU has the kernel's features; `dot_blocks` hands it rows of k values.
         Isa::Avx512 => {
-            let kernel = |k, a, b, out: &mut _| unsafe { dots_avx512::<DOTS_MR, DOTS_NR>(k, a, b, out) };
+            let kernel =
+                |k, a, b, out: &mut _| unsafe { dots_avx512::<{ DOTS_AVX512.0 }, { DOTS_AVX512.1 }>(k, a, b, out) };
             return dot_blocks((m, k, n), (a, lda), (b, starts), (c, ldc, accumulate), kernel);
         }
         Isa::Avx2 => {
-            let kernel = |k, a, b, out: &mut _| unsafe { dots_avx2::<4, 4>(k, a, b, out) };
+            let kernel = |k, a, b, out: &mut _| unsafe { dots_avx2::<{ DOTS_AVX2.0 }, { DOTS_AVX2.1 }>(k, a, b, out) };
             return dot_blocks((m, k, n), (a, lda), (b, starts), (c, ldc, accumulate), kernel);
         }
         Isa::Baseline => {}
@@ -359,12 +360,14 @@ pub fn dots<S: Starts>(
     unreachable!("checked above");
 }
 
-/// `dots`'s block on AVX-512: 8 rows of a by 3 of b, 24 sums, so that each vector loaded from a
-/// serves three products and each from b eight (a 4 x 4 block loads one vector for every two).
+/// `dots`'s blocks: 8 rows of a by 3 of b on AVX-512 (24 sums of its 32 registers), 4 by 3 on AVX2
+/// (12 of 16, with the 3 rows of b and one of a: a 4 x 4 block's 16 sums left no register for the
+/// operands, and mlp3's evaluation took 1.7x as long there). Each vector loaded serves a whole row
+/// or column of the block.
 #[cfg(target_arch = "x86_64")]
-const DOTS_MR: usize = 8;
+const DOTS_AVX512: (usize, usize) = (8, 3);
 #[cfg(target_arch = "x86_64")]
-const DOTS_NR: usize = 3;
+const DOTS_AVX2: (usize, usize) = (4, 3);
 
 /// `dots` block by block: MR rows of a by NR rows of b, each block's sums from `kernel`. A partial
 /// block repeats its last row of a (or of b); those sums are not stored.
