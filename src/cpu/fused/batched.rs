@@ -112,9 +112,10 @@ impl Batched<'_> {
         let (cin, cout) = (d.cin, d.cout);
         if self.products == Products::Gemm {
             gemm(self.n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
-            return if let Some(b) = bias {
-                bias_forward(d, b, y)
-            };
+            if let Some(b) = bias {
+                bias_forward(d, b, y);
+            }
+            return;
         }
         y.par_chunks_mut(ROWS * cout).zip(x.par_chunks(ROWS * cin)).for_each(|(y, x)| {
             fma::dots(y.len() / cout, cin, cout, x, cin, weight, Every(cin), y, cout, false);
