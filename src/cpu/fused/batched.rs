@@ -18,8 +18,8 @@ use crate::cpu::reference::relu::{relu_backward, relu_forward};
 use crate::model::{Layer, Model};
 
 /// Rows (images, or a weight gradient's output rows) per parallel task: one of `dots`'s register
-/// blocks on AVX-512, two of `product`'s on AVX2; tasks this small keep the two cores' shares of
-/// a batch of 100 within one task of each other.
+/// blocks on AVX-512, two on AVX2; tasks this small keep the two cores' shares of a batch of 100
+/// within one task of each other.
 const ROWS: usize = 8;
 
 /// Elements per parallel task of a dropout.

@@ -61,13 +61,8 @@ impl Ctx<'_> {
     /// pooling right after it in the pass pools each output plane in its epilogue (into the pooling's
     /// buffer and winners; nothing reads the convolution's own output, which stays unwritten).
     pub fn train_op(&self, v: &mut View, j: usize, i: usize, end: usize) -> usize {
-        if self.relu_joins(i, end) {
-            self.train_layer(v, j, i, true);
-            return i + 2;
-        }
         let Some(p) = self.pool_in_epilogue(i, i + 1).filter(|&p| p < end) else {
-            self.train_layer(v, j, i, false);
-            return i + 1;
+            return self.train_layer(v, j, i, end);
         };
         let (xl, yl, wl) = (self.model.input_of(i).len(), self.model.shapes[p].len(), self.lens.winners[p]);
         let winners = &mut v.winners[p][j * wl..][..wl];
@@ -93,9 +88,9 @@ impl Ctx<'_> {
             && self.plan.buffer[i + 1] == self.plan.buffer[i]
     }
 
-    /// Layer `i` of a training pass on image `j` of view `v`, in the plan's buffers (a batchnorm with
-    /// the ReLU after it when `relu`).
-    fn train_layer(&self, v: &mut View, j: usize, i: usize, relu: bool) {
+    /// Layer `i` of a training pass that ends at `end` on image `j` of view `v`, in the plan's buffers
+    /// (a batchnorm with the ReLU after it where `relu_joins`); returns the layer after what ran.
+    fn train_layer(&self, v: &mut View, j: usize, i: usize, end: usize) -> usize {
         let (xl, yl) = (self.model.input_of(i).len(), self.model.shapes[i].len());
         let out = self.plan.buffer[i];
         let wl = self.lens.winners[i];
@@ -109,20 +104,19 @@ impl Ctx<'_> {
             let (x, y) = read_write(&mut v.buffers, self.plan.buffer[i - 1], out);
             (Some(&x[j * xl..][..xl]), &mut y[j * yl..][..yl])
         };
-        self.layer_forward(i, (img, relu), x, y, winners);
+        if self.relu_joins(i, end) {
+            let (s, norm) = (self.model.input_of(i), &self.norms[i]);
+            let x = x.expect("a batchnorm reads another buffer");
+            affine_relu_image(s.h * s.w, x, &norm.scale, &norm.shift, y);
+            return i + 2;
+        }
+        self.layer_forward(i, img, x, y, winners);
+        i + 1
     }
 
     /// Layer `i`'s forward pass on image `img`: x into y, or y in place when x is None (a ReLU or a
-    /// dropout in its input's buffer); a batchnorm's with the ReLU after it when `relu`. Dropout draws
-    /// its mask as `CpuNet` does, by element index.
-    fn layer_forward(
-        &self,
-        i: usize,
-        (img, relu): (usize, bool),
-        x: Option<&[f32]>,
-        y: &mut [f32],
-        winners: &mut [u8],
-    ) {
+    /// dropout in its input's buffer). Dropout draws its mask as `CpuNet` does, by element index.
+    fn layer_forward(&self, i: usize, img: usize, x: Option<&[f32]>, y: &mut [f32], winners: &mut [u8]) {
         let model = self.model;
         let layer = &model.layers[i];
         let sin = model.input_of(i);
@@ -130,11 +124,7 @@ impl Ctx<'_> {
         match layer {
             Layer::Conv { .. } | Layer::Linear { .. } => self.conv_forward(i, read(), y, &self.epilogue(i, i + 1)),
             Layer::BatchNorm { .. } => {
-                let (hw, scale, shift) = (sin.h * sin.w, &self.norms[i].scale[..], &self.norms[i].shift[..]);
-                match relu {
-                    true => affine_relu_image(hw, read(), scale, shift, y),
-                    false => affine_image(hw, read(), scale, shift, y),
-                }
+                affine_image(sin.h * sin.w, read(), &self.norms[i].scale, &self.norms[i].shift, y)
             }
             Layer::Relu => {
                 if let Some(x) = x {
@@ -279,8 +269,7 @@ impl Ctx<'_> {
                             _ => {
                                 let yl = self.model.shapes[i].len();
                                 let wl = self.lens.winners[i];
-                                let x = Some(&cur[..len]);
-                                self.layer_forward(i, (img, false), x, &mut other[..yl], &mut winners[..wl]);
+                                self.layer_forward(i, img, Some(&cur[..len]), &mut other[..yl], &mut winners[..wl]);
                                 std::mem::swap(&mut cur, &mut other);
                                 len = yl;
                             }
