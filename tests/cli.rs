@@ -425,6 +425,22 @@ fn the_cpu_profile_times_every_op_beside_the_peak() {
     fails_with(&["profile", "--backend", "cpu", "--trace", "t.json"], "--trace and --adapter are for --backend gpu");
 }
 
+/// `profile` and `bench` asked for more batches than an epoch holds start over from the first (here
+/// 4 of 20,000 images from a training set of 60,000) instead of running off its end.
+#[test]
+fn timed_runs_longer_than_an_epoch_start_the_epoch_again() {
+    let mlp = concat!(env!("CARGO_MANIFEST_DIR"), "/models/mlp3.toml");
+    for args in [
+        &["profile", "--backend", "cpu", "--model", mlp, "--batch-size", "20000", "--steps", "3"][..],
+        &["bench", "--backends", "cpu", "--model", mlp, "--batch-size", "20000", "--steps", "4", "--repeats", "1"],
+    ] {
+        let out = run(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !err.contains("panicked"), "{args:?}:\n{err}");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("batch 20000"), "{args:?}");
+    }
+}
+
 /// `speedrun` trains a network once per seed and reports the times and accuracies as JSON with the
 /// fields the issue names; a wrong target, a validation split larger than the data and a batch larger
 /// than the data are refused by name.

@@ -125,6 +125,12 @@ pub(super) fn timed_loader(batch_size: usize) -> LoaderConfig {
     LoaderConfig { seed: 1, batch_size, augment: Some(Augment::default()), batch_augment: BatchAugment::default() }
 }
 
+/// Timed batch `i`: epoch 0's full batches in order, from the first again after the last, so that any
+/// number of steps has a batch of `cfg.batch_size` images (`timed_inputs` checked it fits).
+pub(super) fn timed_batch(split: &data::Split, order: &[u32], cfg: &LoaderConfig, i: usize) -> Batch {
+    train_batch(split, order, cfg, 0, i % (split.len() / cfg.batch_size))
+}
+
 /// The parameters of timed step `step` with `optimizer`'s update (dropout on, as in training).
 pub(super) fn step_params(step: usize, optimizer: OptimizerKind) -> StepParams {
     StepParams {
@@ -145,9 +151,11 @@ const LOOP_CHUNKS: usize = 10;
 const MAX_LOOP_STEPS: usize = LOOP_CHUNKS * MAX_CHUNK_BATCHES;
 
 /// Training steps the loop row runs per repeat: the asked-for steps, and at least LOOP_CHUNKS chunks
-/// of the size the backend picks (once warm).
-fn loop_steps(backend: &dyn Backend, args: &BenchArgs) -> usize {
-    args.steps.max(LOOP_CHUNKS * backend.chunk_batches(args.batch_size, true)).min(MAX_LOOP_STEPS)
+/// of the size the backend picks (once warm); at most an epoch's full batches, which is all the loop
+/// is given (`training_loop` runs within epoch 0).
+fn loop_steps(backend: &dyn Backend, args: &BenchArgs, train_len: usize) -> usize {
+    let steps = args.steps.max(LOOP_CHUNKS * backend.chunk_batches(args.batch_size, true)).min(MAX_LOOP_STEPS);
+    steps.min(train_len / args.batch_size)
 }
 
 /// The training loop as `train` runs it, over `steps` batches: loader threads, chunks handed over
@@ -192,7 +200,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut rows = host_rows(&args, &split, cfg)?;
     let order = epoch_order(1, 0, set.train.len());
     let timed = Timed {
-        batches: (0..args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect(),
+        batches: (0..args.steps).map(|i| timed_batch(&set.train, &order, &cfg, i)).collect(),
         eval: eval_batches(&set.test, args.batch_size).take(args.steps).collect(),
         split,
         cfg,
@@ -228,7 +236,7 @@ fn host_rows(args: &BenchArgs, split: &Arc<data::Split>, cfg: LoaderConfig) -> R
     let mut rows = Vec::new();
     let (m, lo, hi) = time(args.repeats, args.steps * args.batch_size, || {
         for i in 0..args.steps {
-            std::hint::black_box(train_batch(split, &order, &cfg, 0, i));
+            std::hint::black_box(timed_batch(split, &order, &cfg, i));
         }
         Ok(())
     })?;
@@ -287,7 +295,7 @@ fn backend_rows(args: &BenchArgs, backend: &mut dyn Backend, host_only: bool, t:
     };
     // Warm up so that the backend's chunk size has settled.
     training_loop(backend, &t.split, t.cfg, args.steps, t.threads)?;
-    let steps = loop_steps(backend, args);
+    let steps = loop_steps(backend, args, t.split.len());
     let prepared: Vec<&Batch> = t.batches.iter().cycle().take(if host_only { steps } else { args.steps }).collect();
     let stepped = time(args.repeats, prepared.len() * args.batch_size, || {
         block_on(backend.reset_sums())?;
@@ -323,7 +331,7 @@ fn print_rows(args: &BenchArgs, rows: &[Row], threads: usize) -> Result<()> {
     }
     println!(
         "medians of {} repeats after one warm-up repeat; {} batches per repeat, the training loop at least {} \
-         chunks with {} loader threads",
+         chunks (at most an epoch) with {} loader threads",
         args.repeats, args.steps, LOOP_CHUNKS, threads
     );
     Ok(())

@@ -11,14 +11,14 @@ use mnist_wgpu::backend::Backend;
 use mnist_wgpu::cpu::executor::Update;
 use mnist_wgpu::cpu::profile::OpTime;
 use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet};
-use mnist_wgpu::data::loader::{epoch_order, train_batch, Batch};
+use mnist_wgpu::data::loader::{epoch_order, Batch};
 use mnist_wgpu::gpu::backend::GpuBackend;
 use mnist_wgpu::gpu::net::StepProfile;
 use mnist_wgpu::gpu::GpuContext;
 use mnist_wgpu::model::Model;
 use mnist_wgpu::optim::{OptimizerKind, MOMENT_SLOTS};
 
-use super::bench::{median, step_params, timed_inputs, timed_loader, validate};
+use super::bench::{median, step_params, timed_batch, timed_inputs, timed_loader, validate};
 
 #[derive(Args)]
 pub struct ProfileArgs {
@@ -127,18 +127,18 @@ pub fn run(args: ProfileArgs) -> Result<()> {
         if args.trace.is_some() || args.adapter.is_some() {
             bail!("--trace and --adapter are for --backend gpu");
         }
-        let batches: Vec<Batch> = (0..=args.steps).map(|i| train_batch(&set.train, &order, &cfg, 0, i)).collect();
+        let batches: Vec<Batch> = (0..=args.steps).map(|i| timed_batch(&set.train, &order, &cfg, i)).collect();
         return profile_cpu(&args, &model, &batches);
     }
     let mut backend = GpuBackend::new(GpuContext::new(args.adapter.as_deref())?, &model, &model.init_state(1))?;
     let p = |i| step_params(i, args.optimizer);
-    let first = train_batch(&set.train, &order, &cfg, 0, 0);
+    let first = timed_batch(&set.train, &order, &cfg, 0);
     validate(&mut backend, &model, args.batch_size)?;
     // Warm-up (pipeline compilation, first-use costs), then the timed steps.
     block_on(backend.profile_step(&first.input, &first.labels, p(0)))?;
     let mut runs: Vec<StepProfile> = Vec::new();
     for i in 0..args.steps {
-        let b = train_batch(&set.train, &order, &cfg, 0, i + 1);
+        let b = timed_batch(&set.train, &order, &cfg, i + 1);
         runs.push(block_on(backend.profile_step(&b.input, &b.labels, p(i + 1)))?);
     }
     if let Some(path) = &args.trace {
