@@ -310,9 +310,14 @@ impl Ctx<'_> {
                 let last_writer = pass.to.and(pass.layers.clone().find(|&i| writes_dx(&model.layers[i])));
                 let stored = std::mem::take(&mut v.grad_out);
                 let mut in_stored = false;
-                for i in pass.layers.clone().rev() {
+                let mut layers = pass.layers.clone().rev();
+                while let Some(i) = layers.next() {
                     let xl = model.input_of(i).len();
-                    if in_stored {
+                    if self.dropout_over_relu(i, pass.layers.start) {
+                        let dy = if in_stored { &mut stored[j * len..][..len] } else { &mut cur[..len] };
+                        self.dropout_relu_backward(v, j, i, dy);
+                        layers.next();
+                    } else if in_stored {
                         self.layer_backward(v, j, i, &mut stored[j * len..][..len], &mut []);
                     } else if Some(i) == last_writer {
                         self.layer_backward(v, j, i, &mut cur[..len], &mut stored[j * xl..][..xl]);
@@ -375,6 +380,28 @@ impl Ctx<'_> {
         }
     }
 
+    /// Whether layer `i` is a dropout that ran in place over the output of the ReLU before it, inside
+    /// a backward pass that starts at `first`: the two backward passes then run as one loop.
+    fn dropout_over_relu(&self, i: usize, first: usize) -> bool {
+        let layers = &self.model.layers;
+        matches!(layers[i], Layer::Dropout { .. })
+            && i > first
+            && matches!(layers[i - 1], Layer::Relu)
+            && self.plan.buffer[i - 1] == self.plan.buffer[i]
+    }
+
+    /// Dropout `i`'s backward pass and the ReLU's under it on image `j`, in place in dy, from the
+    /// dropout's output (`dropout_relu_backward_image`).
+    fn dropout_relu_backward(&self, v: &View, j: usize, i: usize, dy: &mut [f32]) {
+        let Layer::Dropout { p } = self.model.layers[i] else { unreachable!("layer {i} is a dropout") };
+        let keep = match (self.dropout, p > 0.0) {
+            (DropoutMode::Hash { .. }, true) => 1.0 / (1.0 - p),
+            _ => 1.0,
+        };
+        let y = &v.buffers[self.plan.buffer[i]][j * dy.len()..][..dy.len()];
+        dropout_relu_backward_image(y, keep, dy);
+    }
+
     /// Image `j`'s sums of dy and dy * xhat per channel at batchnorm `b`'s output.
     fn image_gradient_sums(&self, v: &mut View, j: usize, b: usize, dy: &[f32]) {
         let s = self.model.shapes[b];
@@ -433,6 +460,19 @@ vectorized! {
                 let y = v * s + t;
                 *o = if y.is_nan() { y } else { y.max(0.0) };
             }
+        }
+    }
+}
+
+vectorized! {
+    /// The backward passes of a dropout (scale 0 or `keep`) and of the ReLU whose output it scaled in
+    /// place, from y, the dropout's output: dy * keep where y > 0, else 0. y > 0 exactly where the
+    /// element was kept (keep >= 1 leaves a positive value positive; a dropped one is 0 or NaN) and
+    /// the ReLU passed it, so this is the dropout's dy * scale followed by `relu_backward_serial`,
+    /// bit for bit, without drawing the mask again.
+    fn dropout_relu_backward_image(y: &[f32], keep: f32, dy: &mut [f32]) {
+        for (g, &y) in dy.iter_mut().zip(y) {
+            *g = if y > 0.0 { *g * keep } else { 0.0 };
         }
     }
 }
