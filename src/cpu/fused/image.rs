@@ -107,11 +107,36 @@ impl Ctx<'_> {
         if self.relu_joins(i, end) {
             let (s, norm) = (self.model.input_of(i), &self.norms[i]);
             let x = x.expect("a batchnorm reads another buffer");
-            affine_relu_image(s.h * s.w, x, &norm.scale, &norm.shift, y);
-            return i + 2;
+            let hw = s.h * s.w;
+            // A dropout in the same buffer right after: each plane dropped while it is in cache.
+            let Some(p) = self.dropout_joins(i + 1, end) else {
+                affine_relu_image(hw, x, &norm.scale, &norm.shift, y);
+                return i + 2;
+            };
+            for (c, (yp, xp)) in y.chunks_exact_mut(hw).zip(x.chunks_exact(hw)).enumerate() {
+                affine_relu_image(hw, xp, &norm.scale[c..], &norm.shift[c..], yp);
+                self.drop(i + 2, p, img * yl + c * hw, yp);
+            }
+            return i + 3;
         }
         self.layer_forward(i, img, x, y, winners);
         i + 1
+    }
+
+    /// The rate of the dropout right after layer `i` in its buffer, inside the pass that ends at `end`.
+    fn dropout_joins(&self, i: usize, end: usize) -> Option<f32> {
+        match self.model.layers.get(i + 1) {
+            Some(&Layer::Dropout { p }) if i + 1 < end && self.plan.buffer[i + 1] == self.plan.buffer[i] => Some(p),
+            _ => None,
+        }
+    }
+
+    /// Dropout `i` on values `first`, `first + 1`, ... of its batch-wide mask, in place (as `CpuNet`
+    /// draws it, by element index).
+    fn drop(&self, i: usize, p: f32, first: usize, y: &mut [f32]) {
+        if let (DropoutMode::Hash { seed, step }, true) = (self.dropout, p > 0.0) {
+            dropout_serial(seed, step, i as u32, p, first, y);
+        }
     }
 
     /// Layer `i`'s forward pass on image `img`: x into y, or y in place when x is None (a ReLU or a
@@ -136,9 +161,7 @@ impl Ctx<'_> {
                 if let Some(x) = x {
                     y.copy_from_slice(x);
                 }
-                if let (DropoutMode::Hash { seed, step }, true) = (self.dropout, p > 0.0) {
-                    dropout_serial(seed, step, i as u32, p, img * y.len(), y);
-                }
+                self.drop(i, p, img * y.len(), y);
             }
             layer if layer.is_pooling() => pool::forward_serial(layer, sin, read(), y, winners),
             layer => unreachable!("layer {layer:?}"),
@@ -366,9 +389,7 @@ impl Ctx<'_> {
                 false
             }
             &Layer::Dropout { p } => {
-                if let (DropoutMode::Hash { seed, step }, true) = (self.dropout, p > 0.0) {
-                    dropout_serial(seed, step, i as u32, p, img * dy.len(), dy);
-                }
+                self.drop(i, p, img * dy.len(), dy);
                 false
             }
             layer if layer.is_pooling() => {
