@@ -2,7 +2,8 @@
 # same-bits.sh [--cpu-only] BEFORE_BIN AFTER_BIN [OUT]: the proof a refactor owes that it changes no
 # result. Runs both builds of mnist-wgpu the same way, then compares what they wrote:
 #   - short training runs (2,000 images, 2 epochs, seed 1) of net3 on the CPU backend and on
-#     lavapipe's Vulkan, and of the fast recipe's network (no batchnorm, Adam) on the CPU backend:
+#     lavapipe's Vulkan, of the fast recipe's network (no batchnorm, Adam) and of mlp3 (linear layers
+#     only, SGD) on the CPU backend:
 #     every tensor of last.safetensors, best.safetensors and last.optim.safetensors must be
 #     byte-identical (the files themselves may differ: their metadata is written in no fixed order);
 #   - `verify --batch-size 16`: every row of BEFORE, with the same error, in the same order, among
@@ -33,6 +34,8 @@ for side in before after; do
   "$bin" train --backend cpu --train-images 2000 --test-images 500 --epochs 2 --seed 1 --out "$dir/cpu" >"$dir/cpu.log" 2>&1
   "$bin" train --backend cpu --model fast-recipe --train-images 2000 --test-images 500 --epochs 2 --seed 1 \
     --out "$dir/cpu-fast-recipe" >"$dir/cpu-fast-recipe.log" 2>&1
+  "$bin" train --backend cpu --model mlp3 --train-images 2000 --test-images 500 --epochs 2 --seed 1 \
+    --out "$dir/cpu-mlp3" >"$dir/cpu-mlp3.log" 2>&1
   [ $cpu_only = 1 ] && continue
   "$bin" train --backend gpu --adapter llvmpipe:vulkan --train-images 2000 --test-images 500 --epochs 2 --seed 1 \
     --out "$dir/gpu" >"$dir/gpu.log" 2>&1
@@ -49,7 +52,7 @@ def tensors(path):
 
 before, after, cpu_only = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 same = True
-for backend in ["cpu", "cpu-fast-recipe"] + ([] if cpu_only else ["gpu"]):
+for backend in ["cpu", "cpu-fast-recipe", "cpu-mlp3"] + ([] if cpu_only else ["gpu"]):
     for name in ["last.safetensors", "best.safetensors", "last.optim.safetensors"]:
         a, b = tensors(f"{before}/{backend}/{name}"), tensors(f"{after}/{backend}/{name}")
         differ = sorted(set(a) ^ set(b)) + [k for k in a if k in b and a[k] != b[k]]

@@ -1,7 +1,8 @@
 //! The fused CPU executor (`FusedNet`, what the CPU backend trains with) against the plain reference
 //! (`CpuNet`): the same logits, running statistics, gradients and evaluation logits, on every preset and
-//! on networks that exercise each layer and fusion boundary; and the same bits whatever the number of
-//! threads. Errors are relative to each tensor's largest magnitude.
+//! on networks that exercise each layer and fusion boundary; the same bits whatever the number of
+//! threads; and its update (each batched linear layer's weights by the threads that own their rows)
+//! bit for bit `Update::apply`'s. Errors are relative to each tensor's largest magnitude.
 //!
 //! Tolerances, from measured errors (2026-12-07, Xeon, AVX-512): the executors run the same products
 //! and differ in the order of some sums. Forward: the fused executor's kernels add each output's
@@ -18,8 +19,10 @@ mod common;
 
 use common::rel_err;
 use mnist_wgpu::cpu::reference::loss::softmax_cross_entropy;
-use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode};
+use mnist_wgpu::cpu::reference::sgd::SgdStep;
+use mnist_wgpu::cpu::{CpuNet, DropoutMode, Executor, FusedNet, Mode, Update};
 use mnist_wgpu::model::{file, Model, Shape};
+use mnist_wgpu::optim::{Optimizer, OptimizerKind, MOMENT_SLOTS};
 use rand::{RngExt, SeedableRng};
 
 const FORWARD_TOL: f32 = 1e-6;
@@ -149,6 +152,54 @@ fn the_fused_executor_gives_the_same_bits_on_any_number_of_threads() {
             for (k, name) in ["state", "logits", "gradients", "eval logits"].iter().enumerate() {
                 let same = one[k].iter().zip(&other[k]).all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{what}: {name} on {threads} threads differ from those on 1 thread");
+            }
+        }
+    }
+}
+
+/// Three training steps of `FusedNet` with `update`: the state and moments after them. Between the
+/// steps, the update applied as `Update::apply` applies it (`reference`), or as the fused executor
+/// does, each batched linear layer's weight rows by the thread that owns them.
+fn three_steps(model: &Model, update: Update, reference: bool) -> (Vec<f32>, Vec<f32>) {
+    let mut g = rand::rngs::Xoshiro256PlusPlus::seed_from_u64(5);
+    let (mut net, mut state, n) = (FusedNet::new(model), model.init_state(4), 29);
+    let mut moments = vec![0.0; MOMENT_SLOTS * model.num_trainable];
+    for step in 0..3 {
+        let input: Vec<f32> = (0..n * model.input.len()).map(|_| g.random_range(-1.0..2.5)).collect();
+        let labels: Vec<u8> = (0..n).map(|_| g.random_range(0..10)).collect();
+        let dropout = DropoutMode::Hash { seed: 3, step };
+        if reference {
+            let logits = net.forward(&mut state, &input, n, Mode::Train(dropout)).to_vec();
+            let mut dlogits = vec![0.0; logits.len()];
+            softmax_cross_entropy(&logits, &labels, model.output_classes(), Some(&mut dlogits));
+            let grads = net.backward(&state, &dlogits).to_vec();
+            let params = &mut state[..model.num_trainable];
+            let (m, v) = update.split_moments(&mut moments, params.len());
+            update.apply(params, &grads, m, v);
+        } else {
+            net.train_step(&mut state, &mut moments, &input, &labels, update, dropout);
+        }
+    }
+    (state, moments)
+}
+
+#[test]
+fn the_fused_update_is_the_reference_update_on_any_number_of_threads() {
+    let sgd = Update::Sgd(SgdStep { lr: 0.05, momentum: 0.9, weight_decay: 1e-4 });
+    let adam =
+        Update::Adam(Optimizer { kind: OptimizerKind::AdamW, ..Optimizer::default() }.adam_scalars(1e-3, 0.01, 2));
+    // Linear layers only; convolutions before linear layers (one with a dropout between them).
+    let networks =
+        [("mlp3", model("mlp3")), ("dropout epilogues", parsed(include_str!("fixtures/dropout_epilogues.toml")))];
+    for (what, model) in &networks {
+        for (name, update) in [("SGD", sgd), ("AdamW", adam)] {
+            let want = three_steps(model, update, true);
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let got = pool.install(|| three_steps(model, update, false));
+                let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same(&got.0, &want.0), "{what}, {name}, {threads} threads: the state differs");
+                assert!(same(&got.1, &want.1), "{what}, {name}, {threads} threads: the moments differ");
             }
         }
     }

@@ -57,24 +57,39 @@ impl Update {
         }
     }
 
-    /// Updates `params` from `grads`; `moments` holds SGD's momenta (its first `params.len()` values)
-    /// or Adam's first and second moments, one after the other. Returns whether any updated value is
-    /// non-finite (the run diverged).
-    /// Each value's update is on its own, so the threads take a chunk each.
-    pub fn apply(&self, params: &mut [f32], grads: &[f32], moments: &mut [f32]) -> bool {
-        const CHUNK: usize = 1 << 14;
-        let n = params.len();
-        let chunks = params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK));
+    /// SGD's momenta (and an empty buffer), or Adam's first and second moments, of a parameter buffer
+    /// of `len` values from `moments`, which holds them one after the other.
+    pub fn split_moments<'a>(&self, moments: &'a mut [f32], len: usize) -> (&'a mut [f32], &'a mut [f32]) {
         match self {
-            Update::Sgd(sgd) => {
-                let momenta = moments[..n].par_chunks_mut(CHUNK);
-                chunks.zip(momenta).map(|((p, g), m)| sgd_update(*sgd, p, g, m)).reduce(|| false, |a, b| a || b)
+            Update::Sgd(_) => (&mut moments[..len], &mut []),
+            Update::Adam(_) => moments[..2 * len].split_at_mut(len),
+        }
+    }
+
+    /// Updates `params` from `grads`, with `m` and `v` as `split_moments` gives them (or the same
+    /// values' part of each). Returns whether any updated value is non-finite (the run diverged).
+    /// Each value's update is on its own, so the threads take a chunk each.
+    pub fn apply(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32]) -> bool {
+        const CHUNK: usize = 1 << 14;
+        assert_eq!(m.len(), params.len(), "the update's first moments");
+        assert_eq!(v.len(), if let Update::Adam(_) = self { params.len() } else { 0 }, "the update's second moments");
+        let chunks = params.par_chunks_mut(CHUNK).zip(grads.par_chunks(CHUNK)).zip(m.par_chunks_mut(CHUNK));
+        match self {
+            Update::Sgd(_) => {
+                chunks.map(|((p, g), m)| self.apply_serial(p, g, m, &mut [])).reduce(|| false, |a, b| a || b)
             }
-            Update::Adam(s) => {
-                let (m, v) = moments[..2 * n].split_at_mut(n);
-                let moments = m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK));
-                chunks.zip(moments).map(|((p, g), (m, v))| adam_update(s, p, g, m, v)).reduce(|| false, |a, b| a || b)
-            }
+            Update::Adam(_) => chunks
+                .zip(v.par_chunks_mut(CHUNK))
+                .map(|(((p, g), m), v)| self.apply_serial(p, g, m, v))
+                .reduce(|| false, |a, b| a || b),
+        }
+    }
+
+    /// `apply` on this thread.
+    pub fn apply_serial(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32]) -> bool {
+        match self {
+            Update::Sgd(sgd) => sgd_update(*sgd, params, grads, m),
+            Update::Adam(s) => adam_update(s, params, grads, m, v),
         }
     }
 
@@ -115,7 +130,7 @@ pub trait Executor {
 
     /// One training step on a batch: forward (training mode), loss, backward, update.
     /// `state` holds the parameters and running statistics; `moments` the optimizer's buffers of the
-    /// trainable prefix (see `Update::apply`).
+    /// trainable prefix (see `Update::split_moments`).
     fn train_step(
         &mut self,
         state: &mut [f32],
@@ -136,9 +151,17 @@ pub trait Executor {
         *self.scratch().0 = dlogits;
         let trainable = self.model().num_trainable;
         let started = self.scratch().1.is_some().then(web_time::Instant::now);
-        let nonfinite = update.apply(&mut state[..trainable], self.grads(), moments);
+        let nonfinite = self.update(&update, &mut state[..trainable], moments);
         record(self.scratch().1, update.label(), update.cost(trainable), started);
         StepOut { loss: out.loss, correct: out.correct, nonfinite }
+    }
+
+    /// The update that ends a training step, from the last backward pass's gradients: `params` (the
+    /// trainable prefix of the state) and `moments` (see `Update::split_moments`). Returns whether any
+    /// updated value is non-finite.
+    fn update(&mut self, update: &Update, params: &mut [f32], moments: &mut [f32]) -> bool {
+        let (m, v) = update.split_moments(moments, params.len());
+        update.apply(params, self.grads(), m, v)
     }
 
     /// One training step as `train_step` runs it, with each op's time.

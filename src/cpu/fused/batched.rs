@@ -6,21 +6,30 @@
 //! whose every output sums over k in order (`fma.rs`). Each output is one sum in a fixed order, so the
 //! bits do not depend on how the rows are cut between threads.
 
+use std::cell::RefCell;
+use std::sync::Mutex;
+
 use rayon::prelude::*;
 
 use super::fma::{self, Every, Operand};
+use super::owned;
 use super::products::Products;
 use crate::cpu::executor::DropoutMode;
 use crate::cpu::reference::conv::{bias_forward, ConvDims};
 use crate::cpu::reference::dropout::dropout_serial;
 use crate::cpu::reference::gemm::{gemm, Layout};
 use crate::cpu::reference::relu::{relu_backward, relu_forward};
+use crate::cpu::scratch::with_scratch;
 use crate::model::{Layer, Model};
 
-/// Rows (images, or a weight gradient's output rows) per parallel task: one of `dots`'s register
-/// blocks on AVX-512, two on AVX2; tasks this small keep the two cores' shares of a batch of 100
-/// within one task of each other.
+/// Images per parallel task of an input gradient: one of `dots`'s register blocks on AVX-512, two on
+/// AVX2; tasks this small keep the two cores' shares of a batch of 100 within one task of each other.
 const ROWS: usize = 8;
+
+thread_local! {
+    /// A thread's columns of a linear layer's output (its weight rows' outputs for every image).
+    static OUTPUTS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
 
 /// Elements per parallel task of a dropout.
 const CHUNK: usize = 1 << 14;
@@ -107,21 +116,36 @@ impl Batched<'_> {
     }
 
     /// y (n x cout) = x (n x cin) times the weights (cout x cin) transposed, plus the bias (added to
-    /// each product as `bias_forward` adds it, while the task's rows are in cache).
+    /// each product as `bias_forward` adds it, while the rows are in cache). Each thread computes the
+    /// outputs of the weight rows it owns (`owned`) for the whole batch into its scratch, then copies
+    /// those columns into y.
     fn linear_forward(&self, d: &ConvDims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
-        let (cin, cout) = (d.cin, d.cout);
+        let (cin, cout, n) = (d.cin, d.cout, self.n);
         if self.products == Products::Gemm {
-            gemm(self.n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
+            gemm(n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
             if let Some(b) = bias {
                 bias_forward(d, b, y);
             }
             return;
         }
-        y.par_chunks_mut(ROWS * cout).zip(x.par_chunks(ROWS * cin)).for_each(|(y, x)| {
-            fma::dots(y.len() / cout, cin, cout, x, cin, weight, Every(cin), y, cout, false);
-            if let Some(b) = bias {
-                y.chunks_exact_mut(cout).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b));
+        let y = Mutex::new(y);
+        rayon::broadcast(|ctx| {
+            let r = owned::rows(cout, ctx.index(), ctx.num_threads());
+            if r.is_empty() {
+                return;
             }
+            let w = r.len();
+            with_scratch(&OUTPUTS, n * w, |part| {
+                fma::dots(n, cin, w, x, cin, &weight[r.start * cin..], Every(cin), part, w, false);
+                if let Some(b) = bias {
+                    part.chunks_exact_mut(w)
+                        .for_each(|row| row.iter_mut().zip(&b[r.clone()]).for_each(|(v, b)| *v += b));
+                }
+                let mut y = y.lock().unwrap_or_else(|e| e.into_inner());
+                for (out, row) in y.chunks_exact_mut(cout).zip(part.chunks_exact(w)) {
+                    out[r.clone()].copy_from_slice(row);
+                }
+            })
         });
     }
 
@@ -138,15 +162,15 @@ impl Batched<'_> {
     }
 
     /// dw (cout x cin) = dy (n x cout) transposed times x (n x cin): each output sums over the images
-    /// in order.
+    /// in order. Each thread computes the rows it owns (`owned`).
     fn weight_gradient(&self, d: &ConvDims, dy: &[f32], x: &[f32], dw: &mut [f32]) {
         let (cin, cout, n) = (d.cin, d.cout, self.n);
         if self.products == Products::Gemm {
             return gemm(cout, n, cin, dy, Layout::Transposed, x, Layout::Normal, 0.0, dw);
         }
-        dw.par_chunks_mut(ROWS * cin).enumerate().for_each(|(r, dw)| {
-            let a = Operand { data: &dy[r * ROWS..], row: 1, col: cout };
-            fma::product(dw.len() / cin, n, cin, a, x, Every(cin), dw, cin, false);
+        owned::broadcast_rows(cout, cin, [dw], |r, [dw]| {
+            let a = Operand { data: &dy[r.start..], row: 1, col: cout };
+            fma::product(r.len(), n, cin, a, x, Every(cin), dw, cin, false);
         });
     }
 }

@@ -21,6 +21,7 @@ mod batched;
 mod fma;
 mod image;
 mod moments;
+mod owned;
 mod pool;
 mod products;
 mod shifted;
@@ -29,6 +30,7 @@ mod store;
 mod totals;
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use rayon::prelude::*;
 
@@ -36,7 +38,7 @@ use self::batched::Batched;
 use self::image::{Ctx, Norm};
 use self::products::Products;
 use self::store::{group_size, image_order_sums, lens, views, Lens, Store};
-use super::executor::{DropoutMode, Executor, Mode};
+use super::executor::{DropoutMode, Executor, Mode, Update};
 use super::profile::{self, record, OpTime};
 use super::reference::batchnorm::{batchnorm_update_running, eval_normalization, normalization, BnDims};
 use super::reference::conv::sum_rows;
@@ -440,9 +442,47 @@ impl Executor for FusedNet {
         &self.grads
     }
 
+    /// The update, each batched linear layer's weight rows by the thread that owns them (`owned`),
+    /// the values between them (every other parameter) in chunks.
+    fn update(&mut self, update: &Update, params: &mut [f32], moments: &mut [f32]) -> bool {
+        let (mut m, mut v) = update.split_moments(moments, params.len());
+        let (mut params, mut grads) = (params, &self.grads[..]);
+        // Where `params` (what is left to update) starts in the trainable prefix.
+        let mut at = 0;
+        let mut nonfinite = false;
+        for i in self.plan.passes.batched.clone() {
+            let Some((d, w)) = self.model.conv(i, 1) else { continue };
+            assert!(w >= at, "layer {i}'s weights lie before the layer's before it");
+            let (off, len, flag) = (w - at, d.weight_len(), AtomicBool::new(false));
+            let [before, weights, after] = split3(params, off, len);
+            let ([mb, mw, ma], [vb, vw, va]) = (split3(m, off, len), split3(v, off, len));
+            nonfinite |= update.apply(before, &grads[..off], mb, vb);
+            let gw = &grads[off..off + len];
+            owned::broadcast_rows(d.cout, d.cin, [weights, mw, vw], |r, [pr, mr, vr]| {
+                if update.apply_serial(pr, &gw[r.start * d.cin..r.end * d.cin], mr, vr) {
+                    flag.store(true, Ordering::Relaxed);
+                }
+            });
+            nonfinite |= flag.into_inner();
+            (params, m, v, grads, at) = (after, ma, va, &grads[off + len..], w + len);
+        }
+        nonfinite | update.apply(params, grads, m, v)
+    }
+
     fn scratch(&mut self) -> (&mut Vec<f32>, &mut Option<Vec<OpTime>>) {
         (&mut self.dlogits, &mut self.timing)
     }
+}
+
+/// `buf` cut at `at` and `at + len` (an empty buffer into three empty ones: an update's second moments
+/// where it has none).
+fn split3(buf: &mut [f32], at: usize, len: usize) -> [&mut [f32]; 3] {
+    if buf.is_empty() {
+        return [&mut [], &mut [], &mut []];
+    }
+    let (before, rest) = buf.split_at_mut(at);
+    let (middle, after) = rest.split_at_mut(len);
+    [before, middle, after]
 }
 
 /// Buffers x (read) and y (written), two different ones.
