@@ -22,8 +22,9 @@ use crate::cpu::reference::relu::{relu_backward, relu_forward};
 use crate::cpu::scratch::with_scratch;
 use crate::model::{Layer, Model};
 
-/// Images per parallel task of an input gradient: one of `dots`'s register blocks on AVX-512, two on
-/// AVX2; tasks this small keep the two cores' shares of a batch of 100 within one task of each other.
+/// Images per parallel task of an input gradient and of an evaluation's product: one of `dots`'s
+/// register blocks on AVX-512, two on AVX2; tasks this small keep the two cores' shares of a batch of
+/// 100 within one task of each other.
 const ROWS: usize = 8;
 
 thread_local! {
@@ -40,6 +41,10 @@ pub(super) struct Batched<'a> {
     pub state: &'a [f32],
     pub n: usize,
     pub dropout: DropoutMode,
+    /// A training pass: the products run by the threads that own the weight rows (`owned`), which
+    /// the update leaves in their caches; an evaluation pass shares its images out as tasks instead,
+    /// which a busy core cannot hold up.
+    pub training: bool,
     pub products: Products,
 }
 
@@ -116,17 +121,26 @@ impl Batched<'_> {
     }
 
     /// y (n x cout) = x (n x cin) times the weights (cout x cin) transposed, plus the bias (added to
-    /// each product as `bias_forward` adds it, while the rows are in cache). Each thread computes the
-    /// outputs of the weight rows it owns (`owned`) for the whole batch into its scratch, then copies
-    /// those columns into y.
+    /// each product as `bias_forward` adds it, while the rows are in cache). In training, each thread
+    /// computes the outputs of the weight rows it owns (`owned`) for the whole batch into its scratch,
+    /// then copies those columns into y; in evaluation, tasks of ROWS images.
     fn linear_forward(&self, d: &ConvDims, x: &[f32], weight: &[f32], bias: Option<&[f32]>, y: &mut [f32]) {
         let (cin, cout, n) = (d.cin, d.cout, self.n);
+        let add_bias = |rows: &mut [f32], b: &[f32]| {
+            rows.chunks_exact_mut(b.len()).for_each(|row| row.iter_mut().zip(b).for_each(|(v, b)| *v += b))
+        };
         if self.products == Products::Gemm {
             gemm(n, cin, cout, x, Layout::Normal, weight, Layout::Transposed, 0.0, y);
             if let Some(b) = bias {
                 bias_forward(d, b, y);
             }
             return;
+        }
+        if !self.training {
+            return y.par_chunks_mut(ROWS * cout).zip(x.par_chunks(ROWS * cin)).for_each(|(y, x)| {
+                fma::dots(y.len() / cout, cin, cout, x, cin, weight, Every(cin), y, cout, false);
+                bias.inspect(|b| add_bias(y, b));
+            });
         }
         let y = Mutex::new(y);
         rayon::broadcast(|ctx| {
@@ -137,10 +151,7 @@ impl Batched<'_> {
             let w = r.len();
             with_scratch(&OUTPUTS, n * w, |part| {
                 fma::dots(n, cin, w, x, cin, &weight[r.start * cin..], Every(cin), part, w, false);
-                if let Some(b) = bias {
-                    part.chunks_exact_mut(w)
-                        .for_each(|row| row.iter_mut().zip(&b[r.clone()]).for_each(|(v, b)| *v += b));
-                }
+                bias.inspect(|b| add_bias(part, &b[r.clone()]));
                 let mut y = y.lock().unwrap_or_else(|e| e.into_inner());
                 for (out, row) in y.chunks_exact_mut(cout).zip(part.chunks_exact(w)) {
                     out[r.clone()].copy_from_slice(row);

@@ -143,9 +143,10 @@ impl FusedNet {
         self.batched_forward_train(state, dropout);
     }
 
-    /// What the batched layers read.
-    fn batched<'a>(model: &'a Model, state: &'a [f32], n: usize, dropout: DropoutMode) -> Batched<'a> {
-        Batched { model, state, n, dropout, products: Products::fastest() }
+    /// What the batched layers read (`dropout` None: an evaluation pass).
+    fn batched<'a>(model: &'a Model, state: &'a [f32], n: usize, dropout: Option<DropoutMode>) -> Batched<'a> {
+        let (dropout, training) = (dropout.unwrap_or(DropoutMode::Off), dropout.is_some());
+        Batched { model, state, n, dropout, training, products: Products::fastest() }
     }
 
     /// The batched layers of a training forward pass, each over the whole batch in the plan's buffers.
@@ -153,7 +154,7 @@ impl FusedNet {
         for i in self.plan.passes.batched.clone() {
             let started = self.timing.is_some().then(web_time::Instant::now);
             let (plan, buffers) = (&self.plan, &mut self.store.buffers);
-            let batch = Self::batched(&self.model, state, self.n, dropout);
+            let batch = Self::batched(&self.model, state, self.n, Some(dropout));
             let out = plan.buffer[i];
             if i == 0 {
                 batch.forward(i, Some(&self.store.input), &mut buffers[out]);
@@ -179,7 +180,7 @@ impl FusedNet {
         let mut cur = 0;
         for i in self.plan.passes.batched.clone() {
             let started = self.timing.is_some().then(web_time::Instant::now);
-            let batch = Self::batched(&self.model, state, n, DropoutMode::Off);
+            let batch = Self::batched(&self.model, state, n, None);
             let yl = n * self.model.shapes[i].len();
             match self.model.layers[i] {
                 Layer::Dropout { .. } => continue,
@@ -214,7 +215,7 @@ impl FusedNet {
         for i in tail.rev() {
             let started = self.timing.is_some().then(web_time::Instant::now);
             let (plan, model) = (&self.plan, &self.model);
-            let batch = Self::batched(model, state, n, self.dropout);
+            let batch = Self::batched(model, state, n, Some(self.dropout));
             let x: &[f32] = if i == 0 { &self.store.input } else { &self.store.buffers[plan.buffer[i - 1]] };
             let y = &self.store.buffers[plan.buffer[i]];
             let [a, b] = &mut buffers;
