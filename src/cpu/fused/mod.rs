@@ -144,28 +144,32 @@ impl FusedNet {
     }
 
     /// What the batched layers read (`dropout` None: an evaluation pass).
-    fn batched<'a>(model: &'a Model, state: &'a [f32], n: usize, dropout: Option<DropoutMode>) -> Batched<'a> {
+    fn batched<'a>(&'a self, state: &'a [f32], n: usize, dropout: Option<DropoutMode>) -> Batched<'a> {
         let (dropout, training) = (dropout.unwrap_or(DropoutMode::Off), dropout.is_some());
-        Batched { model, state, n, dropout, training, products: Products::fastest() }
+        let (model, first) = (&self.model, self.plan.passes.batched.start);
+        Batched { model, first, state, n, dropout, training, products: Products::fastest() }
     }
 
     /// The batched layers of a training forward pass, each over the whole batch in the plan's buffers.
     fn batched_forward_train(&mut self, state: &[f32], dropout: DropoutMode) {
-        for i in self.plan.passes.batched.clone() {
+        let mut buffers = std::mem::take(&mut self.store.buffers);
+        let mut i = self.plan.passes.batched.start;
+        while i < self.plan.passes.batched.end {
             let started = self.timing.is_some().then(web_time::Instant::now);
-            let (plan, buffers) = (&self.plan, &mut self.store.buffers);
-            let batch = Self::batched(&self.model, state, self.n, Some(dropout));
-            let out = plan.buffer[i];
-            if i == 0 {
-                batch.forward(i, Some(&self.store.input), &mut buffers[out]);
-            } else if plan.buffer[i - 1] == out {
-                batch.forward(i, None, &mut buffers[out]);
+            let batch = self.batched(state, self.n, Some(dropout));
+            let out = self.plan.buffer[i];
+            let next = if i == 0 {
+                batch.forward(i, Some(&self.store.input), &mut buffers[out])
+            } else if self.plan.buffer[i - 1] == out {
+                batch.forward(i, None, &mut buffers[out])
             } else {
-                let (x, y) = two(buffers, plan.buffer[i - 1], out);
-                batch.forward(i, Some(x), y);
-            }
-            self.time_pass("batched", i..i + 1, false, started);
+                let (x, y) = two(&mut buffers, self.plan.buffer[i - 1], out);
+                batch.forward(i, Some(x), y)
+            };
+            self.time_pass("batched", i..next, false, started);
+            i = next;
         }
+        self.store.buffers = buffers;
     }
 
     /// The batched layers of an evaluation pass, from the per-image pass's output in the first batch
@@ -178,22 +182,27 @@ impl FusedNet {
         let mut buffers = std::mem::take(&mut self.batch);
         // The activations are in buffers[cur].
         let mut cur = 0;
-        for i in self.plan.passes.batched.clone() {
+        let mut i = self.plan.passes.batched.start;
+        while i < self.plan.passes.batched.end {
             let started = self.timing.is_some().then(web_time::Instant::now);
-            let batch = Self::batched(&self.model, state, n, None);
+            let batch = self.batched(state, n, None);
             let yl = n * self.model.shapes[i].len();
-            match self.model.layers[i] {
-                Layer::Dropout { .. } => continue,
+            let next = match self.model.layers[i] {
+                Layer::Dropout { .. } => {
+                    i += 1;
+                    continue;
+                }
                 Layer::Relu => batch.forward(i, None, &mut buffers[cur][..yl]),
                 _ => {
                     let [a, b] = &mut buffers;
                     let (x, y) = if cur == 0 { (a, b) } else { (b, a) };
                     let x = if i == 0 { input } else { &x[..n * self.model.input_of(i).len()] };
-                    batch.forward(i, Some(x), &mut y[..yl]);
                     cur = 1 - cur;
+                    batch.forward(i, Some(x), &mut y[..yl])
                 }
-            }
-            self.time_pass("batched", i..i + 1, false, started);
+            };
+            self.time_pass("batched", i..next, false, started);
+            i = next;
         }
         let logits = self.eval_logits.len();
         self.eval_logits.copy_from_slice(&buffers[cur][..logits]);
@@ -212,20 +221,24 @@ impl FusedNet {
         buffers[0][..dlogits.len()].copy_from_slice(dlogits);
         // The gradient is in buffers[cur].
         let mut cur = 0;
-        for i in tail.rev() {
+        let mut grads = std::mem::take(&mut self.grads);
+        // The layers below `top` are left.
+        let mut top = tail.end;
+        while top > tail.start {
+            let i = top - 1;
             let started = self.timing.is_some().then(web_time::Instant::now);
-            let (plan, model) = (&self.plan, &self.model);
-            let batch = Self::batched(model, state, n, Some(self.dropout));
-            let x: &[f32] = if i == 0 { &self.store.input } else { &self.store.buffers[plan.buffer[i - 1]] };
-            let y = &self.store.buffers[plan.buffer[i]];
+            let batch = self.batched(state, n, Some(self.dropout));
+            let x: &[f32] = if i == 0 { &self.store.input } else { &self.store.buffers[self.plan.buffer[i - 1]] };
+            let y = &self.store.buffers[self.plan.buffer[i]];
             let [a, b] = &mut buffers;
             let (dy, dx) = if cur == 0 { (a, b) } else { (b, a) };
             let dx = (i > 0).then(|| &mut dx[..x.len()]);
-            if batch.backward(i, x, y, &mut dy[..y.len()], dx, &mut self.grads) {
-                cur = 1 - cur;
-            }
-            self.time_pass("batched", i..i + 1, true, started);
+            let (wrote, below) = batch.backward(i, x, y, &mut dy[..y.len()], dx, &mut grads);
+            cur = if wrote { 1 - cur } else { cur };
+            self.time_pass("batched", below..top, true, started);
+            top = below;
         }
+        self.grads = grads;
         self.batch = buffers;
         Some(cur)
     }
