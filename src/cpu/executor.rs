@@ -113,7 +113,7 @@ impl Update {
 
 /// A network run on the CPU. The required methods are each executor's own; the provided ones (a
 /// training step, a profiled step, an evaluation) are the same for both.
-pub trait Executor {
+pub trait Executor: Send {
     fn model(&self) -> &Model;
     /// Runs the network on `n` images (NCHW, normalized); training mode updates the batchnorms'
     /// running statistics in `state`, as PyTorch's forward pass does. Returns the logits.
@@ -140,20 +140,22 @@ pub trait Executor {
         update: Update,
         dropout: DropoutMode,
     ) -> StepOut {
-        let classes = self.model().output_classes();
-        self.forward(state, input, labels.len(), Mode::Train(dropout));
-        let mut dlogits = std::mem::take(self.scratch().0);
-        dlogits.resize(labels.len() * classes, 0.0);
-        let started = self.scratch().1.is_some().then(web_time::Instant::now);
-        let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
-        record(self.scratch().1, "loss", profile::loss_cost(labels.len(), classes), started);
-        self.backward(state, &dlogits);
-        *self.scratch().0 = dlogits;
-        let trainable = self.model().num_trainable;
-        let started = self.scratch().1.is_some().then(web_time::Instant::now);
-        let nonfinite = self.update(&update, &mut state[..trainable], moments);
-        record(self.scratch().1, update.label(), update.cost(trainable), started);
-        StepOut { loss: out.loss, correct: out.correct, nonfinite }
+        in_pool(|| {
+            let classes = self.model().output_classes();
+            self.forward(state, input, labels.len(), Mode::Train(dropout));
+            let mut dlogits = std::mem::take(self.scratch().0);
+            dlogits.resize(labels.len() * classes, 0.0);
+            let started = self.scratch().1.is_some().then(web_time::Instant::now);
+            let out = softmax_cross_entropy(self.logits(), labels, classes, Some(&mut dlogits));
+            record(self.scratch().1, "loss", profile::loss_cost(labels.len(), classes), started);
+            self.backward(state, &dlogits);
+            *self.scratch().0 = dlogits;
+            let trainable = self.model().num_trainable;
+            let started = self.scratch().1.is_some().then(web_time::Instant::now);
+            let nonfinite = self.update(&update, &mut state[..trainable], moments);
+            record(self.scratch().1, update.label(), update.cost(trainable), started);
+            StepOut { loss: out.loss, correct: out.correct, nonfinite }
+        })
     }
 
     /// The update that ends a training step, from the last backward pass's gradients: `params` (the
@@ -180,8 +182,18 @@ pub trait Executor {
 
     /// Evaluation-mode loss and correct count of a batch (running statistics, no dropout).
     fn evaluate(&mut self, state: &mut [f32], input: &[f32], labels: &[u8]) -> LossOut {
-        let classes = self.model().output_classes();
-        self.forward(state, input, labels.len(), Mode::Eval);
-        softmax_cross_entropy(self.logits(), labels, classes, None)
+        in_pool(|| {
+            let classes = self.model().output_classes();
+            self.forward(state, input, labels.len(), Mode::Eval);
+            softmax_cross_entropy(self.logits(), labels, classes, None)
+        })
     }
+}
+
+/// Runs `f` on a thread of rayon's pool (on this one, if it is one). A step's many parallel ops are
+/// then each split within the pool; called from outside it, each would be handed in as a job that
+/// wakes a worker and puts the caller to sleep until it is done (mlp3's training steps at batch 100:
+/// about 8% more images/s in the pool).
+fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }

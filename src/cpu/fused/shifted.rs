@@ -68,9 +68,13 @@ impl Grid {
         }
     }
 
-    /// The offset of each tap (c, ky, kx) of a k x k convolution over these planes, in im2col's row
-    /// order.
-    fn taps(&self, k: usize, taps: &mut [usize]) {
+    /// The offset of each tap (c, ky, kx) of a k x k convolution over `count` of these planes, in
+    /// im2col's row order (none for k = 0).
+    fn taps_for(&self, count: usize, k: usize) -> Vec<usize> {
+        let mut taps = vec![0; count * k * k];
+        if k == 0 {
+            return taps;
+        }
         for (c, channel) in taps.chunks_exact_mut(k * k).enumerate() {
             for (ky, row) in channel.chunks_exact_mut(k).enumerate() {
                 for (kx, at) in row.iter_mut().enumerate() {
@@ -78,6 +82,7 @@ impl Grid {
                 }
             }
         }
+        taps
     }
 }
 
@@ -106,7 +111,10 @@ fn with_planes<R>(
     f: impl FnOnce(&mut [f32], &[usize]) -> R,
 ) -> R {
     kept.with(|cell| {
-        let mut kept = cell.borrow_mut();
+        // In use further up this thread's stack (`with_scratch` says how): planes of its own.
+        let Ok(mut kept) = cell.try_borrow_mut() else {
+            return f(&mut vec![0.0; count * grid.plane], &grid.taps_for(count, k));
+        };
         let len = count * grid.plane;
         let at = match kept.iter().position(|p| p.grid == grid && p.k == k && p.values.len() == len + SLACK) {
             Some(at) => at,
@@ -114,11 +122,7 @@ fn with_planes<R>(
                 if kept.len() == KEPT_GRIDS {
                     kept.remove(0);
                 }
-                let mut taps = vec![0; count * k * k];
-                if k > 0 {
-                    grid.taps(k, &mut taps);
-                }
-                kept.push(Planes { grid, k, values: vec![0.0; len + SLACK], taps });
+                kept.push(Planes { grid, k, values: vec![0.0; len + SLACK], taps: grid.taps_for(count, k) });
                 kept.len() - 1
             }
         };
